@@ -1,0 +1,38 @@
+"""misbench assets list|stage."""
+
+import click
+
+from .common import handle_errors
+
+
+@click.group()
+def assets():
+    """List and stage the offline assets misbench knows (weights, datasets)."""
+
+
+@assets.command("list")
+@handle_errors
+def list_assets():
+    """Show each known asset and whether it is staged."""
+    from misbench.assets import ASSETS, asset_status
+
+    for asset in ASSETS.values():
+        status = asset_status(asset)
+        mark = "staged " if status["staged"] else "missing"
+        click.echo(f"{mark}  {asset.name:<14} {status['where']}\n         {asset.description}")
+
+
+@assets.command("stage")
+@click.argument("names", nargs=-1)
+@click.option("--from", "from_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Directory holding the files (air-gapped machines).")
+@handle_errors
+def stage(names, from_dir):
+    """Stage NAMES (default: all known assets) into the torch hub cache / misbench's data folder."""
+    from misbench.assets import ASSETS, stage_asset
+
+    for name in names or list(ASSETS):
+        click.echo(f"{name}: {stage_asset(name, from_dir)}")
+
+
+COMMANDS = [assets]

@@ -1,0 +1,73 @@
+"""Shared CLI plumbing: errors to exit codes, progress bars, model options."""
+
+import functools
+import json
+import logging
+
+import click
+
+from misbench.errors import MisbenchError
+
+
+def handle_errors(func):
+    """MisbenchError -> 'Error: ...' and exit status 1; Ctrl-C -> a hint that --resume exists."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except MisbenchError as err:
+            raise click.ClickException(str(err)) from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: partial outputs are kept; rerun the same command (with --resume where it "
+                       "exists) to continue", err=True)
+            raise SystemExit(130) from None
+    return wrapper
+
+
+class Progress:
+    """A tqdm bar fed by the library's progress(done, total) callbacks."""
+
+    def __init__(self, desc: str, unit: str = "img"):
+        self.desc, self.unit, self.bar = desc, unit, None
+
+    def __call__(self, done: int, total: int):
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, initial=done, desc=self.desc, unit=self.unit, dynamic_ncols=True,
+                            disable=None)
+        self.bar.update(done - self.bar.n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def model_options(func):
+    """MODEL argument plus the options that resolve it (DESIGN §3)."""
+    func = click.option("--trust-pickle", is_flag=True, help="Allow whole-model pickles (runs code from the file).")(func)
+    func = click.option("--arch-kwargs", default=None, help="JSON of extra architecture arguments for state_dicts.")(func)
+    func = click.option("--num-classes", type=int, default=None, help="Classes of a plain state_dict's model.")(func)
+    func = click.option("--arch", default=None, help="Architecture of a plain state_dict file.")(func)
+    return func
+
+
+def load_model_from_options(model, arch, num_classes, arch_kwargs, trust_pickle):
+    from misbench.models import load_model
+
+    try:
+        kwargs = json.loads(arch_kwargs) if arch_kwargs else None
+    except json.JSONDecodeError as err:
+        raise MisbenchError(f"--arch-kwargs is not valid JSON: {err}") from None
+    return load_model(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=kwargs)
+
+
+def setup_logging(verbose: int, quiet: bool):
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,70 @@
+"""misbench score / calibrate."""
+
+import click
+
+from .common import handle_errors
+
+
+class _ScoreProgress:
+    def __init__(self):
+        from .common import Progress
+
+        self.bars = {"embed": Progress("embed", "img"), "score": Progress("score", "unit")}
+
+    def __call__(self, stage, done, total):
+        self.bars[stage](done, total)
+
+    def close(self):
+        for bar in self.bars.values():
+            bar.close()
+
+
+@click.command()
+@click.argument("acts", type=click.Path(exists=False, dir_okay=False))
+@click.option("--layer", "layers", multiple=True, required=True, help="Layer name (repeatable), or 'all'.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="mis.csv (mis.json is written beside it).")
+@click.option("--similarity", default="lpips-alex", show_default=True,
+              help="lpips-alex|lpips-vgg|lpips-squeeze|deepfeat:<model>|dreamsim|pixel")
+@click.option("--image-size", default=64, show_default=True)
+@click.option("--selection", type=click.Choice(["fair", "quantile"]), default="fair", show_default=True)
+@click.option("--quantile", default=0.2, show_default=True, help="Fraction per side for --selection quantile.")
+@click.option("--tasks", default=20, show_default=True)
+@click.option("--explanations", default=9, show_default=True)
+@click.option("--alpha", type=float, default=None, help="Sigmoid slope (default: per backend, see docs/mis.md).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--engine", type=click.Choice(["embed", "pairwise"]), default="embed", show_default=True)
+@click.option("--tasks-out", type=click.Path(dir_okay=False), default=None, help="Write the tasks to this HDF5 file.")
+@click.option("--cache", type=click.Path(file_okay=False), default=None, help="Embedding cache directory.")
+@click.option("--shard", default=None, help="I/N: score every N-th unit starting at I.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--workers", default=0, show_default=True)
+@click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples for intervals.")
+@handle_errors
+def score(acts, layers, out, similarity, image_size, selection, quantile, tasks, explanations, alpha, seed, device,
+          engine, tasks_out, cache, shard, batch_size, workers, n_boot):
+    """Score every unit of LAYERs in ACTS with the Mechanistic Interpretability Score."""
+    from misbench.scoring import ScoreSettings, parse_shard, score as run_score
+
+    settings = ScoreSettings(similarity=similarity, image_size=image_size, selection=selection, quantile=quantile,
+                             tasks=tasks, explanations=explanations, alpha=alpha, seed=seed, engine=engine,
+                             n_boot=n_boot, device=device, batch_size=batch_size, workers=workers)
+    bars = _ScoreProgress()
+    try:
+        meta = run_score(acts, layers, settings, out, tasks_out=tasks_out, cache_dir=cache, shard=parse_shard(shard),
+                         progress=bars)
+    finally:
+        bars.close()
+    click.echo(f"{'layer':<40} {'units':>6} {'const':>6} {'MIS':>7} {'conf':>7}")
+    for name, s in meta["layers"].items():
+        mis = f"{s['mis']:.3f}" if s["mis"] is not None else "-"
+        conf = f"{s['mis_confidence']:.3f}" if s["mis_confidence"] is not None else "-"
+        click.echo(f"{name:<40} {s['n_units']:>6} {s['n_constant']:>6} {mis:>7} {conf:>7}")
+    m = meta["model_mean"]
+    if m["mis"] is not None:
+        click.echo(f"model mean: MIS {m['mis']:.3f}  confidence {m['mis_confidence']:.3f}  "
+                   f"(n_rows {meta['n_rows']}, selection {settings.selection}, alpha {meta['settings']['alpha']})")
+    click.echo(f"wrote {out}")
+
+
+COMMANDS = [score]

@@ -1,0 +1,188 @@
+"""Load any DATA string (DESIGN §3): ImageFolder directories and named datasets."""
+
+__all__ = [
+    "ImageSource", "FolderSource", "ArraySource", "TransformedDataset", "BadImageError",
+    "load_data", "fashion_mnist_dirs", "FASHION_MNIST_CLASSES",
+]
+
+import gzip
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import MisbenchError
+from .paths import misbench_home
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+class BadImageError(MisbenchError):
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.path = path
+
+
+class ImageSource:
+    """Indexable images with labels; `image(i)` is an RGB PIL image."""
+
+    spec: str
+    root: str
+    classes: list
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def image(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+    def label(self, i: int) -> int:
+        raise NotImplementedError
+
+    def path(self, i: int) -> str:
+        return ""
+
+
+class FolderSource(ImageSource):
+    def __init__(self, spec: str, root: Path):
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+        self.spec, self.root = spec, str(root)
+        try:
+            self.classes, class_to_idx = find_classes(str(root))
+            samples = make_dataset(str(root), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+        except FileNotFoundError as err:
+            raise MisbenchError(f"{root} is not an ImageFolder: {err}. Expected one sub-folder per class.") from None
+        if not samples:
+            raise MisbenchError(f"{root} holds no images with extensions {', '.join(IMG_EXTENSIONS)}")
+        self._paths = [os.path.relpath(p, root) for p, _ in samples]
+        self._labels = np.array([c for _, c in samples], dtype=np.int64)
+
+    def __len__(self):
+        return len(self._paths)
+
+    def image(self, i):
+        path = os.path.join(self.root, self._paths[i])
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except Exception as err:  # PIL raises many types for truncated or foreign files
+            raise BadImageError(path, f"{type(err).__name__}: {err}") from None
+
+    def label(self, i):
+        return int(self._labels[i])
+
+    def path(self, i):
+        return self._paths[i]
+
+
+class ArraySource(ImageSource):
+    """Images held in memory as uint8 [N, H, W] (grayscale) or [N, H, W, 3]."""
+
+    def __init__(self, spec: str, images: np.ndarray, labels: np.ndarray, classes: list):
+        self.spec, self.root, self.classes = spec, "", list(classes)
+        self._images, self._labels = images, labels.astype(np.int64)
+
+    def __len__(self):
+        return len(self._images)
+
+    def image(self, i):
+        return Image.fromarray(self._images[i]).convert("RGB")
+
+    def label(self, i):
+        return int(self._labels[i])
+
+
+class TransformedDataset(torch.utils.data.Dataset):
+    """(tensor, label, index, ok): a bad image yields ok=False instead of killing the loader."""
+
+    def __init__(self, source: ImageSource, transform, shape: tuple, start: int = 0, stop: int | None = None):
+        self.source, self.transform, self.shape = source, transform, shape
+        self.start, self.stop = start, len(source) if stop is None else stop
+
+    def __len__(self):
+        return max(0, self.stop - self.start)
+
+    def __getitem__(self, j):
+        i = self.start + j
+        try:
+            x, ok = self.transform(self.source.image(i)), True
+        except BadImageError:
+            x, ok = torch.zeros(self.shape), False
+        return x, self.source.label(i), i, ok
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def fashion_mnist_dirs() -> list[Path]:
+    dirs = [Path(os.environ["MISBENCH_FASHION_MNIST"])] if os.environ.get("MISBENCH_FASHION_MNIST") else []
+    return dirs + [DEBIAN_FASHION_MNIST, misbench_home() / "datasets" / "fashion-mnist"]
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).exists():
+            return directory / name
+    return None
+
+
+def _fashion_mnist(split: str, spec: str) -> ArraySource:
+    prefix = {"train": "train", "test": "t10k"}[split]
+    for d in fashion_mnist_dirs():
+        images, labels = _find_idx(d, f"{prefix}-images-idx3-ubyte"), _find_idx(d, f"{prefix}-labels-idx1-ubyte")
+        if images and labels:
+            log.info("Fashion-MNIST %s from %s", split, d)
+            return ArraySource(spec, _read_idx(images), _read_idx(labels), FASHION_MNIST_CLASSES)
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        ds = FashionMNIST(str(misbench_home() / "datasets" / "torchvision"), train=split == "train", download=True)
+    except Exception as err:
+        raise MisbenchError(
+            f"Fashion-MNIST not found in {', '.join(map(str, fashion_mnist_dirs()))} and the download failed "
+            f"({type(err).__name__}). Install Debian's package (apt-get install dataset-fashion-mnist) or "
+            f"stage the idx files with `misbench assets stage fashion-mnist --from DIR`."
+        ) from None
+    return ArraySource(spec, ds.data.numpy(), ds.targets.numpy(), FASHION_MNIST_CLASSES)
+
+
+def _digits(spec: str) -> ArraySource:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.clip(bunch.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+    return ArraySource(spec, images, bunch.target, [str(c) for c in range(10)])
+
+
+NAMED_DATASETS = ("fashion-mnist:train", "fashion-mnist:test", "digits")
+
+
+def load_data(spec: str) -> ImageSource:
+    """DATA: an ImageFolder directory, `fashion-mnist:train|test` or `digits`."""
+    if spec == "digits":
+        return _digits(spec)
+    if spec.startswith("fashion-mnist"):
+        split = spec.partition(":")[2] or "train"
+        if split not in ("train", "test"):
+            raise MisbenchError(f"unknown Fashion-MNIST split {split!r}: expected fashion-mnist:train or fashion-mnist:test")
+        return _fashion_mnist(split, spec)
+    path = Path(spec)
+    if not path.is_dir():
+        raise MisbenchError(
+            f"data {spec!r} is neither an existing directory (ImageFolder layout) nor one of {', '.join(NAMED_DATASETS)}"
+        )
+    return FolderSource(spec, path.resolve())

@@ -1,0 +1,179 @@
+"""Run a model over a dataset and stream per-unit activations into an HDF5 file (DESIGN §4)."""
+
+__all__ = ["ExtractSettings", "extract", "make_loader"]
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .data import ImageSource, TransformedDataset, load_data
+from .device import resolve_device
+from .errors import MisbenchError
+from .fileio import utc_now
+from .hooks import FeatureHooks, resolve_layers
+from .models import LoadedModel
+from .preprocess import build_transform
+from .store import SCHEMA, SCHEMA_VERSION, ActivationWriter, partial_path
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractSettings:
+    layers: tuple = ("conv", "softmax")
+    reduction: str = "mean"
+    dtype: str = "float32"
+    limit: int | None = None
+    on_bad_image: str = "fail"
+    resize: int | None = None
+    crop: int | None = None
+    amp: bool = False
+    # how, not what: these do not change the file's content and may differ on --resume
+    batch_size: int = 64
+    workers: int = 0
+    device: str = "auto"
+
+    RUNTIME = ("batch_size", "workers", "device")
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise MisbenchError(f"--dtype {self.dtype!r}: expected one of {list(DTYPES)}")
+        if self.on_bad_image not in ("fail", "skip"):
+            raise MisbenchError(f"--on-bad-image {self.on_bad_image!r}: expected fail or skip")
+        if self.limit is not None and self.limit < 1:
+            raise MisbenchError(f"--limit must be a positive number of images, got {self.limit}")
+        if self.batch_size < 1:
+            raise MisbenchError(f"--batch-size must be positive, got {self.batch_size}")
+
+    def content_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        return {k: v for k, v in d.items() if k not in self.RUNTIME}
+
+
+def make_loader(dataset, batch_size: int, workers: int, device: torch.device, shuffle=False, sampler=None,
+                generator=None, drop_last=False):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=False, generator=generator, drop_last=drop_last,
+    )
+
+
+def _file_attrs(loaded: LoadedModel, source: ImageSource, settings: ExtractSettings, pre, layer_names) -> dict:
+    return {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "misbench_version": __version__,
+        "model": loaded.spec, "checkpoint_sha256": loaded.sha256, "arch": loaded.arch,
+        "data": source.spec, "data_root": source.root, "num_classes": loaded.num_classes,
+        "class_names": json.dumps(list(source.classes)),
+        "transform": json.dumps(pre.to_dict()), "reduction": settings.reduction,
+        "created_utc": utc_now(), "settings": json.dumps(settings.content_dict()),
+        "layer_names": json.dumps(layer_names), "n_dataset": len(source),
+    }
+
+
+def _check_resumable(writer: ActivationWriter, attrs: dict) -> None:
+    for key in ("model", "checkpoint_sha256", "data", "settings", "layer_names", "transform"):
+        old = writer.h5.attrs.get(key)
+        if old != attrs[key]:
+            raise MisbenchError(
+                f"cannot resume {writer.path}: its {key} is {old!r} but this command asks for {attrs[key]!r}. "
+                "Run the original command with --resume, or start again with --overwrite."
+            )
+
+
+def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: ExtractSettings,
+            resume: bool = False, overwrite: bool = False,
+            progress: Callable[[int, int], None] | None = None) -> Path:
+    """Extract activations of `loaded` on `data` into `out` (atomic: `out` appears only when complete)."""
+    out = Path(out)
+    source = load_data(data) if isinstance(data, str) else data
+    model = loaded.model
+    requests = resolve_layers(model, settings.layers)
+    partial = partial_path(out)
+    if out.exists() and not overwrite:
+        raise MisbenchError(f"{out} already exists: pass --overwrite to replace it (it stays until the new file is complete)")
+    if partial.exists() and not (resume or overwrite):
+        raise MisbenchError(f"an interrupted extraction exists at {partial}: pass --resume to continue it or --overwrite to restart")
+    if resume and not partial.exists():
+        log.info("nothing to resume at %s; starting from the beginning", partial)
+        resume = False
+    pre = loaded.preprocess.override(settings.resize, settings.crop)
+    total = len(source) if settings.limit is None else min(settings.limit, len(source))
+    attrs = _file_attrs(loaded, source, settings, pre, [r.name for r in requests])
+    writer = ActivationWriter(partial, attrs, resume=resume)
+    try:
+        if resume:
+            _check_resumable(writer, attrs)
+            log.info("resuming %s at dataset index %d (%d rows written)", partial, writer.next_index, writer.rows)
+        _run(model, source, requests, settings, pre, writer, total, progress)
+        writer.finish()
+    finally:
+        writer.close()
+    os.replace(partial, out)
+    return out
+
+
+def _run(model, source, requests, settings, pre, writer, total, progress):
+    device = resolve_device(settings.device)
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    dataset = TransformedDataset(source, build_transform(pre), (3, pre.crop, pre.crop), writer.next_index, total)
+    loader = make_loader(dataset, settings.batch_size, settings.workers, device)
+    module_names = [r.module for r in requests if r.module]
+    dtype = DTYPES[settings.dtype]
+    layer_attrs = {}
+    done = writer.next_index
+    if progress:
+        progress(done, total)
+    use_amp = settings.amp and device.type == "cuda"
+    with FeatureHooks(model, module_names, settings.reduction) as hooks, torch.inference_mode():
+        for x, labels, index, ok in loader:
+            bad = [source.path(int(i)) or str(int(i)) for i, good in zip(index, ok) if not good]
+            if bad and settings.on_bad_image == "fail":
+                root = source.root or source.spec
+                raise MisbenchError(
+                    f"unreadable images in {root}: {', '.join(bad)}. Fix or remove them, or pass "
+                    "--on-bad-image skip to leave them out (their paths are recorded in the file); "
+                    "then rerun with --resume."
+                )
+            x = x.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, enabled=use_amp):
+                logits = model(x)
+            if isinstance(logits, (tuple, list)):
+                logits = logits[0]
+            logits = logits.float()
+            recorded = hooks.collect()
+            keep = ok.numpy().astype(bool)
+            layers = {}
+            for req in requests:
+                if req.kind == "logits":
+                    values, kind = logits, "logits"
+                elif req.kind == "softmax":
+                    values, kind = torch.softmax(logits, dim=1), "softmax"
+                else:
+                    values = recorded[req.module].float()
+                    kind = "conv" if hooks.dims[req.module] == 4 else "linear"
+                layers[req.name] = values.cpu().numpy()[keep].astype(dtype, copy=False)
+                layer_attrs.setdefault(req.name, {"module": req.module or "", "kind": kind,
+                                                  "n_units": values.shape[1], "reduction": settings.reduction})
+            index_np = index.numpy()
+            writer.append(index_np[keep], [source.path(int(i)) for i in index_np[keep]],
+                          labels.numpy()[keep], logits.cpu().numpy()[keep], layers, layer_attrs, dtype,
+                          next_index=int(index_np[-1]) + 1, skipped=bad)
+            done = int(index_np[-1]) + 1
+            if progress:
+                progress(done, total)
+    if writer.rows == 0:
+        raise MisbenchError("no image was extracted: the dataset (after --limit and skipped images) is empty")

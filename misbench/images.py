@@ -1,0 +1,54 @@
+"""Read back the images behind activation-file rows, at the similarity backend's size."""
+
+__all__ = ["RowImages", "similarity_transform"]
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import FolderSource, load_data
+from .errors import MisbenchError
+
+
+def similarity_transform(size: int):
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), T.ToTensor()])
+
+
+class RowImages(torch.utils.data.Dataset):
+    """Dataset over activation-file rows -> (image in [0, 1] at `size`, row)."""
+
+    def __init__(self, acts, rows, size: int):
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.index = acts.index
+        self.transform = similarity_transform(size)
+        spec, root = str(acts.attrs["data"]), str(acts.attrs.get("data_root", ""))
+        if root:
+            if not Path(root).is_dir():
+                raise MisbenchError(f"the images of {acts.path} were read from {root}, which no longer exists; "
+                                    "scoring needs the same images")
+            self.source = FolderSource(spec, Path(root))
+            self._check_paths(acts)
+        else:
+            self.source = load_data(spec)
+        self.identity = f"{spec}|{root}|{len(self.source)}"
+
+    def _check_paths(self, acts):
+        stored = acts.paths
+        for row in self.rows[:50]:
+            i = int(self.index[row])
+            if i >= len(self.source) or self.source.path(i) != stored[row]:
+                raise MisbenchError(f"{acts.attrs['data_root']} has changed since extraction: row {row} was "
+                                    f"{stored[row]!r}; re-extract or restore the folder")
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, k):
+        row = int(self.rows[k])
+        return self.transform(self.source.image(int(self.index[row]))), row
+
+    def dataset_index(self, rows) -> np.ndarray:
+        return self.index[np.asarray(rows, dtype=np.int64)]

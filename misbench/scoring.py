@@ -1,0 +1,267 @@
+"""Score every unit of an activation file with MIS (DESIGN §8): tasks, embeddings, decisions."""
+
+__all__ = ["ScoreSettings", "score", "parse_shard", "MIS_COLUMNS", "embed_rows", "write_scores_csv"]
+
+import csv
+import dataclasses
+import json
+import logging
+import time
+import zlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from . import __version__
+from .device import resolve_device
+from .errors import MisbenchError
+from .fileio import atomic_path, sha256_file, utc_now, write_json
+from .images import RowImages
+from .mis import SELECTIONS, Tasks, bootstrap_ci, confidences, decisions, is_constant, task_deltas, unit_rng
+from .similarity import EmbeddingIndex, build_backend
+from .similarity.cache import EmbeddingCache
+from .store import open_activations
+
+log = logging.getLogger(__name__)
+
+MIS_COLUMNS = ["layer", "unit", "status", "mis", "mis_confidence", "mis_ci_low", "mis_ci_high",
+               "conf_ci_low", "conf_ci_high", "n_tasks"]
+ENGINES = ("embed", "pairwise")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSettings:
+    similarity: str = "lpips-alex"
+    image_size: int = 64
+    selection: str = "fair"
+    quantile: float = 0.2
+    tasks: int = 20
+    explanations: int = 9
+    alpha: float | None = None  # None: the backend's documented default
+    seed: int = 0
+    engine: str = "embed"
+    n_boot: int = 1000
+    # how, not what
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int = 0
+
+    def __post_init__(self):
+        if self.selection not in SELECTIONS:
+            raise MisbenchError(f"--selection {self.selection!r}: expected one of {list(SELECTIONS)}")
+        if self.engine not in ENGINES:
+            raise MisbenchError(f"--engine {self.engine!r}: expected one of {ENGINES}")
+        if self.tasks < 1 or self.explanations < 1:
+            raise MisbenchError("--tasks and --explanations must be positive")
+        if self.image_size < 16:
+            raise MisbenchError(f"--image-size must be at least 16 pixels, got {self.image_size}")
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise MisbenchError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise MisbenchError(f"--shard {text!r}: expected I/N with 0 <= I < N")
+    return i, n
+
+
+def _select(settings: ScoreSettings, acts: np.ndarray, layer: str, unit: int) -> Tasks:
+    rng = unit_rng(settings.seed, layer, unit, 0)
+    if settings.selection == "fair":
+        return SELECTIONS["fair"](acts, rng, settings.tasks, settings.explanations)
+    return SELECTIONS["quantile"](acts, rng, settings.tasks, settings.explanations, settings.quantile)
+
+
+def embed_rows(backend, images: RowImages, device, batch_size: int, workers: int = 0, cache: EmbeddingCache | None = None,
+               progress=None) -> EmbeddingIndex:
+    """Embed each needed row once (cached rows are read back) into a FAISS index."""
+    rows = images.rows
+    keys = images.dataset_index(rows)
+    hit, cached = cache.lookup(keys) if cache else (np.zeros(len(rows), bool), None)
+    todo = np.flatnonzero(~hit)
+    chunks, done = [], 0
+    if len(todo):
+        subset = torch.utils.data.Subset(images, todo.tolist())
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
+                                             pin_memory=device.type == "cuda")
+        for x, _rows in loader:
+            chunks.append(backend.embed(x.to(device)).float().cpu().numpy())
+            done += len(x)
+            if progress:
+                progress(done, len(todo))
+    new = np.concatenate(chunks) if chunks else None
+    if cache is not None and new is not None:
+        cache.add(keys[todo], new)
+    dim = (new if new is not None else cached).shape[1]
+    emb = np.empty((len(rows), dim), dtype=np.float32)
+    if new is not None:
+        emb[todo] = new
+    if cached is not None:
+        emb[hit] = cached
+    log.info("embedded %d images (%d from cache), %d dims", len(rows), int(hit.sum()), dim)
+    return EmbeddingIndex(rows, emb, use_gpu=device.type == "cuda")
+
+
+class _PairwiseDistances:
+    """The reference path: the backend's metric called on every (query, explanation) pair."""
+
+    def __init__(self, backend, images: RowImages, device, batch_size: int):
+        self.backend, self.device, self.batch_size = backend, device, batch_size
+        self.images = {int(images.rows[k]): images[k][0] for k in range(len(images))}
+
+    def distances(self, query_rows, target_rows):
+        pairs = [(int(q), int(t)) for q, ts in zip(query_rows, target_rows) for t in ts]
+        out = []
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start:start + self.batch_size]
+            x = torch.stack([self.images[q] for q, _ in chunk]).to(self.device)
+            y = torch.stack([self.images[t] for _, t in chunk]).to(self.device)
+            out.append(self.backend.pair_distance(x, y).float().cpu().numpy())
+        return np.concatenate(out).reshape(np.shape(target_rows))
+
+
+def _unit_deltas(engine, tasks: Tasks, n_expl: int) -> np.ndarray:
+    targets = np.concatenate([tasks.pos_expl, tasks.neg_expl], axis=1)  # [T, 2K]
+    d_pos = engine.distances(tasks.pos_query, targets)
+    d_neg = engine.distances(tasks.neg_query, targets)
+    return task_deltas(d_pos, d_neg, n_expl)
+
+
+def _summary(values_mis, values_conf, rng, n_boot) -> dict:
+    return {"n_units": len(values_mis),
+            "mis": float(np.mean(values_mis)) if len(values_mis) else None,
+            "mis_confidence": float(np.mean(values_conf)) if len(values_conf) else None,
+            "mis_ci": bootstrap_ci(values_mis, rng, n_boot), "mis_confidence_ci": bootstrap_ci(values_conf, rng, n_boot)}
+
+
+def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache_dir=None, shard=(0, 1),
+          backend=None, progress=None) -> dict:
+    """Score the units of `layers` ('all' for every layer); write mis.csv, mis.json, tasks.h5."""
+    t0 = time.time()
+    out = Path(out)
+    acts = open_activations(acts_path)
+    with acts:
+        names = acts.layer_names if list(layers) in (["all"], []) else list(dict.fromkeys(layers))
+        for name in names:
+            acts.layer(name)  # validates before any work
+        shard_i, shard_n = shard
+        device = resolve_device(settings.device)
+        if backend is None:
+            backend = build_backend(settings.similarity, image_size=settings.image_size)
+        backend = backend.to(device).eval()
+        alpha = settings.alpha if settings.alpha is not None else backend.default_alpha
+
+        results, all_tasks, position = [], {}, 0
+        for name in names:
+            values = acts.activations(name)
+            for unit in range(values.shape[1]):
+                mine = position % shard_n == shard_i
+                position += 1
+                if not mine:
+                    continue
+                column = values[:, unit]
+                if is_constant(column):
+                    results.append({"layer": name, "unit": unit, "status": "constant", "tasks": None})
+                else:
+                    results.append({"layer": name, "unit": unit, "status": "ok",
+                                    "tasks": _select(settings, column, name, unit)})
+        needed = np.unique(np.concatenate(
+            [np.concatenate([t.pos_expl.ravel(), t.neg_expl.ravel(), t.pos_query, t.neg_query])
+             for r in results if (t := r["tasks"]) is not None] or [np.zeros(0, np.int64)]))
+        images = RowImages(acts, needed, settings.image_size)
+        acts_sha = sha256_file(acts_path)
+        if len(needed) == 0:
+            engine = None
+        elif settings.engine == "embed":
+            cache = EmbeddingCache(cache_dir, backend.fingerprint(), settings.image_size, images.identity) if cache_dir else None
+            engine = embed_rows(backend, images, device, settings.batch_size, settings.workers, cache,
+                                progress=(lambda d, n: progress("embed", d, n)) if progress else None)
+        else:
+            engine = _PairwiseDistances(backend, images, device, settings.batch_size)
+        t_embed = time.time()
+        for k, r in enumerate(results):
+            if r["tasks"] is not None:
+                deltas = _unit_deltas(engine, r["tasks"], settings.explanations)
+                correct, conf = decisions(deltas), confidences(deltas, alpha)
+                rng = unit_rng(settings.seed, r["layer"], r["unit"], 1)
+                r.update(deltas=deltas, mis=float(correct.mean()), mis_confidence=float(conf.mean()),
+                         mis_ci=bootstrap_ci(correct, rng, settings.n_boot),
+                         conf_ci=bootstrap_ci(conf, rng, settings.n_boot))
+            if progress:
+                progress("score", k + 1, len(results))
+
+        meta = {"misbench_version": __version__, "created_utc": utc_now(), "acts": str(acts_path),
+                "acts_sha256": acts_sha, "model": str(acts.attrs.get("model", "")),
+                "checkpoint_sha256": str(acts.attrs.get("checkpoint_sha256", "")),
+                "data": str(acts.attrs.get("data", "")), "n_rows": acts.n_rows,
+                "settings": {**dataclasses.asdict(settings), "alpha": alpha, "backend_fingerprint": backend.fingerprint()},
+                "shard": f"{shard_i}/{shard_n}"}
+    summary = _summaries(results, names, settings)
+    meta.update(summary, timing={"embed_s": round(t_embed - t0, 3), "total_s": round(time.time() - t0, 3)})
+    write_scores_csv(out, results)
+    write_json(out.with_suffix(".json"), meta)
+    if tasks_out:
+        _write_tasks(tasks_out, results, names, settings, meta)
+    return meta
+
+
+def _summaries(results, names, settings) -> dict:
+    per_layer = {}
+    all_mis, all_conf = [], []
+    for name in names:
+        ok = [r for r in results if r["layer"] == name and r["status"] == "ok"]
+        m, c = [r["mis"] for r in ok], [r["mis_confidence"] for r in ok]
+        all_mis += m
+        all_conf += c
+        rng = unit_rng(settings.seed, name, 0, 2)
+        per_layer[name] = {**_summary(m, c, rng, settings.n_boot),
+                           "n_constant": sum(1 for r in results if r["layer"] == name and r["status"] == "constant")}
+    rng = unit_rng(settings.seed, "", 0, 3)
+    return {"layers": per_layer, "model_mean": _summary(all_mis, all_conf, rng, settings.n_boot)}
+
+
+def write_scores_csv(out, results) -> None:
+    def fmt(v):
+        return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
+
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(MIS_COLUMNS)
+        for r in results:
+            ok = r["status"] == "ok"
+            writer.writerow([r["layer"], r["unit"], r["status"],
+                             fmt(r["mis"] if ok else None), fmt(r["mis_confidence"] if ok else None),
+                             fmt(r["mis_ci"][0] if ok else None), fmt(r["mis_ci"][1] if ok else None),
+                             fmt(r["conf_ci"][0] if ok else None), fmt(r["conf_ci"][1] if ok else None),
+                             len(r["deltas"]) if ok else 0])
+
+
+def _write_tasks(path, results, names, settings: ScoreSettings, meta: dict) -> None:
+    T, K = settings.tasks, settings.explanations
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        h5.attrs["schema"] = "misbench-tasks"
+        h5.attrs["settings"] = json.dumps(meta["settings"])
+        h5.attrs["acts"], h5.attrs["acts_sha256"] = meta["acts"], meta["acts_sha256"]
+        for name in names:
+            mine = [r for r in results if r["layer"] == name]
+            if not mine:
+                continue
+            g = h5.create_group(name)
+            U = len(mine)
+            arrays = {"pos_expl": np.full((U, T, K), -1, np.int64), "neg_expl": np.full((U, T, K), -1, np.int64),
+                      "pos_query": np.full((U, T), -1, np.int64), "neg_query": np.full((U, T), -1, np.int64),
+                      "delta": np.full((U, T), np.nan)}
+            for k, r in enumerate(mine):
+                if r["tasks"] is not None:
+                    for key in ("pos_expl", "neg_expl", "pos_query", "neg_query"):
+                        arrays[key][k] = getattr(r["tasks"], key)
+                    arrays["delta"][k] = r["deltas"]
+            for key, value in arrays.items():
+                g.create_dataset(key, data=value)
+            g.create_dataset("unit", data=np.array([r["unit"] for r in mine], np.int64))

@@ -1,0 +1,212 @@
+"""The activation file (HDF5 schema 1, DESIGN §4): streaming writer, refusing reader."""
+
+__all__ = ["ActivationWriter", "ActivationFile", "open_activations", "partial_path", "SCHEMA"]
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import MisbenchError
+
+SCHEMA = "misbench-activations"
+SCHEMA_VERSION = 1
+ROW_CHUNK = 256
+
+
+def partial_path(out) -> Path:
+    """Where an unfinished extraction lives; renamed onto `out` when complete."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def _chunk(units: int) -> tuple:
+    # about 1 MiB per chunk at float32, whatever the layer width
+    rows = max(16, min(ROW_CHUNK, (1 << 18) // max(units, 1)))
+    return (rows, units)
+
+
+class ActivationWriter:
+    """Appends rows batch by batch; every flush leaves a resumable file."""
+
+    def __init__(self, path, attrs: dict | None = None, resume: bool = False):
+        self.path = Path(path)
+        if resume:
+            self.h5 = h5py.File(self.path, "r+")
+            self._truncate(int(self.h5.attrs["rows_written"]))
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.h5 = h5py.File(self.path, "w", libver="latest")
+            for key, value in (attrs or {}).items():
+                self.h5.attrs[key] = value
+            self.h5.attrs["complete"] = False
+            self.h5.attrs["rows_written"] = 0
+            self.h5.attrs["next_index"] = 0
+            self.h5.attrs["skipped_paths"] = "[]"
+            images = self.h5.create_group("images")
+            images.create_dataset("index", (0,), np.int64, maxshape=(None,), chunks=(4096,))
+            images.create_dataset("path", (0,), h5py.string_dtype("utf-8"), maxshape=(None,), chunks=(4096,))
+            images.create_dataset("label", (0,), np.int64, maxshape=(None,), chunks=(4096,))
+            self.h5.create_group("outputs")
+            self.h5.create_group("layers")
+
+    @property
+    def rows(self) -> int:
+        return int(self.h5.attrs["rows_written"])
+
+    @property
+    def next_index(self) -> int:
+        return int(self.h5.attrs["next_index"])
+
+    def _datasets(self):
+        yield from self.h5["images"].values()
+        yield from self.h5["outputs"].values()
+        for group in self.h5["layers"].values():
+            if "activations" in group:
+                yield group["activations"]
+
+    def _truncate(self, rows: int) -> None:
+        for ds in self._datasets():
+            if ds.shape[0] != rows:
+                ds.resize(rows, axis=0)
+
+    def _ensure(self, group, name: str, units: int, dtype, attrs: dict | None = None):
+        if name not in group:
+            ds = group.create_dataset(name, (0, units), dtype, maxshape=(None, units), chunks=_chunk(units))
+            for key, value in (attrs or {}).items():
+                ds.attrs[key] = value
+        return group[name]
+
+    def append(self, index, paths, labels, logits, layers: dict, layer_attrs: dict, dtype, next_index: int,
+               skipped: list[str] = ()) -> None:
+        """Write one batch: `layers` maps layer name -> [B, U] array."""
+        n0, b = self.rows, len(index)
+        end = n0 + b
+        for name, values in (("index", index), ("path", paths), ("label", labels)):
+            ds = self.h5["images"][name]
+            ds.resize(end, axis=0)
+            ds[n0:end] = values
+        ds = self._ensure(self.h5["outputs"], "logits", logits.shape[1], np.float32)
+        ds.resize(end, axis=0)
+        ds[n0:end] = logits
+        for name, values in layers.items():
+            group = self.h5["layers"].require_group(name)
+            if not group.attrs:
+                for key, value in layer_attrs[name].items():
+                    group.attrs[key] = value
+            ds = self._ensure(group, "activations", values.shape[1], dtype)
+            ds.resize(end, axis=0)
+            ds[n0:end] = values
+        if skipped:
+            self.h5.attrs["skipped_paths"] = json.dumps(json.loads(self.h5.attrs["skipped_paths"]) + list(skipped))
+        self.h5.attrs["rows_written"] = end
+        self.h5.attrs["next_index"] = next_index
+        self.h5.flush()
+
+    def finish(self, block: int = 4096) -> None:
+        """Per-unit stats, then complete=True."""
+        for group in self.h5["layers"].values():
+            acts = group["activations"]
+            units = acts.shape[1]
+            lo, hi, total = np.full(units, np.inf), np.full(units, -np.inf), np.zeros(units)
+            for start in range(0, acts.shape[0], block):
+                x = acts[start:start + block].astype(np.float64)
+                lo, hi, total = np.minimum(lo, x.min(0)), np.maximum(hi, x.max(0)), total + x.sum(0)
+            stats = group.require_group("stats")
+            for name, values in (("min", lo), ("max", hi), ("mean", total / max(acts.shape[0], 1))):
+                if name in stats:
+                    del stats[name]
+                stats.create_dataset(name, data=values.astype(np.float32))
+        self.h5.attrs["complete"] = True
+        self.h5.flush()
+
+    def close(self):
+        self.h5.close()
+
+
+class ActivationFile:
+    """Read access to a complete activation file."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.h5 = h5py.File(self.path, "r")
+        self.attrs = dict(self.h5.attrs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.h5.close()
+
+    @property
+    def layer_names(self) -> list[str]:
+        order = json.loads(self.attrs.get("layer_names", "[]"))
+        return order or list(self.h5["layers"].keys())
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.h5["images/index"].shape[0])
+
+    def layer(self, name: str):
+        if name not in self.h5["layers"]:
+            from .errors import close_matches
+
+            raise MisbenchError(f"layer {name!r} is not in {self.path}.{close_matches(name, self.layer_names)} "
+                                f"Layers there: {', '.join(self.layer_names[:12])}{' ...' if len(self.layer_names) > 12 else ''}")
+        return self.h5["layers"][name]
+
+    def activations(self, name: str) -> np.ndarray:
+        group = self.layer(name)
+        if "activations" not in group:
+            raise MisbenchError(f"layer {name!r} of {self.path} holds only top/bottom-k values, not full activations")
+        return group["activations"][...]
+
+    def layer_kind(self, name: str) -> str:
+        return str(self.layer(name).attrs.get("kind", ""))
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.h5["images/label"][...]
+
+    @property
+    def index(self) -> np.ndarray:
+        return self.h5["images/index"][...]
+
+    @property
+    def paths(self) -> list[str]:
+        return [p.decode() if isinstance(p, bytes) else p for p in self.h5["images/path"][...]]
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.h5["outputs/logits"][...]
+
+    @property
+    def class_names(self) -> list[str]:
+        return json.loads(self.attrs.get("class_names", "[]"))
+
+
+def open_activations(path) -> ActivationFile:
+    """Open for reading; refuse files that are not complete activation files."""
+    path = Path(path)
+    if not path.exists():
+        if partial_path(path).exists():
+            raise MisbenchError(f"{path} is not finished: an interrupted extraction is at {partial_path(path)}. "
+                                "Run the same `misbench extract` command with --resume to complete it.")
+        raise MisbenchError(f"activation file {path} does not exist")
+    try:
+        acts = ActivationFile(path)
+    except OSError as err:
+        raise MisbenchError(f"{path} is not a readable HDF5 file: {err}") from None
+    if acts.attrs.get("schema") != SCHEMA:
+        acts.close()
+        raise MisbenchError(f"{path} is not a misbench activation file (schema attribute {acts.attrs.get('schema')!r})")
+    if not bool(acts.attrs.get("complete", False)):
+        acts.close()
+        raise MisbenchError(f"{path} is incomplete (complete=false): run the same `misbench extract` command "
+                            "with --resume to finish it, or --overwrite to start again")
+    return acts
