@@ -68,3 +68,29 @@ def score(acts, layers, out, similarity, image_size, selection, quantile, tasks,
 
 
 COMMANDS = [score]
+
+
+@click.command()
+@click.argument("responses", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tasks", "tasks_h5", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="tasks.h5 to look deltas up by layer,unit,task.")
+@click.option("--level", default=0.95, show_default=True, help="Confidence level of the interval.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@handle_errors
+def calibrate(responses, tasks_h5, level, as_json):
+    """Fit alpha of mis_confidence to human 2-AFC RESPONSES (CSV: delta or layer,unit,task; correct)."""
+    import json
+
+    from misbench.calibrate import fit_alpha, read_responses
+
+    delta, correct = read_responses(responses, tasks_h5)
+    fit = fit_alpha(delta, correct, level)
+    if as_json:
+        click.echo(json.dumps(fit, indent=2))
+        return
+    click.echo(f"alpha {fit['alpha']:.4g}  ({fit['level']:.0%} CI {fit['ci_low']:.4g} - {fit['ci_high']:.4g})")
+    click.echo(f"log-likelihood {fit['log_likelihood']:.2f} (chance {fit['log_likelihood_chance']:.2f}), "
+               f"n {fit['n']}, human accuracy {fit['accuracy']:.3f}")
+
+
+COMMANDS.append(calibrate)

@@ -97,7 +97,8 @@ def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: Extract
     out = Path(out)
     source = load_data(data) if isinstance(data, str) else data
     model = loaded.model
-    requests = resolve_layers(model, settings.layers)
+    pre = loaded.preprocess.override(settings.resize, settings.crop)
+    requests = resolve_layers(model, settings.layers, probe=torch.zeros(1, 3, pre.crop, pre.crop))
     partial = partial_path(out)
     if out.exists() and not overwrite:
         raise MisbenchError(f"{out} already exists: pass --overwrite to replace it (it stays until the new file is complete)")
@@ -106,7 +107,6 @@ def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: Extract
     if resume and not partial.exists():
         log.info("nothing to resume at %s; starting from the beginning", partial)
         resume = False
-    pre = loaded.preprocess.override(settings.resize, settings.crop)
     total = len(source) if settings.limit is None else min(settings.limit, len(source))
     attrs = _file_attrs(loaded, source, settings, pre, [r.name for r in requests])
     writer = ActivationWriter(partial, attrs, resume=resume)

@@ -1,6 +1,6 @@
 """Which modules to record, and forward hooks that record them reduced to one value per unit."""
 
-__all__ = ["LayerRequest", "resolve_layers", "conv_unit_modules", "FeatureHooks", "SPECIAL_LAYERS", "reduce_output"]
+__all__ = ["LayerRequest", "resolve_layers", "modules_that_run", "conv_unit_modules", "FeatureHooks", "SPECIAL_LAYERS", "reduce_output"]
 
 import dataclasses
 
@@ -37,8 +37,23 @@ def conv_unit_modules(model: nn.Module) -> list[str]:
     return names
 
 
-def resolve_layers(model: nn.Module, layers) -> list[LayerRequest]:
-    """Expand `conv`, check every module name before any image is read."""
+def modules_that_run(model: nn.Module, names: list[str], probe: torch.Tensor) -> set[str]:
+    """The modules among `names` that an inference forward pass on `probe` calls."""
+    ran: set[str] = set()
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(lambda *_a, n=n: ran.add(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            model.eval()(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    return ran
+
+
+def resolve_layers(model: nn.Module, layers, probe: torch.Tensor | None = None) -> list[LayerRequest]:
+    """Expand `conv` (to the units an inference pass computes, when `probe` is given);
+    check every module name before any image is read."""
     if isinstance(layers, str):
         layers = [s.strip() for s in layers.split(",") if s.strip()]
     if not layers:
@@ -49,7 +64,11 @@ def resolve_layers(model: nn.Module, layers) -> list[LayerRequest]:
         if name in ("logits", "softmax"):
             out.append(LayerRequest(name, None, name))
         elif name == "conv":
-            out.extend(LayerRequest(n, n, "conv") for n in conv_unit_modules(model))
+            convs = conv_unit_modules(model)
+            if probe is not None:
+                ran = modules_that_run(model, convs, probe)
+                convs = [n for n in convs if n in ran]  # e.g. GoogLeNet's aux heads only run in training
+            out.extend(LayerRequest(n, n, "conv") for n in convs)
         elif name in known and name:
             out.append(LayerRequest(name, name, "module"))
         else:

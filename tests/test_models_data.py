@@ -1,0 +1,164 @@
+import json
+import os
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+
+from misbench.cli.main import cli
+from misbench.data import FASHION_MNIST_CLASSES, DEBIAN_FASHION_MNIST, load_data
+from misbench.errors import MisbenchError
+from misbench.evaluate import accuracy_from_logits
+from misbench.models import load_model
+
+
+def test_state_dict_needs_arch_and_mismatch_names_keys(tmp_path):
+    model = torchvision.models.resnet18(weights=None, num_classes=5)
+    path = tmp_path / "sd.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(MisbenchError, match="--arch"):
+        load_model(str(path))
+    loaded = load_model(str(path), arch="resnet18")
+    assert loaded.num_classes == 5 and len(loaded.sha256) == 64
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value)
+    with pytest.raises(MisbenchError) as err:
+        load_model(str(path), arch="resnet34", num_classes=5)
+    assert "missing keys: layer1.2" in str(err.value)
+    with pytest.raises(MisbenchError, match="shape mismatches"):
+        load_model(str(path), arch="resnet18", num_classes=10)
+
+
+def test_googlenet_state_dict_with_and_without_aux(tmp_path):
+    for aux in (True, False):
+        model = torchvision.models.googlenet(weights=None, aux_logits=aux, init_weights=False, num_classes=4)
+        path = tmp_path / f"g{aux}.pt"
+        torch.save({"state_dict": model.state_dict()}, path)  # nested, as many training scripts write it
+        loaded = load_model(str(path), arch="googlenet")
+        assert loaded.arch_kwargs == {"aux_logits": aux, "transform_input": True}
+        assert loaded.model.transform_input and (loaded.model.aux1 is not None) == aux
+
+
+def test_whole_model_pickle_needs_trust(tmp_path):
+    path = tmp_path / "whole.pt"
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=3), path)
+    with pytest.raises(MisbenchError, match="--trust-pickle"):
+        load_model(str(path))
+    loaded = load_model(str(path), trust_pickle=True)
+    assert loaded.num_classes == 3
+
+
+def test_offline_weights_error_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    from torchvision.models import _api
+
+    def offline(self, *a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(_api.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(MisbenchError) as err:
+        load_model("googlenet:IMAGENET1K_V1")
+    text = str(err.value)
+    assert str(tmp_path / "hub" / "checkpoints" / "googlenet-1378be20.pth") in text and "could not be downloaded" in text
+    with pytest.raises(MisbenchError, match="unknown weights"):
+        load_model("googlenet:IMAGENET9K")
+    with pytest.raises(MisbenchError, match="unknown architecture"):
+        load_model("googlenett")
+
+
+def test_staged_mobilenet_weights_load_and_classify(tmp_path):
+    from misbench.assets import ASSETS, asset_status
+
+    if not asset_status(ASSETS["mobilenet_v2"])["staged"]:
+        pytest.skip("mobilenet_v2 weights not staged (run `make assets`)")
+    loaded = load_model("mobilenet_v2:IMAGENET1K_V1")
+    assert loaded.num_classes == 1000 and loaded.preprocess.crop == 224
+    # a real pretrained network is confident on its own preprocessing of a natural image
+    from sklearn.datasets import load_sample_image
+    from PIL import Image
+    from misbench.preprocess import build_transform
+
+    x = build_transform(loaded.preprocess)(Image.fromarray(load_sample_image("china.jpg")))[None]
+    with torch.no_grad():
+        p = torch.softmax(loaded.model.eval()(x), 1)
+    assert p.max() > 0.2
+
+
+def test_asset_staging_checks_sha256(tmp_path, monkeypatch):
+    from misbench.assets import stage_asset
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    fake = tmp_path / "src"
+    fake.mkdir()
+    (fake / "mobilenet_v2-b0353104.pth").write_bytes(b"corrupt")
+    with pytest.raises(MisbenchError, match="sha256"):
+        stage_asset("mobilenet_v2", fake)
+    assert not (tmp_path / "torch" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth").exists()
+    with pytest.raises(MisbenchError, match="unknown asset"):
+        stage_asset("resnet")
+
+
+def test_digits_and_image_folder_sources(image_folder):
+    digits = load_data("digits")
+    assert len(digits) == 1797 and digits.image(0).mode == "RGB" and digits.image(0).size == (8, 8)
+    from sklearn.datasets import load_digits
+
+    assert [digits.label(i) for i in range(20)] == list(load_digits().target[:20])
+    folder = load_data(str(image_folder))
+    assert folder.classes == ["class_00", "class_01", "class_02"] and len(folder) == 24
+    assert folder.path(9) == "class_01/img_001.png" and folder.label(9) == 1
+    with pytest.raises(MisbenchError, match="fashion-mnist:train or fashion-mnist:test"):
+        load_data("fashion-mnist:val")
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_from_debian_package():
+    test = load_data("fashion-mnist:test")
+    assert len(test) == 10000 and test.classes == FASHION_MNIST_CLASSES
+    img = test.image(0)
+    assert img.size == (28, 28) and img.mode == "RGB"
+    counts = np.bincount([test.label(i) for i in range(len(test))])
+    assert counts.tolist() == [1000] * 10
+
+
+def test_accuracy_from_logits_equals_manual_count():
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(300, 7)), rng.integers(0, 6, 300)  # class 6 has no images
+    result = accuracy_from_logits(logits, labels, [f"c{i}" for i in range(7)])
+    top1 = np.mean([np.argmax(l) == y for l, y in zip(logits, labels)])
+    top5 = np.mean([y in np.argsort(l)[::-1][:5] for l, y in zip(logits, labels)])
+    assert result["top1"] == pytest.approx(top1) and result["top5"] == pytest.approx(top5)
+    for c in range(6):
+        idx = [i for i in range(300) if labels[i] == c]
+        manual = sum(np.argmax(logits[i]) == c for i in idx) / len(idx)
+        assert result["per_class"][c] == {"class": c, "name": f"c{c}", "n": len(idx), "accuracy": pytest.approx(manual)}
+    assert result["per_class"][6]["n"] == 0 and result["per_class"][6]["accuracy"] is None
+
+
+def test_cli_eval_model_equals_eval_from_acts(tmp_path, image_folder):
+    torch.manual_seed(3)
+    ckpt = tmp_path / "m.pt"
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), ckpt)
+    runner = CliRunner()
+    common = [str(ckpt), "--arch", "resnet18", "--data", str(image_folder)]
+    r = runner.invoke(cli, ["eval", *common, "--out", str(tmp_path / "e1.json"), "--classwise", str(tmp_path / "c.csv")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["extract", *common, "--layers", "softmax", "--out", str(tmp_path / "a.h5")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["eval", "--acts", str(tmp_path / "a.h5"), "--out", str(tmp_path / "e2.json")])
+    assert r.exit_code == 0, r.output
+    e1, e2 = (json.loads((tmp_path / f).read_text()) for f in ("e1.json", "e2.json"))
+    assert e1["top1"] == pytest.approx(e2["top1"]) and e1["per_class"] == e2["per_class"]
+    lines = (tmp_path / "c.csv").read_text().splitlines()
+    assert lines[0] == "class,name,n,accuracy" and lines[1].startswith("0,class_00,8,")
+    r = runner.invoke(cli, ["eval", "--acts", str(tmp_path / "a.h5"), str(ckpt), "--out", str(tmp_path / "x.json")])
+    assert r.exit_code == 1 and "not both" in r.output
+
+
+def test_cli_errors_are_clean(tmp_path):
+    r = CliRunner().invoke(cli, ["extract", "resnet18", "--data", str(tmp_path / "missing"), "--layers", "fc",
+                                 "--out", str(tmp_path / "a.h5")])
+    assert r.exit_code == 1 and r.output.startswith("Error: data") and "Traceback" not in r.output
