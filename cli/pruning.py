@@ -1,0 +1,149 @@
+"""misbench prune / retrain / audit."""
+
+import json
+
+import click
+
+from .common import Progress, handle_errors, load_model_from_options, model_options
+
+
+def training_options(func):
+    options = [
+        click.option("--epochs", default=0, show_default=True, help="Retraining epochs after each pruning step."),
+        click.option("--data", default=None, help="Training DATA."),
+        click.option("--val-data", default=None, help="Validation DATA (top-1 after each epoch)."),
+        click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True),
+        click.option("--lr", type=float, default=None, help="Default 0.01 (SGD) or 0.001 (Adam)."),
+        click.option("--momentum", default=0.9, show_default=True),
+        click.option("--weight-decay", default=1e-4, show_default=True),
+        click.option("--gamma", default=0.9, show_default=True, help="ExponentialLR factor per epoch."),
+        click.option("--batch-size", default=64, show_default=True),
+        click.option("--train-limit", type=int, default=None, help="Only the first N training images."),
+        click.option("--val-limit", type=int, default=None, help="Only the first N validation images."),
+        click.option("--workers", default=0, show_default=True),
+        click.option("--device", default="auto", show_default=True),
+        click.option("--no-amp", is_flag=True, help="No mixed precision on CUDA."),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--resume", is_flag=True, help="Continue from the last epoch checkpoint (OUT.partial)."),
+        click.option("--overwrite", is_flag=True),
+        click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output checkpoint (.pt)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _train_settings(kw):
+    from misbench.training import TrainSettings
+
+    return TrainSettings(epochs=kw["epochs"], optimizer=kw["optimizer"], lr=kw["lr"], momentum=kw["momentum"],
+                         weight_decay=kw["weight_decay"], gamma=kw["gamma"], batch_size=kw["batch_size"],
+                         seed=kw["seed"], train_limit=kw["train_limit"], val_limit=kw["val_limit"],
+                         workers=kw["workers"], device=kw["device"], amp=not kw["no_amp"])
+
+
+class _EpochBar:
+    def __init__(self):
+        self.bar, self.key = None, None
+
+    def __call__(self, step, epoch, done, total):
+        if self.key != (step, epoch):
+            self.close()
+            self.bar, self.key = Progress(f"step {step} epoch {epoch}", "batch"), (step, epoch)
+        self.bar(done, total)
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+
+
+def _run(model_kw, prune, kw):
+    from misbench.pruning.run import produce_checkpoint
+
+    loaded = load_model_from_options(*model_kw)
+    bar = _EpochBar()
+    try:
+        path = produce_checkpoint(loaded, prune, _train_settings(kw), kw["out"], kw["data"], kw["val_data"],
+                                  resume=kw["resume"], overwrite=kw["overwrite"], progress=bar)
+    finally:
+        bar.close()
+    from misbench.checkpoint import load_checkpoint_dict
+
+    ckpt = load_checkpoint_dict(path)
+    sparsity = (ckpt.get("pruning") or {}).get("achieved_sparsity")
+    history = ckpt["training"]["history"]
+    last = history[-1]["val_top1"] if history else None
+    click.echo(f"wrote {path}" + (f"  sparsity {sparsity:.4f}" if sparsity is not None else "")
+               + (f"  val_top1 {last:.4f}" if last is not None else ""))
+
+
+@click.command()
+@click.argument("model")
+@model_options
+@click.option("--method", required=True, type=click.Choice(["unstructured", "structured", "connection"]))
+@click.option("--rate", required=True, type=float, help="Fraction of prunable weights removed, in (0, 1).")
+@click.option("--scope", type=click.Choice(["global", "local"]), default=None,
+              help="Default: global for unstructured, local for structured/connection.")
+@click.option("--criterion", type=click.Choice(["l1", "l2", "random"]), default="l1", show_default=True)
+@click.option("--schedule", type=click.Choice(["oneshot", "iterative"]), default="oneshot", show_default=True)
+@click.option("--steps", default=None, type=int, help="Pruning steps of the iterative schedule (default 4).")
+@click.option("--exclude", default=None, help="Comma-separated module names left unpruned (GoogLeNet default: "
+              "conv1,conv2,conv3,aux1,aux2; '' for none).")
+@training_options
+@handle_errors
+def prune(model, arch, num_classes, arch_kwargs, trust_pickle, method, rate, scope, criterion, schedule, steps,
+          exclude, **kw):
+    """Prune MODEL by METHOD to RATE and retrain; write a misbench checkpoint."""
+    from misbench.pruning import PruneSettings
+
+    steps = steps if steps is not None else (4 if schedule == "iterative" else 1)
+    excl = None if exclude is None else tuple(e.strip() for e in exclude.split(",") if e.strip())
+    settings = PruneSettings(method=method, rate=rate, scope=scope, criterion=criterion, schedule=schedule,
+                             steps=steps, exclude=excl, seed=kw["seed"])
+    _run((model, arch, num_classes, arch_kwargs, trust_pickle), settings, kw)
+
+
+@click.command()
+@click.argument("model")
+@model_options
+@training_options
+@handle_errors
+def retrain(model, arch, num_classes, arch_kwargs, trust_pickle, **kw):
+    """Retrain MODEL without pruning (the unpruned control); masks of a pruned checkpoint stay enforced."""
+    from misbench.errors import MisbenchError
+
+    if kw["epochs"] < 1:
+        raise MisbenchError("retrain needs --epochs >= 1")
+    _run((model, arch, num_classes, arch_kwargs, trust_pickle), None, kw)
+
+
+@click.command()
+@click.argument("model")
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@handle_errors
+def audit(model, arch, num_classes, arch_kwargs, trust_pickle, as_json):
+    """Per-layer sparsity of MODEL and whether it matches its pruning record (exit status 0 either way)."""
+    from misbench.audit import audit as run_audit
+
+    result = run_audit(load_model_from_options(model, arch, num_classes, arch_kwargs, trust_pickle))
+    if as_json:
+        click.echo(json.dumps({k: result[k] for k in ("layers", "total", "target", "consistent", "problems")}, indent=1))
+        return
+    click.echo(f"{'layer':<40} {'weights':>10} {'zeros':>10} {'sparsity':>8} {'0-out':>6} {'0-in':>6}")
+    for l in result["layers"]:
+        click.echo(f"{l['name']:<40} {l['weights']:>10} {l['zeros']:>10} {l['sparsity']:>8.4f} "
+                   f"{l['zero_out_channels']:>6} {l['zero_in_channels']:>6}")
+    t = result["total"]
+    click.echo(f"{'total (prunable)':<40} {t['weights']:>10} {t['zeros']:>10} {t['sparsity']:>8.4f}")
+    target = result["target"]
+    if target:
+        click.echo(f"target: {target['method']} {target['scope']} {target['criterion']} rate {target['rate']} "
+                   f"({target['schedule']}, {target['steps']} steps), achieved {target['achieved_sparsity']:.4f}")
+    verdict = {True: "consistent", False: "INCONSISTENT", None: "no pruning record to compare with"}[result["consistent"]]
+    click.echo(f"audit: {verdict}")
+    for problem in result["problems"]:
+        click.echo(f"  - {problem}")
+
+
+COMMANDS = [prune, retrain, audit]

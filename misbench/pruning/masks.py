@@ -1,0 +1,187 @@
+"""Masks for unstructured, structured (output channel) and connection (input channel) pruning.
+
+A mask is a bool tensor per parameter, True = kept. `rate` is the fraction removed:
+of all prunable weights together (global scope) or of each layer (local scope); for
+structured / connection pruning, round(rate * channels) channels of each conv.
+"""
+
+__all__ = ["PruneSettings", "METHODS", "CRITERIA", "SCHEDULES", "prunable_layers", "default_exclude", "compute_masks",
+           "apply_masks", "sparsity_of", "keep_fraction", "following_batchnorm"]
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..errors import MisbenchError, close_matches
+
+METHODS = ("unstructured", "structured", "connection")
+SCHEDULES = ("oneshot", "iterative")
+GOOGLENET_EXCLUDE = ("conv1", "conv2", "conv3", "aux1", "aux2")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSettings:
+    method: str
+    rate: float
+    scope: str | None = None  # default: global for unstructured, local otherwise
+    criterion: str = "l1"
+    schedule: str = "oneshot"
+    steps: int = 1
+    exclude: tuple | None = None  # None: the architecture's default
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise MisbenchError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
+        if not 0 < self.rate < 1:
+            raise MisbenchError(f"--rate must be a fraction in (0, 1), got {self.rate}")
+        if self.criterion not in CRITERIA:
+            raise MisbenchError(f"--criterion {self.criterion!r}: expected one of {', '.join(CRITERIA)}")
+        if self.schedule not in SCHEDULES:
+            raise MisbenchError(f"--schedule {self.schedule!r}: expected oneshot or iterative")
+        if self.scope not in (None, "global", "local"):
+            raise MisbenchError(f"--scope {self.scope!r}: expected global or local")
+        if self.method != "unstructured" and self.scope == "global":
+            raise MisbenchError(f"--method {self.method} prunes channels of each conv: --scope must be local")
+        if self.steps < 1 or (self.schedule == "oneshot" and self.steps != 1):
+            raise MisbenchError("--steps must be 1 for oneshot and >= 1 for iterative")
+
+    @property
+    def resolved_scope(self) -> str:
+        return self.scope or ("global" if self.method == "unstructured" else "local")
+
+    def record(self, exclude, achieved: float) -> dict:
+        return {"method": self.method, "scope": self.resolved_scope, "criterion": self.criterion, "rate": self.rate,
+                "schedule": self.schedule, "steps": self.steps, "exclude": list(exclude),
+                "achieved_sparsity": achieved, "seed": self.seed}
+
+
+def _l1(w, dims):
+    return w.abs().sum(dim=dims) if dims else w.abs()
+
+
+def _l2(w, dims):
+    return w.pow(2).sum(dim=dims).sqrt() if dims else w.abs()
+
+
+def _random(w, dims, generator=None):
+    shape = [s for d, s in enumerate(w.shape) if d not in (dims or ())]
+    return torch.rand(shape, generator=generator, dtype=torch.float64)
+
+
+CRITERIA = {"l1": _l1, "l2": _l2, "random": _random}
+
+
+def default_exclude(arch: str, model: nn.Module) -> tuple:
+    """The seed's exclusions for GoogLeNet (stem convs and aux heads, those the model has)."""
+    names = {n for n, _ in model.named_modules()}
+    return tuple(e for e in GOOGLENET_EXCLUDE if e in names) if arch == "googlenet" else ()
+
+
+def _excluded(name: str, exclude) -> bool:
+    return any(name == e or name.startswith(e + ".") for e in exclude)
+
+
+def prunable_layers(model: nn.Module, method: str = "unstructured", exclude=()) -> dict[str, nn.Module]:
+    """Module name -> Conv2d/Linear whose weight may be pruned by `method`."""
+    names = {n for n, _ in model.named_modules() if n}
+    unknown = [e for e in exclude if e not in names]
+    if unknown:
+        raise MisbenchError(f"--exclude names modules that do not exist: {', '.join(unknown)}."
+                            f"{close_matches(unknown[0], names)}")
+    kinds = (nn.Conv2d, nn.Linear) if method == "unstructured" else (nn.Conv2d,)
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds) and not _excluded(n, exclude)}
+
+
+def following_batchnorm(model: nn.Module) -> dict[str, str]:
+    """conv name -> name of the BatchNorm applied right after it (same parent, matching width)."""
+    modules = list(model.named_modules())
+    out = {}
+    for k, (name, module) in enumerate(modules[:-1]):
+        nxt_name, nxt = modules[k + 1]
+        if (isinstance(module, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d)
+                and nxt_name.rpartition(".")[0] == name.rpartition(".")[0] and nxt.num_features == module.out_channels):
+            out[name] = nxt_name
+    return out
+
+
+def keep_fraction(rate: float, step: int, steps: int) -> float:
+    """Step s of S keeps (1 - R)^(s / S) of the prunable weights."""
+    return (1 - rate) ** (step / steps)
+
+
+def _ranked_prune(scores: torch.Tensor, n_prune: int, already: torch.Tensor, generator) -> torch.Tensor:
+    """Bool mask over `scores` (flattened) with the n_prune lowest pruned; `already` pruned first.
+
+    Ties are broken by a seeded random key, so equal-norm weights are not pruned by position.
+    """
+    scores = scores.double().flatten().clone()
+    scores[already.flatten()] = -float("inf")
+    tiebreak = torch.rand(scores.shape, generator=generator, dtype=torch.float64)
+    order = torch.argsort(tiebreak, stable=True)
+    order = order[torch.argsort(scores[order], stable=True)]  # by score, then by the random key
+    keep = torch.ones(len(scores), dtype=torch.bool)
+    keep[order[:n_prune]] = False
+    return keep
+
+
+def compute_masks(model: nn.Module, settings: PruneSettings, keep: float, exclude, previous: dict | None = None,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Masks that keep `keep` of the prunable weights (per scope); `previous` pruned entries stay pruned."""
+    previous = previous or {}
+    layers = prunable_layers(model, settings.method, exclude)
+    if not layers:
+        raise MisbenchError(f"no prunable layers left for --method {settings.method} after --exclude {list(exclude)}")
+    crit = CRITERIA[settings.criterion]
+    rand_kw = {"generator": generator} if settings.criterion == "random" else {}
+    masks: dict[str, torch.Tensor] = {}
+    if settings.method == "unstructured":
+        weights = {n: m.weight.detach() for n, m in layers.items()}
+        already = {n: ~previous.get(f"{n}.weight", torch.ones_like(w, dtype=torch.bool)) for n, w in weights.items()}
+        if settings.resolved_scope == "global":
+            scores = torch.cat([crit(w, None, **rand_kw).flatten().double() for w in weights.values()])
+            total = scores.numel()
+            keep_mask = _ranked_prune(scores, round((1 - keep) * total), torch.cat([a.flatten() for a in already.values()]),
+                                      generator)
+            start = 0
+            for n, w in weights.items():
+                masks[f"{n}.weight"] = keep_mask[start:start + w.numel()].view_as(w)
+                start += w.numel()
+        else:
+            for n, w in weights.items():
+                m = _ranked_prune(crit(w, None, **rand_kw), round((1 - keep) * w.numel()), already[n], generator)
+                masks[f"{n}.weight"] = m.view_as(w)
+        return masks
+    bns = following_batchnorm(model)
+    for n, conv in layers.items():
+        w = conv.weight.detach()
+        dim = 0 if settings.method == "structured" else 1
+        other = tuple(d for d in range(w.dim()) if d != dim)
+        prev = previous.get(f"{n}.weight")
+        already = (~prev).all(dim=other) if prev is not None else torch.zeros(w.shape[dim], dtype=torch.bool)
+        channels = _ranked_prune(crit(w, other, **rand_kw), round((1 - keep) * w.shape[dim]), already, generator)
+        shape = [1] * w.dim()
+        shape[dim] = -1
+        masks[f"{n}.weight"] = channels.view(shape).expand_as(w).clone()
+        if settings.method == "structured":
+            if conv.bias is not None:
+                masks[f"{n}.bias"] = channels.clone()
+            if n in bns:
+                masks[f"{bns[n]}.weight"] = channels.clone()
+                masks[f"{bns[n]}.bias"] = channels.clone()
+    return masks
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict) -> None:
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].mul_(mask.to(params[name].device, params[name].dtype))
+
+
+def sparsity_of(masks: dict, weights_only: bool = True) -> float:
+    """Fraction of masked-out entries among the masked weight tensors (biases and BN excluded)."""
+    items = [m for k, m in masks.items() if not weights_only or k.endswith(".weight") and m.dim() >= 2]
+    total = sum(m.numel() for m in items)
+    return float(sum((~m).sum().item() for m in items) / total) if total else 0.0

@@ -1,0 +1,85 @@
+"""Produce pruned (or retrained) checkpoints: schedule, retraining, per-epoch checkpoints, resume."""
+
+__all__ = ["produce_checkpoint", "partial_checkpoint_path"]
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import build_checkpoint, load_checkpoint_dict, save_checkpoint
+from ..data import load_data
+from ..errors import MisbenchError
+from ..models import LoadedModel
+from ..training import Trainer, TrainSettings
+from .masks import PruneSettings, apply_masks, compute_masks, default_exclude, keep_fraction, sparsity_of
+
+log = logging.getLogger(__name__)
+
+
+def partial_checkpoint_path(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: TrainSettings, out,
+                       data: str | None = None, val_data: str | None = None, resume: bool = False,
+                       overwrite: bool = False, progress=None) -> Path:
+    """Prune `loaded` by `prune` (None: retrain only) with train.epochs of retraining after each step."""
+    out = Path(out)
+    partial = partial_checkpoint_path(out)
+    if out.exists() and not overwrite:
+        raise MisbenchError(f"{out} already exists: pass --overwrite to replace it")
+    if partial.exists() and not (resume or overwrite):
+        raise MisbenchError(f"an interrupted run left {partial}: pass --resume to continue it or --overwrite to restart")
+    if train.epochs > 0 and not data:
+        raise MisbenchError("retraining needs training data: pass --data DATA (or --epochs 0 to prune only)")
+    train_source = load_data(data) if data else None
+    val_source = load_data(val_data) if val_data else None
+    model = loaded.model
+    exclude = tuple(prune.exclude) if prune and prune.exclude is not None else default_exclude(loaded.arch, model)
+    steps = prune.steps if prune else 1
+    masks = {k: v.clone() for k, v in loaded.masks.items()}
+    history, start_step, start_epoch, trainer_state = [], 1, 0, None
+    if resume and partial.exists():
+        ckpt = load_checkpoint_dict(partial)
+        model.load_state_dict(ckpt["state_dict"])
+        masks, history = ckpt["masks"], ckpt["training"]["history"]
+        start_step, start_epoch, trainer_state = ckpt["resume"]["step"], ckpt["resume"]["epoch"], ckpt["resume"]["trainer"]
+        log.info("resuming %s at step %d, epoch %d", partial, start_step, start_epoch)
+    parent = {"model": loaded.spec, "sha256": loaded.sha256}
+    base_pruning = (loaded.checkpoint or {}).get("pruning")
+
+    def record():
+        if prune:
+            return prune.record(exclude, sparsity_of(masks))
+        return base_pruning
+
+    for step in range(start_step, steps + 1):
+        if prune and not (trainer_state is not None and step == start_step):
+            generator = torch.Generator().manual_seed(prune.seed * 1000 + step)
+            masks = {**masks, **compute_masks(model, prune, keep_fraction(prune.rate, step, steps), exclude, masks, generator)}
+            apply_masks(model, masks)
+            log.info("step %d/%d: sparsity %.4f", step, steps, sparsity_of(masks))
+        torch.manual_seed(train.seed * 1000 + step)
+        trainer = Trainer(model, masks, train, loaded.preprocess, train_source, val_source) if train_source or val_source else None
+        first_epoch = 0
+        if trainer_state is not None and step == start_step:
+            trainer.load_state_dict(trainer_state)
+            first_epoch = start_epoch
+        elif trainer is not None and val_source is not None:
+            history.append({"step": step, "epoch": 0, "train_loss": None, "val_top1": trainer.validate()})
+        for epoch in range(first_epoch, train.epochs):
+            loss = trainer.train_epoch(progress=(lambda d, n: progress(step, epoch + 1, d, n)) if progress else None)
+            history.append({"step": step, "epoch": epoch + 1, "train_loss": loss, "val_top1": trainer.validate()})
+            log.info("step %d epoch %d: loss %.4f val_top1 %s", step, epoch + 1, loss, history[-1]["val_top1"])
+            training = {**train.record(), "history": history}
+            resume_state = {"step": step, "epoch": epoch + 1, "trainer": trainer.state_dict()}
+            if epoch + 1 == train.epochs:  # the step is done: the next one starts fresh
+                resume_state = {"step": step + 1, "epoch": 0, "trainer": None}
+            save_checkpoint(build_checkpoint(loaded, model, masks, record(), training, parent, resume_state), partial)
+        trainer_state = None
+    final = build_checkpoint(loaded, model, masks, record(), {**train.record(), "history": history}, parent)
+    save_checkpoint(final, out)
+    partial.unlink(missing_ok=True)
+    return out

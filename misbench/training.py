@@ -1,0 +1,177 @@
+"""Retraining with the seed paper's recipe, masks enforced after every optimizer step."""
+
+__all__ = ["TrainSettings", "MaskEnforcer", "Trainer", "train_transform"]
+
+import dataclasses
+import logging
+import math
+
+import torch
+from torch import nn
+
+from .data import ImageSource, TransformedDataset
+from .device import resolve_device
+from .errors import MisbenchError
+from .extract import make_loader
+from .preprocess import Preprocess, build_transform
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 0
+    optimizer: str = "sgd"
+    lr: float | None = None  # None: 0.01 for SGD, 0.001 for Adam (the seed's)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    gamma: float = 0.9  # ExponentialLR, stepped per epoch
+    aux_weight: float = 0.3
+    batch_size: int = 64
+    seed: int = 0
+    train_limit: int | None = None
+    val_limit: int | None = None
+    # how, not what
+    workers: int = 0
+    device: str = "auto"
+    amp: bool = True  # used on CUDA only
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise MisbenchError(f"--optimizer {self.optimizer!r}: expected sgd or adam")
+        if self.epochs < 0:
+            raise MisbenchError(f"--epochs must be >= 0, got {self.epochs}")
+        if self.lr is not None and not self.lr > 0:
+            raise MisbenchError(f"--lr must be positive, got {self.lr}")
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else (0.01 if self.optimizer == "sgd" else 0.001)
+
+    def record(self) -> dict:
+        return {"optimizer": self.optimizer, "lr": self.resolved_lr, "momentum": self.momentum,
+                "weight_decay": self.weight_decay, "scheduler": "ExponentialLR", "gamma": self.gamma,
+                "epochs": self.epochs, "batch_size": self.batch_size, "aux_weight": self.aux_weight, "seed": self.seed,
+                "train_limit": self.train_limit, "val_limit": self.val_limit}
+
+
+def train_transform(pre: Preprocess):
+    from torchvision import transforms as T
+
+    if pre.crop >= 128:  # ImageNet-sized: the usual random-resized-crop recipe
+        return T.Compose([T.RandomResizedCrop(pre.crop, antialias=True), T.RandomHorizontalFlip(), T.ToTensor(),
+                          T.Normalize(pre.mean, pre.std)])
+    return T.Compose([T.Resize(pre.resize, antialias=True), T.CenterCrop(pre.crop), T.RandomHorizontalFlip(),
+                      T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+
+
+class MaskEnforcer:
+    """Pruned entries stay exactly zero: gradients masked (clean momentum) and weights re-zeroed after each step."""
+
+    def __init__(self, model: nn.Module, masks: dict):
+        params = dict(model.named_parameters())
+        self.pairs = [(params[n], m.to(params[n].device)) for n, m in masks.items()]
+        self._handles = [p.register_hook(lambda g, m=m: g * m) for p, m in self.pairs]
+
+    @torch.no_grad()
+    def enforce(self):
+        for p, m in self.pairs:
+            p.mul_(m)
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+def _logits_and_loss(model, x, y, aux_weight):
+    out = model(x)
+    if isinstance(out, tuple) and hasattr(out, "aux_logits1"):  # torchvision GoogLeNet in training mode
+        loss = nn.functional.cross_entropy(out.logits, y)
+        for aux in (out.aux_logits1, out.aux_logits2):
+            if aux is not None:
+                loss = loss + aux_weight * nn.functional.cross_entropy(aux, y)
+        return out.logits, loss
+    if isinstance(out, tuple):  # InceptionOutputs
+        return out[0], nn.functional.cross_entropy(out[0], y) + aux_weight * nn.functional.cross_entropy(out[1], y)
+    return out, nn.functional.cross_entropy(out, y)
+
+
+class Trainer:
+    """One model, its optimizer, scheduler and data order; state_dict()/load_state_dict() for exact resume."""
+
+    def __init__(self, model: nn.Module, masks: dict, settings: TrainSettings, pre: Preprocess,
+                 train_source: ImageSource, val_source: ImageSource | None):
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.model = model.to(self.device)
+        self.masks = masks
+        params = [p for p in model.parameters() if p.requires_grad]
+        if settings.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=settings.resolved_lr, momentum=settings.momentum,
+                                             weight_decay=settings.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=settings.resolved_lr, weight_decay=settings.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=settings.gamma)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.use_amp = settings.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        n_train = len(train_source) if settings.train_limit is None else min(settings.train_limit, len(train_source))
+        self.train_set = TransformedDataset(train_source, train_transform(pre), (3, pre.crop, pre.crop), 0, n_train)
+        self.val_set = None
+        if val_source is not None:
+            n_val = len(val_source) if settings.val_limit is None else min(settings.val_limit, len(val_source))
+            self.val_set = TransformedDataset(val_source, build_transform(pre), (3, pre.crop, pre.crop), 0, n_val)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "generator": self.generator.get_state(), "cpu_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["cpu_rng"])
+
+    def train_epoch(self, progress=None) -> float:
+        enforcer = MaskEnforcer(self.model, self.masks)
+        self.model.train()
+        loader = make_loader(self.train_set, self.settings.batch_size, self.settings.workers, self.device,
+                             shuffle=True, generator=self.generator, drop_last=len(self.train_set) > self.settings.batch_size)
+        total, count = 0.0, 0
+        try:
+            for k, (x, y, _i, ok) in enumerate(loader):
+                if not ok.all():
+                    raise MisbenchError("unreadable training images; fix the data (extract reports paths)")
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(self.device.type, enabled=self.use_amp):
+                    _, loss = _logits_and_loss(self.model, x, y, self.settings.aux_weight)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                enforcer.enforce()
+                if not math.isfinite(loss.item()):
+                    raise MisbenchError("training diverged (loss is not finite); lower --lr")
+                total += loss.item() * len(y)
+                count += len(y)
+                if progress:
+                    progress(k + 1, len(loader))
+        finally:
+            enforcer.remove()
+        self.scheduler.step()
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        if self.val_set is None:
+            return None
+        self.model.eval()
+        correct = n = 0
+        for x, y, _i, _ok in make_loader(self.val_set, self.settings.batch_size, self.settings.workers, self.device):
+            out = self.model(x.to(self.device))
+            out = out[0] if isinstance(out, tuple) else out
+            correct += (out.argmax(1).cpu() == y).sum().item()
+            n += len(y)
+        return correct / max(n, 1)
