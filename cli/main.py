@@ -17,9 +17,9 @@ def cli(verbose, quiet):
 
 
 def _register():
-    from . import activations, assets, pruning, scoring
+    from . import activations, assets, pruning, reports, scoring
 
-    for module in (activations, assets, pruning, scoring):
+    for module in (activations, assets, pruning, reports, scoring):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -190,7 +190,7 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
                 deltas = _unit_deltas(engine, r["tasks"], settings.explanations)
                 correct, conf = decisions(deltas), confidences(deltas, alpha)
                 rng = unit_rng(settings.seed, r["layer"], r["unit"], 1)
-                r.update(deltas=deltas, mis=float(correct.mean()), mis_confidence=float(conf.mean()),
+                r.update(deltas=deltas, n_tasks=len(deltas), mis=float(correct.mean()), mis_confidence=float(conf.mean()),
                          mis_ci=bootstrap_ci(correct, rng, settings.n_boot),
                          conf_ci=bootstrap_ci(conf, rng, settings.n_boot))
             if progress:
@@ -239,7 +239,7 @@ def write_scores_csv(out, results) -> None:
                              fmt(r["mis"] if ok else None), fmt(r["mis_confidence"] if ok else None),
                              fmt(r["mis_ci"][0] if ok else None), fmt(r["mis_ci"][1] if ok else None),
                              fmt(r["conf_ci"][0] if ok else None), fmt(r["conf_ci"][1] if ok else None),
-                             len(r["deltas"]) if ok else 0])
+                             r["n_tasks"] if ok else 0])
 
 
 def _write_tasks(path, results, names, settings: ScoreSettings, meta: dict) -> None:

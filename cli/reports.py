@@ -1,0 +1,138 @@
+"""misbench report classwise|sweep|layers|curves, misbench import-scores."""
+
+from pathlib import Path
+
+import click
+
+from .common import handle_errors
+
+
+def _fmt_corr(name, c):
+    if c["pearson_r"] is None:
+        return f"{name}: n={c['n']} (too few points)"
+    return (f"{name}: pearson r={c['pearson_r']:.3f} (p={c['pearson_p']:.3g}), "
+            f"spearman rho={c['spearman_rho']:.3f} (p={c['spearman_p']:.3g}), n={c['n']}")
+
+
+@click.group()
+def report():
+    """Tables, statistics, figures and report.html."""
+
+
+def _galleries(out_dir, scores_csv, tasks, acts, units):
+    from misbench.reports.gallery import choose_units, unit_gallery
+    from misbench.reports.tables import read_scores
+
+    if not (tasks and acts):
+        return []
+    (Path(out_dir) / "units").mkdir(parents=True, exist_ok=True)
+    made = []
+    for layer, unit, why in choose_units(read_scores(scores_csv), units):
+        name = f"units/{layer.replace('/', '_')}_{unit}.png"
+        unit_gallery(tasks, acts, layer, unit, Path(out_dir) / name)
+        made.append((name, f"{layer}:{unit} ({why})"))
+    return made
+
+
+@report.command()
+@click.option("--scores", required=True, type=click.Path(exists=True, dir_okay=False), help="mis.csv")
+@click.option("--acts", type=click.Path(exists=True, dir_okay=False), default=None, help="Activation file (its logits).")
+@click.option("--eval", "eval_json", type=click.Path(exists=True, dir_okay=False), default=None, help="eval.json")
+@click.option("--layer", default=None, help="Layer of class units in mis.csv (default softmax).")
+@click.option("--tasks", type=click.Path(exists=True, dir_okay=False), default=None, help="tasks.h5, for unit pictures.")
+@click.option("--unit", "units", multiple=True, help="LAYER:INDEX to picture (repeatable).")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True)
+@handle_errors
+def classwise(scores, acts, eval_json, layer, tasks, units, out, seed):
+    """Softmax-unit MIS against class-wise accuracy: classwise.csv, summary.json, figure, report.html."""
+    from misbench.reports.classwise import classwise_report
+    from misbench.reports.html import Section, write_html
+
+    summary = classwise_report(scores, out, acts=acts, eval_json=eval_json, layer=layer, seed=seed)
+    pictures = _galleries(out, scores, tasks, acts, units)
+    sections = [Section("Class-wise accuracy vs MIS", images=["classwise.png"], tables=["classwise.csv"],
+                        data={k: summary[k] for k in ("correlation_accuracy_mis_confidence", "correlation_accuracy_mis")})]
+    sections += [Section(f"Unit {label}", images=[name]) for name, label in pictures]
+    path = write_html(out, "misbench class-wise report", sections)
+    click.echo(_fmt_corr("accuracy vs MIS confidence", summary["correlation_accuracy_mis_confidence"]))
+    click.echo(_fmt_corr("accuracy vs MIS", summary["correlation_accuracy_mis"]))
+    click.echo(f"wrote {path}")
+
+
+@report.command()
+@click.option("--runs", required=True, type=click.Path(exists=True), help="runs.csv, or a study folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True)
+@handle_errors
+def sweep(runs, out, seed):
+    """MIS and accuracy against pruning rate: sweep.csv, summary.json, figures, report.html."""
+    from misbench.reports.html import Section, write_html
+    from misbench.reports.sweep import sweep_report
+
+    summary = sweep_report(runs, out, seed)
+    tables = ["sweep.csv"] + (["layers.csv"] if (Path(out) / "layers.csv").exists() else [])
+    path = write_html(out, "misbench sweep report", [
+        Section("MIS and accuracy against pruning rate", images=summary["figures"], tables=tables,
+                data={k: v for k, v in summary.items() if k.startswith("correlation")})])
+    click.echo(_fmt_corr("rate vs MIS confidence", summary["correlation_rate_mis_confidence"]))
+    click.echo(_fmt_corr("rate vs MIS", summary["correlation_rate_mis"]))
+    click.echo(f"wrote {path}")
+
+
+@report.command()
+@click.option("--scores", required=True, type=click.Path(exists=True, dir_okay=False), help="mis.csv")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@handle_errors
+def layers(scores, out):
+    """Mean MIS per layer (as the MIS authors publish them): layers.csv and layers.png."""
+    from misbench.reports.figures import layers_figure
+    from misbench.reports.tables import layer_summary, read_scores, write_csv
+
+    table = layer_summary(read_scores(scores))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_csv(Path(out) / "layers.csv", table, list(table[0]) if table else ["layer"])
+    layers_figure(table, Path(out) / "layers.png")
+    for row in table:
+        conf = "-" if row["mis_confidence"] is None else f"{row['mis_confidence']:.4f}"
+        click.echo(f"{row['layer']:<44} {row['n_units']:>6} {conf:>8}")
+
+
+@report.command()
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@handle_errors
+def curves(checkpoints, out):
+    """Validation accuracy per retraining epoch from checkpoint histories (curves.png, curves.csv)."""
+    from misbench.reports.figures import curves_figure
+    from misbench.reports.sweep import training_curves
+    from misbench.reports.tables import write_csv
+
+    found = training_curves([{"name": Path(c).stem, "checkpoint": c} for c in checkpoints])
+    Path(out).mkdir(parents=True, exist_ok=True)
+    curves_figure(found, Path(out) / "curves.png")
+    write_csv(Path(out) / "curves.csv", [{"name": c["name"], "epoch": x, "step": s, "val_top1": v} for c in found
+                                         for x, s, v in zip(c["x"], c["steps"], c["val_top1"])],
+              ["name", "epoch", "step", "val_top1"])
+    click.echo(f"wrote {Path(out) / 'curves.png'} ({len(found)} curves)")
+
+
+@click.command("import-scores")
+@click.argument("pickle_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="mis.csv")
+@click.option("--drop-type", "drop_types", multiple=True, help="Leave out a layer type (e.g. BatchNorm2d).")
+@click.option("--constant", multiple=True, help="LAYER:I,J,... units to mark constant (e.g. pruned filters).")
+@click.option("--constant-above", type=float, default=None,
+              help="Mark units with mis_confidence >= this constant (pruned filters score ~1.0; e.g. 0.999).")
+@handle_errors
+def import_scores(pickle_file, out, drop_types, constant, constant_above):
+    """Convert a published per-unit MIS pickle to mis.csv (restricted unpickler: data only)."""
+    from misbench.reports.importer import import_scores as run_import
+
+    summary = run_import(pickle_file, out, drop_types, constant, constant_above)
+    click.echo(f"{summary['n_units']} units ({summary['n_ok']} scored): mean MIS {summary['mean_mis']:.4f}, "
+               f"mean MIS confidence {summary['mean_mis_confidence']:.4f}")
+    click.echo(f"wrote {out}")
+
+
+COMMANDS = [report, import_scores]

@@ -1,0 +1,90 @@
+"""Figures in the style of the seed paper; each function returns the saved Figure for inspection."""
+
+__all__ = ["classwise_figure", "sweep_figure", "curves_figure", "layers_figure", "METHOD_COLOURS"]
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .stats import moving_average  # noqa: E402
+
+# the seed's Fig. 4 colours: unstructured red, structured blue, connection green
+METHOD_COLOURS = {"unstructured": "tab:red", "structured": "tab:blue", "connection": "tab:green", "none": "tab:gray"}
+SCHEDULE_STYLES = {"oneshot": "-", "iterative": "--"}
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def classwise_figure(rows: list[dict], path, title: str = ""):
+    """Fig. 6: class accuracy (blue) and MIS confidence (red) per unit, with moving averages."""
+    units = np.array([r["class"] for r in rows])
+    acc = np.array([r["accuracy"] if r["accuracy"] is not None else np.nan for r in rows], float)
+    conf = np.array([r["mis_confidence"] for r in rows], float)
+    window = max(3, len(rows) // 20)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(units, acc, ".", color="tab:blue", alpha=0.35, label="class accuracy")
+    ax.plot(units, conf, ".", color="tab:red", alpha=0.35, label="MIS confidence")
+    ax.plot(units, moving_average(acc, window), "-", color="tab:blue", lw=2, label=f"accuracy, moving average ({window})")
+    ax.plot(units, moving_average(conf, window), "-", color="tab:red", lw=2, label=f"MIS confidence, moving average ({window})")
+    ax.set_xlabel("unit (class index)")
+    ax.set_ylabel("score")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title or "Class accuracy and MIS confidence per softmax unit")
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def sweep_figure(runs: list[dict], metric: str, path, ylabel: str, band: tuple | None = None):
+    """Figs. 1/3/4/5: a metric against pruning rate per method and schedule; not-retrained runs in black."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = {}
+    for r in runs:
+        if r.get(metric) is None or not np.isfinite(r[metric]):
+            continue
+        retrained = (r.get("epochs") or 0) > 0 or r.get("epochs") is None
+        groups.setdefault((r["method"], r.get("schedule") or "oneshot", retrained), []).append(r)
+    for (method, schedule, retrained), members in sorted(groups.items()):
+        members = sorted(members, key=lambda r: r["rate"])
+        x = [r["rate"] for r in members]
+        y = [r[metric] for r in members]
+        colour = METHOD_COLOURS.get(method, "tab:purple") if retrained else "black"
+        label = f"{method}, {schedule}" + ("" if retrained else ", not retrained")
+        ax.plot(x, y, SCHEDULE_STYLES.get(schedule, "-"), marker="o", color=colour, label=label)
+        if band and all(r.get(band[0]) is not None for r in members):
+            ax.fill_between(x, [r[band[0]] for r in members], [r[band[1]] for r in members], color=colour, alpha=0.12)
+    ax.set_xlabel("pruning rate")
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(-0.02, 1.0)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def curves_figure(curves: list[dict], path):
+    """Figs. 2/3: validation top-1 over retraining epochs, one line per checkpoint."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for curve in curves:
+        ax.plot(curve["x"], curve["val_top1"], marker=".", label=curve["name"])
+    ax.set_xlabel("retraining epoch (cumulative over pruning steps)")
+    ax.set_ylabel("validation top-1")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def layers_figure(table: list[dict], path, title: str = ""):
+    fig, ax = plt.subplots(figsize=(max(6, len(table) * 0.25), 4))
+    x = np.arange(len(table))
+    ax.bar(x, [r["mis_confidence"] if r["mis_confidence"] is not None else np.nan for r in table], color="tab:red")
+    ax.set_xticks(x, [r["layer"] for r in table], rotation=90, fontsize=6)
+    ax.set_ylabel("mean MIS confidence")
+    ax.set_ylim(0, 1)
+    ax.set_title(title or "Mean MIS confidence per layer")
+    return _save(fig, path)
