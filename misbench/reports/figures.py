@@ -55,7 +55,7 @@ def sweep_figure(runs: list[dict], metric: str, path, ylabel: str, band: tuple |
         x = [r["rate"] for r in members]
         y = [r[metric] for r in members]
         colour = METHOD_COLOURS.get(method, "tab:purple") if retrained else "black"
-        label = f"{method}, {schedule}" + ("" if retrained else ", not retrained")
+        label = ("unpruned" if method == "none" else f"{method}, {schedule}") + ("" if retrained else ", not retrained")
         ax.plot(x, y, SCHEDULE_STYLES.get(schedule, "-"), marker="o", color=colour, label=label)
         if band and all(r.get(band[0]) is not None for r in members):
             ax.fill_between(x, [r[band[0]] for r in members], [r[band[1]] for r in members], color=colour, alpha=0.12)

@@ -1,0 +1,80 @@
+"""misbench study / demo."""
+
+from pathlib import Path
+
+import click
+
+from .common import handle_errors
+
+
+def _on_step(name, status):
+    mark = {"cached": "cached ", "run": "running", "resume": "resuming"}[status]
+    click.echo(f"[{mark}] {name}", err=True)
+
+
+def print_summary(out_dir):
+    from misbench.study import study_summary
+
+    s = study_summary(out_dir)
+
+    def f(v, fmt=".3f"):
+        try:
+            return format(float(v), fmt)
+        except (TypeError, ValueError):
+            return "-"
+
+    click.echo(f"\n{'run':<38} {'method':<13} {'rate':>5} {'top1':>6} {'MIS':>6} {'conf':>6} {'r(acc,conf)':>11}")
+    for r in s["runs"]:
+        click.echo(f"{r['name']:<38} {r['method']:<13} {f(r['rate'], '.2f'):>5} {f(r['top1']):>6} {f(r['mis']):>6} "
+                   f"{f(r['mis_confidence']):>6} {f(r['r_acc_conf'], '+.3f'):>11}")
+    for key, label in (("correlation_rate_mis_confidence", "pruning rate vs MIS confidence"),
+                       ("correlation_rate_mis", "pruning rate vs MIS"), ("correlation_rate_top1", "pruning rate vs top-1")):
+        c = s["summary"][key]
+        if c["pearson_r"] is not None:
+            click.echo(f"{label:<32} pearson r {c['pearson_r']:+.3f} (p {c['pearson_p']:.3g}), "
+                       f"spearman {c['spearman_rho']:+.3f}, n {c['n']}")
+    click.echo("r(acc,conf): Pearson correlation of softmax-unit MIS confidence with class-wise accuracy")
+    click.echo(f"report: {s['report']}")
+
+
+def _run(config, out, dry_run):
+    from misbench.study import run_study
+
+    if dry_run:
+        for name, status in run_study(config, out, dry_run=True)["plan"]:
+            click.echo(f"{'cached' if status == 'cached' else 'run   '}  {name}")
+        return
+    result = run_study(config, out, on_step=_on_step)
+    click.echo(f"{len(result['ran'])} steps ran; manifest {result['manifest']}", err=True)
+    print_summary(out)
+
+
+@click.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Study folder.")
+@click.option("--dry-run", is_flag=True, help="Print the plan: which steps would run and which are cached.")
+@click.option("--quick", is_flag=True, help="Apply the config's [quick] overrides.")
+@handle_errors
+def study(config_path, out, dry_run, quick):
+    """Run the whole study of CONFIG (TOML) into OUT, redoing only what changed."""
+    from misbench.study_config import load_config
+
+    _run(load_config(config_path, quick=quick), out, dry_run)
+
+
+@click.command()
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Default: demo-out (demo-out-quick).")
+@click.option("--quick", is_flag=True, help="A smaller demo (about 2 minutes on 2 cores).")
+@click.option("--dry-run", is_flag=True)
+@handle_errors
+def demo(out, quick, dry_run):
+    """The bundled demo study: a miniature GoogLeNet on Fashion-MNIST, pruned, retrained, scored, reported."""
+    from misbench.study import demo_config_path
+    from misbench.study_config import load_config
+
+    out = out or ("demo-out-quick" if quick else "demo-out")
+    click.echo(f"demo config: {demo_config_path()}", err=True)
+    _run(load_config(demo_config_path(), quick=quick), Path(out), dry_run)
+
+
+COMMANDS = [study, demo]

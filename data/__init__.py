@@ -1,0 +1,1 @@
+"""Study configs shipped with misbench (installed as misbench.configs)."""

@@ -1,0 +1,311 @@
+"""Run a whole pruning-and-interpretability study from one config, step by step, cached by a manifest."""
+
+__all__ = ["Study", "Step", "run_study", "study_summary", "DEMO_CONFIG", "demo_config_path"]
+
+import dataclasses
+import json
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .archs import build_arch
+from .errors import MisbenchError
+from .fileio import utc_now, write_json
+from .manifest import Manifest, step_key
+from .models import LoadedModel, load_model
+from .preprocess import IMAGENET_PREPROCESS, Preprocess
+from .study_config import RunSpec, StudyConfig
+
+log = logging.getLogger(__name__)
+
+DEMO_CONFIG = "demo.toml"
+
+
+def demo_config_path() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("misbench.configs") / DEMO_CONFIG))
+
+
+@dataclasses.dataclass
+class Step:
+    name: str
+    kind: str
+    settings: dict
+    inputs: dict            # label -> Path (a file another step or the user provides) or str (a model string)
+    outputs: dict           # label -> Path
+    action: Callable[[bool], None]  # action(resume)
+    partial: Path | None = None
+
+
+class Study:
+    def __init__(self, config: StudyConfig, out_dir):
+        self.config = config
+        self.out = Path(out_dir).resolve()
+        self.runs = config.runs()
+        self.steps = self._plan()
+
+    # -- settings -------------------------------------------------------------------------------------------------
+    def _runtime(self):
+        return self.config["runtime"]
+
+    def _train_settings(self, section: str, epochs: int | None = None, optimizer: str | None = None):
+        from .training import TrainSettings
+
+        s = self.config[section]
+        return TrainSettings(epochs=s["epochs"] if epochs is None else epochs, optimizer=optimizer or s["optimizer"],
+                             lr=s["lr"],
+                             momentum=s["momentum"], weight_decay=s["weight_decay"], gamma=s["gamma"],
+                             batch_size=s["batch_size"], seed=self.config["study"]["seed"],
+                             train_limit=s["train_limit"], val_limit=s["val_limit"],
+                             workers=self._runtime()["workers"], device=self._runtime()["device"])
+
+    def _fresh_model(self) -> LoadedModel:
+        m = self.config["model"]
+        torch.manual_seed(self.config["study"]["seed"])
+        if m["spec"]:
+            return load_model(m["spec"], num_classes=m["num_classes"])
+        model = build_arch(m["arch"], m["num_classes"], m["arch_kwargs"])
+        pre = Preprocess.from_dict(m["preprocess"]) if m["preprocess"] else IMAGENET_PREPROCESS
+        return LoadedModel(model, m["arch"], m["arch"], dict(m["arch_kwargs"]), m["num_classes"], pre)
+
+    # -- plan -----------------------------------------------------------------------------------------------------
+    def run_dir(self, run: RunSpec) -> Path:
+        return self.out / "runs" / run.name
+
+    def _plan(self) -> list[Step]:
+        from .pruning.run import partial_checkpoint_path
+        from .store import partial_path
+
+        cfg, steps = self.config, []
+        data = cfg["data"]
+        base_ckpt: Path | str
+        if cfg["train"]["epochs"] > 0:
+            base_ckpt = self.out / "base" / "model.pt"
+            settings = {"model": cfg["model"], "train": cfg["train"], "data": data["train"], "val": data["val"],
+                        "seed": cfg["study"]["seed"]}
+            steps.append(Step("train:base", "train", settings, {}, {"checkpoint": base_ckpt},
+                              lambda resume, out=base_ckpt: self._produce(self._fresh_model(), None, "train", out, resume),
+                              partial_checkpoint_path(base_ckpt)))
+        else:
+            base_ckpt = cfg["model"]["spec"]
+        for run in self.runs:
+            d = self.run_dir(run)
+            ckpt = base_ckpt if run.name == "base" else d / "model.pt"
+            if run.name != "base":
+                prune = None
+                if run.method != "none":
+                    from .pruning import PruneSettings
+
+                    prune = PruneSettings(run.method, run.rate, criterion=run.criterion, schedule=run.schedule,
+                                          steps=run.steps, seed=cfg["study"]["seed"],
+                                          exclude=tuple(cfg["pruning"]["exclude"]) if cfg["pruning"]["exclude"] is not None else None)
+                epochs = cfg["retrain"]["epochs"] if run.retrained else 0
+                settings = {"run": dataclasses.asdict(run), "retrain": {**cfg["retrain"], "epochs": epochs},
+                            "data": data["train"], "val": data["val"], "seed": cfg["study"]["seed"],
+                            "exclude": cfg["pruning"]["exclude"]}
+                steps.append(Step(f"prune:{run.name}", "prune", settings, {"model": base_ckpt}, {"checkpoint": ckpt},
+                                  lambda resume, p=prune, e=epochs, o=run.optimizer, out=ckpt: self._produce(
+                                      self._load(base_ckpt), p, "retrain", out, resume, e, o),
+                                  partial_checkpoint_path(ckpt)))
+            eval_json = d / "eval.json"
+            steps.append(Step(f"eval:{run.name}", "eval", {"data": data["val"], "limit": cfg["retrain"]["val_limit"]},
+                              {"model": ckpt}, {"eval": eval_json},
+                              lambda resume, c=ckpt, out=eval_json: self._eval(c, out)))
+            acts = d / "acts.h5"
+            steps.append(Step(f"extract:{run.name}", "extract", {**cfg["extract"], "data": cfg["extract"]["data"] or data["val"]},
+                              {"model": ckpt}, {"acts": acts}, lambda resume, c=ckpt, out=acts: self._extract(c, out, resume),
+                              partial_path(acts)))
+            scores = d / "mis.csv"
+            steps.append(Step(f"score:{run.name}", "score", cfg["score"], {"acts": acts},
+                              {"scores": scores, "meta": d / "mis.json", "tasks": d / "tasks.h5"},
+                              lambda resume, a=acts, out=scores: self._score(a, out)))
+        report_inputs = {}
+        for run in self.runs:
+            d = self.run_dir(run)
+            report_inputs.update({f"{run.name}:scores": d / "mis.csv", f"{run.name}:eval": d / "eval.json"})
+        steps.append(Step("report", "report", {"report": cfg["report"], "runs": [dataclasses.asdict(r) for r in self.runs]},
+                          report_inputs, {"html": self.out / "report" / "report.html",
+                                          "sweep": self.out / "report" / "sweep.csv",
+                                          "summary": self.out / "report" / "summary.json"},
+                          lambda resume: self._report()))
+        return steps
+
+    # -- actions --------------------------------------------------------------------------------------------------
+    def _load(self, ckpt) -> LoadedModel:
+        return load_model(str(ckpt))
+
+    def _produce(self, loaded, prune, section, out, resume, epochs=None, optimizer=None):
+        from .pruning.run import produce_checkpoint
+
+        data = self.config["data"]
+        train = self._train_settings(section, epochs, optimizer)
+        produce_checkpoint(loaded, prune, train, out, data["train"] if train.epochs else None, data["val"],
+                           resume=resume, overwrite=not resume)
+
+    def _eval(self, ckpt, out):
+        from .evaluate import evaluate_model, write_eval
+
+        result = evaluate_model(self._load(ckpt), self.config["data"]["val"], batch_size=256,
+                                workers=self._runtime()["workers"], device=self._runtime()["device"],
+                                limit=self.config["retrain"]["val_limit"])
+        write_eval(result, out, Path(out).with_name("classwise_accuracy.csv"))
+
+    def _extract(self, ckpt, out, resume):
+        from .extract import ExtractSettings, extract
+
+        e = self.config["extract"]
+        settings = ExtractSettings(layers=tuple(e["layers"]), reduction=e["reduction"], dtype=e["dtype"], limit=e["limit"],
+                                   batch_size=e["batch_size"], workers=self._runtime()["workers"],
+                                   device=self._runtime()["device"])
+        extract(self._load(ckpt), e["data"] or self.config["data"]["val"], out, settings, resume=resume,
+                overwrite=not resume)
+
+    def _score(self, acts, out):
+        from .scoring import ScoreSettings, score
+
+        s = self.config["score"]
+        settings = ScoreSettings(similarity=s["similarity"], image_size=s["image_size"], selection=s["selection"],
+                                 quantile=s["quantile"], tasks=s["tasks"], explanations=s["explanations"], alpha=s["alpha"],
+                                 seed=self.config["study"]["seed"], n_boot=s["n_boot"], batch_size=s["batch_size"],
+                                 device=self._runtime()["device"], workers=self._runtime()["workers"])
+        score(acts, s["layers"], settings, out, tasks_out=Path(out).with_name("tasks.h5"),
+              cache_dir=self.out / "cache" / "embeddings")
+
+    def write_runs_csv(self) -> Path:
+        from .reports.tables import write_csv
+
+        rows = []
+        for run in self.runs:
+            d = self.run_dir(run)
+            epochs = 0 if not run.retrained else self.config["retrain"]["epochs"]
+            ckpt = d / "model.pt" if run.name != "base" else (self.out / "base" / "model.pt")
+            rows.append({"name": run.name, "method": run.method, "rate": run.rate, "schedule": run.schedule,
+                         "epochs": epochs, "optimizer": run.optimizer or self.config["retrain"]["optimizer"],
+                         "scores": f"runs/{run.name}/mis.csv", "eval": f"runs/{run.name}/eval.json",
+                         "checkpoint": str(ckpt.relative_to(self.out)) if ckpt.exists() else ""})
+        path = self.out / "runs.csv"
+        write_csv(path, rows, ["name", "method", "rate", "schedule", "epochs", "optimizer", "scores", "eval", "checkpoint"])
+        return path
+
+    def _report(self):
+        from .reports.classwise import classwise_report
+        from .reports.gallery import choose_units, unit_gallery
+        from .reports.html import Section, write_html
+        from .reports.sweep import sweep_report
+        from .reports.tables import read_scores
+
+        report_dir = self.out / "report"
+        report_dir.mkdir(parents=True, exist_ok=True)
+        sweep = sweep_report(self.write_runs_csv(), report_dir, self.config["study"]["seed"])
+        layer = self.config["report"]["classwise_layer"]
+        classwise = {}
+        sections = [Section("MIS and accuracy against pruning rate", images=sweep["figures"],
+                            tables=["sweep.csv"] + (["layers.csv"] if (report_dir / "layers.csv").exists() else []),
+                            data={k: v for k, v in sweep.items() if k.startswith("correlation")})]
+        for run in self.runs:
+            d = self.run_dir(run)
+            scores = read_scores(d / "mis.csv")
+            if layer not in {r["layer"] for r in scores}:
+                continue
+            sub = report_dir / "classwise" / run.name
+            classwise[run.name] = classwise_report(d / "mis.csv", sub, eval_json=d / "eval.json", layer=layer,
+                                                   seed=self.config["study"]["seed"])
+            sections.append(Section(f"Class-wise accuracy vs MIS: {run.name}",
+                                    images=[f"classwise/{run.name}/classwise.png"],
+                                    data={k: classwise[run.name][k] for k in ("correlation_accuracy_mis_confidence",
+                                                                              "correlation_accuracy_mis")}))
+        first = self.runs[0]
+        d = self.run_dir(first)
+        (report_dir / "units").mkdir(exist_ok=True)
+        for unit_layer, unit, why in choose_units(read_scores(d / "mis.csv"), self.config["report"]["units"]):
+            name = f"units/{first.name}_{unit_layer}_{unit}.png"
+            unit_gallery(d / "tasks.h5", d / "acts.h5", unit_layer, unit, report_dir / name)
+            sections.append(Section(f"Unit {unit_layer}:{unit} of {first.name} ({why})", images=[name]))
+        write_json(report_dir / "classwise_summary.json", classwise)
+        write_html(report_dir, f"misbench study: {self.config['study']['name']}", sections)
+
+    # -- execution ------------------------------------------------------------------------------------------------
+    def _input_hashes(self, manifest: Manifest, step: Step, pending: bool) -> dict | None:
+        hashes = {}
+        for label, value in step.inputs.items():
+            if isinstance(value, Path):
+                if not value.exists():
+                    if pending:
+                        return None
+                    raise MisbenchError(f"step {step.name}: input {value} is missing")
+                hashes[label] = manifest.file_record(value)["sha256"]
+            else:
+                hashes[label] = f"model:{value}"
+        return hashes
+
+    def plan(self) -> list[tuple[str, str]]:
+        manifest = Manifest(self.out / "manifest.json")
+        out, changed = [], set()
+        for step in self.steps:
+            hashes = self._input_hashes(manifest, step, pending=True)
+            upstream_changed = any(isinstance(v, Path) and v in changed for v in step.inputs.values())
+            if hashes is not None and not upstream_changed and manifest.is_current(step.name, step_key(step.kind, step.settings, hashes)):
+                out.append((step.name, "cached"))
+            else:
+                out.append((step.name, "run"))
+                changed.update(step.outputs.values())
+        return out
+
+    def run(self, on_step: Callable[[str, str], None] | None = None) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        manifest = Manifest(self.out / "manifest.json")
+        manifest.data.update(study=self.config["study"]["name"], config=self.config.raw, config_source=self.config.source)
+        manifest.save()
+        ran = []
+        for step in self.steps:
+            hashes = self._input_hashes(manifest, step, pending=False)
+            key = step_key(step.kind, step.settings, hashes)
+            if manifest.is_current(step.name, key):
+                on_step and on_step(step.name, "cached")
+                continue
+            previous = manifest.entry(step.name) or {}
+            resume = bool(step.partial and step.partial.exists() and previous.get("key") == key)
+            on_step and on_step(step.name, "resume" if resume else "run")
+            t0 = time.time()
+            manifest.record(step.name, kind=step.kind, key=key, status="running", started_utc=utc_now(),
+                            settings=step.settings,
+                            inputs={k: (manifest.file_record(v) if isinstance(v, Path) else {"model": v})
+                                    for k, v in step.inputs.items()})
+            try:
+                step.action(resume)
+            except BaseException as err:
+                manifest.record(step.name, status="failed", error=f"{type(err).__name__}: {err}",
+                                traceback=traceback.format_exc(limit=5), seconds=round(time.time() - t0, 2))
+                raise
+            outputs = {k: manifest.file_record(v) for k, v in step.outputs.items()}
+            manifest.record(step.name, status="done", outputs=outputs, finished_utc=utc_now(),
+                            seconds=round(time.time() - t0, 2))
+            ran.append(step.name)
+        return {"ran": ran, "manifest": str(manifest.path), "report": str(self.out / "report" / "report.html")}
+
+
+def run_study(config: StudyConfig, out_dir, dry_run: bool = False, on_step=None) -> dict:
+    study = Study(config, out_dir)
+    if dry_run:
+        return {"plan": study.plan()}
+    return study.run(on_step)
+
+
+def study_summary(out_dir) -> dict:
+    """Per-run accuracy and mean MIS, the rate correlations and softmax MIS vs class accuracy, from a finished study."""
+    out_dir = Path(out_dir)
+    report = out_dir / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    classwise = json.loads((report / "classwise_summary.json").read_text())
+    from .reports.tables import read_csv_rows
+
+    runs = []
+    for row in read_csv_rows(report / "sweep.csv"):
+        cw = classwise.get(row["name"], {}).get("correlation_accuracy_mis_confidence", {})
+        runs.append({**row, "r_acc_conf": cw.get("pearson_r")})
+    return {"runs": runs, "summary": summary, "report": str(report / "report.html")}

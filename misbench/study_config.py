@@ -1,0 +1,150 @@
+"""The study config (TOML): one file names the model, data, pruning grid, retraining, layers, similarity."""
+
+__all__ = ["StudyConfig", "load_config", "parse_config", "RunSpec"]
+
+import copy
+import dataclasses
+import tomllib
+from pathlib import Path
+
+from .errors import MisbenchError
+from .pruning.masks import CRITERIA, METHODS, SCHEDULES
+
+SECTIONS = {
+    "study": {"name": "study", "seed": 0},
+    "model": {"spec": None, "arch": None, "num_classes": None, "arch_kwargs": {}, "preprocess": None},
+    "train": {"epochs": 0, "optimizer": "sgd", "lr": None, "momentum": 0.9, "weight_decay": 1e-4, "gamma": 0.9,
+              "batch_size": 64, "train_limit": None, "val_limit": None},
+    "data": {"train": None, "val": None},
+    "pruning": {"methods": ["unstructured", "structured", "connection"], "criteria": ["l1"], "rates": [0.2, 0.4, 0.6, 0.8],
+                "schedules": ["oneshot"], "iterative_methods": None, "steps": 4, "control": True, "not_retrained": False,
+                "exclude": None, "optimizers": None},
+    "retrain": {"epochs": 1, "optimizer": "sgd", "lr": None, "momentum": 0.9, "weight_decay": 1e-4, "gamma": 0.9,
+                "batch_size": 64, "train_limit": None, "val_limit": None},
+    "extract": {"layers": ["conv", "softmax"], "data": None, "limit": None, "batch_size": 128, "dtype": "float32",
+                "reduction": "mean"},
+    "score": {"similarity": "lpips-alex", "image_size": 64, "selection": "fair", "quantile": 0.2, "tasks": 20,
+              "explanations": 9, "alpha": None, "layers": ["all"], "n_boot": 1000, "batch_size": 64},
+    "report": {"units": [], "classwise_layer": "softmax"},
+    "runtime": {"device": "auto", "workers": 0},
+    "quick": {},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One row of the grid: a checkpoint to produce and measure."""
+
+    name: str
+    method: str          # unstructured | structured | connection | none
+    rate: float
+    criterion: str = "l1"
+    schedule: str = "oneshot"
+    steps: int = 1
+    retrained: bool = True
+    optimizer: str | None = None  # None: [retrain] optimizer
+
+
+@dataclasses.dataclass
+class StudyConfig:
+    raw: dict
+    source: str
+
+    def __getitem__(self, section):
+        return self.raw[section]
+
+    def runs(self) -> list[RunSpec]:
+        p = self["pruning"]
+        runs = [RunSpec("base", "none", 0.0, retrained=False)]
+        if p["control"] and self["retrain"]["epochs"] > 0:
+            runs.append(RunSpec("control", "none", 0.0))
+        iterative_for = p["iterative_methods"] if p["iterative_methods"] is not None else p["methods"]
+        optimizers = p["optimizers"] or [self["retrain"]["optimizer"]]
+        for method in p["methods"]:
+            for criterion in p["criteria"]:
+                for rate in p["rates"]:
+                    for schedule in p["schedules"]:
+                        if schedule == "iterative" and method not in iterative_for:
+                            continue
+                        steps = p["steps"] if schedule == "iterative" else 1
+                        tag = f"{method}-{criterion}-{rate:g}-{schedule}"
+                        for optimizer in optimizers:
+                            name = tag if len(optimizers) == 1 else f"{tag}-{optimizer}"
+                            runs.append(RunSpec(name, method, float(rate), criterion, schedule, steps, True, optimizer))
+                        if p["not_retrained"] and schedule == "oneshot" and self["retrain"]["epochs"] > 0:
+                            runs.append(RunSpec(tag + "-noretrain", method, float(rate), criterion, schedule, 1, False))
+        return runs
+
+
+def _check_keys(section: str, given: dict, allowed: dict):
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise MisbenchError(f"config [{section}]: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(allowed))}")
+
+
+def _check_choice(key: str, values, allowed):
+    for v in values if isinstance(values, list) else [values]:
+        if v not in allowed:
+            raise MisbenchError(f"config {key}: {v!r} is not allowed; expected one of {', '.join(map(str, allowed))}")
+
+
+def _apply_override(raw: dict, dotted: str, value):
+    section, _, key = dotted.partition(".")
+    if section not in raw or not key:
+        raise MisbenchError(f"config [quick]: override {dotted!r} must be SECTION.KEY with a known section")
+    _check_keys(section, {key: value}, SECTIONS[section])
+    raw[section][key] = value
+
+
+def parse_config(given: dict, source: str = "<config>", quick: bool = False) -> StudyConfig:
+    _check_keys("top level", given, SECTIONS)
+    raw = {}
+    for section, defaults in SECTIONS.items():
+        values = given.get(section, {})
+        if not isinstance(values, dict):
+            raise MisbenchError(f"config [{section}] must be a table")
+        if section != "quick":
+            _check_keys(section, values, defaults)
+        raw[section] = {**copy.deepcopy(defaults), **values}
+    if quick:
+        for dotted, value in raw["quick"].items():
+            _apply_override(raw, dotted, value)
+    if not raw["model"]["spec"] and not raw["model"]["arch"]:
+        raise MisbenchError("config [model]: give spec (a MODEL string) or arch (with num_classes and [train])")
+    if not raw["data"]["val"]:
+        raise MisbenchError("config [data]: val is required (the data to evaluate and extract on)")
+    if (raw["train"]["epochs"] > 0 or raw["retrain"]["epochs"] > 0) and not raw["data"]["train"]:
+        raise MisbenchError("config [data]: train is required when [train] or [retrain] has epochs > 0")
+    if raw["model"]["arch"] and not raw["model"]["spec"] and raw["train"]["epochs"] < 1:
+        raise MisbenchError("config [model]: a model built from arch needs [train] epochs >= 1 (or give spec)")
+    p = raw["pruning"]
+    _check_choice("[pruning] methods", p["methods"], METHODS)
+    _check_choice("[pruning] criteria", p["criteria"], list(CRITERIA))
+    _check_choice("[pruning] schedules", p["schedules"], SCHEDULES)
+    _check_choice("[pruning] optimizers", p["optimizers"] or [], ["sgd", "adam"])
+    for rate in p["rates"]:
+        if not isinstance(rate, (int, float)) or not 0 < rate < 1:
+            raise MisbenchError(f"config [pruning] rates: {rate!r} is not a fraction in (0, 1)")
+    for section in ("train", "retrain"):
+        _check_choice(f"[{section}] optimizer", raw[section]["optimizer"], ["sgd", "adam"])
+    _check_choice("[score] selection", raw["score"]["selection"], ["fair", "quantile"])
+    _check_choice("[extract] dtype", raw["extract"]["dtype"], ["float16", "float32"])
+    _check_choice("[extract] reduction", raw["extract"]["reduction"], ["mean", "max"])
+    from .similarity.base import _BACKENDS, build_backend  # noqa: F401  (registers the backends)
+    from .similarity import deepfeat, dreamsim, lpips, pixel  # noqa: F401
+
+    sim = raw["score"]["similarity"]
+    if not sim.startswith("deepfeat:"):
+        _check_choice("[score] similarity", sim, sorted(_BACKENDS) + ["deepfeat:<torchvision model>"])
+    return StudyConfig(raw, source)
+
+
+def load_config(path, quick: bool = False) -> StudyConfig:
+    path = Path(path)
+    try:
+        given = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise MisbenchError(f"config {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise MisbenchError(f"config {path} is not valid TOML: {err}") from None
+    return parse_config(given, str(path), quick)

@@ -1,0 +1,164 @@
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_image_folder
+from misbench.cli.main import cli
+from misbench.errors import MisbenchError
+from misbench.fileio import sha256_file
+from misbench.study import Study, demo_config_path
+from misbench.study_config import load_config, parse_config
+
+TINY = """
+[study]
+name = "tiny"
+seed = 0
+[model]
+arch = "mini_inception"
+num_classes = 3
+arch_kwargs = {{ width = 8 }}
+preprocess = {{ resize = 16, crop = 16, mean = [0.5, 0.5, 0.5], std = [0.25, 0.25, 0.25] }}
+[data]
+train = "{data}"
+val = "{data}"
+[train]
+epochs = 1
+batch_size = 64
+[pruning]
+methods = ["structured"]
+rates = [0.5]
+control = false
+[retrain]
+epochs = 1
+batch_size = 64
+[extract]
+layers = ["conv1.bn", "softmax"]
+[score]
+similarity = "{similarity}"
+image_size = 16
+n_boot = 50
+tasks = 10
+"""
+
+
+@pytest.fixture(scope="module")
+def study_data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("study") / "images", classes=3, per_class=140, size=16)
+
+
+def write_config(path, data, similarity="pixel"):
+    path.write_text(TINY.format(data=data, similarity=similarity))
+    return path
+
+
+def test_tiny_study_caches_and_reruns_only_what_changed(tmp_path, study_data):
+    config = write_config(tmp_path / "study.toml", study_data)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    r = runner.invoke(cli, ["study", str(config), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "base" in r.output and "structured-l1-0.5-oneshot" in r.output and "report:" in r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    steps = manifest["steps"]
+    assert set(steps) == {"train:base", "prune:structured-l1-0.5-oneshot", "eval:base", "extract:base", "score:base",
+                          "eval:structured-l1-0.5-oneshot", "extract:structured-l1-0.5-oneshot",
+                          "score:structured-l1-0.5-oneshot", "report"}
+    for entry in steps.values():
+        assert entry["status"] == "done" and entry["seconds"] >= 0
+        for record in entry["outputs"].values():
+            assert sha256_file(record["path"]) == record["sha256"]
+    assert steps["extract:base"]["inputs"]["model"]["sha256"] == steps["train:base"]["outputs"]["checkpoint"]["sha256"]
+    sweep = (out / "report" / "sweep.csv").read_text().splitlines()
+    assert len(sweep) == 3 and (out / "report" / "report.html").exists()
+    # a second invocation runs no step
+    r = runner.invoke(cli, ["study", str(config), "--out", str(out), "--dry-run"])
+    assert r.exit_code == 0 and "run   " not in r.output and r.output.count("cached") == 9
+    before = {name: e["finished_utc"] for name, e in steps.items()}
+    r = runner.invoke(cli, ["study", str(config), "--out", str(out)])
+    assert r.exit_code == 0 and "0 steps ran" in r.output
+    # another similarity backend: only scoring and the report run again
+    write_config(config, study_data, similarity="lpips-alex")
+    study = Study(load_config(config), out)
+    plan = dict(study.plan())
+    assert {n for n, s in plan.items() if s == "run"} == {"score:base", "score:structured-l1-0.5-oneshot", "report"}
+    write_config(config, study_data, similarity="deepfeat:resnet18")  # no weights offline: scoring fails
+    import torch, torchvision  # noqa: E401
+
+    # stand-in weights for resnet18 in the test's own hub cache keep this offline
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(state, hub / "resnet18-f37072fd.pth")
+    import os
+
+    old = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(tmp_path / "torch")
+    try:
+        r = runner.invoke(cli, ["study", str(config), "--out", str(out)])
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_HOME")
+        else:
+            os.environ["TORCH_HOME"] = old
+    assert r.exit_code == 0, r.output
+    after = json.loads((out / "manifest.json").read_text())["steps"]
+    rerun = {n for n in after if after[n]["finished_utc"] != before[n]}
+    assert rerun == {"score:base", "score:structured-l1-0.5-oneshot", "report"}
+    assert json.loads((out / "runs" / "base" / "mis.json").read_text())["settings"]["similarity"] == "deepfeat:resnet18"
+
+
+def test_failed_step_is_recorded_and_resumed(tmp_path, study_data, monkeypatch):
+    config = load_config(write_config(tmp_path / "s.toml", study_data))
+    out = tmp_path / "out"
+    import misbench.study as study_module
+
+    calls = {"n": 0}
+    original = study_module.Study._score
+
+    def flaky(self, acts, target):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("disk full")
+        return original(self, acts, target)
+
+    monkeypatch.setattr(study_module.Study, "_score", flaky)
+    with pytest.raises(RuntimeError):
+        Study(config, out).run()
+    steps = json.loads((out / "manifest.json").read_text())["steps"]
+    failed = [n for n, e in steps.items() if e["status"] == "failed"]
+    assert failed == ["score:structured-l1-0.5-oneshot"] and "disk full" in steps[failed[0]]["error"]
+    result = Study(config, out).run()
+    assert result["ran"] == ["score:structured-l1-0.5-oneshot", "report"]
+
+
+def test_invalid_configs_name_the_key_and_allowed_values(tmp_path):
+    base = {"model": {"spec": "resnet18"}, "data": {"val": "digits", "train": "digits"}}
+    with pytest.raises(MisbenchError, match=r"\[pruning\] methods: 'magnitude' is not allowed; expected one of "
+                                            "unstructured, structured, connection"):
+        parse_config({**base, "pruning": {"methods": ["magnitude"]}})
+    with pytest.raises(MisbenchError, match=r"\[score\]: unknown key 'similiarity'; allowed keys: .*similarity"):
+        parse_config({**base, "score": {"similiarity": "pixel"}})
+    with pytest.raises(MisbenchError, match=r"\[score\] similarity: 'lpips-alexx' is not allowed; expected one of"):
+        parse_config({**base, "score": {"similarity": "lpips-alexx"}})
+    with pytest.raises(MisbenchError, match=r"rates: 1.5 is not a fraction"):
+        parse_config({**base, "pruning": {"rates": [0.2, 1.5]}})
+    (tmp_path / "bad.toml").write_text("[model\nspec=1")
+    r = CliRunner().invoke(cli, ["study", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "not valid TOML" in r.output
+
+
+def test_shipped_configs_parse_and_plan():
+    demo = load_config(demo_config_path())
+    names = [r.name for r in demo.runs()]
+    assert names[:2] == ["base", "control"] and len(names) == 2 + 6 + 6 + 2
+    assert {r.method for r in demo.runs()} == {"none", "unstructured", "structured", "connection"}
+    assert any(r.schedule == "iterative" for r in demo.runs())
+    quick = load_config(demo_config_path(), quick=True)
+    assert quick["extract"]["limit"] == 500 and len(quick.runs()) < len(names)
+    full = load_config(Path(__file__).resolve().parents[1] / "data" / "googlenet_imagenet.toml")
+    runs = full.runs()
+    assert full["model"]["spec"] == "googlenet:IMAGENET1K_V1" and full["score"]["similarity"] == "lpips-alex"
+    assert {r.rate for r in runs if r.method != "none"} == {0.2, 0.4, 0.6, 0.8}
+    assert {(r.schedule, r.steps) for r in runs if r.method != "none"} == {("oneshot", 1), ("iterative", 4)}
