@@ -7,7 +7,7 @@ delta > 0 (ties count 1/2).
 """
 
 __all__ = [
-    "Tasks", "unit_rng", "is_constant", "rank_rows", "select_fair", "select_quantile", "SELECTIONS",
+    "Tasks", "unit_rng", "tie_keys", "is_constant", "rank_rows", "select_fair", "select_quantile", "SELECTIONS",
     "task_deltas", "decisions", "confidences", "bootstrap_ci", "CONSTANT_RANGE",
 ]
 
@@ -36,15 +36,36 @@ def unit_rng(seed: int, layer: str, unit: int, stream: int) -> np.random.Generat
     return np.random.default_rng([seed, zlib.crc32(layer.encode()), unit, stream])
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + _GOLDEN
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def tie_keys(seed: int, layer: str, unit: int, rows: np.ndarray) -> np.ndarray:
+    """A pseudo-random key per (seed, layer, unit, row) that breaks ties between equal activations.
+
+    It depends on the row, not on which other rows are present, so ranking a subset (a top/bottom-k
+    file) orders its rows exactly as ranking the full file does.
+    """
+    with np.errstate(over="ignore"):
+        base = _splitmix64(np.array([(seed & 0xFFFFFFFF) << 32 | zlib.crc32(layer.encode())], dtype=np.uint64))
+        base = _splitmix64(base ^ np.uint64(unit))
+        return _splitmix64(base + np.asarray(rows, dtype=np.uint64) * _GOLDEN)
+
+
 def is_constant(acts: np.ndarray) -> bool:
     return bool(np.max(acts) - np.min(acts) < CONSTANT_RANGE)
 
 
-def rank_rows(acts: np.ndarray, rng: np.random.Generator, descending: bool) -> np.ndarray:
-    """Rows by activation; ties broken by a seeded random key, never by row order."""
+def rank_rows(acts: np.ndarray, keys: np.ndarray, descending: bool) -> np.ndarray:
+    """Positions of `acts` by activation; ties broken by the seeded `keys` (tie_keys), never by row order."""
     acts = np.asarray(acts, dtype=np.float64)
-    key = -acts if descending else acts
-    return np.lexsort((rng.random(len(acts)), key))
+    return np.lexsort((keys, -acts if descending else acts))
 
 
 def _check_rows(n_rows: int, needed: int, what: str):
@@ -53,32 +74,40 @@ def _check_rows(n_rows: int, needed: int, what: str):
                             "extract more images, or lower --tasks/--explanations")
 
 
-def select_fair(acts: np.ndarray, rng: np.random.Generator, n_tasks: int = 20, n_expl: int = 9) -> Tasks:
+def select_fair(acts: np.ndarray, rows: np.ndarray, keys: np.ndarray, n_rows: int, rng: np.random.Generator,
+                n_tasks: int = 20, n_expl: int = 9) -> Tasks:
     """IMI's selection: the top (K+1)*T ranks form K+1 bins of T; each bin shuffled; task t takes
-    element t of bins 0..K-1 as explanations and of bin K as the query. Same on the bottom side."""
+    element t of bins 0..K-1 as explanations and of bin K as the query. Same on the bottom side.
+
+    `acts`/`rows`/`keys` are the candidate rows (all rows, or a top/bottom-k subset of `n_rows`)."""
     per_side = (n_expl + 1) * n_tasks
-    _check_rows(len(acts), 2 * per_side, "--selection fair")
+    _check_rows(n_rows, 2 * per_side, "--selection fair")
+    if len(acts) < per_side:
+        raise MisbenchError(f"only {len(acts)} candidate rows per unit, fair selection needs {per_side} per side: "
+                            f"extract with --keep topk:K, K >= {per_side}")
     sides = []
     for descending in (True, False):
-        ranked = rank_rows(acts, rng, descending)[:per_side].reshape(n_expl + 1, n_tasks)
+        ranked = rows[rank_rows(acts, keys, descending)[:per_side]].reshape(n_expl + 1, n_tasks)
         bins = np.stack([rng.permutation(b) for b in ranked])  # [K+1, T]
         sides.append((bins[:n_expl].T.copy(), bins[n_expl].copy()))
     (pe, pq), (ne, nq) = sides
     return Tasks(pe, ne, pq, nq)
 
 
-def select_quantile(acts: np.ndarray, rng: np.random.Generator, n_tasks: int = 20, n_expl: int = 9,
-                    quantile: float = 0.2) -> Tasks:
+def select_quantile(acts: np.ndarray, rows: np.ndarray, keys: np.ndarray, n_rows: int, rng: np.random.Generator,
+                    n_tasks: int = 20, n_expl: int = 9, quantile: float = 0.2) -> Tasks:
     """Each task samples K+1 rows of the top (bottom) `quantile` fraction; the least extreme is the query."""
     if not 0 < quantile <= 0.5:
         raise MisbenchError(f"--quantile must be in (0, 0.5], got {quantile}")
-    pool = int(np.ceil(quantile * len(acts)))
+    pool = int(np.ceil(quantile * n_rows))
     if pool < n_expl + 1:
-        raise MisbenchError(f"--quantile {quantile} of {len(acts)} rows leaves {pool} images per side; "
+        raise MisbenchError(f"--quantile {quantile} of {n_rows} rows leaves {pool} images per side; "
                             f"a task needs {n_expl + 1}")
+    if pool > len(acts):
+        raise MisbenchError(f"--quantile {quantile} needs the top {pool} rows per unit; this file keeps {len(acts)}")
     sides = []
     for descending in (True, False):
-        ranked = rank_rows(acts, rng, descending)[:pool]
+        ranked = rows[rank_rows(acts, keys, descending)[:pool]]
         picks = np.sort(np.stack([rng.choice(pool, n_expl + 1, replace=False) for _ in range(n_tasks)]), axis=1)
         rows = ranked[picks]  # rank order: most extreme first
         sides.append((rows[:, :n_expl].copy(), rows[:, n_expl].copy()))

@@ -19,7 +19,7 @@ from .device import resolve_device
 from .errors import MisbenchError
 from .fileio import atomic_path, sha256_file, utc_now, write_json
 from .images import RowImages
-from .mis import SELECTIONS, Tasks, bootstrap_ci, confidences, decisions, is_constant, task_deltas, unit_rng
+from .mis import CONSTANT_RANGE, SELECTIONS, Tasks, bootstrap_ci, confidences, decisions, task_deltas, tie_keys, unit_rng
 from .similarity import EmbeddingIndex, build_backend
 from .similarity.cache import EmbeddingCache
 from .store import open_activations
@@ -71,11 +71,13 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def _select(settings: ScoreSettings, acts: np.ndarray, layer: str, unit: int) -> Tasks:
+def _select(settings: ScoreSettings, values: np.ndarray, rows: np.ndarray, n_rows: int, layer: str, unit: int) -> Tasks:
+    keys = tie_keys(settings.seed, layer, unit, rows)
     rng = unit_rng(settings.seed, layer, unit, 0)
     if settings.selection == "fair":
-        return SELECTIONS["fair"](acts, rng, settings.tasks, settings.explanations)
-    return SELECTIONS["quantile"](acts, rng, settings.tasks, settings.explanations, settings.quantile)
+        return SELECTIONS["fair"](values, rows, keys, n_rows, rng, settings.tasks, settings.explanations)
+    return SELECTIONS["quantile"](values, rows, keys, n_rows, rng, settings.tasks, settings.explanations,
+                                  settings.quantile)
 
 
 def embed_rows(backend, images: RowImages, device, batch_size: int, workers: int = 0, cache: EmbeddingCache | None = None,
@@ -157,20 +159,18 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
         backend = backend.to(device).eval()
         alpha = settings.alpha if settings.alpha is not None else backend.default_alpha
 
-        results, all_tasks, position = [], {}, 0
+        results, position = [], 0
         for name in names:
-            values = acts.activations(name)
-            for unit in range(values.shape[1]):
+            for unit, values, rows in acts.unit_candidates(name):
                 mine = position % shard_n == shard_i
                 position += 1
                 if not mine:
                     continue
-                column = values[:, unit]
-                if is_constant(column):
+                if np.max(values) - np.min(values) < CONSTANT_RANGE:
                     results.append({"layer": name, "unit": unit, "status": "constant", "tasks": None})
                 else:
                     results.append({"layer": name, "unit": unit, "status": "ok",
-                                    "tasks": _select(settings, column, name, unit)})
+                                    "tasks": _select(settings, values, rows, acts.n_rows, name, unit)})
         needed = np.unique(np.concatenate(
             [np.concatenate([t.pos_expl.ravel(), t.neg_expl.ravel(), t.pos_query, t.neg_query])
              for r in results if (t := r["tasks"]) is not None] or [np.zeros(0, np.int64)]))

@@ -166,6 +166,22 @@ class ActivationFile:
             raise MisbenchError(f"layer {name!r} of {self.path} holds only top/bottom-k values, not full activations")
         return group["activations"][...]
 
+    def unit_candidates(self, name: str):
+        """(unit, values, rows) per unit: every row of a full file; the kept top and bottom rows of a
+        top/bottom-k file (each row once). Constancy and rankings are the same on both."""
+        group = self.layer(name)
+        if "activations" in group:
+            values = group["activations"][...]
+            rows = np.arange(values.shape[0])
+            for unit in range(values.shape[1]):
+                yield unit, values[:, unit], rows
+            return
+        top_i, top_v = group["top_index"][...], group["top_value"][...]
+        bot_i, bot_v = group["bottom_index"][...], group["bottom_value"][...]
+        for unit in range(top_i.shape[0]):
+            rows, first = np.unique(np.concatenate([top_i[unit], bot_i[unit]]), return_index=True)
+            yield unit, np.concatenate([top_v[unit], bot_v[unit]])[first], rows
+
     def layer_kind(self, name: str) -> str:
         return str(self.layer(name).attrs.get("kind", ""))
 

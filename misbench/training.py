@@ -102,7 +102,7 @@ class Trainer:
     """One model, its optimizer, scheduler and data order; state_dict()/load_state_dict() for exact resume."""
 
     def __init__(self, model: nn.Module, masks: dict, settings: TrainSettings, pre: Preprocess,
-                 train_source: ImageSource, val_source: ImageSource | None):
+                 train_source: ImageSource | None, val_source: ImageSource | None):
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.model = model.to(self.device)
@@ -117,8 +117,10 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.use_amp = settings.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        n_train = len(train_source) if settings.train_limit is None else min(settings.train_limit, len(train_source))
-        self.train_set = TransformedDataset(train_source, train_transform(pre), (3, pre.crop, pre.crop), 0, n_train)
+        self.train_set = None
+        if train_source is not None:
+            n_train = len(train_source) if settings.train_limit is None else min(settings.train_limit, len(train_source))
+            self.train_set = TransformedDataset(train_source, train_transform(pre), (3, pre.crop, pre.crop), 0, n_train)
         self.val_set = None
         if val_source is not None:
             n_val = len(val_source) if settings.val_limit is None else min(settings.val_limit, len(val_source))

@@ -41,22 +41,37 @@ def classwise_figure(rows: list[dict], path, title: str = ""):
     return _save(fig, path)
 
 
+METHOD_MARKERS = {"unstructured": "o", "structured": "s", "connection": "^", "none": "D"}
+
+
 def sweep_figure(runs: list[dict], metric: str, path, ylabel: str, band: tuple | None = None):
-    """Figs. 1/3/4/5: a metric against pruning rate per method and schedule; not-retrained runs in black."""
+    """Figs. 1/3/4/5: a metric against pruning rate per method and schedule; not-retrained runs in black.
+
+    Every line starts at rate 0 from the unpruned run of its kind (retrained control, or the
+    unretrained base), as in the seed's figures.
+    """
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups = {}
+    groups, anchors = {}, {}
     for r in runs:
         if r.get(metric) is None or not np.isfinite(r[metric]):
             continue
-        retrained = (r.get("epochs") or 0) > 0 or r.get("epochs") is None
+        retrained = r.get("epochs") is None or r["epochs"] > 0
+        if r["method"] == "none":
+            anchors.setdefault(retrained, r)
         groups.setdefault((r["method"], r.get("schedule") or "oneshot", retrained), []).append(r)
+    pruned_kinds = {retrained for (method, _, retrained) in groups if method != "none"}
     for (method, schedule, retrained), members in sorted(groups.items()):
+        if method == "none" and retrained in pruned_kinds:
+            continue  # drawn as the first point of the pruned lines
         members = sorted(members, key=lambda r: r["rate"])
+        if method != "none" and retrained in anchors:
+            members = [anchors[retrained]] + members
         x = [r["rate"] for r in members]
         y = [r[metric] for r in members]
         colour = METHOD_COLOURS.get(method, "tab:purple") if retrained else "black"
         label = ("unpruned" if method == "none" else f"{method}, {schedule}") + ("" if retrained else ", not retrained")
-        ax.plot(x, y, SCHEDULE_STYLES.get(schedule, "-"), marker="o", color=colour, label=label)
+        ax.plot(x, y, SCHEDULE_STYLES.get(schedule, "-") if retrained else ":", marker=METHOD_MARKERS.get(method, "o"),
+                color=colour, label=label)
         if band and all(r.get(band[0]) is not None for r in members):
             ax.fill_between(x, [r[band[0]] for r in members], [r[band[1]] for r in members], color=colour, alpha=0.12)
     ax.set_xlabel("pruning rate")
