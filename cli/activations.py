@@ -21,22 +21,28 @@ from .common import Progress, handle_errors, load_model_from_options, model_opti
 @click.option("--crop", type=int, default=None, help="Override the centre crop of the model's preprocessing.")
 @click.option("--on-bad-image", type=click.Choice(["fail", "skip"]), default="fail", show_default=True)
 @click.option("--amp", is_flag=True, help="Autocast on CUDA (off by default: exact activations).")
+@click.option("--keep", default=None, help="topk:K: store only the K highest and lowest activations per unit "
+              "(exact MIS for K >= (explanations+1) x tasks; bounded memory on huge datasets).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted extraction.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file (kept until the new one is complete).")
 @handle_errors
 def extract(model, arch, num_classes, arch_kwargs, trust_pickle, data, layers, out, batch_size, workers, device,
-            reduction, dtype, limit, resize, crop, on_bad_image, amp, resume, overwrite):
+            reduction, dtype, limit, resize, crop, on_bad_image, amp, keep, resume, overwrite):
     """Record per-unit activations of MODEL on DATA into an HDF5 file."""
     from misbench.extract import ExtractSettings, extract as run_extract
 
     loaded = load_model_from_options(model, arch, num_classes, arch_kwargs, trust_pickle)
     settings = ExtractSettings(
         layers=tuple(s.strip() for s in layers.split(",") if s.strip()), reduction=reduction, dtype=dtype,
-        limit=limit, on_bad_image=on_bad_image, resize=resize, crop=crop, amp=amp, batch_size=batch_size,
+        limit=limit, on_bad_image=on_bad_image, resize=resize, crop=crop, amp=amp, keep=keep, batch_size=batch_size,
         workers=workers, device=device)
+    from misbench.distributed import is_main
+
     with Progress("extract") as bar:
-        path = run_extract(loaded, data, out, settings, resume=resume, overwrite=overwrite, progress=bar)
-    click.echo(f"wrote {path}")
+        path = run_extract(loaded, data, out, settings, resume=resume, overwrite=overwrite,
+                           progress=bar if is_main() else None)
+    if is_main():
+        click.echo(f"wrote {path}")
 
 
 @click.command("eval")

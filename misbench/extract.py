@@ -20,7 +20,9 @@ from .fileio import utc_now
 from .hooks import FeatureHooks, resolve_layers
 from .models import LoadedModel
 from .preprocess import build_transform
-from .store import SCHEMA, SCHEMA_VERSION, ActivationWriter, partial_path
+from .store import SCHEMA, SCHEMA_VERSION, ActivationWriter, merge_activation_parts, part_path, partial_path
+from .topk import TopK, parse_keep
+from . import distributed
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class ExtractSettings:
     resize: int | None = None
     crop: int | None = None
     amp: bool = False
+    keep: str | None = None  # "topk:K": only the K highest and lowest activations per unit
     # how, not what: these do not change the file's content and may differ on --resume
     batch_size: int = 64
     workers: int = 0
@@ -53,6 +56,7 @@ class ExtractSettings:
             raise MisbenchError(f"--limit must be a positive number of images, got {self.limit}")
         if self.batch_size < 1:
             raise MisbenchError(f"--batch-size must be positive, got {self.batch_size}")
+        parse_keep(self.keep)
 
     def content_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -93,37 +97,55 @@ def _check_resumable(writer: ActivationWriter, attrs: dict) -> None:
 def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: ExtractSettings,
             resume: bool = False, overwrite: bool = False,
             progress: Callable[[int, int], None] | None = None) -> Path:
-    """Extract activations of `loaded` on `data` into `out` (atomic: `out` appears only when complete)."""
+    """Extract activations of `loaded` on `data` into `out` (atomic: `out` appears only when complete).
+
+    Under torchrun each rank extracts a contiguous block of rows into its own part file; rank 0
+    then merges the parts into one file with exactly the content of a one-process run.
+    """
     out = Path(out)
     source = load_data(data) if isinstance(data, str) else data
     model = loaded.model
     pre = loaded.preprocess.override(settings.resize, settings.crop)
     requests = resolve_layers(model, settings.layers, probe=torch.zeros(1, 3, pre.crop, pre.crop))
     partial = partial_path(out)
+    rank, size = distributed.world()
     if out.exists() and not overwrite:
         raise MisbenchError(f"{out} already exists: pass --overwrite to replace it (it stays until the new file is complete)")
-    if partial.exists() and not (resume or overwrite):
-        raise MisbenchError(f"an interrupted extraction exists at {partial}: pass --resume to continue it or --overwrite to restart")
-    if resume and not partial.exists():
-        log.info("nothing to resume at %s; starting from the beginning", partial)
+    own = partial if size == 1 else part_path(out, rank, size)
+    if own.exists() and not (resume or overwrite):
+        raise MisbenchError(f"an interrupted extraction exists at {own}: pass --resume to continue it or --overwrite to restart")
+    if resume and not own.exists():
+        log.info("nothing to resume at %s; starting from the beginning", own)
         resume = False
     total = len(source) if settings.limit is None else min(settings.limit, len(source))
+    start, stop = distributed.block(total, rank, size)
     attrs = _file_attrs(loaded, source, settings, pre, [r.name for r in requests])
-    writer = ActivationWriter(partial, attrs, resume=resume)
+    device = resolve_device(settings.device)
+    distributed.ensure_initialized(device)
+    writer = ActivationWriter(own, attrs, resume=resume, start=start)
     try:
         if resume:
             _check_resumable(writer, attrs)
-            log.info("resuming %s at dataset index %d (%d rows written)", partial, writer.next_index, writer.rows)
-        _run(model, source, requests, settings, pre, writer, total, progress)
-        writer.finish()
+            log.info("resuming %s at dataset index %d (%d rows written)", own, writer.next_index, writer.rows)
+        _run(model, source, requests, settings, pre, writer, stop, device, progress)
+        if size == 1:
+            writer.finish()
     finally:
         writer.close()
+    if size > 1:
+        distributed.barrier()
+        if rank == 0:
+            merge_activation_parts([part_path(out, r, size) for r in range(size)], partial)
+            for r in range(size):
+                part_path(out, r, size).unlink()
+            os.replace(partial, out)
+        distributed.barrier()
+        return out
     os.replace(partial, out)
     return out
 
 
-def _run(model, source, requests, settings, pre, writer, total, progress):
-    device = resolve_device(settings.device)
+def _run(model, source, requests, settings, pre, writer, total, device, progress):
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -131,6 +153,8 @@ def _run(model, source, requests, settings, pre, writer, total, progress):
     loader = make_loader(dataset, settings.batch_size, settings.workers, device)
     module_names = [r.module for r in requests if r.module]
     dtype = DTYPES[settings.dtype]
+    k = parse_keep(settings.keep)
+    topk: dict[str, TopK] = {}
     layer_attrs = {}
     done = writer.next_index
     if progress:
@@ -169,11 +193,20 @@ def _run(model, source, requests, settings, pre, writer, total, progress):
                 layer_attrs.setdefault(req.name, {"module": req.module or "", "kind": kind,
                                                   "n_units": values.shape[1], "reduction": settings.reduction})
             index_np = index.numpy()
+            states = {}
+            if k:
+                rows = writer.rows + np.arange(int(keep.sum()))
+                for name, values in layers.items():
+                    if name not in topk:
+                        topk[name] = TopK(name, values.shape[1], k, writer.topk_state(name))
+                    topk[name].update(values, rows, index_np[keep])
+                    states[name] = topk[name].state()
+                layers = {}
             writer.append(index_np[keep], [source.path(int(i)) for i in index_np[keep]],
                           labels.numpy()[keep], logits.cpu().numpy()[keep], layers, layer_attrs, dtype,
-                          next_index=int(index_np[-1]) + 1, skipped=bad)
+                          next_index=int(index_np[-1]) + 1, skipped=bad, topk=states)
             done = int(index_np[-1]) + 1
             if progress:
                 progress(done, total)
-    if writer.rows == 0:
+    if writer.rows == 0 and distributed.world()[1] == 1:
         raise MisbenchError("no image was extracted: the dataset (after --limit and skipped images) is empty")

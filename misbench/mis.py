@@ -46,16 +46,21 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def tie_keys(seed: int, layer: str, unit: int, rows: np.ndarray) -> np.ndarray:
-    """A pseudo-random key per (seed, layer, unit, row) that breaks ties between equal activations.
+def tie_keys(seed: int, layer: str, unit, items: np.ndarray) -> np.ndarray:
+    """A pseudo-random key per (seed, layer, unit, image) that breaks ties between equal activations.
 
-    It depends on the row, not on which other rows are present, so ranking a subset (a top/bottom-k
-    file) orders its rows exactly as ranking the full file does.
+    `items` are dataset indices: the key belongs to the image, not to its position or to which other
+    images are present, so ranking a subset (a top/bottom-k file, a shard) orders its images exactly as
+    ranking the full file does. `unit` may be an array [U]; then `items` is [M] or [U, M] and the
+    result [U, M].
     """
     with np.errstate(over="ignore"):
         base = _splitmix64(np.array([(seed & 0xFFFFFFFF) << 32 | zlib.crc32(layer.encode())], dtype=np.uint64))
-        base = _splitmix64(base ^ np.uint64(unit))
-        return _splitmix64(base + np.asarray(rows, dtype=np.uint64) * _GOLDEN)
+        base = _splitmix64(base ^ np.asarray(unit, dtype=np.uint64))
+        items = np.asarray(items, dtype=np.uint64)
+        if np.ndim(unit):
+            return _splitmix64(base[:, None] + (items if items.ndim == 2 else items[None, :]) * _GOLDEN)
+        return _splitmix64(base + items * _GOLDEN)
 
 
 def is_constant(acts: np.ndarray) -> bool:

@@ -71,8 +71,9 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def _select(settings: ScoreSettings, values: np.ndarray, rows: np.ndarray, n_rows: int, layer: str, unit: int) -> Tasks:
-    keys = tie_keys(settings.seed, layer, unit, rows)
+def _select(settings: ScoreSettings, values: np.ndarray, rows: np.ndarray, items: np.ndarray, n_rows: int, layer: str,
+            unit: int) -> Tasks:
+    keys = tie_keys(settings.seed, layer, unit, items)
     rng = unit_rng(settings.seed, layer, unit, 0)
     if settings.selection == "fair":
         return SELECTIONS["fair"](values, rows, keys, n_rows, rng, settings.tasks, settings.explanations)
@@ -160,6 +161,7 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
         alpha = settings.alpha if settings.alpha is not None else backend.default_alpha
 
         results, position = [], 0
+        dataset_index = acts.index
         for name in names:
             for unit, values, rows in acts.unit_candidates(name):
                 mine = position % shard_n == shard_i
@@ -170,7 +172,8 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
                     results.append({"layer": name, "unit": unit, "status": "constant", "tasks": None})
                 else:
                     results.append({"layer": name, "unit": unit, "status": "ok",
-                                    "tasks": _select(settings, values, rows, acts.n_rows, name, unit)})
+                                    "tasks": _select(settings, values, rows, dataset_index[rows], acts.n_rows, name,
+                                                     unit)})
         needed = np.unique(np.concatenate(
             [np.concatenate([t.pos_expl.ravel(), t.neg_expl.ravel(), t.pos_query, t.neg_query])
              for r in results if (t := r["tasks"]) is not None] or [np.zeros(0, np.int64)]))

@@ -1,6 +1,7 @@
 """The activation file (HDF5 schema 1, DESIGN §4): streaming writer, refusing reader."""
 
-__all__ = ["ActivationWriter", "ActivationFile", "open_activations", "partial_path", "SCHEMA"]
+__all__ = ["ActivationWriter", "ActivationFile", "open_activations", "partial_path", "part_path",
+           "merge_activation_parts", "SCHEMA"]
 
 import json
 import os
@@ -22,6 +23,15 @@ def partial_path(out) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def part_path(out, rank: int, size: int) -> Path:
+    """One rank's share of a distributed extraction."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.partial.rank{rank}of{size}")
+
+
+TOPK_FIELDS = ("top_value", "top_index", "top_item", "bottom_value", "bottom_index", "bottom_item", "sum")
+
+
 def _chunk(units: int) -> tuple:
     # about 1 MiB per chunk at float32, whatever the layer width
     rows = max(16, min(ROW_CHUNK, (1 << 18) // max(units, 1)))
@@ -31,11 +41,15 @@ def _chunk(units: int) -> tuple:
 class ActivationWriter:
     """Appends rows batch by batch; every flush leaves a resumable file."""
 
-    def __init__(self, path, attrs: dict | None = None, resume: bool = False):
+    def __init__(self, path, attrs: dict | None = None, resume: bool = False, start: int = 0):
         self.path = Path(path)
         if resume:
             self.h5 = h5py.File(self.path, "r+")
-            self._truncate(int(self.h5.attrs["rows_written"]))
+            rows = int(self.h5.attrs["rows_written"])
+            if int(self.h5.attrs.get("topk_rows", rows)) != rows:
+                raise MisbenchError(f"{self.path} was interrupted while writing its top-k state; it cannot be "
+                                    "resumed exactly: start again with --overwrite")
+            self._truncate(rows)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.h5 = h5py.File(self.path, "w", libver="latest")
@@ -43,7 +57,7 @@ class ActivationWriter:
                 self.h5.attrs[key] = value
             self.h5.attrs["complete"] = False
             self.h5.attrs["rows_written"] = 0
-            self.h5.attrs["next_index"] = 0
+            self.h5.attrs["next_index"] = start
             self.h5.attrs["skipped_paths"] = "[]"
             images = self.h5.create_group("images")
             images.create_dataset("index", (0,), np.int64, maxshape=(None,), chunks=(4096,))
@@ -79,9 +93,31 @@ class ActivationWriter:
                 ds.attrs[key] = value
         return group[name]
 
+    def topk_state(self, name: str) -> dict | None:
+        group = self.h5["layers"].get(name)
+        if group is None or "top_value" not in group:
+            return None
+        return {f: group[f][...] for f in TOPK_FIELDS}
+
+    def _write_topk(self, name: str, state: dict, dtype, layer_attrs: dict) -> None:
+        group = self.h5["layers"].require_group(name)
+        if not group.attrs:
+            for key, value in layer_attrs.items():
+                group.attrs[key] = value
+        for field in TOPK_FIELDS:
+            value = state[field]
+            if field.endswith("value"):
+                value = value.astype(dtype)
+            if field in group and group[field].shape != value.shape:
+                del group[field]
+            if field in group:
+                group[field][...] = value
+            else:
+                group.create_dataset(field, data=value)
+
     def append(self, index, paths, labels, logits, layers: dict, layer_attrs: dict, dtype, next_index: int,
-               skipped: list[str] = ()) -> None:
-        """Write one batch: `layers` maps layer name -> [B, U] array."""
+               skipped: list[str] = (), topk: dict | None = None) -> None:
+        """Write one batch: `layers` maps layer name -> [B, U] array; `topk` layer name -> TopK state."""
         n0, b = self.rows, len(index)
         end = n0 + b
         for name, values in (("index", index), ("path", paths), ("label", labels)):
@@ -99,6 +135,10 @@ class ActivationWriter:
             ds = self._ensure(group, "activations", values.shape[1], dtype)
             ds.resize(end, axis=0)
             ds[n0:end] = values
+        for name, state in (topk or {}).items():
+            self._write_topk(name, state, dtype, layer_attrs[name])
+        if topk:
+            self.h5.attrs["topk_rows"] = end
         if skipped:
             self.h5.attrs["skipped_paths"] = json.dumps(json.loads(self.h5.attrs["skipped_paths"]) + list(skipped))
         self.h5.attrs["rows_written"] = end
@@ -107,15 +147,19 @@ class ActivationWriter:
 
     def finish(self, block: int = 4096) -> None:
         """Per-unit stats, then complete=True."""
+        rows = max(self.rows, 1)
         for group in self.h5["layers"].values():
-            acts = group["activations"]
-            units = acts.shape[1]
-            lo, hi, total = np.full(units, np.inf), np.full(units, -np.inf), np.zeros(units)
-            for start in range(0, acts.shape[0], block):
-                x = acts[start:start + block].astype(np.float64)
-                lo, hi, total = np.minimum(lo, x.min(0)), np.maximum(hi, x.max(0)), total + x.sum(0)
+            if "activations" in group:
+                acts = group["activations"]
+                units = acts.shape[1]
+                lo, hi, total = np.full(units, np.inf), np.full(units, -np.inf), np.zeros(units)
+                for start in range(0, acts.shape[0], block):
+                    x = acts[start:start + block].astype(np.float64)
+                    lo, hi, total = np.minimum(lo, x.min(0)), np.maximum(hi, x.max(0)), total + x.sum(0)
+            else:  # top/bottom-k: the extremes are the first kept values, the sum was kept exactly
+                lo, hi, total = group["bottom_value"][:, 0], group["top_value"][:, 0], group["sum"][...]
             stats = group.require_group("stats")
-            for name, values in (("min", lo), ("max", hi), ("mean", total / max(acts.shape[0], 1))):
+            for name, values in (("min", lo), ("max", hi), ("mean", total / rows)):
                 if name in stats:
                     del stats[name]
                 stats.create_dataset(name, data=values.astype(np.float32))
@@ -124,6 +168,47 @@ class ActivationWriter:
 
     def close(self):
         self.h5.close()
+
+
+def merge_activation_parts(parts: list, target, block: int = 4096) -> None:
+    """Concatenate ranks' part files (in rank order) into one file with the content of a one-process run."""
+    from .topk import merge_topk
+
+    first = h5py.File(parts[0], "r")
+    attrs = {k: v for k, v in first.attrs.items() if k not in ("complete", "rows_written", "next_index",
+                                                               "skipped_paths", "topk_rows")}
+    layer_attrs = {name: dict(g.attrs) for name, g in first["layers"].items()}
+    first.close()
+    writer = ActivationWriter(target, attrs)
+    skipped, topk_parts, offset, next_index = [], {}, 0, 0
+    for part in parts:
+        with h5py.File(part, "r") as h5:
+            n = int(h5.attrs["rows_written"])
+            for start in range(0, n, block):
+                stop = min(n, start + block)
+                full = {name: g["activations"][start:stop] for name, g in h5["layers"].items() if "activations" in g}
+                dtype = next(iter(full.values())).dtype if full else np.float32
+                writer.append(h5["images/index"][start:stop], h5["images/path"][start:stop],
+                              h5["images/label"][start:stop], h5["outputs/logits"][start:stop], full, layer_attrs,
+                              dtype, next_index=int(h5.attrs["next_index"]))
+            for name, g in h5["layers"].items():
+                if "top_value" in g:
+                    state = {f: g[f][...] for f in TOPK_FIELDS}
+                    state["top_index"] = state["top_index"] + offset
+                    state["bottom_index"] = state["bottom_index"] + offset
+                    topk_parts.setdefault(name, (g["top_value"].dtype, []))[1].append(state)
+            skipped += json.loads(h5.attrs["skipped_paths"])
+            offset += n
+            next_index = int(h5.attrs["next_index"])
+    k = json.loads(attrs["settings"]).get("keep")
+    for name, (dtype, states) in topk_parts.items():
+        writer._write_topk(name, merge_topk(name, states, int(k.partition(":")[2])), dtype, layer_attrs[name])
+    writer.h5.attrs["skipped_paths"] = json.dumps(skipped)
+    writer.h5.attrs["next_index"] = next_index
+    if topk_parts:
+        writer.h5.attrs["topk_rows"] = writer.rows
+    writer.finish()
+    writer.close()
 
 
 class ActivationFile:

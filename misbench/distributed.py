@@ -1,0 +1,62 @@
+"""torch.distributed glue: misbench commands behave the same under `torchrun` as in one process."""
+
+__all__ = ["world", "is_main", "ensure_initialized", "barrier", "block", "all_reduce_sum", "broadcast_object"]
+
+import os
+
+import torch
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) in a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def ensure_initialized(device: torch.device | None = None) -> None:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); no-op in one process."""
+    import torch.distributed as dist
+
+    if world()[1] == 1 or dist.is_initialized():
+        return
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def block(n: int, rank: int, size: int) -> tuple[int, int]:
+    """Contiguous [start, stop) of n items for `rank` of `size` (the first n % size get one more)."""
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(obj):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
