@@ -23,6 +23,7 @@ def training_options(func):
         click.option("--workers", default=0, show_default=True),
         click.option("--device", default="auto", show_default=True),
         click.option("--no-amp", is_flag=True, help="No mixed precision on CUDA."),
+        click.option("--no-augment", is_flag=True, help="No random flips/crops in training."),
         click.option("--seed", default=0, show_default=True),
         click.option("--resume", is_flag=True, help="Continue from the last epoch checkpoint (OUT.partial)."),
         click.option("--overwrite", is_flag=True),
@@ -39,7 +40,7 @@ def _train_settings(kw):
     return TrainSettings(epochs=kw["epochs"], optimizer=kw["optimizer"], lr=kw["lr"], momentum=kw["momentum"],
                          weight_decay=kw["weight_decay"], gamma=kw["gamma"], batch_size=kw["batch_size"],
                          seed=kw["seed"], train_limit=kw["train_limit"], val_limit=kw["val_limit"],
-                         workers=kw["workers"], device=kw["device"], amp=not kw["no_amp"])
+                         workers=kw["workers"], device=kw["device"], amp=not kw["no_amp"], augment=not kw["no_augment"])
 
 
 class _EpochBar:
@@ -60,15 +61,21 @@ class _EpochBar:
 def _run(model_kw, prune, kw):
     from misbench.pruning.run import produce_checkpoint
 
+    from misbench.distributed import is_main
+
     loaded = load_model_from_options(*model_kw)
-    bar = _EpochBar()
+    bar = _EpochBar() if is_main() else None
     try:
         path = produce_checkpoint(loaded, prune, _train_settings(kw), kw["out"], kw["data"], kw["val_data"],
                                   resume=kw["resume"], overwrite=kw["overwrite"], progress=bar)
     finally:
-        bar.close()
+        if bar:
+            bar.close()
     from misbench.checkpoint import load_checkpoint_dict
+    from misbench.distributed import is_main
 
+    if not is_main():
+        return
     ckpt = load_checkpoint_dict(path)
     sparsity = (ckpt.get("pruning") or {}).get("achieved_sparsity")
     history = ckpt["training"]["history"]

@@ -49,12 +49,16 @@ def score(acts, layers, out, similarity, image_size, selection, quantile, tasks,
     settings = ScoreSettings(similarity=similarity, image_size=image_size, selection=selection, quantile=quantile,
                              tasks=tasks, explanations=explanations, alpha=alpha, seed=seed, engine=engine,
                              n_boot=n_boot, device=device, batch_size=batch_size, workers=workers)
+    from misbench.distributed import is_main
+
     bars = _ScoreProgress()
     try:
         meta = run_score(acts, layers, settings, out, tasks_out=tasks_out, cache_dir=cache, shard=parse_shard(shard),
-                         progress=bars)
+                         progress=bars if is_main() else None)
     finally:
         bars.close()
+    if meta is None:  # another rank's process under torchrun: rank 0 reports
+        return
     click.echo(f"{'layer':<40} {'units':>6} {'const':>6} {'MIS':>7} {'conf':>7}")
     for name, s in meta["layers"].items():
         mis = f"{s['mis']:.3f}" if s["mis"] is not None else "-"
@@ -94,3 +98,19 @@ def calibrate(responses, tasks_h5, level, as_json):
 
 
 COMMANDS.append(calibrate)
+
+
+@click.command("merge-scores")
+@click.argument("parts", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Merged mis.csv (mis.json beside it).")
+@click.option("--tasks-out", type=click.Path(dir_okay=False), default=None, help="Also merge the parts' tasks files.")
+@handle_errors
+def merge_scores(parts, out, tasks_out):
+    """Merge the mis.csv files of `score --shard I/N` runs into the result of one unsharded run."""
+    from misbench.scoring import merge_scores as run_merge
+
+    meta = run_merge(parts, out, tasks_out)
+    click.echo(f"merged {len(parts)} shards, {sum(s['n_units'] for s in meta['layers'].values())} scored units -> {out}")
+
+
+COMMANDS.append(merge_scores)

@@ -1,6 +1,6 @@
 """Architectures by name: every torchvision classifier plus misbench's own small ones."""
 
-__all__ = ["MiniInception", "build_arch", "arch_names", "register_arch"]
+__all__ = ["MiniInception", "TinyCNN", "build_arch", "arch_names", "register_arch"]
 
 from typing import Callable
 
@@ -71,6 +71,26 @@ class MiniInception(nn.Module):
         x = self.pool2(self.inception3b(self.inception3a(x)))
         x = self.inception4a(x)
         return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+
+
+class TinyCNN(nn.Module):
+    """Two convolutions and a classifier, without BatchNorm or dropout: a per-sample-independent model
+    whose data-parallel training equals one-process training exactly (used to test DDP)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1, stride=2)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@register_arch("tiny_cnn")
+def _tiny_cnn(num_classes: int = 10, **kwargs) -> nn.Module:
+    return TinyCNN(num_classes=num_classes, **kwargs)
 
 
 @register_arch("mini_inception")

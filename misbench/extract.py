@@ -118,7 +118,9 @@ def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: Extract
         log.info("nothing to resume at %s; starting from the beginning", own)
         resume = False
     total = len(source) if settings.limit is None else min(settings.limit, len(source))
-    start, stop = distributed.block(total, rank, size)
+    # whole batches per rank: every image is computed in the same batch as in one process (bit-identical)
+    first, last = distributed.block(-(-total // settings.batch_size), rank, size)
+    start, stop = min(first * settings.batch_size, total), min(last * settings.batch_size, total)
     attrs = _file_attrs(loaded, source, settings, pre, [r.name for r in requests])
     device = resolve_device(settings.device)
     distributed.ensure_initialized(device)

@@ -1,6 +1,7 @@
 """Score every unit of an activation file with MIS (DESIGN §8): tasks, embeddings, decisions."""
 
-__all__ = ["ScoreSettings", "score", "parse_shard", "MIS_COLUMNS", "embed_rows", "write_scores_csv"]
+__all__ = ["ScoreSettings", "score", "parse_shard", "MIS_COLUMNS", "embed_rows", "write_scores_csv", "merge_scores",
+           "shard_path"]
 
 import csv
 import dataclasses
@@ -14,7 +15,7 @@ import h5py
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .device import resolve_device
 from .errors import MisbenchError
 from .fileio import atomic_path, sha256_file, utc_now, write_json
@@ -48,6 +49,8 @@ class ScoreSettings:
     batch_size: int = 64
     workers: int = 0
 
+    RUNTIME = ("device", "batch_size", "workers")
+
     def __post_init__(self):
         if self.selection not in SELECTIONS:
             raise MisbenchError(f"--selection {self.selection!r}: expected one of {list(SELECTIONS)}")
@@ -69,6 +72,16 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     if not 0 <= i < n:
         raise MisbenchError(f"--shard {text!r}: expected I/N with 0 <= I < N")
     return i, n
+
+
+def _round(x: float) -> float:
+    """The value as mis.csv stores it, so summaries recomputed from CSVs (merged shards) are identical."""
+    return float(f"{x:.6g}")
+
+
+def shard_path(out, shard: tuple[int, int]) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem}.part{shard[0]}of{shard[1]}{out.suffix}")
 
 
 def _select(settings: ScoreSettings, values: np.ndarray, rows: np.ndarray, items: np.ndarray, n_rows: int, layer: str,
@@ -145,7 +158,30 @@ def _summary(values_mis, values_conf, rng, n_boot) -> dict:
 
 def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache_dir=None, shard=(0, 1),
           backend=None, progress=None) -> dict:
-    """Score the units of `layers` ('all' for every layer); write mis.csv, mis.json, tasks.h5."""
+    """Score the units of `layers` ('all' for every layer); write mis.csv, mis.json, tasks.h5.
+
+    Under torchrun (and no explicit shard) each rank scores every N-th unit into a part; rank 0
+    merges the parts into the outputs of a one-process run.
+    """
+    rank, size = distributed.world()
+    if size > 1 and tuple(shard) == (0, 1):
+        distributed.ensure_initialized(resolve_device(settings.device))
+        part = shard_path(out, (rank, size))
+        part_tasks = shard_path(tasks_out, (rank, size)) if tasks_out else None
+        score(acts_path, layers, settings, part, part_tasks, cache_dir, (rank, size), backend, progress)
+        distributed.barrier()
+        meta = None
+        if rank == 0:
+            parts = [shard_path(out, (r, size)) for r in range(size)]
+            meta = merge_scores(parts, out, tasks_out)
+            for path in parts:
+                for extra in (path, path.with_suffix(".json")):
+                    extra.unlink()
+            if tasks_out:
+                for r in range(size):
+                    shard_path(tasks_out, (r, size)).unlink()
+        distributed.barrier()
+        return meta
     t0 = time.time()
     out = Path(out)
     acts = open_activations(acts_path)
@@ -193,9 +229,10 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
                 deltas = _unit_deltas(engine, r["tasks"], settings.explanations)
                 correct, conf = decisions(deltas), confidences(deltas, alpha)
                 rng = unit_rng(settings.seed, r["layer"], r["unit"], 1)
-                r.update(deltas=deltas, n_tasks=len(deltas), mis=float(correct.mean()), mis_confidence=float(conf.mean()),
-                         mis_ci=bootstrap_ci(correct, rng, settings.n_boot),
-                         conf_ci=bootstrap_ci(conf, rng, settings.n_boot))
+                r.update(deltas=deltas, n_tasks=len(deltas), mis=_round(correct.mean()),
+                         mis_confidence=_round(conf.mean()),
+                         mis_ci=tuple(map(_round, bootstrap_ci(correct, rng, settings.n_boot))),
+                         conf_ci=tuple(map(_round, bootstrap_ci(conf, rng, settings.n_boot))))
             if progress:
                 progress("score", k + 1, len(results))
 
@@ -204,7 +241,7 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
                 "checkpoint_sha256": str(acts.attrs.get("checkpoint_sha256", "")),
                 "data": str(acts.attrs.get("data", "")), "n_rows": acts.n_rows,
                 "settings": {**dataclasses.asdict(settings), "alpha": alpha, "backend_fingerprint": backend.fingerprint()},
-                "shard": f"{shard_i}/{shard_n}"}
+                "shard": f"{shard_i}/{shard_n}", "layer_order": names, "tasks_out": str(tasks_out or "")}
     summary = _summaries(results, names, settings)
     meta.update(summary, timing={"embed_s": round(t_embed - t0, 3), "total_s": round(time.time() - t0, 3)})
     write_scores_csv(out, results)
@@ -212,6 +249,78 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
     if tasks_out:
         _write_tasks(tasks_out, results, names, settings, meta)
     return meta
+
+
+def _results_from_csv(path) -> list[dict]:
+    from .reports.tables import read_csv_rows
+
+    def num(v):
+        return float(v) if v != "" else None
+
+    out = []
+    for row in read_csv_rows(path):
+        out.append({"layer": row["layer"], "unit": int(row["unit"]), "status": row["status"],
+                    "mis": num(row["mis"]), "mis_confidence": num(row["mis_confidence"]),
+                    "mis_ci": (num(row["mis_ci_low"]), num(row["mis_ci_high"])),
+                    "conf_ci": (num(row["conf_ci_low"]), num(row["conf_ci_high"])),
+                    "n_tasks": int(row["n_tasks"])})
+    return out
+
+
+def merge_scores(parts, out, tasks_out=None) -> dict:
+    """Merge `--shard I/N` outputs (mis.csv parts with their .json, and tasks files) into one result."""
+    parts = [Path(p) for p in parts]
+    metas = []
+    for p in parts:
+        if not p.with_suffix(".json").exists():
+            raise MisbenchError(f"{p} has no {p.with_suffix('.json').name} beside it; merge needs both")
+        metas.append(json.loads(p.with_suffix(".json").read_text()))
+    first = metas[0]
+
+    def content(meta):
+        return meta["acts_sha256"], {k: v for k, v in meta["settings"].items() if k not in ScoreSettings.RUNTIME}
+
+    for p, m in zip(parts, metas):
+        if content(m) != content(first):
+            raise MisbenchError(f"{p} was scored from another file or with other settings than {parts[0]}; "
+                                "shards must share both")
+    n = int(first["shard"].split("/")[1])
+    shards = sorted(int(m["shard"].split("/")[0]) for m in metas)
+    if shards != list(range(n)) or any(int(m["shard"].split("/")[1]) != n for m in metas):
+        raise MisbenchError(f"merge needs shards 0..{n - 1} of {n} exactly once, got {[m['shard'] for m in metas]}")
+    names = first["layer_order"]
+    results = [r for p in parts for r in _results_from_csv(p)]
+    results.sort(key=lambda r: (names.index(r["layer"]), r["unit"]))
+    fields = {k: v for k, v in first["settings"].items() if k in {f.name for f in dataclasses.fields(ScoreSettings)}}
+    settings = ScoreSettings(**fields)
+    meta = {**first, "shard": f"merged {n}", "created_utc": utc_now(),
+            "timing": {"total_s": round(sum(m["timing"]["total_s"] for m in metas), 3)}}
+    meta.update(_summaries(results, names, settings))
+    write_scores_csv(out, results)
+    write_json(Path(out).with_suffix(".json"), meta)
+    if tasks_out:
+        _merge_tasks([m["tasks_out"] for m in metas], tasks_out, names)
+    return meta
+
+
+def _merge_tasks(paths, target, names) -> None:
+    with atomic_path(target) as tmp, h5py.File(tmp, "w") as out:
+        with h5py.File(paths[0], "r") as first:
+            for key, value in first.attrs.items():
+                out.attrs[key] = value
+        for name in names:
+            pieces = []
+            for path in paths:
+                with h5py.File(path, "r") as h5:
+                    if name in h5:
+                        pieces.append({k: h5[name][k][...] for k in h5[name]})
+            if not pieces:
+                continue
+            units = np.concatenate([p["unit"] for p in pieces])
+            order = np.argsort(units, kind="stable")
+            g = out.create_group(name)
+            for key in pieces[0]:
+                g.create_dataset(key, data=np.concatenate([p[key] for p in pieces])[order])
 
 
 def _summaries(results, names, settings) -> dict:

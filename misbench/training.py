@@ -9,6 +9,7 @@ import math
 import torch
 from torch import nn
 
+from . import distributed
 from .data import ImageSource, TransformedDataset
 from .device import resolve_device
 from .errors import MisbenchError
@@ -33,6 +34,7 @@ class TrainSettings:
     seed: int = 0
     train_limit: int | None = None
     val_limit: int | None = None
+    augment: bool = True  # random flips (and resized crops at ImageNet size)
     # how, not what
     workers: int = 0
     device: str = "auto"
@@ -54,12 +56,14 @@ class TrainSettings:
         return {"optimizer": self.optimizer, "lr": self.resolved_lr, "momentum": self.momentum,
                 "weight_decay": self.weight_decay, "scheduler": "ExponentialLR", "gamma": self.gamma,
                 "epochs": self.epochs, "batch_size": self.batch_size, "aux_weight": self.aux_weight, "seed": self.seed,
-                "train_limit": self.train_limit, "val_limit": self.val_limit}
+                "train_limit": self.train_limit, "val_limit": self.val_limit, "augment": self.augment}
 
 
-def train_transform(pre: Preprocess):
+def train_transform(pre: Preprocess, augment: bool = True):
     from torchvision import transforms as T
 
+    if not augment:
+        return build_transform(pre)
     if pre.crop >= 128:  # ImageNet-sized: the usual random-resized-crop recipe
         return T.Compose([T.RandomResizedCrop(pre.crop, antialias=True), T.RandomHorizontalFlip(), T.ToTensor(),
                           T.Normalize(pre.mean, pre.std)])
@@ -105,8 +109,19 @@ class Trainer:
                  train_source: ImageSource | None, val_source: ImageSource | None):
         self.settings = settings
         self.device = resolve_device(settings.device)
+        self.rank, self.size = distributed.world()
+        if settings.batch_size % self.size:
+            raise MisbenchError(f"--batch-size {settings.batch_size} is the global batch: it must be divisible by "
+                                f"the {self.size} processes")
         self.model = model.to(self.device)
         self.masks = masks
+        self.epoch = 0
+        self.ddp = None
+        if self.size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index or 0] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         params = [p for p in model.parameters() if p.requires_grad]
         if settings.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=settings.resolved_lr, momentum=settings.momentum,
@@ -120,7 +135,8 @@ class Trainer:
         self.train_set = None
         if train_source is not None:
             n_train = len(train_source) if settings.train_limit is None else min(settings.train_limit, len(train_source))
-            self.train_set = TransformedDataset(train_source, train_transform(pre), (3, pre.crop, pre.crop), 0, n_train)
+            self.train_set = TransformedDataset(train_source, train_transform(pre, settings.augment),
+                                                (3, pre.crop, pre.crop), 0, n_train)
         self.val_set = None
         if val_source is not None:
             n_val = len(val_source) if settings.val_limit is None else min(settings.val_limit, len(val_source))
@@ -128,19 +144,29 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "generator": self.generator.get_state(), "cpu_rng": torch.get_rng_state()}
+                "generator": self.generator.get_state(), "cpu_rng": torch.get_rng_state(), "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["cpu_rng"])
+        self.epoch = int(state.get("epoch", 0))
 
     def train_epoch(self, progress=None) -> float:
         enforcer = MaskEnforcer(self.model, self.masks)
         self.model.train()
-        loader = make_loader(self.train_set, self.settings.batch_size, self.settings.workers, self.device,
-                             shuffle=True, generator=self.generator, drop_last=len(self.train_set) > self.settings.batch_size)
+        net = self.ddp or self.model
+        if self.size > 1:  # each rank a disjoint, seeded share of every global batch
+            sampler = torch.utils.data.DistributedSampler(self.train_set, self.size, self.rank, shuffle=True,
+                                                          seed=self.settings.seed, drop_last=True)
+            sampler.set_epoch(self.epoch)
+            loader = make_loader(self.train_set, self.settings.batch_size // self.size, self.settings.workers,
+                                 self.device, sampler=sampler, drop_last=len(sampler) > self.settings.batch_size // self.size)
+        else:
+            loader = make_loader(self.train_set, self.settings.batch_size, self.settings.workers, self.device,
+                                 shuffle=True, generator=self.generator,
+                                 drop_last=len(self.train_set) > self.settings.batch_size)
         total, count = 0.0, 0
         try:
             for k, (x, y, _i, ok) in enumerate(loader):
@@ -149,7 +175,7 @@ class Trainer:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 self.optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(self.device.type, enabled=self.use_amp):
-                    _, loss = _logits_and_loss(self.model, x, y, self.settings.aux_weight)
+                    _, loss = _logits_and_loss(net, x, y, self.settings.aux_weight)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -163,6 +189,8 @@ class Trainer:
         finally:
             enforcer.remove()
         self.scheduler.step()
+        self.epoch += 1
+        total, count = distributed.all_reduce_sum([total, count])
         return total / max(count, 1)
 
     @torch.no_grad()
@@ -171,9 +199,12 @@ class Trainer:
             return None
         self.model.eval()
         correct = n = 0
-        for x, y, _i, _ok in make_loader(self.val_set, self.settings.batch_size, self.settings.workers, self.device):
+        start, stop = distributed.block(len(self.val_set), self.rank, self.size)
+        share = torch.utils.data.Subset(self.val_set, range(start, stop))
+        for x, y, _i, _ok in make_loader(share, self.settings.batch_size, self.settings.workers, self.device):
             out = self.model(x.to(self.device))
             out = out[0] if isinstance(out, tuple) else out
             correct += (out.argmax(1).cpu() == y).sum().item()
             n += len(y)
+        correct, n = distributed.all_reduce_sum([correct, n])
         return correct / max(n, 1)

@@ -136,8 +136,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, image_folder):
     with pytest.raises(MisbenchError, match="cannot resume"):
         extract(loaded, str(image_folder), target, ExtractSettings(layers=("softmax",), batch_size=5, resize=32, crop=32),
                 resume=True)
-    extract(loaded, str(image_folder), target, ExtractSettings(layers=("conv", "softmax"), batch_size=3, resize=32,
-                                                               crop=32), resume=True)
+    extract(loaded, str(image_folder), target, settings, resume=True)
     _same_contents(full, target)
 
 

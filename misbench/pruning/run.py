@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..checkpoint import build_checkpoint, load_checkpoint_dict, save_checkpoint
 from ..data import load_data
 from ..errors import MisbenchError
@@ -25,8 +26,15 @@ def partial_checkpoint_path(out) -> Path:
 def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: TrainSettings, out,
                        data: str | None = None, val_data: str | None = None, resume: bool = False,
                        overwrite: bool = False, progress=None) -> Path:
-    """Prune `loaded` by `prune` (None: retrain only) with train.epochs of retraining after each step."""
+    """Prune `loaded` by `prune` (None: retrain only) with train.epochs of retraining after each step.
+
+    Under torchrun: data-parallel retraining (DDP); masks are rank 0's on every rank; rank 0 writes.
+    """
     out = Path(out)
+    from ..device import resolve_device
+
+    distributed.ensure_initialized(resolve_device(train.device))
+    main = distributed.is_main()
     partial = partial_checkpoint_path(out)
     if out.exists() and not overwrite:
         raise MisbenchError(f"{out} already exists: pass --overwrite to replace it")
@@ -59,6 +67,7 @@ def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: 
         if prune and not (trainer_state is not None and step == start_step):
             generator = torch.Generator().manual_seed(prune.seed * 1000 + step)
             masks = {**masks, **compute_masks(model, prune, keep_fraction(prune.rate, step, steps), exclude, masks, generator)}
+            masks = distributed.broadcast_object(masks)
             apply_masks(model, masks)
             log.info("step %d/%d: sparsity %.4f", step, steps, sparsity_of(masks))
         torch.manual_seed(train.seed * 1000 + step)
@@ -77,9 +86,13 @@ def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: 
             resume_state = {"step": step, "epoch": epoch + 1, "trainer": trainer.state_dict()}
             if epoch + 1 == train.epochs:  # the step is done: the next one starts fresh
                 resume_state = {"step": step + 1, "epoch": 0, "trainer": None}
-            save_checkpoint(build_checkpoint(loaded, model, masks, record(), training, parent, resume_state), partial)
+            if main:
+                save_checkpoint(build_checkpoint(loaded, model, masks, record(), training, parent, resume_state), partial)
+            distributed.barrier()
         trainer_state = None
-    final = build_checkpoint(loaded, model, masks, record(), {**train.record(), "history": history}, parent)
-    save_checkpoint(final, out)
-    partial.unlink(missing_ok=True)
+    if main:
+        final = build_checkpoint(loaded, model, masks, record(), {**train.record(), "history": history}, parent)
+        save_checkpoint(final, out)
+        partial.unlink(missing_ok=True)
+    distributed.barrier()
     return out

@@ -1,0 +1,150 @@
+"""torchrun with two CPU processes (gloo): the same command line writes the same outputs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_image_folder
+from misbench.archs import build_arch
+from misbench.extract import ExtractSettings, extract
+from misbench.models import load_model
+from misbench.scoring import ScoreSettings, merge_scores, score
+
+MISBENCH = shutil.which("misbench") or str(Path(sys.executable).with_name("misbench"))
+
+
+def torchrun(*args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
+           MISBENCH, "-q", *map(str, args)]
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """torchrun gives each rank one thread; CPU kernels sum in a thread-count-dependent order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    folder = make_image_folder(root / "images", classes=3, per_class=150, size=16)
+    torch.manual_seed(0)
+    torch.save(build_arch("mini_inception", 3, {"width": 8}).state_dict(), root / "model.pt")
+    return root, folder
+
+
+def datasets(path):
+    out = {}
+    with h5py.File(path, "r") as h5:
+        h5.visititems(lambda n, o: out.__setitem__(n, o[...]) if isinstance(o, h5py.Dataset) else None)
+    return out
+
+
+def test_distributed_extraction_and_scoring_equal_one_process(setup):
+    root, folder = setup
+    common = ["model.pt", "--arch", "mini_inception", "--num-classes", "3", "--arch-kwargs", '{"width": 8}',
+              "--data", str(folder), "--layers", "conv,softmax", "--resize", "16", "--crop", "16", "--batch-size", "40"]
+    loaded = load_model(str(root / "model.pt"), arch="mini_inception", num_classes=3, arch_kwargs={"width": 8})
+    single = extract(loaded, str(folder), root / "single.h5",
+                     ExtractSettings(layers=("conv", "softmax"), resize=16, crop=16, batch_size=40))
+    torchrun("extract", *common, "--out", "dist.h5", cwd=root)
+    a, b = datasets(single), datasets(root / "dist.h5")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    assert not list(root.glob("dist.h5.partial*"))
+    # scoring under torchrun: units sharded over ranks, merged by rank 0
+    settings = ScoreSettings(similarity="pixel", image_size=16, device="cpu", n_boot=50, tasks=10)
+    score(single, ["all"], settings, root / "one.csv", tasks_out=root / "one_tasks.h5")
+    torchrun("score", "dist.h5", "--layer", "all", "--similarity", "pixel", "--image-size", "16", "--tasks", "10",
+             "--bootstrap", "50", "--out", "two.csv", "--tasks-out", "two_tasks.h5", cwd=root)
+    assert (root / "one.csv").read_text() == (root / "two.csv").read_text()
+    one, two = (json.loads((root / f).read_text()) for f in ("one.json", "two.json"))
+    assert one["layers"] == two["layers"] and one["model_mean"] == two["model_mean"]
+    ta, tb = datasets(root / "one_tasks.h5"), datasets(root / "two_tasks.h5")
+    assert all(np.array_equal(ta[k], tb[k], equal_nan=True) for k in ta) and ta.keys() == tb.keys()
+    # --shard I/N by hand, merged: the same result again
+    parts = []
+    for i in range(3):
+        score(single, ["all"], settings, root / f"s{i}.csv", shard=(i, 3))
+        parts.append(root / f"s{i}.csv")
+    merge_scores(parts, root / "merged.csv")
+    assert (root / "merged.csv").read_text() == (root / "one.csv").read_text()
+
+
+def test_topk_extraction_equals_full_and_gives_identical_mis(setup, tmp_path):
+    root, folder = setup
+    loaded = load_model(str(root / "model.pt"), arch="mini_inception", num_classes=3, arch_kwargs={"width": 8})
+    base = dict(layers=("conv1.bn", "inception3a.branch1.bn", "softmax"), resize=16, crop=16, batch_size=32)
+    full = extract(loaded, str(folder), tmp_path / "full.h5", ExtractSettings(**base))
+    topk = extract(loaded, str(folder), tmp_path / "topk.h5", ExtractSettings(**base, keep="topk:200"))
+    with h5py.File(full, "r") as f, h5py.File(topk, "r") as t:
+        for layer in base["layers"]:
+            acts = f[f"layers/{layer}/activations"][...]
+            g = t[f"layers/{layer}"]
+            assert "activations" not in g and g["top_value"].shape == (acts.shape[1], 200)
+            for unit in range(acts.shape[1]):
+                order = np.argsort(-acts[:, unit], kind="stable")
+                np.testing.assert_array_equal(g["top_value"][unit], acts[order[:200], unit])
+                np.testing.assert_array_equal(np.sort(g["bottom_value"][unit]), np.sort(acts[:, unit])[:200])
+                np.testing.assert_array_equal(acts[g["top_index"][unit], unit], g["top_value"][unit])
+            np.testing.assert_allclose(g["stats/mean"][...], acts.mean(0), rtol=1e-5, atol=1e-6)
+    settings = ScoreSettings(similarity="pixel", image_size=16, device="cpu", n_boot=50)
+    score(full, ["all"], settings, tmp_path / "f.csv")
+    score(topk, ["all"], settings, tmp_path / "t.csv")
+    assert (tmp_path / "f.csv").read_text() == (tmp_path / "t.csv").read_text()
+    # the same under torchrun: parts' top-k states merge exactly
+    torchrun("extract", str(root / "model.pt"), "--arch", "mini_inception", "--num-classes", "3", "--arch-kwargs",
+             '{"width": 8}', "--data", str(folder), "--layers", ",".join(base["layers"]), "--resize", "16", "--crop",
+             "16", "--batch-size", "32", "--keep", "topk:200", "--out", "dtopk.h5", cwd=tmp_path)
+    a, b = datasets(topk), datasets(tmp_path / "dtopk.h5")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a if not k.endswith("sum"))
+    np.testing.assert_allclose(a["layers/softmax/sum"], b["layers/softmax/sum"], rtol=1e-12)
+
+
+def test_ddp_retraining_keeps_masks_and_matches_one_process(setup, tmp_path):
+    root, folder = setup
+    torch.manual_seed(1)
+    torch.save(build_arch("tiny_cnn", 3).state_dict(), tmp_path / "tiny.pt")
+    args = ["tiny.pt", "--arch", "tiny_cnn", "--num-classes", "3", "--method", "connection", "--rate", "0.5",
+            "--epochs", "3", "--data", str(folder), "--val-data", str(folder), "--batch-size", "450", "--no-augment",
+            "--lr", "0.01", "--device", "cpu"]
+    from click.testing import CliRunner
+
+    from misbench.cli.main import cli
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        r = CliRunner().invoke(cli, ["prune", *args, "--out", "one.pt"])
+    finally:
+        os.chdir(cwd)
+    assert r.exit_code == 0, r.output
+    torchrun("prune", *args, "--out", "two.pt", cwd=tmp_path)
+    one = torch.load(tmp_path / "one.pt", weights_only=True)
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    for name, mask in one["masks"].items():
+        assert torch.equal(mask, two["masks"][name])
+        assert (two["state_dict"][name][~mask] == 0).all()
+    for key, value in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][key], value, atol=1e-4, rtol=1e-4)
+    assert [h["epoch"] for h in two["training"]["history"]] == [0, 1, 2, 3]
+    for h1, h2 in zip(one["training"]["history"], two["training"]["history"]):
+        assert h1["val_top1"] == pytest.approx(h2["val_top1"])
+        if h1["train_loss"] is not None:
+            assert h1["train_loss"] == pytest.approx(h2["train_loss"], rel=1e-4)
