@@ -70,4 +70,4 @@ def load_model_from_options(model, arch, num_classes, arch_kwargs, trust_pickle)
 
 def setup_logging(verbose: int, quiet: bool):
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -24,6 +24,9 @@ def training_options(func):
         click.option("--device", default="auto", show_default=True),
         click.option("--no-amp", is_flag=True, help="No mixed precision on CUDA."),
         click.option("--no-augment", is_flag=True, help="No random flips/crops in training."),
+        click.option("--resize", type=int, default=None,
+                     help="Override the model's preprocessing resize (stored in the checkpoint)."),
+        click.option("--crop", type=int, default=None, help="Override the model's preprocessing centre crop."),
         click.option("--seed", default=0, show_default=True),
         click.option("--resume", is_flag=True, help="Continue from the last epoch checkpoint (OUT.partial)."),
         click.option("--overwrite", is_flag=True),
@@ -64,6 +67,7 @@ def _run(model_kw, prune, kw):
     from misbench.distributed import is_main
 
     loaded = load_model_from_options(*model_kw)
+    loaded.preprocess = loaded.preprocess.override(kw["resize"], kw["crop"])
     bar = _EpochBar() if is_main() else None
     try:
         path = produce_checkpoint(loaded, prune, _train_settings(kw), kw["out"], kw["data"], kw["val_data"],

@@ -1,6 +1,6 @@
 """Architectures by name: every torchvision classifier plus misbench's own small ones."""
 
-__all__ = ["MiniInception", "TinyCNN", "build_arch", "arch_names", "register_arch"]
+__all__ = ["MiniInception", "TinyCNN", "build_arch", "arch_names", "register_arch", "default_preprocess"]
 
 from typing import Callable
 
@@ -8,16 +8,26 @@ import torch
 from torch import nn
 
 from .errors import MisbenchError, close_matches
+from .preprocess import IMAGENET_PREPROCESS, Preprocess
 
 _ARCHS: dict[str, Callable[..., nn.Module]] = {}
+_PREPROCESS: dict[str, Preprocess] = {}
+SMALL_IMAGES = Preprocess(32, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
-def register_arch(name: str):
+def register_arch(name: str, preprocess: Preprocess | None = None):
     def decorate(builder):
         _ARCHS[name] = builder
+        if preprocess is not None:
+            _PREPROCESS[name] = preprocess
         return builder
 
     return decorate
+
+
+def default_preprocess(name: str) -> Preprocess:
+    """What an untrained `name` expects: misbench's small archs 32 px, everything else ImageNet's."""
+    return _PREPROCESS.get(name, IMAGENET_PREPROCESS)
 
 
 class ConvBN(nn.Module):
@@ -88,12 +98,12 @@ class TinyCNN(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-@register_arch("tiny_cnn")
+@register_arch("tiny_cnn", SMALL_IMAGES)
 def _tiny_cnn(num_classes: int = 10, **kwargs) -> nn.Module:
     return TinyCNN(num_classes=num_classes, **kwargs)
 
 
-@register_arch("mini_inception")
+@register_arch("mini_inception", SMALL_IMAGES)
 def _mini_inception(num_classes: int = 10, **kwargs) -> nn.Module:
     return MiniInception(num_classes=num_classes, **kwargs)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .archs import build_arch
+from .archs import build_arch, default_preprocess
 from .errors import MisbenchError, close_matches
 from .fileio import sha256_file
 from .preprocess import IMAGENET_PREPROCESS, Preprocess
@@ -84,7 +84,7 @@ def _from_torchvision(spec: str, num_classes: int | None) -> LoadedModel:
     if not weights_name:
         model = build_arch(arch, num_classes or 1000)
         kwargs = {"aux_logits": False, "transform_input": False} if arch == "googlenet" else {}
-        return LoadedModel(model, spec, arch, kwargs, num_classes or 1000, IMAGENET_PREPROCESS)
+        return LoadedModel(model, spec, arch, kwargs, num_classes or 1000, default_preprocess(arch))
     weights = torchvision_weights(arch, weights_name)
     n = len(weights.meta["categories"])
     if num_classes not in (None, n):
@@ -190,7 +190,7 @@ def load_model(spec: str, arch: str | None = None, num_classes: int | None = Non
     kwargs = _googlenet_kwargs(state, arch_kwargs or {}) if arch == "googlenet" else dict(arch_kwargs or {})
     model = build_arch(arch, num_classes, kwargs)
     _load_state(model, state, spec)
-    return LoadedModel(model.eval(), spec, arch, kwargs, num_classes, IMAGENET_PREPROCESS, sha)
+    return LoadedModel(model.eval(), spec, arch, kwargs, num_classes, default_preprocess(arch), sha)
 
 
 def _infer_classes(model: nn.Module) -> int:

@@ -123,7 +123,7 @@ def test_ddp_retraining_keeps_masks_and_matches_one_process(setup, tmp_path):
     torch.save(build_arch("tiny_cnn", 3).state_dict(), tmp_path / "tiny.pt")
     args = ["tiny.pt", "--arch", "tiny_cnn", "--num-classes", "3", "--method", "connection", "--rate", "0.5",
             "--epochs", "3", "--data", str(folder), "--val-data", str(folder), "--batch-size", "450", "--no-augment",
-            "--lr", "0.01", "--device", "cpu"]
+            "--lr", "0.01", "--device", "cpu", "--resize", "16", "--crop", "16"]
     from click.testing import CliRunner
 
     from misbench.cli.main import cli
