@@ -44,6 +44,7 @@ class ScoreSettings:
     seed: int = 0
     engine: str = "embed"
     n_boot: int = 1000
+    amp: bool = False  # autocast the embedding network on CUDA (LPIPS is exact only in float32)
     # how, not what
     device: str = "auto"
     batch_size: int = 64
@@ -95,7 +96,7 @@ def _select(settings: ScoreSettings, values: np.ndarray, rows: np.ndarray, items
 
 
 def embed_rows(backend, images: RowImages, device, batch_size: int, workers: int = 0, cache: EmbeddingCache | None = None,
-               progress=None) -> EmbeddingIndex:
+               progress=None, amp: bool = False) -> EmbeddingIndex:
     """Embed each needed row once (cached rows are read back) into a FAISS index."""
     rows = images.rows
     keys = images.dataset_index(rows)
@@ -107,7 +108,8 @@ def embed_rows(backend, images: RowImages, device, batch_size: int, workers: int
         loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
                                              pin_memory=device.type == "cuda")
         for x, _rows in loader:
-            chunks.append(backend.embed(x.to(device)).float().cpu().numpy())
+            with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+                chunks.append(backend.embed(x.to(device, non_blocking=True)).float().cpu().numpy())
             done += len(x)
             if progress:
                 progress(done, len(todo))
@@ -220,7 +222,7 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
         elif settings.engine == "embed":
             cache = EmbeddingCache(cache_dir, backend.fingerprint(), settings.image_size, images.identity) if cache_dir else None
             engine = embed_rows(backend, images, device, settings.batch_size, settings.workers, cache,
-                                progress=(lambda d, n: progress("embed", d, n)) if progress else None)
+                                progress=(lambda d, n: progress("embed", d, n)) if progress else None, amp=settings.amp)
         else:
             engine = _PairwiseDistances(backend, images, device, settings.batch_size)
         t_embed = time.time()

@@ -75,3 +75,6 @@ def property_folder(tmp_path_factory):
     source = FolderSource(str(root), root)
     order = [int(source.path(i).split("_")[-1].split(".")[0]) for i in range(len(source))]
     return root, {k: v[order] for k, v in props.items()}
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
