@@ -41,15 +41,18 @@ class _ScoreProgress:
 @click.option("--workers", default=0, show_default=True)
 @click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples for intervals.")
 @click.option("--amp", is_flag=True, help="Autocast embeddings on CUDA (faster; LPIPS is exact only without it).")
+@click.option("--chunk-units", default=256, show_default=True,
+              help="Units whose images are embedded together: bounds memory (use --cache to share across chunks).")
 @handle_errors
 def score(acts, layers, out, similarity, image_size, selection, quantile, tasks, explanations, alpha, seed, device,
-          engine, tasks_out, cache, shard, batch_size, workers, n_boot, amp):
+          engine, tasks_out, cache, shard, batch_size, workers, n_boot, amp, chunk_units):
     """Score every unit of LAYERs in ACTS with the Mechanistic Interpretability Score."""
     from misbench.scoring import ScoreSettings, parse_shard, score as run_score
 
     settings = ScoreSettings(similarity=similarity, image_size=image_size, selection=selection, quantile=quantile,
                              tasks=tasks, explanations=explanations, alpha=alpha, seed=seed, engine=engine,
-                             n_boot=n_boot, amp=amp, device=device, batch_size=batch_size, workers=workers)
+                             n_boot=n_boot, amp=amp, chunk_units=chunk_units, device=device, batch_size=batch_size,
+                             workers=workers)
     from misbench.distributed import is_main
 
     bars = _ScoreProgress()

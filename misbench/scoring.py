@@ -45,12 +45,13 @@ class ScoreSettings:
     engine: str = "embed"
     n_boot: int = 1000
     amp: bool = False  # autocast the embedding network on CUDA (LPIPS is exact only in float32)
+    chunk_units: int = 256  # units whose images are embedded together (bounds memory)
     # how, not what
     device: str = "auto"
     batch_size: int = 64
     workers: int = 0
 
-    RUNTIME = ("device", "batch_size", "workers")
+    RUNTIME = ("device", "batch_size", "workers", "chunk_units")
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -59,6 +60,8 @@ class ScoreSettings:
             raise MisbenchError(f"--engine {self.engine!r}: expected one of {ENGINES}")
         if self.tasks < 1 or self.explanations < 1:
             raise MisbenchError("--tasks and --explanations must be positive")
+        if self.chunk_units < 1:
+            raise MisbenchError(f"--chunk-units must be positive, got {self.chunk_units}")
         if self.image_size < 16:
             raise MisbenchError(f"--image-size must be at least 16 pixels, got {self.image_size}")
 
@@ -212,22 +215,27 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
                     results.append({"layer": name, "unit": unit, "status": "ok",
                                     "tasks": _select(settings, values, rows, dataset_index[rows], acts.n_rows, name,
                                                      unit)})
-        needed = np.unique(np.concatenate(
-            [np.concatenate([t.pos_expl.ravel(), t.neg_expl.ravel(), t.pos_query, t.neg_query])
-             for r in results if (t := r["tasks"]) is not None] or [np.zeros(0, np.int64)]))
-        images = RowImages(acts, needed, settings.image_size)
         acts_sha = sha256_file(acts_path)
-        if len(needed) == 0:
-            engine = None
-        elif settings.engine == "embed":
-            cache = EmbeddingCache(cache_dir, backend.fingerprint(), settings.image_size, images.identity) if cache_dir else None
-            engine = embed_rows(backend, images, device, settings.batch_size, settings.workers, cache,
-                                progress=(lambda d, n: progress("embed", d, n)) if progress else None, amp=settings.amp)
-        else:
-            engine = _PairwiseDistances(backend, images, device, settings.batch_size)
-        t_embed = time.time()
-        for k, r in enumerate(results):
-            if r["tasks"] is not None:
+        scored = [r for r in results if r["tasks"] is not None]
+        cache, t_embed, done = None, 0.0, 0
+        # units in chunks: memory holds the embeddings of one chunk's images, never the dataset's
+        for first in range(0, len(scored), settings.chunk_units):
+            chunk = scored[first:first + settings.chunk_units]
+            needed = np.unique(np.concatenate([np.concatenate([r["tasks"].pos_expl.ravel(), r["tasks"].neg_expl.ravel(),
+                                                               r["tasks"].pos_query, r["tasks"].neg_query])
+                                               for r in chunk]))
+            images = RowImages(acts, needed, settings.image_size)
+            t1 = time.time()
+            if settings.engine == "embed":
+                if cache_dir and cache is None:
+                    cache = EmbeddingCache(cache_dir, backend.fingerprint(), settings.image_size, images.identity)
+                engine = embed_rows(backend, images, device, settings.batch_size, settings.workers, cache,
+                                    progress=(lambda d, n: progress("embed", d, n)) if progress else None,
+                                    amp=settings.amp)
+            else:
+                engine = _PairwiseDistances(backend, images, device, settings.batch_size)
+            t_embed += time.time() - t1
+            for r in chunk:
                 deltas = _unit_deltas(engine, r["tasks"], settings.explanations)
                 correct, conf = decisions(deltas), confidences(deltas, alpha)
                 rng = unit_rng(settings.seed, r["layer"], r["unit"], 1)
@@ -235,8 +243,10 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
                          mis_confidence=_round(conf.mean()),
                          mis_ci=tuple(map(_round, bootstrap_ci(correct, rng, settings.n_boot))),
                          conf_ci=tuple(map(_round, bootstrap_ci(conf, rng, settings.n_boot))))
-            if progress:
-                progress("score", k + 1, len(results))
+                done += 1
+                if progress:
+                    progress("score", done, len(scored))
+            del engine
 
         meta = {"misbench_version": __version__, "created_utc": utc_now(), "acts": str(acts_path),
                 "acts_sha256": acts_sha, "model": str(acts.attrs.get("model", "")),
@@ -245,7 +255,7 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
                 "settings": {**dataclasses.asdict(settings), "alpha": alpha, "backend_fingerprint": backend.fingerprint()},
                 "shard": f"{shard_i}/{shard_n}", "layer_order": names, "tasks_out": str(tasks_out or "")}
     summary = _summaries(results, names, settings)
-    meta.update(summary, timing={"embed_s": round(t_embed - t0, 3), "total_s": round(time.time() - t0, 3)})
+    meta.update(summary, timing={"embed_s": round(t_embed, 3), "total_s": round(time.time() - t0, 3)})
     write_scores_csv(out, results)
     write_json(out.with_suffix(".json"), meta)
     if tasks_out:

@@ -216,3 +216,12 @@ def test_cli_score_and_calibrate(planted, tmp_path):
     r = CliRunner().invoke(cli, ["score", str(acts), "--layer", "visibel", "--out", str(tmp_path / "x.csv"),
                                  "--similarity", "pixel"])
     assert r.exit_code == 1 and "visible" in r.output
+
+
+def test_unit_chunks_bound_memory_and_change_nothing(planted, tmp_path):
+    acts, _, _ = planted
+    base = dict(similarity="pixel", image_size=32, device="cpu", n_boot=50)
+    score(acts, ["noise"], ScoreSettings(**base), tmp_path / "one.csv")
+    meta = score(acts, ["noise"], ScoreSettings(**base, chunk_units=7), tmp_path / "chunks.csv", cache_dir=tmp_path / "c")
+    assert (tmp_path / "one.csv").read_text() == (tmp_path / "chunks.csv").read_text()
+    assert meta["settings"]["chunk_units"] == 7
