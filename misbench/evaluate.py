@@ -4,7 +4,6 @@ __all__ = ["accuracy_from_logits", "evaluate_model", "evaluate_acts", "write_eva
 
 import csv
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch

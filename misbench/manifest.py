@@ -4,7 +4,6 @@ __all__ = ["Manifest", "step_key"]
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from .fileio import sha256_file, write_json
@@ -59,7 +58,3 @@ class Manifest:
     def record(self, name: str, **fields):
         self.data["steps"][name] = {**self.data["steps"].get(name, {}), **fields}
         self.save()
-
-
-def relative(path, root) -> str:
-    return os.path.relpath(path, root)

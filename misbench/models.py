@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .archs import build_arch, default_preprocess
-from .errors import MisbenchError, close_matches
+from .errors import MisbenchError
 from .fileio import sha256_file
 from .preprocess import IMAGENET_PREPROCESS, Preprocess
 
@@ -203,8 +203,3 @@ def _infer_classes_from_state(state: dict) -> int | None:
         if key in state:
             return int(state[key].shape[0])
     return None
-
-
-def unknown_module_error(name: str, model: nn.Module) -> MisbenchError:
-    names = [n for n, _ in model.named_modules() if n]
-    return MisbenchError(f"unknown layer {name!r}.{close_matches(name, names)}")

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import logging
 import time
-import zlib
 from pathlib import Path
 
 import h5py

@@ -4,7 +4,6 @@ __all__ = ["ActivationWriter", "ActivationFile", "open_activations", "partial_pa
            "merge_activation_parts", "SCHEMA"]
 
 import json
-import os
 from pathlib import Path
 
 import h5py
@@ -266,9 +265,6 @@ class ActivationFile:
         for unit in range(top_i.shape[0]):
             rows, first = np.unique(np.concatenate([top_i[unit], bot_i[unit]]), return_index=True)
             yield unit, np.concatenate([top_v[unit], bot_v[unit]])[first], rows
-
-    def layer_kind(self, name: str) -> str:
-        return str(self.layer(name).attrs.get("kind", ""))
 
     @property
     def labels(self) -> np.ndarray:

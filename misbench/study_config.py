@@ -130,12 +130,11 @@ def parse_config(given: dict, source: str = "<config>", quick: bool = False) -> 
     _check_choice("[score] selection", raw["score"]["selection"], ["fair", "quantile"])
     _check_choice("[extract] dtype", raw["extract"]["dtype"], ["float16", "float32"])
     _check_choice("[extract] reduction", raw["extract"]["reduction"], ["mean", "max"])
-    from .similarity.base import _BACKENDS, build_backend  # noqa: F401  (registers the backends)
-    from .similarity import deepfeat, dreamsim, lpips, pixel  # noqa: F401
+    from .similarity import backend_names
 
     sim = raw["score"]["similarity"]
     if not sim.startswith("deepfeat:"):
-        _check_choice("[score] similarity", sim, sorted(_BACKENDS) + ["deepfeat:<torchvision model>"])
+        _check_choice("[score] similarity", sim, backend_names())
     return StudyConfig(raw, source)
 
 

@@ -120,7 +120,7 @@ class Trainer:
         if self.size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            ids = [self.device.index or 0] if self.device.type == "cuda" else None
+            ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         params = [p for p in model.parameters() if p.requires_grad]
         if settings.optimizer == "sgd":

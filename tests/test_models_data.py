@@ -1,5 +1,4 @@
 import json
-import os
 import urllib.error
 
 import numpy as np

@@ -56,16 +56,26 @@ def register_backend(name: str):
     return decorate
 
 
+def _load_backends():
+    """The backend modules register themselves on import."""
+    import importlib
+
+    for module in ("lpips", "pixel", "dreamsim", "deepfeat"):
+        importlib.import_module(f"{__package__}.{module}")
+
+
 def backend_names() -> list[str]:
+    _load_backends()
     return sorted(_BACKENDS) + ["deepfeat:<torchvision model>"]
 
 
 def build_backend(name: str, **kwargs) -> Backend:
     """`lpips-alex|lpips-vgg|lpips-squeeze`, `deepfeat:<model>`, `dreamsim`, `pixel`."""
-    from . import deepfeat, dreamsim, lpips, pixel  # noqa: F401  (register themselves)
-
+    _load_backends()
     if name.startswith("deepfeat:"):
-        return deepfeat.DeepFeatBackend(name.partition(":")[2], **kwargs)
+        from .deepfeat import DeepFeatBackend
+
+        return DeepFeatBackend(name.partition(":")[2], **kwargs)
     if name not in _BACKENDS:
         raise MisbenchError(f"unknown similarity {name!r}: expected one of {', '.join(backend_names())}."
                             f"{close_matches(name, list(_BACKENDS))}")

@@ -2,8 +2,6 @@
 
 __all__ = ["PixelBackend"]
 
-import torch
-
 from .base import Backend, register_backend
 
 
