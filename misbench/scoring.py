@@ -199,6 +199,7 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
             backend = build_backend(settings.similarity, image_size=settings.image_size)
         backend = backend.to(device).eval()
         alpha = settings.alpha if settings.alpha is not None else backend.default_alpha
+        fingerprint = backend.fingerprint()
 
         results, position = [], 0
         dataset_index = acts.index
@@ -227,7 +228,7 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
             t1 = time.time()
             if settings.engine == "embed":
                 if cache_dir and cache is None:
-                    cache = EmbeddingCache(cache_dir, backend.fingerprint(), settings.image_size, images.identity)
+                    cache = EmbeddingCache(cache_dir, fingerprint, settings.image_size, images.identity)
                 engine = embed_rows(backend, images, device, settings.batch_size, settings.workers, cache,
                                     progress=(lambda d, n: progress("embed", d, n)) if progress else None,
                                     amp=settings.amp)
@@ -251,7 +252,7 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
                 "acts_sha256": acts_sha, "model": str(acts.attrs.get("model", "")),
                 "checkpoint_sha256": str(acts.attrs.get("checkpoint_sha256", "")),
                 "data": str(acts.attrs.get("data", "")), "n_rows": acts.n_rows,
-                "settings": {**dataclasses.asdict(settings), "alpha": alpha, "backend_fingerprint": backend.fingerprint()},
+                "settings": {**dataclasses.asdict(settings), "alpha": alpha, "backend_fingerprint": fingerprint},
                 "shard": f"{shard_i}/{shard_n}", "layer_order": names, "tasks_out": str(tasks_out or "")}
     summary = _summaries(results, names, settings)
     meta.update(summary, timing={"embed_s": round(t_embed, 3), "total_s": round(time.time() - t0, 3)})
