@@ -106,7 +106,8 @@ def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: Extract
     source = load_data(data) if isinstance(data, str) else data
     model = loaded.model
     pre = loaded.preprocess.override(settings.resize, settings.crop)
-    requests = resolve_layers(model, settings.layers, probe=torch.zeros(1, 3, pre.crop, pre.crop))
+    probe_device = next(model.parameters()).device
+    requests = resolve_layers(model, settings.layers, probe=torch.zeros(1, 3, pre.crop, pre.crop, device=probe_device))
     partial = partial_path(out)
     rank, size = distributed.world()
     if out.exists() and not overwrite:

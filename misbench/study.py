@@ -121,7 +121,7 @@ class Study:
                               {"model": ckpt}, {"acts": acts}, lambda resume, c=ckpt, out=acts: self._extract(c, out, resume),
                               partial_path(acts)))
             scores = d / "mis.csv"
-            steps.append(Step(f"score:{run.name}", "score", cfg["score"], {"acts": acts},
+            steps.append(Step(f"score:{run.name}", "score", {**cfg["score"], "seed": cfg["study"]["seed"]}, {"acts": acts},
                               {"scores": scores, "meta": d / "mis.json", "tasks": d / "tasks.h5"},
                               lambda resume, a=acts, out=scores: self._score(a, out)))
         report_inputs = {}
