@@ -1,8 +1,6 @@
 """Commands not covered elsewhere: retrain, report layers/curves, assets list; GoogLeNet's aux loss."""
 
-import json
 
-import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
