@@ -114,8 +114,8 @@ def select_quantile(acts: np.ndarray, rows: np.ndarray, keys: np.ndarray, n_rows
     for descending in (True, False):
         ranked = rows[rank_rows(acts, keys, descending)[:pool]]
         picks = np.sort(np.stack([rng.choice(pool, n_expl + 1, replace=False) for _ in range(n_tasks)]), axis=1)
-        rows = ranked[picks]  # rank order: most extreme first
-        sides.append((rows[:, :n_expl].copy(), rows[:, n_expl].copy()))
+        chosen = ranked[picks]  # rank order: most extreme first
+        sides.append((chosen[:, :n_expl].copy(), chosen[:, n_expl].copy()))
     (pe, pq), (ne, nq) = sides
     return Tasks(pe, ne, pq, nq)
 

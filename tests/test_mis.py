@@ -225,3 +225,21 @@ def test_unit_chunks_bound_memory_and_change_nothing(planted, tmp_path):
     meta = score(acts, ["noise"], ScoreSettings(**base, chunk_units=7), tmp_path / "chunks.csv", cache_dir=tmp_path / "c")
     assert (tmp_path / "one.csv").read_text() == (tmp_path / "chunks.csv").read_text()
     assert meta["settings"]["chunk_units"] == 7
+
+
+def test_quantile_selection_draws_from_the_extreme_fraction():
+    from misbench.mis import select_quantile
+
+    rng = np.random.default_rng(0)
+    acts = rng.normal(size=1000)
+    rows = np.arange(1000)
+    tasks = select_quantile(acts, rows, tie_keys(0, "l", 0, rows), 1000, np.random.default_rng(1), n_tasks=20,
+                            n_expl=9, quantile=0.05)
+    top, bottom = set(np.argsort(-acts)[:50]), set(np.argsort(acts)[:50])
+    for t in range(20):
+        assert set(tasks.pos_expl[t]) | {tasks.pos_query[t]} <= top and len(set(tasks.pos_expl[t])) == 9
+        assert set(tasks.neg_expl[t]) | {tasks.neg_query[t]} <= bottom
+        assert acts[tasks.pos_query[t]] < acts[tasks.pos_expl[t]].min()  # the least extreme is the query
+        assert acts[tasks.neg_query[t]] > acts[tasks.neg_expl[t]].max()
+    with pytest.raises(MisbenchError, match="leaves 5 images per side"):
+        select_quantile(acts, rows, tie_keys(0, "l", 0, rows), 1000, np.random.default_rng(1), quantile=0.005)
