@@ -290,6 +290,11 @@ class Study:
 
 
 def run_study(config: StudyConfig, out_dir, dry_run: bool = False, on_step=None) -> dict:
+    from . import distributed
+
+    if distributed.world()[1] > 1:
+        raise MisbenchError("misbench study runs in one process: start it without torchrun, and run the "
+                            "retraining of big grids as torchrun jobs of `misbench prune` (docs/reproducing.md)")
     study = Study(config, out_dir)
     if dry_run:
         return {"plan": study.plan()}

@@ -162,3 +162,12 @@ def test_shipped_configs_parse_and_plan():
     assert full["model"]["spec"] == "googlenet:IMAGENET1K_V1" and full["score"]["similarity"] == "lpips-alex"
     assert {r.rate for r in runs if r.method != "none"} == {0.2, 0.4, 0.6, 0.8}
     assert {(r.schedule, r.steps) for r in runs if r.method != "none"} == {("oneshot", 1), ("iterative", 4)}
+
+
+def test_study_refuses_torchrun(tmp_path, study_data, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    from misbench.study import run_study
+
+    with pytest.raises(MisbenchError, match="without torchrun"):
+        run_study(load_config(write_config(tmp_path / "s.toml", study_data)), tmp_path / "o")
