@@ -85,15 +85,15 @@ def test_sweep_figure_has_the_expected_axes_and_lines(tmp_path):
     fig = sweep_figure(runs, "mis_confidence", tmp_path / "f.png", "mean MIS confidence", band=("conf_p05", "conf_p95"))
     ax = fig.axes[0]
     assert ax.get_xlabel() == "pruning rate" and ax.get_ylabel() == "mean MIS confidence"
-    labels = sorted(line.get_label() for line in ax.get_lines())
+    labels = sorted(ax.get_legend_handles_labels()[1])
     assert labels == ["connection, iterative", "structured, oneshot", "structured, oneshot, not retrained"]
-    black = [l for l in ax.get_lines() if "not retrained" in l.get_label()][0]
+    black = [line for line in ax.get_lines() if "not retrained" in line.get_label()][0]
     assert black.get_color() == "black" and list(black.get_xdata()) == [0.2, 0.4, 0.6] and black.get_linestyle() == ":"
-    assert len(ax.collections) == 3  # one 5-95% band per line
+    assert len(ax.collections) == 3  # one set of 5-95% bars per line
     runs.append({"name": "control", "method": "none", "schedule": "oneshot", "rate": 0.0, "mis_confidence": 0.55,
                  "epochs": 5, "conf_p05": 0.5, "conf_p95": 0.8})
     fig = sweep_figure(runs, "mis_confidence", tmp_path / "g.png", "mean MIS confidence")
-    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")}
     assert "unpruned" not in lines  # the control starts the retrained lines instead
     assert list(lines["structured, oneshot"].get_xdata()) == [0.0, 0.2, 0.4, 0.6]
     assert list(lines["structured, oneshot, not retrained"].get_xdata()) == [0.2, 0.4, 0.6]

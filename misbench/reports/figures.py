@@ -60,7 +60,8 @@ def sweep_figure(runs: list[dict], metric: str, path, ylabel: str, band: tuple |
             anchors.setdefault(retrained, r)
         groups.setdefault((r["method"], r.get("schedule") or "oneshot", retrained), []).append(r)
     pruned_kinds = {retrained for (method, _, retrained) in groups if method != "none"}
-    for (method, schedule, retrained), members in sorted(groups.items()):
+    offsets = np.linspace(-0.012, 0.012, max(len(groups), 1))  # side by side, so unit bands stay readable
+    for k, ((method, schedule, retrained), members) in enumerate(sorted(groups.items())):
         if method == "none" and retrained in pruned_kinds:
             continue  # drawn as the first point of the pruned lines
         members = sorted(members, key=lambda r: r["rate"])
@@ -73,7 +74,9 @@ def sweep_figure(runs: list[dict], metric: str, path, ylabel: str, band: tuple |
         ax.plot(x, y, SCHEDULE_STYLES.get(schedule, "-") if retrained else ":", marker=METHOD_MARKERS.get(method, "o"),
                 color=colour, label=label)
         if band and all(r.get(band[0]) is not None for r in members):
-            ax.fill_between(x, [r[band[0]] for r in members], [r[band[1]] for r in members], color=colour, alpha=0.12)
+            lo, hi = np.array([r[band[0]] for r in members]), np.array([r[band[1]] for r in members])
+            ax.errorbar(np.array(x) + offsets[k], y, yerr=[np.array(y) - lo, hi - np.array(y)], fmt="none",
+                        ecolor=colour, elinewidth=1, capsize=2, alpha=0.5)
     ax.set_xlabel("pruning rate")
     ax.set_ylabel(ylabel)
     ax.set_xlim(-0.02, 1.0)

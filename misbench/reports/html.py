@@ -26,7 +26,7 @@ class Section:
     data: dict | None = None                                  # shown as JSON
 
 
-def _table(path: Path, max_rows: int = 60) -> str:
+def _table(path: Path, max_rows: int = 40) -> str:
     rows = read_csv_rows(path)
     if not rows:
         return ""
@@ -46,14 +46,14 @@ def write_html(out_dir, title: str, sections: list[Section]) -> Path:
         parts.append(f"<h2>{html.escape(s.title)}</h2>")
         if s.text:
             parts.append(f"<p>{html.escape(s.text)}</p>")
-        for table in s.tables:
-            target = (out_dir / table).resolve()
-            assert out_dir in target.parents, f"table outside the report folder: {table}"
-            parts.append(_table(target))
         for image in s.images:
             target = (out_dir / image).resolve()
             assert out_dir in target.parents, f"image outside the report folder: {image}"
             parts.append(f"<img src='{html.escape(Path(image).as_posix())}' alt='{html.escape(Path(image).stem)}'>")
+        for table in s.tables:
+            target = (out_dir / table).resolve()
+            assert out_dir in target.parents, f"table outside the report folder: {table}"
+            parts.append(_table(target))
         if s.data is not None:
             parts.append(f"<pre>{html.escape(json.dumps(s.data, indent=1))}</pre>")
     parts.append("</body></html>")
