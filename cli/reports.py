@@ -20,18 +20,10 @@ def report():
 
 
 def _galleries(out_dir, scores_csv, tasks, acts, units):
-    from misbench.reports.gallery import choose_units, unit_gallery
+    from misbench.reports.gallery import unit_galleries
     from misbench.reports.tables import read_scores
 
-    if not (tasks and acts):
-        return []
-    (Path(out_dir) / "units").mkdir(parents=True, exist_ok=True)
-    made = []
-    for layer, unit, why in choose_units(read_scores(scores_csv), units):
-        name = f"units/{layer.replace('/', '_')}_{unit}.png"
-        unit_gallery(tasks, acts, layer, unit, Path(out_dir) / name)
-        made.append((name, f"{layer}:{unit} ({why})"))
-    return made
+    return unit_galleries(out_dir, read_scores(scores_csv), tasks, acts, units) if tasks and acts else []
 
 
 @report.command()
@@ -67,14 +59,11 @@ def classwise(scores, acts, eval_json, layer, tasks, units, out, seed):
 @handle_errors
 def sweep(runs, out, seed):
     """MIS and accuracy against pruning rate: sweep.csv, summary.json, figures, report.html."""
-    from misbench.reports.html import Section, write_html
-    from misbench.reports.sweep import sweep_report
+    from misbench.reports.html import write_html
+    from misbench.reports.sweep import sweep_report, sweep_section
 
     summary = sweep_report(runs, out, seed)
-    tables = ["sweep.csv"] + (["layers.csv"] if (Path(out) / "layers.csv").exists() else [])
-    path = write_html(out, "misbench sweep report", [
-        Section("MIS and accuracy against pruning rate", images=summary["figures"], tables=tables,
-                data={k: v for k, v in summary.items() if k.startswith("correlation")})])
+    path = write_html(out, "misbench sweep report", [sweep_section(summary, out)])
     click.echo(_fmt_corr("rate vs MIS confidence", summary["correlation_rate_mis_confidence"]))
     click.echo(_fmt_corr("rate vs MIS", summary["correlation_rate_mis"]))
     click.echo(f"wrote {path}")
@@ -104,16 +93,11 @@ def layers(scores, out):
 @handle_errors
 def curves(checkpoints, out):
     """Validation accuracy per retraining epoch from checkpoint histories (curves.png, curves.csv)."""
-    from misbench.reports.figures import curves_figure
-    from misbench.reports.sweep import training_curves
-    from misbench.reports.tables import write_csv
+    from misbench.reports.sweep import training_curves, write_curves
 
     found = training_curves([{"name": Path(c).stem, "checkpoint": c} for c in checkpoints])
     Path(out).mkdir(parents=True, exist_ok=True)
-    curves_figure(found, Path(out) / "curves.png")
-    write_csv(Path(out) / "curves.csv", [{"name": c["name"], "epoch": x, "step": s, "val_top1": v} for c in found
-                                         for x, s, v in zip(c["x"], c["steps"], c["val_top1"])],
-              ["name", "epoch", "step", "val_top1"])
+    write_curves(found, out)
     click.echo(f"wrote {Path(out) / 'curves.png'} ({len(found)} curves)")
 
 

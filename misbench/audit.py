@@ -10,7 +10,7 @@ from .pruning.masks import sparsity_of
 
 def audit(loaded: LoadedModel) -> dict:
     """DESIGN §6 `audit --json` object. `consistent` is None when there is nothing to compare with."""
-    layers, total_w, total_z = [], 0, 0
+    layers = []
     for name, module in loaded.model.named_modules():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
@@ -32,13 +32,8 @@ def audit(loaded: LoadedModel) -> dict:
             count = int((p.detach()[~mask.bool()] != 0).sum())
             if count:
                 regrown[pname] = count
-    prunable = [l for l in layers if f"{l['name']}.weight" in masks] if masks else []
-    if masks:
-        total_w = sum(l["weights"] for l in prunable)
-        total_z = sum(l["zeros"] for l in prunable)
-    else:
-        total_w = sum(l["weights"] for l in layers)
-        total_z = sum(l["zeros"] for l in layers)
+    counted = [l for l in layers if not masks or f"{l['name']}.weight" in masks]  # the masked layers, else all
+    total_w, total_z = sum(l["weights"] for l in counted), sum(l["zeros"] for l in counted)
     sparsity = total_z / total_w if total_w else 0.0
     consistent = None
     problems = []

@@ -10,6 +10,7 @@ import torch
 
 from .data import TransformedDataset, load_data
 from .device import resolve_device
+from .errors import MisbenchError
 from .extract import make_loader
 from .fileio import atomic_path, write_json
 from .models import LoadedModel
@@ -53,8 +54,6 @@ def evaluate_model(loaded: LoadedModel, data: str, batch_size: int = 64, workers
         for x, y, _index, ok in make_loader(dataset, batch_size, workers, dev):
             if not ok.all():
                 bad = [source.path(int(i)) for i, good in zip(_index, ok) if not good]
-                from .errors import MisbenchError
-
                 raise MisbenchError(f"unreadable images: {', '.join(bad)}")
             out = model(x.to(dev))
             logits.append((out[0] if isinstance(out, (tuple, list)) else out).float().cpu().numpy())

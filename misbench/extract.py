@@ -133,6 +133,8 @@ def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: Extract
         _run(model, source, requests, settings, pre, writer, stop, device, progress)
         if size == 1:
             writer.finish()
+        else:
+            writer.commit()  # rank 0 finishes the merged file
     finally:
         writer.close()
     if size > 1:

@@ -2,6 +2,7 @@
 
 __all__ = ["RowImages", "similarity_transform"]
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +38,17 @@ class RowImages(torch.utils.data.Dataset):
 
     def _check_paths(self, acts):
         stored = acts.paths
-        for row in self.rows[:50]:
+        for row in np.unique(np.linspace(0, len(stored) - 1, 50).astype(np.int64)):  # a spread over the file
             i = int(self.index[row])
             if i >= len(self.source) or self.source.path(i) != stored[row]:
                 raise MisbenchError(f"{acts.attrs['data_root']} has changed since extraction: row {row} was "
                                     f"{stored[row]!r}; re-extract or restore the folder")
+
+    def with_rows(self, rows) -> "RowImages":
+        """The same images source for other rows (no dataset reload)."""
+        other = copy.copy(self)
+        other.rows = np.asarray(rows, dtype=np.int64)
+        return other
 
     def __len__(self):
         return len(self.rows)

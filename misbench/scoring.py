@@ -218,13 +218,14 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
         acts_sha = sha256_file(acts_path)
         scored = [r for r in results if r["tasks"] is not None]
         cache, t_embed, done = None, 0.0, 0
+        all_images = RowImages(acts, np.zeros(0, np.int64), settings.image_size)  # the dataset, opened once
         # units in chunks: memory holds the embeddings of one chunk's images, never the dataset's
         for first in range(0, len(scored), settings.chunk_units):
             chunk = scored[first:first + settings.chunk_units]
             needed = np.unique(np.concatenate([np.concatenate([r["tasks"].pos_expl.ravel(), r["tasks"].neg_expl.ravel(),
                                                                r["tasks"].pos_query, r["tasks"].neg_query])
                                                for r in chunk]))
-            images = RowImages(acts, needed, settings.image_size)
+            images = all_images.with_rows(needed)
             t1 = time.time()
             if settings.engine == "embed":
                 if cache_dir and cache is None:

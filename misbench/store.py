@@ -4,6 +4,7 @@ __all__ = ["ActivationWriter", "ActivationFile", "open_activations", "partial_pa
            "merge_activation_parts", "SCHEMA"]
 
 import json
+import time
 from pathlib import Path
 
 import h5py
@@ -14,6 +15,7 @@ from .errors import MisbenchError
 SCHEMA = "misbench-activations"
 SCHEMA_VERSION = 1
 ROW_CHUNK = 256
+TOPK_COMMIT_SECONDS = 60.0  # how often a top-k extraction makes its progress resumable
 
 
 def partial_path(out) -> Path:
@@ -38,7 +40,12 @@ def _chunk(units: int) -> tuple:
 
 
 class ActivationWriter:
-    """Appends rows batch by batch; every flush leaves a resumable file."""
+    """Appends rows batch by batch; every commit leaves a resumable file.
+
+    Without top-k layers every batch is committed. Top-k state (units x K per layer, rewritten
+    whole) is committed every TOPK_COMMIT_SECONDS at most: rows appended since the last commit
+    are beyond `rows_written`, so a resume truncates them and extracts them again.
+    """
 
     def __init__(self, path, attrs: dict | None = None, resume: bool = False, start: int = 0):
         self.path = Path(path)
@@ -64,14 +71,17 @@ class ActivationWriter:
             images.create_dataset("label", (0,), np.int64, maxshape=(None,), chunks=(4096,))
             self.h5.create_group("outputs")
             self.h5.create_group("layers")
+        self._rows, self._next = int(self.h5.attrs["rows_written"]), int(self.h5.attrs["next_index"])
+        self._skipped, self._topk, self._last_commit = [], None, time.monotonic()
 
     @property
     def rows(self) -> int:
-        return int(self.h5.attrs["rows_written"])
+        """Rows appended (committed or not)."""
+        return self._rows
 
     @property
     def next_index(self) -> int:
-        return int(self.h5.attrs["next_index"])
+        return self._next
 
     def _datasets(self):
         yield from self.h5["images"].values()
@@ -117,8 +127,7 @@ class ActivationWriter:
     def append(self, index, paths, labels, logits, layers: dict, layer_attrs: dict, dtype, next_index: int,
                skipped: list[str] = (), topk: dict | None = None) -> None:
         """Write one batch: `layers` maps layer name -> [B, U] array; `topk` layer name -> TopK state."""
-        n0, b = self.rows, len(index)
-        end = n0 + b
+        n0, end = self._rows, self._rows + len(index)
         for name, values in (("index", index), ("path", paths), ("label", labels)):
             ds = self.h5["images"][name]
             ds.resize(end, axis=0)
@@ -134,18 +143,32 @@ class ActivationWriter:
             ds = self._ensure(group, "activations", values.shape[1], dtype)
             ds.resize(end, axis=0)
             ds[n0:end] = values
-        for name, state in (topk or {}).items():
-            self._write_topk(name, state, dtype, layer_attrs[name])
+        self._rows, self._next = end, next_index
+        self._skipped += list(skipped)
         if topk:
-            self.h5.attrs["topk_rows"] = end
-        if skipped:
-            self.h5.attrs["skipped_paths"] = json.dumps(json.loads(self.h5.attrs["skipped_paths"]) + list(skipped))
-        self.h5.attrs["rows_written"] = end
-        self.h5.attrs["next_index"] = next_index
+            self._topk = (topk, dtype, layer_attrs)
+        if not topk or time.monotonic() - self._last_commit >= TOPK_COMMIT_SECONDS:
+            self.commit()
+
+    def commit(self) -> None:
+        """Make everything appended so far part of the resumable file."""
+        if self._topk is not None:
+            states, dtype, layer_attrs = self._topk
+            for name, state in states.items():
+                self._write_topk(name, state, dtype, layer_attrs[name])
+            self.h5.attrs["topk_rows"] = self._rows
+            self._topk = None
+        if self._skipped:
+            self.h5.attrs["skipped_paths"] = json.dumps(json.loads(self.h5.attrs["skipped_paths"]) + self._skipped)
+            self._skipped = []
+        self.h5.attrs["rows_written"] = self._rows
+        self.h5.attrs["next_index"] = self._next
         self.h5.flush()
+        self._last_commit = time.monotonic()
 
     def finish(self, block: int = 4096) -> None:
         """Per-unit stats, then complete=True."""
+        self.commit()
         rows = max(self.rows, 1)
         for group in self.h5["layers"].values():
             if "activations" in group:
@@ -202,10 +225,9 @@ def merge_activation_parts(parts: list, target, block: int = 4096) -> None:
     k = json.loads(attrs["settings"]).get("keep")
     for name, (dtype, states) in topk_parts.items():
         writer._write_topk(name, merge_topk(name, states, int(k.partition(":")[2])), dtype, layer_attrs[name])
-    writer.h5.attrs["skipped_paths"] = json.dumps(skipped)
-    writer.h5.attrs["next_index"] = next_index
     if topk_parts:
         writer.h5.attrs["topk_rows"] = writer.rows
+    writer._next, writer._skipped = next_index, skipped
     writer.finish()
     writer.close()
 

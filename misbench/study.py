@@ -194,9 +194,9 @@ class Study:
 
     def _report(self):
         from .reports.classwise import classwise_report
-        from .reports.gallery import choose_units, unit_gallery
+        from .reports.gallery import unit_galleries
         from .reports.html import Section, write_html
-        from .reports.sweep import sweep_report
+        from .reports.sweep import sweep_report, sweep_section
         from .reports.tables import read_scores
 
         report_dir = self.out / "report"
@@ -204,9 +204,7 @@ class Study:
         sweep = sweep_report(self.write_runs_csv(), report_dir, self.config["study"]["seed"])
         layer = self.config["report"]["classwise_layer"]
         classwise = {}
-        sections = [Section("MIS and accuracy against pruning rate", images=sweep["figures"],
-                            tables=["sweep.csv"] + (["layers.csv"] if (report_dir / "layers.csv").exists() else []),
-                            data={k: v for k, v in sweep.items() if k.startswith("correlation")})]
+        sections = [sweep_section(sweep, report_dir)]
         for run in self.runs:
             d = self.run_dir(run)
             scores = read_scores(d / "mis.csv")
@@ -221,11 +219,9 @@ class Study:
                                                                               "correlation_accuracy_mis")}))
         first = self.runs[0]
         d = self.run_dir(first)
-        (report_dir / "units").mkdir(exist_ok=True)
-        for unit_layer, unit, why in choose_units(read_scores(d / "mis.csv"), self.config["report"]["units"]):
-            name = f"units/{first.name}_{unit_layer}_{unit}.png"
-            unit_gallery(d / "tasks.h5", d / "acts.h5", unit_layer, unit, report_dir / name)
-            sections.append(Section(f"Unit {unit_layer}:{unit} of {first.name} ({why})", images=[name]))
+        for name, caption in unit_galleries(report_dir, read_scores(d / "mis.csv"), d / "tasks.h5", d / "acts.h5",
+                                            self.config["report"]["units"], prefix=f"{first.name}_"):
+            sections.append(Section(f"Unit {caption} of {first.name}", images=[name]))
         write_json(report_dir / "classwise_summary.json", classwise)
         write_html(report_dir, f"misbench study: {self.config['study']['name']}", sections)
 

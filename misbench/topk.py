@@ -34,11 +34,10 @@ class TopK:
 
     def __init__(self, layer: str, units: int, k: int, state: dict | None = None):
         self.layer, self.units, self.k = layer, units, k
-        empty_v, empty_i = np.empty((units, 0)), np.empty((units, 0), np.int64)
         state = state or {}
-        self.top = tuple(state.get(f"top_{n}", e) for n, e in (("value", empty_v), ("index", empty_i), ("item", empty_i)))
-        self.bottom = tuple(state.get(f"bottom_{n}", e) for n, e in (("value", empty_v), ("index", empty_i),
-                                                                      ("item", empty_i)))
+        empty = {"value": np.empty((units, 0)), "index": np.empty((units, 0), np.int64),
+                 "item": np.empty((units, 0), np.int64)}
+        self.top, self.bottom = (tuple(state.get(f"{side}_{n}", e) for n, e in empty.items()) for side in ("top", "bottom"))
         self.sum = state.get("sum", np.zeros(units))
 
     def update(self, values: np.ndarray, rows: np.ndarray, items: np.ndarray) -> None:

@@ -191,3 +191,29 @@ def test_missing_directory_is_a_clear_error(tmp_path):
     loaded = load_model("mini_inception", num_classes=3)
     with pytest.raises(MisbenchError, match="neither an existing directory"):
         extract(loaded, str(tmp_path / "nope"), tmp_path / "a.h5", ExtractSettings(layers=("softmax",)))
+
+
+@pytest.mark.parametrize("commit_seconds", [0.0, 3600.0])
+def test_topk_extraction_resumes_to_the_same_file(tmp_path, image_folder, monkeypatch, commit_seconds):
+    import misbench.store
+
+    monkeypatch.setattr(misbench.store, "TOPK_COMMIT_SECONDS", commit_seconds)  # every batch / never mid-run
+    torch.manual_seed(0)
+    loaded = load_model("mini_inception", num_classes=3)
+    settings = ExtractSettings(layers=("conv1.bn", "softmax"), batch_size=5, keep="topk:6")
+    full = extract(loaded, str(image_folder), tmp_path / "full.h5", settings)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(done, total):
+        if done >= 15:
+            raise Stop
+
+    target = tmp_path / "resumed.h5"
+    with pytest.raises(Stop):
+        extract(loaded, str(image_folder), target, settings, progress=interrupt)
+    with h5py.File(partial_path(target), "r") as h5:
+        assert h5.attrs["rows_written"] == (15 if commit_seconds == 0 else 0)
+    extract(loaded, str(image_folder), target, settings, resume=True)
+    _same_contents(full, target)

@@ -10,6 +10,7 @@ import torch
 from .. import distributed
 from ..checkpoint import build_checkpoint, load_checkpoint_dict, save_checkpoint
 from ..data import load_data
+from ..device import resolve_device
 from ..errors import MisbenchError
 from ..models import LoadedModel
 from ..training import Trainer, TrainSettings
@@ -31,8 +32,6 @@ def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: 
     Under torchrun: data-parallel retraining (DDP); masks are rank 0's on every rank; rank 0 writes.
     """
     out = Path(out)
-    from ..device import resolve_device
-
     distributed.ensure_initialized(resolve_device(train.device))
     main = distributed.is_main()
     partial = partial_checkpoint_path(out)

@@ -1,6 +1,8 @@
 """Pictures of units: the explanations and queries of their tasks, with the decision."""
 
-__all__ = ["choose_units", "unit_gallery"]
+__all__ = ["choose_units", "unit_gallery", "unit_galleries"]
+
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -65,3 +67,14 @@ def unit_gallery(tasks_h5, acts_path, layer: str, unit: int, out_png, n_tasks: i
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return {"layer": layer, "unit": unit, "deltas": [float(d) for d in g["delta"][:n_tasks]]}
+
+
+def unit_galleries(out_dir, scores: list[dict], tasks_h5, acts_path, extra=(), prefix: str = "") -> list[tuple[str, str]]:
+    """Pictures of the chosen units under out_dir/units/: [(relative path, caption)]."""
+    (Path(out_dir) / "units").mkdir(parents=True, exist_ok=True)
+    made = []
+    for layer, unit, why in choose_units(scores, extra):
+        name = f"units/{prefix}{layer.replace('/', '_')}_{unit}.png"
+        unit_gallery(tasks_h5, acts_path, layer, unit, Path(out_dir) / name)
+        made.append((name, f"{layer}:{unit} ({why})"))
+    return made

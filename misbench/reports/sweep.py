@@ -1,6 +1,6 @@
 """MIS and accuracy against pruning rate across runs (DESIGN §9; the seed's Figs. 1, 3, 4, 5)."""
 
-__all__ = ["sweep_report", "read_runs", "SWEEP_COLUMNS", "training_curves"]
+__all__ = ["sweep_report", "read_runs", "SWEEP_COLUMNS", "training_curves", "write_curves", "sweep_section"]
 
 import json
 from pathlib import Path
@@ -87,6 +87,23 @@ def training_curves(runs: list[dict]) -> list[dict]:
     return curves
 
 
+def write_curves(curves: list[dict], out_dir) -> None:
+    """curves.png and curves.csv (name, epoch, step, val_top1)."""
+    curves_figure(curves, Path(out_dir) / "curves.png")
+    write_csv(Path(out_dir) / "curves.csv", [{"name": c["name"], "epoch": x, "step": s, "val_top1": v}
+                                             for c in curves for x, s, v in zip(c["x"], c["steps"], c["val_top1"])],
+              ["name", "epoch", "step", "val_top1"])
+
+
+def sweep_section(summary: dict, out_dir):
+    """The report.html section of a sweep written into out_dir."""
+    from .html import Section
+
+    tables = ["sweep.csv"] + (["layers.csv"] if (Path(out_dir) / "layers.csv").exists() else [])
+    return Section("MIS and accuracy against pruning rate", images=summary["figures"], tables=tables,
+                   data={k: v for k, v in summary.items() if k.startswith("correlation")})
+
+
 def sweep_report(runs_csv, out_dir, seed: int = 0) -> dict:
     out_dir = Path(out_dir)
     runs = read_runs(runs_csv)
@@ -120,11 +137,8 @@ def sweep_report(runs_csv, out_dir, seed: int = 0) -> dict:
         figures.append("layers.png")
     curves = training_curves(runs)
     if curves:
-        curves_figure(curves, out_dir / "curves.png")
+        write_curves(curves, out_dir)
         figures.append("curves.png")
-        write_csv(out_dir / "curves.csv", [{"name": c["name"], "epoch": x, "step": s, "val_top1": v}
-                                          for c in curves for x, s, v in zip(c["x"], c["steps"], c["val_top1"])],
-                  ["name", "epoch", "step", "val_top1"])
     summary = {"n_runs": len(runs), "runs": str(runs_csv),
                "correlation_rate_mis_confidence": correlation(rates, values("mis_confidence"), seed),
                "correlation_rate_mis": correlation(rates, values("mis"), seed),
