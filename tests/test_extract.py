@@ -110,22 +110,28 @@ def _same_contents(a, b):
             assert ca[key].tobytes() == cb[key].tobytes(), key
 
 
+class Stop(Exception):
+    pass
+
+
+def interrupted_extract(loaded, folder, target, settings, after: int):
+    """An extraction stopped (as by Ctrl-C) once `after` images are done."""
+    def interrupt(done, total):
+        if done >= after:
+            raise Stop
+
+    with pytest.raises(Stop):
+        extract(loaded, str(folder), target, settings, progress=interrupt)
+
+
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, image_folder):
     torch.manual_seed(0)
     loaded = load_model("mini_inception", num_classes=3)
     settings = ExtractSettings(layers=("conv", "softmax"), batch_size=5, resize=32, crop=32)
     full = extract(loaded, str(image_folder), tmp_path / "full.h5", settings)
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(done, total):
-        if done >= 10:
-            raise Stop
-
     target = tmp_path / "resumed.h5"
-    with pytest.raises(Stop):
-        extract(loaded, str(image_folder), target, settings, progress=interrupt)
+    interrupted_extract(loaded, image_folder, target, settings, after=10)
     assert not target.exists() and partial_path(target).exists()
     with pytest.raises(MisbenchError, match="--resume"):
         open_activations(target)
@@ -203,16 +209,8 @@ def test_topk_extraction_resumes_to_the_same_file(tmp_path, image_folder, monkey
     settings = ExtractSettings(layers=("conv1.bn", "softmax"), batch_size=5, keep="topk:6")
     full = extract(loaded, str(image_folder), tmp_path / "full.h5", settings)
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(done, total):
-        if done >= 15:
-            raise Stop
-
     target = tmp_path / "resumed.h5"
-    with pytest.raises(Stop):
-        extract(loaded, str(image_folder), target, settings, progress=interrupt)
+    interrupted_extract(loaded, image_folder, target, settings, after=15)
     with h5py.File(partial_path(target), "r") as h5:
         assert h5.attrs["rows_written"] == (15 if commit_seconds == 0 else 0)
     extract(loaded, str(image_folder), target, settings, resume=True)
