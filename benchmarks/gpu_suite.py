@@ -4,8 +4,13 @@ Measures: extraction images/s (GoogLeNet, batch 256, all conv units + softmax, v
 loop on the same loader), embedding images/s per similarity backend (random trunks: no weights
 needed), MIS units/s (embedding engine, FAISS GPU index when available), and a DDP-ready training
 step (MiniInception and GoogLeNet with masks enforced, AMP). Data are generated in memory.
+
+    python benchmarks/gpu_suite.py [--json FILE]            # the suite, on CUDA
+    python benchmarks/gpu_suite.py --device cpu --quick     # the same code at toy sizes (tested)
 """
 
+import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -19,67 +24,91 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from misbench.data import ArraySource, TransformedDataset  # noqa: E402
+from misbench.device import autocast, prepare_model, to_device  # noqa: E402
 from misbench.extract import ExtractSettings, extract, make_loader  # noqa: E402
 from misbench.models import load_model  # noqa: E402
 from misbench.preprocess import Preprocess, build_transform  # noqa: E402
 
 
-def timed(fn, sync=True):
-    if sync and torch.cuda.is_available():
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """The workload; --quick shrinks it to seconds on a CPU so that tests run every line of the suite."""
+    extract_images: int = 4096
+    extract_batch: int = 256
+    extract_crop: int = 224
+    embed_images: int = 8192
+    embed_batch: int = 512
+    embed_size: int = 64
+    mis_units: int = 2000
+    mis_images: int = 4000
+    train_steps: int = 20
+    train_batch: tuple = (128, 512)  # GoogLeNet, MiniInception
+    train_crop: int = 224
+    workers: int = 8
+
+
+QUICK = Sizes(extract_images=48, extract_batch=16, extract_crop=64, embed_images=32, embed_batch=16, embed_size=32,
+              mis_units=6, mis_images=400, train_steps=2, train_batch=(4, 16), train_crop=64, workers=0)
+
+
+def timed(device, fn):
+    if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     result = fn()
-    if sync and torch.cuda.is_available():
+    if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0, result
 
 
-def bench_extraction(rows, n=4096, batch=256, workers=8):
+def bench_extraction(rows, device, sizes):
+    n, batch, crop = sizes.extract_images, sizes.extract_batch, sizes.extract_crop
     rng = np.random.default_rng(0)
-    source = ArraySource("generated", rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8), rng.integers(0, 1000, n),
+    source = ArraySource("generated", rng.integers(0, 256, (n, crop, crop, 3), dtype=np.uint8), rng.integers(0, 1000, n),
                          [str(c) for c in range(1000)])
     loaded = load_model("googlenet")
-    loaded.preprocess = Preprocess(224, 224)
-    model = loaded.model.cuda().eval().to(memory_format=torch.channels_last)
-    dataset = TransformedDataset(source, build_transform(loaded.preprocess), (3, 224, 224))
+    loaded.preprocess = Preprocess(crop, crop)
+    model = prepare_model(loaded.model, device).eval()
+    dataset = TransformedDataset(source, build_transform(loaded.preprocess), (3, crop, crop))
 
     def bare():
         with torch.inference_mode():
-            for x, *_ in make_loader(dataset, batch, workers, torch.device("cuda")):
-                model(x.cuda(non_blocking=True).contiguous(memory_format=torch.channels_last))
+            for x, *_ in make_loader(dataset, batch, sizes.workers, device):
+                model(to_device(x, device))
 
     bare()  # warm-up (cuDNN autotuning, worker start)
-    t_bare, _ = timed(bare)
-    rows.append(("forward loop GoogLeNet fp32, batch 256", n / t_bare, "img/s"))
+    t_bare, _ = timed(device, bare)
+    rows.append((f"forward loop GoogLeNet fp32, batch {batch}", n / t_bare, "img/s"))
     for amp in (False, True):
         with tempfile.TemporaryDirectory() as tmp:
-            settings = ExtractSettings(layers=("conv", "softmax"), batch_size=batch, workers=workers, device="cuda",
-                                       amp=amp, dtype="float16")
-            t, _ = timed(lambda: extract(loaded, source, Path(tmp) / "a.h5", settings))
-        rows.append((f"extract GoogLeNet conv+softmax{' AMP' if amp else ''}, batch 256", n / t, "img/s"))
+            settings = ExtractSettings(layers=("conv", "softmax"), batch_size=batch, workers=sizes.workers,
+                                       device=str(device), amp=amp, dtype="float16")
+            t, _ = timed(device, lambda: extract(loaded, source, Path(tmp) / "a.h5", settings))
+        rows.append((f"extract GoogLeNet conv+softmax{' AMP' if amp else ''}, batch {batch}", n / t, "img/s"))
         if not amp:
             rows.append(("extract / bare forward (time ratio)", t / t_bare, "x"))
 
 
-def bench_embeddings(rows, n=8192, size=64, batch=512):
+def bench_embeddings(rows, device, sizes):
     from misbench.similarity import build_backend
     from misbench.similarity.deepfeat import DeepFeatBackend
     from misbench.similarity.lpips import LpipsBackend
 
-    x = torch.rand(batch, 3, size, size, device="cuda")
+    n, batch, size = sizes.embed_images, sizes.embed_batch, sizes.embed_size
+    x = to_device(torch.rand(batch, 3, size, size), device)
     backends = {f"lpips-{net}": LpipsBackend(net, pretrained=False) for net in ("alex", "vgg", "squeeze")}
     backends["deepfeat:mobilenet_v2"] = DeepFeatBackend("mobilenet_v2", model=torchvision.models.mobilenet_v2())
     backends["pixel"] = build_backend("pixel")
     for name, backend in backends.items():
-        backend = backend.cuda().eval()
+        backend = prepare_model(backend, device).eval()
         for amp in (False, True):
-            with torch.autocast("cuda", enabled=amp):
+            with torch.inference_mode(), autocast(device, amp):
                 backend.embed(x)
-                t, _ = timed(lambda: [backend.embed(x) for _ in range(n // batch)])
+                t, _ = timed(device, lambda: [backend.embed(x) for _ in range(n // batch)])
             rows.append((f"embed {name} {size}px{' AMP' if amp else ''}", n / t, "img/s"))
 
 
-def bench_mis(rows, units=2000, n=4000):
+def bench_mis(rows, device, sizes):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from _common import generated_folder
     from conftest import write_acts
@@ -87,36 +116,39 @@ def bench_mis(rows, units=2000, n=4000):
     from misbench.scoring import ScoreSettings, score
     from misbench.similarity.lpips import LpipsBackend
 
+    units, n = sizes.mis_units, sizes.mis_images
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = generated_folder(tmp / "images", n, size=64)
         acts = write_acts(tmp / "acts.h5", folder, {"l": np.random.default_rng(0).normal(size=(n, units))})
         backend = LpipsBackend("alex", pretrained=False)
-        settings = ScoreSettings(similarity="lpips-alex", device="cuda", batch_size=512, workers=8, n_boot=200)
-        t, meta = timed(lambda: score(acts, ["l"], settings, tmp / "mis.csv", backend=backend))
+        settings = ScoreSettings(similarity="lpips-alex", device=str(device), batch_size=sizes.embed_batch,
+                                 workers=sizes.workers, n_boot=200)
+        t, meta = timed(device, lambda: score(acts, ["l"], settings, tmp / "mis.csv", backend=backend))
         rows.append((f"MIS lpips-alex, {units} units x 20 tasks (incl. embedding {n} images)", units / t, "units/s"))
         rows.append(("  of which embedding", meta["timing"]["embed_s"], "s"))
 
 
-def bench_training(rows, steps=20):
+def bench_training(rows, device, sizes):
     from misbench.archs import MiniInception
     from misbench.pruning import PruneSettings, apply_masks, compute_masks
     from misbench.training import MaskEnforcer
 
-    for name, model, size, batch in (("GoogLeNet", torchvision.models.googlenet(aux_logits=True, init_weights=False), 224, 128),
-                                     ("MiniInception", MiniInception(10, width=32), 32, 512)):
-        model = model.cuda().train()
+    googlenet = torchvision.models.googlenet(aux_logits=True, init_weights=False)
+    for (name, model, size), batch in zip((("GoogLeNet", googlenet, sizes.train_crop),
+                                           ("MiniInception", MiniInception(10, width=32), 32)), sizes.train_batch):
+        model = prepare_model(model, device).train()
         masks = compute_masks(model, PruneSettings("connection", 0.5), 0.5, ())
         apply_masks(model, masks)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-        scaler = torch.amp.GradScaler("cuda")
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
         enforcer = MaskEnforcer(model, masks)
-        x = torch.randn(batch, 3, size, size, device="cuda")
-        y = torch.randint(0, 10, (batch,), device="cuda")
+        x = to_device(torch.randn(batch, 3, size, size), device)
+        y = to_device(torch.randint(0, 10, (batch,)), device)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            with torch.autocast("cuda"):
+            with autocast(device, True):
                 out = model(x)
                 out = out[0] if isinstance(out, tuple) else out
                 loss = torch.nn.functional.cross_entropy(out, y)
@@ -127,29 +159,40 @@ def bench_training(rows, steps=20):
 
         for _ in range(3):
             step()
-        t, _ = timed(lambda: [step() for _ in range(steps)])
-        rows.append((f"train step {name} AMP, masks enforced, batch {batch}", steps * batch / t, "img/s"))
+        t, _ = timed(device, lambda: [step() for _ in range(sizes.train_steps)])
+        if not all(bool((p[~m.to(p.device)] == 0).all()) for p, m in
+                   ((dict(model.named_parameters())[k], m) for k, m in masks.items())):
+            raise AssertionError("a pruned weight is non-zero after training steps")
+        rows.append((f"train step {name} AMP, masks enforced, batch {batch}", sizes.train_steps * batch / t, "img/s"))
 
 
-def main():
-    if not torch.cuda.is_available():
-        print("no CUDA device: the GPU suite needs one")
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--quick", action="store_true", help="toy sizes: checks that every part runs")
+    parser.add_argument("--json", help="also write the table here")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: the GPU suite needs one (--device cpu --quick runs its code on CPU)")
         return 1
-    rows = [("device", torch.cuda.get_device_name(0), "")]
+    device, sizes = torch.device(args.device), QUICK if args.quick else Sizes()
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    rows, failed = [("device", name, "")], False
     for bench in (bench_extraction, bench_embeddings, bench_mis, bench_training):
         t0 = time.time()
         try:
-            bench(rows)
+            bench(rows, device, sizes)
         except Exception as err:  # one failing part should not hide the others
             rows.append((f"{bench.__name__} FAILED", f"{type(err).__name__}: {err}", ""))
+            failed = True
         print(f"# {bench.__name__}: {time.time() - t0:.0f} s", flush=True)
     width = max(len(r[0]) for r in rows)
-    for name, value, unit in rows:
+    for label, value, unit in rows:
         text = f"{value:,.1f}" if isinstance(value, float) else str(value)
-        print(f"{name:<{width}}  {text:>14} {unit}")
-    if len(sys.argv) > 1:
-        Path(sys.argv[1]).write_text(json.dumps(rows, indent=1))
-    return 0
+        print(f"{label:<{width}}  {text:>14} {unit}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

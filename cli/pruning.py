@@ -22,7 +22,7 @@ def training_options(func):
         click.option("--val-limit", type=int, default=None, help="Only the first N validation images."),
         click.option("--workers", default=0, show_default=True),
         click.option("--device", default="auto", show_default=True),
-        click.option("--no-amp", is_flag=True, help="No mixed precision on CUDA."),
+        click.option("--no-amp", is_flag=True, help="Train in float32 on CUDA too (CPU training is always float32)."),
         click.option("--no-augment", is_flag=True, help="No random flips/crops in training."),
         click.option("--resize", type=int, default=None,
                      help="Override the model's preprocessing resize (stored in the checkpoint)."),

@@ -14,7 +14,9 @@ from .models import CHECKPOINT_FORMAT, LoadedModel
 
 def build_checkpoint(loaded: LoadedModel, model: torch.nn.Module, masks: dict, pruning: dict | None, training: dict,
                      parent: dict, resume: dict | None = None) -> dict:
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    # plain CPU tensors in the standard layout, whatever device and memory format training used
+    state = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+             for k, v in model.state_dict().items()}
     ckpt = {
         "format": CHECKPOINT_FORMAT, "version": 1, "misbench_version": __version__,
         "arch": loaded.arch, "arch_kwargs": dict(loaded.arch_kwargs), "num_classes": loaded.num_classes,

@@ -28,11 +28,19 @@ def ensure_initialized(device: torch.device | None = None) -> None:
     dist.init_process_group(backend="nccl" if cuda else "gloo")
 
 
+def _collective_device():
+    """NCCL only reduces CUDA tensors; gloo reduces CPU tensors."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        device = _collective_device()
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def block(n: int, rank: int, size: int) -> tuple[int, int]:
@@ -47,9 +55,9 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
     if not (dist.is_available() and dist.is_initialized()):
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 def broadcast_object(obj):

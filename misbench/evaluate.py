@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .data import TransformedDataset, load_data
-from .device import resolve_device
+from .device import prepare_model, resolve_device, to_device
 from .errors import MisbenchError
 from .extract import make_loader
 from .fileio import atomic_path, write_json
@@ -45,7 +45,7 @@ def evaluate_model(loaded: LoadedModel, data: str, batch_size: int = 64, workers
                    limit: int | None = None, progress=None) -> dict:
     source = load_data(data)
     dev = resolve_device(device)
-    model = loaded.model.to(dev).eval()
+    model = prepare_model(loaded.model, dev).eval()
     pre = loaded.preprocess
     total = len(source) if limit is None else min(limit, len(source))
     dataset = TransformedDataset(source, build_transform(pre), (3, pre.crop, pre.crop), 0, total)
@@ -55,7 +55,7 @@ def evaluate_model(loaded: LoadedModel, data: str, batch_size: int = 64, workers
             if not ok.all():
                 bad = [source.path(int(i)) for i, good in zip(_index, ok) if not good]
                 raise MisbenchError(f"unreadable images: {', '.join(bad)}")
-            out = model(x.to(dev))
+            out = model(to_device(x, dev))
             logits.append((out[0] if isinstance(out, (tuple, list)) else out).float().cpu().numpy())
             labels.append(y.numpy())
             done += len(y)

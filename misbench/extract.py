@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .data import ImageSource, TransformedDataset, load_data
-from .device import resolve_device
+from .device import autocast, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
 from .fileio import utc_now
 from .hooks import FeatureHooks, resolve_layers
@@ -151,9 +151,7 @@ def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: Extract
 
 
 def _run(model, source, requests, settings, pre, writer, total, device, progress):
-    model = model.to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(model, device).eval()
     dataset = TransformedDataset(source, build_transform(pre), (3, pre.crop, pre.crop), writer.next_index, total)
     loader = make_loader(dataset, settings.batch_size, settings.workers, device)
     module_names = [r.module for r in requests if r.module]
@@ -164,7 +162,6 @@ def _run(model, source, requests, settings, pre, writer, total, device, progress
     done = writer.next_index
     if progress:
         progress(done, total)
-    use_amp = settings.amp and device.type == "cuda"
     with FeatureHooks(model, module_names, settings.reduction) as hooks, torch.inference_mode():
         for x, labels, index, ok in loader:
             bad = [source.path(int(i)) or str(int(i)) for i, good in zip(index, ok) if not good]
@@ -175,11 +172,8 @@ def _run(model, source, requests, settings, pre, writer, total, device, progress
                     "--on-bad-image skip to leave them out (their paths are recorded in the file); "
                     "then rerun with --resume."
                 )
-            x = x.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, enabled=use_amp):
-                logits = model(x)
+            with autocast(device, settings.amp):
+                logits = model(to_device(x, device))
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]
             logits = logits.float()

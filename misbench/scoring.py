@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import __version__, distributed
-from .device import resolve_device
+from .device import autocast, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
 from .fileio import atomic_path, sha256_file, utc_now, write_json
 from .images import RowImages
@@ -110,8 +110,8 @@ def embed_rows(backend, images: RowImages, device, batch_size: int, workers: int
         loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
                                              pin_memory=device.type == "cuda")
         for x, _rows in loader:
-            with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-                chunks.append(backend.embed(x.to(device, non_blocking=True)).float().cpu().numpy())
+            with autocast(device, amp):
+                chunks.append(backend.embed(to_device(x, device)).float().cpu().numpy())
             done += len(x)
             if progress:
                 progress(done, len(todo))
@@ -125,7 +125,10 @@ def embed_rows(backend, images: RowImages, device, batch_size: int, workers: int
     if cached is not None:
         emb[hit] = cached
     log.info("embedded %d images (%d from cache), %d dims", len(rows), int(hit.sum()), dim)
-    return EmbeddingIndex(rows, emb, use_gpu=device.type == "cuda")
+    gpu = None
+    if device.type == "cuda":
+        gpu = torch.cuda.current_device() if device.index is None else device.index
+    return EmbeddingIndex(rows, emb, gpu=gpu)
 
 
 class _PairwiseDistances:
@@ -140,8 +143,8 @@ class _PairwiseDistances:
         out = []
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start:start + self.batch_size]
-            x = torch.stack([self.images[q] for q, _ in chunk]).to(self.device)
-            y = torch.stack([self.images[t] for _, t in chunk]).to(self.device)
+            x = to_device(torch.stack([self.images[q] for q, _ in chunk]), self.device)
+            y = to_device(torch.stack([self.images[t] for _, t in chunk]), self.device)
             out.append(self.backend.pair_distance(x, y).float().cpu().numpy())
         return np.concatenate(out).reshape(np.shape(target_rows))
 
@@ -197,7 +200,7 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
         device = resolve_device(settings.device)
         if backend is None:
             backend = build_backend(settings.similarity, image_size=settings.image_size)
-        backend = backend.to(device).eval()
+        backend = prepare_model(backend, device).eval()
         alpha = settings.alpha if settings.alpha is not None else backend.default_alpha
         fingerprint = backend.fingerprint()
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import distributed
 from .data import ImageSource, TransformedDataset
-from .device import resolve_device
+from .device import autocast, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
 from .extract import make_loader
 from .preprocess import Preprocess, build_transform
@@ -71,13 +71,19 @@ def train_transform(pre: Preprocess, augment: bool = True):
                       T.ToTensor(), T.Normalize(pre.mean, pre.std)])
 
 
+def _masked_like(param, grad, mask):
+    """grad * mask with exactly the parameter's strides: DDP's buckets expect them, and for 1x1
+    convolutions in channels-last a plain product differs in the strides of size-1 dimensions."""
+    return torch.mul(grad, mask, out=torch.empty_like(param, dtype=grad.dtype))
+
+
 class MaskEnforcer:
     """Pruned entries stay exactly zero: gradients masked (clean momentum) and weights re-zeroed after each step."""
 
     def __init__(self, model: nn.Module, masks: dict):
         params = dict(model.named_parameters())
         self.pairs = [(params[n], m.to(params[n].device)) for n, m in masks.items()]
-        self._handles = [p.register_hook(lambda g, m=m: g * m) for p, m in self.pairs]
+        self._handles = [p.register_hook(lambda g, p=p, m=m: _masked_like(p, g, m)) for p, m in self.pairs]
 
     @torch.no_grad()
     def enforce(self):
@@ -113,7 +119,7 @@ class Trainer:
         if settings.batch_size % self.size:
             raise MisbenchError(f"--batch-size {settings.batch_size} is the global batch: it must be divisible by "
                                 f"the {self.size} processes")
-        self.model = model.to(self.device)
+        self.model = prepare_model(model, self.device)
         self.masks = masks
         self.epoch = 0
         self.ddp = None
@@ -143,14 +149,19 @@ class Trainer:
             self.val_set = TransformedDataset(val_source, build_transform(pre), (3, pre.crop, pre.crop), 0, n_val)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "generator": self.generator.get_state(), "cpu_rng": torch.get_rng_state(), "epoch": self.epoch}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "generator": self.generator.get_state(), "cpu_rng": torch.get_rng_state(), "epoch": self.epoch}
+        if self.device.type == "cuda":  # dropout draws on the GPU's generator
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["cpu_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.epoch = int(state.get("epoch", 0))
 
     def train_epoch(self, progress=None) -> float:
@@ -172,17 +183,18 @@ class Trainer:
             for k, (x, y, _i, ok) in enumerate(loader):
                 if not ok.all():
                     raise MisbenchError("unreadable training images; fix the data (extract reports paths)")
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                x, y = to_device(x, self.device), to_device(y, self.device)
                 self.optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(self.device.type, enabled=self.use_amp):
+                with autocast(self.device, self.use_amp):
                     _, loss = _logits_and_loss(net, x, y, self.settings.aux_weight)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 enforcer.enforce()
-                if not math.isfinite(loss.item()):
+                value = loss.item()
+                if not math.isfinite(value):
                     raise MisbenchError("training diverged (loss is not finite); lower --lr")
-                total += loss.item() * len(y)
+                total += value * len(y)
                 count += len(y)
                 if progress:
                     progress(k + 1, len(loader))
@@ -202,7 +214,7 @@ class Trainer:
         start, stop = distributed.block(len(self.val_set), self.rank, self.size)
         share = torch.utils.data.Subset(self.val_set, range(start, stop))
         for x, y, _i, _ok in make_loader(share, self.settings.batch_size, self.settings.workers, self.device):
-            out = self.model(x.to(self.device))
+            out = self.model(to_device(x, self.device))
             out = out[0] if isinstance(out, tuple) else out
             correct += (out.argmax(1).cpu() == y).sum().item()
             n += len(y)

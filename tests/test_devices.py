@@ -1,14 +1,17 @@
-"""The CUDA fast paths (channels-last, pinned memory, FAISS GPU index, AMP) run the same code as the
-CPU paths; these tests run on every device present (CPU here, CUDA where there is one)."""
+"""The fast paths (channels-last, pinned memory, FAISS GPU index, mixed precision) are the same code on
+every device; these tests run on every device present (CPU here, CUDA where there is one)."""
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import DEVICES, write_acts
+from misbench.device import AMP_DTYPES, prepare_model, resolve_device, to_device
 from misbench.extract import ExtractSettings, extract
+from misbench.images import RowImages
 from misbench.models import load_model
-from misbench.scoring import ScoreSettings, score
+from misbench.scoring import ScoreSettings, embed_rows, score
+from misbench.similarity.lpips import LpipsBackend
 from misbench.store import open_activations
 
 
@@ -38,3 +41,77 @@ def test_scoring_on_device_matches_the_pairwise_reference(property_folder, tmp_p
     d = [line.split(",")[3] for line in (tmp_path / "d.csv").read_text().splitlines()]
     p = [line.split(",")[3] for line in (tmp_path / "p.csv").read_text().splitlines()]
     assert d == p
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_precision_extraction_is_close_to_float32(tmp_path, image_folder, device):
+    torch.manual_seed(0)
+    loaded = load_model("mini_inception", num_classes=3)
+    settings = dict(layers=("softmax", "conv"), device=device, batch_size=8)
+    exact = extract(loaded, str(image_folder), tmp_path / "exact.h5", ExtractSettings(**settings))
+    mixed = extract(loaded, str(image_folder), tmp_path / "amp.h5", ExtractSettings(**settings, amp=True))
+    # float16 keeps 11 significant bits, bfloat16 8: relative error about 2^-8 per op on CPU
+    tol = 5e-3 if AMP_DTYPES[torch.device(device).type] == torch.float16 else 5e-2
+    with open_activations(exact) as a, open_activations(mixed) as b:
+        assert b.attrs["settings"] != a.attrs["settings"]  # amp is recorded: the files are not interchangeable
+        for name in a.layer_names:
+            x, y = a.activations(name), b.activations(name)
+            assert y.dtype == np.float32 and np.isfinite(y).all()
+            scale = np.abs(x).max()
+            np.testing.assert_allclose(y, x, atol=tol * scale, rtol=0)
+            assert not np.array_equal(x, y) or name == "softmax"  # autocast did run
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_precision_embeddings_keep_the_geometry(image_folder, tmp_path, device):
+    acts = write_acts(tmp_path / "acts.h5", image_folder, {"v": np.zeros((24, 1))})  # 3 classes x 8
+    with open_activations(acts) as f:
+        images = RowImages(f, np.arange(f.n_rows), 32)
+        torch.manual_seed(0)
+        backend = LpipsBackend("alex", pretrained=False).to(resolve_device(device)).eval()
+        exact = embed_rows(backend, images, resolve_device(device), batch_size=8)
+        mixed = embed_rows(backend, images, resolve_device(device), batch_size=8, amp=True)
+    rows = images.rows
+    e, m = exact.vectors(rows), mixed.vectors(rows)
+    assert not np.array_equal(e, m)
+    cos = (e * m).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(m, axis=1)
+    assert cos.min() > 0.999
+    # the nearest neighbours, which decide MIS tasks, barely move
+    d_exact, d_mixed = exact.distances(rows, np.tile(rows, (len(rows), 1))), mixed.distances(rows, np.tile(rows, (len(rows), 1)))
+    agree = (d_exact.argsort(1)[:, 1] == d_mixed.argsort(1)[:, 1]).mean()
+    assert agree > 0.9
+
+
+def test_under_torchrun_each_rank_uses_its_own_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device("cuda:0") == torch.device("cuda", 3)  # an explicit index would stack ranks on one GPU
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_gradients_keep_the_parameter_layout(device):
+    """DDP reduces gradients in buckets laid out like the parameters; a masked gradient with other
+    strides (1x1 convolutions in channels-last) costs a copy per step and a warning."""
+    from misbench.archs import MiniInception
+    from misbench.pruning import PruneSettings, apply_masks, compute_masks
+    from misbench.training import MaskEnforcer
+
+    dev = resolve_device(device)
+    model = prepare_model(MiniInception(3, width=8), dev).train()
+    masks = compute_masks(model, PruneSettings("connection", 0.5), 0.5, ())
+    apply_masks(model, masks)
+    enforcer = MaskEnforcer(model, masks)
+    model(to_device(torch.randn(4, 3, 32, 32), dev)).sum().backward()
+    enforcer.remove()
+    params = dict(model.named_parameters())
+    one_by_one = [n for n in masks if params[n].dim() == 4 and params[n].shape[2:] == (1, 1)]
+    assert one_by_one
+    for name in masks:
+        p = params[name]
+        assert p.grad.stride() == p.stride(), name
+        assert (p.grad[~masks[name].to(dev)] == 0).all(), name

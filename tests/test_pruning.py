@@ -126,6 +126,9 @@ def test_masks_survive_retraining_with_momentum_and_weight_decay(tmp_path, tiny_
     for name, mask in masks.items():
         assert (state[name][~mask] == 0).all(), name
         assert not torch.equal(state[name][mask], before[name][mask]), name  # kept weights trained
+    # trained channels-last; stored in the standard layout that any torch code expects
+    assert loaded.model.conv1.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(t.is_contiguous() for t in state.values())
     assert [h["epoch"] for h in ckpt["training"]["history"]] == [0, 1, 2]
     assert ckpt["training"]["momentum"] == 0.9 and ckpt["parent"]["model"] == "mini_inception"
     reloaded = load_model(str(out))

@@ -66,7 +66,7 @@ def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: 
         if prune and not (trainer_state is not None and step == start_step):
             generator = torch.Generator().manual_seed(prune.seed * 1000 + step)
             masks = {**masks, **compute_masks(model, prune, keep_fraction(prune.rate, step, steps), exclude, masks, generator)}
-            masks = distributed.broadcast_object(masks)
+            masks = distributed.broadcast_object({k: v.cpu() for k, v in masks.items()})
             apply_masks(model, masks)
             log.info("step %d/%d: sparsity %.4f", step, steps, sparsity_of(masks))
         torch.manual_seed(train.seed * 1000 + step)

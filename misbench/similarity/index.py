@@ -16,9 +16,10 @@ def _faiss():
 
 
 class EmbeddingIndex:
-    """Exact L2 index over embeddings keyed by dataset row; GPU index when asked and available."""
+    """Exact L2 index over embeddings keyed by dataset row; a copy on GPU `gpu` serves searches
+    when FAISS was built with GPU support (faiss-gpu)."""
 
-    def __init__(self, rows: np.ndarray, embeddings: np.ndarray, use_gpu: bool = False):
+    def __init__(self, rows: np.ndarray, embeddings: np.ndarray, gpu: int | None = None):
         faiss = _faiss()
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         self.rows = np.asarray(rows, dtype=np.int64)
@@ -27,10 +28,10 @@ class EmbeddingIndex:
         self.cpu = faiss.IndexFlatL2(self.dim)
         self.cpu.add(embeddings)
         self.gpu = None
-        if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        if gpu is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > gpu:
             self._resources = faiss.StandardGpuResources()
-            self.gpu = faiss.index_cpu_to_gpu(self._resources, 0, self.cpu)
-            log.info("FAISS GPU index over %d embeddings", len(self.rows))
+            self.gpu = faiss.index_cpu_to_gpu(self._resources, gpu, self.cpu)
+            log.info("FAISS index over %d embeddings on GPU %d", len(self.rows), gpu)
 
     def __len__(self):
         return len(self.rows)
@@ -45,7 +46,7 @@ class EmbeddingIndex:
 
     def search(self, queries: np.ndarray, k: int):
         """k nearest indexed rows for each query vector: (squared distances, rows)."""
-        index = self.gpu or self.cpu
+        index = self.cpu if self.gpu is None else self.gpu
         dist, pos = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return dist, np.where(pos >= 0, self.rows[np.clip(pos, 0, None)], -1)
 
