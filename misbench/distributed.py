@@ -2,9 +2,15 @@
 
 __all__ = ["world", "is_main", "ensure_initialized", "barrier", "block", "all_reduce_sum", "broadcast_object"]
 
+import datetime
 import os
 
 import torch
+
+# rank 0 merges the ranks' parts while the others wait at a barrier: for ImageNet-train activations
+# that outlasts NCCL's default 10-minute collective timeout
+TIMEOUT_ENV = "MISBENCH_DIST_TIMEOUT_MIN"
+DEFAULT_TIMEOUT_MIN = 120
 
 
 def world() -> tuple[int, int]:
@@ -25,7 +31,8 @@ def ensure_initialized(device: torch.device | None = None) -> None:
     cuda = device is not None and device.type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    minutes = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_MIN))
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=minutes))
 
 
 def _collective_device():

@@ -179,7 +179,7 @@ def _run(model, source, requests, settings, pre, writer, total, device, progress
             logits = logits.float()
             recorded = hooks.collect()
             keep = ok.numpy().astype(bool)
-            layers = {}
+            columns = []
             for req in requests:
                 if req.kind == "logits":
                     values, kind = logits, "logits"
@@ -188,9 +188,13 @@ def _run(model, source, requests, settings, pre, writer, total, device, progress
                 else:
                     values = recorded[req.module].float()
                     kind = "conv" if hooks.dims[req.module] == 4 else "linear"
-                layers[req.name] = values.cpu().numpy()[keep].astype(dtype, copy=False)
+                columns.append(values)
                 layer_attrs.setdefault(req.name, {"module": req.module or "", "kind": kind,
                                                   "n_units": values.shape[1], "reduction": settings.reduction})
+            # one device-to-host copy per batch, not one per layer (GoogLeNet has 58)
+            host = torch.cat([logits, *columns], dim=1).cpu().numpy()[keep]
+            host_logits, bounds = host[:, :logits.shape[1]], np.cumsum([logits.shape[1]] + [c.shape[1] for c in columns])
+            layers = {req.name: host[:, a:b].astype(dtype) for req, a, b in zip(requests, bounds[:-1], bounds[1:])}
             index_np = index.numpy()
             states = {}
             if k:
@@ -202,7 +206,7 @@ def _run(model, source, requests, settings, pre, writer, total, device, progress
                     states[name] = topk[name].state()
                 layers = {}
             writer.append(index_np[keep], [source.path(int(i)) for i in index_np[keep]],
-                          labels.numpy()[keep], logits.cpu().numpy()[keep], layers, layer_attrs, dtype,
+                          labels.numpy()[keep], host_logits, layers, layer_attrs, dtype,
                           next_index=int(index_np[-1]) + 1, skipped=bad, topk=states)
             done = int(index_np[-1]) + 1
             if progress:

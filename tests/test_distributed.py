@@ -148,3 +148,21 @@ def test_ddp_retraining_keeps_masks_and_matches_one_process(setup, tmp_path):
         assert h1["val_top1"] == pytest.approx(h2["val_top1"])
         if h1["train_loss"] is not None:
             assert h1["train_loss"] == pytest.approx(h2["train_loss"], rel=1e-4)
+
+
+def test_process_group_waits_long_enough_for_rank_zero_merges(monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    from misbench import distributed
+
+    seen = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.append(kw))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    distributed.ensure_initialized(torch.device("cpu"))
+    monkeypatch.setenv("MISBENCH_DIST_TIMEOUT_MIN", "5")
+    distributed.ensure_initialized(torch.device("cpu"))
+    assert [s["backend"] for s in seen] == ["gloo", "gloo"]
+    assert seen[0]["timeout"] == datetime.timedelta(hours=2) and seen[1]["timeout"] == datetime.timedelta(minutes=5)
