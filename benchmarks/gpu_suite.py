@@ -2,8 +2,10 @@
 
 Measures: extraction images/s (GoogLeNet, batch 256, all conv units + softmax, vs a bare forward
 loop on the same loader), embedding images/s per similarity backend (random trunks: no weights
-needed), MIS units/s (embedding engine, FAISS GPU index when available), and a DDP-ready training
-step (MiniInception and GoogLeNet with masks enforced, AMP). Data are generated in memory.
+needed), MIS units/s (embedding engine, FAISS GPU index when available), training steps with masks
+enforced (GoogLeNet, MiniInception; AMP), and misbench's collectives with a DDP step in a one-process
+NCCL group. Each part also checks what it measures (masks hold, gradient layouts match DDP's
+buckets, collectives return what they should). Data are generated in memory.
 
     python benchmarks/gpu_suite.py [--json FILE]            # the suite, on CUDA
     python benchmarks/gpu_suite.py --device cpu --quick     # the same code at toy sizes (tested)
@@ -15,6 +17,7 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -129,41 +132,89 @@ def bench_mis(rows, device, sizes):
         rows.append(("  of which embedding", meta["timing"]["embed_s"], "s"))
 
 
-def bench_training(rows, device, sizes):
-    from misbench.archs import MiniInception
+def masked_training_steps(model, device, batch, size, steps):
+    """Seconds for `steps` AMP steps of `model` (plain or DDP-wrapped) with 50 % connection masks enforced."""
     from misbench.pruning import PruneSettings, apply_masks, compute_masks
     from misbench.training import MaskEnforcer
+
+    net = model.module if hasattr(model, "module") else model
+    masks = compute_masks(net, PruneSettings("connection", 0.5), 0.5, ())
+    apply_masks(net, masks)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    enforcer = MaskEnforcer(net, masks)
+    x = to_device(torch.randn(batch, 3, size, size), device)
+    y = to_device(torch.randint(0, 10, (batch,)), device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, True):
+            out = model(x)
+            out = out[0] if isinstance(out, tuple) else out
+            loss = torch.nn.functional.cross_entropy(out, y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        enforcer.enforce()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            step()
+        t, _ = timed(device, lambda: [step() for _ in range(steps)])
+    enforcer.remove()
+    params = dict(net.named_parameters())
+    if not all(bool((params[k][~m.to(device)] == 0).all()) for k, m in masks.items()):
+        raise AssertionError("a pruned weight is non-zero after training steps")
+    strides = [str(w.message) for w in caught if "Grad strides" in str(w.message)]
+    if strides:
+        raise AssertionError(f"masked gradients do not have their parameters' layout: {strides[0][:200]}")
+    return t
+
+
+def bench_training(rows, device, sizes):
+    from misbench.archs import MiniInception
 
     googlenet = torchvision.models.googlenet(aux_logits=True, init_weights=False)
     for (name, model, size), batch in zip((("GoogLeNet", googlenet, sizes.train_crop),
                                            ("MiniInception", MiniInception(10, width=32), 32)), sizes.train_batch):
         model = prepare_model(model, device).train()
-        masks = compute_masks(model, PruneSettings("connection", 0.5), 0.5, ())
-        apply_masks(model, masks)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-        enforcer = MaskEnforcer(model, masks)
-        x = to_device(torch.randn(batch, 3, size, size), device)
-        y = to_device(torch.randint(0, 10, (batch,)), device)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with autocast(device, True):
-                out = model(x)
-                out = out[0] if isinstance(out, tuple) else out
-                loss = torch.nn.functional.cross_entropy(out, y)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            enforcer.enforce()
-
-        for _ in range(3):
-            step()
-        t, _ = timed(device, lambda: [step() for _ in range(sizes.train_steps)])
-        if not all(bool((p[~m.to(p.device)] == 0).all()) for p, m in
-                   ((dict(model.named_parameters())[k], m) for k, m in masks.items())):
-            raise AssertionError("a pruned weight is non-zero after training steps")
+        t = masked_training_steps(model, device, batch, size, sizes.train_steps)
         rows.append((f"train step {name} AMP, masks enforced, batch {batch}", sizes.train_steps * batch / t, "img/s"))
+
+
+def bench_collectives(rows, device, sizes):
+    """misbench's collectives and a DDP step in a one-process group: NCCL on a GPU, gloo on CPU.
+    (Several ranks need several GPUs: MISBENCH_DDP=1 in gpu_suite.sh.)"""
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from misbench import distributed
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        if distributed.all_reduce_sum([1.5, 2.0]) != [1.5, 2.0]:
+            raise AssertionError("all_reduce_sum changed the values of a one-process group")
+        distributed.barrier()
+        if not torch.equal(distributed.broadcast_object({"mask": torch.ones(3, dtype=torch.bool)})["mask"],
+                           torch.ones(3, dtype=torch.bool)):
+            raise AssertionError("broadcast_object changed its object")
+        # no aux heads: this step's loss reads only the main output, and DDP wants every parameter used
+        googlenet = prepare_model(torchvision.models.googlenet(aux_logits=False, init_weights=False), device).train()
+        ids = [device.index or 0] if device.type == "cuda" else None
+        batch = sizes.train_batch[0]
+        t = masked_training_steps(DistributedDataParallel(googlenet, device_ids=ids), device, batch, sizes.train_crop,
+                                  sizes.train_steps)
+        rows.append((f"DDP train step GoogLeNet AMP, 1 process ({backend}), batch {batch}",
+                     sizes.train_steps * batch / t, "img/s"))
+    finally:
+        dist.destroy_process_group()
 
 
 def main(argv=None):
@@ -178,7 +229,7 @@ def main(argv=None):
     device, sizes = torch.device(args.device), QUICK if args.quick else Sizes()
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     rows, failed = [("device", name, "")], False
-    for bench in (bench_extraction, bench_embeddings, bench_mis, bench_training):
+    for bench in (bench_extraction, bench_embeddings, bench_mis, bench_training, bench_collectives):
         t0 = time.time()
         try:
             bench(rows, device, sizes)

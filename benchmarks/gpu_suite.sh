@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite: extraction, embeddings per backend, MIS units/s and a training step on one GPU,
-# printed as a table (about 5 minutes on one H100). Record the figures in docs/performance.md.
+# printed as a table (sized for a few minutes on one H100; not yet timed there). Record the figures
+# in docs/performance.md.
 #   bash benchmarks/gpu_suite.sh [--json results.json]
 # Then the distributed paths on all GPUs of the node (NCCL):
 #   MISBENCH_DDP=1 bash benchmarks/gpu_suite.sh

@@ -25,7 +25,7 @@ def test_gpu_suite_runs_every_part_on_cpu(tmp_path):
     rows = {name: value for name, value, _unit in json.loads(table.read_text())}
     expected = ["forward loop GoogLeNet", "extract GoogLeNet conv+softmax,", "extract GoogLeNet conv+softmax AMP",
                 "embed lpips-alex", "embed lpips-vgg", "embed lpips-squeeze", "embed deepfeat:mobilenet_v2", "embed pixel",
-                "MIS lpips-alex", "train step GoogLeNet AMP", "train step MiniInception AMP"]
+                "MIS lpips-alex", "train step GoogLeNet AMP", "train step MiniInception AMP", "DDP train step GoogLeNet"]
     for prefix in expected:
         values = [v for name, v in rows.items() if name.startswith(prefix)]
         assert values and all(isinstance(v, float) and v > 0 for v in values), prefix
