@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,3 +32,15 @@ def test_gpu_suite_runs_every_part_on_cpu(tmp_path):
         values = [v for name, v in rows.items() if name.startswith(prefix)]
         assert values and all(isinstance(v, float) and v > 0 for v in values), prefix
     assert re.search(r"DDP retraining epoch, GoogLeNet, 32 images, 2 processes on cpu: \d+ s", log)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """The one script a GPU node runs (tests with CUDA among the devices, then the suite) works end to end."""
+    run = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", "--out", str(tmp_path / "check")], cwd=ROOT,
+                         env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert "gpu_check: passed" in run.stdout
+    assert re.search(r"\d+ passed", (tmp_path / "check" / "tests.log").read_text())
+    rows = json.loads((tmp_path / "check" / "suite.json").read_text())
+    assert not [r for r in rows if "FAILED" in r[0]] and len(rows) > 15
