@@ -14,8 +14,8 @@ import torch
 from _common import Timer, generated_folder
 
 from misbench.data import TransformedDataset, load_data
-from misbench.device import prepare_model, to_device
-from misbench.extract import ExtractSettings, extract, make_loader
+from misbench.device import make_loader, prepare_model, to_device
+from misbench.extract import ExtractSettings, extract
 from misbench.models import load_model
 from misbench.preprocess import build_transform
 

@@ -27,8 +27,8 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from misbench.data import ArraySource, TransformedDataset  # noqa: E402
-from misbench.device import autocast, prepare_model, to_device  # noqa: E402
-from misbench.extract import ExtractSettings, extract, make_loader  # noqa: E402
+from misbench.device import autocast, make_loader, prepare_model, to_device  # noqa: E402
+from misbench.extract import ExtractSettings, extract  # noqa: E402
 from misbench.models import load_model  # noqa: E402
 from misbench.preprocess import Preprocess, build_transform  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 import click
 
-from .common import Progress, handle_errors, load_model_from_options, model_options
+from .common import Progress, handle_errors, load_model_from_options, model_options, workers_option
 
 
 @click.command()
@@ -12,7 +12,7 @@ from .common import Progress, handle_errors, load_model_from_options, model_opti
 @click.option("--layers", required=True, help="Comma-separated module names, or logits, softmax, conv.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output HDF5 file.")
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
+@workers_option
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--reduction", type=click.Choice(["mean", "max"]), default="mean", show_default=True)
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
@@ -54,7 +54,7 @@ def extract(model, arch, num_classes, arch_kwargs, trust_pickle, data, layers, o
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="eval.json")
 @click.option("--classwise", type=click.Path(dir_okay=False), default=None, help="Also write class,name,n,accuracy CSV.")
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--workers", default=0, show_default=True)
+@workers_option
 @click.option("--device", default="auto", show_default=True)
 @click.option("--limit", type=int, default=None)
 @handle_errors

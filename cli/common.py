@@ -6,6 +6,7 @@ import logging
 
 import click
 
+from misbench.device import MAX_AUTO_WORKERS, parse_workers
 from misbench.errors import MisbenchError
 
 
@@ -47,6 +48,19 @@ class Progress:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _workers(_ctx, _param, value):
+    try:
+        return parse_workers(value)
+    except MisbenchError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+workers_option = click.option(
+    "--workers", default="auto", show_default=True, callback=_workers, metavar="auto|N",
+    help=f"DataLoader worker processes; auto: on CUDA this rank's share of the cores less one (at most "
+         f"{MAX_AUTO_WORKERS}), on CPU 0.")
 
 
 def model_options(func):

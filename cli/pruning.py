@@ -4,7 +4,7 @@ import json
 
 import click
 
-from .common import Progress, handle_errors, load_model_from_options, model_options
+from .common import Progress, handle_errors, load_model_from_options, model_options, workers_option
 
 
 def training_options(func):
@@ -20,7 +20,7 @@ def training_options(func):
         click.option("--batch-size", default=64, show_default=True),
         click.option("--train-limit", type=int, default=None, help="Only the first N training images."),
         click.option("--val-limit", type=int, default=None, help="Only the first N validation images."),
-        click.option("--workers", default=0, show_default=True),
+        workers_option,
         click.option("--device", default="auto", show_default=True),
         click.option("--no-amp", is_flag=True, help="Train in float32 on CUDA too (CPU training is always float32)."),
         click.option("--no-augment", is_flag=True, help="No random flips/crops in training."),

@@ -2,7 +2,7 @@
 
 import click
 
-from .common import handle_errors
+from .common import handle_errors, workers_option
 
 
 class _ScoreProgress:
@@ -38,7 +38,7 @@ class _ScoreProgress:
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="Embedding cache directory.")
 @click.option("--shard", default=None, help="I/N: score every N-th unit starting at I.")
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--workers", default=0, show_default=True)
+@workers_option
 @click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples for intervals.")
 @click.option("--amp", is_flag=True, help="Mixed-precision embeddings: float16 on CUDA, bfloat16 on CPU (faster; LPIPS is exact only without it).")
 @click.option("--chunk-units", default=256, show_default=True,

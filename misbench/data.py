@@ -100,20 +100,39 @@ class ArraySource(ImageSource):
         return int(self._labels[i])
 
 
-class TransformedDataset(torch.utils.data.Dataset):
-    """(tensor, label, index, ok): a bad image yields ok=False instead of killing the loader."""
+def derived_seed(*entropy: int) -> int:
+    """A 63-bit seed (room to add epochs) that depends on the integers given and nothing else."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0]) >> 1
 
-    def __init__(self, source: ImageSource, transform, shape: tuple, start: int = 0, stop: int | None = None):
+
+class TransformedDataset(torch.utils.data.Dataset):
+    """(tensor, label, index, ok): a bad image yields ok=False instead of killing the loader.
+
+    With `seed` (a tuple of ints), random transforms draw from a generator seeded by (seed, epoch,
+    image index), so augmentations do not depend on the number of loader workers or ranks; set
+    `epoch` before each epoch.
+    """
+
+    def __init__(self, source: ImageSource, transform, shape: tuple, start: int = 0, stop: int | None = None,
+                 seed: tuple | None = None):
         self.source, self.transform, self.shape = source, transform, shape
         self.start, self.stop = start, len(source) if stop is None else stop
+        self.seed, self.epoch = seed, 0
 
     def __len__(self):
         return max(0, self.stop - self.start)
 
+    def _transform(self, image, i):
+        if self.seed is None:
+            return self.transform(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(*self.seed, self.epoch, i))
+            return self.transform(image)
+
     def __getitem__(self, j):
         i = self.start + j
         try:
-            x, ok = self.transform(self.source.image(i)), True
+            x, ok = self._transform(self.source.image(i), i), True
         except BadImageError:
             x, ok = torch.zeros(self.shape), False
         return x, self.source.label(i), i, ok

@@ -4,7 +4,7 @@ Every path below runs on CPU too (the tests run them there): channels-last is fa
 convolutions on CPUs as well, and autocast uses bfloat16 on CPU where CUDA uses float16.
 """
 
-__all__ = ["resolve_device", "prepare_model", "to_device", "autocast", "AMP_DTYPES"]
+__all__ = ["resolve_device", "prepare_model", "to_device", "autocast", "loader_workers", "parse_workers", "make_loader", "AMP_DTYPES", "MAX_AUTO_WORKERS"]
 
 import os
 
@@ -14,6 +14,7 @@ from torch import nn
 from .errors import MisbenchError
 
 AMP_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}
+MAX_AUTO_WORKERS = 8
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -43,3 +44,36 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def autocast(device: torch.device, enabled: bool):
     """Mixed precision for `device`: float16 on CUDA, bfloat16 on CPU; a no-op when not enabled."""
     return torch.autocast(device.type, dtype=AMP_DTYPES[device.type], enabled=enabled)
+
+
+def loader_workers(workers: int | None, device: torch.device) -> int:
+    """DataLoader worker processes; None means auto: on CUDA, the cores of this rank's share of the
+    node less one for the main process (at most 8), so decoding keeps the GPU fed; on CPU none,
+    since the model's threads already use every core."""
+    if workers is not None:
+        return workers
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(0, min(MAX_AUTO_WORKERS, share - 1))
+
+
+def parse_workers(value) -> int | None:
+    """`auto` (None) or a number of worker processes >= 0, from a command line or a config."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise MisbenchError(f"workers {value!r}: expected auto or a number of loader processes >= 0")
+
+
+def make_loader(dataset, batch_size: int, workers: int | None, device: torch.device, shuffle=False, sampler=None,
+                generator=None, drop_last=False):
+    """Pinned memory on CUDA; `workers` None picks a number for the device (loader_workers)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=loader_workers(workers, device),
+        pin_memory=device.type == "cuda", persistent_workers=False, generator=generator, drop_last=drop_last,
+    )

@@ -9,9 +9,8 @@ import numpy as np
 import torch
 
 from .data import TransformedDataset, load_data
-from .device import prepare_model, resolve_device, to_device
+from .device import make_loader, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
-from .extract import make_loader
 from .fileio import atomic_path, write_json
 from .models import LoadedModel
 from .preprocess import build_transform
@@ -41,8 +40,8 @@ def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray, class_names=Non
             "per_class": per_class}
 
 
-def evaluate_model(loaded: LoadedModel, data: str, batch_size: int = 64, workers: int = 0, device: str = "auto",
-                   limit: int | None = None, progress=None) -> dict:
+def evaluate_model(loaded: LoadedModel, data: str, batch_size: int = 64, workers: int | None = None,
+                   device: str = "auto", limit: int | None = None, progress=None) -> dict:
     source = load_data(data)
     dev = resolve_device(device)
     model = prepare_model(loaded.model, dev).eval()

@@ -1,6 +1,6 @@
 """Run a model over a dataset and stream per-unit activations into an HDF5 file (DESIGN §4)."""
 
-__all__ = ["ExtractSettings", "extract", "make_loader"]
+__all__ = ["ExtractSettings", "extract"]
 
 import dataclasses
 import json
@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .data import ImageSource, TransformedDataset, load_data
-from .device import autocast, prepare_model, resolve_device, to_device
+from .device import autocast, make_loader, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
 from .fileio import utc_now
 from .hooks import FeatureHooks, resolve_layers
@@ -42,7 +42,7 @@ class ExtractSettings:
     keep: str | None = None  # "topk:K": only the K highest and lowest activations per unit
     # how, not what: these do not change the file's content and may differ on --resume
     batch_size: int = 64
-    workers: int = 0
+    workers: int | None = None  # None: auto (see loader_workers)
     device: str = "auto"
 
     RUNTIME = ("batch_size", "workers", "device")
@@ -62,14 +62,6 @@ class ExtractSettings:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
         return {k: v for k, v in d.items() if k not in self.RUNTIME}
-
-
-def make_loader(dataset, batch_size: int, workers: int, device: torch.device, shuffle=False, sampler=None,
-                generator=None, drop_last=False):
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=False, generator=generator, drop_last=drop_last,
-    )
 
 
 def _file_attrs(loaded: LoadedModel, source: ImageSource, settings: ExtractSettings, pre, layer_names) -> dict:

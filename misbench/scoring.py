@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import __version__, distributed
-from .device import autocast, prepare_model, resolve_device, to_device
+from .device import autocast, make_loader, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
 from .fileio import atomic_path, sha256_file, utc_now, write_json
 from .images import RowImages
@@ -48,7 +48,7 @@ class ScoreSettings:
     # how, not what
     device: str = "auto"
     batch_size: int = 64
-    workers: int = 0
+    workers: int | None = None  # None: auto (see loader_workers)
 
     RUNTIME = ("device", "batch_size", "workers", "chunk_units")
 
@@ -97,7 +97,7 @@ def _select(settings: ScoreSettings, values: np.ndarray, rows: np.ndarray, items
                                   settings.quantile)
 
 
-def embed_rows(backend, images: RowImages, device, batch_size: int, workers: int = 0, cache: EmbeddingCache | None = None,
+def embed_rows(backend, images: RowImages, device, batch_size: int, workers: int | None = None, cache: EmbeddingCache | None = None,
                progress=None, amp: bool = False) -> EmbeddingIndex:
     """Embed each needed row once (cached rows are read back) into a FAISS index."""
     rows = images.rows
@@ -107,8 +107,7 @@ def embed_rows(backend, images: RowImages, device, batch_size: int, workers: int
     chunks, done = [], 0
     if len(todo):
         subset = torch.utils.data.Subset(images, todo.tolist())
-        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
-                                             pin_memory=device.type == "cuda")
+        loader = make_loader(subset, batch_size, workers, device)
         for x, _rows in loader:
             with autocast(device, amp):
                 chunks.append(backend.embed(to_device(x, device)).float().cpu().numpy())

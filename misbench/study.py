@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from .archs import build_arch
+from .device import parse_workers
 from .errors import MisbenchError
 from .fileio import utc_now, write_json
 from .manifest import Manifest, step_key
@@ -51,7 +52,8 @@ class Study:
 
     # -- settings -------------------------------------------------------------------------------------------------
     def _runtime(self):
-        return self.config["runtime"]
+        runtime = self.config["runtime"]
+        return {**runtime, "workers": parse_workers(runtime["workers"])}
 
     def _train_settings(self, section: str, epochs: int | None = None, optimizer: str | None = None):
         from .training import TrainSettings

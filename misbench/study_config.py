@@ -7,6 +7,7 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
+from .device import parse_workers
 from .errors import MisbenchError
 from .pruning.masks import CRITERIA, METHODS, SCHEDULES
 
@@ -26,7 +27,7 @@ SECTIONS = {
     "score": {"similarity": "lpips-alex", "image_size": 64, "selection": "fair", "quantile": 0.2, "tasks": 20,
               "explanations": 9, "alpha": None, "layers": ["all"], "n_boot": 1000, "batch_size": 64},
     "report": {"units": [], "classwise_layer": "softmax"},
-    "runtime": {"device": "auto", "workers": 0},
+    "runtime": {"device": "auto", "workers": "auto"},
     "quick": {},
 }
 
@@ -127,6 +128,10 @@ def parse_config(given: dict, source: str = "<config>", quick: bool = False) -> 
             raise MisbenchError(f"config [pruning] rates: {rate!r} is not a fraction in (0, 1)")
     for section in ("train", "retrain"):
         _check_choice(f"[{section}] optimizer", raw[section]["optimizer"], ["sgd", "adam"])
+    try:
+        parse_workers(raw["runtime"]["workers"])
+    except MisbenchError as err:
+        raise MisbenchError(f"config [runtime] {err}") from None
     _check_choice("[score] selection", raw["score"]["selection"], ["fair", "quantile"])
     _check_choice("[extract] dtype", raw["extract"]["dtype"], ["float16", "float32"])
     _check_choice("[extract] reduction", raw["extract"]["reduction"], ["mean", "max"])

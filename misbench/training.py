@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 from . import distributed
-from .data import ImageSource, TransformedDataset
-from .device import autocast, prepare_model, resolve_device, to_device
+from .data import ImageSource, TransformedDataset, derived_seed
+from .device import autocast, make_loader, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
-from .extract import make_loader
 from .preprocess import Preprocess, build_transform
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,7 @@ class TrainSettings:
     val_limit: int | None = None
     augment: bool = True  # random flips (and resized crops at ImageNet size)
     # how, not what
-    workers: int = 0
+    workers: int | None = None  # None: auto (see loader_workers)
     device: str = "auto"
     amp: bool = True  # used on CUDA only
 
@@ -112,7 +111,8 @@ class Trainer:
     """One model, its optimizer, scheduler and data order; state_dict()/load_state_dict() for exact resume."""
 
     def __init__(self, model: nn.Module, masks: dict, settings: TrainSettings, pre: Preprocess,
-                 train_source: ImageSource | None, val_source: ImageSource | None):
+                 train_source: ImageSource | None, val_source: ImageSource | None, stream: int = 0):
+        """`stream` (the pruning step) gives each retraining its own data order and augmentations."""
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.rank, self.size = distributed.world()
@@ -135,14 +135,15 @@ class Trainer:
         else:
             self.optimizer = torch.optim.Adam(params, lr=settings.resolved_lr, weight_decay=settings.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=settings.gamma)
-        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.stream_seed = derived_seed(settings.seed, stream)
+        self.generator = torch.Generator().manual_seed(self.stream_seed)
         self.use_amp = settings.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.train_set = None
         if train_source is not None:
             n_train = len(train_source) if settings.train_limit is None else min(settings.train_limit, len(train_source))
             self.train_set = TransformedDataset(train_source, train_transform(pre, settings.augment),
-                                                (3, pre.crop, pre.crop), 0, n_train)
+                                                (3, pre.crop, pre.crop), 0, n_train, seed=(settings.seed, stream))
         self.val_set = None
         if val_source is not None:
             n_val = len(val_source) if settings.val_limit is None else min(settings.val_limit, len(val_source))
@@ -168,9 +169,10 @@ class Trainer:
         enforcer = MaskEnforcer(self.model, self.masks)
         self.model.train()
         net = self.ddp or self.model
+        self.train_set.epoch = self.epoch
         if self.size > 1:  # each rank a disjoint, seeded share of every global batch
             sampler = torch.utils.data.DistributedSampler(self.train_set, self.size, self.rank, shuffle=True,
-                                                          seed=self.settings.seed, drop_last=True)
+                                                          seed=self.stream_seed, drop_last=True)
             sampler.set_epoch(self.epoch)
             loader = make_loader(self.train_set, self.settings.batch_size // self.size, self.settings.workers,
                                  self.device, sampler=sampler, drop_last=len(sampler) > self.settings.batch_size // self.size)

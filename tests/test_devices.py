@@ -115,3 +115,36 @@ def test_masked_gradients_keep_the_parameter_layout(device):
         p = params[name]
         assert p.grad.stride() == p.stride(), name
         assert (p.grad[~masks[name].to(dev)] == 0).all(), name
+
+
+def test_auto_workers_share_the_node_between_ranks(monkeypatch):
+    from misbench.device import MAX_AUTO_WORKERS, loader_workers, parse_workers
+    from misbench.errors import MisbenchError
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert loader_workers(None, cpu) == 0 and loader_workers(3, cpu) == 3
+    assert loader_workers(None, cuda) == min(MAX_AUTO_WORKERS, 15)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loader_workers(None, cuda) == 3  # 16 cores / 4 ranks, one left to each main process
+    assert [parse_workers(v) for v in ("auto", None, "0", 5)] == [None, None, 0, 5]
+    for bad in ("-1", "many", -2, True, 1.5):
+        with pytest.raises(MisbenchError, match="expected auto or a number"):
+            parse_workers(bad)
+
+
+def test_bad_workers_are_refused_by_cli_and_config(tmp_path):
+    from click.testing import CliRunner
+
+    from misbench.cli.main import cli
+    from misbench.errors import MisbenchError
+    from misbench.study_config import parse_config
+
+    result = CliRunner().invoke(cli, ["extract", "tiny_cnn", "--data", "digits", "--out", str(tmp_path / "a.h5"),
+                                      "--workers", "lots"])
+    assert result.exit_code == 2 and "expected auto or a number" in result.output
+    assert not (tmp_path / "a.h5").exists()
+    base = {"model": {"spec": "tiny_cnn"}, "data": {"val": "digits"}, "retrain": {"epochs": 0}}
+    assert parse_config(base)["runtime"]["workers"] == "auto"
+    with pytest.raises(MisbenchError, match=r"\[runtime\] workers -3"):
+        parse_config({**base, "runtime": {"workers": -3}})

@@ -118,11 +118,12 @@ def test_topk_extraction_equals_full_and_gives_identical_mis(setup, tmp_path):
 
 
 def test_ddp_retraining_keeps_masks_and_matches_one_process(setup, tmp_path):
+    """With augmentation: each image's random flips depend on (seed, step, epoch, image), not on the rank."""
     root, folder = setup
     torch.manual_seed(1)
     torch.save(build_arch("tiny_cnn", 3).state_dict(), tmp_path / "tiny.pt")
     args = ["tiny.pt", "--arch", "tiny_cnn", "--num-classes", "3", "--method", "connection", "--rate", "0.5",
-            "--epochs", "3", "--data", str(folder), "--val-data", str(folder), "--batch-size", "450", "--no-augment",
+            "--epochs", "3", "--data", str(folder), "--val-data", str(folder), "--batch-size", "450",
             "--lr", "0.01", "--device", "cpu", "--resize", "16", "--crop", "16"]
     from click.testing import CliRunner
 

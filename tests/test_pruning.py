@@ -215,3 +215,16 @@ def test_googlenet_default_exclusions():
     layers = prunable_layers(loaded.model, "structured", exclude)
     assert "conv1.conv" not in layers and "conv3.conv" not in layers and "inception3a.branch1.conv" in layers
     assert "fc" not in layers and "fc" in prunable_layers(loaded.model, "unstructured", exclude)
+
+
+def test_retraining_does_not_depend_on_loader_workers(tmp_path, tiny_train):
+    """Augmentations are seeded per image (seed, step, epoch, index): worker processes change nothing."""
+    states = []
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        loaded = load_model("mini_inception", num_classes=3)
+        out = produce_checkpoint(loaded, PruneSettings("unstructured", 0.5, schedule="iterative", steps=2),
+                                 TrainSettings(epochs=1, batch_size=8, workers=workers), tmp_path / f"w{workers}.pt",
+                                 data=tiny_train)
+        states.append(load_checkpoint_dict(out)["state_dict"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

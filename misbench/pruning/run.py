@@ -70,7 +70,7 @@ def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: 
             apply_masks(model, masks)
             log.info("step %d/%d: sparsity %.4f", step, steps, sparsity_of(masks))
         torch.manual_seed(train.seed * 1000 + step)
-        trainer = Trainer(model, masks, train, loaded.preprocess, train_source, val_source) if train_source or val_source else None
+        trainer = Trainer(model, masks, train, loaded.preprocess, train_source, val_source, stream=step) if train_source or val_source else None
         first_epoch = 0
         if trainer_state is not None and step == start_step:
             trainer.load_state_dict(trainer_state)
