@@ -20,7 +20,8 @@ from .common import Progress, handle_errors, load_model_from_options, model_opti
 @click.option("--resize", type=int, default=None, help="Override the resize of the model's preprocessing.")
 @click.option("--crop", type=int, default=None, help="Override the centre crop of the model's preprocessing.")
 @click.option("--on-bad-image", type=click.Choice(["fail", "skip"]), default="fail", show_default=True)
-@click.option("--amp", is_flag=True, help="Mixed precision: float16 on CUDA, bfloat16 on CPU (off by default: exact activations).")
+@click.option("--amp", is_flag=True,
+              help="Mixed precision: float16 on CUDA, bfloat16 on CPU (off by default: exact activations).")
 @click.option("--keep", default=None, help="topk:K: store only the K highest and lowest activations per unit "
               "(exact MIS for K >= (explanations+1) x tasks; bounded memory on huge datasets).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted extraction.")

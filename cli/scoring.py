@@ -40,7 +40,8 @@ class _ScoreProgress:
 @click.option("--batch-size", default=64, show_default=True)
 @workers_option
 @click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples for intervals.")
-@click.option("--amp", is_flag=True, help="Mixed-precision embeddings: float16 on CUDA, bfloat16 on CPU (faster; LPIPS is exact only without it).")
+@click.option("--amp", is_flag=True, help="Mixed-precision embeddings: float16 on CUDA, bfloat16 on CPU "
+              "(faster; LPIPS is exact only without it).")
 @click.option("--chunk-units", default=256, show_default=True,
               help="Units whose images are embedded together: bounds memory (use --cache to share across chunks).")
 @handle_errors

@@ -4,7 +4,8 @@ Every path below runs on CPU too (the tests run them there): channels-last is fa
 convolutions on CPUs as well, and autocast uses bfloat16 on CPU where CUDA uses float16.
 """
 
-__all__ = ["resolve_device", "prepare_model", "to_device", "autocast", "loader_workers", "parse_workers", "make_loader", "AMP_DTYPES", "MAX_AUTO_WORKERS"]
+__all__ = ["resolve_device", "prepare_model", "to_device", "autocast", "loader_workers", "parse_workers", "make_loader",
+           "AMP_DTYPES", "MAX_AUTO_WORKERS"]
 
 import os
 
