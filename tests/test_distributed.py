@@ -21,12 +21,19 @@ from misbench.scoring import ScoreSettings, merge_scores, score
 MISBENCH = shutil.which("misbench") or str(Path(sys.executable).with_name("misbench"))
 
 
-def torchrun(*args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
-           MISBENCH, "-q", *map(str, args)]
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun_command(*args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
+            MISBENCH, "-q", *map(str, args)]
+
+
+def torchrun(*args, cwd, check=True):
+    result = subprocess.run(torchrun_command(*args), cwd=cwd, env=TORCHRUN_ENV, capture_output=True, text=True,
+                            timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
     return result
 
 
@@ -167,3 +174,60 @@ def test_process_group_waits_long_enough_for_rank_zero_merges(monkeypatch):
     distributed.ensure_initialized(torch.device("cpu"))
     assert [s["backend"] for s in seen] == ["gloo", "gloo"]
     assert seen[0]["timeout"] == datetime.timedelta(hours=2) and seen[1]["timeout"] == datetime.timedelta(minutes=5)
+
+
+def test_ddp_retraining_killed_after_an_epoch_resumes_to_the_same_checkpoint(setup, tmp_path):
+    """The torchrun job is stopped as Slurm pre-empts one (SIGTERM to torchrun, which stops its ranks)
+    once rank 0 has written the first epoch's checkpoint; the same command with --resume finishes
+    with the weights and history of the uninterrupted run."""
+    import signal
+    import time
+
+    root, folder = setup
+    args = ["prune", root / "model.pt", "--arch", "mini_inception", "--num-classes", "3", "--arch-kwargs",
+            '{"width": 8}', "--method", "unstructured", "--rate", "0.5", "--epochs", "2", "--data", folder,
+            "--val-data", folder, "--batch-size", "4", "--device", "cpu", "--resize", "16", "--crop", "16"]
+    torchrun(*args, "--out", "full.pt", cwd=tmp_path)
+    job = subprocess.Popen(torchrun_command(*args, "--out", "cut.pt"), cwd=tmp_path, env=TORCHRUN_ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / "cut.pt.partial"
+    deadline = time.monotonic() + 240
+    while not partial.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGTERM)
+    job.wait(timeout=120)
+    assert partial.exists() and not (tmp_path / "cut.pt").exists(), "the job ended before it could be interrupted"
+    assert torch.load(partial, weights_only=True)["resume"]["epoch"] == 1
+    torchrun(*args, "--out", "cut.pt", "--resume", cwd=tmp_path)
+    full = torch.load(tmp_path / "full.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "cut.pt", weights_only=True)
+    for key, value in full["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    assert resumed["training"]["history"] == full["training"]["history"]
+
+
+def test_distributed_extraction_stopped_by_a_bad_image_resumes_to_the_same_file(setup, tmp_path):
+    """Rank 1 meets an unreadable image and the job stops; rank 0's part is complete, rank 1's is not.
+    Once the image is fixed, the same command with --resume gives the file of an uninterrupted run."""
+    root, folder = setup
+    data = tmp_path / "images"
+    shutil.copytree(folder, data)
+    victim = sorted((data / "class_02").iterdir())[100]  # in rank 1's half of the rows
+    original = victim.read_bytes()
+    victim.write_bytes(b"not a png")
+    common = [root / "model.pt", "--arch", "mini_inception", "--num-classes", "3", "--arch-kwargs", '{"width": 8}',
+              "--data", data, "--layers", "conv,softmax", "--resize", "16", "--crop", "16", "--batch-size", "40",
+              "--out", "dist.h5"]
+    failed = torchrun("extract", *common, cwd=tmp_path, check=False)
+    assert failed.returncode != 0 and victim.name in failed.stderr + failed.stdout
+    assert not (tmp_path / "dist.h5").exists()
+    parts = sorted(p.name for p in tmp_path.glob("dist.h5.partial.rank*"))
+    assert parts == ["dist.h5.partial.rank0of2", "dist.h5.partial.rank1of2"]
+    victim.write_bytes(original)
+    torchrun("extract", *common, "--resume", cwd=tmp_path)
+    loaded = load_model(str(root / "model.pt"), arch="mini_inception", num_classes=3, arch_kwargs={"width": 8})
+    single = extract(loaded, str(data), tmp_path / "single.h5",
+                     ExtractSettings(layers=("conv", "softmax"), resize=16, crop=16, batch_size=40))
+    a, b = datasets(single), datasets(tmp_path / "dist.h5")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert not list(tmp_path.glob("dist.h5.partial*"))
