@@ -148,3 +148,31 @@ def test_bad_workers_are_refused_by_cli_and_config(tmp_path):
     assert parse_config(base)["runtime"]["workers"] == "auto"
     with pytest.raises(MisbenchError, match=r"\[runtime\] workers -3"):
         parse_config({**base, "runtime": {"workers": -3}})
+
+
+def test_faiss_gpu_index_goes_to_the_rank_gpu_and_answers_searches(monkeypatch):
+    """faiss-gpu is absent here: a stand-in records where the index would go and serves it from CPU."""
+    import faiss
+
+    from misbench.similarity import EmbeddingIndex
+
+    placed = []
+
+    class Resources:
+        pass
+
+    def to_gpu(resources, gpu, index):
+        placed.append((type(resources), gpu))
+        return index
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", Resources, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    emb = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    rows = np.arange(100, 150)
+    index = EmbeddingIndex(rows, emb, gpu=1)
+    assert placed == [(Resources, 1)] and index.gpu is not None
+    dist, found = index.search(emb[:5], 1)
+    assert found[:, 0].tolist() == rows[:5].tolist() and np.allclose(dist, 0)
+    assert EmbeddingIndex(rows, emb, gpu=2).gpu is None  # no such GPU: the CPU index serves
+    assert EmbeddingIndex(rows, emb).gpu is None and len(placed) == 1
