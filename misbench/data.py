@@ -125,9 +125,15 @@ class TransformedDataset(torch.utils.data.Dataset):
     def _transform(self, image, i):
         if self.seed is None:
             return self.transform(image)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derived_seed(*self.seed, self.epoch, i))
+        # the CPU generator alone (torch.manual_seed would also reseed GPUs, at 100 us per image),
+        # restored after: in the main process the training loop's dropout draws from it
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(derived_seed(*self.seed, self.epoch, i))
+        try:
             return self.transform(image)
+        finally:
+            generator.set_state(state)
 
     def __getitem__(self, j):
         i = self.start + j
