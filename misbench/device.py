@@ -5,7 +5,7 @@ convolutions on CPUs as well, and autocast uses bfloat16 on CPU where CUDA uses 
 """
 
 __all__ = ["resolve_device", "prepare_model", "to_device", "autocast", "loader_workers", "parse_workers", "make_loader",
-           "AMP_DTYPES", "MAX_AUTO_WORKERS"]
+           "describe", "AMP_DTYPES", "MAX_AUTO_WORKERS"]
 
 import os
 
@@ -78,3 +78,13 @@ def make_loader(dataset, batch_size: int, workers: int | None, device: torch.dev
         dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=loader_workers(workers, device),
         pin_memory=device.type == "cuda", persistent_workers=False, generator=generator, drop_last=drop_last,
     )
+
+
+def describe(device: torch.device, workers: int | None, amp: bool) -> str:
+    """One line for the logs: what a command runs on, and how."""
+    if device.type == "cuda":
+        where = f"{device} ({torch.cuda.get_device_name(device)}), pinned memory"
+    else:
+        where = f"cpu ({torch.get_num_threads()} threads)"
+    precision = f"{str(AMP_DTYPES[device.type]).removeprefix('torch.')} autocast" if amp else "float32"
+    return f"{where}, channels-last, {precision}, {loader_workers(workers, device)} loader workers"

@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .data import ImageSource, TransformedDataset, load_data
-from .device import autocast, make_loader, prepare_model, resolve_device, to_device
+from .device import autocast, describe, make_loader, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
 from .fileio import utc_now
 from .hooks import FeatureHooks, resolve_layers
@@ -152,6 +152,7 @@ def _run(model, source, requests, settings, pre, writer, total, device, progress
     topk: dict[str, TopK] = {}
     layer_attrs = {}
     done = writer.next_index
+    log.info("extracting images %d to %d on %s", done, total - 1, describe(device, settings.workers, settings.amp))
     if progress:
         progress(done, total)
     with FeatureHooks(model, module_names, settings.reduction) as hooks, torch.inference_mode():

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import __version__, distributed
-from .device import autocast, make_loader, prepare_model, resolve_device, to_device
+from .device import autocast, describe, make_loader, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
 from .fileio import atomic_path, sha256_file, utc_now, write_json
 from .images import RowImages
@@ -200,6 +200,7 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
         if backend is None:
             backend = build_backend(settings.similarity, image_size=settings.image_size)
         backend = prepare_model(backend, device).eval()
+        log.info("scoring with %s on %s", backend.name, describe(device, settings.workers, settings.amp))
         alpha = settings.alpha if settings.alpha is not None else backend.default_alpha
         fingerprint = backend.fingerprint()
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import distributed
 from .data import ImageSource, TransformedDataset, derived_seed
-from .device import autocast, make_loader, prepare_model, resolve_device, to_device
+from .device import autocast, describe, make_loader, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
 from .preprocess import Preprocess, build_transform
 
@@ -139,6 +139,9 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(self.stream_seed)
         self.use_amp = settings.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        if self.rank == 0:
+            log.info("training on %s%s", describe(self.device, settings.workers, self.use_amp),
+                     f", DDP over {self.size} processes" if self.size > 1 else "")
         self.train_set = None
         if train_source is not None:
             n_train = len(train_source) if settings.train_limit is None else min(settings.train_limit, len(train_source))
