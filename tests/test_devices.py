@@ -69,7 +69,7 @@ def test_mixed_precision_embeddings_keep_the_geometry(image_folder, tmp_path, de
         images = RowImages(f, np.arange(f.n_rows), 32)
         torch.manual_seed(0)
         backend = LpipsBackend("alex", pretrained=False).to(resolve_device(device)).eval()
-        exact = embed_rows(backend, images, resolve_device(device), batch_size=8)
+        exact = embed_rows(backend, images, resolve_device(device), batch_size=8, workers=2)  # rows survive pickling
         mixed = embed_rows(backend, images, resolve_device(device), batch_size=8, amp=True)
     rows = images.rows
     e, m = exact.vectors(rows), mixed.vectors(rows)
