@@ -157,6 +157,8 @@ class Trainer:
                  "generator": self.generator.get_state(), "cpu_rng": torch.get_rng_state(), "epoch": self.epoch}
         if self.device.type == "cuda":  # dropout draws on the GPU's generator
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.use_amp:  # the loss scale decides which early steps are skipped
+            state["grad_scaler"] = self.scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -166,6 +168,8 @@ class Trainer:
         torch.set_rng_state(state["cpu_rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if state.get("grad_scaler") and self.use_amp:
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.epoch = int(state.get("epoch", 0))
 
     def train_epoch(self, progress=None) -> float:
