@@ -77,7 +77,8 @@ def test_mixed_precision_embeddings_keep_the_geometry(image_folder, tmp_path, de
     cos = (e * m).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(m, axis=1)
     assert cos.min() > 0.999
     # the nearest neighbours, which decide MIS tasks, barely move
-    d_exact, d_mixed = exact.distances(rows, np.tile(rows, (len(rows), 1))), mixed.distances(rows, np.tile(rows, (len(rows), 1)))
+    everyone = np.tile(rows, (len(rows), 1))
+    d_exact, d_mixed = exact.distances(rows, everyone), mixed.distances(rows, everyone)
     agree = (d_exact.argsort(1)[:, 1] == d_mixed.argsort(1)[:, 1]).mean()
     assert agree > 0.9
 
