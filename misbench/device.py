@@ -15,7 +15,7 @@ from torch import nn
 from .errors import MisbenchError
 
 AMP_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}
-MAX_AUTO_WORKERS = 8
+MAX_AUTO_WORKERS = 16  # ImageNet JPEG decoding needs about this many to feed one current GPU
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -49,8 +49,8 @@ def autocast(device: torch.device, enabled: bool):
 
 def loader_workers(workers: int | None, device: torch.device) -> int:
     """DataLoader worker processes; None means auto: on CUDA, the cores of this rank's share of the
-    node less one for the main process (at most 8), so decoding keeps the GPU fed; on CPU none,
-    since the model's threads already use every core."""
+    node less one for the main process (at most MAX_AUTO_WORKERS), so decoding keeps the GPU fed;
+    on CPU none, since the model's threads already use every core."""
     if workers is not None:
         return workers
     if device.type != "cuda":
