@@ -243,3 +243,26 @@ def test_quantile_selection_draws_from_the_extreme_fraction():
         assert acts[tasks.neg_query[t]] > acts[tasks.neg_expl[t]].max()
     with pytest.raises(MisbenchError, match="leaves 5 images per side"):
         select_quantile(acts, rows, tie_keys(0, "l", 0, rows), 1000, np.random.default_rng(1), quantile=0.005)
+
+
+def test_embedding_cache_is_shared_safely_by_concurrent_writers(tmp_path, caplog):
+    """Two ranks (two cache objects on one directory) each add parts; each sees the other's on lookup;
+    a damaged part is skipped, not deleted, and costs only a re-embedding."""
+    from misbench.similarity.cache import EmbeddingCache
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(10, 5)).astype(np.float32)
+    rank0, rank1 = (EmbeddingCache(tmp_path, "fp", 32, "data") for _ in range(2))
+    rank0.add(np.arange(0, 6), emb[:6])
+    rank1.add(np.arange(4, 10), emb[4:])
+    for cache in (rank0, rank1):
+        hit, got = cache.lookup(np.array([9, 0, 5, 42]))
+        assert hit.tolist() == [True, True, True, False]
+        np.testing.assert_array_equal(got, emb[[9, 0, 5]])
+    other = EmbeddingCache(tmp_path, "other backend", 32, "data")
+    assert not other.lookup(np.arange(10))[0].any()
+    (tmp_path / f"{rank0.prefix}-damaged.h5").write_bytes(b"half a file")
+    fresh = EmbeddingCache(tmp_path, "fp", 32, "data")
+    assert "unreadable" in caplog.text and (tmp_path / f"{rank0.prefix}-damaged.h5").exists()
+    hit, got = fresh.lookup(np.arange(10))
+    assert hit.all() and np.array_equal(got, emb)

@@ -4,52 +4,75 @@ __all__ = ["EmbeddingCache"]
 
 import hashlib
 import logging
+import uuid
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from ..fileio import atomic_path
+
 log = logging.getLogger(__name__)
 
 
 class EmbeddingCache:
-    """One HDF5 file per (backend fingerprint, image size, dataset identity), keyed by dataset index."""
+    """Embeddings per (backend fingerprint, image size, dataset identity), keyed by dataset index.
+
+    Every add() writes a new immutable HDF5 part, atomically, and lookups read every part present:
+    the ranks of a torchrun job and the jobs of a Slurm array can share one directory without locks
+    (HDF5 files written by two processes at once get corrupted, or refused where locking works).
+    """
 
     def __init__(self, directory, backend_fingerprint: str, image_size: int, data_identity: str):
         key = hashlib.sha256(f"{backend_fingerprint}|{image_size}|{data_identity}".encode()).hexdigest()[:20]
-        self.path = Path(directory) / f"emb-{key}.h5"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._known: dict[int, int] = {}
-        if self.path.exists():
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.prefix = f"emb-{key}"
+        self._known: dict[int, tuple[Path, int]] = {}
+        self._read: set[Path] = set()
+        self._scan()
+
+    def _scan(self) -> None:
+        """Index the parts not seen yet (other processes may have added some)."""
+        for path in sorted(self.directory.glob(f"{self.prefix}*.h5")):
+            if path in self._read:
+                continue
+            self._read.add(path)
             try:
-                with h5py.File(self.path, "r") as h5:
-                    self._known = {int(k): j for j, k in enumerate(h5["keys"][...])}
+                with h5py.File(path, "r") as h5:
+                    keys = h5["keys"][...]
             except (OSError, KeyError):
-                log.warning("embedding cache %s is unreadable; rebuilding it", self.path)
-                self.path.unlink()
+                log.warning("embedding cache part %s is unreadable; ignoring it (delete it to silence this)", path)
+                continue
+            for row, k in enumerate(keys):
+                self._known.setdefault(int(k), (path, row))
 
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(mask of cached keys, their embeddings in key order)."""
+        self._scan()
         hit = np.array([int(k) in self._known for k in keys], dtype=bool)
         if not hit.any():
             return hit, None
-        pos = np.array([self._known[int(k)] for k in keys[hit]])
-        order = np.argsort(pos)
-        with h5py.File(self.path, "r") as h5:
-            emb = np.empty((len(pos), h5["emb"].shape[1]), dtype=np.float32)
-            emb[order] = h5["emb"][pos[order]]
+        where = [self._known[int(k)] for k in keys[hit]]
+        emb = None
+        for path in dict.fromkeys(p for p, _ in where):
+            mine = np.array([j for j, (p, _) in enumerate(where) if p == path])
+            rows = np.array([where[j][1] for j in mine])
+            order = np.argsort(rows)  # h5py reads ascending indices
+            with h5py.File(path, "r") as h5:
+                if emb is None:
+                    emb = np.empty((len(where), h5["emb"].shape[1]), dtype=np.float32)
+                emb[mine[order]] = h5["emb"][rows[order]]
         return hit, emb
 
     def add(self, keys: np.ndarray, emb: np.ndarray) -> None:
         keys = np.asarray(keys, dtype=np.int64)
-        with h5py.File(self.path, "a") as h5:
-            if "keys" not in h5:
-                h5.create_dataset("keys", (0,), np.int64, maxshape=(None,), chunks=(4096,))
-                h5.create_dataset("emb", (0, emb.shape[1]), np.float32, maxshape=(None, emb.shape[1]),
-                                  chunks=(max(1, min(256, (1 << 20) // (4 * emb.shape[1]) or 1)), emb.shape[1]))
-            n = h5["keys"].shape[0]
-            h5["emb"].resize(n + len(keys), axis=0)
-            h5["emb"][n:] = emb
-            h5["keys"].resize(n + len(keys), axis=0)
-            h5["keys"][n:] = keys
-        self._known.update({int(k): n + j for j, k in enumerate(keys)})
+        path = self.directory / f"{self.prefix}-{uuid.uuid4().hex[:12]}.h5"
+        rows = max(1, min(256, (1 << 20) // (4 * emb.shape[1])))
+        with atomic_path(path) as tmp:
+            with h5py.File(tmp, "w") as h5:
+                h5.create_dataset("keys", data=keys)
+                h5.create_dataset("emb", data=np.asarray(emb, np.float32), chunks=(min(rows, len(keys)), emb.shape[1]))
+        self._read.add(path)
+        for row, k in enumerate(keys):
+            self._known.setdefault(int(k), (path, row))
