@@ -50,8 +50,8 @@ def test_mixed_precision_extraction_is_close_to_float32(tmp_path, image_folder, 
     settings = dict(layers=("softmax", "conv"), device=device, batch_size=8)
     exact = extract(loaded, str(image_folder), tmp_path / "exact.h5", ExtractSettings(**settings))
     mixed = extract(loaded, str(image_folder), tmp_path / "amp.h5", ExtractSettings(**settings, amp=True))
-    # float16 keeps 11 significant bits, bfloat16 8: relative error about 2^-8 per op on CPU
-    tol = 5e-3 if AMP_DTYPES[torch.device(device).type] == torch.float16 else 5e-2
+    # float16 keeps 11 significant bits, bfloat16 8; errors add up over the network's layers
+    tol = 1e-2 if AMP_DTYPES[torch.device(device).type] == torch.float16 else 5e-2
     with open_activations(exact) as a, open_activations(mixed) as b:
         assert b.attrs["settings"] != a.attrs["settings"]  # amp is recorded: the files are not interchangeable
         for name in a.layer_names:
