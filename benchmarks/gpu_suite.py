@@ -27,7 +27,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from misbench.data import ArraySource, TransformedDataset  # noqa: E402
-from misbench.device import autocast, make_loader, prepare_model, to_device  # noqa: E402
+from misbench.device import make_loader, precision, prepare_model, to_device  # noqa: E402
 from misbench.extract import ExtractSettings, extract  # noqa: E402
 from misbench.models import load_model  # noqa: E402
 from misbench.preprocess import Preprocess, build_transform  # noqa: E402
@@ -75,7 +75,7 @@ def bench_extraction(rows, device, sizes):
     dataset = TransformedDataset(source, build_transform(loaded.preprocess), (3, crop, crop))
 
     def bare():
-        with torch.inference_mode():
+        with torch.inference_mode(), precision(device, amp=False):  # float32 as extraction (no TF32)
             for x, *_ in make_loader(dataset, batch, sizes.workers, device):
                 model(to_device(x, device))
 
@@ -105,7 +105,7 @@ def bench_embeddings(rows, device, sizes):
     for name, backend in backends.items():
         backend = prepare_model(backend, device).eval()
         for amp in (False, True):
-            with torch.inference_mode(), autocast(device, amp):
+            with torch.inference_mode(), precision(device, amp):
                 backend.embed(x)
                 t, _ = timed(device, lambda: [backend.embed(x) for _ in range(n // batch)])
             rows.append((f"embed {name} {size}px{' AMP' if amp else ''}", n / t, "img/s"))
@@ -148,7 +148,7 @@ def masked_training_steps(model, device, batch, size, steps):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with autocast(device, True):
+        with precision(device, True):
             out = model(x)
             out = out[0] if isinstance(out, tuple) else out
             loss = torch.nn.functional.cross_entropy(out, y)

@@ -4,9 +4,10 @@ Every path below runs on CPU too (the tests run them there): channels-last is fa
 convolutions on CPUs as well, and autocast uses bfloat16 on CPU where CUDA uses float16.
 """
 
-__all__ = ["resolve_device", "prepare_model", "to_device", "autocast", "loader_workers", "parse_workers", "make_loader",
+__all__ = ["resolve_device", "prepare_model", "to_device", "precision", "loader_workers", "parse_workers", "make_loader",
            "describe", "AMP_DTYPES", "MAX_AUTO_WORKERS"]
 
+import contextlib
 import os
 
 import torch
@@ -42,9 +43,25 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-def autocast(device: torch.device, enabled: bool):
-    """Mixed precision for `device`: float16 on CUDA, bfloat16 on CPU; a no-op when not enabled."""
-    return torch.autocast(device.type, dtype=AMP_DTYPES[device.type], enabled=enabled)
+def precision(device: torch.device, amp: bool):
+    """With `amp`, autocast to float16 on CUDA or bfloat16 on CPU; without, exact float32 (no
+    TF32, which PyTorch otherwise lets cuDNN use for convolutions: a 10-bit mantissa)."""
+    if amp:
+        return torch.autocast(device.type, dtype=AMP_DTYPES[device.type])
+    return _exact_float32()
+
+
+@contextlib.contextmanager
+def _exact_float32():
+    flags = (torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")
+    saved = [getattr(owner, name) for owner, name in flags]
+    for owner, name in flags:
+        setattr(owner, name, False)
+    try:
+        yield
+    finally:
+        for (owner, name), value in zip(flags, saved):
+            setattr(owner, name, value)
 
 
 def loader_workers(workers: int | None, device: torch.device) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .data import TransformedDataset, load_data
-from .device import make_loader, prepare_model, resolve_device, to_device
+from .device import make_loader, precision, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
 from .fileio import atomic_path, write_json
 from .models import LoadedModel
@@ -49,7 +49,7 @@ def evaluate_model(loaded: LoadedModel, data: str, batch_size: int = 64, workers
     total = len(source) if limit is None else min(limit, len(source))
     dataset = TransformedDataset(source, build_transform(pre), (3, pre.crop, pre.crop), 0, total)
     logits, labels, done = [], [], 0
-    with torch.inference_mode():
+    with torch.inference_mode(), precision(dev, amp=False):
         for x, y, _index, ok in make_loader(dataset, batch_size, workers, dev):
             if not ok.all():
                 bad = [source.path(int(i)) for i, good in zip(_index, ok) if not good]

@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .data import ImageSource, TransformedDataset, load_data
-from .device import autocast, describe, make_loader, prepare_model, resolve_device, to_device
+from .device import describe, make_loader, precision, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
 from .fileio import utc_now
 from .hooks import FeatureHooks, resolve_layers
@@ -165,7 +165,7 @@ def _run(model, source, requests, settings, pre, writer, total, device, progress
                     "--on-bad-image skip to leave them out (their paths are recorded in the file); "
                     "then rerun with --resume."
                 )
-            with autocast(device, settings.amp):
+            with precision(device, settings.amp):
                 logits = model(to_device(x, device))
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import __version__, distributed
-from .device import autocast, describe, make_loader, prepare_model, resolve_device, to_device
+from .device import describe, make_loader, precision, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
 from .fileio import atomic_path, sha256_file, utc_now, write_json
 from .images import RowImages
@@ -43,7 +43,7 @@ class ScoreSettings:
     seed: int = 0
     engine: str = "embed"
     n_boot: int = 1000
-    amp: bool = False  # autocast the embedding network on CUDA (LPIPS is exact only in float32)
+    amp: bool = False  # autocast the embedding network (LPIPS is exact only in float32)
     chunk_units: int = 256  # units whose images are embedded together (bounds memory)
     # how, not what
     device: str = "auto"
@@ -109,7 +109,7 @@ def embed_rows(backend, images: RowImages, device, batch_size: int, workers: int
         subset = torch.utils.data.Subset(images, todo.tolist())
         loader = make_loader(subset, batch_size, workers, device)
         for x, _rows in loader:
-            with autocast(device, amp):
+            with precision(device, amp):
                 chunks.append(backend.embed(to_device(x, device)).float().cpu().numpy())
             done += len(x)
             if progress:
@@ -144,7 +144,8 @@ class _PairwiseDistances:
             chunk = pairs[start:start + self.batch_size]
             x = to_device(torch.stack([self.images[q] for q, _ in chunk]), self.device)
             y = to_device(torch.stack([self.images[t] for _, t in chunk]), self.device)
-            out.append(self.backend.pair_distance(x, y).float().cpu().numpy())
+            with precision(self.device, amp=False):
+                out.append(self.backend.pair_distance(x, y).float().cpu().numpy())
         return np.concatenate(out).reshape(np.shape(target_rows))
 
 

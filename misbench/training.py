@@ -11,7 +11,7 @@ from torch import nn
 
 from . import distributed
 from .data import ImageSource, TransformedDataset, derived_seed
-from .device import autocast, describe, make_loader, prepare_model, resolve_device, to_device
+from .device import describe, make_loader, precision, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
 from .preprocess import Preprocess, build_transform
 
@@ -194,7 +194,7 @@ class Trainer:
                     raise MisbenchError("unreadable training images; fix the data (extract reports paths)")
                 x, y = to_device(x, self.device), to_device(y, self.device)
                 self.optimizer.zero_grad(set_to_none=True)
-                with autocast(self.device, self.use_amp):
+                with precision(self.device, self.use_amp):
                     _, loss = _logits_and_loss(net, x, y, self.settings.aux_weight)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)

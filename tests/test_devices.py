@@ -177,3 +177,21 @@ def test_faiss_gpu_index_goes_to_the_rank_gpu_and_answers_searches(monkeypatch):
     assert found[:, 0].tolist() == rows[:5].tolist() and np.allclose(dist, 0)
     assert EmbeddingIndex(rows, emb, gpu=2).gpu is None  # no such GPU: the CPU index serves
     assert EmbeddingIndex(rows, emb).gpu is None and len(placed) == 1
+
+
+def test_exact_float32_turns_tf32_off_and_restores_it():
+    """PyTorch lets cuDNN convolutions use TF32 (10-bit mantissa) by default; activations and LPIPS
+    distances are exact only without it."""
+    from misbench.device import precision
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with precision(torch.device("cpu"), amp=False):
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with precision(torch.device("cpu"), amp=True):
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+        assert not torch.is_autocast_enabled("cpu")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -78,10 +78,11 @@ def test_distributed_extraction_and_scoring_equal_one_process(setup):
     # scoring under torchrun: units sharded over ranks, merged by rank 0
     settings = ScoreSettings(similarity="pixel", image_size=16, device="cpu", n_boot=50, tasks=10)
     score(single, ["all"], settings, root / "one.csv", tasks_out=root / "one_tasks.h5")
-    # both ranks embed into one --cache directory at the same time
+    # both ranks embed into one --cache directory at the same time (a rank that starts late may find
+    # all its images cached by the other)
     torchrun("score", "dist.h5", "--layer", "all", "--similarity", "pixel", "--image-size", "16", "--tasks", "10",
              "--bootstrap", "50", "--out", "two.csv", "--tasks-out", "two_tasks.h5", "--cache", "cache", cwd=root)
-    assert len(list((root / "cache").glob("emb-*.h5"))) >= 2
+    assert list((root / "cache").glob("emb-*.h5"))
     assert (root / "one.csv").read_text() == (root / "two.csv").read_text()
     one, two = (json.loads((root / f).read_text()) for f in ("one.json", "two.json"))
     assert one["layers"] == two["layers"] and one["model_mean"] == two["model_mean"]
