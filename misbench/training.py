@@ -2,6 +2,7 @@
 
 __all__ = ["TrainSettings", "MaskEnforcer", "Trainer", "train_transform"]
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -188,25 +189,29 @@ class Trainer:
                                  shuffle=True, generator=self.generator,
                                  drop_last=len(self.train_set) > self.settings.batch_size)
         total, count = 0.0, 0
+        # AMP: autocast around the forward pass only; float32: no TF32 in the forward or backward pass
+        whole_step = contextlib.nullcontext() if self.use_amp else precision(self.device, amp=False)
+        forward = (lambda: precision(self.device, amp=True)) if self.use_amp else contextlib.nullcontext
         try:
-            for k, (x, y, _i, ok) in enumerate(loader):
-                if not ok.all():
-                    raise MisbenchError("unreadable training images; fix the data (extract reports paths)")
-                x, y = to_device(x, self.device), to_device(y, self.device)
-                self.optimizer.zero_grad(set_to_none=True)
-                with precision(self.device, self.use_amp):
-                    _, loss = _logits_and_loss(net, x, y, self.settings.aux_weight)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                enforcer.enforce()
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise MisbenchError("training diverged (loss is not finite); lower --lr")
-                total += value * len(y)
-                count += len(y)
-                if progress:
-                    progress(k + 1, len(loader))
+            with whole_step:
+                for k, (x, y, _i, ok) in enumerate(loader):
+                    if not ok.all():
+                        raise MisbenchError("unreadable training images; fix the data (extract reports paths)")
+                    x, y = to_device(x, self.device), to_device(y, self.device)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    with forward():
+                        _, loss = _logits_and_loss(net, x, y, self.settings.aux_weight)
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    enforcer.enforce()
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise MisbenchError("training diverged (loss is not finite); lower --lr")
+                    total += value * len(y)
+                    count += len(y)
+                    if progress:
+                        progress(k + 1, len(loader))
         finally:
             enforcer.remove()
         self.scheduler.step()
@@ -222,10 +227,11 @@ class Trainer:
         correct = n = 0
         start, stop = distributed.block(len(self.val_set), self.rank, self.size)
         share = torch.utils.data.Subset(self.val_set, range(start, stop))
-        for x, y, _i, _ok in make_loader(share, self.settings.batch_size, self.settings.workers, self.device):
-            out = self.model(to_device(x, self.device))
-            out = out[0] if isinstance(out, tuple) else out
-            correct += (out.argmax(1).cpu() == y).sum().item()
-            n += len(y)
+        with precision(self.device, amp=False):  # the accuracy `misbench eval` would report
+            for x, y, _i, _ok in make_loader(share, self.settings.batch_size, self.settings.workers, self.device):
+                out = self.model(to_device(x, self.device))
+                out = out[0] if isinstance(out, tuple) else out
+                correct += (out.argmax(1).cpu() == y).sum().item()
+                n += len(y)
         correct, n = distributed.all_reduce_sum([correct, n])
         return correct / max(n, 1)

@@ -195,3 +195,29 @@ def test_exact_float32_turns_tf32_off_and_restores_it():
         assert not torch.is_autocast_enabled("cpu")
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_float32_training_keeps_tf32_off_in_forward_and_backward():
+    from misbench.archs import MiniInception
+    from misbench.data import ArraySource
+    from misbench.preprocess import Preprocess
+    from misbench.training import Trainer, TrainSettings
+
+    rng = np.random.default_rng(0)
+    source = ArraySource("toy", rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), rng.integers(0, 3, 16),
+                         ["a", "b", "c"])
+    model = MiniInception(3, width=8)
+    seen = []
+    model.conv1.register_forward_hook(lambda *_: seen.append(("forward", torch.backends.cudnn.allow_tf32)))
+    model.conv1.conv.weight.register_hook(lambda _grad: seen.append(("backward", torch.backends.cudnn.allow_tf32)))
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        trainer = Trainer(model, {}, TrainSettings(epochs=1, batch_size=8, device="cpu"), Preprocess(32, 32), source,
+                          source)
+        trainer.train_epoch()
+        assert {"forward", "backward"} <= {kind for kind, _ in seen} and not any(flag for _, flag in seen)
+        trainer.validate()
+        assert torch.backends.cudnn.allow_tf32  # restored
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
