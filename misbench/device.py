@@ -103,5 +103,5 @@ def describe(device: torch.device, workers: int | None, amp: bool) -> str:
         where = f"{device} ({torch.cuda.get_device_name(device)}), pinned memory"
     else:
         where = f"cpu ({torch.get_num_threads()} threads)"
-    precision = f"{str(AMP_DTYPES[device.type]).removeprefix('torch.')} autocast" if amp else "float32"
-    return f"{where}, channels-last, {precision}, {loader_workers(workers, device)} loader workers"
+    numbers = f"{str(AMP_DTYPES[device.type]).removeprefix('torch.')} autocast" if amp else "float32"
+    return f"{where}, channels-last, {numbers}, {loader_workers(workers, device)} loader workers"

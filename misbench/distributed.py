@@ -30,7 +30,7 @@ def ensure_initialized(device: torch.device | None = None) -> None:
         return
     cuda = device is not None and device.type == "cuda"
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)  # resolve_device gave this rank its LOCAL_RANK GPU
     minutes = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_MIN))
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=minutes))
 

@@ -53,16 +53,20 @@ class EmbeddingCache:
         hit = np.array([int(k) in self._known for k in keys], dtype=bool)
         if not hit.any():
             return hit, None
-        where = [self._known[int(k)] for k in keys[hit]]
+        by_part: dict[Path, tuple[list, list]] = {}
+        for j, k in enumerate(keys[hit]):
+            path, row = self._known[int(k)]
+            slots, rows = by_part.setdefault(path, ([], []))
+            slots.append(j)
+            rows.append(row)
         emb = None
-        for path in dict.fromkeys(p for p, _ in where):
-            mine = np.array([j for j, (p, _) in enumerate(where) if p == path])
-            rows = np.array([where[j][1] for j in mine])
+        for path, (slots, rows) in by_part.items():
+            slots, rows = np.array(slots), np.array(rows)
             order = np.argsort(rows)  # h5py reads ascending indices
             with h5py.File(path, "r") as h5:
                 if emb is None:
-                    emb = np.empty((len(where), h5["emb"].shape[1]), dtype=np.float32)
-                emb[mine[order]] = h5["emb"][rows[order]]
+                    emb = np.empty((int(hit.sum()), h5["emb"].shape[1]), dtype=np.float32)
+                emb[slots[order]] = h5["emb"][rows[order]]
         return hit, emb
 
     def add(self, keys: np.ndarray, emb: np.ndarray) -> None:
