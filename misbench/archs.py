@@ -1,6 +1,7 @@
 """Architectures by name: every torchvision classifier plus misbench's own small ones."""
 
-__all__ = ["MiniInception", "TinyCNN", "build_arch", "arch_names", "register_arch", "default_preprocess"]
+__all__ = ["MiniInception", "TinyCNN", "build_arch", "arch_names", "own_archs", "check_arch", "register_arch",
+           "default_preprocess"]
 
 from typing import Callable
 
@@ -118,16 +119,25 @@ def arch_names() -> list[str]:
     return sorted(set(_ARCHS) | set(_torchvision_names()))
 
 
+def own_archs() -> list[str]:
+    """misbench's own architectures (no pretrained weights exist for them)."""
+    return sorted(_ARCHS)
+
+
+def check_arch(name: str) -> None:
+    if name not in _ARCHS and name not in _torchvision_names():
+        raise MisbenchError(
+            f"unknown architecture {name!r}: expected a torchvision classification model or "
+            f"one of {sorted(_ARCHS)}.{close_matches(name, arch_names())}"
+        )
+
+
 def build_arch(name: str, num_classes: int, arch_kwargs: dict | None = None) -> nn.Module:
     """A randomly initialised `name` with `num_classes` outputs (weights are loaded separately)."""
     kwargs = dict(arch_kwargs or {})
     if name in _ARCHS:
         return _ARCHS[name](num_classes=num_classes, **kwargs)
-    if name not in _torchvision_names():
-        raise MisbenchError(
-            f"unknown architecture {name!r}: expected a torchvision classification model or "
-            f"one of {sorted(_ARCHS)}.{close_matches(name, arch_names())}"
-        )
+    check_arch(name)
     import torchvision
 
     if name == "googlenet":

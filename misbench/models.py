@@ -1,24 +1,29 @@
 """Load any MODEL string (DESIGN §3) into an nn.Module with its provenance."""
 
-__all__ = ["LoadedModel", "load_model", "torchvision_weights", "hub_checkpoint_path", "load_torch_file"]
+__all__ = ["LoadedModel", "load_model", "torchvision_weights", "hub_checkpoint_path", "load_torch_file", "read_hub_weights",
+           "pretrained_torchvision", "effective_kwargs", "RANDOM"]
 
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import pickle
+import threading
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .archs import build_arch, default_preprocess
+from .archs import build_arch, check_arch, default_preprocess, own_archs
 from .errors import MisbenchError
-from .fileio import sha256_file
+from .fileio import atomic_path, sha256_file
 from .preprocess import IMAGENET_PREPROCESS, Preprocess
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "misbench-checkpoint"
+RANDOM = "random"  # MODEL `name:random`: a randomly initialised network
 
 
 @dataclasses.dataclass
@@ -31,6 +36,7 @@ class LoadedModel:
     preprocess: Preprocess
     sha256: str = ""
     checkpoint: dict | None = None  # the misbench checkpoint record without state_dict
+    categories: list | None = None  # class names from torchvision's weights metadata
 
     @property
     def masks(self) -> dict:
@@ -59,19 +65,105 @@ def torchvision_weights(arch: str, weights_name: str):
         ) from None
 
 
-def _weights_state_dict(weights) -> dict:
-    target = hub_checkpoint_path(weights.url)
-    if not target.exists():
-        log.info("weights %s not in the hub cache; trying to download %s", target.name, weights.url)
+def _download(url: str, target: Path) -> None:
+    from torch.hub import HASH_REGEX, download_url_to_file
+
+    log.info("weights %s not in the hub cache; trying to download %s", target.name, url)
+    match = HASH_REGEX.search(target.name)
     try:
-        return weights.get_state_dict(progress=False, check_hash=False)
-    except Exception as err:  # offline: URLError, socket errors, HTTP errors
+        with atomic_path(target) as tmp:
+            download_url_to_file(url, str(tmp), match.group(1) if match else None, progress=False)
+    except Exception as err:  # offline: URLError, socket errors, HTTP errors, hash mismatch
         raise MisbenchError(
             f"weights file {target.name} is not in the torch hub cache and could not be downloaded "
-            f"({type(err).__name__}: {err}). Put the file at {target} (download it from {weights.url} "
+            f"({type(err).__name__}: {err}). Put the file at {target} (download it from {url} "
             f"on a machine with internet), or run `misbench assets stage` for the assets misbench "
             f"can stage offline."
         ) from None
+
+
+def read_hub_weights(url: str) -> dict:
+    """The state_dict behind a torchvision weights URL, from the hub cache (downloaded when absent).
+
+    Read with weights_only=True, never as a whole pickle: a hub-cache file is as untrusted as any
+    other file, and torchvision's own loader would unpickle it with weights_only=False.
+    """
+    target = hub_checkpoint_path(url)
+    if not target.exists():
+        _download(url, target)
+    try:
+        return torch.load(target, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise MisbenchError(
+            f"{target} holds pickled Python objects, not plain tensors ({str(err).splitlines()[0]}); misbench "
+            f"refuses to load it because unpickling can run code. Delete it and download {url} again "
+            f"(or stage the official file)."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise MisbenchError(f"cannot read the weights file {target} ({str(err).splitlines()[0]}): delete it "
+                            f"and download {url} again") from None
+
+
+_HUB_PATCH = threading.Lock()
+
+
+@contextlib.contextmanager
+def _plain_tensor_hub():
+    """Make torchvision's builders read weights through read_hub_weights (weights_only=True).
+
+    Every torchvision builder fetches its state_dict with WeightsEnum.get_state_dict, which calls the
+    load_state_dict_from_url imported into torchvision.models._api; replacing that one name keeps
+    each builder's own quirks (GoogLeNet and Inception v3 build with aux heads, load, then drop them;
+    DenseNet renames keys) while no file is ever unpickled.
+    """
+    from torchvision.models import _api
+
+    with _HUB_PATCH:
+        original = _api.load_state_dict_from_url
+        _api.load_state_dict_from_url = lambda url, *args, **kwargs: read_hub_weights(url)
+        try:
+            yield
+        finally:
+            _api.load_state_dict_from_url = original
+
+
+def pretrained_torchvision(arch: str, weights, arch_kwargs: dict | None = None) -> nn.Module:
+    """torchvision.models.get_model(arch, weights=weights, **arch_kwargs), every file read as plain tensors."""
+    import torchvision
+
+    kwargs = dict(arch_kwargs or {})
+    try:
+        with _plain_tensor_hub():
+            model = torchvision.models.get_model(arch, weights=weights, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise MisbenchError(f"torchvision's {arch} builder with weights {weights.name} refuses --arch-kwargs "
+                            f"{json.dumps(kwargs)}: {err}") from None
+    except RuntimeError as err:  # load_state_dict: a cached file of another architecture
+        raise MisbenchError(
+            f"{hub_checkpoint_path(weights.url)} does not fit torchvision's {arch} ({str(err).splitlines()[0]} ...): "
+            f"delete it and download {weights.url} again") from None
+    return model.eval()
+
+
+# attributes of torchvision models that change the forward pass but not the state_dict layout
+RECORDED_ATTRS = ("transform_input", "aux_logits")
+
+
+def effective_kwargs(model: nn.Module, given: dict | None) -> dict:
+    """The builder arguments that rebuild `model`: those given plus the recorded attributes it has."""
+    kwargs = dict(given or {})
+    for attr in RECORDED_ATTRS:
+        if hasattr(model, attr):
+            kwargs[attr] = bool(getattr(model, attr))
+    return kwargs
+
+
+def _log_transform_input(arch: str, kwargs: dict, source: str) -> None:
+    if "transform_input" in kwargs:
+        log.info("%s: %s builds with transform_input=%s (%s); override with --arch-kwargs "
+                 "'{\"transform_input\": %s}'", source, arch, kwargs["transform_input"],
+                 "the ImageNet weights' input scaling" if kwargs["transform_input"] else "inputs used as given",
+                 "false" if kwargs["transform_input"] else "true")
 
 
 def _preprocess_of(weights) -> Preprocess:
@@ -79,24 +171,45 @@ def _preprocess_of(weights) -> Preprocess:
     return Preprocess(int(t.resize_size[0]), int(t.crop_size[0]), tuple(t.mean), tuple(t.std))
 
 
-def _from_torchvision(spec: str, num_classes: int | None) -> LoadedModel:
-    arch, _, weights_name = spec.partition(":")
-    if not weights_name:
-        model = build_arch(arch, num_classes or 1000)
-        kwargs = {"aux_logits": False, "transform_input": False} if arch == "googlenet" else {}
+def _no_weights_error(arch: str) -> MisbenchError:
+    import torchvision
+
+    try:
+        names = [w.name for w in torchvision.models.get_model_weights(arch)] + ["DEFAULT"]
+    except (ValueError, KeyError):
+        names = []
+    offer = f"{arch}:WEIGHTS for pretrained weights ({', '.join(names)})" if names else "no pretrained weights exist"
+    return MisbenchError(f"model {arch!r} names no weights: write {offer}, or {arch}:random for a randomly "
+                         f"initialised network")
+
+
+def _from_torchvision(spec: str, num_classes: int | None, arch_kwargs: dict | None = None) -> LoadedModel:
+    arch, sep, weights_name = spec.partition(":")
+    given = dict(arch_kwargs or {})
+    if arch in own_archs():
+        # misbench's own architectures have no pretrained weights: the bare name is unambiguous
+        if weights_name not in ("", RANDOM):
+            raise MisbenchError(f"{arch} is one of misbench's own architectures and has no pretrained weights: "
+                                f"write {arch} or {arch}:random")
+        model = build_arch(arch, num_classes or 1000, given)
+        return LoadedModel(model, spec, arch, given, num_classes or 1000, default_preprocess(arch))
+    check_arch(arch)
+    if not sep:
+        raise _no_weights_error(arch)
+    if weights_name == RANDOM:
+        model = build_arch(arch, num_classes or 1000, given)
+        kwargs = effective_kwargs(model, given)
+        _log_transform_input(arch, kwargs, spec)
         return LoadedModel(model, spec, arch, kwargs, num_classes or 1000, default_preprocess(arch))
     weights = torchvision_weights(arch, weights_name)
-    n = len(weights.meta["categories"])
-    if num_classes not in (None, n):
-        raise MisbenchError(f"{spec} has {n} classes, but --num-classes {num_classes} was given")
-    kwargs = {}
-    if arch == "googlenet":
-        # torchvision's GoogLeNet weights were converted from the original, which expects
-        # transform_input; they carry no trained aux heads.
-        kwargs = {"aux_logits": False, "transform_input": True}
-    model = build_arch(arch, n, kwargs)
-    _load_state(model, _weights_state_dict(weights), spec)
-    return LoadedModel(model, spec, arch, kwargs, n, _preprocess_of(weights), sha256="")
+    categories = list(weights.meta["categories"])
+    if num_classes not in (None, len(categories)):
+        raise MisbenchError(f"{spec} has {len(categories)} classes, but --num-classes {num_classes} was given")
+    model = pretrained_torchvision(arch, weights, given)
+    kwargs = effective_kwargs(model, given)
+    _log_transform_input(arch, kwargs, spec)
+    return LoadedModel(model, spec, arch, kwargs, len(categories), _preprocess_of(weights),
+                       sha256=sha256_file(hub_checkpoint_path(weights.url)), categories=categories)
 
 
 def _load_state(model: nn.Module, state: dict, source: str) -> None:
@@ -139,10 +252,14 @@ def load_torch_file(path, trust_pickle: bool = False):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _googlenet_kwargs(state: dict, given: dict) -> dict:
+AUX_PREFIXES = {"googlenet": "aux1.", "inception_v3": "AuxLogits."}
+
+
+def _inception_kwargs(arch: str, state: dict, given: dict) -> dict:
     kwargs = dict(given)
-    kwargs.setdefault("aux_logits", any(k.startswith("aux1.") for k in state))
-    # state dicts descending from the ImageNet weights expect transform_input
+    kwargs.setdefault("aux_logits", any(k.startswith(AUX_PREFIXES[arch]) for k in state))
+    # state dicts descending from the ImageNet weights expect transform_input, as torchvision's
+    # builders set it for those weights
     kwargs.setdefault("transform_input", True)
     return kwargs
 
@@ -165,7 +282,7 @@ def load_model(spec: str, arch: str | None = None, num_classes: int | None = Non
             raise MisbenchError(f"model file {spec} does not exist")
         if arch is not None:
             raise MisbenchError("--arch is only for plain state_dict files; MODEL is a torchvision name here")
-        return _from_torchvision(spec, num_classes)
+        return _from_torchvision(spec, num_classes, arch_kwargs)
     sha = sha256_file(path)
     obj = load_torch_file(path, trust_pickle)
     if isinstance(obj, nn.Module):
@@ -187,9 +304,10 @@ def load_model(spec: str, arch: str | None = None, num_classes: int | None = Non
         raise MisbenchError(f"{spec} is a plain state_dict: pass --arch NAME (and --num-classes if not 1000)")
     if num_classes is None:
         num_classes = _infer_classes_from_state(state) or 1000
-    kwargs = _googlenet_kwargs(state, arch_kwargs or {}) if arch == "googlenet" else dict(arch_kwargs or {})
+    kwargs = _inception_kwargs(arch, state, arch_kwargs or {}) if arch in AUX_PREFIXES else dict(arch_kwargs or {})
     model = build_arch(arch, num_classes, kwargs)
     _load_state(model, state, spec)
+    _log_transform_input(arch, kwargs, spec)
     return LoadedModel(model.eval(), spec, arch, kwargs, num_classes, default_preprocess(arch), sha)
 
 

@@ -52,16 +52,16 @@ def test_whole_model_pickle_needs_trust(tmp_path):
 
 def test_offline_weights_error_says_where_to_put_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    from torchvision.models import _api
-
-    def offline(self, *a, **k):
+    def offline(url, dst, *a, **k):
+        open(dst, "wb").write(b"half a file")  # a download that dies midway
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(_api.WeightsEnum, "get_state_dict", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(MisbenchError) as err:
         load_model("googlenet:IMAGENET1K_V1")
     text = str(err.value)
     assert str(tmp_path / "hub" / "checkpoints" / "googlenet-1378be20.pth") in text and "could not be downloaded" in text
+    assert not list((tmp_path / "hub" / "checkpoints").iterdir())  # nothing half-written is left
     with pytest.raises(MisbenchError, match="unknown weights"):
         load_model("googlenet:IMAGENET9K")
     with pytest.raises(MisbenchError, match="unknown architecture"):
@@ -158,6 +158,6 @@ def test_cli_eval_model_equals_eval_from_acts(tmp_path, image_folder):
 
 
 def test_cli_errors_are_clean(tmp_path):
-    r = CliRunner().invoke(cli, ["extract", "resnet18", "--data", str(tmp_path / "missing"), "--layers", "fc",
+    r = CliRunner().invoke(cli, ["extract", "resnet18:random", "--data", str(tmp_path / "missing"), "--layers", "fc",
                                  "--out", str(tmp_path / "a.h5")])
     assert r.exit_code == 1 and r.output.startswith("Error: data") and "Traceback" not in r.output

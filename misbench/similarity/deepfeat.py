@@ -59,13 +59,11 @@ class DeepFeatBackend(Backend):
         arch, _, weights = spec.partition(":")
         self.image_size = image_size
         if model is None:
-            from ..archs import build_arch
-            from ..models import _weights_state_dict
+            from ..models import pretrained_torchvision
 
             w = _choose_weights(arch, weights or None)
             weights = w.name
-            model = build_arch(arch, len(w.meta["categories"]))
-            model.load_state_dict(_weights_state_dict(w))
+            model = pretrained_torchvision(arch, w)
         self.name = f"deepfeat:{arch}" + (f":{weights}" if weights else "")
         self.stages = _stages(model).eval()
         self.taps = stage_taps(self.stages, image_size)

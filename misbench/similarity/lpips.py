@@ -45,10 +45,9 @@ def _trunk(net: str, pretrained: bool) -> nn.Sequential:
 
     arch, cuts = TRUNKS[net]
     if pretrained:
-        from ..models import _weights_state_dict, torchvision_weights
+        from ..models import pretrained_torchvision, torchvision_weights
 
-        model = torchvision.models.get_model(arch, weights=None)
-        model.load_state_dict(_weights_state_dict(torchvision_weights(arch, "IMAGENET1K_V1")))
+        model = pretrained_torchvision(arch, torchvision_weights(arch, "IMAGENET1K_V1"))
     else:
         model = torchvision.models.get_model(arch, weights=None)
     return model.features[: cuts[-1]]
