@@ -18,6 +18,7 @@ from .device import describe, make_loader, precision, prepare_model, resolve_dev
 from .errors import MisbenchError
 from .fileio import utc_now
 from .hooks import FeatureHooks, resolve_layers
+from .labels import LABEL_MODES
 from .models import LoadedModel
 from .preprocess import build_transform
 from .store import SCHEMA, SCHEMA_VERSION, ActivationWriter, merge_activation_parts, part_path, partial_path
@@ -27,6 +28,14 @@ from . import distributed
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
+# class units are always float32: in float16 most of a class's softmax values round to exactly 0 and
+# the bottom of the ranking becomes a random draw among them
+CLASS_KINDS = ("softmax", "logits")
+
+
+def storage_dtypes(requests, dtype: str) -> dict:
+    """Layer name -> numpy dtype: `dtype` for module layers, float32 for the class-unit layers."""
+    return {r.name: np.float32 if r.kind in CLASS_KINDS else DTYPES[dtype] for r in requests}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +49,7 @@ class ExtractSettings:
     crop: int | None = None
     amp: bool = False
     keep: str | None = None  # "topk:K": only the K highest and lowest activations per unit
+    labels: str = "auto"  # how class folders map to the model's classes (labels.py)
     # how, not what: these do not change the file's content and may differ on --resume
     batch_size: int = 64
     workers: int | None = None  # None: auto (see loader_workers)
@@ -56,6 +66,8 @@ class ExtractSettings:
             raise MisbenchError(f"--limit must be a positive number of images, got {self.limit}")
         if self.batch_size < 1:
             raise MisbenchError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.labels not in LABEL_MODES:
+            raise MisbenchError(f"--labels {self.labels!r}: expected one of {', '.join(LABEL_MODES)}")
         parse_keep(self.keep)
 
     def content_dict(self) -> dict:
@@ -68,6 +80,8 @@ def _file_attrs(loaded: LoadedModel, source: ImageSource, settings: ExtractSetti
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "misbench_version": __version__,
         "model": loaded.spec, "checkpoint_sha256": loaded.sha256, "arch": loaded.arch,
+        "arch_kwargs": json.dumps(loaded.arch_kwargs, sort_keys=True),
+        "label_mapping": getattr(getattr(source, "label_map", None), "mapping", "dataset"),
         "data": source.spec, "data_root": source.root, "num_classes": loaded.num_classes,
         "class_names": json.dumps(list(source.classes)),
         "transform": json.dumps(pre.to_dict()), "reduction": settings.reduction,
@@ -95,7 +109,7 @@ def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: Extract
     then merges the parts into one file with exactly the content of a one-process run.
     """
     out = Path(out)
-    source = load_data(data) if isinstance(data, str) else data
+    source = load_data(data, loaded.num_classes, settings.labels, loaded.categories) if isinstance(data, str) else data
     model = loaded.model
     pre = loaded.preprocess.override(settings.resize, settings.crop)
     probe_device = next(model.parameters()).device
@@ -147,7 +161,7 @@ def _run(model, source, requests, settings, pre, writer, total, device, progress
     dataset = TransformedDataset(source, build_transform(pre), (3, pre.crop, pre.crop), writer.next_index, total)
     loader = make_loader(dataset, settings.batch_size, settings.workers, device)
     module_names = [r.module for r in requests if r.module]
-    dtype = DTYPES[settings.dtype]
+    dtype = storage_dtypes(requests, settings.dtype)
     k = parse_keep(settings.keep)
     topk: dict[str, TopK] = {}
     layer_attrs = {}
@@ -187,7 +201,7 @@ def _run(model, source, requests, settings, pre, writer, total, device, progress
             # one device-to-host copy per batch, not one per layer (GoogLeNet has 58)
             host = torch.cat([logits, *columns], dim=1).cpu().numpy()[keep]
             host_logits, bounds = host[:, :logits.shape[1]], np.cumsum([logits.shape[1]] + [c.shape[1] for c in columns])
-            layers = {req.name: host[:, a:b].astype(dtype) for req, a, b in zip(requests, bounds[:-1], bounds[1:])}
+            layers = {req.name: host[:, a:b].astype(dtype[req.name]) for req, a, b in zip(requests, bounds[:-1], bounds[1:])}
             index_np = index.numpy()
             states = {}
             if k:

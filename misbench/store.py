@@ -1,6 +1,6 @@
 """The activation file (HDF5 schema 1, DESIGN §4): streaming writer, refusing reader."""
 
-__all__ = ["ActivationWriter", "ActivationFile", "open_activations", "partial_path", "part_path",
+__all__ = ["ActivationWriter", "ActivationFile", "open_activations", "partial_path", "part_path", "layer_dtype",
            "merge_activation_parts", "SCHEMA"]
 
 import json
@@ -37,6 +37,11 @@ def _chunk(units: int) -> tuple:
     # about 1 MiB per chunk at float32, whatever the layer width
     rows = max(16, min(ROW_CHUNK, (1 << 18) // max(units, 1)))
     return (rows, units)
+
+
+def layer_dtype(dtype, name: str):
+    """The storage dtype of layer `name`: `dtype` itself, or its entry when it maps layer names to dtypes."""
+    return dtype[name] if isinstance(dtype, dict) else dtype
 
 
 class ActivationWriter:
@@ -116,7 +121,7 @@ class ActivationWriter:
         for field in TOPK_FIELDS:
             value = state[field]
             if field.endswith("value"):
-                value = value.astype(dtype)
+                value = value.astype(layer_dtype(dtype, name))
             if field in group and group[field].shape != value.shape:
                 del group[field]
             if field in group:
@@ -126,7 +131,8 @@ class ActivationWriter:
 
     def append(self, index, paths, labels, logits, layers: dict, layer_attrs: dict, dtype, next_index: int,
                skipped: list[str] = (), topk: dict | None = None) -> None:
-        """Write one batch: `layers` maps layer name -> [B, U] array; `topk` layer name -> TopK state."""
+        """Write one batch: `layers` maps layer name -> [B, U] array; `topk` layer name -> TopK state;
+        `dtype` is one storage dtype or a mapping layer name -> dtype."""
         n0, end = self._rows, self._rows + len(index)
         for name, values in (("index", index), ("path", paths), ("label", labels)):
             ds = self.h5["images"][name]
@@ -140,7 +146,7 @@ class ActivationWriter:
             if not group.attrs:
                 for key, value in layer_attrs[name].items():
                     group.attrs[key] = value
-            ds = self._ensure(group, "activations", values.shape[1], dtype)
+            ds = self._ensure(group, "activations", values.shape[1], layer_dtype(dtype, name))
             ds.resize(end, axis=0)
             ds[n0:end] = values
         self._rows, self._next = end, next_index
@@ -209,7 +215,7 @@ def merge_activation_parts(parts: list, target, block: int = 4096) -> None:
             for start in range(0, n, block):
                 stop = min(n, start + block)
                 full = {name: g["activations"][start:stop] for name, g in h5["layers"].items() if "activations" in g}
-                dtype = next(iter(full.values())).dtype if full else np.float32
+                dtype = {name: values.dtype for name, values in full.items()}
                 writer.append(h5["images/index"][start:stop], h5["images/path"][start:stop],
                               h5["images/label"][start:stop], h5["outputs/logits"][start:stop], full, layer_attrs,
                               dtype, next_index=int(h5.attrs["next_index"]))
