@@ -2,7 +2,7 @@
 
 import click
 
-from .common import Progress, handle_errors, load_model_from_options, model_options, workers_option
+from .common import Progress, handle_errors, labels_option, load_model_from_options, model_options, workers_option
 
 
 @click.command()
@@ -26,17 +26,18 @@ from .common import Progress, handle_errors, load_model_from_options, model_opti
               "(exact MIS for K >= (explanations+1) x tasks; bounded memory on huge datasets).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted extraction.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file (kept until the new one is complete).")
+@labels_option
 @handle_errors
 def extract(model, arch, num_classes, arch_kwargs, trust_pickle, data, layers, out, batch_size, workers, device,
-            reduction, dtype, limit, resize, crop, on_bad_image, amp, keep, resume, overwrite):
+            reduction, dtype, limit, resize, crop, on_bad_image, amp, keep, resume, overwrite, labels):
     """Record per-unit activations of MODEL on DATA into an HDF5 file."""
     from misbench.extract import ExtractSettings, extract as run_extract
 
     loaded = load_model_from_options(model, arch, num_classes, arch_kwargs, trust_pickle)
     settings = ExtractSettings(
         layers=tuple(s.strip() for s in layers.split(",") if s.strip()), reduction=reduction, dtype=dtype,
-        limit=limit, on_bad_image=on_bad_image, resize=resize, crop=crop, amp=amp, keep=keep, batch_size=batch_size,
-        workers=workers, device=device)
+        limit=limit, on_bad_image=on_bad_image, resize=resize, crop=crop, amp=amp, keep=keep, labels=labels,
+        batch_size=batch_size, workers=workers, device=device)
     from misbench.distributed import is_main
 
     with Progress("extract") as bar:
@@ -58,9 +59,10 @@ def extract(model, arch, num_classes, arch_kwargs, trust_pickle, data, layers, o
 @workers_option
 @click.option("--device", default="auto", show_default=True)
 @click.option("--limit", type=int, default=None)
+@labels_option
 @handle_errors
 def evaluate(model, arch, num_classes, arch_kwargs, trust_pickle, data, acts, out, classwise, batch_size, workers,
-             device, limit):
+             device, limit, labels):
     """Top-1, top-5 and class-wise accuracy of MODEL on DATA (or from --acts)."""
     from misbench.errors import MisbenchError
     from misbench.evaluate import evaluate_acts, evaluate_model, write_eval
@@ -74,7 +76,7 @@ def evaluate(model, arch, num_classes, arch_kwargs, trust_pickle, data, acts, ou
             raise MisbenchError("eval needs MODEL and --data DATA (or --acts FILE)")
         loaded = load_model_from_options(model, arch, num_classes, arch_kwargs, trust_pickle)
         with Progress("eval") as bar:
-            result = evaluate_model(loaded, data, batch_size, workers, device, limit, progress=bar)
+            result = evaluate_model(loaded, data, batch_size, workers, device, limit, progress=bar, labels=labels)
     write_eval(result, out, classwise)
     click.echo(f"top1 {result['top1']:.4f}  top5 {result['top5']:.4f}  n {result['n_images']}  -> {out}")
 

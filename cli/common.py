@@ -63,6 +63,13 @@ workers_option = click.option(
          f"{MAX_AUTO_WORKERS}), on CPU 0.")
 
 
+labels_option = click.option(
+    "--labels", type=click.Choice(["auto", "folder-order"]), default="auto", show_default=True,
+    help="How ImageFolder class folders map to the model's classes. auto: WNID folders (n01440764, ...) to a "
+         "1000-class model's ImageNet indices, else sorted folder k = class k (an error for a 1000-class model); "
+         "folder-order: sorted folder k = class k.")
+
+
 def model_options(func):
     """MODEL argument plus the options that resolve it (DESIGN §3)."""
     func = click.option("--trust-pickle", is_flag=True, help="Allow whole-model pickles (runs code from the file).")(func)

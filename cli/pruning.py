@@ -4,7 +4,7 @@ import json
 
 import click
 
-from .common import Progress, handle_errors, load_model_from_options, model_options, workers_option
+from .common import Progress, handle_errors, labels_option, load_model_from_options, model_options, workers_option
 
 
 def training_options(func):
@@ -31,6 +31,7 @@ def training_options(func):
         click.option("--resume", is_flag=True, help="Continue from the last epoch checkpoint (OUT.partial)."),
         click.option("--overwrite", is_flag=True),
         click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output checkpoint (.pt)."),
+        labels_option,
     ]
     for option in reversed(options):
         func = option(func)
@@ -43,7 +44,8 @@ def _train_settings(kw):
     return TrainSettings(epochs=kw["epochs"], optimizer=kw["optimizer"], lr=kw["lr"], momentum=kw["momentum"],
                          weight_decay=kw["weight_decay"], gamma=kw["gamma"], batch_size=kw["batch_size"],
                          seed=kw["seed"], train_limit=kw["train_limit"], val_limit=kw["val_limit"],
-                         workers=kw["workers"], device=kw["device"], amp=not kw["no_amp"], augment=not kw["no_augment"])
+                         workers=kw["workers"], device=kw["device"], amp=not kw["no_amp"], augment=not kw["no_augment"],
+                         labels=kw["labels"])
 
 
 class _EpochBar:
@@ -139,7 +141,8 @@ def audit(model, arch, num_classes, arch_kwargs, trust_pickle, as_json):
 
     result = run_audit(load_model_from_options(model, arch, num_classes, arch_kwargs, trust_pickle))
     if as_json:
-        click.echo(json.dumps({k: result[k] for k in ("layers", "total", "target", "consistent", "problems")}, indent=1))
+        click.echo(json.dumps({k: result[k] for k in ("layers", "total", "target", "consistent", "problems",
+                                                          "empty_layers")}, indent=1))
         return
     click.echo(f"{'layer':<40} {'weights':>10} {'zeros':>10} {'sparsity':>8} {'0-out':>6} {'0-in':>6}")
     for l in result["layers"]:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from .errors import MisbenchError
+from .labels import LABEL_MODES, folder_labels
 from .paths import misbench_home
 
 log = logging.getLogger(__name__)
@@ -51,19 +52,28 @@ class ImageSource:
 
 
 class FolderSource(ImageSource):
-    def __init__(self, spec: str, root: Path):
+    """An ImageFolder; labels are the model's class indices (see labels.py), `classes` the model's names.
+
+    Without `num_classes` (no model: images only) sorted folder k is class k.
+    """
+
+    def __init__(self, spec: str, root: Path, num_classes: int | None = None, labels: str = "auto",
+                 categories: list | None = None):
         from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
         self.spec, self.root = spec, str(root)
         try:
-            self.classes, class_to_idx = find_classes(str(root))
+            self.folders, class_to_idx = find_classes(str(root))
             samples = make_dataset(str(root), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
         except FileNotFoundError as err:
             raise MisbenchError(f"{root} is not an ImageFolder: {err}. Expected one sub-folder per class.") from None
         if not samples:
             raise MisbenchError(f"{root} holds no images with extensions {', '.join(IMG_EXTENSIONS)}")
+        self.label_map = folder_labels(self.folders, num_classes, labels, str(root), categories)
+        self.classes = list(self.label_map.names)
+        index = np.asarray(self.label_map.indices, dtype=np.int64)
         self._paths = [os.path.relpath(p, root) for p, _ in samples]
-        self._labels = np.array([c for _, c in samples], dtype=np.int64)
+        self._labels = index[np.array([c for _, c in samples], dtype=np.int64)]
 
     def __len__(self):
         return len(self._paths)
@@ -196,8 +206,14 @@ def _digits(spec: str) -> ArraySource:
 NAMED_DATASETS = ("fashion-mnist:train", "fashion-mnist:test", "digits")
 
 
-def load_data(spec: str) -> ImageSource:
-    """DATA: an ImageFolder directory, `fashion-mnist:train|test` or `digits`."""
+def load_data(spec: str, num_classes: int | None = None, labels: str = "auto",
+              categories: list | None = None) -> ImageSource:
+    """DATA: an ImageFolder directory, `fashion-mnist:train|test` or `digits`.
+
+    `num_classes` (the model's) and `labels` decide how class folders map to class indices (labels.py).
+    """
+    if labels not in LABEL_MODES:
+        raise MisbenchError(f"--labels {labels!r}: expected one of {', '.join(LABEL_MODES)}")
     if spec == "digits":
         return _digits(spec)
     if spec.startswith("fashion-mnist"):
@@ -210,4 +226,4 @@ def load_data(spec: str) -> ImageSource:
         raise MisbenchError(
             f"data {spec!r} is neither an existing directory (ImageFolder layout) nor one of {', '.join(NAMED_DATASETS)}"
         )
-    return FolderSource(spec, path.resolve())
+    return FolderSource(spec, path.resolve(), num_classes, labels, categories)

@@ -41,8 +41,8 @@ def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray, class_names=Non
 
 
 def evaluate_model(loaded: LoadedModel, data: str, batch_size: int = 64, workers: int | None = None,
-                   device: str = "auto", limit: int | None = None, progress=None) -> dict:
-    source = load_data(data)
+                   device: str = "auto", limit: int | None = None, progress=None, labels: str = "auto") -> dict:
+    source = load_data(data, loaded.num_classes, labels, loaded.categories)
     dev = resolve_device(device)
     model = prepare_model(loaded.model, dev).eval()
     pre = loaded.preprocess

@@ -64,7 +64,8 @@ class Study:
                              momentum=s["momentum"], weight_decay=s["weight_decay"], gamma=s["gamma"],
                              batch_size=s["batch_size"], seed=self.config["study"]["seed"],
                              train_limit=s["train_limit"], val_limit=s["val_limit"],
-                             workers=self._runtime()["workers"], device=self._runtime()["device"])
+                             workers=self._runtime()["workers"], device=self._runtime()["device"],
+                             labels=self.config["data"]["labels"])
 
     def _fresh_model(self) -> LoadedModel:
         m = self.config["model"]
@@ -108,18 +109,20 @@ class Study:
                                           exclude=tuple(cfg["pruning"]["exclude"]) if cfg["pruning"]["exclude"] is not None else None)
                 epochs = cfg["retrain"]["epochs"] if run.retrained else 0
                 settings = {"run": dataclasses.asdict(run), "retrain": {**cfg["retrain"], "epochs": epochs},
-                            "data": data["train"], "val": data["val"], "seed": cfg["study"]["seed"],
-                            "exclude": cfg["pruning"]["exclude"]}
+                            "data": data["train"], "val": data["val"], "labels": data["labels"],
+                            "seed": cfg["study"]["seed"], "exclude": cfg["pruning"]["exclude"]}
                 steps.append(Step(f"prune:{run.name}", "prune", settings, {"model": base_ckpt}, {"checkpoint": ckpt},
                                   lambda resume, p=prune, e=epochs, o=run.optimizer, out=ckpt: self._produce(
                                       self._load(base_ckpt), p, "retrain", out, resume, e, o),
                                   partial_checkpoint_path(ckpt)))
             eval_json = d / "eval.json"
-            steps.append(Step(f"eval:{run.name}", "eval", {"data": data["val"], "limit": cfg["retrain"]["val_limit"]},
+            steps.append(Step(f"eval:{run.name}", "eval", {"data": data["val"], "limit": cfg["retrain"]["val_limit"],
+                                                            "labels": data["labels"]},
                               {"model": ckpt}, {"eval": eval_json},
                               lambda resume, c=ckpt, out=eval_json: self._eval(c, out)))
             acts = d / "acts.h5"
-            steps.append(Step(f"extract:{run.name}", "extract", {**cfg["extract"], "data": cfg["extract"]["data"] or data["val"]},
+            steps.append(Step(f"extract:{run.name}", "extract", {**cfg["extract"], "data": cfg["extract"]["data"] or data["val"],
+                                                                 "labels": data["labels"]},
                               {"model": ckpt}, {"acts": acts}, lambda resume, c=ckpt, out=acts: self._extract(c, out, resume),
                               partial_path(acts)))
             scores = d / "mis.csv"
@@ -154,7 +157,7 @@ class Study:
 
         result = evaluate_model(self._load(ckpt), self.config["data"]["val"], batch_size=256,
                                 workers=self._runtime()["workers"], device=self._runtime()["device"],
-                                limit=self.config["retrain"]["val_limit"])
+                                limit=self.config["retrain"]["val_limit"], labels=self.config["data"]["labels"])
         write_eval(result, out, Path(out).with_name("classwise_accuracy.csv"))
 
     def _extract(self, ckpt, out, resume):
@@ -162,7 +165,7 @@ class Study:
 
         e = self.config["extract"]
         settings = ExtractSettings(layers=tuple(e["layers"]), reduction=e["reduction"], dtype=e["dtype"], limit=e["limit"],
-                                   batch_size=e["batch_size"], workers=self._runtime()["workers"],
+                                   labels=self.config["data"]["labels"], batch_size=e["batch_size"], workers=self._runtime()["workers"],
                                    device=self._runtime()["device"])
         extract(self._load(ckpt), e["data"] or self.config["data"]["val"], out, settings, resume=resume,
                 overwrite=not resume)

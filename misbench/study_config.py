@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .device import parse_workers
 from .errors import MisbenchError
+from .labels import LABEL_MODES
 from .pruning.masks import CRITERIA, METHODS, SCHEDULES
 
 SECTIONS = {
@@ -16,7 +17,7 @@ SECTIONS = {
     "model": {"spec": None, "arch": None, "num_classes": None, "arch_kwargs": {}, "preprocess": None},
     "train": {"epochs": 0, "optimizer": "sgd", "lr": None, "momentum": 0.9, "weight_decay": 1e-4, "gamma": 0.9,
               "batch_size": 64, "train_limit": None, "val_limit": None},
-    "data": {"train": None, "val": None},
+    "data": {"train": None, "val": None, "labels": "auto"},
     "pruning": {"methods": ["unstructured", "structured", "connection"], "criteria": ["l1"], "rates": [0.2, 0.4, 0.6, 0.8],
                 "schedules": ["oneshot"], "iterative_methods": None, "steps": 4, "control": True, "not_retrained": False,
                 "exclude": None, "optimizers": None},
@@ -134,6 +135,7 @@ def parse_config(given: dict, source: str = "<config>", quick: bool = False) -> 
         raise MisbenchError(f"config [runtime] {err}") from None
     _check_choice("[score] selection", raw["score"]["selection"], ["fair", "quantile"])
     _check_choice("[extract] dtype", raw["extract"]["dtype"], ["float16", "float32"])
+    _check_choice("[data] labels", raw["data"]["labels"], list(LABEL_MODES))
     _check_choice("[extract] reduction", raw["extract"]["reduction"], ["mean", "max"])
     from .similarity import backend_names
 

@@ -14,6 +14,7 @@ from . import distributed
 from .data import ImageSource, TransformedDataset, derived_seed
 from .device import describe, make_loader, precision, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
+from .labels import LABEL_MODES
 from .preprocess import Preprocess, build_transform
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class TrainSettings:
     train_limit: int | None = None
     val_limit: int | None = None
     augment: bool = True  # random flips (and resized crops at ImageNet size)
+    labels: str = "auto"  # how class folders map to the model's classes (labels.py)
     # how, not what
     workers: int | None = None  # None: auto (see loader_workers)
     device: str = "auto"
@@ -47,6 +49,8 @@ class TrainSettings:
             raise MisbenchError(f"--epochs must be >= 0, got {self.epochs}")
         if self.lr is not None and not self.lr > 0:
             raise MisbenchError(f"--lr must be positive, got {self.lr}")
+        if self.labels not in LABEL_MODES:
+            raise MisbenchError(f"--labels {self.labels!r}: expected one of {', '.join(LABEL_MODES)}")
 
     @property
     def resolved_lr(self) -> float:
@@ -56,7 +60,8 @@ class TrainSettings:
         return {"optimizer": self.optimizer, "lr": self.resolved_lr, "momentum": self.momentum,
                 "weight_decay": self.weight_decay, "scheduler": "ExponentialLR", "gamma": self.gamma,
                 "epochs": self.epochs, "batch_size": self.batch_size, "aux_weight": self.aux_weight, "seed": self.seed,
-                "train_limit": self.train_limit, "val_limit": self.val_limit, "augment": self.augment}
+                "train_limit": self.train_limit, "val_limit": self.val_limit, "augment": self.augment,
+                "labels": self.labels}
 
 
 def train_transform(pre: Preprocess, augment: bool = True):

@@ -41,8 +41,10 @@ def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: 
         raise MisbenchError(f"an interrupted run left {partial}: pass --resume to continue it or --overwrite to restart")
     if train.epochs > 0 and not data:
         raise MisbenchError("retraining needs training data: pass --data DATA (or --epochs 0 to prune only)")
-    train_source = load_data(data) if data else None
-    val_source = load_data(val_data) if val_data else None
+    def source(spec):
+        return load_data(spec, loaded.num_classes, train.labels, loaded.categories) if spec else None
+
+    train_source, val_source = source(data), source(val_data)
     model = loaded.model
     exclude = tuple(prune.exclude) if prune and prune.exclude is not None else default_exclude(loaded.arch, model)
     steps = prune.steps if prune else 1
@@ -59,7 +61,7 @@ def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: 
 
     def record():
         if prune:
-            return prune.record(exclude, sparsity_of(masks))
+            return prune.record(exclude, sparsity_of(masks), masks)
         return base_pruning
 
     for step in range(start_step, steps + 1):
