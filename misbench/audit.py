@@ -17,11 +17,14 @@ def audit(loaded: LoadedModel) -> dict:
         w = module.weight.detach()
         zero = w == 0
         other_out = tuple(range(1, w.dim()))
-        other_in = tuple(d for d in range(w.dim()) if d != 1)
+        # input channels of a grouped conv: (group, channel within the group), in_channels in all
+        groups = getattr(module, "groups", 1)
+        grouped = zero.reshape(groups, w.shape[0] // groups, *w.shape[1:])
+        other_in = (1, *range(3, grouped.dim()))
         layers.append({"name": name, "weights": w.numel(), "zeros": int(zero.sum()),
                        "sparsity": float(zero.float().mean()),
                        "zero_out_channels": int(zero.all(dim=other_out).sum()),
-                       "zero_in_channels": int(zero.all(dim=other_in).sum())})
+                       "zero_in_channels": int(grouped.all(dim=other_in).sum())})
     record = (loaded.checkpoint or {}).get("pruning")
     masks = loaded.masks
     params = dict(loaded.model.named_parameters())
@@ -36,7 +39,10 @@ def audit(loaded: LoadedModel) -> dict:
     total_w, total_z = sum(l["weights"] for l in counted), sum(l["zeros"] for l in counted)
     sparsity = total_z / total_w if total_w else 0.0
     consistent = None
-    problems = []
+    # a layer with every weight zero gives all inputs the same output: never a sound pruning result
+    empty = [l["name"] for l in layers if l["weights"] and l["zeros"] == l["weights"]]
+    problems = [f"{len(empty)} layers are 100% sparse (every input gives the same output): "
+                + ", ".join(empty[:8]) + (f" (+{len(empty) - 8} more)" if len(empty) > 8 else "")] if empty else []
     if record:
         achieved = float(record.get("achieved_sparsity", record.get("rate", 0.0)))
         if regrown:
@@ -47,9 +53,10 @@ def audit(loaded: LoadedModel) -> dict:
                 problems.append(f"masks prune {mask_sparsity:.6f}, the record says {achieved:.6f}")
         if sparsity + 1e-6 < achieved:
             problems.append(f"zeros make {sparsity:.6f} of the prunable weights, the record says {achieved:.6f}")
+    if record or empty:
         consistent = not problems
     return {"layers": layers, "total": {"weights": total_w, "zeros": total_z, "sparsity": sparsity},
-            "target": record, "consistent": consistent, "problems": problems,
+            "target": record, "consistent": consistent, "problems": problems, "empty_layers": empty,
             "regrown": regrown, "model": loaded.spec}
 
 

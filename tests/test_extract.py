@@ -73,7 +73,7 @@ def test_aux_modules_are_refused(tmp_path, image_folder, googlenet_aux):
 
 def test_resnet18_max_reduction_equals_direct(tmp_path, image_folder):
     torch.manual_seed(1)
-    loaded = load_model("resnet18", num_classes=3)
+    loaded = load_model("resnet18:random", num_classes=3)
     out = extract(loaded, str(image_folder), tmp_path / "r.h5",
                   ExtractSettings(layers=("layer2.0.bn1", "fc"), reduction="max", resize=48, crop=48, batch_size=7))
     from PIL import Image

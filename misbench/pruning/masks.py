@@ -2,11 +2,14 @@
 
 A mask is a bool tensor per parameter, True = kept. `rate` is the fraction removed:
 of all prunable weights together (global scope) or of each layer (local scope); for
-structured / connection pruning, round(rate * channels) channels of each conv.
+structured pruning round(rate * C) output channels of each conv (torch.nn.utils.prune's count);
+for connection pruning int(rate * C_g) input channels of each group of C_g (the seed's count),
+ranked within the group. Neither ever removes a layer's (or a group's) last channel: a conv with
+no connection left gives every input the same output.
 """
 
 __all__ = ["PruneSettings", "METHODS", "CRITERIA", "SCHEDULES", "prunable_layers", "default_exclude", "compute_masks",
-           "apply_masks", "sparsity_of", "keep_fraction", "following_batchnorm"]
+           "apply_masks", "sparsity_of", "keep_fraction", "following_batchnorm", "population_of"]
 
 import dataclasses
 
@@ -51,10 +54,21 @@ class PruneSettings:
     def resolved_scope(self) -> str:
         return self.scope or ("global" if self.method == "unstructured" else "local")
 
-    def record(self, exclude, achieved: float) -> dict:
-        return {"method": self.method, "scope": self.resolved_scope, "criterion": self.criterion, "rate": self.rate,
-                "schedule": self.schedule, "steps": self.steps, "exclude": list(exclude),
-                "achieved_sparsity": achieved, "seed": self.seed}
+    def record(self, exclude, achieved: float, masks: dict | None = None) -> dict:
+        out = {"method": self.method, "scope": self.resolved_scope, "criterion": self.criterion, "rate": self.rate,
+               "schedule": self.schedule, "steps": self.steps, "exclude": list(exclude),
+               "achieved_sparsity": achieved, "seed": self.seed}
+        if masks is not None:
+            out["population"] = population_of(masks, self.method)
+        return out
+
+
+def population_of(masks: dict, method: str) -> dict:
+    """What `rate` is a fraction of: the weight tensors ranked (docs/pruning.md compares the seed's)."""
+    weights = {k: m for k, m in masks.items() if k.endswith(".weight") and m.dim() >= 2}
+    kinds = "Conv2d and Linear" if method == "unstructured" else "Conv2d"
+    return {"description": f"{kinds} weights of the prunable modules; biases, BatchNorm and --exclude left out",
+            "tensors": len(weights), "weights": int(sum(m.numel() for m in weights.values()))}
 
 
 def _l1(w, dims):
@@ -154,23 +168,44 @@ def compute_masks(model: nn.Module, settings: PruneSettings, keep: float, exclud
                 masks[f"{n}.weight"] = m.view_as(w)
         return masks
     bns = following_batchnorm(model)
+    # 1 - keep in floating point is a hair off the rate (1 - 0.8 = 0.19999999999999996); counts
+    # must not depend on that
+    fraction = round(1 - keep, 12)
     for n, conv in layers.items():
         w = conv.weight.detach()
-        dim = 0 if settings.method == "structured" else 1
-        other = tuple(d for d in range(w.dim()) if d != dim)
         prev = previous.get(f"{n}.weight")
-        already = (~prev).all(dim=other) if prev is not None else torch.zeros(w.shape[dim], dtype=torch.bool)
-        channels = _ranked_prune(crit(w, other, **rand_kw), round((1 - keep) * w.shape[dim]), already, generator)
-        shape = [1] * w.dim()
-        shape[dim] = -1
-        masks[f"{n}.weight"] = channels.view(shape).expand_as(w).clone()
+        prev = prev if prev is not None else torch.ones_like(w, dtype=torch.bool)
         if settings.method == "structured":
+            other = tuple(range(1, w.dim()))
+            count = min(round(fraction * w.shape[0]), w.shape[0] - 1)
+            channels = _ranked_prune(crit(w, other, **rand_kw), count, (~prev).all(dim=other), generator)
+            masks[f"{n}.weight"] = channels.view(-1, *[1] * (w.dim() - 1)).expand_as(w).clone()
             if conv.bias is not None:
                 masks[f"{n}.bias"] = channels.clone()
             if n in bns:
                 masks[f"{bns[n]}.weight"] = channels.clone()
                 masks[f"{bns[n]}.bias"] = channels.clone()
+        else:
+            masks[f"{n}.weight"] = _connection_mask(w, conv.groups, fraction, crit, rand_kw, prev, generator)
     return masks
+
+
+def _connection_mask(w, groups: int, fraction: float, crit, rand_kw, prev, generator) -> torch.Tensor:
+    """Input-channel mask of a (grouped) conv weight [out, in/groups, ...]: within each group, the
+    int(fraction * in/groups) lowest-ranked input channels, never the group's last one (so a depthwise
+    conv, one input per group, keeps all of its connections)."""
+    out, per_group = w.shape[0], w.shape[1]
+    grouped = w.reshape(groups, out // groups, per_group, *w.shape[2:])
+    other = (1, *range(3, grouped.dim()))
+    scores = crit(grouped, other, **rand_kw)  # [groups, per_group]
+    already = (~prev.reshape(grouped.shape)).all(dim=other)
+    count = min(int(fraction * per_group), per_group - 1)
+    keep = torch.ones(groups, per_group, dtype=torch.bool)
+    if count > 0 or already.any():
+        for g in range(groups):
+            keep[g] = _ranked_prune(scores[g], max(count, int(already[g].sum())), already[g], generator)
+    view = keep.view(groups, 1, per_group, *[1] * (w.dim() - 2)).expand_as(grouped)
+    return view.reshape(w.shape).clone()
 
 
 @torch.no_grad()
