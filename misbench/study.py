@@ -165,7 +165,8 @@ class Study:
 
         e = self.config["extract"]
         settings = ExtractSettings(layers=tuple(e["layers"]), reduction=e["reduction"], dtype=e["dtype"], limit=e["limit"],
-                                   labels=self.config["data"]["labels"], batch_size=e["batch_size"], workers=self._runtime()["workers"],
+                                   labels=self.config["data"]["labels"], resize=e["resize"], crop=e["crop"],
+                                   batch_size=e["batch_size"], workers=self._runtime()["workers"],
                                    device=self._runtime()["device"])
         extract(self._load(ckpt), e["data"] or self.config["data"]["val"], out, settings, resume=resume,
                 overwrite=not resume)

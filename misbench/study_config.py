@@ -24,7 +24,7 @@ SECTIONS = {
     "retrain": {"epochs": 1, "optimizer": "sgd", "lr": None, "momentum": 0.9, "weight_decay": 1e-4, "gamma": 0.9,
                 "batch_size": 64, "train_limit": None, "val_limit": None},
     "extract": {"layers": ["conv", "softmax"], "data": None, "limit": None, "batch_size": 128, "dtype": "float32",
-                "reduction": "mean"},
+                "reduction": "mean", "resize": None, "crop": None},
     "score": {"similarity": "lpips-alex", "image_size": 64, "selection": "fair", "quantile": 0.2, "tasks": 20,
               "explanations": 9, "alpha": None, "layers": ["all"], "n_boot": 1000, "batch_size": 64},
     "report": {"units": [], "classwise_layer": "softmax"},

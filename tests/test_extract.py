@@ -215,3 +215,23 @@ def test_topk_extraction_resumes_to_the_same_file(tmp_path, image_folder, monkey
         assert h5.attrs["rows_written"] == (15 if commit_seconds == 0 else 0)
     extract(loaded, str(image_folder), target, settings, resume=True)
     _same_contents(full, target)
+
+
+@pytest.mark.parametrize("keep", [None, "topk:5"])
+def test_class_units_are_float32_whatever_dtype(tmp_path, image_folder, keep):
+    loaded = load_model("mini_inception", num_classes=3)
+    out = extract(loaded, str(image_folder), tmp_path / "a.h5",
+                  ExtractSettings(layers=("inception3a.branch1.bn", "softmax", "logits"), dtype="float16", keep=keep))
+    logits, feats = direct_forward(loaded.model, image_folder, loaded.preprocess, ["inception3a.branch1.bn"])
+    softmax = torch.softmax(logits, 1).numpy()
+    with h5py.File(out) as h5:
+        field = "activations" if keep is None else "top_value"
+        assert h5["layers/softmax"][field].dtype == np.float32 and h5["layers/logits"][field].dtype == np.float32
+        assert h5["layers/inception3a.branch1.bn"][field].dtype == np.float16  # other layers follow --dtype
+        if keep is None:
+            # float32 values equal the direct forward pass to float32 precision (float16 would be off by 1e-4)
+            np.testing.assert_allclose(h5["layers/softmax/activations"][...], softmax, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(h5["layers/logits/activations"][...], logits.numpy(), rtol=1e-5, atol=1e-6)
+        else:
+            top = np.sort(softmax, axis=0)[::-1][:5].T  # [units, K] highest first
+            np.testing.assert_allclose(h5["layers/softmax/top_value"][...], top, rtol=1e-5, atol=1e-7)

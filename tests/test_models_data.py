@@ -161,3 +161,69 @@ def test_cli_errors_are_clean(tmp_path):
     r = CliRunner().invoke(cli, ["extract", "resnet18:random", "--data", str(tmp_path / "missing"), "--layers", "fc",
                                  "--out", str(tmp_path / "a.h5")])
     assert r.exit_code == 1 and r.output.startswith("Error: data") and "Traceback" not in r.output
+
+
+def _wnid_tree(root, folders, per_class=2):
+    from PIL import Image
+
+    for k, name in enumerate(folders):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8, 3), 20 * k + i, np.uint8)).save(root / name / f"{name}_{i}.JPEG")
+    return root
+
+
+def test_imagenet_wnids_are_torchvisions_class_order():
+    from misbench.labels import imagenet_wnids
+
+    wnids = list(imagenet_wnids())
+    categories = torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1.meta["categories"]
+    assert len(wnids) == len(set(wnids)) == len(categories) == 1000 and wnids == sorted(wnids)
+    # Imagenette's ten classes, WNID -> torchvision category name (fast.ai's published list)
+    imagenette = {"n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
+                  "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn",
+                  "n03417042": "garbage truck", "n03425413": "gas pump", "n03445777": "golf ball",
+                  "n03888257": "parachute"}
+    assert {w: categories[wnids.index(w)] for w in imagenette} == imagenette
+    assert (wnids[-1], categories[-1]) == ("n15075141", "toilet tissue")
+
+
+def test_wnid_folders_follow_the_model_class_indices(tmp_path):
+    from misbench.labels import imagenet_wnids
+
+    subset = ["n03888257", "n01440764", "n03028079"]  # an Imagenette-like subset, any order on disk
+    root = _wnid_tree(tmp_path / "val", subset)
+    source = load_data(str(root), num_classes=1000)
+    wnids = list(imagenet_wnids())
+    expected = [wnids.index(source.path(i).split("/")[0]) for i in range(len(source))]
+    assert [source.label(i) for i in range(len(source))] == expected and sorted(set(expected)) == [0, 497, 701]
+    assert source.classes[0] == "tench" and len(source.classes) == 1000 and source.label_map.mapping == "wnid"
+    # a model of 3 classes trained on these folders: folder order, as torchvision's ImageFolder
+    small = load_data(str(root), num_classes=3)
+    assert sorted({small.label(i) for i in range(len(small))}) == [0, 1, 2] and small.classes == sorted(subset)
+
+
+def test_unmatched_folders_need_the_users_word(tmp_path):
+    root = _wnid_tree(tmp_path / "val", ["cat", "dog"])
+    with pytest.raises(MisbenchError) as err:
+        load_data(str(root), num_classes=1000)
+    text = str(err.value)
+    assert "cat, dog" in text and "--labels folder-order" in text and str(root) in text and "\n" not in text
+    stated = load_data(str(root), num_classes=1000, labels="folder-order")
+    assert [stated.label(i) for i in range(len(stated))] == [0, 0, 1, 1] and stated.classes[:2] == ["cat", "dog"]
+    with pytest.raises(MisbenchError, match="3 class folders but the model has 2"):
+        load_data(str(_wnid_tree(tmp_path / "three", ["a", "b", "c"])), num_classes=2)
+    r = CliRunner().invoke(cli, ["eval", "resnet18:random", "--data", str(root), "--out", str(tmp_path / "e.json")])
+    assert r.exit_code == 1 and "--labels folder-order" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_eval_on_wnid_folders_reports_imagenet_classes(tmp_path):
+    from misbench.evaluate import evaluate_model
+
+    root = _wnid_tree(tmp_path / "val", ["n01443537", "n01440764"])
+    loaded = load_model("resnet18:random")
+    loaded.preprocess = loaded.preprocess.override(32, 32)
+    result = evaluate_model(loaded, str(root))
+    present = {row["class"]: row["name"] for row in result["per_class"] if row["n"]}
+    assert present == {0: "tench", 1: "goldfish"}

@@ -230,3 +230,80 @@ def test_retraining_does_not_depend_on_loader_workers(tmp_path, tiny_train):
                                  data=tiny_train)
         states.append(load_checkpoint_dict(out)["state_dict"])
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def _l1_within_group(w, groups):
+    """Brute force: L1 norm of each (group, input channel) connection of a grouped conv weight."""
+    per_out = w.shape[0] // groups
+    return torch.stack([torch.stack([w[g * per_out:(g + 1) * per_out, j].abs().sum() for j in range(w.shape[1])])
+                        for g in range(groups)])
+
+
+def test_connection_pruning_ranks_within_groups_and_keeps_every_layer_alive():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(6, 8, 3, groups=2), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 7, 1),
+                        nn.Conv2d(7, 4, 1), nn.Conv2d(2, 4, 1))
+    masks = compute_masks(net, PruneSettings("connection", 0.6), 0.4, ())
+    grouped = masks["0.weight"].reshape(2, 4, 3, 3, 3)
+    kept = grouped.all(dim=(1, 3, 4))  # [group, input channel]
+    assert (grouped == kept[:, None, :, None, None]).all()
+    norms = _l1_within_group(net[0].weight.detach(), 2)
+    for g in range(2):  # int(3 * 0.6) = 1 per group, the lowest within the group
+        assert (~kept[g]).sum() == 1 and norms[g][~kept[g]].max() <= norms[g][kept[g]].min()
+    assert masks["1.weight"].all()  # depthwise: one input per group, never removed
+    assert (~masks["3.weight"].all(dim=(0, 2, 3))).sum() == int(7 * 0.6) == 4  # the seed's int, not round
+    assert (~masks["4.weight"].all(dim=(0, 2, 3))).sum() == 1
+    extreme = compute_masks(net, PruneSettings("connection", 0.99), 0.01, ())
+    assert all(m.any() for m in extreme.values())  # never a layer's last connection
+
+
+def test_connection_pruning_of_mobilenet_v2_leaves_no_dead_layer():
+    import torchvision
+
+    from misbench.models import LoadedModel
+    from misbench.preprocess import IMAGENET_PREPROCESS
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None).eval()
+    masks = compute_masks(model, PruneSettings("connection", 0.8), 0.2, ())
+    apply_masks(model, masks)
+    depthwise = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert len(depthwise) == 17 and all(masks[f"{n}.weight"].all() for n in depthwise)
+    report = audit(LoadedModel(model, "mobilenet_v2:random", "mobilenet_v2", {}, 1000, IMAGENET_PREPROCESS))
+    assert report["empty_layers"] == [] and report["consistent"] is None
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(x)
+    # inputs still reach the logits (a dead layer makes every input give exactly the same output)
+    assert (out[0] - out[1]).abs().max() > 1e-2 * out.abs().max()
+    # grouped input channels are counted per group: 32 for the first depthwise conv
+    row = next(l for l in report["layers"] if l["name"] == depthwise[0])
+    assert row["zero_in_channels"] == 0
+    with torch.no_grad():
+        dict(model.named_modules())[depthwise[0]].weight[3] = 0  # channel 3's only connection
+    row = next(l for l in audit(LoadedModel(model, "m", "mobilenet_v2", {}, 1000, IMAGENET_PREPROCESS))["layers"]
+               if l["name"] == depthwise[0])
+    assert row["zero_in_channels"] == 1
+
+
+def test_audit_flags_a_fully_pruned_layer(tmp_path):
+    loaded = load_model("mini_inception", num_classes=3)
+    out = produce_checkpoint(loaded, PruneSettings("connection", 0.5), TrainSettings(), tmp_path / "c.pt")
+    assert audit(load_model(str(out)))["consistent"] is True
+    ckpt = load_checkpoint_dict(out)
+    ckpt["state_dict"]["inception3a.branch2.1.conv.weight"].zero_()
+    torch.save(ckpt, tmp_path / "dead.pt")
+    report = audit(load_model(str(tmp_path / "dead.pt")))
+    assert report["empty_layers"] == ["inception3a.branch2.1.conv"] and report["consistent"] is False
+    assert any("100% sparse" in p for p in report["problems"])
+    r = CliRunner().invoke(cli, ["audit", str(tmp_path / "dead.pt"), "--json"])
+    assert json.loads(r.output)["empty_layers"] == ["inception3a.branch2.1.conv"]
+
+
+def test_global_unstructured_population_is_recorded(tmp_path):
+    loaded = load_model("mini_inception", num_classes=3)
+    out = produce_checkpoint(loaded, PruneSettings("unstructured", 0.5), TrainSettings(), tmp_path / "u.pt")
+    population = load_checkpoint_dict(out)["pruning"]["population"]
+    layers = [m for m in loaded.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert population["weights"] == sum(m.weight.numel() for m in layers)  # biases and BN not ranked
+    assert population["tensors"] == len(layers) and "biases" in population["description"]
