@@ -15,6 +15,8 @@ from .stats import correlation
 from .tables import read_scores, write_csv
 
 CLASSWISE_COLUMNS = ["class", "name", "n", "accuracy", "mis", "mis_confidence"]
+# which class units a score ranked: the mission's softmax, or the pre-softmax outputs the MIS authors ranked
+CLASS_UNIT_MEANING = {"softmax": "softmax probabilities", "logits": "pre-softmax logits"}
 
 
 def classwise_report(scores_csv, out_dir, acts=None, eval_json=None, layer: str | None = None, seed: int = 0) -> dict:
@@ -24,7 +26,7 @@ def classwise_report(scores_csv, out_dir, acts=None, eval_json=None, layer: str 
     accuracy = evaluate_acts(acts) if acts else json.loads(Path(eval_json).read_text())
     scores = read_scores(scores_csv)
     layers = list(dict.fromkeys(r["layer"] for r in scores))
-    layer = layer or ("softmax" if "softmax" in layers else None)
+    layer = layer or next((name for name in CLASS_UNIT_MEANING if name in layers), None)
     if layer not in layers:
         raise MisbenchError(f"{scores_csv} has no layer {layer or 'softmax'!r} of class units; pass --layer "
                             f"(layers there: {', '.join(layers[:10])})")
@@ -42,7 +44,8 @@ def classwise_report(scores_csv, out_dir, acts=None, eval_json=None, layer: str 
     write_csv(out_dir / "classwise.csv", rows, CLASSWISE_COLUMNS)
     acc = [r["accuracy"] if r["accuracy"] is not None else np.nan for r in rows]
     summary = {
-        "layer": layer, "scores": str(scores_csv), "n_classes": len(rows),
+        "layer": layer, "class_units": CLASS_UNIT_MEANING.get(layer, f"units of layer {layer}"),
+        "scores": str(scores_csv), "n_classes": len(rows),
         "top1": accuracy.get("top1"), "mean_mis": float(np.nanmean([r["mis"] for r in rows])),
         "mean_mis_confidence": float(np.nanmean([r["mis_confidence"] for r in rows])),
         "correlation_accuracy_mis_confidence": correlation(acc, [r["mis_confidence"] for r in rows], seed),
@@ -50,5 +53,6 @@ def classwise_report(scores_csv, out_dir, acts=None, eval_json=None, layer: str 
         "figures": ["classwise.png"],
     }
     write_json(out_dir / "summary.json", summary)
-    classwise_figure(rows, out_dir / "classwise.png")
+    classwise_figure(rows, out_dir / "classwise.png",
+                     f"Class accuracy and MIS confidence per class unit ({summary['class_units']})")
     return summary
