@@ -171,3 +171,18 @@ def test_classwise_report_with_unit_pictures_stays_inside_its_folder(property_fo
     assert "units/softmax_1.png" in links and not re.search(r"https?://", html)
     with Image.open(out / "units/softmax_1.png") as img:
         assert img.size[0] > 2 * img.size[1]  # 20 pictures per task row
+
+
+def test_classwise_report_says_which_class_units_it_used(property_folder, tmp_path):
+    from misbench.reports.classwise import classwise_report
+
+    root, props = property_folder
+    labels = np.array([int(p.parent.name.split("_")[1]) for p in sorted(root.rglob("*.png"))])
+    logits = np.random.default_rng(1).normal(size=(len(labels), 3)).astype(np.float32)
+    acts = write_acts(tmp_path / "acts.h5", root, {"logits": logits}, labels=labels, logits=logits)
+    r = CliRunner().invoke(cli, ["score", str(acts), "--layer", "logits", "--out", str(tmp_path / "mis.csv"),
+                                 "--similarity", "pixel", "--image-size", "16", "--bootstrap", "20"])
+    assert r.exit_code == 0, r.output
+    summary = classwise_report(tmp_path / "mis.csv", tmp_path / "report", acts=acts)  # no softmax: the logits
+    assert summary["layer"] == "logits" and summary["class_units"] == "pre-softmax logits"
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["class_units"] == "pre-softmax logits"
