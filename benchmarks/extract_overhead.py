@@ -24,7 +24,7 @@ def main(n=512, batch_size=64, workers=2):
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = generated_folder(Path(tmp) / "images", n)
-        loaded = load_model("googlenet")
+        loaded = load_model("googlenet:random")
         pre = loaded.preprocess
         source = load_data(str(folder))
         dataset = TransformedDataset(source, build_transform(pre), (3, pre.crop, pre.crop))

@@ -69,7 +69,7 @@ def bench_extraction(rows, device, sizes):
     rng = np.random.default_rng(0)
     source = ArraySource("generated", rng.integers(0, 256, (n, crop, crop, 3), dtype=np.uint8), rng.integers(0, 1000, n),
                          [str(c) for c in range(1000)])
-    loaded = load_model("googlenet")
+    loaded = load_model("googlenet:random")
     loaded.preprocess = Preprocess(crop, crop)
     model = prepare_model(loaded.model, device).eval()
     dataset = TransformedDataset(source, build_transform(loaded.preprocess), (3, crop, crop))

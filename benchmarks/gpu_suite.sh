@@ -32,9 +32,9 @@ from pathlib import Path
 from _common import generated_folder
 generated_folder(Path('$tmp/images'), $images, size=64)"
   start=$(date +%s)
-  "$PY" -m torch.distributed.run --standalone --nproc-per-node "$n" -m misbench -q prune googlenet \
+  "$PY" -m torch.distributed.run --standalone --nproc-per-node "$n" -m misbench -q prune googlenet:random \
       --method connection --rate 0.5 --epochs 1 --data "$tmp/images" --batch-size "$batch" --workers "${MISBENCH_DDP_WORKERS:-4}" \
-      --device "$device" --out "$tmp/ddp.pt"
+      --labels folder-order --device "$device" --out "$tmp/ddp.pt"
   "$PY" -m misbench -q audit --json "$tmp/ddp.pt" | "$PY" -c "import json, sys
 sys.exit(0 if json.load(sys.stdin)['consistent'] else 'masks were not enforced by DDP retraining')"
   echo "DDP retraining epoch, GoogLeNet, $images images, $n processes on $device: $(( $(date +%s) - start )) s (incl. start-up)"
