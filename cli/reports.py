@@ -49,6 +49,8 @@ def classwise(scores, acts, eval_json, layer, tasks, units, out, seed):
     path = write_html(out, "misbench class-wise report", sections)
     click.echo(_fmt_corr("accuracy vs MIS confidence", summary["correlation_accuracy_mis_confidence"]))
     click.echo(_fmt_corr("accuracy vs MIS", summary["correlation_accuracy_mis"]))
+    if summary["alpha_warning"]:
+        click.echo(f"warning: {summary['alpha_warning']}")
     click.echo(f"wrote {path}")
 
 
@@ -56,16 +58,26 @@ def classwise(scores, acts, eval_json, layer, tasks, units, out, seed):
 @click.option("--runs", required=True, type=click.Path(exists=True), help="runs.csv, or a study folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)
+@click.option("--baseline", default=None,
+              help="The unpruned run that pruned runs are paired with (default: the run named control, else base).")
 @handle_errors
-def sweep(runs, out, seed):
-    """MIS and accuracy against pruning rate: sweep.csv, summary.json, figures, report.html."""
+def sweep(runs, out, seed, baseline):
+    """MIS and accuracy against pruning rate: sweep.csv, sweep_layers.csv, paired.csv, summary.json, figures,
+    report.html."""
     from misbench.reports.html import write_html
     from misbench.reports.sweep import sweep_report, sweep_section
 
-    summary = sweep_report(runs, out, seed)
+    summary = sweep_report(runs, out, seed, baseline=baseline)
     path = write_html(out, "misbench sweep report", [sweep_section(summary, out)])
-    click.echo(_fmt_corr("rate vs MIS confidence", summary["correlation_rate_mis_confidence"]))
-    click.echo(_fmt_corr("rate vs MIS", summary["correlation_rate_mis"]))
+    click.echo(_fmt_corr("rate vs MIS confidence (feature layers)", summary["correlation_rate_mis_confidence"]))
+    click.echo(_fmt_corr("rate vs MIS (feature layers)", summary["correlation_rate_mis"]))
+    click.echo(_fmt_corr("rate vs MIS confidence (class units)", summary["correlation_rate_class_mis_confidence"]))
+    if summary["duplicate_rows"]:
+        click.echo(f"counted once: rows {', '.join(summary['duplicate_rows'])} repeat another row's run")
+    if summary["paired_baseline"]:
+        click.echo(f"paired differences against {summary['paired_baseline']}: {Path(out) / 'paired.csv'}")
+    if summary["alpha_warning"]:
+        click.echo(f"warning: {summary['alpha_warning']}")
     click.echo(f"wrote {path}")
 
 
@@ -76,11 +88,11 @@ def sweep(runs, out, seed):
 def layers(scores, out):
     """Mean MIS per layer (as the MIS authors publish them): layers.csv and layers.png."""
     from misbench.reports.figures import layers_figure
-    from misbench.reports.tables import layer_summary, read_scores, write_csv
+    from misbench.reports.tables import LAYER_COLUMNS, layer_summary, read_scores, score_settings, write_csv
 
-    table = layer_summary(read_scores(scores))
+    table = layer_summary(read_scores(scores), **score_settings(scores))
     Path(out).mkdir(parents=True, exist_ok=True)
-    write_csv(Path(out) / "layers.csv", table, list(table[0]) if table else ["layer"])
+    write_csv(Path(out) / "layers.csv", table, LAYER_COLUMNS)
     layers_figure(table, Path(out) / "layers.png")
     for row in table:
         conf = "-" if row["mis_confidence"] is None else f"{row['mis_confidence']:.4f}"

@@ -8,7 +8,7 @@ delta > 0 (ties count 1/2).
 
 __all__ = [
     "Tasks", "unit_rng", "tie_keys", "is_constant", "rank_rows", "select_fair", "select_quantile", "SELECTIONS",
-    "task_deltas", "decisions", "confidences", "bootstrap_ci", "CONSTANT_RANGE",
+    "task_deltas", "decisions", "confidences", "CONSTANT_RANGE",
 ]
 
 import dataclasses
@@ -138,13 +138,3 @@ def decisions(deltas: np.ndarray) -> np.ndarray:
 
 def confidences(deltas: np.ndarray, alpha: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-alpha * np.asarray(deltas, dtype=np.float64)))
-
-
-def bootstrap_ci(values: np.ndarray, rng: np.random.Generator, n_boot: int = 1000, level: float = 0.95):
-    """Percentile interval of the mean, resampling `values` with replacement."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) == 0:
-        return (float("nan"), float("nan"))
-    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))

@@ -19,15 +19,17 @@ from .device import describe, make_loader, precision, prepare_model, resolve_dev
 from .errors import MisbenchError
 from .fileio import atomic_path, sha256_file, utc_now, write_json
 from .images import RowImages
-from .mis import CONSTANT_RANGE, SELECTIONS, Tasks, bootstrap_ci, confidences, decisions, task_deltas, tie_keys, unit_rng
+from .mis import CONSTANT_RANGE, SELECTIONS, Tasks, confidences, decisions, task_deltas, tie_keys, unit_rng
+from .summaries import bootstrap_mean_ci, clopper_pearson, score_summaries
 from .similarity import EmbeddingIndex, build_backend
 from .similarity.cache import EmbeddingCache
 from .store import open_activations
+from .topk import check_tie_order
 
 log = logging.getLogger(__name__)
 
 MIS_COLUMNS = ["layer", "unit", "status", "mis", "mis_confidence", "mis_ci_low", "mis_ci_high",
-               "conf_ci_low", "conf_ci_high", "n_tasks"]
+               "conf_ci_low", "conf_ci_high", "n_tasks", "alpha", "alpha_source"]
 ENGINES = ("embed", "pairwise")
 
 
@@ -40,6 +42,7 @@ class ScoreSettings:
     tasks: int = 20
     explanations: int = 9
     alpha: float | None = None  # None: the backend's documented default
+    alpha_source: str = ""  # "" -> "default" (alpha None) or "user"; "calibrated:<sha256>" from a calibration file
     seed: int = 0
     engine: str = "embed"
     n_boot: int = 1000
@@ -61,6 +64,11 @@ class ScoreSettings:
             raise MisbenchError("--tasks and --explanations must be positive")
         if self.chunk_units < 1:
             raise MisbenchError(f"--chunk-units must be positive, got {self.chunk_units}")
+        if self.alpha is not None and not (np.isfinite(self.alpha) and self.alpha > 0):
+            raise MisbenchError(f"--alpha {self.alpha}: expected a finite positive sigmoid slope "
+                                "(leave it out for the backend's default, or fit one with misbench calibrate)")
+        if self.alpha_source not in ("", "default", "user") and not self.alpha_source.startswith("calibrated:"):
+            raise MisbenchError(f"alpha_source {self.alpha_source!r}: expected default, user or calibrated:<sha256>")
         if self.image_size < 16:
             raise MisbenchError(f"--image-size must be at least 16 pixels, got {self.image_size}")
 
@@ -85,6 +93,13 @@ def _round(x: float) -> float:
 def shard_path(out, shard: tuple[int, int]) -> Path:
     out = Path(out)
     return out.with_name(f"{out.stem}.part{shard[0]}of{shard[1]}{out.suffix}")
+
+
+def _needed_per_side(settings: ScoreSettings, n_rows: int) -> int:
+    """How many ranks per side a selection reads."""
+    if settings.selection == "fair":
+        return (settings.explanations + 1) * settings.tasks
+    return int(np.ceil(settings.quantile * n_rows))
 
 
 def _select(settings: ScoreSettings, values: np.ndarray, rows: np.ndarray, items: np.ndarray, n_rows: int, layer: str,
@@ -156,13 +171,6 @@ def _unit_deltas(engine, tasks: Tasks, n_expl: int) -> np.ndarray:
     return task_deltas(d_pos, d_neg, n_expl)
 
 
-def _summary(values_mis, values_conf, rng, n_boot) -> dict:
-    return {"n_units": len(values_mis),
-            "mis": float(np.mean(values_mis)) if len(values_mis) else None,
-            "mis_confidence": float(np.mean(values_conf)) if len(values_conf) else None,
-            "mis_ci": bootstrap_ci(values_mis, rng, n_boot), "mis_confidence_ci": bootstrap_ci(values_conf, rng, n_boot)}
-
-
 def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache_dir=None, shard=(0, 1),
           backend=None, progress=None) -> dict:
     """Score the units of `layers` ('all' for every layer); write mis.csv, mis.json, tasks.h5.
@@ -203,11 +211,16 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
         backend = prepare_model(backend, device).eval()
         log.info("scoring with %s on %s", backend.name, describe(device, settings.workers, settings.amp))
         alpha = settings.alpha if settings.alpha is not None else backend.default_alpha
+        alpha_source = settings.alpha_source or ("default" if settings.alpha is None else "user")
         fingerprint = backend.fingerprint()
 
         results, position = [], 0
         dataset_index = acts.index
         for name in names:
+            tie_seed = acts.tie_seed(name)
+            if tie_seed is not None:
+                check_tie_order(*acts.kept_values(name), _needed_per_side(settings, acts.n_rows), acts.n_rows, tie_seed,
+                                settings.seed, name, acts_path)
             for unit, values, rows in acts.unit_candidates(name):
                 mine = position % shard_n == shard_i
                 position += 1
@@ -246,8 +259,8 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
                 rng = unit_rng(settings.seed, r["layer"], r["unit"], 1)
                 r.update(deltas=deltas, n_tasks=len(deltas), mis=_round(correct.mean()),
                          mis_confidence=_round(conf.mean()),
-                         mis_ci=tuple(map(_round, bootstrap_ci(correct, rng, settings.n_boot))),
-                         conf_ci=tuple(map(_round, bootstrap_ci(conf, rng, settings.n_boot))))
+                         mis_ci=tuple(map(_round, clopper_pearson(correct.sum(), len(correct)))),
+                         conf_ci=tuple(map(_round, bootstrap_mean_ci(conf, rng, settings.n_boot))))
                 done += 1
                 if progress:
                     progress("score", done, len(scored))
@@ -257,11 +270,13 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
                 "acts_sha256": acts_sha, "model": str(acts.attrs.get("model", "")),
                 "checkpoint_sha256": str(acts.attrs.get("checkpoint_sha256", "")),
                 "data": str(acts.attrs.get("data", "")), "n_rows": acts.n_rows,
-                "settings": {**dataclasses.asdict(settings), "alpha": alpha, "backend_fingerprint": fingerprint},
+                "settings": {**dataclasses.asdict(settings), "alpha": alpha, "alpha_source": alpha_source,
+                             "backend_fingerprint": fingerprint},
+                "alpha": alpha, "alpha_source": alpha_source,
                 "shard": f"{shard_i}/{shard_n}", "layer_order": names, "tasks_out": str(tasks_out or "")}
     summary = _summaries(results, names, settings)
     meta.update(summary, timing={"embed_s": round(t_embed, 3), "total_s": round(time.time() - t0, 3)})
-    write_scores_csv(out, results)
+    write_scores_csv(out, results, alpha, alpha_source)
     write_json(out.with_suffix(".json"), meta)
     if tasks_out:
         _write_tasks(tasks_out, results, names, settings, meta)
@@ -313,7 +328,7 @@ def merge_scores(parts, out, tasks_out=None) -> dict:
     meta = {**first, "shard": f"merged {n}", "created_utc": utc_now(),
             "timing": {"total_s": round(sum(m["timing"]["total_s"] for m in metas), 3)}}
     meta.update(_summaries(results, names, settings))
-    write_scores_csv(out, results)
+    write_scores_csv(out, results, first["settings"]["alpha"], first["settings"]["alpha_source"])
     write_json(Path(out).with_suffix(".json"), meta)
     if tasks_out:
         _merge_tasks([m["tasks_out"] for m in metas], tasks_out, names)
@@ -341,21 +356,10 @@ def _merge_tasks(paths, target, names) -> None:
 
 
 def _summaries(results, names, settings) -> dict:
-    per_layer = {}
-    all_mis, all_conf = [], []
-    for name in names:
-        ok = [r for r in results if r["layer"] == name and r["status"] == "ok"]
-        m, c = [r["mis"] for r in ok], [r["mis_confidence"] for r in ok]
-        all_mis += m
-        all_conf += c
-        rng = unit_rng(settings.seed, name, 0, 2)
-        per_layer[name] = {**_summary(m, c, rng, settings.n_boot),
-                           "n_constant": sum(1 for r in results if r["layer"] == name and r["status"] == "constant")}
-    rng = unit_rng(settings.seed, "", 0, 3)
-    return {"layers": per_layer, "model_mean": _summary(all_mis, all_conf, rng, settings.n_boot)}
+    return score_summaries(results, names, settings.seed, settings.n_boot)
 
 
-def write_scores_csv(out, results) -> None:
+def write_scores_csv(out, results, alpha: float | None, alpha_source: str) -> None:
     def fmt(v):
         return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
 
@@ -368,7 +372,7 @@ def write_scores_csv(out, results) -> None:
                              fmt(r["mis"] if ok else None), fmt(r["mis_confidence"] if ok else None),
                              fmt(r["mis_ci"][0] if ok else None), fmt(r["mis_ci"][1] if ok else None),
                              fmt(r["conf_ci"][0] if ok else None), fmt(r["conf_ci"][1] if ok else None),
-                             r["n_tasks"] if ok else 0])
+                             r["n_tasks"] if ok else 0, fmt(None if alpha is None else float(alpha)), alpha_source])
 
 
 def _write_tasks(path, results, names, settings: ScoreSettings, meta: dict) -> None:

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 
 from .errors import MisbenchError
+from .topk import TOPK_SEED
 
 SCHEMA = "misbench-activations"
 SCHEMA_VERSION = 1
@@ -118,6 +119,7 @@ class ActivationWriter:
         if not group.attrs:
             for key, value in layer_attrs.items():
                 group.attrs[key] = value
+            group.attrs["tie_seed"] = TOPK_SEED  # the seed whose tie keys chose the kept rows
         for field in TOPK_FIELDS:
             value = state[field]
             if field.endswith("value"):
@@ -277,6 +279,16 @@ class ActivationFile:
         if "activations" not in group:
             raise MisbenchError(f"layer {name!r} of {self.path} holds only top/bottom-k values, not full activations")
         return group["activations"][...]
+
+    def tie_seed(self, name: str) -> int | None:
+        """The tie-break seed that chose a top/bottom-k layer's kept rows; None for full activations."""
+        group = self.layer(name)
+        return None if "activations" in group else int(group.attrs.get("tie_seed", TOPK_SEED))
+
+    def kept_values(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A top/bottom-k layer's kept values [U, K], each side in rank order."""
+        group = self.layer(name)
+        return group["top_value"][...], group["bottom_value"][...]
 
     def unit_candidates(self, name: str):
         """(unit, values, rows) per unit: every row of a full file; the kept top and bottom rows of a

@@ -1,6 +1,6 @@
 """Streaming exact top/bottom-k per unit: all that `fair` selection needs, in O(units x K) memory."""
 
-__all__ = ["TopK", "parse_keep", "merge_topk"]
+__all__ = ["TopK", "parse_keep", "merge_topk", "check_tie_order", "TOPK_SEED"]
 
 import numpy as np
 
@@ -72,3 +72,25 @@ def merge_topk(layer: str, parts: list[dict], k: int) -> dict:
         setattr(merged, side, _select(*cand, keys, k, descending))
     merged.sum = sum(p["sum"] for p in parts)
     return merged.state()
+
+
+def check_tie_order(top: np.ndarray, bottom: np.ndarray, needed: int, n_rows: int, tie_seed: int, seed: int,
+                    layer: str, path) -> None:
+    """Refuse to score a top/bottom-k layer with another seed than its tie seed when that could rank
+    differently from the full file.
+
+    The kept rows are the first K under `tie_seed`'s tie keys. Another seed orders tied activations
+    otherwise; its first `needed` ranks are still among the kept rows (so scoring is identical to the full
+    file) unless the activation at rank `needed` equals the last kept one: then rows outside the file may
+    tie with it. top/bottom: kept values [U, K] in rank order."""
+    k = top.shape[1]
+    if seed == tie_seed or k >= n_rows or needed > k:
+        return
+    for side, values in (("top", top), ("bottom", bottom)):
+        tied = np.flatnonzero(values[:, needed - 1] == values[:, k - 1])
+        if len(tied):
+            raise MisbenchError(
+                f"{path}: layer {layer!r} unit {int(tied[0])} keeps its {side} {k} rows chosen with tie seed "
+                f"{tie_seed}, and its activation at rank {needed} ties with the last kept row, so --seed {seed} "
+                f"could rank rows outside the file: score with --seed {tie_seed}, or extract with a larger "
+                f"--keep topk:K (or the full activations)")

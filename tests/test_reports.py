@@ -58,14 +58,14 @@ def test_sweep_uses_each_runs_own_rate(tmp_path):
     assert summary["correlation_rate_mis_confidence"]["pearson_r"] is None
     assert summary["correlation_rate_top1"]["pearson_r"] == pytest.approx(-1.0)
     sweep = (tmp_path / "out" / "sweep.csv").read_text().splitlines()
-    assert sweep[0].startswith("name,method,schedule,rate,n_units,mis,mis_confidence,top1")
+    assert sweep[0].startswith("name,method,schedule,rate,n_units,mis,mis_confidence,class_mis,class_mis_confidence,top1")
     assert [float(line.split(",")[3]) for line in sweep[1:]] == rates
     # now with scores files: the correlation uses rates against per-run means
     rows = ["name,method,rate,scores"]
     means = []
     for k, r in enumerate([0.2, 0.4, 0.6, 0.8]):
         values = np.clip(0.5 + 0.3 * r + np.random.default_rng(k).normal(0, 0.05, 10), 0, 1)
-        _mis_csv(tmp_path / f"m{k}.csv", values, constant=(9,))
+        _mis_csv(tmp_path / f"m{k}.csv", values, layer="conv1", constant=(9,))
         means.append(values[:9].mean())
         rows.append(f"r{k},unstructured,{r},m{k}.csv")
     (tmp_path / "runs2.csv").write_text("\n".join(rows) + "\n")
@@ -73,8 +73,8 @@ def test_sweep_uses_each_runs_own_rate(tmp_path):
     expected = stats.pearsonr([0.2, 0.4, 0.6, 0.8], means).statistic
     assert summary["correlation_rate_mis_confidence"]["pearson_r"] == pytest.approx(expected, rel=1e-5)
     assert summary["correlation_rate_mis_confidence"]["n"] == 4
-    layers = (tmp_path / "out2" / "layers.csv").read_text().splitlines()
-    assert layers[1].startswith("r0,softmax,9,1,")
+    layers = (tmp_path / "out2" / "sweep_layers.csv").read_text().splitlines()
+    assert layers[1].startswith("r0,unstructured,oneshot,0.2,conv1,feature,9,1,")
 
 
 def test_sweep_figure_has_the_expected_axes_and_lines(tmp_path):
@@ -159,7 +159,8 @@ def test_classwise_report_with_unit_pictures_stays_inside_its_folder(property_fo
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())
     table = (out / "classwise.csv").read_text().splitlines()
-    assert table[0] == "class,name,n,accuracy,mis,mis_confidence" and len(table) == 4
+    assert table[0] == "class,name,n,accuracy,mis,mis_confidence,alpha,alpha_source" and len(table) == 4
+    assert all(line.endswith(",default") for line in table[1:]) and summary["alpha_warning"]
     acc = [float(line.split(",")[3]) for line in table[1:]]
     conf = [float(line.split(",")[5]) for line in table[1:]]
     assert summary["correlation_accuracy_mis_confidence"]["pearson_r"] == pytest.approx(stats.pearsonr(acc, conf).statistic)

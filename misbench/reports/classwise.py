@@ -12,9 +12,9 @@ from ..evaluate import evaluate_acts
 from ..fileio import write_json
 from .figures import classwise_figure
 from .stats import correlation
-from .tables import read_scores, write_csv
+from .tables import alpha_of, read_scores, write_csv
 
-CLASSWISE_COLUMNS = ["class", "name", "n", "accuracy", "mis", "mis_confidence"]
+CLASSWISE_COLUMNS = ["class", "name", "n", "accuracy", "mis", "mis_confidence", "alpha", "alpha_source"]
 # which class units a score ranked: the mission's softmax, or the pre-softmax outputs the MIS authors ranked
 CLASS_UNIT_MEANING = {"softmax": "softmax probabilities", "logits": "pre-softmax logits"}
 
@@ -35,11 +35,13 @@ def classwise_report(scores_csv, out_dir, acts=None, eval_json=None, layer: str 
     if len(by_unit) != len(per_class):
         raise MisbenchError(f"layer {layer!r} has {len(by_unit)} units but the accuracy covers {len(per_class)} "
                             "classes; the softmax units must be the classes")
+    alpha, source = alpha_of(scores)
     rows = []
     for c in per_class:
         unit = by_unit.get(c["class"], {})
         rows.append({"class": c["class"], "name": c["name"], "n": c["n"], "accuracy": c["accuracy"],
-                     "mis": unit.get("mis", np.nan), "mis_confidence": unit.get("mis_confidence", np.nan)})
+                     "mis": unit.get("mis", np.nan), "mis_confidence": unit.get("mis_confidence", np.nan),
+                     "alpha": alpha, "alpha_source": source})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "classwise.csv", rows, CLASSWISE_COLUMNS)
     acc = [r["accuracy"] if r["accuracy"] is not None else np.nan for r in rows]
@@ -50,6 +52,9 @@ def classwise_report(scores_csv, out_dir, acts=None, eval_json=None, layer: str 
         "mean_mis_confidence": float(np.nanmean([r["mis_confidence"] for r in rows])),
         "correlation_accuracy_mis_confidence": correlation(acc, [r["mis_confidence"] for r in rows], seed),
         "correlation_accuracy_mis": correlation(acc, [r["mis"] for r in rows], seed),
+        "alpha": alpha, "alpha_source": source,
+        "alpha_warning": None if source.startswith("calibrated:") else
+        f"mis_confidence uses an uncalibrated alpha ({source or 'unrecorded'}); fit one with misbench calibrate",
         "figures": ["classwise.png"],
     }
     write_json(out_dir / "summary.json", summary)

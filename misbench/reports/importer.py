@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import MisbenchError
 from ..scoring import write_scores_csv
+from ..summaries import clopper_pearson
 
 # exactly the constructors a pickled DataFrame of numbers and strings needs
 ALLOWED = {
@@ -92,9 +93,10 @@ def import_scores(path, out, drop_layer_types=(), constant=(), constant_above: f
         saturated = constant_above is not None and conf >= constant_above
         status = "constant" if key in constant_units or saturated else "ok"
         results.append({"layer": key[0], "unit": key[1], "status": status, "mis": mis, "mis_confidence": conf,
-                        "mis_ci": (None, None), "conf_ci": (None, None), "n_tasks": PUBLISHED_TASKS,
+                        "mis_ci": clopper_pearson(round(mis * PUBLISHED_TASKS * 2) / 2, PUBLISHED_TASKS),
+                        "conf_ci": (None, None), "n_tasks": PUBLISHED_TASKS,
                         "layer_type": names.get(code, code)})
-    write_scores_csv(out, results)
+    write_scores_csv(out, results, None, "published")  # the authors' alpha is not in the file
     ok = [r for r in results if r["status"] == "ok"]
     layers = {}
     for r in ok:

@@ -1,8 +1,10 @@
 """MIS and accuracy against pruning rate across runs (DESIGN §9; the seed's Figs. 1, 3, 4, 5)."""
 
-__all__ = ["sweep_report", "read_runs", "SWEEP_COLUMNS", "training_curves", "write_curves", "sweep_section"]
+__all__ = ["sweep_report", "read_runs", "distinct_runs", "SWEEP_COLUMNS", "LAYER_TREND_COLUMNS", "training_curves",
+           "write_curves", "sweep_section"]
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +13,17 @@ from ..errors import MisbenchError
 from ..fileio import write_json
 from .figures import curves_figure, layers_figure, sweep_figure
 from .stats import correlation
-from .tables import layer_summary, read_csv_rows, read_scores, write_csv
+from ..summaries import is_class_layer, score_summaries
+from .paired import PAIRED_COLUMNS, paired_report
+from .tables import alpha_of, read_csv_rows, read_scores, score_settings, write_csv
 
-SWEEP_COLUMNS = ["name", "method", "schedule", "rate", "n_units", "mis", "mis_confidence", "top1",
-                 "epochs", "optimizer", "conf_p05", "conf_p95"]
+log = logging.getLogger(__name__)
+
+SWEEP_COLUMNS = ["name", "method", "schedule", "rate", "n_units", "mis", "mis_confidence", "class_mis",
+                 "class_mis_confidence", "top1", "n_constant", "epochs", "optimizer", "conf_p05", "conf_p95", "mis_ci_low",
+                 "mis_ci_high", "conf_ci_low", "conf_ci_high", "alpha", "alpha_source"]
+LAYER_TREND_COLUMNS = ["name", "method", "schedule", "rate", "layer", "kind", "n_units", "n_constant", "mis",
+                       "mis_confidence", "mis_ci_low", "mis_ci_high", "conf_ci_low", "conf_ci_high"]
 
 
 def _float(value, what, name):
@@ -22,6 +31,34 @@ def _float(value, what, name):
         return float(value)
     except (TypeError, ValueError):
         raise MisbenchError(f"runs.csv: run {name!r} has {what}={value!r}; expected a number") from None
+
+
+def _scored_run(run: dict, scores_path: Path) -> dict:
+    """A run's means from its mis.csv: layer-balanced over feature layers, and over class-unit layers."""
+    scores = read_scores(scores_path)
+    settings = score_settings(scores_path)
+    layers = list(dict.fromkeys(s["layer"] for s in scores))
+    summary = score_summaries(scores, layers, **settings)
+    feature, classes = summary["feature_mean"], summary["class_mean"]
+    conf = np.array([s["mis_confidence"] for s in scores if s["status"] == "ok" and not is_class_layer(s["layer"])])
+    alpha, source = alpha_of(scores)
+    sidecar = scores_path.with_suffix(".json")
+    layer_rows = [{"layer": name, "kind": "class" if is_class_layer(name) else "feature", "n_units": ls["n_units"],
+                   "n_constant": ls["n_constant"], "mis": ls["mis"], "mis_confidence": ls["mis_confidence"],
+                   "mis_ci_low": ls["mis_ci"][0], "mis_ci_high": ls["mis_ci"][1],
+                   "conf_ci_low": ls["mis_confidence_ci"][0], "conf_ci_high": ls["mis_confidence_ci"][1]}
+                  for name, ls in summary["layers"].items()]
+    return {**run, "scores": str(scores_path), "unit_scores": scores, "layer_rows": layer_rows,
+            "score_meta": json.loads(sidecar.read_text()) if sidecar.exists() else None,
+            "n_units": sum(1 for s in scores if s["status"] == "ok"),
+            "n_constant": sum(1 for s in scores if s["status"] != "ok"),
+            "mis": feature["mis"], "mis_confidence": feature["mis_confidence"],
+            "mis_ci_low": feature["mis_ci"][0], "mis_ci_high": feature["mis_ci"][1],
+            "conf_ci_low": feature["mis_confidence_ci"][0], "conf_ci_high": feature["mis_confidence_ci"][1],
+            "class_mis": classes["mis"], "class_mis_confidence": classes["mis_confidence"],
+            "conf_p05": float(np.percentile(conf, 5)) if len(conf) else None,
+            "conf_p95": float(np.percentile(conf, 95)) if len(conf) else None,
+            "alpha": alpha, "alpha_source": source}
 
 
 def read_runs(runs_csv) -> list[dict]:
@@ -46,17 +83,11 @@ def read_runs(runs_csv) -> list[dict]:
                "epochs": int(r["epochs"]) if r.get("epochs") not in (None, "") else None,
                "checkpoint": str(base / r["checkpoint"]) if r.get("checkpoint") else None}
         if r.get("scores"):
-            scores = read_scores(base / r["scores"])
-            ok = [s for s in scores if s["status"] == "ok"]
-            conf = np.array([s["mis_confidence"] for s in ok])
-            run.update(scores=str(base / r["scores"]), unit_scores=scores, n_units=len(ok),
-                       mis=float(np.mean([s["mis"] for s in ok])) if ok else None,
-                       mis_confidence=float(conf.mean()) if ok else None,
-                       conf_p05=float(np.percentile(conf, 5)) if ok else None,
-                       conf_p95=float(np.percentile(conf, 95)) if ok else None)
+            run = _scored_run(run, base / r["scores"])
         else:
             run.update(n_units=None, mis_confidence=_float(r["mis_confidence"], "mis_confidence", name),
-                       mis=_float(r["mis"], "mis", name) if r.get("mis") else None)
+                       mis=_float(r["mis"], "mis", name) if r.get("mis") else None,
+                       alpha=r.get("alpha", ""), alpha_source=r.get("alpha_source", ""))
         if r.get("top1"):
             run["top1"] = _float(r["top1"], "top1", name)
         elif r.get("eval"):
@@ -65,6 +96,27 @@ def read_runs(runs_csv) -> list[dict]:
             run["top1"] = None
         runs.append(run)
     return runs
+
+
+def distinct_runs(runs: list[dict]) -> tuple[list[dict], list[str]]:
+    """Each run once: rows naming the same scores file, and unpruned rows without scores that repeat the
+    same values (a baseline listed once per method, as the seed's table does), are one run.
+
+    Returns the distinct runs (first occurrence kept) and the names of the rows left out."""
+    seen, keep, dropped = set(), [], []
+    for run in runs:
+        if run.get("scores"):
+            key = ("scores", str(Path(run["scores"]).resolve()))
+        elif run["rate"] == 0:
+            key = ("unpruned", run.get("mis_confidence"), run.get("mis"), run.get("top1"), run.get("epochs"))
+        else:
+            key = ("row", id(run))
+        if key in seen:
+            dropped.append(run["name"])
+            continue
+        seen.add(key)
+        keep.append(run)
+    return keep, dropped
 
 
 def training_curves(runs: list[dict]) -> list[dict]:
@@ -99,50 +151,79 @@ def sweep_section(summary: dict, out_dir):
     """The report.html section of a sweep written into out_dir."""
     from .html import Section
 
-    tables = ["sweep.csv"] + (["layers.csv"] if (Path(out_dir) / "layers.csv").exists() else [])
+    names = ["sweep.csv", "sweep_layers.csv", "paired.csv", "paired_layers.csv", "layers.csv"]
+    tables = [n for n in names if (Path(out_dir) / n).exists()]
+    keys = ("correlation", "paired_baseline", "alpha_warning", "duplicate_rows")
     return Section("MIS and accuracy against pruning rate", images=summary["figures"], tables=tables,
-                   data={k: v for k, v in summary.items() if k.startswith("correlation")})
+                   data={k: v for k, v in summary.items() if k.startswith(keys)})
 
 
-def sweep_report(runs_csv, out_dir, seed: int = 0) -> dict:
+def _alpha_warning(runs: list[dict]) -> str | None:
+    uncalibrated = sorted({r["alpha_source"] or "unrecorded" for r in runs
+                           if r.get("mis_confidence") is not None and not str(r.get("alpha_source", "")).startswith("calibrated:")})
+    if not uncalibrated:
+        return None
+    return (f"mis_confidence uses an uncalibrated alpha ({', '.join(uncalibrated)}): its level depends on that "
+            "choice; compare runs with one alpha, or fit one with misbench calibrate (docs/mis.md)")
+
+
+def sweep_report(runs_csv, out_dir, seed: int = 0, baseline: str | None = None) -> dict:
+    """sweep.csv, sweep_layers.csv, summary.json, figures; paired.csv against the unpruned `baseline` run
+    (default: the run named control, else base, when runs have scores)."""
     out_dir = Path(out_dir)
     runs = read_runs(runs_csv)
+    paired = paired_report(runs, baseline, seed, runs_csv)  # validates before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "sweep.csv", runs, SWEEP_COLUMNS)
-    rates = [r["rate"] for r in runs]  # each run's own rate, never inferred from its values
+    distinct, dropped = distinct_runs(runs)
+    if dropped:
+        log.warning("runs.csv rows %s repeat another row's run; correlations count each run once", dropped)
+    rates = [r["rate"] for r in distinct]  # each run's own rate, never inferred from its values
 
     def values(key):
-        return [r[key] if r.get(key) is not None else np.nan for r in runs]
+        return [r[key] if r.get(key) is not None else np.nan for r in distinct]
 
     figures = []
-    sweep_figure(runs, "mis_confidence", out_dir / "sweep_mis_confidence.png", "mean MIS confidence (5-95% of units)",
-                 band=("conf_p05", "conf_p95"))
+    sweep_figure(runs, "mis_confidence", out_dir / "sweep_mis_confidence.png",
+                 "MIS confidence, layer-balanced feature mean (5-95% of units)", band=("conf_p05", "conf_p95"))
     figures.append("sweep_mis_confidence.png")
     if any(r.get("mis") is not None for r in runs):
-        sweep_figure(runs, "mis", out_dir / "sweep_mis.png", "mean MIS")
+        sweep_figure(runs, "mis", out_dir / "sweep_mis.png", "MIS, layer-balanced feature mean")
         figures.append("sweep_mis.png")
+    if any(r.get("class_mis_confidence") is not None for r in runs):
+        sweep_figure(runs, "class_mis_confidence", out_dir / "sweep_class_mis_confidence.png",
+                     "MIS confidence of class units")
+        figures.append("sweep_class_mis_confidence.png")
     if any(r.get("top1") is not None for r in runs):
         sweep_figure(runs, "top1", out_dir / "sweep_accuracy.png", "validation top-1")
         figures.append("sweep_accuracy.png")
-    layer_rows = []
-    for run in runs:
-        if run.get("unit_scores"):
-            layer_rows += [{"run": run["name"], **row} for row in layer_summary(run["unit_scores"], seed)]
+    layer_rows = [{**{k: run[k] for k in ("name", "method", "schedule", "rate")}, **row}
+                  for run in runs for row in run.get("layer_rows", [])]
     if layer_rows:
-        write_csv(out_dir / "layers.csv", layer_rows, ["run", "layer", "n_units", "n_constant", "mis", "mis_confidence",
-                                                       "conf_ci_low", "conf_ci_high"])
+        write_csv(out_dir / "sweep_layers.csv", layer_rows, LAYER_TREND_COLUMNS)
         first = runs[0]["name"]
-        layers_figure([r for r in layer_rows if r["run"] == first], out_dir / "layers.png",
+        layers_figure([r for r in layer_rows if r["name"] == first], out_dir / "layers.png",
                       f"Mean MIS confidence per layer ({first})")
         figures.append("layers.png")
+    if paired:
+        write_csv(out_dir / "paired.csv", paired["runs"], PAIRED_COLUMNS)
+        write_csv(out_dir / "paired_layers.csv", paired["layers"], PAIRED_COLUMNS)
     curves = training_curves(runs)
     if curves:
         write_curves(curves, out_dir)
         figures.append("curves.png")
-    summary = {"n_runs": len(runs), "runs": str(runs_csv),
+    summary = {"n_runs": len(distinct), "n_rows": len(runs), "duplicate_rows": dropped, "runs": str(runs_csv),
+               "means": "layer-balanced: mean over layers of each layer's mean over its non-constant units; "
+                        "mis/mis_confidence over feature layers, class_* over softmax/logits",
                "correlation_rate_mis_confidence": correlation(rates, values("mis_confidence"), seed),
                "correlation_rate_mis": correlation(rates, values("mis"), seed),
+               "correlation_rate_class_mis_confidence": correlation(rates, values("class_mis_confidence"), seed),
+               "correlation_rate_class_mis": correlation(rates, values("class_mis"), seed),
                "correlation_rate_top1": correlation(rates, values("top1"), seed),
+               "alpha": sorted({str(r.get("alpha", "")) for r in runs}),
+               "alpha_source": sorted({str(r.get("alpha_source", "")) for r in runs}),
+               "alpha_warning": _alpha_warning(runs),
+               "paired_baseline": paired["baseline"] if paired else None,
                "figures": figures}
     write_json(out_dir / "summary.json", summary)
     return summary

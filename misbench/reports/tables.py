@@ -1,14 +1,20 @@
 """Reading score tables and writing CSVs atomically."""
 
-__all__ = ["read_scores", "write_csv", "layer_summary", "read_csv_rows"]
+__all__ = ["read_scores", "write_csv", "layer_summary", "read_csv_rows", "score_settings", "alpha_of",
+           "LAYER_COLUMNS"]
+
+LAYER_COLUMNS = ["layer", "n_units", "n_constant", "mis", "mis_confidence", "mis_ci_low", "mis_ci_high",
+                 "conf_ci_low", "conf_ci_high", "alpha", "alpha_source"]
 
 import csv
+import json
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import MisbenchError
 from ..fileio import atomic_path
-from ..mis import bootstrap_ci
+from ..summaries import score_summaries
 
 REQUIRED = {"layer", "unit", "status", "mis", "mis_confidence"}
 
@@ -47,17 +53,27 @@ def write_csv(path, rows: list[dict], columns: list[str]) -> None:
             writer.writerow([fmt(row.get(c)) for c in columns])
 
 
-def layer_summary(scores: list[dict], seed: int = 0) -> list[dict]:
-    """Mean MIS per layer over non-constant units (as the MIS authors publish them), with bootstrap CIs."""
-    out = []
-    for layer in dict.fromkeys(r["layer"] for r in scores):
-        ok = [r for r in scores if r["layer"] == layer and r["status"] == "ok"]
-        m = np.array([r["mis"] for r in ok])
-        c = np.array([r["mis_confidence"] for r in ok])
-        rng = np.random.default_rng(seed)
-        lo, hi = bootstrap_ci(c, rng) if len(c) else (None, None)
-        out.append({"layer": layer, "n_units": len(ok),
-                    "n_constant": sum(1 for r in scores if r["layer"] == layer and r["status"] != "ok"),
-                    "mis": float(m.mean()) if len(m) else None, "mis_confidence": float(c.mean()) if len(c) else None,
-                    "conf_ci_low": lo, "conf_ci_high": hi})
-    return out
+def score_settings(path) -> dict:
+    """The seed and bootstrap count a mis.csv was summarised with (its mis.json), so that every report
+    recomputes the same intervals as mis.json; defaults for files without a sidecar."""
+    sidecar = Path(path).with_suffix(".json")
+    settings = json.loads(sidecar.read_text()).get("settings", {}) if sidecar.exists() else {}
+    return {"seed": int(settings.get("seed", 0)), "n_boot": int(settings.get("n_boot", 1000))}
+
+
+def alpha_of(scores: list[dict]) -> tuple[str, str]:
+    """(alpha, alpha_source) as the mis.csv rows record them ('' for files written before they did)."""
+    first = scores[0] if scores else {}
+    return first.get("alpha") or "", first.get("alpha_source") or ""
+
+
+def layer_summary(scores: list[dict], seed: int = 0, n_boot: int = 1000) -> list[dict]:
+    """Mean MIS per layer over non-constant units (as the MIS authors publish them), with the bootstrap
+    intervals of mis.json (summaries.score_summaries)."""
+    alpha, source = alpha_of(scores)
+    layers = list(dict.fromkeys(r["layer"] for r in scores))
+    summary = score_summaries(scores, layers, seed, n_boot)["layers"]
+    return [{"layer": name, "n_units": s["n_units"], "n_constant": s["n_constant"], "mis": s["mis"],
+             "mis_confidence": s["mis_confidence"], "mis_ci_low": s["mis_ci"][0], "mis_ci_high": s["mis_ci"][1],
+             "conf_ci_low": s["mis_confidence_ci"][0], "conf_ci_high": s["mis_confidence_ci"][1],
+             "alpha": alpha, "alpha_source": source} for name, s in summary.items()]
