@@ -1,0 +1,266 @@
+"""Publishable statistics (issue 13): exact intervals, one place for summaries, layer-balanced sweeps,
+paired comparisons, each run once, alpha provenance, top-k tie seeds. Each against an independent
+computation (scipy, a brute-force loop, hand-built mis.csv files with known answers)."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+
+from conftest import write_acts
+from misbench.cli.main import cli
+from misbench.errors import MisbenchError
+from misbench.reports.sweep import sweep_report
+from misbench.scoring import ScoreSettings, score
+from misbench.summaries import bootstrap_mean_ci, clopper_pearson, score_summaries
+from misbench.topk import TopK, check_tie_order
+
+
+def test_clopper_pearson_is_scipys_exact_interval_and_covers():
+    assert clopper_pearson(20, 20) == pytest.approx((0.8316, 1.0), abs=1e-4)  # not [1, 1]
+    for k in (0, 3, 10, 19, 20):
+        ci = stats.binomtest(k, 20).proportion_ci(confidence_level=0.95, method="exact")
+        assert clopper_pearson(k, 20) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    # coverage of a true MIS of 0.95 over 20 tasks: exact >= 95 %, the percentile bootstrap ~ 63 %
+    rng = np.random.default_rng(0)
+    k = rng.binomial(20, 0.95, 4000)
+    table = {j: clopper_pearson(j, 20) for j in range(21)}
+    covered = np.mean([table[j][0] <= 0.95 <= table[j][1] for j in k])
+    assert covered >= 0.95
+    def boot_covers(j):  # percentile bootstrap over the 20 decisions
+        means = rng.binomial(1, j / 20, (200, 20)).mean(1)
+        return np.percentile(means, 2.5) <= 0.95 <= np.percentile(means, 97.5)
+
+    assert np.mean([boot_covers(j) for j in k[:500]]) < 0.75
+
+
+def test_bootstrap_is_scipys_and_stratified_means_are_layer_balanced():
+    x = np.random.default_rng(1).random(30)
+    ours = bootstrap_mean_ci(x, np.random.default_rng(7), 500)
+    ref = stats.bootstrap((x,), np.mean, n_resamples=500, method="percentile", random_state=np.random.default_rng(7))
+    assert ours == pytest.approx((ref.confidence_interval.low, ref.confidence_interval.high))
+    a, b = np.random.default_rng(2).random(40), np.random.default_rng(3).random(5) + 1
+    lo, hi = bootstrap_mean_ci([a, b], np.random.default_rng(0), 2000)
+    # brute force: resample within each layer, average the two layer means
+    rng = np.random.default_rng(11)
+    brute = [(rng.choice(a, 40).mean() + rng.choice(b, 5).mean()) / 2 for _ in range(4000)]
+    assert lo == pytest.approx(np.percentile(brute, 2.5), abs=0.02)
+    assert hi == pytest.approx(np.percentile(brute, 97.5), abs=0.02)
+    assert bootstrap_mean_ci([np.full(3, 0.5), np.array([0.7])], np.random.default_rng(0)) == (0.6, 0.6)
+
+
+def _write_scores(path, layers: dict, alpha=10.0, source="default", meta=None):
+    """layers: name -> list of mis_confidence (None = constant); mis = rounded to twentieths."""
+    lines = ["layer,unit,status,mis,mis_confidence,mis_ci_low,mis_ci_high,conf_ci_low,conf_ci_high,n_tasks,alpha,"
+             "alpha_source"]
+    for name, values in layers.items():
+        for u, v in enumerate(values):
+            if v is None:
+                lines.append(f"{name},{u},constant,,,,,,,0,{alpha},{source}")
+            else:
+                lines.append(f"{name},{u},ok,{round(v * 20) / 20},{v},,,,,20,{alpha},{source}")
+    path.write_text("\n".join(lines) + "\n")
+    settings = {"seed": 0, "n_boot": 300, "selection": "fair", "tasks": 20, "explanations": 9, "image_size": 64,
+                "backend_fingerprint": "abc", "alpha": alpha, "alpha_source": source}
+    base = {"n_rows": 1000, "data": "digits", "settings": settings}
+    for key, value in (meta or {}).items():
+        if key.startswith("settings."):
+            settings[key.partition(".")[2]] = value
+        else:
+            base[key] = value
+    path.with_suffix(".json").write_text(json.dumps(base))
+    return path
+
+
+def test_sweep_means_are_layer_balanced_feature_means_with_class_units_apart(tmp_path):
+    rng = np.random.default_rng(0)
+    conv_a, conv_b = list(0.8 + 0.05 * rng.random(10)), list(0.6 + 0.05 * rng.random(40))
+    soft = list(0.5 + 0.05 * rng.random(10))
+    _write_scores(tmp_path / "base.csv", {"a": conv_a, "b": conv_b, "softmax": soft})
+    # pruning removes 30 units of b (now constant) but changes no remaining unit's score
+    pruned_b = conv_b[:10] + [None] * 30
+    _write_scores(tmp_path / "p.csv", {"a": conv_a, "b": pruned_b, "softmax": soft})
+    (tmp_path / "runs.csv").write_text("name,method,rate,scores\nbase,none,0,base.csv\np,structured,0.6,p.csv\n")
+    sweep_report(tmp_path / "runs.csv", tmp_path / "out")
+    rows = {r["name"]: r for r in _csv(tmp_path / "out" / "sweep.csv")}
+    for name, b in (("base", conv_b), ("p", conv_b[:10])):
+        expected = (np.mean(conv_a) + np.mean(b)) / 2  # the mean over layers of each layer's mean
+        assert float(rows[name]["mis_confidence"]) == pytest.approx(expected, rel=1e-5)
+        assert float(rows[name]["class_mis_confidence"]) == pytest.approx(np.mean(soft), rel=1e-5)
+    assert rows["p"]["n_units"] == "30" and rows["p"]["n_constant"] == "30" and rows["base"]["n_constant"] == "0"
+    # pooled means move although no score changed; the paired difference is exactly zero
+    pooled = [np.mean(conv_a + b + soft) for b in (conv_b, conv_b[:10])]
+    assert abs(pooled[0] - pooled[1]) > 0.01
+    paired = {r["layer"]: r for r in _csv(tmp_path / "out" / "paired.csv")}
+    assert float(paired["features"]["diff_mis_confidence"]) == 0 and paired["features"]["n_pairs"] == "20"
+    assert float(paired["features"]["wilcoxon_p_confidence"]) == 1.0
+    layers = _csv(tmp_path / "out" / "sweep_layers.csv")
+    assert [(r["name"], r["layer"], r["kind"]) for r in layers][:3] == [("base", "a", "feature"), ("base", "b", "feature"),
+                                                                         ("base", "softmax", "class")]
+    assert float(layers[4]["mis_confidence"]) == pytest.approx(np.mean(conv_b[:10]), rel=1e-5)
+
+
+def _csv(path):
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_paired_differences_against_scipy_and_incompatible_runs(tmp_path):
+    rng = np.random.default_rng(4)
+    base = {"a": list(0.7 + 0.1 * rng.random(25)), "b": list(0.6 + 0.1 * rng.random(15)), "softmax": [0.5] * 4}
+    shifted = {k: [v + d for v, d in zip(vals, 0.03 + 0.02 * rng.standard_normal(len(vals)))] for k, vals in base.items()}
+    shifted["a"][3] = None  # constant in the pruned run: not paired
+    _write_scores(tmp_path / "control.csv", base)
+    _write_scores(tmp_path / "p.csv", shifted)
+    (tmp_path / "runs.csv").write_text("name,method,rate,scores\ncontrol,none,0,control.csv\np,unstructured,0.4,p.csv\n")
+    sweep_report(tmp_path / "runs.csv", tmp_path / "out")
+    layers = {r["layer"]: r for r in _csv(tmp_path / "out" / "paired_layers.csv")}
+    for name in ("a", "b"):
+        pairs = [(s, c) for s, c in zip(shifted[name], base[name]) if s is not None]
+        diffs = np.array([round(s, 6) - round(c, 6) for s, c in pairs])  # as mis.csv stores them
+        row = layers[name]
+        assert int(row["n_pairs"]) == len(pairs)
+        assert float(row["diff_mis_confidence"]) == pytest.approx(diffs.mean(), abs=1e-5)
+        assert float(row["wilcoxon_p_confidence"]) == pytest.approx(stats.wilcoxon(diffs).pvalue, rel=1e-4)
+        assert float(row["diff_conf_ci_low"]) < diffs.mean() < float(row["diff_conf_ci_high"])
+    features = next(r for r in _csv(tmp_path / "out" / "paired.csv") if r["layer"] == "features")
+    d_a = np.array([s - c for s, c in zip(shifted["a"], base["a"]) if s is not None])
+    d_b = np.array([s - c for s, c in zip(shifted["b"], base["b"])])
+    assert float(features["diff_mis_confidence"]) == pytest.approx((d_a.mean() + d_b.mean()) / 2, abs=1e-5)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["paired_baseline"] == "control"
+    # incompatible runs: an error naming the setting and both files
+    _write_scores(tmp_path / "p.csv", shifted, meta={"settings.backend_fingerprint": "other"})
+    with pytest.raises(MisbenchError, match=r"settings.backend_fingerprint .*p.csv.*control.csv"):
+        sweep_report(tmp_path / "runs.csv", tmp_path / "out2")
+    _write_scores(tmp_path / "p.csv", shifted, meta={"n_rows": 500})
+    with pytest.raises(MisbenchError, match="n_rows"):
+        sweep_report(tmp_path / "runs.csv", tmp_path / "out2")
+    _write_scores(tmp_path / "p.csv", shifted, alpha=3.0, source="user")
+    r = CliRunner().invoke(cli, ["report", "sweep", "--runs", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "o3")])
+    assert r.exit_code == 1 and "settings.alpha" in r.output and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(cli, ["report", "sweep", "--runs", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "o3"),
+                                 "--baseline", "base"])
+    assert r.exit_code == 1 and "baseline run 'base' not found" in r.output
+
+
+def test_each_run_counts_once_in_correlations(tmp_path):
+    # a baseline listed once per method (as the seed's table does) enters the correlation once
+    rows = ["name,method,rate,mis_confidence,mis"]
+    for method in ("unstructured", "structured", "connection"):
+        rows.append(f"base_{method},{method},0,0.70,0.80")
+    values = {0.2: 0.71, 0.4: 0.74, 0.6: 0.69, 0.8: 0.77}
+    runs = [(m, r, v + k / 100) for k, m in enumerate(("unstructured", "structured")) for r, v in values.items()]
+    rows += [f"{m}_{r},{m},{r},{v},0.8" for m, r, v in runs]
+    (tmp_path / "runs.csv").write_text("\n".join(rows) + "\n")
+    summary = sweep_report(tmp_path / "runs.csv", tmp_path / "out")
+    x, y = [0.0] + [r for _, r, _ in runs], [0.70] + [v for _, _, v in runs]
+    c = summary["correlation_rate_mis_confidence"]
+    assert c["n"] == 9 and c["pearson_r"] == pytest.approx(stats.pearsonr(x, y).statistic)
+    assert c["pearson_p"] == pytest.approx(stats.pearsonr(x, y).pvalue)
+    assert summary["duplicate_rows"] == ["base_structured", "base_connection"] and summary["n_rows"] == 11
+    assert len(_csv(tmp_path / "out" / "sweep.csv")) == 11  # every row stays in the table and figures
+
+
+def test_layer_intervals_agree_between_mis_json_and_reports(tmp_path, property_folder):
+    root, props = property_folder
+    n = len(props["hue"])
+    rng = np.random.default_rng(3)
+    acts = write_acts(tmp_path / "acts.h5", root, {"l1": np.stack([props["hue"], props["brightness"]], 1),
+                                                   "l2": rng.normal(size=(n, 6))})
+    meta = score(acts, ["all"], ScoreSettings(similarity="pixel", image_size=16, device="cpu", n_boot=200, seed=2),
+                 tmp_path / "mis.csv")
+    r = CliRunner().invoke(cli, ["report", "layers", "--scores", str(tmp_path / "mis.csv"), "--out", str(tmp_path / "l")])
+    assert r.exit_code == 0, r.output
+    for row in _csv(tmp_path / "l" / "layers.csv"):
+        js = meta["layers"][row["layer"]]
+        assert float(row["conf_ci_low"]) == pytest.approx(js["mis_confidence_ci"][0], rel=1e-5)
+        assert float(row["conf_ci_high"]) == pytest.approx(js["mis_confidence_ci"][1], rel=1e-5)
+        assert float(row["mis_ci_low"]) == pytest.approx(js["mis_ci"][0], rel=1e-5)
+        assert row["alpha_source"] == "default"
+    recomputed = score_summaries(_scores(tmp_path / "mis.csv"), ["l1", "l2"], 2, 200)
+    assert recomputed["feature_mean"]["mis_confidence"] == pytest.approx(
+        np.mean([meta["layers"][k]["mis_confidence"] for k in ("l1", "l2")]))
+    units = _csv(tmp_path / "mis.csv")
+    for u in units:
+        if u["status"] == "ok":
+            k = round(float(u["mis"]) * 20 * 2) / 2
+            assert (float(u["mis_ci_low"]), float(u["mis_ci_high"])) == pytest.approx(clopper_pearson(k, 20), abs=1e-5)
+            assert float(u["alpha"]) == meta["alpha"]
+    assert meta["alpha_source"] == "default" and meta["settings"]["alpha_source"] == "default"
+
+
+def _scores(path):
+    from misbench.reports.tables import read_scores
+
+    return read_scores(path)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -1.0, 0.0])
+def test_bad_alpha_is_refused(alpha):
+    with pytest.raises(MisbenchError, match="--alpha"):
+        ScoreSettings(alpha=alpha)
+
+
+def test_user_alpha_is_recorded_and_sweep_warns_on_uncalibrated(tmp_path, property_folder):
+    root, props = property_folder
+    acts = write_acts(tmp_path / "acts.h5", root, {"l": np.stack([props["hue"]], 1)})
+    meta = score(acts, ["l"], ScoreSettings(similarity="pixel", image_size=16, device="cpu", n_boot=50, alpha=3.5),
+                 tmp_path / "mis.csv")
+    assert meta["alpha"] == 3.5 and meta["alpha_source"] == "user"
+    assert {(u["alpha"], u["alpha_source"]) for u in _csv(tmp_path / "mis.csv")} == {("3.5", "user")}
+    r = CliRunner().invoke(cli, ["score", str(acts), "--layer", "l", "--out", str(tmp_path / "x.csv"), "--alpha", "nan",
+                                 "--similarity", "pixel"])
+    assert r.exit_code == 1 and "--alpha nan" in r.output and len(r.output.strip().splitlines()) == 1
+    (tmp_path / "runs.csv").write_text("name,method,rate,scores\nbase,none,0,mis.csv\n")
+    r = CliRunner().invoke(cli, ["report", "sweep", "--runs", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0 and "warning: mis_confidence uses an uncalibrated alpha (user)" in r.output
+
+
+def test_topk_tie_seed_is_recorded_and_other_seeds_rank_identically_or_refuse(tmp_path, property_folder):
+    from misbench.data import FolderSource
+    from misbench.store import SCHEMA, ActivationWriter
+
+    root, props = property_folder
+    n = len(props["hue"])
+    values = np.round(props["hue"] * 4) / 4  # heavy ties: ranks 200 and 250 share a value
+    distinct = props["brightness"]
+    full = write_acts(tmp_path / "full.h5", root, {"tied": values[:, None], "distinct": distinct[:, None]})
+    source = FolderSource(str(root), root.resolve())
+    attrs = {"schema": SCHEMA, "schema_version": 1, "misbench_version": "test", "model": "test", "checkpoint_sha256": "",
+             "arch": "test", "data": str(root), "data_root": str(root.resolve()), "num_classes": 3,
+             "class_names": json.dumps(source.classes), "transform": "{}", "reduction": "mean", "created_utc": "",
+             "layer_names": json.dumps(["tied", "distinct"])}
+    writer = ActivationWriter(tmp_path / "topk.h5", attrs)
+    states = {}
+    for name, v in (("tied", values), ("distinct", distinct)):
+        t = TopK(name, 1, 250)
+        t.update(v[:, None].astype(np.float32), np.arange(n), np.arange(n))
+        states[name] = t.state()
+    layer_attrs = {k: {"module": k, "kind": "linear", "n_units": 1, "reduction": "mean"} for k in states}
+    writer.append(np.arange(n), [source.path(i) for i in range(n)], np.zeros(n, np.int64), np.zeros((n, 3), np.float32),
+                  {}, layer_attrs, np.float32, next_index=n, topk=states)
+    writer.finish()
+    writer.close()
+    import h5py
+
+    with h5py.File(tmp_path / "topk.h5", "r") as h5:
+        assert h5["layers/tied"].attrs["tie_seed"] == 0
+    settings = dict(similarity="pixel", image_size=16, device="cpu", n_boot=50)
+    for seed in (0, 1):  # no ties in "distinct": every seed ranks as on the full file
+        a = score(full, ["distinct"], ScoreSettings(**settings, seed=seed), tmp_path / f"f{seed}.csv")
+        b = score(tmp_path / "topk.h5", ["distinct"], ScoreSettings(**settings, seed=seed), tmp_path / f"t{seed}.csv")
+        assert _csv(tmp_path / f"f{seed}.csv") == _csv(tmp_path / f"t{seed}.csv") and a["layers"] == b["layers"]
+    score(full, ["tied"], ScoreSettings(**settings, seed=0), tmp_path / "ft.csv")
+    score(tmp_path / "topk.h5", ["tied"], ScoreSettings(**settings, seed=0), tmp_path / "tt.csv")
+    assert _csv(tmp_path / "ft.csv") == _csv(tmp_path / "tt.csv")
+    with pytest.raises(MisbenchError, match=r"tie seed 0.*--seed 0"):
+        score(tmp_path / "topk.h5", ["tied"], ScoreSettings(**settings, seed=1), tmp_path / "t1.csv")
+    # the rule itself: refuse exactly when the value at rank `needed` ties with the last kept one
+    top = np.array([[5, 4, 3, 3, 2], [5, 4, 3, 3, 3]], float)
+    check_tie_order(top[:1], -top[:1], 3, 100, 0, 1, "x", "f.h5")
+    with pytest.raises(MisbenchError, match="unit 0 keeps its top"):
+        check_tie_order(top[1:], -top[:1], 3, 100, 0, 1, "x", "f.h5")
