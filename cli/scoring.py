@@ -31,6 +31,8 @@ class _ScoreProgress:
 @click.option("--tasks", default=20, show_default=True)
 @click.option("--explanations", default=9, show_default=True)
 @click.option("--alpha", type=float, default=None, help="Sigmoid slope (default: per backend, see docs/mis.md).")
+@click.option("--alpha-from", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The JSON of `misbench calibrate --out`: its alpha, recorded as calibrated:<responses sha256>.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--engine", type=click.Choice(["embed", "pairwise"]), default="embed", show_default=True)
@@ -45,13 +47,21 @@ class _ScoreProgress:
 @click.option("--chunk-units", default=256, show_default=True,
               help="Units whose images are embedded together: bounds memory (use --cache to share across chunks).")
 @handle_errors
-def score(acts, layers, out, similarity, image_size, selection, quantile, tasks, explanations, alpha, seed, device,
-          engine, tasks_out, cache, shard, batch_size, workers, n_boot, amp, chunk_units):
+def score(acts, layers, out, similarity, image_size, selection, quantile, tasks, explanations, alpha, alpha_from, seed,
+          device, engine, tasks_out, cache, shard, batch_size, workers, n_boot, amp, chunk_units):
     """Score every unit of LAYERs in ACTS with the Mechanistic Interpretability Score."""
+    from misbench.calibrate import calibration_alpha
+    from misbench.errors import MisbenchError
     from misbench.scoring import ScoreSettings, parse_shard, score as run_score
 
+    alpha_source = ""
+    if alpha_from:
+        if alpha is not None:
+            raise MisbenchError("give --alpha or --alpha-from, not both")
+        alpha, alpha_source = calibration_alpha(alpha_from)
     settings = ScoreSettings(similarity=similarity, image_size=image_size, selection=selection, quantile=quantile,
-                             tasks=tasks, explanations=explanations, alpha=alpha, seed=seed, engine=engine,
+                             tasks=tasks, explanations=explanations, alpha=alpha, alpha_source=alpha_source, seed=seed,
+                             engine=engine,
                              n_boot=n_boot, amp=amp, chunk_units=chunk_units, device=device, batch_size=batch_size,
                              workers=workers)
     from misbench.distributed import is_main
@@ -72,7 +82,10 @@ def score(acts, layers, out, similarity, image_size, selection, quantile, tasks,
     m = meta["model_mean"]
     if m["mis"] is not None:
         click.echo(f"model mean: MIS {m['mis']:.3f}  confidence {m['mis_confidence']:.3f}  "
-                   f"(n_rows {meta['n_rows']}, selection {settings.selection}, alpha {meta['settings']['alpha']})")
+                   f"(n_rows {meta['n_rows']}, selection {settings.selection}, alpha {meta['alpha']} {meta['alpha_source']})")
+        if not meta["alpha_source"].startswith("calibrated:"):
+            click.echo(f"note: alpha is {meta['alpha_source']}, not calibrated: mis_confidence depends on it "
+                       "(misbench calibrate; docs/mis.md)")
     click.echo(f"wrote {out}")
 
 
@@ -84,18 +97,28 @@ COMMANDS = [score]
 @click.option("--tasks", "tasks_h5", type=click.Path(exists=True, dir_okay=False), default=None,
               help="tasks.h5 to look deltas up by layer,unit,task.")
 @click.option("--level", default=0.95, show_default=True, help="Confidence level of the interval.")
+@click.option("--model", default=None, help="IMI trial tables: the model whose trials to use.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the fit as JSON (with the responses' sha256) for `score --alpha-from`.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handle_errors
-def calibrate(responses, tasks_h5, level, as_json):
-    """Fit alpha of mis_confidence to human 2-AFC RESPONSES (CSV: delta or layer,unit,task; correct)."""
+def calibrate(responses, tasks_h5, level, model, out, as_json):
+    """Fit alpha of mis_confidence to human 2-AFC RESPONSES (CSV: delta or layer,unit,task; correct; or the IMI
+    study's trial table)."""
     import json
 
     from misbench.calibrate import fit_alpha, read_responses
+    from misbench.fileio import sha256_file, write_json
 
-    delta, correct = read_responses(responses, tasks_h5)
-    fit = fit_alpha(delta, correct, level)
+    delta, correct = read_responses(responses, tasks_h5, model)
+    fit = {**fit_alpha(delta, correct, level), "responses": str(responses), "responses_sha256": sha256_file(responses)}
+    if out:
+        write_json(out, fit)
     if as_json:
         click.echo(json.dumps(fit, indent=2))
+        return
+    if fit["anti_correlated"]:
+        click.echo(f"warning: {fit['warning']}")
         return
     click.echo(f"alpha {fit['alpha']:.4g}  ({fit['level']:.0%} CI {fit['ci_low']:.4g} - {fit['ci_high']:.4g})")
     click.echo(f"log-likelihood {fit['log_likelihood']:.2f} (chance {fit['log_likelihood_chance']:.2f}), "

@@ -264,3 +264,74 @@ def test_topk_tie_seed_is_recorded_and_other_seeds_rank_identically_or_refuse(tm
     check_tie_order(top[:1], -top[:1], 3, 100, 0, 1, "x", "f.h5")
     with pytest.raises(MisbenchError, match="unit 0 keeps its top"):
         check_tie_order(top[1:], -top[:1], 3, 100, 0, 1, "x", "f.h5")
+
+
+def _tasks_file(tmp_path, property_folder):
+    root, props = property_folder
+    acts = write_acts(tmp_path / "acts.h5", root, {"v": np.stack([props["brightness"], props["hue"], props["stripes"]], 1)})
+    score(acts, ["v"], ScoreSettings(similarity="pixel", image_size=16, device="cpu", n_boot=20), tmp_path / "m.csv",
+          tasks_out=tmp_path / "t.h5")
+    import h5py
+
+    with h5py.File(tmp_path / "t.h5", "r") as h5:
+        return acts, h5["v"]["delta"][...]
+
+
+def test_calibrate_reads_the_imi_trial_table_and_warns_on_anti_correlation(tmp_path, property_folder):
+    acts, deltas = _tasks_file(tmp_path, property_folder)
+    rng = np.random.default_rng(0)
+    alpha_true = 4.0 / np.abs(deltas).mean()
+    # the IMI analysis table: pandas index column, demo and catch trials, two models, extra columns
+    lines = [",task_id,participant_id,is_demo,catch_trial,correct,rt,model,layer,channel,batch,mode"]
+    keep_delta, keep_correct = [], []
+    k = 0
+    for rep in range(6):
+        for unit in range(3):
+            for task in range(20):
+                d = deltas[unit, task]
+                c = bool(rng.random() < 1 / (1 + np.exp(-alpha_true * d)))
+                lines.append(f"{k},t-{rep},w{rep},False,False,{c},1200,mine,v,{unit},{task},natural")
+                keep_delta.append(d)
+                keep_correct.append(c)
+                k += 1
+    lines += [f"{k + 1},t-0,w0,True,False,False,900,mine,v,0,0,natural",  # demo trial: left out
+              f"{k + 2},t-0,w0,False,True,False,900,mine,v,1,1,catch_trial",  # catch trial: left out
+              f"{k + 3},t-0,w0,False,False,False,900,other,v,2,2,natural"]  # another model's trial
+    (tmp_path / "imi.csv").write_text("\n".join(lines) + "\n")
+    from misbench.calibrate import fit_alpha, read_responses
+
+    with pytest.raises(MisbenchError, match="several models"):
+        read_responses(tmp_path / "imi.csv", tmp_path / "t.h5")
+    delta, correct = read_responses(tmp_path / "imi.csv", tmp_path / "t.h5", model="mine")
+    assert np.array_equal(delta, np.array(keep_delta)) and np.array_equal(correct, np.array(keep_correct, float))
+    fit = fit_alpha(delta, correct)
+    # independent maximum likelihood: a dense grid over alpha
+    grid = np.linspace(0.2, 3, 2801) * alpha_true
+    nll = [-np.sum(np.where(correct, -np.logaddexp(0, -a * delta), -np.logaddexp(0, a * delta))) for a in grid]
+    assert fit["alpha"] == pytest.approx(grid[int(np.argmin(nll))], rel=2e-3) and not fit["anti_correlated"]
+    runner = CliRunner()
+    r = runner.invoke(cli, ["calibrate", str(tmp_path / "imi.csv"), "--tasks", str(tmp_path / "t.h5"), "--model", "mine",
+                            "--out", str(tmp_path / "fit.json")])
+    assert r.exit_code == 0, r.output
+    from misbench.fileio import sha256_file
+
+    r = runner.invoke(cli, ["score", str(acts), "--layer", "v", "--out", str(tmp_path / "c.csv"), "--similarity", "pixel",
+                            "--image-size", "16", "--alpha-from", str(tmp_path / "fit.json"), "--bootstrap", "20"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "c.json").read_text())
+    assert meta["alpha"] == pytest.approx(fit["alpha"]) and meta["alpha_source"] == f"calibrated:{sha256_file(tmp_path / 'imi.csv')}"
+    assert "not calibrated" not in r.output
+    # anti-correlated responses: a warning, not alpha ~ 0
+    anti = ["delta,correct"] + [f"{d},{int(d < 0)}" for d in deltas.ravel()]
+    (tmp_path / "anti.csv").write_text("\n".join(anti) + "\n")
+    r = runner.invoke(cli, ["calibrate", str(tmp_path / "anti.csv"), "--out", str(tmp_path / "anti.json")])
+    assert r.exit_code == 0 and "warning: the responses are anti-correlated" in r.output
+    saved = json.loads((tmp_path / "anti.json").read_text())
+    assert saved["alpha"] is None and saved["fitted_slope"] < 0
+    r = runner.invoke(cli, ["score", str(acts), "--layer", "v", "--out", str(tmp_path / "d.csv"), "--similarity", "pixel",
+                            "--alpha-from", str(tmp_path / "anti.json")])
+    assert r.exit_code == 1 and "anti.json" in r.output and "alpha=None" in r.output
+    # unknown columns: one line naming the file and the column
+    (tmp_path / "odd.csv").write_text("delta,correct,confidence\n0.1,1,3\n")
+    r = runner.invoke(cli, ["calibrate", str(tmp_path / "odd.csv")])
+    assert r.exit_code == 1 and "odd.csv: unknown column 'confidence'" in r.output and len(r.output.strip().splitlines()) == 1
