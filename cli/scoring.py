@@ -25,7 +25,12 @@ class _ScoreProgress:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="mis.csv (mis.json is written beside it).")
 @click.option("--similarity", default="lpips-alex", show_default=True,
               help="lpips-alex|lpips-vgg|lpips-squeeze|deepfeat:<model>|dreamsim|pixel")
-@click.option("--image-size", default=64, show_default=True)
+@click.option("--image-size", type=int, default=None,
+              help="Pixels the similarity sees (default: the backend's: 64; dreamsim 224 as the MIS paper).")
+@click.option("--view", type=click.Choice(["model", "raw"]), default="model", show_default=True,
+              help="Explanation images as the model saw them (its resize and crop), or the raw files.")
+@click.option("--dreamsim-weights", type=click.Path(file_okay=False), default=None,
+              help="Local DreamSim weights directory (else $MISBENCH_DREAMSIM_WEIGHTS).")
 @click.option("--selection", type=click.Choice(["fair", "quantile"]), default="fair", show_default=True)
 @click.option("--quantile", default=0.2, show_default=True, help="Fraction per side for --selection quantile.")
 @click.option("--tasks", default=20, show_default=True)
@@ -47,7 +52,7 @@ class _ScoreProgress:
 @click.option("--chunk-units", default=256, show_default=True,
               help="Units whose images are embedded together: bounds memory (use --cache to share across chunks).")
 @handle_errors
-def score(acts, layers, out, similarity, image_size, selection, quantile, tasks, explanations, alpha, alpha_from, seed,
+def score(acts, layers, out, similarity, image_size, view, dreamsim_weights, selection, quantile, tasks, explanations, alpha, alpha_from, seed,
           device, engine, tasks_out, cache, shard, batch_size, workers, n_boot, amp, chunk_units):
     """Score every unit of LAYERs in ACTS with the Mechanistic Interpretability Score."""
     from misbench.calibrate import calibration_alpha
@@ -59,7 +64,8 @@ def score(acts, layers, out, similarity, image_size, selection, quantile, tasks,
         if alpha is not None:
             raise MisbenchError("give --alpha or --alpha-from, not both")
         alpha, alpha_source = calibration_alpha(alpha_from)
-    settings = ScoreSettings(similarity=similarity, image_size=image_size, selection=selection, quantile=quantile,
+    settings = ScoreSettings(similarity=similarity, image_size=image_size, view=view, dreamsim_weights=dreamsim_weights,
+                             selection=selection, quantile=quantile,
                              tasks=tasks, explanations=explanations, alpha=alpha, alpha_source=alpha_source, seed=seed,
                              engine=engine,
                              n_boot=n_boot, amp=amp, chunk_units=chunk_units, device=device, batch_size=batch_size,

@@ -1,8 +1,9 @@
 """Read back the images behind activation-file rows, at the similarity backend's size."""
 
-__all__ = ["RowImages", "similarity_transform"]
+__all__ = ["RowImages", "similarity_transform", "VIEWS", "RESAMPLE"]
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,19 +13,36 @@ from .data import FolderSource, load_data
 from .errors import MisbenchError
 
 
-def similarity_transform(size: int):
+# What the similarity sees of each image: "model" the model's view (its resize and centre crop, as the
+# activation file records them), "raw" the whole file; either then resampled to the backend's size.
+VIEWS = ("model", "raw")
+RESAMPLE = ("square", "stretch-bicubic")
+
+
+def similarity_transform(size: int, view: str = "raw", model_transform: dict | None = None, resample: str = "square"):
+    """raw/model view, then `square` (resize the shorter side, centre crop: LPIPS, deep features, pixel) or
+    `stretch-bicubic` (the whole view to size x size, bicubic: DreamSim's own preprocessing)."""
     from torchvision import transforms as T
 
-    return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), T.ToTensor()])
+    steps = []
+    if view == "model" and model_transform and model_transform.get("crop"):
+        steps += [T.Resize(int(model_transform["resize"]), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+                  T.CenterCrop(int(model_transform["crop"]))]
+    if resample == "stretch-bicubic":
+        steps.append(T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True))
+    else:
+        steps += [T.Resize(size, antialias=True), T.CenterCrop(size)]
+    return T.Compose(steps + [T.ToTensor()])
 
 
 class RowImages(torch.utils.data.Dataset):
     """Dataset over activation-file rows -> (image in [0, 1] at `size`, row)."""
 
-    def __init__(self, acts, rows, size: int):
+    def __init__(self, acts, rows, size: int, view: str = "model", resample: str = "square"):
         self.rows = np.asarray(rows, dtype=np.int64)
         self.index = acts.index
-        self.transform = similarity_transform(size)
+        model_transform = json.loads(str(acts.attrs.get("transform", "{}")) or "{}")
+        self.transform = similarity_transform(size, view, model_transform, resample)
         spec, root = str(acts.attrs["data"]), str(acts.attrs.get("data_root", ""))
         if root:
             if not Path(root).is_dir():
@@ -34,7 +52,8 @@ class RowImages(torch.utils.data.Dataset):
             self._check_paths(acts)
         else:
             self.source = load_data(spec)
-        self.identity = f"{spec}|{root}|{len(self.source)}"
+        geometry = {k: model_transform.get(k) for k in ("resize", "crop")} if view == "model" else {}
+        self.identity = f"{spec}|{root}|{len(self.source)}|{view}|{resample}|{json.dumps(geometry, sort_keys=True)}"
 
     def _check_paths(self, acts):
         stored = acts.paths

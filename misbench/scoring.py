@@ -18,7 +18,7 @@ from . import __version__, distributed
 from .device import describe, make_loader, precision, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
 from .fileio import atomic_path, sha256_file, utc_now, write_json
-from .images import RowImages
+from .images import VIEWS, RowImages
 from .mis import CONSTANT_RANGE, SELECTIONS, Tasks, confidences, decisions, task_deltas, tie_keys, unit_rng
 from .summaries import bootstrap_mean_ci, clopper_pearson, score_summaries
 from .similarity import EmbeddingIndex, build_backend
@@ -36,7 +36,8 @@ ENGINES = ("embed", "pairwise")
 @dataclasses.dataclass(frozen=True)
 class ScoreSettings:
     similarity: str = "lpips-alex"
-    image_size: int = 64
+    image_size: int | None = None  # None: the backend's own size (64; DreamSim 224)
+    view: str = "model"  # what the similarity sees: the model's crop, or the raw image file (images.VIEWS)
     selection: str = "fair"
     quantile: float = 0.2
     tasks: int = 20
@@ -52,8 +53,9 @@ class ScoreSettings:
     device: str = "auto"
     batch_size: int = 64
     workers: int | None = None  # None: auto (see loader_workers)
+    dreamsim_weights: str | None = None  # a local directory; the weights' identity is in the backend fingerprint
 
-    RUNTIME = ("device", "batch_size", "workers", "chunk_units")
+    RUNTIME = ("device", "batch_size", "workers", "chunk_units", "dreamsim_weights")
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -69,7 +71,9 @@ class ScoreSettings:
                                 "(leave it out for the backend's default, or fit one with misbench calibrate)")
         if self.alpha_source not in ("", "default", "user") and not self.alpha_source.startswith("calibrated:"):
             raise MisbenchError(f"alpha_source {self.alpha_source!r}: expected default, user or calibrated:<sha256>")
-        if self.image_size < 16:
+        if self.view not in VIEWS:
+            raise MisbenchError(f"--view {self.view!r}: expected one of {VIEWS}")
+        if self.image_size is not None and self.image_size < 16:
             raise MisbenchError(f"--image-size must be at least 16 pixels, got {self.image_size}")
 
 
@@ -207,7 +211,12 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
         shard_i, shard_n = shard
         device = resolve_device(settings.device)
         if backend is None:
-            backend = build_backend(settings.similarity, image_size=settings.image_size)
+            options = {"image_size": settings.image_size} if settings.image_size else {}
+            if settings.similarity == "dreamsim":
+                options["weights"] = settings.dreamsim_weights
+            backend = build_backend(settings.similarity, **options)
+        if settings.image_size is None:
+            settings = dataclasses.replace(settings, image_size=backend.image_size)
         backend = prepare_model(backend, device).eval()
         log.info("scoring with %s on %s", backend.name, describe(device, settings.workers, settings.amp))
         alpha = settings.alpha if settings.alpha is not None else backend.default_alpha
@@ -235,7 +244,8 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
         acts_sha = sha256_file(acts_path)
         scored = [r for r in results if r["tasks"] is not None]
         cache, t_embed, done = None, 0.0, 0
-        all_images = RowImages(acts, np.zeros(0, np.int64), settings.image_size)  # the dataset, opened once
+        all_images = RowImages(acts, np.zeros(0, np.int64), settings.image_size, settings.view,
+                               backend.resample)  # the dataset, opened once
         # units in chunks: memory holds the embeddings of one chunk's images, never the dataset's
         for first in range(0, len(scored), settings.chunk_units):
             chunk = scored[first:first + settings.chunk_units]
@@ -271,7 +281,7 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
                 "checkpoint_sha256": str(acts.attrs.get("checkpoint_sha256", "")),
                 "data": str(acts.attrs.get("data", "")), "n_rows": acts.n_rows,
                 "settings": {**dataclasses.asdict(settings), "alpha": alpha, "alpha_source": alpha_source,
-                             "backend_fingerprint": fingerprint},
+                             "backend_fingerprint": fingerprint, "resample": backend.resample},
                 "alpha": alpha, "alpha_source": alpha_source,
                 "shard": f"{shard_i}/{shard_n}", "layer_order": names, "tasks_out": str(tasks_out or "")}
     summary = _summaries(results, names, settings)

@@ -175,7 +175,8 @@ class Study:
         from .scoring import ScoreSettings, score
 
         s = self.config["score"]
-        settings = ScoreSettings(similarity=s["similarity"], image_size=s["image_size"], selection=s["selection"],
+        settings = ScoreSettings(similarity=s["similarity"], image_size=s["image_size"], view=s["view"],
+                                 selection=s["selection"],
                                  quantile=s["quantile"], tasks=s["tasks"], explanations=s["explanations"], alpha=s["alpha"],
                                  seed=self.config["study"]["seed"], n_boot=s["n_boot"], batch_size=s["batch_size"],
                                  device=self._runtime()["device"], workers=self._runtime()["workers"])

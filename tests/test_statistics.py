@@ -5,6 +5,7 @@ computation (scipy, a brute-force loop, hand-built mis.csv files with known answ
 import json
 
 import numpy as np
+import torch
 import pytest
 from click.testing import CliRunner
 from scipy import stats
@@ -335,3 +336,100 @@ def test_calibrate_reads_the_imi_trial_table_and_warns_on_anti_correlation(tmp_p
     (tmp_path / "odd.csv").write_text("delta,correct,confidence\n0.1,1,3\n")
     r = runner.invoke(cli, ["calibrate", str(tmp_path / "odd.csv")])
     assert r.exit_code == 1 and "odd.csv: unknown column 'confidence'" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+class _StandIn(torch.nn.Module):
+    """A DreamSim stand-in: a linear map of the pixels (weights identify it)."""
+
+    def __init__(self, size, seed=0):
+        super().__init__()
+        self.proj = torch.nn.Parameter(torch.randn(3 * size * size, 12, generator=torch.Generator().manual_seed(seed)))
+
+    def embed(self, images):
+        return images.reshape(len(images), -1).to(self.proj.dtype) @ self.proj
+
+
+def test_dreamsim_as_the_paper_ran_it(tmp_path, property_folder, monkeypatch):
+    from PIL import Image
+    from torchvision.transforms import functional as F
+
+    from misbench.similarity.dreamsim import WEIGHTS_ENV, DreamSimBackend, weights_dir
+
+    backend = DreamSimBackend(embedder=_StandIn(224))
+    assert backend.image_size == 224 and backend.resample == "stretch-bicubic"
+    # the model moves with the backend (score calls backend.to(device))
+    backend.to(torch.float64)
+    assert backend.embedder.model.proj.dtype == torch.float64
+    x, y = torch.rand(3, 3, 224, 224, dtype=torch.float64), torch.rand(3, 3, 224, 224, dtype=torch.float64)
+    cos = torch.nn.functional.cosine_similarity(backend.embedder.model.embed(x), backend.embedder.model.embed(y))
+    assert torch.allclose(backend.pair_distance(x, y).double(), 1 - cos, atol=1e-5)
+    # cache keys carry the weights' identity
+    a, b = DreamSimBackend(embedder=_StandIn(16, 0)), DreamSimBackend(embedder=_StandIn(16, 1))
+    assert a.fingerprint() != b.fingerprint() and a.fingerprint() == DreamSimBackend(embedder=_StandIn(16, 0)).fingerprint()
+    # offline: a clear error naming the flag and the variable
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv("DREAMSIM_CACHE", raising=False)
+    with pytest.raises(MisbenchError, match=f"--dreamsim-weights DIR or set {WEIGHTS_ENV}"):
+        weights_dir(None)
+    with pytest.raises(MisbenchError, match="does not exist or is empty"):
+        weights_dir(str(tmp_path / "nothing"))
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "ensemble_lora").mkdir()
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "w"))
+    assert weights_dir(None) == tmp_path / "w"
+    # score: 224 px, the whole image resized bicubic (no crop), cosine distances
+    root, props = property_folder
+    acts = write_acts(tmp_path / "acts.h5", root, {"v": props["hue"][:, None]})
+    stand_in = DreamSimBackend(embedder=_StandIn(224))
+    meta = score(acts, ["v"], ScoreSettings(similarity="dreamsim", device="cpu", n_boot=20, engine="pairwise"),
+                 tmp_path / "m.csv", tasks_out=tmp_path / "t.h5", backend=stand_in)
+    assert meta["settings"]["image_size"] == 224 and meta["settings"]["resample"] == "stretch-bicubic"
+    import h5py
+
+    from misbench.mis import task_deltas
+
+    with h5py.File(tmp_path / "t.h5", "r") as h5, h5py.File(acts, "r") as f:
+        g = h5["v"]
+        paths = [p.decode() for p in f["images/path"][...]]
+        t = 3
+        rows = [int(g["pos_query"][0, t]), int(g["neg_query"][0, t])]
+        targets = list(g["pos_expl"][0, t]) + list(g["neg_expl"][0, t])
+
+        def img(row):  # DreamSim's preprocessing, by hand
+            with Image.open(root / paths[row]) as im:
+                return F.to_tensor(F.resize(im.convert("RGB"), [224, 224], F.InterpolationMode.BICUBIC, antialias=True))
+
+        e = {r: stand_in.embedder.model.embed(img(r)[None].double())[0] for r in set(rows + targets)}
+        d = [[1 - torch.nn.functional.cosine_similarity(e[q], e[int(k)], dim=0).item() for k in targets] for q in rows]
+        expected = task_deltas(np.array([d[0]]), np.array([d[1]]), 9)[0]
+        assert g["delta"][0, t] == pytest.approx(expected, abs=1e-5)
+
+
+def test_explanations_default_to_the_models_view(tmp_path, property_folder):
+    from PIL import Image
+    from torchvision.transforms import functional as F
+
+    from misbench.images import RowImages
+    from misbench.store import open_activations
+
+    root, props = property_folder
+    acts = write_acts(tmp_path / "acts.h5", root, {"v": props["hue"][:, None]})
+    import h5py
+
+    with h5py.File(acts, "r+") as h5:  # the model saw resize 40, centre crop 20
+        h5.attrs["transform"] = json.dumps({"resize": 40, "crop": 20, "mean": [0, 0, 0], "std": [1, 1, 1]})
+        path = h5["images/path"][0].decode()
+    with Image.open(root / path) as im:
+        im = im.convert("RGB")
+        model_view = F.to_tensor(F.resize(F.center_crop(F.resize(im, 40, antialias=True), 20), 16, antialias=True))
+        raw_view = F.to_tensor(F.center_crop(F.resize(im, 16, antialias=True), 16))
+    with open_activations(acts) as a:
+        seen = RowImages(a, [0], 16)[0][0]
+        raw = RowImages(a, [0], 16, view="raw")[0][0]
+        assert torch.allclose(seen, model_view, atol=1e-6) and torch.allclose(raw, raw_view, atol=1e-6)
+        assert not torch.allclose(seen, raw, atol=1e-3)
+        assert RowImages(a, [0], 16).identity != RowImages(a, [0], 16, view="raw").identity  # cache keys differ
+    m = score(acts, ["v"], ScoreSettings(similarity="pixel", device="cpu", n_boot=20, view="raw"), tmp_path / "r.csv")
+    assert m["settings"]["view"] == "raw" and m["settings"]["image_size"] == 64
+    with pytest.raises(MisbenchError, match="--view"):
+        ScoreSettings(view="crop")

@@ -28,6 +28,8 @@ class Backend(torch.nn.Module):
 
     name: str = ""
     family: str = ""
+    image_size: int = 64
+    resample: str = "square"  # how images reach image_size (images.RESAMPLE): resize shorter side + centre crop
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
