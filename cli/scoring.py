@@ -99,7 +99,9 @@ COMMANDS = [score]
 
 
 @click.command()
-@click.argument("responses", type=click.Path(exists=True, dir_okay=False))
+@click.argument("responses", type=click.Path(exists=True, dir_okay=False), required=False)
+@click.option("--derive", "derive_from", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="No human data: derive alpha from a reference tasks.h5 by the documented median rule.")
 @click.option("--tasks", "tasks_h5", type=click.Path(exists=True, dir_okay=False), default=None,
               help="tasks.h5 to look deltas up by layer,unit,task.")
 @click.option("--level", default=0.95, show_default=True, help="Confidence level of the interval.")
@@ -108,13 +110,28 @@ COMMANDS = [score]
               help="Write the fit as JSON (with the responses' sha256) for `score --alpha-from`.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handle_errors
-def calibrate(responses, tasks_h5, level, model, out, as_json):
+def calibrate(responses, derive_from, tasks_h5, level, model, out, as_json):
     """Fit alpha of mis_confidence to human 2-AFC RESPONSES (CSV: delta or layer,unit,task; correct; or the IMI
-    study's trial table)."""
+    study's trial table), or derive one with --derive TASKS.h5 (not a calibration)."""
     import json
 
-    from misbench.calibrate import fit_alpha, read_responses
+    from misbench.calibrate import derive_alpha, fit_alpha, read_responses
+    from misbench.errors import MisbenchError
     from misbench.fileio import sha256_file, write_json
+
+    if derive_from:
+        import h5py
+        import numpy as np
+
+        with h5py.File(derive_from, "r") as h5:
+            deltas = np.concatenate([h5[name]["delta"][...].ravel() for name in h5])
+        rule = derive_alpha(deltas)
+        click.echo(json.dumps(rule, indent=2) if as_json else
+                   f"alpha {rule['alpha']:.4g} (median |delta| {rule['median_abs_delta']:.4g} -> confidence "
+                   f"{rule['confidence']}, n {rule['n']}); use with --alpha, recorded as user")
+        return
+    if not responses:
+        raise MisbenchError("calibrate needs RESPONSES (human 2-AFC answers) or --derive TASKS.h5")
 
     delta, correct = read_responses(responses, tasks_h5, model)
     fit = {**fit_alpha(delta, correct, level), "responses": str(responses), "responses_sha256": sha256_file(responses)}

@@ -1,6 +1,6 @@
 """Fit the sigmoid slope alpha of mis_confidence to human 2-AFC responses by maximum likelihood."""
 
-__all__ = ["fit_alpha", "read_responses", "calibration_alpha", "IMI_COLUMNS", "SIMPLE_COLUMNS"]
+__all__ = ["fit_alpha", "derive_alpha", "read_responses", "calibration_alpha", "IMI_COLUMNS", "SIMPLE_COLUMNS"]
 
 import csv
 import logging
@@ -60,6 +60,22 @@ def fit_alpha(delta, correct, level: float = 0.95) -> dict:
     hi = optimize.brentq(excess, res.x, 12) if excess(12) > 0 else np.inf
     return {**base, "alpha": alpha, "ci_low": float(np.exp(lo)), "ci_high": float(np.exp(hi)), "log_likelihood": -nll,
             "anti_correlated": False, "warning": None}
+
+
+REFERENCE_CONFIDENCE = 0.75
+
+
+def derive_alpha(deltas, confidence: float = REFERENCE_CONFIDENCE) -> dict:
+    """The documented rule behind the default alphas (docs/mis.md): the slope that maps a task of median
+    difficulty, |delta| = median over a reference set of tasks, to `confidence` (0.75: halfway between
+    chance and certainty). alpha = logit(confidence) / median |delta|. Not a human calibration."""
+    d = np.abs(np.asarray(deltas, float))
+    d = d[np.isfinite(d)]
+    if not len(d) or np.median(d) == 0:
+        raise MisbenchError("deriving alpha needs reference tasks with non-zero deltas")
+    median = float(np.median(d))
+    return {"alpha": float(np.log(confidence / (1 - confidence)) / median), "median_abs_delta": median,
+            "confidence": confidence, "n": int(len(d))}
 
 
 def _chi2_half(level: float) -> float:

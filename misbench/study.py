@@ -99,7 +99,11 @@ class Study:
         for run in self.runs:
             d = self.run_dir(run)
             ckpt = base_ckpt if run.name == "base" else d / "model.pt"
-            if run.name != "base":
+            if run.method == "random":
+                steps.append(Step(f"init:{run.name}", "init", {"model": cfg["model"], "seed": cfg["study"]["seed"]}, {},
+                                  {"checkpoint": ckpt}, lambda resume, out=ckpt: self._produce(
+                                      self._fresh_model(), None, "train", out, resume, 0)))
+            elif run.name != "base":
                 prune = None
                 if run.method != "none":
                     from .pruning import PruneSettings
@@ -175,9 +179,15 @@ class Study:
         from .scoring import ScoreSettings, score
 
         s = self.config["score"]
+        alpha, alpha_source = s["alpha"], ""
+        if s["alpha_from"]:  # a `misbench calibrate --out` file: alpha with its provenance
+            from .calibrate import calibration_alpha
+
+            alpha, alpha_source = calibration_alpha(s["alpha_from"])
         settings = ScoreSettings(similarity=s["similarity"], image_size=s["image_size"], view=s["view"],
                                  selection=s["selection"],
-                                 quantile=s["quantile"], tasks=s["tasks"], explanations=s["explanations"], alpha=s["alpha"],
+                                 quantile=s["quantile"], tasks=s["tasks"], explanations=s["explanations"], alpha=alpha,
+                                 alpha_source=alpha_source,
                                  seed=self.config["study"]["seed"], n_boot=s["n_boot"], batch_size=s["batch_size"],
                                  device=self._runtime()["device"], workers=self._runtime()["workers"])
         score(acts, s["layers"], settings, out, tasks_out=Path(out).with_name("tasks.h5"),
@@ -208,7 +218,8 @@ class Study:
 
         report_dir = self.out / "report"
         report_dir.mkdir(parents=True, exist_ok=True)
-        sweep = sweep_report(self.write_runs_csv(), report_dir, self.config["study"]["seed"])
+        sweep = sweep_report(self.write_runs_csv(), report_dir, self.config["study"]["seed"],
+                             baseline=self.config["report"]["baseline"])
         layer = self.config["report"]["classwise_layer"]
         classwise = {}
         sections = [sweep_section(sweep, report_dir)]

@@ -20,14 +20,14 @@ SECTIONS = {
     "data": {"train": None, "val": None, "labels": "auto"},
     "pruning": {"methods": ["unstructured", "structured", "connection"], "criteria": ["l1"], "rates": [0.2, 0.4, 0.6, 0.8],
                 "schedules": ["oneshot"], "iterative_methods": None, "steps": 4, "control": True, "not_retrained": False,
-                "exclude": None, "optimizers": None},
+                "exclude": None, "optimizers": None, "random_baseline": False},
     "retrain": {"epochs": 1, "optimizer": "sgd", "lr": None, "momentum": 0.9, "weight_decay": 1e-4, "gamma": 0.9,
                 "batch_size": 64, "train_limit": None, "val_limit": None},
     "extract": {"layers": ["conv", "softmax"], "data": None, "limit": None, "batch_size": 128, "dtype": "float32",
                 "reduction": "mean", "resize": None, "crop": None},
     "score": {"similarity": "lpips-alex", "image_size": None, "view": "model", "selection": "fair", "quantile": 0.2,
-              "tasks": 20, "explanations": 9, "alpha": None, "layers": ["all"], "n_boot": 1000, "batch_size": 64},
-    "report": {"units": [], "classwise_layer": "softmax"},
+              "tasks": 20, "explanations": 9, "alpha": None, "alpha_from": None, "layers": ["all"], "n_boot": 1000, "batch_size": 64},
+    "report": {"units": [], "classwise_layer": "softmax", "baseline": None},
     "runtime": {"device": "auto", "workers": "auto"},
     "quick": {},
 }
@@ -38,7 +38,7 @@ class RunSpec:
     """One row of the grid: a checkpoint to produce and measure."""
 
     name: str
-    method: str          # unstructured | structured | connection | none
+    method: str          # unstructured | structured | connection | none | random (untrained weights)
     rate: float
     criterion: str = "l1"
     schedule: str = "oneshot"
@@ -60,6 +60,8 @@ class StudyConfig:
         runs = [RunSpec("base", "none", 0.0, retrained=False)]
         if p["control"] and self["retrain"]["epochs"] > 0:
             runs.append(RunSpec("control", "none", 0.0))
+        if p["random_baseline"]:  # the untrained network (the base's initialisation): what MIS gives for free
+            runs.append(RunSpec("random", "random", 0.0, retrained=False))
         iterative_for = p["iterative_methods"] if p["iterative_methods"] is not None else p["methods"]
         optimizers = p["optimizers"] or [self["retrain"]["optimizer"]]
         for method in p["methods"]:

@@ -433,3 +433,41 @@ def test_explanations_default_to_the_models_view(tmp_path, property_folder):
     assert m["settings"]["view"] == "raw" and m["settings"]["image_size"] == 64
     with pytest.raises(MisbenchError, match="--view"):
         ScoreSettings(view="crop")
+
+
+def test_deepfeat_is_the_cosine_distance_of_normalised_stage_features():
+    import torchvision
+
+    from misbench.similarity.deepfeat import DeepFeatBackend
+
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v2(weights=None).eval()
+    deep = DeepFeatBackend("mobilenet_v2", image_size=32, model=net)
+    x, y = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def vector(images):  # by hand: every stage end, unit-normalised per position, 1/sqrt(HW), concatenated
+        h, parts = (images - mean) / std, []
+        with torch.no_grad():
+            for k, module in enumerate(net.features):
+                h = module(h)
+                if k in deep.taps:
+                    f = h / (h.norm(dim=1, keepdim=True) + 1e-10)
+                    parts.append((f / (f.shape[2] * f.shape[3]) ** 0.5).flatten(1))
+        return torch.cat(parts, 1)
+
+    expected = 1 - torch.nn.functional.cosine_similarity(vector(x), vector(y))
+    assert torch.allclose(deep.pair_distance(x, y), expected, atol=1e-5)
+    assert torch.allclose((deep.embed(x) - deep.embed(y)).pow(2).sum(1), expected, atol=1e-5)
+    assert float(expected.max()) <= 2
+
+
+def test_derived_alpha_maps_the_median_task_to_three_quarters(tmp_path, property_folder):
+    from misbench.calibrate import derive_alpha
+
+    _, deltas = _tasks_file(tmp_path, property_folder)
+    rule = derive_alpha(deltas)
+    assert rule["median_abs_delta"] == pytest.approx(np.median(np.abs(deltas)))
+    assert 1 / (1 + np.exp(-rule["alpha"] * rule["median_abs_delta"])) == pytest.approx(0.75)
+    r = CliRunner().invoke(cli, ["calibrate", "--derive", str(tmp_path / "t.h5"), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["alpha"] == pytest.approx(rule["alpha"])

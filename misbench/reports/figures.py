@@ -55,6 +55,9 @@ def sweep_figure(runs: list[dict], metric: str, path, ylabel: str, band: tuple |
     for r in runs:
         if r.get(metric) is None or not np.isfinite(r[metric]):
             continue
+        if r["method"] == "random":  # a reference level, not a point on the pruning axis
+            ax.axhline(r[metric], color="grey", linestyle="--", linewidth=1, label="random weights")
+            continue
         retrained = r.get("epochs") is None or r["epochs"] > 0
         if r["method"] == "none":
             anchors.setdefault(retrained, r)

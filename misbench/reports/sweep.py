@@ -175,7 +175,8 @@ def sweep_report(runs_csv, out_dir, seed: int = 0, baseline: str | None = None) 
     paired = paired_report(runs, baseline, seed, runs_csv)  # validates before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "sweep.csv", runs, SWEEP_COLUMNS)
-    distinct, dropped = distinct_runs(runs)
+    # the random-weights reference is no point on the pruning axis: it stays out of the correlations
+    distinct, dropped = distinct_runs([r for r in runs if r["method"] != "random"])
     if dropped:
         log.warning("runs.csv rows %s repeat another row's run; correlations count each run once", dropped)
     rates = [r["rate"] for r in distinct]  # each run's own rate, never inferred from its values

@@ -1,4 +1,10 @@
-"""LPIPS-style uncalibrated deep features of any torchvision ImageNet model."""
+"""Uncalibrated deep features of any torchvision ImageNet model, compared by cosine distance.
+
+Each stage's features are unit-normalised per position (as LPIPS) and weighted by 1/sqrt(H W) so every
+stage counts equally; the concatenation is compared by cosine distance, 1 - cos(a, b), as DreamSim
+compares its embeddings. Distances then lie in [0, 2] with DreamSim's scale, whatever the model, and
+the sigmoid slope alpha is derived the same way for both (docs/mis.md).
+"""
 
 __all__ = ["DeepFeatBackend", "stage_taps"]
 
@@ -8,7 +14,7 @@ from torch import nn
 from ..errors import MisbenchError
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .base import Backend
-from .features import layer_distance, layer_embedding
+from .features import layer_embedding
 
 
 def stage_taps(stages: nn.Sequential, image_size: int) -> list[int]:
@@ -79,10 +85,15 @@ class DeepFeatBackend(Backend):
                 feats.append(h)
         return feats
 
-    @torch.no_grad()
-    def embed(self, images):
+    def _concat(self, images):
         return torch.cat([layer_embedding(f.float(), None) for f in self._features(images)], 1)
 
     @torch.no_grad()
+    def embed(self, images):
+        """Unit vectors / sqrt(2): their squared L2 distance is the cosine distance."""
+        e = self._concat(images)
+        return e / (e.norm(dim=1, keepdim=True) * 2 ** 0.5)
+
+    @torch.no_grad()
     def pair_distance(self, x, y):
-        return sum(layer_distance(a, b, None) for a, b in zip(self._features(x), self._features(y)))
+        return 1 - torch.nn.functional.cosine_similarity(self._concat(x), self._concat(y), dim=1)
