@@ -23,17 +23,29 @@ def print_summary(out_dir):
         except (TypeError, ValueError):
             return "-"
 
-    click.echo(f"\n{'run':<38} {'method':<13} {'rate':>5} {'top1':>6} {'MIS':>6} {'conf':>6} {'r(acc,conf)':>11}")
+    baseline = s["summary"].get("paired_baseline")
+    click.echo(f"\n{'run':<34} {'method':<12} {'rate':>4} {'top1':>5} {'MIS':>5} {'conf':>5} {'class':>5} "
+               f"{'r(acc,conf)':>11}  {'paired d(conf) [95% CI], p':<30}")
     for r in s["runs"]:
-        click.echo(f"{r['name']:<38} {r['method']:<13} {f(r['rate'], '.2f'):>5} {f(r['top1']):>6} {f(r['mis']):>6} "
-                   f"{f(r['mis_confidence']):>6} {f(r['r_acc_conf'], '+.3f'):>11}")
+        p = r.get("paired")
+        pair = (f"{f(p['diff_mis_confidence'], '+.3f')} [{f(p['diff_conf_ci_low'], '+.3f')}, "
+                f"{f(p['diff_conf_ci_high'], '+.3f')}] {f(p['wilcoxon_p_confidence'], '.2g')}") if p else ""
+        click.echo(f"{r['name']:<34} {r['method']:<12} {f(r['rate'], '.1f'):>4} {f(r['top1'], '.2f'):>5} "
+                   f"{f(r['mis'], '.3f'):>5} {f(r['mis_confidence'], '.3f'):>5} {f(r['class_mis_confidence'], '.3f'):>5} "
+                   f"{f(r['r_acc_conf'], '+.3f'):>11}  {pair}")
+    click.echo("MIS, conf: layer-balanced means over feature layers; class: softmax units' MIS confidence"
+               + (f"; paired: per-unit differences against {baseline} (Wilcoxon p)" if baseline else ""))
     for key, label in (("correlation_rate_mis_confidence", "pruning rate vs MIS confidence"),
-                       ("correlation_rate_mis", "pruning rate vs MIS"), ("correlation_rate_top1", "pruning rate vs top-1")):
+                       ("correlation_rate_mis", "pruning rate vs MIS"),
+                       ("correlation_rate_class_mis_confidence", "pruning rate vs class-unit conf"),
+                       ("correlation_rate_top1", "pruning rate vs top-1")):
         c = s["summary"][key]
         if c["pearson_r"] is not None:
             click.echo(f"{label:<32} pearson r {c['pearson_r']:+.3f} (p {c['pearson_p']:.3g}), "
                        f"spearman {c['spearman_rho']:+.3f}, n {c['n']}")
     click.echo("r(acc,conf): Pearson correlation of softmax-unit MIS confidence with class-wise accuracy")
+    if s["summary"].get("alpha_warning"):
+        click.echo(f"warning: {s['summary']['alpha_warning']}")
     click.echo(f"report: {s['report']}")
 
 

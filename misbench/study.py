@@ -323,8 +323,11 @@ def study_summary(out_dir) -> dict:
     classwise = json.loads((report / "classwise_summary.json").read_text())
     from .reports.tables import read_csv_rows
 
+    paired = {}
+    if (report / "paired.csv").exists():
+        paired = {r["name"]: r for r in read_csv_rows(report / "paired.csv") if r["layer"] == "features"}
     runs = []
     for row in read_csv_rows(report / "sweep.csv"):
         cw = classwise.get(row["name"], {}).get("correlation_accuracy_mis_confidence", {})
-        runs.append({**row, "r_acc_conf": cw.get("pearson_r")})
+        runs.append({**row, "r_acc_conf": cw.get("pearson_r"), "paired": paired.get(row["name"])})
     return {"runs": runs, "summary": summary, "report": str(report / "report.html")}

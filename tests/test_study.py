@@ -152,8 +152,8 @@ def test_invalid_configs_name_the_key_and_allowed_values(tmp_path):
 def test_shipped_configs_parse_and_plan():
     demo = load_config(demo_config_path())
     names = [r.name for r in demo.runs()]
-    assert names[:2] == ["base", "control"] and len(names) == 2 + 6 + 6 + 2
-    assert {r.method for r in demo.runs()} == {"none", "unstructured", "structured", "connection"}
+    assert names[:3] == ["base", "control", "random"] and len(names) == 3 + 6 + 6 + 2
+    assert {r.method for r in demo.runs()} == {"none", "random", "unstructured", "structured", "connection"}
     assert any(r.schedule == "iterative" for r in demo.runs())
     quick = load_config(demo_config_path(), quick=True)
     assert quick["extract"]["limit"] == 500 and len(quick.runs()) < len(names)
@@ -171,3 +171,24 @@ def test_study_refuses_torchrun(tmp_path, study_data, monkeypatch):
 
     with pytest.raises(MisbenchError, match="without torchrun"):
         run_study(load_config(write_config(tmp_path / "s.toml", study_data)), tmp_path / "o")
+
+
+def test_random_baseline_is_the_untrained_initialisation(tmp_path, study_data):
+    import torch
+
+    from misbench.archs import build_arch
+    from misbench.checkpoint import load_checkpoint_dict
+
+    config = write_config(tmp_path / "study.toml", study_data)
+    config.write_text(config.read_text().replace("control = false", "control = false\nrandom_baseline = true"))
+    study = Study(load_config(config), tmp_path / "out")
+    random_run = [r for r in study.runs if r.name == "random"]
+    assert random_run and random_run[0].method == "random" and not random_run[0].retrained
+    init = next(s for s in study.steps if s.name == "init:random")
+    init.action(False)
+    saved = load_checkpoint_dict(tmp_path / "out" / "runs" / "random" / "model.pt")["state_dict"]
+    torch.manual_seed(0)  # the study's seed: the base network starts from exactly these weights
+    fresh = build_arch("mini_inception", 3, {"width": 8}).state_dict()
+    assert saved.keys() == fresh.keys() and all(torch.equal(saved[k], fresh[k]) for k in fresh)
+    assert [s.name for s in study.steps if s.name.endswith(":random")] == ["init:random", "eval:random",
+                                                                            "extract:random", "score:random"]
