@@ -15,10 +15,11 @@ import torch
 
 from ..errors import MisbenchError, close_matches
 
-# Sigmoid slopes for mis_confidence. Uncalibrated defaults, chosen so that the typical
-# |delta| of each backend's distance scale maps into the sigmoid's sensitive range; fit
-# your own with `misbench calibrate` (docs/mis.md explains the choice).
-DEFAULT_ALPHA = {"lpips": 20.0, "deepfeat": 10.0, "dreamsim": 16.0, "pixel": 50.0}
+# Sigmoid slopes for mis_confidence. Uncalibrated: deepfeat and pixel by the median rule
+# (alpha = ln 3 / median |delta| over the demo control network's tasks, `calibrate --derive`),
+# lpips and dreamsim placed by hand (their weights are not available offline to derive them).
+# docs/mis.md gives the procedure and figures; fit your own with `misbench calibrate`.
+DEFAULT_ALPHA = {"lpips": 20.0, "deepfeat": 8.8, "dreamsim": 16.0, "pixel": 17.6}
 
 _BACKENDS: dict[str, Callable[..., "Backend"]] = {}
 
