@@ -471,3 +471,37 @@ def test_derived_alpha_maps_the_median_task_to_three_quarters(tmp_path, property
     assert 1 / (1 + np.exp(-rule["alpha"] * rule["median_abs_delta"])) == pytest.approx(0.75)
     r = CliRunner().invoke(cli, ["calibrate", "--derive", str(tmp_path / "t.h5"), "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["alpha"] == pytest.approx(rule["alpha"])
+
+
+# The seed's own per-run table (its authors' Plotting/correlation-new.py): MIS confidence at rates 0-0.8 per method,
+# the unpruned baseline repeated as each method's rate-0 value.
+SEED_RATES = (0.0, 0.2, 0.4, 0.6, 0.8)
+SEED_TABLE = {
+    "structured_sgd50": (0.699678, 0.673034, 0.684253, 0.705554, 0.749621),
+    "structured_adam50": (0.699678, 0.703319, 0.692476, 0.709577, 0.739509),
+    "connection_random_sgd50": (0.699678, 0.670764, 0.670914, 0.678927, 0.687622),
+    "connection_l1_not_retrained": (0.699678, 0.649680, 0.657086, 0.672725, 0.659024),
+    "connection_l1_sgd50": (0.699678, 0.66876, 0.66879, 0.672433, 0.67687),
+    "global_unstructured_sgd50": (0.699678, 0.67216, 0.670561, 0.68272, 0.697552),
+    "structured_not_retrained": (0.699678, 0.67145, 0.686136, 0.66566, 0.70404),
+    "structured_iterative_4x50": (0.699678, 0.7, 0.7, 0.7, 0.714553),
+}
+
+
+def test_the_seeds_table_counted_once(tmp_path):
+    rows = ["name,method,rate,mis_confidence"]
+    for method, values in SEED_TABLE.items():
+        rows += [f"{method}_{rate},{method},{rate},{v}" for rate, v in zip(SEED_RATES, values)]
+    (tmp_path / "runs.csv").write_text("\n".join(rows) + "\n")
+    summary = sweep_report(tmp_path / "runs.csv", tmp_path / "out")
+    c = summary["correlation_rate_mis_confidence"]
+    pruned = [(r, v) for values in SEED_TABLE.values() for r, v in zip(SEED_RATES[1:], values[1:])]
+    x, y = [0.0] + [r for r, _ in pruned], [0.699678] + [v for _, v in pruned]
+    once = stats.pearsonr(x, y)
+    assert c["n"] == 33 == len(x) and summary["n_rows"] == 40
+    assert c["pearson_r"] == pytest.approx(once.statistic) and c["pearson_p"] == pytest.approx(once.pvalue)
+    assert c["spearman_rho"] == pytest.approx(stats.spearmanr(x, y).statistic)
+    # the figures docs/reproducing.md quotes: 0.38 (p 0.03) once, 0.1214 with the baseline 8 times
+    assert round(once.statistic, 2) == 0.38 and round(once.pvalue, 2) == 0.03
+    all_rows = [(r, v) for values in SEED_TABLE.values() for r, v in zip(SEED_RATES, values)]
+    assert round(stats.pearsonr(*zip(*all_rows)).statistic, 4) == 0.1214
