@@ -3,25 +3,51 @@
 import functools
 import json
 import logging
+import os
+import sys
 
 import click
 
 from misbench.device import MAX_AUTO_WORKERS, parse_workers
 from misbench.errors import MisbenchError
+from misbench.fileio import DiskFullError, disk_full_error
+from misbench.interrupts import terminate_as_interrupt
+
+
+def _exit_now(message: str) -> None:
+    """Print and end the process without Python's shutdown: after a failed write HDF5's library state is
+    broken and its clean-up at exit would crash (segmentation fault) instead of exiting with status 1."""
+    click.echo(f"Error: {message}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def handle_errors(func):
-    """MisbenchError -> 'Error: ...' and exit status 1; Ctrl-C -> a hint that --resume exists."""
+    """MisbenchError -> 'Error: ...' and exit status 1; Ctrl-C or SIGTERM -> status 130 and a hint that
+    --resume exists; an OSError (unwritable path, full disk) -> one line naming the file."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            with terminate_as_interrupt():
+                return func(*args, **kwargs)
+        except DiskFullError as err:
+            _exit_now(str(err))
         except MisbenchError as err:
             raise click.ClickException(str(err)) from None
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted: partial outputs are kept; rerun the same command (with --resume where it "
+        except KeyboardInterrupt as err:
+            what = "terminated (SIGTERM)" if str(err) == "SIGTERM" else "interrupted"
+            click.echo(f"\n{what}: partial outputs are kept; rerun the same command (with --resume where it "
                        "exists) to continue", err=True)
             raise SystemExit(130) from None
+        except OSError as err:
+            full = disk_full_error(err, err.filename or "an output", "earlier results are unchanged: free space and rerun")
+            if full is not None:
+                _exit_now(str(full))
+            if err.filename is None:
+                raise
+            raise click.ClickException(f"cannot use {err.filename}: {err.strerror or err}. Check the path and its "
+                                       "permissions, or choose another") from None
     return wrapper
 
 

@@ -16,12 +16,13 @@ from . import __version__
 from .data import ImageSource, TransformedDataset, load_data
 from .device import describe, make_loader, precision, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
-from .fileio import utc_now
+from .fileio import disk_full_error, refuse_same_paths, utc_now
 from .hooks import FeatureHooks, resolve_layers
 from .labels import LABEL_MODES
 from .models import LoadedModel
 from .preprocess import build_transform
-from .store import SCHEMA, SCHEMA_VERSION, ActivationWriter, merge_activation_parts, part_path, partial_path
+from .store import (SCHEMA, SCHEMA_VERSION, ActivationWriter, PartialUnusable, merge_activation_parts, part_path,
+                    partial_path)
 from .topk import TopK, parse_keep
 from . import distributed
 
@@ -86,18 +87,49 @@ def _file_attrs(loaded: LoadedModel, source: ImageSource, settings: ExtractSetti
         "class_names": json.dumps(list(source.classes)),
         "transform": json.dumps(pre.to_dict()), "reduction": settings.reduction,
         "created_utc": utc_now(), "settings": json.dumps(settings.content_dict()),
-        "layer_names": json.dumps(layer_names), "n_dataset": len(source),
+        "layer_names": json.dumps(layer_names), "n_dataset": len(source), "data_fingerprint": _fingerprint(source),
     }
 
 
+def _fingerprint(source: ImageSource) -> str:
+    """The dataset's identity for --resume: its size and every image's path (a folder can gain images)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{len(source)}\n".encode())
+    for i in range(len(source)):
+        digest.update(f"{source.path(i)}\t{source.label(i)}\n".encode())
+    return digest.hexdigest()
+
+
+def _skip_added(old: str, new: str) -> bool:
+    """--on-bad-image fail stops before the first bad image, so its rows are those of a skip run:
+    continuing with skip is exact (the advice the bad-image error gives)."""
+    old, new = json.loads(old), json.loads(new)
+    return old.get("on_bad_image") == "fail" and new.get("on_bad_image") == "skip" and \
+        {**old, "on_bad_image": "skip"} == new
+
+
+RESUME_KEYS = ("model", "checkpoint_sha256", "data", "data_root", "n_dataset", "data_fingerprint", "settings",
+               "layer_names", "transform")
+
+
 def _check_resumable(writer: ActivationWriter, attrs: dict) -> None:
-    for key in ("model", "checkpoint_sha256", "data", "settings", "layer_names", "transform"):
+    differences = []
+    for key in RESUME_KEYS:
         old = writer.h5.attrs.get(key)
+        if key == "data_fingerprint" and old is None:  # written before misbench stored it: n_dataset decides
+            continue
+        if hasattr(old, "item"):
+            old = old.item()
+        if key == "settings" and old != attrs[key] and _skip_added(old, attrs[key]):
+            continue
         if old != attrs[key]:
-            raise MisbenchError(
-                f"cannot resume {writer.path}: its {key} is {old!r} but this command asks for {attrs[key]!r}. "
-                "Run the original command with --resume, or start again with --overwrite."
-            )
+            differences.append(f"{key} was {old!r}, now {attrs[key]!r}")
+    if differences:
+        raise MisbenchError(
+            f"cannot resume {writer.path}: it was started with other inputs or settings ({'; '.join(differences)}). "
+            "Run the original command with --resume, or start again with --overwrite."
+        )
 
 
 def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: ExtractSettings,
@@ -109,6 +141,7 @@ def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: Extract
     then merges the parts into one file with exactly the content of a one-process run.
     """
     out = Path(out)
+    refuse_same_paths({"MODEL": loaded.spec}, {"--out": out})
     source = load_data(data, loaded.num_classes, settings.labels, loaded.categories) if isinstance(data, str) else data
     model = loaded.model
     pre = loaded.preprocess.override(settings.resize, settings.crop)
@@ -131,16 +164,19 @@ def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: Extract
     attrs = _file_attrs(loaded, source, settings, pre, [r.name for r in requests])
     device = resolve_device(settings.device)
     distributed.ensure_initialized(device)
-    writer = ActivationWriter(own, attrs, resume=resume, start=start)
+    writer = _open_writer(own, attrs, resume, start)
     try:
-        if resume:
-            _check_resumable(writer, attrs)
-            log.info("resuming %s at dataset index %d (%d rows written)", own, writer.next_index, writer.rows)
         _run(model, source, requests, settings, pre, writer, stop, device, progress)
         if size == 1:
             writer.finish()
         else:
             writer.commit()  # rank 0 finishes the merged file
+    except (OSError, RuntimeError) as err:
+        full = disk_full_error(err, own, "the interrupted extraction is kept: free space, then rerun with --resume")
+        if full is None:
+            raise
+        writer.broken = True
+        raise full from None
     finally:
         writer.close()
     if size > 1:
@@ -154,6 +190,25 @@ def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: Extract
         return out
     os.replace(partial, out)
     return out
+
+
+def _open_writer(own: Path, attrs: dict, resume: bool, start: int) -> ActivationWriter:
+    """A new partial file, or the interrupted one when it can be continued exactly (else start again)."""
+    if resume:
+        try:
+            writer = ActivationWriter(own, resume=True)
+        except PartialUnusable as err:
+            log.warning("cannot resume %s (%s): starting again from the first image", own, err)
+        else:
+            try:
+                _check_resumable(writer, attrs)
+            except BaseException:
+                writer.close()
+                raise
+            writer.h5.attrs["settings"] = attrs["settings"]
+            log.info("resuming %s at dataset index %d (%d rows written)", own, writer.next_index, writer.rows)
+            return writer
+    return ActivationWriter(own, attrs, start=start)
 
 
 def _run(model, source, requests, settings, pre, writer, total, device, progress):
@@ -175,9 +230,9 @@ def _run(model, source, requests, settings, pre, writer, total, device, progress
             if bad and settings.on_bad_image == "fail":
                 root = source.root or source.spec
                 raise MisbenchError(
-                    f"unreadable images in {root}: {', '.join(bad)}. Fix or remove them, or pass "
-                    "--on-bad-image skip to leave them out (their paths are recorded in the file); "
-                    "then rerun with --resume."
+                    f"unreadable images in {root}: {', '.join(bad)}. Fix them (same file names) and rerun with --resume, "
+                    "or rerun with --on-bad-image skip --resume to leave them out (their paths are recorded "
+                    "in the file)."
                 )
             with precision(device, settings.amp):
                 logits = model(to_device(x, device))

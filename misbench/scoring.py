@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from . import __version__, distributed
 from .device import describe, make_loader, precision, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
-from .fileio import atomic_path, sha256_file, utc_now, write_json
+from .fileio import atomic_path, refuse_same_paths, sha256_file, utc_now, write_hdf5, write_json
 from .images import VIEWS, RowImages
 from .mis import CONSTANT_RANGE, SELECTIONS, Tasks, confidences, decisions, task_deltas, tie_keys, unit_rng
 from .summaries import bootstrap_mean_ci, clopper_pearson, score_summaries
@@ -75,6 +76,12 @@ class ScoreSettings:
             raise MisbenchError(f"--view {self.view!r}: expected one of {VIEWS}")
         if self.image_size is not None and self.image_size < 16:
             raise MisbenchError(f"--image-size must be at least 16 pixels, got {self.image_size}")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise MisbenchError(f"--alpha must be a positive finite number (the sigmoid's slope), got {self.alpha}")
+        if self.n_boot < 0:
+            raise MisbenchError(f"--bootstrap must be >= 0 resamples, got {self.n_boot}")
+        if self.batch_size < 1:
+            raise MisbenchError(f"--batch-size must be positive, got {self.batch_size}")
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -182,6 +189,8 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
     Under torchrun (and no explicit shard) each rank scores every N-th unit into a part; rank 0
     merges the parts into the outputs of a one-process run.
     """
+    refuse_same_paths({"ACTS": acts_path}, {"--out": out, "mis.json (beside --out)": Path(out).with_suffix(".json"),
+                                            "--tasks-out": tasks_out})
     rank, size = distributed.world()
     if size > 1 and tuple(shard) == (0, 1):
         distributed.ensure_initialized(resolve_device(settings.device))
@@ -286,10 +295,11 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
                 "shard": f"{shard_i}/{shard_n}", "layer_order": names, "tasks_out": str(tasks_out or "")}
     summary = _summaries(results, names, settings)
     meta.update(summary, timing={"embed_s": round(t_embed, 3), "total_s": round(time.time() - t0, 3)})
-    write_scores_csv(out, results, alpha, alpha_source)
-    write_json(out.with_suffix(".json"), meta)
+    # the tasks, then mis.json, then mis.csv: a mis.csv never appears without what it refers to
     if tasks_out:
         _write_tasks(tasks_out, results, names, settings, meta)
+    write_json(out.with_suffix(".json"), meta)
+    write_scores_csv(out, results, alpha, alpha_source)
     return meta
 
 
@@ -312,6 +322,8 @@ def _results_from_csv(path) -> list[dict]:
 def merge_scores(parts, out, tasks_out=None) -> dict:
     """Merge `--shard I/N` outputs (mis.csv parts with their .json, and tasks files) into one result."""
     parts = [Path(p) for p in parts]
+    refuse_same_paths({f"PART {p}": p for p in parts}, {"--out": out, "mis.json (beside --out)": Path(out).with_suffix(".json"),
+                                                       "--tasks-out": tasks_out})
     metas = []
     for p in parts:
         if not p.with_suffix(".json").exists():
@@ -338,15 +350,15 @@ def merge_scores(parts, out, tasks_out=None) -> dict:
     meta = {**first, "shard": f"merged {n}", "created_utc": utc_now(),
             "timing": {"total_s": round(sum(m["timing"]["total_s"] for m in metas), 3)}}
     meta.update(_summaries(results, names, settings))
-    write_scores_csv(out, results, first["settings"]["alpha"], first["settings"]["alpha_source"])
-    write_json(Path(out).with_suffix(".json"), meta)
     if tasks_out:
         _merge_tasks([m["tasks_out"] for m in metas], tasks_out, names)
+    write_json(Path(out).with_suffix(".json"), meta)
+    write_scores_csv(out, results, first["settings"]["alpha"], first["settings"]["alpha_source"])
     return meta
 
 
 def _merge_tasks(paths, target, names) -> None:
-    with atomic_path(target) as tmp, h5py.File(tmp, "w") as out:
+    def build(out):
         with h5py.File(paths[0], "r") as first:
             for key, value in first.attrs.items():
                 out.attrs[key] = value
@@ -363,6 +375,8 @@ def _merge_tasks(paths, target, names) -> None:
             g = out.create_group(name)
             for key in pieces[0]:
                 g.create_dataset(key, data=np.concatenate([p[key] for p in pieces])[order])
+
+    write_hdf5(target, build)
 
 
 def _summaries(results, names, settings) -> dict:
@@ -387,7 +401,7 @@ def write_scores_csv(out, results, alpha: float | None, alpha_source: str) -> No
 
 def _write_tasks(path, results, names, settings: ScoreSettings, meta: dict) -> None:
     T, K = settings.tasks, settings.explanations
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+    def build(h5):
         h5.attrs["schema"] = "misbench-tasks"
         h5.attrs["settings"] = json.dumps(meta["settings"])
         h5.attrs["acts"], h5.attrs["acts_sha256"] = meta["acts"], meta["acts_sha256"]
@@ -408,3 +422,5 @@ def _write_tasks(path, results, names, settings: ScoreSettings, meta: dict) -> N
             for key, value in arrays.items():
                 g.create_dataset(key, data=value)
             g.create_dataset("unit", data=np.array([r["unit"] for r in mine], np.int64))
+
+    write_hdf5(path, build)

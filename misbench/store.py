@@ -1,9 +1,11 @@
 """The activation file (HDF5 schema 1, DESIGN §4): streaming writer, refusing reader."""
 
 __all__ = ["ActivationWriter", "ActivationFile", "open_activations", "partial_path", "part_path", "layer_dtype",
-           "merge_activation_parts", "SCHEMA"]
+           "merge_activation_parts", "SCHEMA", "SCHEMA_VERSION", "PartialUnusable", "check_schema"]
 
 import json
+import logging
+import os
 import time
 from pathlib import Path
 
@@ -12,11 +14,59 @@ import numpy as np
 
 from .errors import MisbenchError
 from .topk import TOPK_SEED
+from .interrupts import uninterruptible
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "misbench-activations"
 SCHEMA_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
 ROW_CHUNK = 256
 TOPK_COMMIT_SECONDS = 60.0  # how often a top-k extraction makes its progress resumable
+# HDF5 1.8 format: its superblock (v2) has no "open for writing" flag, so a partial file of a process
+# killed by SIGKILL opens again for --resume ("latest" writes superblock v3, which then needs h5clear)
+LIBVER = ("v108", "v108")
+
+
+class PartialUnusable(MisbenchError):
+    """An interrupted extraction that cannot be continued exactly (unreadable, or torn)."""
+
+
+def check_schema(attrs, path) -> None:
+    """Refuse activation files of another schema or schema version, naming what was found and what is read."""
+    if attrs.get("schema") != SCHEMA:
+        raise MisbenchError(f"{path} is not a misbench activation file (schema attribute {attrs.get('schema')!r})")
+    version = attrs.get("schema_version")
+    try:
+        found = int(version)
+    except (TypeError, ValueError):
+        found = None
+    if found not in SUPPORTED_VERSIONS or (version is not None and float(version) != found):
+        raise MisbenchError(f"{path} has schema_version {version!r}; this misbench reads schema_version "
+                            f"{', '.join(map(str, SUPPORTED_VERSIONS))}: re-extract it with this misbench "
+                            "(or use the misbench version that wrote it)")
+
+
+def _open_for_resume(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r+")
+    except OSError as err:
+        if "consistency flags" not in str(err):
+            raise PartialUnusable(f"{path} is not a readable HDF5 file ({err})") from None
+    # written by an older misbench in the "latest" format and killed: copy it into the 1.8 format
+    log.info("%s was left open by a killed process; rewriting it without the open-for-writing flag", path)
+    tmp = path.with_name(path.name + ".unflagged")
+    try:
+        with h5py.File(path, "r", swmr=True) as src, h5py.File(tmp, "w", libver=LIBVER) as dst:
+            for key, value in src.attrs.items():
+                dst.attrs[key] = value
+            for name in src:
+                src.copy(src[name], dst, name=name)
+    except (OSError, KeyError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        raise PartialUnusable(f"{path} cannot be read back ({err})") from None
+    os.replace(tmp, path)
+    return h5py.File(path, "r+")
 
 
 def partial_path(out) -> Path:
@@ -56,15 +106,16 @@ class ActivationWriter:
     def __init__(self, path, attrs: dict | None = None, resume: bool = False, start: int = 0):
         self.path = Path(path)
         if resume:
-            self.h5 = h5py.File(self.path, "r+")
-            rows = int(self.h5.attrs["rows_written"])
-            if int(self.h5.attrs.get("topk_rows", rows)) != rows:
-                raise MisbenchError(f"{self.path} was interrupted while writing its top-k state; it cannot be "
-                                    "resumed exactly: start again with --overwrite")
-            self._truncate(rows)
+            self.h5 = _open_for_resume(self.path)
+            try:
+                rows = self._verify()
+                self._truncate(rows)
+            except BaseException:
+                self.h5.close()
+                raise
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.h5 = h5py.File(self.path, "w", libver="latest")
+            self.h5 = h5py.File(self.path, "w", libver=LIBVER)
             for key, value in (attrs or {}).items():
                 self.h5.attrs[key] = value
             self.h5.attrs["complete"] = False
@@ -79,6 +130,7 @@ class ActivationWriter:
             self.h5.create_group("layers")
         self._rows, self._next = int(self.h5.attrs["rows_written"]), int(self.h5.attrs["next_index"])
         self._skipped, self._topk, self._last_commit = [], None, time.monotonic()
+        self.broken = False  # a write failed (disk full): closing cannot flush
 
     @property
     def rows(self) -> int:
@@ -95,6 +147,31 @@ class ActivationWriter:
         for group in self.h5["layers"].values():
             if "activations" in group:
                 yield group["activations"]
+
+    def _verify(self, block: int = 4096) -> int:
+        """Read back every committed row (a kill can land anywhere); the number of committed rows."""
+        try:
+            check_schema(self.h5.attrs, self.path)
+            rows = int(self.h5.attrs["rows_written"])
+            int(self.h5.attrs["next_index"])
+            if int(self.h5.attrs.get("topk_rows", rows)) != rows:
+                raise PartialUnusable(f"{self.path} was interrupted while writing its top-k state")
+            for ds in self._datasets():
+                if ds.shape[0] < rows:
+                    raise PartialUnusable(f"{ds.name} of {self.path} has {ds.shape[0]} rows, {rows} were committed")
+                for start in range(0, rows, block):
+                    ds[start:min(rows, start + block)]
+            for group in self.h5["layers"].values():
+                for field in TOPK_FIELDS:
+                    if field in group:
+                        group[field][...]
+        except PartialUnusable:
+            raise
+        except MisbenchError as err:
+            raise PartialUnusable(str(err)) from None
+        except Exception as err:  # h5py raises OSError, KeyError, RuntimeError, ValueError for torn files
+            raise PartialUnusable(f"{self.path} is damaged ({type(err).__name__}: {err})") from None
+        return rows
 
     def _truncate(self, rows: int) -> None:
         for ds in self._datasets():
@@ -135,6 +212,10 @@ class ActivationWriter:
                skipped: list[str] = (), topk: dict | None = None) -> None:
         """Write one batch: `layers` maps layer name -> [B, U] array; `topk` layer name -> TopK state;
         `dtype` is one storage dtype or a mapping layer name -> dtype."""
+        with uninterruptible():  # Ctrl-C or SIGTERM stop at a batch boundary
+            self._append(index, paths, labels, logits, layers, layer_attrs, dtype, next_index, skipped, topk)
+
+    def _append(self, index, paths, labels, logits, layers, layer_attrs, dtype, next_index, skipped, topk):
         n0, end = self._rows, self._rows + len(index)
         for name, values in (("index", index), ("path", paths), ("label", labels)):
             ds = self.h5["images"][name]
@@ -156,10 +237,14 @@ class ActivationWriter:
         if topk:
             self._topk = (topk, dtype, layer_attrs)
         if not topk or time.monotonic() - self._last_commit >= TOPK_COMMIT_SECONDS:
-            self.commit()
+            self._commit()
 
     def commit(self) -> None:
         """Make everything appended so far part of the resumable file."""
+        with uninterruptible():
+            self._commit()
+
+    def _commit(self) -> None:
         if self._topk is not None:
             states, dtype, layer_attrs = self._topk
             for name, state in states.items():
@@ -197,7 +282,11 @@ class ActivationWriter:
         self.h5.flush()
 
     def close(self):
-        self.h5.close()
+        try:
+            self.h5.close()
+        except RuntimeError:
+            if not self.broken:  # after a failed write HDF5 cannot flush; the last commit is what counts
+                raise
 
 
 def merge_activation_parts(parts: list, target, block: int = 4096) -> None:
@@ -339,9 +428,15 @@ def open_activations(path) -> ActivationFile:
         acts = ActivationFile(path)
     except OSError as err:
         raise MisbenchError(f"{path} is not a readable HDF5 file: {err}") from None
-    if acts.attrs.get("schema") != SCHEMA:
+    try:
+        check_schema(acts.attrs, path)
+        for required in ("images/index", "images/path", "images/label", "outputs/logits", "layers"):
+            if required not in acts.h5:
+                raise MisbenchError(f"{path} has no {required}: it is damaged or not written by misbench; "
+                                    "extract it again")
+    except MisbenchError:
         acts.close()
-        raise MisbenchError(f"{path} is not a misbench activation file (schema attribute {acts.attrs.get('schema')!r})")
+        raise
     if not bool(acts.attrs.get("complete", False)):
         acts.close()
         raise MisbenchError(f"{path} is incomplete (complete=false): run the same `misbench extract` command "

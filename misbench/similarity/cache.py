@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..fileio import atomic_path
+from ..fileio import write_hdf5
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,12 @@ class EmbeddingCache:
         keys = np.asarray(keys, dtype=np.int64)
         path = self.directory / f"{self.prefix}-{uuid.uuid4().hex[:12]}.h5"
         rows = max(1, min(256, (1 << 20) // (4 * emb.shape[1])))
-        with atomic_path(path) as tmp:
-            with h5py.File(tmp, "w") as h5:
-                h5.create_dataset("keys", data=keys)
-                h5.create_dataset("emb", data=np.asarray(emb, np.float32), chunks=(min(rows, len(keys)), emb.shape[1]))
+
+        def build(h5):
+            h5.create_dataset("keys", data=keys)
+            h5.create_dataset("emb", data=np.asarray(emb, np.float32), chunks=(min(rows, len(keys)), emb.shape[1]))
+
+        write_hdf5(path, build)  # a full disk: a clean error, no broken part
         self._read.add(path)
         for row, k in enumerate(keys):
             self._known.setdefault(int(k), (path, row))
