@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from .errors import MisbenchError
 from .fileio import sha256_file, write_json
 
 
@@ -19,12 +20,23 @@ class Manifest:
 
     def __init__(self, path):
         self.path = Path(path)
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"steps": {}}
+        self.data = self._read() if self.path.exists() else {"steps": {}}
         self._hash_cache = {}
         for entry in self.data["steps"].values():
             for record in list(entry.get("outputs", {}).values()) + list(entry.get("inputs", {}).values()):
                 if isinstance(record, dict) and record.get("path"):
                     self._hash_cache[(record["path"], record.get("size"), record.get("mtime_ns"))] = record["sha256"]
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("steps"), dict) or \
+                    not all(isinstance(e, dict) for e in data["steps"].values()):
+                raise ValueError("expected an object with a 'steps' object of step records")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise MisbenchError(f"{self.path} is damaged ({err}): restore it, or move it away to rerun every step "
+                                "(finished outputs are then recomputed)") from None
+        return data
 
     def save(self):
         write_json(self.path, self.data)

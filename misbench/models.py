@@ -291,8 +291,10 @@ def load_model(spec: str, arch: str | None = None, num_classes: int | None = Non
         n = num_classes or _infer_classes(obj)
         return LoadedModel(obj, spec, name, {}, n, IMAGENET_PREPROCESS, sha)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        _check_checkpoint(obj, spec)
         model = build_arch(obj["arch"], obj["num_classes"], obj.get("arch_kwargs"))
         _load_state(model, obj["state_dict"], spec)
+        _check_masks(model, obj.get("masks") or {}, spec)
         record = {k: v for k, v in obj.items() if k != "state_dict"}
         pre = Preprocess.from_dict(obj["preprocess"]) if obj.get("preprocess") else IMAGENET_PREPROCESS
         return LoadedModel(model.eval(), spec, obj["arch"], dict(obj.get("arch_kwargs") or {}),
@@ -309,6 +311,30 @@ def load_model(spec: str, arch: str | None = None, num_classes: int | None = Non
     _load_state(model, state, spec)
     _log_transform_input(arch, kwargs, spec)
     return LoadedModel(model.eval(), spec, arch, kwargs, num_classes, default_preprocess(arch), sha)
+
+
+def _check_checkpoint(obj: dict, spec: str) -> None:
+    """A misbench checkpoint that can be built: finished (not an OUT.partial of an interrupted run), with
+    its arch, classes and tensors."""
+    if "resume" in obj or spec.endswith(".partial"):
+        raise MisbenchError(f"{spec} is the checkpoint of an unfinished run (its .partial): finish it with the same "
+                            "`misbench prune`/`retrain` command and --resume, and use the checkpoint it writes")
+    missing = [k for k in ("arch", "num_classes", "state_dict") if k not in obj]
+    if missing:
+        raise MisbenchError(f"{spec} is a damaged misbench checkpoint: it has no {', '.join(missing)}")
+    if not isinstance(obj["state_dict"], dict):
+        raise MisbenchError(f"{spec} is a damaged misbench checkpoint: its state_dict is a "
+                            f"{type(obj['state_dict']).__name__}, not a dict of tensors")
+
+
+def _check_masks(model: nn.Module, masks: dict, spec: str) -> None:
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        if name not in params:
+            raise MisbenchError(f"{spec} has a mask for {name!r}, which its {type(model).__name__} does not have")
+        if tuple(mask.shape) != tuple(params[name].shape):
+            raise MisbenchError(f"{spec}: the mask of {name} has shape {tuple(mask.shape)}, the weight "
+                                f"{tuple(params[name].shape)}; the checkpoint is damaged")
 
 
 def _infer_classes(model: nn.Module) -> int:

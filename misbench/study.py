@@ -16,6 +16,7 @@ from .archs import build_arch
 from .device import parse_workers
 from .errors import MisbenchError
 from .fileio import utc_now, write_json
+from .lock import DirectoryLock
 from .manifest import Manifest, step_key
 from .models import LoadedModel, load_model
 from .preprocess import IMAGENET_PREPROCESS, Preprocess
@@ -91,7 +92,8 @@ class Study:
             base_ckpt = self.out / "base" / "model.pt"
             settings = {"model": cfg["model"], "train": cfg["train"], "data": data["train"], "val": data["val"],
                         "seed": cfg["study"]["seed"]}
-            steps.append(Step("train:base", "train", settings, {}, {"checkpoint": base_ckpt},
+            spec_input = {"model": cfg["model"]["spec"]} if cfg["model"]["spec"] else {}
+            steps.append(Step("train:base", "train", settings, spec_input, {"checkpoint": base_ckpt},
                               lambda resume, out=base_ckpt: self._produce(self._fresh_model(), None, "train", out, resume),
                               partial_checkpoint_path(base_ckpt)))
         else:
@@ -154,7 +156,7 @@ class Study:
         data = self.config["data"]
         train = self._train_settings(section, epochs, optimizer)
         produce_checkpoint(loaded, prune, train, out, data["train"] if train.epochs else None, data["val"],
-                           resume=resume, overwrite=not resume)
+                           resume=resume, overwrite=True)
 
     def _eval(self, ckpt, out):
         from .evaluate import evaluate_model, write_eval
@@ -173,7 +175,7 @@ class Study:
                                    batch_size=e["batch_size"], workers=self._runtime()["workers"],
                                    device=self._runtime()["device"])
         extract(self._load(ckpt), e["data"] or self.config["data"]["val"], out, settings, resume=resume,
-                overwrite=not resume)
+                overwrite=True)
 
     def _score(self, acts, out):
         from .scoring import ScoreSettings, score
@@ -253,6 +255,8 @@ class Study:
                         return None
                     raise MisbenchError(f"step {step.name}: input {value} is missing")
                 hashes[label] = manifest.file_record(value)["sha256"]
+            elif Path(value).is_file():  # a model file behind [model] spec: its content, not its name
+                hashes[label] = f"model:{value}:sha256:{manifest.file_record(Path(value))['sha256']}"
             else:
                 hashes[label] = f"model:{value}"
         return hashes
@@ -271,7 +275,10 @@ class Study:
         return out
 
     def run(self, on_step: Callable[[str, str], None] | None = None) -> dict:
-        self.out.mkdir(parents=True, exist_ok=True)
+        with DirectoryLock(self.out):
+            return self._run(on_step)
+
+    def _run(self, on_step) -> dict:
         manifest = Manifest(self.out / "manifest.json")
         manifest.data.update(study=self.config["study"]["name"], config=self.config.raw, config_source=self.config.source)
         manifest.save()
@@ -296,11 +303,31 @@ class Study:
                 manifest.record(step.name, status="failed", error=f"{type(err).__name__}: {err}",
                                 traceback=traceback.format_exc(limit=5), seconds=round(time.time() - t0, 2))
                 raise
+            try:
+                _verify_outputs(step)
+            except MisbenchError as err:
+                manifest.record(step.name, status="failed", error=str(err), seconds=round(time.time() - t0, 2))
+                raise
             outputs = {k: manifest.file_record(v) for k, v in step.outputs.items()}
             manifest.record(step.name, status="done", outputs=outputs, finished_utc=utc_now(),
                             seconds=round(time.time() - t0, 2))
             ran.append(step.name)
         return {"ran": ran, "manifest": str(manifest.path), "report": str(self.out / "report" / "report.html")}
+
+
+def _verify_outputs(step: Step) -> None:
+    """A step is done only when its outputs read back: a complete activation file, a loadable checkpoint."""
+    from .checkpoint import load_checkpoint_dict
+    from .store import open_activations
+
+    for label, path in step.outputs.items():
+        if not path.is_file():
+            raise MisbenchError(f"step {step.name} finished without writing its {label} {path}")
+        if step.kind == "extract":
+            open_activations(path).close()
+        elif step.kind in ("train", "prune"):
+            if "resume" in load_checkpoint_dict(path):
+                raise MisbenchError(f"step {step.name}: {path} is an unfinished run's checkpoint")
 
 
 def run_study(config: StudyConfig, out_dir, dry_run: bool = False, on_step=None) -> dict:

@@ -12,6 +12,8 @@ from ..checkpoint import build_checkpoint, load_checkpoint_dict, save_checkpoint
 from ..data import load_data
 from ..device import resolve_device
 from ..errors import MisbenchError
+from ..fileio import refuse_same_paths
+from ..interrupts import uninterruptible
 from ..models import LoadedModel
 from ..training import Trainer, TrainSettings
 from .masks import PruneSettings, apply_masks, compute_masks, default_exclude, keep_fraction, sparsity_of
@@ -22,6 +24,30 @@ log = logging.getLogger(__name__)
 def partial_checkpoint_path(out) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".partial")
+
+
+def _differences(ckpt: dict, pruning: dict | None, training: dict, parent: dict) -> list[str]:
+    """What differs between a checkpoint's recorded run and the run asked for (achieved sparsity, population, history
+    are results, not settings)."""
+    def settings(record):
+        return {k: v for k, v in (record or {}).items() if k not in ("achieved_sparsity", "population", "history")}
+
+    found = []
+    for label, old, new in (("pruning", ckpt.get("pruning"), pruning), ("training", ckpt.get("training"), training),
+                            ("parent", ckpt.get("parent"), parent)):
+        old, new = settings(old), settings(new)
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                found.append(f"{label}.{key} was {old.get(key)!r}, now {new.get(key)!r}")
+    return found
+
+
+def _is_result_of(path: Path, asked: tuple) -> bool:
+    try:
+        ckpt = load_checkpoint_dict(path)
+    except MisbenchError:
+        return False
+    return "resume" not in ckpt and not _differences(ckpt, *asked)
 
 
 def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: TrainSettings, out,
@@ -35,6 +61,17 @@ def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: 
     distributed.ensure_initialized(resolve_device(train.device))
     main = distributed.is_main()
     partial = partial_checkpoint_path(out)
+    refuse_same_paths({"MODEL": loaded.spec}, {"--out": out, "its .partial": partial})
+    model = loaded.model
+    exclude = tuple(prune.exclude) if prune and prune.exclude is not None else default_exclude(loaded.arch, model)
+    parent = {"model": loaded.spec, "sha256": loaded.sha256}
+    base_pruning = (loaded.checkpoint or {}).get("pruning")
+    asked = (prune.record(exclude, None) if prune else base_pruning, train.record(), parent)
+    if resume and out.exists() and partial.exists() and _is_result_of(out, asked):
+        # killed after the final rename, before the .partial was removed: the run is complete
+        log.info("%s is complete; removing the leftover %s", out, partial)
+        partial.unlink(missing_ok=True)
+        return out
     if out.exists() and not overwrite:
         raise MisbenchError(f"{out} already exists: pass --overwrite to replace it")
     if partial.exists() and not (resume or overwrite):
@@ -45,20 +82,19 @@ def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: 
         return load_data(spec, loaded.num_classes, train.labels, loaded.categories) if spec else None
 
     train_source, val_source = source(data), source(val_data)
-    model = loaded.model
-    exclude = tuple(prune.exclude) if prune and prune.exclude is not None else default_exclude(loaded.arch, model)
     steps = prune.steps if prune else 1
     masks = {k: v.clone() for k, v in loaded.masks.items()}
     history, start_step, start_epoch, trainer_state = [], 1, 0, None
     if resume and partial.exists():
         ckpt = load_checkpoint_dict(partial)
+        differences = _differences(ckpt, *asked)
+        if differences:
+            raise MisbenchError(f"cannot resume {partial}: it was started with other settings ({'; '.join(differences)}). "
+                                "Rerun the original command with --resume, or start again with --overwrite.")
         model.load_state_dict(ckpt["state_dict"])
         masks, history = ckpt["masks"], ckpt["training"]["history"]
         start_step, start_epoch, trainer_state = ckpt["resume"]["step"], ckpt["resume"]["epoch"], ckpt["resume"]["trainer"]
         log.info("resuming %s at step %d, epoch %d", partial, start_step, start_epoch)
-    parent = {"model": loaded.spec, "sha256": loaded.sha256}
-    base_pruning = (loaded.checkpoint or {}).get("pruning")
-
     def record():
         if prune:
             return prune.record(exclude, sparsity_of(masks), masks)
@@ -93,7 +129,8 @@ def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: 
         trainer_state = None
     if main:
         final = build_checkpoint(loaded, model, masks, record(), {**train.record(), "history": history}, parent)
-        save_checkpoint(final, out)
-        partial.unlink(missing_ok=True)
+        with uninterruptible():  # a stop lands before the rename or after the clean-up
+            save_checkpoint(final, out)
+            partial.unlink(missing_ok=True)
     distributed.barrier()
     return out
