@@ -66,7 +66,9 @@ def evaluate(model, arch, num_classes, arch_kwargs, trust_pickle, data, acts, ou
     """Top-1, top-5 and class-wise accuracy of MODEL on DATA (or from --acts)."""
     from misbench.errors import MisbenchError
     from misbench.evaluate import evaluate_acts, evaluate_model, write_eval
+    from misbench.fileio import refuse_same_paths
 
+    refuse_same_paths({"--acts": acts, "MODEL": model}, {"--out": out, "--classwise": classwise})
     if acts:
         if model or data:
             raise MisbenchError("give either MODEL --data DATA or --acts FILE, not both")

@@ -2,7 +2,7 @@
 
 __all__ = [
     "ImageSource", "FolderSource", "ArraySource", "TransformedDataset", "BadImageError",
-    "load_data", "fashion_mnist_dirs", "FASHION_MNIST_CLASSES",
+    "load_data", "fashion_mnist_dirs", "FASHION_MNIST_CLASSES", "to_rgb",
 ]
 
 import gzip
@@ -29,6 +29,16 @@ class BadImageError(MisbenchError):
     def __init__(self, path: str, reason: str):
         super().__init__(f"cannot read image {path}: {reason}")
         self.path = path
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel. 16-bit grayscale (PIL modes I;16*, I) is scaled by 255/65535: PIL's own
+    convert() clips it at 255, which turns almost every pixel white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img, dtype=np.float64)
+        values = np.clip(np.round(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(values).convert("RGB")
+    return img.convert("RGB")
 
 
 class ImageSource:
@@ -82,7 +92,7 @@ class FolderSource(ImageSource):
         path = os.path.join(self.root, self._paths[i])
         try:
             with Image.open(path) as img:
-                return img.convert("RGB")
+                return to_rgb(img)
         except Exception as err:  # PIL raises many types for truncated or foreign files
             raise BadImageError(path, f"{type(err).__name__}: {err}") from None
 

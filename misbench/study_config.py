@@ -4,6 +4,7 @@ __all__ = ["StudyConfig", "load_config", "parse_config", "RunSpec"]
 
 import copy
 import dataclasses
+import math
 import tomllib
 from pathlib import Path
 
@@ -31,6 +32,40 @@ SECTIONS = {
     "runtime": {"device": "auto", "workers": "auto"},
     "quick": {},
 }
+
+
+# the type of keys whose default is None (the others take their default's type)
+NONE_TYPES = {"spec": str, "arch": str, "num_classes": int, "preprocess": dict, "lr": float, "train_limit": int,
+              "val_limit": int, "train": str, "val": str, "iterative_methods": list, "exclude": list,
+              "optimizers": list, "data": str, "limit": int, "alpha": float}
+# integer keys with a lower bound (checked before any training runs)
+MINIMUM = {"epochs": 0, "batch_size": 1, "train_limit": 1, "val_limit": 1, "steps": 1, "limit": 1, "tasks": 1,
+           "explanations": 1, "image_size": 16, "n_boot": 0, "num_classes": 1}
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table", bool: "true or false"}
+
+
+def _check_types(raw: dict) -> None:
+    for section, defaults in SECTIONS.items():
+        if section == "quick":
+            continue
+        for key, default in defaults.items():
+            value = raw[section][key]
+            if value is None:
+                continue
+            expected = NONE_TYPES.get(key, str) if default is None else type(default)
+            ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+            if expected is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if key == "workers":
+                ok = isinstance(value, (int, str)) and not isinstance(value, bool)
+            if not ok:
+                raise MisbenchError(f"config [{section}] {key}: expected {TYPE_NAMES[expected]}, got {value!r} "
+                                    f"({type(value).__name__})")
+            if key in MINIMUM and value < MINIMUM[key]:
+                raise MisbenchError(f"config [{section}] {key}: must be at least {MINIMUM[key]}, got {value!r}")
+    alpha = raw["score"]["alpha"]
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise MisbenchError(f"config [score] alpha: must be a positive finite number, got {alpha!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +148,7 @@ def parse_config(given: dict, source: str = "<config>", quick: bool = False) -> 
     if quick:
         for dotted, value in raw["quick"].items():
             _apply_override(raw, dotted, value)
+    _check_types(raw)
     if not raw["model"]["spec"] and not raw["model"]["arch"]:
         raise MisbenchError("config [model]: give spec (a MODEL string) or arch (with num_classes and [train])")
     if not raw["data"]["val"]:

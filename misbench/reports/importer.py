@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MisbenchError
+from ..fileio import refuse_same_paths
 from ..scoring import write_scores_csv
 from ..summaries import clopper_pearson
 
@@ -70,6 +71,7 @@ def import_scores(path, out, drop_layer_types=(), constant=(), constant_above: f
 
     Pruned (zeroed) filters were scored by the authors' deterministic tie-break and show
     mis_confidence near 1: mark them constant by `constant` lists or `constant_above`."""
+    refuse_same_paths({"PICKLE_FILE": path}, {"--out": out})
     obj = _load(path)
     if not isinstance(obj, dict) or "scores" not in obj:
         raise MisbenchError(f"{path}: expected a dict with 'scores' (and 'layer_types'); found {type(obj).__name__}")
