@@ -23,11 +23,20 @@ def _exit_now(message: str) -> None:
     os._exit(1)
 
 
+def _quiet_failed_writes(unraisable) -> None:
+    """HDF5 objects freed after a failed write (a full disk) each report it again from their destructor;
+    the command reports it once, as one line."""
+    if "file write failed" in str(unraisable.exc_value):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def handle_errors(func):
     """MisbenchError -> 'Error: ...' and exit status 1; Ctrl-C or SIGTERM -> status 130 and a hint that
     --resume exists; an OSError (unwritable path, full disk) -> one line naming the file."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        sys.unraisablehook = _quiet_failed_writes
         try:
             with terminate_as_interrupt():
                 return func(*args, **kwargs)

@@ -6,6 +6,8 @@ __all__ = ["ActivationWriter", "ActivationFile", "open_activations", "partial_pa
 import json
 import logging
 import os
+import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import h5py
 import numpy as np
 
 from .errors import MisbenchError
+from .fileio import DiskFullError, disk_full_error
 from .topk import TOPK_SEED
 from .interrupts import uninterruptible
 
@@ -22,6 +25,7 @@ SCHEMA = "misbench-activations"
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 ROW_CHUNK = 256
+HEADROOM = 1 << 20  # bytes kept free for HDF5's metadata when checking room for a batch
 TOPK_COMMIT_SECONDS = 60.0  # how often a top-k extraction makes its progress resumable
 # HDF5 1.8 format: its superblock (v2) has no "open for writing" flag, so a partial file of a process
 # killed by SIGKILL opens again for --resume ("latest" writes superblock v3, which then needs h5clear)
@@ -47,26 +51,73 @@ def check_schema(attrs, path) -> None:
                             "(or use the misbench version that wrote it)")
 
 
-def _open_for_resume(path: Path) -> h5py.File:
+def _open_partial(path: Path) -> h5py.File:
+    """Read-only, whatever state a killed process left it in."""
     try:
-        return h5py.File(path, "r+")
+        return h5py.File(path, "r")
     except OSError as err:
         if "consistency flags" not in str(err):
             raise PartialUnusable(f"{path} is not a readable HDF5 file ({err})") from None
-    # written by an older misbench in the "latest" format and killed: copy it into the 1.8 format
-    log.info("%s was left open by a killed process; rewriting it without the open-for-writing flag", path)
-    tmp = path.with_name(path.name + ".unflagged")
+    try:  # an older misbench wrote the "latest" format, whose open-for-writing flag outlives SIGKILL
+        return h5py.File(path, "r", swmr=True)
+    except OSError as err:
+        raise PartialUnusable(f"{path} is not a readable HDF5 file ({err})") from None
+
+
+def _committed_rows(h5: h5py.File, path: Path) -> int:
     try:
-        with h5py.File(path, "r", swmr=True) as src, h5py.File(tmp, "w", libver=LIBVER) as dst:
-            for key, value in src.attrs.items():
-                dst.attrs[key] = value
-            for name in src:
-                src.copy(src[name], dst, name=name)
-    except (OSError, KeyError, RuntimeError) as err:
+        check_schema(h5.attrs, path)
+        rows = int(h5.attrs["rows_written"])
+        int(h5.attrs["next_index"])
+    except MisbenchError as err:
+        raise PartialUnusable(str(err)) from None
+    except (KeyError, ValueError, TypeError) as err:
+        raise PartialUnusable(f"{path} has no valid rows_written/next_index ({err})") from None
+    if int(h5.attrs.get("topk_rows", rows)) != rows:
+        raise PartialUnusable(f"{path} was interrupted while writing its top-k state")
+    return rows
+
+
+def _copy_rows(src, dst, rows: int, block: int) -> None:
+    for key, value in src.attrs.items():
+        dst.attrs[key] = value
+    for name, obj in src.items():
+        if isinstance(obj, h5py.Group):
+            _copy_rows(obj, dst.create_group(name), rows, block)
+        elif obj.maxshape and obj.maxshape[0] is None:  # a row dataset: only the committed rows
+            if obj.shape[0] < rows:
+                raise PartialUnusable(f"{obj.name} has {obj.shape[0]} rows, {rows} were committed")
+            ds = dst.create_dataset(name, (rows, *obj.shape[1:]), obj.dtype, maxshape=obj.maxshape, chunks=obj.chunks)
+            for start in range(0, rows, block):
+                ds[start:min(rows, start + block)] = obj[start:min(rows, start + block)]
+            for key, value in obj.attrs.items():
+                ds.attrs[key] = value
+        else:  # top-k state, stats: whole
+            src.copy(obj, dst, name=name)
+
+
+def _rebuild_partial(path: Path, block: int = 4096) -> None:
+    """Copy the committed rows of an interrupted extraction into a fresh file that replaces it. Reading every
+    committed row verifies it; the fresh file has none of the half-written metadata (HDF5's heaps, chunk
+    indexes) a kill can leave behind, which HDF5 would otherwise build the next rows on."""
+    tmp = path.with_name(path.name + ".rebuild")
+    src = _open_partial(path)
+    try:
+        rows = _committed_rows(src, path)
+        with h5py.File(tmp, "w", libver=LIBVER) as dst:
+            _copy_rows(src, dst, rows, block)
+    except PartialUnusable:
         tmp.unlink(missing_ok=True)
-        raise PartialUnusable(f"{path} cannot be read back ({err})") from None
+        raise
+    except Exception as err:  # h5py raises OSError, KeyError, RuntimeError, ValueError for torn files
+        tmp.unlink(missing_ok=True)
+        full = disk_full_error(err, tmp, "the interrupted extraction is kept: free space, then rerun with --resume")
+        if full is not None:
+            raise full from None
+        raise PartialUnusable(f"{path} is damaged ({type(err).__name__}: {err})") from None
+    finally:
+        src.close()
     os.replace(tmp, path)
-    return h5py.File(path, "r+")
 
 
 def partial_path(out) -> Path:
@@ -106,13 +157,8 @@ class ActivationWriter:
     def __init__(self, path, attrs: dict | None = None, resume: bool = False, start: int = 0):
         self.path = Path(path)
         if resume:
-            self.h5 = _open_for_resume(self.path)
-            try:
-                rows = self._verify()
-                self._truncate(rows)
-            except BaseException:
-                self.h5.close()
-                raise
+            _rebuild_partial(self.path)
+            self.h5 = h5py.File(self.path, "r+")
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.h5 = h5py.File(self.path, "w", libver=LIBVER)
@@ -147,36 +193,6 @@ class ActivationWriter:
         for group in self.h5["layers"].values():
             if "activations" in group:
                 yield group["activations"]
-
-    def _verify(self, block: int = 4096) -> int:
-        """Read back every committed row (a kill can land anywhere); the number of committed rows."""
-        try:
-            check_schema(self.h5.attrs, self.path)
-            rows = int(self.h5.attrs["rows_written"])
-            int(self.h5.attrs["next_index"])
-            if int(self.h5.attrs.get("topk_rows", rows)) != rows:
-                raise PartialUnusable(f"{self.path} was interrupted while writing its top-k state")
-            for ds in self._datasets():
-                if ds.shape[0] < rows:
-                    raise PartialUnusable(f"{ds.name} of {self.path} has {ds.shape[0]} rows, {rows} were committed")
-                for start in range(0, rows, block):
-                    ds[start:min(rows, start + block)]
-            for group in self.h5["layers"].values():
-                for field in TOPK_FIELDS:
-                    if field in group:
-                        group[field][...]
-        except PartialUnusable:
-            raise
-        except MisbenchError as err:
-            raise PartialUnusable(str(err)) from None
-        except Exception as err:  # h5py raises OSError, KeyError, RuntimeError, ValueError for torn files
-            raise PartialUnusable(f"{self.path} is damaged ({type(err).__name__}: {err})") from None
-        return rows
-
-    def _truncate(self, rows: int) -> None:
-        for ds in self._datasets():
-            if ds.shape[0] != rows:
-                ds.resize(rows, axis=0)
 
     def _ensure(self, group, name: str, units: int, dtype, attrs: dict | None = None):
         if name not in group:
@@ -215,7 +231,24 @@ class ActivationWriter:
         with uninterruptible():  # Ctrl-C or SIGTERM stop at a batch boundary
             self._append(index, paths, labels, logits, layers, layer_attrs, dtype, next_index, skipped, topk)
 
+    def _ensure_room(self, rows: int, logits, layers: dict, dtype) -> None:
+        """Refuse a batch that the disk (or the file-size limit) cannot take, before HDF5 writes any of it:
+        HDF5 failing in the middle of a write leaves its library state broken."""
+        need = HEADROOM + rows * (8 * 2 + 256 + 4 * logits.shape[1])
+        for values in layers.values():  # partly filled chunks are written whole
+            units = values.shape[1]
+            need += max(rows, _chunk(units)[0]) * units * np.dtype(dtype).itemsize
+        free = shutil.disk_usage(self.path.parent).free
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        size = self.path.stat().st_size
+        if free < need or (limit != resource.RLIM_INFINITY and size + need > limit):
+            raise DiskFullError(f"cannot write {self.path}: {free >> 10} KiB free"
+                                + (f", file-size limit {limit >> 10} KiB (ulimit -f)" if limit != resource.RLIM_INFINITY else "")
+                                + f", the next batch needs about {need >> 10} KiB; the rows so far are kept: "
+                                "free space, then rerun with --resume")
+
     def _append(self, index, paths, labels, logits, layers, layer_attrs, dtype, next_index, skipped, topk):
+        self._ensure_room(len(index), logits, layers, dtype)
         n0, end = self._rows, self._rows + len(index)
         for name, values in (("index", index), ("path", paths), ("label", labels)):
             ds = self.h5["images"][name]

@@ -47,8 +47,10 @@ class TrainSettings:
             raise MisbenchError(f"--optimizer {self.optimizer!r}: expected sgd or adam")
         if self.epochs < 0:
             raise MisbenchError(f"--epochs must be >= 0, got {self.epochs}")
-        if self.lr is not None and not self.lr > 0:
-            raise MisbenchError(f"--lr must be positive, got {self.lr}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise MisbenchError(f"--lr must be a positive finite number, got {self.lr}")
+        if self.batch_size < 1:
+            raise MisbenchError(f"--batch-size must be positive, got {self.batch_size}")
         if self.labels not in LABEL_MODES:
             raise MisbenchError(f"--labels {self.labels!r}: expected one of {', '.join(LABEL_MODES)}")
 
