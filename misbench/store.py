@@ -41,6 +41,7 @@ def check_schema(attrs, path) -> None:
     if attrs.get("schema") != SCHEMA:
         raise MisbenchError(f"{path} is not a misbench activation file (schema attribute {attrs.get('schema')!r})")
     version = attrs.get("schema_version")
+    version = version.item() if hasattr(version, "item") else version
     try:
         found = int(version)
     except (TypeError, ValueError):

@@ -61,6 +61,25 @@ def one_line_error(run, *words):
     return lines[0]
 
 
+def cli_error(args, cwd, *words):
+    """Run the CLI in this process (no start-up cost) and check it ends with one 'Error:' line."""
+    from click.testing import CliRunner
+
+    from misbench.cli.main import cli
+
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+    finally:
+        os.chdir(here)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
 def no_temp_files(folder):
     left = [p for p in Path(folder).rglob(".*.tmp*")]
     assert not left, left
@@ -115,8 +134,9 @@ EXTRACT_POINTS = {  # name: (function, count, when)
 }
 
 
-@pytest.mark.parametrize("sig", ["KILL", "TERM"])
-@pytest.mark.parametrize("point", ["after-batch-commit", "inside-batch-write"])
+@pytest.mark.parametrize("point,sig", [("after-batch-commit", "KILL"), ("inside-batch-write", "TERM"),
+                                       pytest.param("after-batch-commit", "TERM", marks=pytest.mark.slow),
+                                       pytest.param("inside-batch-write", "KILL", marks=pytest.mark.slow)])
 def test_extract_killed_resumes_to_the_uninterrupted_file(world, tmp_path, point, sig):
     d = fresh(world, tmp_path)
     at, count, when = EXTRACT_POINTS[point]
@@ -164,6 +184,7 @@ def test_partial_of_an_older_misbench_killed_with_sigkill_resumes(world, tmp_pat
     _same_contents(d / "ref.h5", d / "acts.h5")
 
 
+@pytest.mark.slow
 def test_torn_partial_is_discarded_and_extracted_again(world, tmp_path):
     d = fresh(world, tmp_path)
     args = ["extract", "m.pt", "--data", "images", *EXTRACT, "--out", "acts.h5"]
@@ -235,6 +256,7 @@ def _mount_tmpfs(path, size="256k"):
         pytest.skip("cannot mount a tmpfs here")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["extract", "score"])
 def test_full_tmpfs_is_one_line(world, tmp_path, command):
     d = fresh(world, tmp_path)
@@ -256,17 +278,18 @@ def test_full_tmpfs_is_one_line(world, tmp_path, command):
 
 # -- score ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cache", [False, True])
-@pytest.mark.parametrize("sig", ["KILL", "TERM"])
+@pytest.mark.parametrize("cache,sig", [(True, "KILL"), pytest.param(True, "TERM", marks=pytest.mark.slow),
+                                       pytest.param(False, "KILL", marks=pytest.mark.slow),
+                                       pytest.param(False, "TERM", marks=pytest.mark.slow)])
 def test_score_killed_in_its_write_windows_then_rerun_is_identical(world, tmp_path, cache, sig):
     d = fresh(world, tmp_path)
     extra = ["--cache", "cache"] if cache else []
-    ref = misbench(["score", "ref.h5", *SCORE, "--out", "ref/mis.csv", "--tasks-out", "ref/tasks.h5", *extra], d)
+    ref = misbench(["score", "ref.h5", *SCORE, "--out", "ref/mis.csv", "--tasks-out", "ref/tasks.h5",
+                    *(["--cache", "refcache"] if cache else [])], d)
     assert ref.returncode == 0, ref.stderr
     args = ["score", "ref.h5", *SCORE, "--out", "mis.csv", "--tasks-out", "tasks.h5", *extra]
-    points = [("misbench.fileio:write_hdf5", 1, "tasks.h5"), ("os:replace", 1, "mis.json")]
-    if cache:
-        points.append(("misbench.fileio:write_hdf5", 1, "cache"))
+    points = [("misbench.fileio:write_hdf5", 1, "cache")] if cache else []  # first: later runs find it cached
+    points += [("misbench.fileio:write_hdf5", 1, "tasks.h5"), ("os:replace", 1, "mis.json")]
     for at, count, match in points:
         killed(misbench(args, d, fault(at, sig, count, match)), sig)
         assert not (d / "mis.csv").exists()  # mis.csv comes last: never without its tasks and mis.json
@@ -308,7 +331,7 @@ PRUNE = ["prune", "m.pt", "--method", "structured", "--rate", "0.5", "--epochs",
          "--batch-size", "8", "--seed", "0"]
 
 
-@pytest.mark.parametrize("sig", ["KILL", "TERM"])
+@pytest.mark.parametrize("sig", ["KILL", pytest.param("TERM", marks=pytest.mark.slow)])
 def test_prune_killed_after_an_epoch_or_after_the_final_rename_resumes(world, tmp_path, sig):
     d = fresh(world, tmp_path)
     assert misbench([*PRUNE, "--out", "ref.pt"], d).returncode == 0
@@ -319,8 +342,9 @@ def test_prune_killed_after_an_epoch_or_after_the_final_rename_resumes(world, tm
     assert (d / "model.pt").exists()
     if sig == "KILL":
         assert (d / "model.pt.partial").exists()  # the window: both files there
-    run = misbench([*PRUNE, "--out", "model.pt", "--resume"], d)
-    assert run.returncode == 0, run.stderr
+        run = misbench([*PRUNE, "--out", "model.pt", "--resume"], d)
+        assert run.returncode == 0, run.stderr
+    # SIGTERM waits for the .partial's removal: the run is complete when it stops
     assert not (d / "model.pt.partial").exists()
     _same_checkpoint(d / "ref.pt", d / "model.pt")
 
@@ -337,11 +361,16 @@ def test_prune_resume_with_other_settings_lists_the_differences(world, tmp_path)
 
 
 def test_partial_checkpoint_is_never_accepted_as_a_model(world, tmp_path):
+    from misbench.models import load_model
+
     d = fresh(world, tmp_path)
-    killed(misbench([*PRUNE, "--out", "model.pt"], d, fault("os:replace", "KILL", 1, "model.pt.partial")), "KILL")
+    ckpt = torch.load(d / "m.pt", weights_only=True)
+    torch.save({**ckpt, "resume": {"step": 1, "epoch": 1, "trainer": None}}, d / "model.pt.partial")
     shutil.copy(d / "model.pt.partial", d / "renamed.pt")
-    for spec in ("model.pt.partial", "renamed.pt"):
-        one_line_error(misbench(["extract", spec, "--data", "images", *EXTRACT, "--out", "x.h5"], d), "unfinished run")
+    torch.save(ckpt, d / "finished.pt.partial")
+    for spec in ("model.pt.partial", "renamed.pt", "finished.pt.partial"):
+        with pytest.raises(MisbenchError, match="unfinished run"):
+            load_model(str(d / spec))
 
 
 # -- study ---------------------------------------------------------------------------------------------------------
@@ -385,7 +414,7 @@ def done_steps(out):
 
 
 @pytest.mark.parametrize("at,match", [("misbench.store:ActivationWriter._commit", ""),  # inside an extract step
-                                      ("os:replace", "model.pt")])  # a checkpoint renamed, its .partial not removed
+                                      pytest.param("os:replace", "model.pt", marks=pytest.mark.slow)])  # a checkpoint renamed, its .partial not removed
 def test_killed_study_continues_from_what_is_complete(world, tmp_path, at, match):
     d = fresh(world, tmp_path)
     config = study_config(d)
@@ -579,7 +608,7 @@ def test_corrupt_manifest_is_a_clear_error(world, tmp_path):
     d = fresh(world, tmp_path)
     (d / "out").mkdir()
     (d / "out" / "manifest.json").write_text('{"steps": {"a": ')
-    one_line_error(misbench(["study", study_config(d, 0), "--out", "out"], d), "manifest.json is damaged")
+    cli_error(["study", study_config(d, 0), "--out", "out"], d, "manifest.json is damaged")
 
 
 @pytest.mark.parametrize("damage", ["arch", "state_dict", "mask"])
@@ -593,7 +622,7 @@ def test_damaged_checkpoints_are_one_line_errors(world, tmp_path, damage):
     else:
         ckpt["masks"] = {"conv1.conv.weight": torch.ones(3, 3, dtype=torch.bool)}
     torch.save(ckpt, d / "bad.pt")
-    one_line_error(misbench(["audit", "bad.pt"], d), "bad.pt" if damage != "arch" else "no_such_net")
+    cli_error(["audit", "bad.pt"], d, "bad.pt" if damage != "arch" else "no_such_net")
 
 
 @pytest.mark.parametrize("args", [
@@ -603,4 +632,4 @@ def test_damaged_checkpoints_are_one_line_errors(world, tmp_path, damage):
 ])
 def test_bad_options_and_unwritable_outputs_are_one_line_errors(world, tmp_path, args):
     d = fresh(world, tmp_path)
-    one_line_error(misbench(args, d))
+    cli_error(args, d)
