@@ -53,8 +53,9 @@ def handle_errors(func):
             full = disk_full_error(err, err.filename or "an output", "earlier results are unchanged: free space and rerun")
             if full is not None:
                 _exit_now(str(full))
-            if err.filename is None:
-                raise
+            if err.filename is None:  # h5py and torch name no file: the input being read is damaged
+                raise click.ClickException(f"cannot read or write a file: {err}. An input may be damaged "
+                                           "(extract or produce it again) or an output unwritable") from None
             raise click.ClickException(f"cannot use {err.filename}: {err.strerror or err}. Check the path and its "
                                        "permissions, or choose another") from None
     return wrapper
