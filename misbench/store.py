@@ -236,9 +236,9 @@ class ActivationWriter:
         """Refuse a batch that the disk (or the file-size limit) cannot take, before HDF5 writes any of it:
         HDF5 failing in the middle of a write leaves its library state broken."""
         need = HEADROOM + rows * (8 * 2 + 256 + 4 * logits.shape[1])
-        for values in layers.values():  # partly filled chunks are written whole
+        for name, values in layers.items():  # partly filled chunks are written whole
             units = values.shape[1]
-            need += max(rows, _chunk(units)[0]) * units * np.dtype(dtype).itemsize
+            need += max(rows, _chunk(units)[0]) * units * np.dtype(layer_dtype(dtype, name)).itemsize
         free = shutil.disk_usage(self.path.parent).free
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         size = self.path.stat().st_size
