@@ -37,9 +37,10 @@ SECTIONS = {
 # the type of keys whose default is None (the others take their default's type)
 NONE_TYPES = {"spec": str, "arch": str, "num_classes": int, "preprocess": dict, "lr": float, "train_limit": int,
               "val_limit": int, "train": str, "val": str, "iterative_methods": list, "exclude": list,
-              "optimizers": list, "data": str, "limit": int, "alpha": float}
+              "optimizers": list, "data": str, "limit": int, "alpha": float, "resize": int, "crop": int}
 # integer keys with a lower bound (checked before any training runs)
 MINIMUM = {"epochs": 0, "batch_size": 1, "train_limit": 1, "val_limit": 1, "steps": 1, "limit": 1, "tasks": 1,
+           "resize": 1, "crop": 1,
            "explanations": 1, "image_size": 16, "n_boot": 0, "num_classes": 1}
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table", bool: "true or false"}
 
@@ -52,7 +53,9 @@ def _check_types(raw: dict) -> None:
             value = raw[section][key]
             if value is None:
                 continue
-            expected = NONE_TYPES.get(key, str) if default is None else type(default)
+            expected = NONE_TYPES.get(key) if default is None else type(default)
+            if expected is None:  # a key added without a declared type: not checked here
+                continue
             ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
             if expected is float:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool)
