@@ -7,7 +7,6 @@ import csv
 import dataclasses
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -76,8 +75,6 @@ class ScoreSettings:
             raise MisbenchError(f"--view {self.view!r}: expected one of {VIEWS}")
         if self.image_size is not None and self.image_size < 16:
             raise MisbenchError(f"--image-size must be at least 16 pixels, got {self.image_size}")
-        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise MisbenchError(f"--alpha must be a positive finite number (the sigmoid's slope), got {self.alpha}")
         if self.n_boot < 0:
             raise MisbenchError(f"--bootstrap must be >= 0 resamples, got {self.n_boot}")
         if self.batch_size < 1:

@@ -564,7 +564,7 @@ def test_activation_file_missing_a_dataset_is_refused(image_folder, tmp_path, mi
 def test_alpha_must_be_positive_and_finite(alpha):
     from misbench.scoring import ScoreSettings
 
-    with pytest.raises(MisbenchError, match="--alpha must be a positive finite number"):
+    with pytest.raises(MisbenchError, match="expected a finite positive sigmoid slope"):
         ScoreSettings(alpha=float(alpha))
 
 
