@@ -37,7 +37,8 @@ SECTIONS = {
 # the type of keys whose default is None (the others take their default's type)
 NONE_TYPES = {"spec": str, "arch": str, "num_classes": int, "preprocess": dict, "lr": float, "train_limit": int,
               "val_limit": int, "train": str, "val": str, "iterative_methods": list, "exclude": list,
-              "optimizers": list, "data": str, "limit": int, "alpha": float, "resize": int, "crop": int}
+              "optimizers": list, "data": str, "limit": int, "alpha": float, "resize": int, "crop": int,
+              "image_size": int}
 # integer keys with a lower bound (checked before any training runs)
 MINIMUM = {"epochs": 0, "batch_size": 1, "train_limit": 1, "val_limit": 1, "steps": 1, "limit": 1, "tasks": 1,
            "resize": 1, "crop": 1,
