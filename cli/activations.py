@@ -2,7 +2,9 @@
 
 import click
 
-from .common import Progress, handle_errors, labels_option, load_model_from_options, model_options, workers_option
+from misbench import api
+
+from .common import Progress, handle_errors, labels_option, model_kwargs, model_options, workers_option
 
 
 @click.command()
@@ -31,18 +33,15 @@ from .common import Progress, handle_errors, labels_option, load_model_from_opti
 def extract(model, arch, num_classes, arch_kwargs, trust_pickle, data, layers, out, batch_size, workers, device,
             reduction, dtype, limit, resize, crop, on_bad_image, amp, keep, resume, overwrite, labels):
     """Record per-unit activations of MODEL on DATA into an HDF5 file."""
-    from misbench.extract import ExtractSettings, extract as run_extract
-
-    loaded = load_model_from_options(model, arch, num_classes, arch_kwargs, trust_pickle)
-    settings = ExtractSettings(
-        layers=tuple(s.strip() for s in layers.split(",") if s.strip()), reduction=reduction, dtype=dtype,
-        limit=limit, on_bad_image=on_bad_image, resize=resize, crop=crop, amp=amp, keep=keep, labels=labels,
-        batch_size=batch_size, workers=workers, device=device)
     from misbench.distributed import is_main
 
     with Progress("extract") as bar:
-        path = run_extract(loaded, data, out, settings, resume=resume, overwrite=overwrite,
-                           progress=bar if is_main() else None)
+        path = api.extract(model, data, layers, out, resume=resume, overwrite=overwrite,
+                           progress=bar if is_main() else None,
+                           **model_kwargs(arch, num_classes, arch_kwargs, trust_pickle),
+                           reduction=reduction, dtype=dtype, limit=limit, on_bad_image=on_bad_image, resize=resize,
+                           crop=crop, amp=amp, keep=keep, labels=labels, batch_size=batch_size, workers=workers,
+                           device=device)
     if is_main():
         click.echo(f"wrote {path}")
 
@@ -64,22 +63,10 @@ def extract(model, arch, num_classes, arch_kwargs, trust_pickle, data, layers, o
 def evaluate(model, arch, num_classes, arch_kwargs, trust_pickle, data, acts, out, classwise, batch_size, workers,
              device, limit, labels):
     """Top-1, top-5 and class-wise accuracy of MODEL on DATA (or from --acts)."""
-    from misbench.errors import MisbenchError
-    from misbench.evaluate import evaluate_acts, evaluate_model, write_eval
-    from misbench.fileio import refuse_same_paths
-
-    refuse_same_paths({"--acts": acts, "MODEL": model}, {"--out": out, "--classwise": classwise})
-    if acts:
-        if model or data:
-            raise MisbenchError("give either MODEL --data DATA or --acts FILE, not both")
-        result = evaluate_acts(acts)
-    else:
-        if not model or not data:
-            raise MisbenchError("eval needs MODEL and --data DATA (or --acts FILE)")
-        loaded = load_model_from_options(model, arch, num_classes, arch_kwargs, trust_pickle)
-        with Progress("eval") as bar:
-            result = evaluate_model(loaded, data, batch_size, workers, device, limit, progress=bar, labels=labels)
-    write_eval(result, out, classwise)
+    with Progress("eval") as bar:
+        result = api.evaluate(model, data, acts=acts, out=out, classwise=classwise, progress=bar,
+                              **model_kwargs(arch, num_classes, arch_kwargs, trust_pickle),
+                              batch_size=batch_size, workers=workers, device=device, limit=limit, labels=labels)
     click.echo(f"top1 {result['top1']:.4f}  top5 {result['top5']:.4f}  n {result['n_images']}  -> {out}")
 
 

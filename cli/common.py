@@ -115,14 +115,13 @@ def model_options(func):
     return func
 
 
-def load_model_from_options(model, arch, num_classes, arch_kwargs, trust_pickle):
-    from misbench.models import load_model
-
+def model_kwargs(arch, num_classes, arch_kwargs, trust_pickle) -> dict:
+    """The model options as misbench.api's functions take them."""
     try:
         kwargs = json.loads(arch_kwargs) if arch_kwargs else None
     except json.JSONDecodeError as err:
         raise MisbenchError(f"--arch-kwargs is not valid JSON: {err}") from None
-    return load_model(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=kwargs)
+    return {"arch": arch, "num_classes": num_classes, "trust_pickle": trust_pickle, "arch_kwargs": kwargs}
 
 
 def setup_logging(verbose: int, quiet: bool):

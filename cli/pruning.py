@@ -4,7 +4,9 @@ import json
 
 import click
 
-from .common import Progress, handle_errors, labels_option, load_model_from_options, model_options, workers_option
+from misbench import api
+
+from .common import Progress, handle_errors, labels_option, model_kwargs, model_options, workers_option
 
 
 def training_options(func):
@@ -38,14 +40,11 @@ def training_options(func):
     return func
 
 
-def _train_settings(kw):
-    from misbench.training import TrainSettings
-
-    return TrainSettings(epochs=kw["epochs"], optimizer=kw["optimizer"], lr=kw["lr"], momentum=kw["momentum"],
-                         weight_decay=kw["weight_decay"], gamma=kw["gamma"], batch_size=kw["batch_size"],
-                         seed=kw["seed"], train_limit=kw["train_limit"], val_limit=kw["val_limit"],
-                         workers=kw["workers"], device=kw["device"], amp=not kw["no_amp"], augment=not kw["no_augment"],
-                         labels=kw["labels"])
+def _train_options(kw) -> dict:
+    return dict(epochs=kw["epochs"], optimizer=kw["optimizer"], lr=kw["lr"], momentum=kw["momentum"],
+                weight_decay=kw["weight_decay"], gamma=kw["gamma"], batch_size=kw["batch_size"], seed=kw["seed"],
+                train_limit=kw["train_limit"], val_limit=kw["val_limit"], workers=kw["workers"], device=kw["device"],
+                amp=not kw["no_amp"], augment=not kw["no_augment"], labels=kw["labels"])
 
 
 class _EpochBar:
@@ -63,17 +62,18 @@ class _EpochBar:
             self.bar.close()
 
 
-def _run(model_kw, prune, kw):
-    from misbench.pruning.run import produce_checkpoint
-
+def _run(model, model_kw, prune, kw):
+    """`prune` holds api.prune's pruning arguments; None: retrain."""
     from misbench.distributed import is_main
 
-    loaded = load_model_from_options(*model_kw)
-    loaded.preprocess = loaded.preprocess.override(kw["resize"], kw["crop"])
     bar = _EpochBar() if is_main() else None
+    common = dict(data=kw["data"], val_data=kw["val_data"], resume=kw["resume"], overwrite=kw["overwrite"],
+                  progress=bar, resize=kw["resize"], crop=kw["crop"], **model_kwargs(*model_kw), **_train_options(kw))
     try:
-        path = produce_checkpoint(loaded, prune, _train_settings(kw), kw["out"], kw["data"], kw["val_data"],
-                                  resume=kw["resume"], overwrite=kw["overwrite"], progress=bar)
+        if prune is None:
+            path = api.retrain(model, kw["out"], **common)
+        else:
+            path = api.prune(model, out=kw["out"], **prune, **common)
     finally:
         if bar:
             bar.close()
@@ -107,13 +107,9 @@ def _run(model_kw, prune, kw):
 def prune(model, arch, num_classes, arch_kwargs, trust_pickle, method, rate, scope, criterion, schedule, steps,
           exclude, **kw):
     """Prune MODEL by METHOD to RATE and retrain; write a misbench checkpoint."""
-    from misbench.pruning import PruneSettings
-
-    steps = steps if steps is not None else (4 if schedule == "iterative" else 1)
-    excl = None if exclude is None else tuple(e.strip() for e in exclude.split(",") if e.strip())
-    settings = PruneSettings(method=method, rate=rate, scope=scope, criterion=criterion, schedule=schedule,
-                             steps=steps, exclude=excl, seed=kw["seed"])
-    _run((model, arch, num_classes, arch_kwargs, trust_pickle), settings, kw)
+    _run(model, (arch, num_classes, arch_kwargs, trust_pickle),
+         dict(method=method, rate=rate, scope=scope, criterion=criterion, schedule=schedule, steps=steps,
+              exclude=exclude), kw)
 
 
 @click.command()
@@ -123,11 +119,7 @@ def prune(model, arch, num_classes, arch_kwargs, trust_pickle, method, rate, sco
 @handle_errors
 def retrain(model, arch, num_classes, arch_kwargs, trust_pickle, **kw):
     """Retrain MODEL without pruning (the unpruned control); masks of a pruned checkpoint stay enforced."""
-    from misbench.errors import MisbenchError
-
-    if kw["epochs"] < 1:
-        raise MisbenchError("retrain needs --epochs >= 1")
-    _run((model, arch, num_classes, arch_kwargs, trust_pickle), None, kw)
+    _run(model, (arch, num_classes, arch_kwargs, trust_pickle), None, kw)
 
 
 @click.command()
@@ -137,9 +129,7 @@ def retrain(model, arch, num_classes, arch_kwargs, trust_pickle, **kw):
 @handle_errors
 def audit(model, arch, num_classes, arch_kwargs, trust_pickle, as_json):
     """Per-layer sparsity of MODEL and whether it matches its pruning record (exit status 0 either way)."""
-    from misbench.audit import audit as run_audit
-
-    result = run_audit(load_model_from_options(model, arch, num_classes, arch_kwargs, trust_pickle))
+    result = api.audit(model, **model_kwargs(arch, num_classes, arch_kwargs, trust_pickle))
     if as_json:
         click.echo(json.dumps({k: result[k] for k in ("layers", "total", "target", "consistent", "problems",
                                                           "empty_layers")}, indent=1))

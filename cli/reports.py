@@ -1,8 +1,11 @@
 """misbench report classwise|sweep|layers|curves, misbench import-scores."""
 
+import json
 from pathlib import Path
 
 import click
+
+from misbench import api
 
 from .common import handle_errors
 
@@ -19,11 +22,8 @@ def report():
     """Tables, statistics, figures and report.html."""
 
 
-def _galleries(out_dir, scores_csv, tasks, acts, units):
-    from misbench.reports.gallery import unit_galleries
-    from misbench.reports.tables import read_scores
-
-    return unit_galleries(out_dir, read_scores(scores_csv), tasks, acts, units) if tasks and acts else []
+def _summary(out) -> dict:
+    return json.loads((Path(out) / "summary.json").read_text())
 
 
 @report.command()
@@ -38,15 +38,9 @@ def _galleries(out_dir, scores_csv, tasks, acts, units):
 @handle_errors
 def classwise(scores, acts, eval_json, layer, tasks, units, out, seed):
     """Softmax-unit MIS against class-wise accuracy: classwise.csv, summary.json, figure, report.html."""
-    from misbench.reports.classwise import classwise_report
-    from misbench.reports.html import Section, write_html
-
-    summary = classwise_report(scores, out, acts=acts, eval_json=eval_json, layer=layer, seed=seed)
-    pictures = _galleries(out, scores, tasks, acts, units)
-    sections = [Section("Class-wise accuracy vs MIS", images=["classwise.png"], tables=["classwise.csv"],
-                        data={k: summary[k] for k in ("correlation_accuracy_mis_confidence", "correlation_accuracy_mis")})]
-    sections += [Section(f"Unit {label}", images=[name]) for name, label in pictures]
-    path = write_html(out, "misbench class-wise report", sections)
+    path = api.report("classwise", out, scores=scores, acts=acts, eval_json=eval_json, layer=layer, tasks=tasks,
+                      units=units, seed=seed)
+    summary = _summary(out)
     click.echo(_fmt_corr("accuracy vs MIS confidence", summary["correlation_accuracy_mis_confidence"]))
     click.echo(_fmt_corr("accuracy vs MIS", summary["correlation_accuracy_mis"]))
     if summary["alpha_warning"]:
@@ -64,11 +58,8 @@ def classwise(scores, acts, eval_json, layer, tasks, units, out, seed):
 def sweep(runs, out, seed, baseline):
     """MIS and accuracy against pruning rate: sweep.csv, sweep_layers.csv, paired.csv, summary.json, figures,
     report.html."""
-    from misbench.reports.html import write_html
-    from misbench.reports.sweep import sweep_report, sweep_section
-
-    summary = sweep_report(runs, out, seed, baseline=baseline)
-    path = write_html(out, "misbench sweep report", [sweep_section(summary, out)])
+    path = api.report("sweep", out, runs=runs, seed=seed, baseline=baseline)
+    summary = _summary(out)
     click.echo(_fmt_corr("rate vs MIS confidence (feature layers)", summary["correlation_rate_mis_confidence"]))
     click.echo(_fmt_corr("rate vs MIS (feature layers)", summary["correlation_rate_mis"]))
     click.echo(_fmt_corr("rate vs MIS confidence (class units)", summary["correlation_rate_class_mis_confidence"]))
@@ -87,15 +78,10 @@ def sweep(runs, out, seed, baseline):
 @handle_errors
 def layers(scores, out):
     """Mean MIS per layer (as the MIS authors publish them): layers.csv and layers.png."""
-    from misbench.reports.figures import layers_figure
-    from misbench.reports.tables import LAYER_COLUMNS, layer_summary, read_scores, score_settings, write_csv
+    from misbench.reports.tables import read_csv_rows
 
-    table = layer_summary(read_scores(scores), **score_settings(scores))
-    Path(out).mkdir(parents=True, exist_ok=True)
-    write_csv(Path(out) / "layers.csv", table, LAYER_COLUMNS)
-    layers_figure(table, Path(out) / "layers.png")
-    for row in table:
-        conf = "-" if row["mis_confidence"] is None else f"{row['mis_confidence']:.4f}"
+    for row in read_csv_rows(api.report("layers", out, scores=scores)):
+        conf = "-" if row["mis_confidence"] == "" else f"{float(row['mis_confidence']):.4f}"
         click.echo(f"{row['layer']:<44} {row['n_units']:>6} {conf:>8}")
 
 
@@ -105,11 +91,9 @@ def layers(scores, out):
 @handle_errors
 def curves(checkpoints, out):
     """Validation accuracy per retraining epoch from checkpoint histories (curves.png, curves.csv)."""
-    from misbench.reports.sweep import training_curves, write_curves
+    from misbench.reports.tables import read_csv_rows
 
-    found = training_curves([{"name": Path(c).stem, "checkpoint": c} for c in checkpoints])
-    Path(out).mkdir(parents=True, exist_ok=True)
-    write_curves(found, out)
+    found = {row["name"] for row in read_csv_rows(api.report("curves", out, checkpoints=checkpoints))}
     click.echo(f"wrote {Path(out) / 'curves.png'} ({len(found)} curves)")
 
 

@@ -2,6 +2,8 @@
 
 import click
 
+from misbench import api
+
 from .common import handle_errors, workers_option
 
 
@@ -55,31 +57,20 @@ class _ScoreProgress:
 def score(acts, layers, out, similarity, image_size, view, dreamsim_weights, selection, quantile, tasks, explanations, alpha, alpha_from, seed,
           device, engine, tasks_out, cache, shard, batch_size, workers, n_boot, amp, chunk_units):
     """Score every unit of LAYERs in ACTS with the Mechanistic Interpretability Score."""
-    from misbench.calibrate import calibration_alpha
-    from misbench.errors import MisbenchError
-    from misbench.scoring import ScoreSettings, parse_shard, score as run_score
-
-    alpha_source = ""
-    if alpha_from:
-        if alpha is not None:
-            raise MisbenchError("give --alpha or --alpha-from, not both")
-        alpha, alpha_source = calibration_alpha(alpha_from)
-    settings = ScoreSettings(similarity=similarity, image_size=image_size, view=view, dreamsim_weights=dreamsim_weights,
-                             selection=selection, quantile=quantile,
-                             tasks=tasks, explanations=explanations, alpha=alpha, alpha_source=alpha_source, seed=seed,
-                             engine=engine,
-                             n_boot=n_boot, amp=amp, chunk_units=chunk_units, device=device, batch_size=batch_size,
-                             workers=workers)
     from misbench.distributed import is_main
 
     bars = _ScoreProgress()
     try:
-        meta = run_score(acts, layers, settings, out, tasks_out=tasks_out, cache_dir=cache, shard=parse_shard(shard),
-                         progress=bars if is_main() else None)
+        scores = api.score(acts, layers, out, tasks_out=tasks_out, cache=cache, shard=shard,
+                           progress=bars if is_main() else None, alpha_from=alpha_from, similarity=similarity,
+                           image_size=image_size, view=view, dreamsim_weights=dreamsim_weights, selection=selection, quantile=quantile, tasks=tasks, explanations=explanations, alpha=alpha,
+                           seed=seed, engine=engine, n_boot=n_boot, amp=amp, chunk_units=chunk_units, device=device,
+                           batch_size=batch_size, workers=workers)
     finally:
         bars.close()
-    if meta is None:  # another rank's process under torchrun: rank 0 reports
+    if scores is None:  # another rank's process under torchrun: rank 0 reports
         return
+    meta = scores.attrs
     click.echo(f"{'layer':<40} {'units':>6} {'const':>6} {'MIS':>7} {'conf':>7}")
     for name, s in meta["layers"].items():
         mis = f"{s['mis']:.3f}" if s["mis"] is not None else "-"
@@ -88,7 +79,7 @@ def score(acts, layers, out, similarity, image_size, view, dreamsim_weights, sel
     m = meta["model_mean"]
     if m["mis"] is not None:
         click.echo(f"model mean: MIS {m['mis']:.3f}  confidence {m['mis_confidence']:.3f}  "
-                   f"(n_rows {meta['n_rows']}, selection {settings.selection}, alpha {meta['alpha']} {meta['alpha_source']})")
+                   f"(n_rows {meta['n_rows']}, selection {selection}, alpha {meta['alpha']} {meta['alpha_source']})")
         if not meta["alpha_source"].startswith("calibrated:"):
             click.echo(f"note: alpha is {meta['alpha_source']}, not calibrated: mis_confidence depends on it "
                        "(misbench calibrate; docs/mis.md)")

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import click
 
+from misbench import api
+
 from .common import handle_errors
 
 
@@ -49,15 +51,20 @@ def print_summary(out_dir):
     click.echo(f"report: {s['report']}")
 
 
-def _run(config, out, dry_run):
-    from misbench.study import run_study
-
+def _run(config, out, dry_run, quick):
     if dry_run:
-        for name, status in run_study(config, out, dry_run=True)["plan"]:
+        for name, status in api.study(config, out, quick=quick, dry_run=True)["plan"]:
             click.echo(f"{'cached' if status == 'cached' else 'run   '}  {name}")
         return
-    result = run_study(config, out, on_step=_on_step)
-    click.echo(f"{len(result['ran'])} steps ran; manifest {result['manifest']}", err=True)
+    ran = []
+
+    def on_step(name, status):
+        _on_step(name, status)
+        if status != "cached":
+            ran.append(name)
+
+    api.study(config, out, quick=quick, on_step=on_step)
+    click.echo(f"{len(ran)} steps ran; manifest {Path(out) / 'manifest.json'}", err=True)
     print_summary(out)
 
 
@@ -69,9 +76,7 @@ def _run(config, out, dry_run):
 @handle_errors
 def study(config_path, out, dry_run, quick):
     """Run the whole study of CONFIG (TOML) into OUT, redoing only what changed."""
-    from misbench.study_config import load_config
-
-    _run(load_config(config_path, quick=quick), out, dry_run)
+    _run(config_path, out, dry_run, quick)
 
 
 @click.command()
@@ -82,11 +87,10 @@ def study(config_path, out, dry_run, quick):
 def demo(out, quick, dry_run):
     """The bundled demo study: a miniature GoogLeNet on Fashion-MNIST, pruned, retrained, scored, reported."""
     from misbench.study import demo_config_path
-    from misbench.study_config import load_config
 
     out = out or ("demo-out-quick" if quick else "demo-out")
     click.echo(f"demo config: {demo_config_path()}", err=True)
-    _run(load_config(demo_config_path(), quick=quick), Path(out), dry_run)
+    _run(demo_config_path(), Path(out), dry_run, quick)
 
 
 COMMANDS = [study, demo]

@@ -1,7 +1,7 @@
 """Score every unit of an activation file with MIS (DESIGN §8): tasks, embeddings, decisions."""
 
-__all__ = ["ScoreSettings", "score", "parse_shard", "MIS_COLUMNS", "embed_rows", "write_scores_csv", "merge_scores",
-           "shard_path"]
+__all__ = ["ScoreSettings", "score", "parse_shard", "MIS_COLUMNS", "embed_rows", "score_rows", "write_scores_csv",
+           "merge_scores", "shard_path"]
 
 import csv
 import dataclasses
@@ -179,17 +179,20 @@ def _unit_deltas(engine, tasks: Tasks, n_expl: int) -> np.ndarray:
     return task_deltas(d_pos, d_neg, n_expl)
 
 
-def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache_dir=None, shard=(0, 1),
+def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, cache_dir=None, shard=(0, 1),
           backend=None, progress=None) -> dict:
-    """Score the units of `layers` ('all' for every layer); write mis.csv, mis.json, tasks.h5.
+    """Score the units of `layers` ('all' for every layer); write mis.csv, mis.json (when `out` is given), tasks.h5.
 
+    Returns mis.json's content plus `rows`, mis.csv's rows (one process; not in mis.json).
     Under torchrun (and no explicit shard) each rank scores every N-th unit into a part; rank 0
     merges the parts into the outputs of a one-process run.
     """
-    refuse_same_paths({"ACTS": acts_path}, {"--out": out, "mis.json (beside --out)": Path(out).with_suffix(".json"),
-                                            "--tasks-out": tasks_out})
+    refuse_same_paths({"ACTS": acts_path}, {"--out": out, "--tasks-out": tasks_out,
+                                            "mis.json (beside --out)": Path(out).with_suffix(".json") if out else None})
     rank, size = distributed.world()
     if size > 1 and tuple(shard) == (0, 1):
+        if out is None:
+            raise MisbenchError("scoring under torchrun merges the ranks' parts through files: give an output path")
         distributed.ensure_initialized(resolve_device(settings.device))
         part = shard_path(out, (rank, size))
         part_tasks = shard_path(tasks_out, (rank, size)) if tasks_out else None
@@ -208,7 +211,6 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
         distributed.barrier()
         return meta
     t0 = time.time()
-    out = Path(out)
     acts = open_activations(acts_path)
     with acts:
         names = acts.layer_names if list(layers) in (["all"], []) else list(dict.fromkeys(layers))
@@ -292,12 +294,15 @@ def score(acts_path, layers, settings: ScoreSettings, out, tasks_out=None, cache
                 "shard": f"{shard_i}/{shard_n}", "layer_order": names, "tasks_out": str(tasks_out or "")}
     summary = _summaries(results, names, settings)
     meta.update(summary, timing={"embed_s": round(t_embed, 3), "total_s": round(time.time() - t0, 3)})
-    # the tasks, then mis.json, then mis.csv: a mis.csv never appears without what it refers to
-    if tasks_out:
+    if out is not None:
+        # the tasks, then mis.json, then mis.csv: a mis.csv never appears without what it refers to
+        if tasks_out:
+            _write_tasks(tasks_out, results, names, settings, meta)
+        write_json(Path(out).with_suffix(".json"), meta)
+        write_scores_csv(out, results, alpha, alpha_source)
+    elif tasks_out:
         _write_tasks(tasks_out, results, names, settings, meta)
-    write_json(out.with_suffix(".json"), meta)
-    write_scores_csv(out, results, alpha, alpha_source)
-    return meta
+    return {**meta, "rows": score_rows(results, alpha, alpha_source)}
 
 
 def _results_from_csv(path) -> list[dict]:
@@ -380,6 +385,20 @@ def _summaries(results, names, settings) -> dict:
     return score_summaries(results, names, settings.seed, settings.n_boot)
 
 
+def score_rows(results, alpha: float | None, alpha_source: str) -> list[dict]:
+    """mis.csv's rows (MIS_COLUMNS) of scored units; constant units have None scores and 0 tasks."""
+    rows = []
+    for r in results:
+        ok = r["status"] == "ok"
+        rows.append(dict(zip(MIS_COLUMNS, [
+            r["layer"], r["unit"], r["status"],
+            r["mis"] if ok else None, r["mis_confidence"] if ok else None,
+            r["mis_ci"][0] if ok else None, r["mis_ci"][1] if ok else None,
+            r["conf_ci"][0] if ok else None, r["conf_ci"][1] if ok else None,
+            r["n_tasks"] if ok else 0, None if alpha is None else float(alpha), alpha_source])))
+    return rows
+
+
 def write_scores_csv(out, results, alpha: float | None, alpha_source: str) -> None:
     def fmt(v):
         return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
@@ -387,13 +406,8 @@ def write_scores_csv(out, results, alpha: float | None, alpha_source: str) -> No
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(MIS_COLUMNS)
-        for r in results:
-            ok = r["status"] == "ok"
-            writer.writerow([r["layer"], r["unit"], r["status"],
-                             fmt(r["mis"] if ok else None), fmt(r["mis_confidence"] if ok else None),
-                             fmt(r["mis_ci"][0] if ok else None), fmt(r["mis_ci"][1] if ok else None),
-                             fmt(r["conf_ci"][0] if ok else None), fmt(r["conf_ci"][1] if ok else None),
-                             r["n_tasks"] if ok else 0, fmt(None if alpha is None else float(alpha)), alpha_source])
+        for row in score_rows(results, alpha, alpha_source):
+            writer.writerow([fmt(row[c]) for c in MIS_COLUMNS])
 
 
 def _write_tasks(path, results, names, settings: ScoreSettings, meta: dict) -> None:

@@ -112,10 +112,10 @@ def test_tiny_study_caches_and_reruns_only_what_changed(tmp_path, study_data):
 def test_failed_step_is_recorded_and_resumed(tmp_path, study_data, monkeypatch):
     config = load_config(write_config(tmp_path / "s.toml", study_data))
     out = tmp_path / "out"
-    import misbench.study as study_module
+    from misbench.study import Study
 
     calls = {"n": 0}
-    original = study_module.Study._score
+    original = Study._score
 
     def flaky(self, acts, target):
         calls["n"] += 1
@@ -123,7 +123,7 @@ def test_failed_step_is_recorded_and_resumed(tmp_path, study_data, monkeypatch):
             raise RuntimeError("disk full")
         return original(self, acts, target)
 
-    monkeypatch.setattr(study_module.Study, "_score", flaky)
+    monkeypatch.setattr(Study, "_score", flaky)
     with pytest.raises(RuntimeError):
         Study(config, out).run()
     steps = json.loads((out / "manifest.json").read_text())["steps"]

@@ -1,0 +1,251 @@
+"""misbench as a library: one function per command, for scripts and notebooks (docs/api.md).
+
+The CLI parses its flags and calls these functions; options are the fields of the same frozen
+settings dataclasses (ExtractSettings, ScoreSettings, PruneSettings, TrainSettings), so names and
+defaults exist once.
+"""
+
+__all__ = ["LayerInfo", "layers", "load_model", "extract", "open_activations", "score", "load_scores", "prune",
+           "retrain", "audit", "evaluate", "report", "study"]
+
+import dataclasses
+import inspect
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .audit import audit as _audit
+from .calibrate import calibration_alpha
+from .errors import MisbenchError, close_matches
+from .evaluate import evaluate_acts, evaluate_model, write_eval
+from .extract import ExtractSettings, extract as _extract
+from .layer_list import LayerInfo, list_layers
+from .models import LoadedModel, load_model as _load_model
+from .pruning import PruneSettings
+from .pruning.run import produce_checkpoint
+from .scoring import MIS_COLUMNS, ScoreSettings, parse_shard, score as _score
+from .store import ActivationFile, open_activations as _open_activations
+from .study import run_study
+from .study_config import StudyConfig, load_config, parse_config
+from .training import TrainSettings
+
+log = logging.getLogger(__name__)
+
+# mis.csv's dtypes, whether the rows come from memory or from the file
+_DTYPES = {"layer": str, "unit": "int64", "status": str, "mis": "float64", "mis_confidence": "float64",
+           "mis_ci_low": "float64", "mis_ci_high": "float64", "conf_ci_low": "float64", "conf_ci_high": "float64",
+           "n_tasks": "int64", "alpha": "float64", "alpha_source": str}
+# the columns DESIGN §8 names; alpha and alpha_source came later (older files lack them)
+_REQUIRED = MIS_COLUMNS[:MIS_COLUMNS.index("n_tasks") + 1]
+
+
+def _fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _check_options(options: dict, allowed: list[str], what: str) -> None:
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        hint = close_matches(unknown[0], allowed)
+        raise MisbenchError(f"unknown {what} option {unknown[0]!r}: expected one of {', '.join(allowed)}.{hint}")
+
+
+def _names(value) -> tuple:
+    """'a,b' or ['a', 'b'] -> ('a', 'b'): list options take both forms, as on the command line."""
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(part.strip() for item in items for part in str(item).split(",") if part.strip())
+
+
+def load_model(model, arch: str | None = None, num_classes: int | None = None, trust_pickle: bool = False,
+               arch_kwargs: dict | None = None) -> LoadedModel:
+    """MODEL (DESIGN §3): a torchvision `name[:weights]`, a misbench checkpoint, or a state_dict file with `arch`.
+
+    A LoadedModel passes through unchanged, so every function here takes either."""
+    if isinstance(model, LoadedModel):
+        return model
+    return _load_model(str(model), arch=arch, num_classes=num_classes, trust_pickle=trust_pickle,
+                       arch_kwargs=arch_kwargs)
+
+
+def layers(model, **model_options) -> list[LayerInfo]:
+    """Every module `extract` can record, as (name, kind, n_units, module, in_conv, classes) rows."""
+    loaded = load_model(model, **model_options)
+    crop = loaded.preprocess.crop
+    device = next(loaded.model.parameters()).device
+    return list_layers(loaded.model, torch.zeros(1, 3, crop, crop, device=device), loaded.categories or ())
+
+
+def extract(model, data, layers, out, *, resume: bool = False, overwrite: bool = False, progress=None,
+            arch: str | None = None, num_classes: int | None = None, trust_pickle: bool = False,
+            arch_kwargs: dict | None = None, **options) -> Path:
+    """Activations of MODEL on DATA for `layers` ('conv,softmax' or a list) into the HDF5 file `out`.
+
+    `options` are ExtractSettings fields (reduction, dtype, limit, keep, batch_size, device, ...)."""
+    _check_options(options, [f for f in _fields(ExtractSettings) if f != "layers"], "extract")
+    settings = ExtractSettings(layers=_names(layers), **options)
+    loaded = load_model(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs)
+    return _extract(loaded, data, out, settings, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def open_activations(path) -> ActivationFile:
+    """A complete activation file: `layer_names`, `activations(layer)` (numpy [N, U]), `labels`, `paths`,
+    `logits`, `class_names`, `attrs`. Use it as a context manager (or call close())."""
+    return _open_activations(path)
+
+
+def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=None, progress=None, backend=None,
+          alpha_from=None, **options) -> pd.DataFrame:
+    """MIS of every unit of `layers` (names, 'a,b', or 'all') in the activation file `acts`.
+
+    Returns a DataFrame with mis.csv's columns and mis.json's content in `df.attrs`. Nothing is
+    written unless `out` (mis.csv, with mis.json beside it) or `tasks_out` is given. `options` are
+    ScoreSettings fields (similarity, image_size, selection, tasks, explanations, alpha, seed, ...).
+    `alpha_from`: the JSON of `misbench calibrate --out`, whose alpha is used and recorded as calibrated."""
+    _check_options(options, _fields(ScoreSettings), "score")
+    if alpha_from:
+        if options.get("alpha") is not None:
+            raise MisbenchError("give --alpha or --alpha-from, not both")
+        options["alpha"], options["alpha_source"] = calibration_alpha(alpha_from)
+    settings = ScoreSettings(**options)
+    shard = parse_shard(shard) if isinstance(shard, str) or shard is None else tuple(shard)
+    meta = _score(acts, list(_names(layers)), settings, out, tasks_out=tasks_out, cache_dir=cache, shard=shard,
+                  backend=backend, progress=progress)
+    if meta is None:  # another rank under torchrun: rank 0 holds the result
+        return None
+    if "rows" not in meta:  # merged from the ranks' files
+        return load_scores(out)
+    df = pd.DataFrame(meta.pop("rows"), columns=MIS_COLUMNS).astype(_DTYPES)
+    df.attrs.update(meta)
+    return df
+
+
+def load_scores(path) -> pd.DataFrame:
+    """mis.csv as a DataFrame; the settings, means and provenance of mis.json beside it in `df.attrs`."""
+    path = Path(path)
+    if not path.exists():
+        raise MisbenchError(f"scores file {path} does not exist")
+    # round_trip: the exact doubles score() returns in memory (pandas' default parser may differ in the last bit)
+    df = pd.read_csv(path, dtype={"layer": str, "status": str}, keep_default_na=False, na_values=[""],
+                     float_precision="round_trip")
+    missing = [c for c in _REQUIRED if c not in df.columns]
+    if missing:
+        raise MisbenchError(f"{path} is not a mis.csv: columns {', '.join(missing)} are missing "
+                            f"(expected {','.join(MIS_COLUMNS)})")
+    df = df.astype({c: t for c, t in _DTYPES.items() if c in df.columns})
+    sidecar = path.with_suffix(".json")
+    if sidecar.exists():
+        df.attrs.update(json.loads(sidecar.read_text()))
+    return df
+
+
+def _produce(model, prune_settings, out, data, val_data, resume, overwrite, progress, resize, crop, model_options,
+             train_options) -> Path:
+    _check_options(train_options, _fields(TrainSettings), "training")
+    loaded = load_model(model, **model_options)
+    loaded.preprocess = loaded.preprocess.override(resize, crop)
+    return produce_checkpoint(loaded, prune_settings, TrainSettings(**train_options), out, data, val_data,
+                              resume=resume, overwrite=overwrite, progress=progress)
+
+
+def prune(model, method: str, rate: float, out, *, steps: int | None = None, exclude=None, data=None, val_data=None,
+          resume: bool = False, overwrite: bool = False, progress=None, resize: int | None = None,
+          crop: int | None = None, arch: str | None = None, num_classes: int | None = None,
+          trust_pickle: bool = False, arch_kwargs: dict | None = None, **options) -> Path:
+    """Prune MODEL by `method` to `rate`, retrain `epochs` after each step, write a misbench checkpoint.
+
+    `options` are PruneSettings fields (scope, criterion, schedule, seed) and TrainSettings fields
+    (epochs, optimizer, lr, momentum, weight_decay, gamma, batch_size, amp, augment, device, ...);
+    `seed` seeds both. `steps` defaults to 4 for the iterative schedule, else 1. `exclude`: module
+    names ('a,b' or a list; '' or () for none; None: the architecture's default)."""
+    prune_fields = [f for f in _fields(PruneSettings) if f not in ("method", "rate", "steps", "exclude")]
+    _check_options(options, sorted(set(prune_fields) | set(_fields(TrainSettings))), "prune")
+    prune_options = {k: v for k, v in options.items() if k in prune_fields}
+    train_options = {k: v for k, v in options.items() if k in _fields(TrainSettings)}
+    schedule = prune_options.get("schedule", "oneshot")
+    settings = PruneSettings(method=method, rate=rate, steps=steps if steps is not None else (4 if schedule == "iterative" else 1),
+                             exclude=None if exclude is None else _names(exclude), **prune_options)
+    return _produce(model, settings, out, data, val_data, resume, overwrite, progress, resize, crop,
+                    dict(arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs),
+                    train_options)
+
+
+def retrain(model, out, *, data=None, val_data=None, resume: bool = False, overwrite: bool = False, progress=None,
+            resize: int | None = None, crop: int | None = None, arch: str | None = None,
+            num_classes: int | None = None, trust_pickle: bool = False, arch_kwargs: dict | None = None,
+            **options) -> Path:
+    """Retrain MODEL without pruning (the unpruned control); a pruned checkpoint's masks stay enforced.
+    `options` are TrainSettings fields; `epochs` must be at least 1."""
+    if options.get("epochs", 0) < 1:
+        raise MisbenchError("retrain needs --epochs >= 1 (API: epochs=1 or more)")
+    return _produce(model, None, out, data, val_data, resume, overwrite, progress, resize, crop,
+                    dict(arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs),
+                    options)
+
+
+def audit(model, **model_options) -> dict:
+    """Per prunable layer weights, zeros, sparsity, zero channels; totals; the pruning record and whether
+    the zeros still match it (`consistent`). DESIGN §6's `audit --json` object plus `problems`."""
+    return _audit(load_model(model, **model_options))
+
+
+def evaluate(model=None, data=None, *, acts=None, out=None, classwise=None, progress=None, arch: str | None = None,
+             num_classes: int | None = None, trust_pickle: bool = False, arch_kwargs: dict | None = None,
+             **options) -> dict:
+    """Top-1, top-5 and class-wise accuracy of MODEL on DATA, or from the logits stored in `acts`.
+
+    Writes eval.json to `out` (and the class-wise CSV to `classwise`) only when given. `options`:
+    batch_size, workers, device, limit, labels (the forward pass's; evaluate_model's defaults)."""
+    _check_options(options, ["batch_size", "workers", "device", "limit", "labels"], "evaluate")
+    if acts is not None:
+        if model is not None or data is not None:
+            raise MisbenchError("give either MODEL --data DATA or --acts FILE, not both")
+        if options.get("limit") is not None:
+            raise MisbenchError("--limit applies to a forward pass over DATA; --acts evaluates every stored row")
+        result = evaluate_acts(acts)  # batch_size, workers, device: no forward pass to run
+    else:
+        if model is None or data is None:
+            raise MisbenchError("eval needs MODEL and --data DATA (or --acts FILE)")
+        loaded = load_model(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle,
+                            arch_kwargs=arch_kwargs)
+        result = evaluate_model(loaded, data, progress=progress, **options)
+    if classwise is not None and out is None:
+        raise MisbenchError("the class-wise CSV (--classwise) is written beside eval.json: give out (--out) too")
+    if out is not None:
+        write_eval(result, out, classwise)
+    return result
+
+
+def report(kind: str, out, **inputs) -> Path:
+    """Write the report `kind` into the folder `out`; returns its main file (report.html, layers.csv, curves.csv).
+
+    classwise: scores, acts or eval_json, layer, tasks, units, seed. sweep: runs (runs.csv or a study
+    folder), seed, baseline. layers: scores. curves: checkpoints."""
+    # the reports import matplotlib, which selects its Agg backend: only when a report is made,
+    # so that importing misbench leaves a notebook's plotting backend alone
+    from .reports.build import REPORTS
+
+    if kind not in REPORTS:
+        raise MisbenchError(f"unknown report {kind!r}: expected one of {', '.join(REPORTS)}.{close_matches(kind, REPORTS)}")
+    build = REPORTS[kind]
+    try:
+        inspect.signature(build).bind(out=out, **inputs)
+    except TypeError as err:
+        params = [p for p in inspect.signature(build).parameters if p != "out"]
+        raise MisbenchError(f"report {kind}: {err}; it takes {', '.join(params)}") from None
+    return build(out=out, **inputs)
+
+
+def study(config, out, *, quick: bool = False, dry_run: bool = False, on_step=None) -> dict:
+    """Run the study of `config` (a TOML path, a dict of its sections, or a StudyConfig) into the folder `out`,
+    redoing only what changed. Returns manifest.json's content (with dry_run: {"plan": [(step, status)]})."""
+    if isinstance(config, dict):
+        config = parse_config(config, quick=quick)
+    elif not isinstance(config, StudyConfig):
+        config = load_config(config, quick=quick)
+    result = run_study(config, out, dry_run=dry_run, on_step=on_step)
+    if dry_run:
+        return result
+    return json.loads(Path(result["manifest"]).read_text())
