@@ -22,6 +22,7 @@ from .calibrate import calibration_alpha
 from .errors import MisbenchError, close_matches
 from .evaluate import evaluate_acts, evaluate_model, write_eval
 from .extract import ExtractSettings, extract as _extract
+from .fileio import json_plain
 from .layer_list import LayerInfo, list_layers
 from .models import LoadedModel, load_model as _load_model
 from .pruning import PruneSettings
@@ -118,7 +119,7 @@ def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=Non
     if "rows" not in meta:  # merged from the ranks' files
         return load_scores(out)
     df = pd.DataFrame(meta.pop("rows"), columns=MIS_COLUMNS).astype(_DTYPES)
-    df.attrs.update(meta)
+    df.attrs.update(json_plain(meta))  # as load_scores reads it from mis.json
     return df
 
 
@@ -127,9 +128,8 @@ def load_scores(path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise MisbenchError(f"scores file {path} does not exist")
-    # round_trip: the exact doubles score() returns in memory (pandas' default parser may differ in the last bit)
-    df = pd.read_csv(path, dtype={"layer": str, "status": str}, keep_default_na=False, na_values=[""],
-                     float_precision="round_trip")
+    df = pd.read_csv(path, dtype={"layer": str, "status": str, "alpha_source": str}, keep_default_na=False,
+                     na_values=[""])
     missing = [c for c in _REQUIRED if c not in df.columns]
     if missing:
         raise MisbenchError(f"{path} is not a mis.csv: columns {', '.join(missing)} are missing "

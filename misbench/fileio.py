@@ -1,7 +1,7 @@
 """Hashing and atomic writes: an output either appears whole or not at all."""
 
 __all__ = ["sha256_file", "atomic_path", "write_json", "write_text", "write_hdf5", "utc_now", "disk_full_error",
-           "refuse_same_paths", "DiskFullError"]
+           "refuse_same_paths", "DiskFullError", "json_plain"]
 
 import contextlib
 import datetime as _dt
@@ -136,6 +136,11 @@ def _json_default(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def json_plain(obj):
+    """`obj` as write_json stores it and json.load reads it back (tuples become lists, numpy scalars numbers)."""
+    return json.loads(json.dumps(obj, default=_json_default))
 
 
 def utc_now() -> str:

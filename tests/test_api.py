@@ -1,0 +1,161 @@
+"""The Python API: docs/api.md's example runs as written, and its results equal the CLI's on the same inputs."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+import misbench
+from conftest import make_image_folder, write_acts
+from misbench.archs import build_arch
+from misbench.cli.main import cli
+from misbench.errors import MisbenchError
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI = {"arch": "mini_inception", "num_classes": 3, "arch_kwargs": {"width": 8}}
+MINI_FLAGS = ["--arch", "mini_inception", "--num-classes", "3", "--arch-kwargs", '{"width": 8}']
+
+
+def doc_cells() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "api.md").read_text(), re.S)
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    """A random mini_inception state_dict and 420 generated images (fair selection needs 400 rows)."""
+    root = tmp_path_factory.mktemp("api")
+    torch.manual_seed(0)
+    model = root / "mini.pt"
+    torch.save(build_arch("mini_inception", 3, {"width": 8}).state_dict(), model)
+    images = make_image_folder(root / "images", classes=3, per_class=140, size=16)
+    return root, model, images
+
+
+def test_docs_example_runs_and_equals_the_cli(mini, tmp_path, monkeypatch):
+    root, model, images = mini
+    cells = doc_cells()
+    assert len(cells) == 6 and cells[0].startswith("# inputs")
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    exec(cells[0], ns)  # the user's inputs, then ours in their place
+    assert set(ns) >= {"model", "model_options", "data", "layer", "limit", "work"}
+    ns.update(model=str(model), model_options=MINI, data=str(images), layer="inception3a", limit=None,
+              work=tmp_path / "work")
+    for cell in cells[1:]:
+        exec(cell, ns)
+
+    # the same file scored by the command line
+    out = tmp_path / "cli" / "mis.csv"
+    r = CliRunner().invoke(cli, ["score", str(ns["acts"]), "--layer", "inception3a", "--layer", "softmax", "--out",
+                                 str(out), "--similarity", "pixel", "--image-size", "32"])
+    assert r.exit_code == 0, r.output
+    by_cli = misbench.load_scores(out)
+    pd.testing.assert_frame_equal(ns["scores"], by_cli, check_exact=True)
+    pd.testing.assert_frame_equal(ns["saved"], by_cli, check_exact=True)
+    assert ns["scores"].attrs["settings"] == by_cli.attrs["settings"]
+    assert ns["scores"].attrs["layers"] == by_cli.attrs["layers"]
+    assert list(by_cli.columns) == "layer,unit,status,mis,mis_confidence,mis_ci_low,mis_ci_high,conf_ci_low,conf_ci_high,n_tasks".split(",")
+    units = {r.name: r.n_units for r in ns["rows"]}
+    assert by_cli.layer.value_counts().to_dict() == {"inception3a": units["inception3a"], "softmax": 3}
+
+    # the reader's arrays against a direct forward pass of the network on the same preprocessed images
+    loaded = misbench.load_model(str(model), **MINI)
+    from misbench.data import FolderSource, TransformedDataset
+    from misbench.preprocess import build_transform
+
+    source = FolderSource(str(images), images.resolve())
+    pre = loaded.preprocess
+    ds = TransformedDataset(source, build_transform(pre), (3, pre.crop, pre.crop), 0, len(source))
+    x = torch.stack([ds[i][0] for i in range(len(source))])
+    with torch.inference_mode():
+        logits = loaded.model.eval()(x)
+    np.testing.assert_allclose(ns["softmax"], torch.softmax(logits, 1).numpy(), atol=1e-5)
+    assert ns["labels"].tolist() == [source.label(i) for i in range(len(source))]
+    assert ns["paths"][:2] == [source.path(0), source.path(1)]
+    # accuracy against numpy on the same logits
+    assert ns["accuracy"]["top1"] == pytest.approx(float((logits.argmax(1).numpy() == ns["labels"]).mean()))
+    assert Path(ns["html"]).name == "report.html" and (tmp_path / "work" / "report" / "classwise.csv").exists()
+    # pruning: half of each conv's filters are zero, as audit and the weights themselves say
+    ckpt = torch.load(ns["pruned"], weights_only=True)
+    convs = [k for k in ckpt["masks"] if ckpt["state_dict"][k].dim() == 4]
+    assert convs and all((ckpt["state_dict"][k].flatten(1).abs().sum(1) == 0).float().mean() == pytest.approx(0.5, abs=0.13)
+                         for k in convs)
+    assert ns["check"]["consistent"] is True
+
+
+def test_score_writes_nothing_without_out_and_rejects_unknown_options(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=200, size=16)
+    acts = write_acts(tmp_path / "a.h5", folder, {"l": rng.random((400, 3))})
+    before = sorted(p.name for p in tmp_path.iterdir())
+    df = misbench.score(acts, "l", similarity="pixel", image_size=16, n_boot=50)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert len(df) == 3 and df.status.eq("ok").all() and df.n_tasks.eq(20).all()
+    # mis is the share of the tasks whose delta > 0: recompute it from the tasks file of a written run
+    import h5py
+
+    again = misbench.score(acts, ["l"], out=tmp_path / "m.csv", tasks_out=tmp_path / "t.h5", similarity="pixel",
+                           image_size=16, n_boot=50)
+    pd.testing.assert_frame_equal(df, again, check_exact=True)
+    with h5py.File(tmp_path / "t.h5") as h5:
+        delta = h5["l/delta"][...]
+    np.testing.assert_allclose(df.mis.to_numpy(), ((delta > 0) + 0.5 * (delta == 0)).mean(1), atol=1e-6)
+    with pytest.raises(MisbenchError, match="imagesize.*image_size"):
+        misbench.score(acts, "l", imagesize=16)
+    with pytest.raises(MisbenchError, match="not a mis.csv"):
+        (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+        misbench.load_scores(tmp_path / "x.csv")
+
+
+def test_layers_tells_what_extract_records(mini, tmp_path):
+    root, model, images = mini
+    rows = misbench.layers(str(model), **MINI)
+    loaded = misbench.load_model(str(model), **MINI)
+    modules = dict(loaded.model.named_modules())
+    # unit counts against the modules' own sizes
+    for row in rows:
+        m = modules.get(row.name)
+        if isinstance(m, torch.nn.Conv2d):
+            assert row.n_units == m.out_channels and row.kind == "conv"
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            assert row.n_units == m.num_features
+        elif isinstance(m, torch.nn.Linear):
+            assert row.n_units == m.out_features and row.kind == "linear"
+    assert [(r.name, r.n_units) for r in rows[-2:]] == [("logits", 3), ("softmax", 3)]
+    # `conv` expands to exactly the rows marked in_conv, with their unit counts
+    acts = misbench.extract(str(model), str(images), "conv", tmp_path / "a.h5", limit=8, **MINI)
+    with misbench.open_activations(acts) as f:
+        recorded = {name: f.activations(name).shape[1] for name in f.layer_names}
+    assert recorded == {r.name: r.n_units for r in rows if r.in_conv}
+    # the command prints one line per layer with the same numbers
+    r = CliRunner().invoke(cli, ["layers", str(model), *MINI_FLAGS])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    printed = {line.split()[0]: int(line.split()[2]) for line in lines[1:-1]}
+    assert printed == {row.name: row.n_units for row in rows}
+    assert lines[-1].startswith(f"conv = {len(recorded)} modules, {sum(recorded.values())} units")
+
+
+def test_layers_of_torchvision_architectures_and_class_names():
+    rows = misbench.layers("resnet18")
+    by_name = {r.name: r for r in rows}
+    import torchvision
+
+    reference = torchvision.models.resnet18(weights=None)
+    for name, module in reference.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            assert by_name[name].n_units == module.out_channels
+    assert by_name["fc"].n_units == 1000 and by_name["layer4.1.bn2"].in_conv
+    googlenet = {r.name for r in misbench.layers("googlenet")}
+    assert "inception4a.branch2.1.bn" in googlenet and not any(n.startswith("aux") for n in googlenet)
+
+
+def test_unknown_layer_suggests_close_names(mini, tmp_path):
+    root, model, images = mini
+    r = CliRunner().invoke(cli, ["extract", str(model), *MINI_FLAGS, "--data", str(images), "--layers", "inception3x",
+                                 "--out", str(tmp_path / "a.h5")])
+    assert r.exit_code == 1 and "inception3a" in r.output and not (tmp_path / "a.h5").exists()
