@@ -4,14 +4,15 @@ import click
 
 from misbench import api
 
-from .common import Progress, handle_errors, labels_option, model_kwargs, model_options, workers_option
+from .common import Progress, handle_errors, labels_option, list_option, model_kwargs, model_options, workers_option
 
 
 @click.command()
 @click.argument("model")
 @model_options
 @click.option("--data", required=True, help="ImageFolder directory, fashion-mnist:train|test, or digits.")
-@click.option("--layers", required=True, help="Comma-separated module names, or logits, softmax, conv.")
+@list_option("--layers", "--layer", "layers", required=True,
+             help="Module names (see `misbench layers MODEL`), or logits, softmax, conv; repeatable or comma-separated.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output HDF5 file.")
 @click.option("--batch-size", default=64, show_default=True)
 @workers_option

@@ -86,6 +86,27 @@ class Progress:
         self.close()
 
 
+def _split_list(values) -> tuple:
+    return tuple(part.strip() for value in values for part in value.split(",") if part.strip())
+
+
+class ListOption(click.Option):
+    """A repeatable option whose values are also comma-separated lists (tests find them by this class)."""
+
+
+def list_option(*names, absent=(), **kwargs):
+    """A list option: `--opt a --opt b` and `--opt a,b` give the same tuple (one grammar on every command).
+    `absent`: the value when the option is not given at all (None where that means "the default list")."""
+    def callback(_ctx, param, values):
+        if not values:
+            return absent
+        items = _split_list(values)
+        if param.required and not items:
+            raise click.BadParameter("expected at least one name")
+        return items
+    return click.option(*names, cls=ListOption, multiple=True, callback=callback, **kwargs)
+
+
 def _workers(_ctx, _param, value):
     try:
         return parse_workers(value)

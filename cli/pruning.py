@@ -6,7 +6,7 @@ import click
 
 from misbench import api
 
-from .common import Progress, handle_errors, labels_option, model_kwargs, model_options, workers_option
+from .common import Progress, handle_errors, labels_option, list_option, model_kwargs, model_options, workers_option
 
 
 def training_options(func):
@@ -100,7 +100,7 @@ def _run(model, model_kw, prune, kw):
 @click.option("--criterion", type=click.Choice(["l1", "l2", "random"]), default="l1", show_default=True)
 @click.option("--schedule", type=click.Choice(["oneshot", "iterative"]), default="oneshot", show_default=True)
 @click.option("--steps", default=None, type=int, help="Pruning steps of the iterative schedule (default 4).")
-@click.option("--exclude", default=None, help="Comma-separated module names left unpruned (GoogLeNet default: "
+@list_option("--exclude", absent=None, help="Module names left unpruned, repeatable or comma-separated (GoogLeNet default: "
               "conv1,conv2,conv3,aux1,aux2; '' for none).")
 @training_options
 @handle_errors

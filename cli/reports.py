@@ -7,7 +7,7 @@ import click
 
 from misbench import api
 
-from .common import handle_errors
+from .common import handle_errors, list_option
 
 
 def _fmt_corr(name, c):
@@ -32,7 +32,7 @@ def _summary(out) -> dict:
 @click.option("--eval", "eval_json", type=click.Path(exists=True, dir_okay=False), default=None, help="eval.json")
 @click.option("--layer", default=None, help="Layer of class units in mis.csv (default softmax).")
 @click.option("--tasks", type=click.Path(exists=True, dir_okay=False), default=None, help="tasks.h5, for unit pictures.")
-@click.option("--unit", "units", multiple=True, help="LAYER:INDEX to picture (repeatable).")
+@list_option("--unit", "--units", "units", help="LAYER:INDEX to picture (repeatable or comma-separated).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)
 @handle_errors
@@ -100,8 +100,9 @@ def curves(checkpoints, out):
 @click.command("import-scores")
 @click.argument("pickle_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="mis.csv")
-@click.option("--drop-type", "drop_types", multiple=True, help="Leave out a layer type (e.g. BatchNorm2d).")
-@click.option("--constant", multiple=True, help="LAYER:I,J,... units to mark constant (e.g. pruned filters).")
+@list_option("--drop-type", "drop_types", help="Leave out layer types (e.g. BatchNorm2d; repeatable or comma-separated).")
+@click.option("--constant", multiple=True,
+              help="LAYER:I,J,... units of one layer to mark constant (e.g. pruned filters); repeat for more layers.")
 @click.option("--constant-above", type=float, default=None,
               help="Mark units with mis_confidence >= this constant (pruned filters score ~1.0; e.g. 0.999).")
 @handle_errors

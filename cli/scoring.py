@@ -4,7 +4,7 @@ import click
 
 from misbench import api
 
-from .common import handle_errors, workers_option
+from .common import handle_errors, list_option, workers_option
 
 
 class _ScoreProgress:
@@ -23,7 +23,8 @@ class _ScoreProgress:
 
 @click.command()
 @click.argument("acts", type=click.Path(exists=False, dir_okay=False))
-@click.option("--layer", "layers", multiple=True, required=True, help="Layer name (repeatable), or 'all'.")
+@list_option("--layer", "--layers", "layers", required=True,
+             help="Layer names (repeatable or comma-separated), or 'all'.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="mis.csv (mis.json is written beside it).")
 @click.option("--similarity", default="lpips-alex", show_default=True,
               help="lpips-alex|lpips-vgg|lpips-squeeze|deepfeat:<model>|dreamsim|pixel")
