@@ -11,7 +11,6 @@ __all__ = ["LayerInfo", "layers", "load_model", "extract", "open_activations", "
 import dataclasses
 import inspect
 import json
-import logging
 from pathlib import Path
 
 import pandas as pd
@@ -28,12 +27,11 @@ from .models import LoadedModel, load_model as _load_model
 from .pruning import PruneSettings
 from .pruning.run import produce_checkpoint
 from .scoring import MIS_COLUMNS, ScoreSettings, parse_shard, score as _score
-from .store import ActivationFile, open_activations as _open_activations
+# a reader of a complete file: layer_names, activations(layer) (numpy [N, U]), labels, paths, logits, class_names
+from .store import open_activations
 from .study import run_study
 from .study_config import StudyConfig, load_config, parse_config
 from .training import TrainSettings
-
-log = logging.getLogger(__name__)
 
 # mis.csv's dtypes, whether the rows come from memory or from the file
 _DTYPES = {"layer": str, "unit": "int64", "status": str, "mis": "float64", "mis_confidence": "float64",
@@ -89,12 +87,6 @@ def extract(model, data, layers, out, *, resume: bool = False, overwrite: bool =
     settings = ExtractSettings(layers=_names(layers), **options)
     loaded = load_model(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs)
     return _extract(loaded, data, out, settings, resume=resume, overwrite=overwrite, progress=progress)
-
-
-def open_activations(path) -> ActivationFile:
-    """A complete activation file: `layer_names`, `activations(layer)` (numpy [N, U]), `labels`, `paths`,
-    `logits`, `class_names`, `attrs`. Use it as a context manager (or call close())."""
-    return _open_activations(path)
 
 
 def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=None, progress=None, backend=None,
@@ -240,7 +232,8 @@ def report(kind: str, out, **inputs) -> Path:
 
 def study(config, out, *, quick: bool = False, dry_run: bool = False, on_step=None) -> dict:
     """Run the study of `config` (a TOML path, a dict of its sections, or a StudyConfig) into the folder `out`,
-    redoing only what changed. Returns manifest.json's content (with dry_run: {"plan": [(step, status)]})."""
+    redoing only what changed. Returns manifest.json's content (with dry_run: {"plan": [(step, status)]}).
+    `quick` applies the config's [quick] overrides to a path or dict (a StudyConfig is used as it is)."""
     if isinstance(config, dict):
         config = parse_config(config, quick=quick)
     elif not isinstance(config, StudyConfig):
