@@ -152,6 +152,12 @@ def test_layers_of_torchvision_architectures_and_class_names():
     assert by_name["fc"].n_units == 1000 and by_name["layer4.1.bn2"].in_conv
     googlenet = {r.name for r in misbench.layers("googlenet")}
     assert "inception4a.branch2.1.bn" in googlenet and not any(n.startswith("aux") for n in googlenet)
+    # class names of the outputs from the weights' metadata (the staged MobileNetV2 file, `make assets`)
+    rows = misbench.layers("mobilenet_v2:IMAGENET1K_V1")
+    categories = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
+    assert [r.classes for r in rows[-2:]] == [tuple(categories)] * 2 and rows[-1].n_units == len(categories) == 1000
+    r = CliRunner().invoke(cli, ["layers", "mobilenet_v2:IMAGENET1K_V1"])
+    assert r.exit_code == 0 and "softmax" in r.output and ", ".join(categories[:5]) in r.output
 
 
 def test_unknown_layer_suggests_close_names(mini, tmp_path):
