@@ -141,7 +141,7 @@ def test_layers_tells_what_extract_records(mini, tmp_path):
 
 
 def test_layers_of_torchvision_architectures_and_class_names():
-    rows = misbench.layers("resnet18")
+    rows = misbench.layers("resnet18:random")
     by_name = {r.name: r for r in rows}
     import torchvision
 
@@ -150,7 +150,7 @@ def test_layers_of_torchvision_architectures_and_class_names():
         if isinstance(module, torch.nn.Conv2d):
             assert by_name[name].n_units == module.out_channels
     assert by_name["fc"].n_units == 1000 and by_name["layer4.1.bn2"].in_conv
-    googlenet = {r.name for r in misbench.layers("googlenet")}
+    googlenet = {r.name for r in misbench.layers("googlenet:random")}
     assert "inception4a.branch2.1.bn" in googlenet and not any(n.startswith("aux") for n in googlenet)
     # class names of the outputs from the weights' metadata (the staged MobileNetV2 file, `make assets`)
     rows = misbench.layers("mobilenet_v2:IMAGENET1K_V1")
