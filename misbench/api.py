@@ -120,8 +120,10 @@ def load_scores(path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise MisbenchError(f"scores file {path} does not exist")
-    df = pd.read_csv(path, dtype={"layer": str, "status": str, "alpha_source": str}, keep_default_na=False,
-                     na_values=[""])
+    # an empty cell is a missing number (constant units), but an empty string stays one
+    text = [c for c, t in _DTYPES.items() if t is str]
+    df = pd.read_csv(path, dtype={c: str for c in text}, keep_default_na=False,
+                     na_values={c: [""] for c in _DTYPES if c not in text})
     missing = [c for c in _REQUIRED if c not in df.columns]
     if missing:
         raise MisbenchError(f"{path} is not a mis.csv: columns {', '.join(missing)} are missing "

@@ -58,7 +58,9 @@ def test_docs_example_runs_and_equals_the_cli(mini, tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(ns["saved"], by_cli, check_exact=True)
     assert ns["scores"].attrs["settings"] == by_cli.attrs["settings"]
     assert ns["scores"].attrs["layers"] == by_cli.attrs["layers"]
-    assert list(by_cli.columns) == "layer,unit,status,mis,mis_confidence,mis_ci_low,mis_ci_high,conf_ci_low,conf_ci_high,n_tasks".split(",")
+    assert list(by_cli.columns) == ("layer,unit,status,mis,mis_confidence,mis_ci_low,mis_ci_high,conf_ci_low,"
+                                    "conf_ci_high,n_tasks,alpha,alpha_source").split(",")
+    assert by_cli.alpha_source.eq("default").all() and by_cli.alpha.eq(by_cli.attrs["alpha"]).all()
     units = {r.name: r.n_units for r in ns["rows"]}
     assert by_cli.layer.value_counts().to_dict() == {"inception3a": units["inception3a"], "softmax": 3}
 
