@@ -457,7 +457,7 @@ def test_second_study_on_one_directory_names_the_holder(world, tmp_path):
 
 
 def test_study_step_whose_output_fails_verification_is_not_done(world, tmp_path, monkeypatch):
-    import misbench.study as study_module
+    from misbench.study import Study  # (misbench.study, the package attribute, is the API function)
     from misbench.study_config import load_config
 
     d = fresh(world, tmp_path)
@@ -467,9 +467,9 @@ def test_study_step_whose_output_fails_verification_is_not_done(world, tmp_path,
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
 
-    monkeypatch.setattr(study_module.Study, "_extract", broken_extract)
+    monkeypatch.setattr(Study, "_extract", broken_extract)
     with pytest.raises(MisbenchError, match="not a readable HDF5"):
-        study_module.Study(config, d / "out").run()
+        Study(config, d / "out").run()
     steps = json.loads((d / "out" / "manifest.json").read_text())["steps"]
     assert steps["extract:base"]["status"] == "failed"
 
