@@ -12,12 +12,17 @@ from .common import Progress, handle_errors, labels_option, list_option, model_k
 @model_options
 @click.option("--data", required=True, help="ImageFolder directory, fashion-mnist:train|test, or digits.")
 @list_option("--layers", "--layer", "layers", required=True,
-             help="Module names (see `misbench layers MODEL`), or logits, softmax, conv; repeatable or comma-separated.")
+             help="Module names (see `misbench layers MODEL`), or logits, softmax, conv, mlp; repeatable or comma-separated.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output HDF5 file.")
 @click.option("--batch-size", default=64, show_default=True)
 @workers_option
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--reduction", type=click.Choice(["mean", "max"]), default="mean", show_default=True)
+@click.option("--token-reduction", type=click.Choice(["mean", "max", "cls"]), default="mean", show_default=True,
+              help="How token layers ([N, tokens, D]) reduce over tokens; cls = the class token.")
+@click.option("--features", "features", multiple=True, metavar="NAME=LAYER:FILE",
+              help="Add a layer NAME of dictionary features of module LAYER (FILE: W_enc [K, D], b_enc [K], "
+              "optional b_dec [D], activation). Repeatable.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
 @click.option("--limit", type=int, default=None, help="Only the first N images.")
 @click.option("--resize", type=int, default=None, help="Override the resize of the model's preprocessing.")
@@ -32,7 +37,7 @@ from .common import Progress, handle_errors, labels_option, list_option, model_k
 @labels_option
 @handle_errors
 def extract(model, arch, num_classes, arch_kwargs, trust_pickle, data, layers, out, batch_size, workers, device,
-            reduction, dtype, limit, resize, crop, on_bad_image, amp, keep, resume, overwrite, labels):
+            reduction, token_reduction, features, dtype, limit, resize, crop, on_bad_image, amp, keep, resume, overwrite, labels):
     """Record per-unit activations of MODEL on DATA into an HDF5 file."""
     from misbench.distributed import is_main
 
@@ -40,7 +45,8 @@ def extract(model, arch, num_classes, arch_kwargs, trust_pickle, data, layers, o
         path = api.extract(model, data, layers, out, resume=resume, overwrite=overwrite,
                            progress=bar if is_main() else None,
                            **model_kwargs(arch, num_classes, arch_kwargs, trust_pickle),
-                           reduction=reduction, dtype=dtype, limit=limit, on_bad_image=on_bad_image, resize=resize,
+                           reduction=reduction, token_reduction=token_reduction, features=tuple(features),
+                           dtype=dtype, limit=limit, on_bad_image=on_bad_image, resize=resize,
                            crop=crop, amp=amp, keep=keep, labels=labels, batch_size=batch_size, workers=workers,
                            device=device)
     if is_main():

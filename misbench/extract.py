@@ -17,12 +17,14 @@ from .data import ImageSource, TransformedDataset, load_data
 from .device import describe, make_loader, precision, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
 from .fileio import disk_full_error, refuse_same_paths, utc_now
-from .hooks import FeatureHooks, resolve_layers
+from .dictionary import encode, parse_features, resolve_features
+from .hooks import FeatureHooks, LayerRequest, resolve_layers
 from .labels import LABEL_MODES
 from .models import LoadedModel
 from .preprocess import build_transform
 from .store import (SCHEMA, SCHEMA_VERSION, ActivationWriter, PartialUnusable, merge_activation_parts, part_path,
                     partial_path)
+from .tokens import TOKEN_REDUCTIONS, channels_last_modules
 from .topk import TopK, parse_keep
 from . import distributed
 
@@ -51,6 +53,8 @@ class ExtractSettings:
     amp: bool = False
     keep: str | None = None  # "topk:K": only the K highest and lowest activations per unit
     labels: str = "auto"  # how class folders map to the model's classes (labels.py)
+    token_reduction: str = "mean"  # over the tokens of token layers (tokens.py)
+    features: tuple = ()  # "NAME=LAYER:FILE" dictionary feature layers (dictionary.py)
     # how, not what: these do not change the file's content and may differ on --resume
     batch_size: int = 64
     workers: int | None = None  # None: auto (see loader_workers)
@@ -70,10 +74,15 @@ class ExtractSettings:
         if self.labels not in LABEL_MODES:
             raise MisbenchError(f"--labels {self.labels!r}: expected one of {', '.join(LABEL_MODES)}")
         parse_keep(self.keep)
+        if self.token_reduction not in TOKEN_REDUCTIONS:
+            raise MisbenchError(f"--token-reduction {self.token_reduction!r}: expected one of {', '.join(TOKEN_REDUCTIONS)}")
+        for spec in self.features:
+            parse_features(spec)
 
     def content_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
+        d["features"] = list(self.features)
         return {k: v for k, v in d.items() if k not in self.RUNTIME}
 
 
@@ -86,6 +95,7 @@ def _file_attrs(loaded: LoadedModel, source: ImageSource, settings: ExtractSetti
         "data": source.spec, "data_root": source.root, "num_classes": loaded.num_classes,
         "class_names": json.dumps(list(source.classes)),
         "transform": json.dumps(pre.to_dict()), "reduction": settings.reduction,
+        "token_reduction": settings.token_reduction,
         "created_utc": utc_now(), "settings": json.dumps(settings.content_dict()),
         "layer_names": json.dumps(layer_names), "n_dataset": len(source), "data_fingerprint": _fingerprint(source),
     }
@@ -146,7 +156,11 @@ def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: Extract
     model = loaded.model
     pre = loaded.preprocess.override(settings.resize, settings.crop)
     probe_device = next(model.parameters()).device
-    requests = resolve_layers(model, settings.layers, probe=torch.zeros(1, 3, pre.crop, pre.crop, device=probe_device))
+    probe = torch.zeros(1, 3, pre.crop, pre.crop, device=probe_device)
+    requests = resolve_layers(model, settings.layers, probe=probe)
+    features = resolve_features(model, settings.features, [r.name for r in requests], probe)
+    requests += [LayerRequest(name, module, "features") for name, (module, _) in features.items()]
+    _check_cls(model, requests, settings.token_reduction)
     partial = partial_path(out)
     rank, size = distributed.world()
     if out.exists() and not overwrite:
@@ -166,7 +180,7 @@ def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: Extract
     distributed.ensure_initialized(device)
     writer = _open_writer(own, attrs, resume, start)
     try:
-        _run(model, source, requests, settings, pre, writer, stop, device, progress)
+        _run(model, source, requests, settings, pre, writer, stop, device, progress, features)
         if size == 1:
             writer.finish()
         else:
@@ -211,11 +225,38 @@ def _open_writer(own: Path, attrs: dict, resume: bool, start: int) -> Activation
     return ActivationWriter(own, attrs, start=start)
 
 
-def _run(model, source, requests, settings, pre, writer, total, device, progress):
+def _check_cls(model, requests, token_reduction: str) -> None:
+    grids = channels_last_modules(model)
+    if token_reduction == "cls" and any(r.module in grids for r in requests):
+        name = next(r.module for r in requests if r.module in grids)
+        raise MisbenchError(f"--token-reduction cls: layer {name!r} is a token grid without a class token "
+                            "(Swin); use --token-reduction mean or max")
+
+
+def _layer_attrs(req, layout: str, n_units: int, settings: ExtractSettings, features: dict) -> dict:
+    """attrs of /layers/<name>: kind from the output's layout, and the reduction that made one value per unit."""
+    if req.kind in ("logits", "softmax"):
+        return {"module": "", "kind": req.kind, "n_units": n_units, "reduction": settings.reduction}
+    kind = {"conv": "conv", "flat": "linear", "tokens": "token", "grid": "token"}[layout]
+    reduction = settings.reduction if kind != "token" else settings.token_reduction
+    attrs = {"module": req.module, "kind": kind, "n_units": n_units, "reduction": reduction}
+    if kind == "token":
+        attrs["token_reduction"] = settings.token_reduction
+    if req.kind == "features":
+        dictionary = features[req.name][1]
+        attrs.update(kind="features", layer_kind=kind, dictionary_file=dictionary.path,
+                     dictionary_sha256=dictionary.sha256, activation=dictionary.activation,
+                     n_features=dictionary.n_features, width=dictionary.width)
+    return attrs
+
+
+def _run(model, source, requests, settings, pre, writer, total, device, progress, features=None):
+    features = features or {}
     model = prepare_model(model, device).eval()
     dataset = TransformedDataset(source, build_transform(pre), (3, pre.crop, pre.crop), writer.next_index, total)
     loader = make_loader(dataset, settings.batch_size, settings.workers, device)
-    module_names = [r.module for r in requests if r.module]
+    module_names = [r.module for r in requests if r.module and r.kind != "features"]
+    encoders = {name: (module, lambda x, d=dictionary: encode(x, d)) for name, (module, dictionary) in features.items()}
     dtype = storage_dtypes(requests, settings.dtype)
     k = parse_keep(settings.keep)
     topk: dict[str, TopK] = {}
@@ -224,7 +265,8 @@ def _run(model, source, requests, settings, pre, writer, total, device, progress
     log.info("extracting images %d to %d on %s", done, total - 1, describe(device, settings.workers, settings.amp))
     if progress:
         progress(done, total)
-    with FeatureHooks(model, module_names, settings.reduction) as hooks, torch.inference_mode():
+    with FeatureHooks(model, module_names, settings.reduction, settings.token_reduction,
+                      channels_last_modules(model), encoders) as hooks, torch.inference_mode():
         for x, labels, index, ok in loader:
             bad = [source.path(int(i)) or str(int(i)) for i, good in zip(index, ok) if not good]
             if bad and settings.on_bad_image == "fail":
@@ -244,15 +286,15 @@ def _run(model, source, requests, settings, pre, writer, total, device, progress
             columns = []
             for req in requests:
                 if req.kind == "logits":
-                    values, kind = logits, "logits"
+                    values = logits
                 elif req.kind == "softmax":
-                    values, kind = torch.softmax(logits, dim=1), "softmax"
+                    values = torch.softmax(logits, dim=1)
                 else:
-                    values = recorded[req.module].float()
-                    kind = "conv" if hooks.dims[req.module] == 4 else "linear"
+                    values = recorded[req.name if req.kind == "features" else req.module].float()
                 columns.append(values)
-                layer_attrs.setdefault(req.name, {"module": req.module or "", "kind": kind,
-                                                  "n_units": values.shape[1], "reduction": settings.reduction})
+                if req.name not in layer_attrs:
+                    layer_attrs[req.name] = _layer_attrs(req, hooks.layouts.get(req.module, "flat"), values.shape[1],
+                                                         settings, features)
             # one device-to-host copy per batch, not one per layer (GoogLeNet has 58)
             host = torch.cat([logits, *columns], dim=1).cpu().numpy()[keep]
             host_logits, bounds = host[:, :logits.shape[1]], np.cumsum([logits.shape[1]] + [c.shape[1] for c in columns])

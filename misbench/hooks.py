@@ -1,6 +1,7 @@
 """Which modules to record, and forward hooks that record them reduced to one value per unit."""
 
-__all__ = ["LayerRequest", "resolve_layers", "modules_that_run", "conv_unit_modules", "FeatureHooks", "SPECIAL_LAYERS", "reduce_output"]
+__all__ = ["LayerRequest", "resolve_layers", "modules_that_run", "conv_unit_modules", "FeatureHooks", "SPECIAL_LAYERS",
+           "reduce_output"]
 
 import dataclasses
 
@@ -8,8 +9,9 @@ import torch
 from torch import nn
 
 from .errors import MisbenchError, close_matches
+from .tokens import TOKEN_REDUCTIONS, as_positions, mlp_hidden_modules, output_layout, reduce_tokens
 
-SPECIAL_LAYERS = ("logits", "softmax", "conv")
+SPECIAL_LAYERS = ("logits", "softmax", "conv", "mlp")
 REDUCTIONS = ("mean", "max")
 
 
@@ -17,7 +19,7 @@ REDUCTIONS = ("mean", "max")
 class LayerRequest:
     name: str            # the name in the activation file
     module: str | None   # module path, None for logits/softmax (read from the model output)
-    kind: str            # conv | linear | logits | softmax (conv/linear settled by the first batch)
+    kind: str            # conv | mlp | module | logits | softmax | features (the stored kind is settled by the first batch)
 
 
 def conv_unit_modules(model: nn.Module) -> list[str]:
@@ -57,7 +59,7 @@ def resolve_layers(model: nn.Module, layers, probe: torch.Tensor | None = None) 
     if isinstance(layers, str):
         layers = [s.strip() for s in layers.split(",") if s.strip()]
     if not layers:
-        raise MisbenchError("--layers is empty: give module names, or logits, softmax, conv")
+        raise MisbenchError("--layers is empty: give module names, or logits, softmax, conv, mlp")
     known = dict(model.named_modules())
     out: list[LayerRequest] = []
     for name in layers:
@@ -69,6 +71,12 @@ def resolve_layers(model: nn.Module, layers, probe: torch.Tensor | None = None) 
                 ran = modules_that_run(model, convs, probe)
                 convs = [n for n in convs if n in ran]  # e.g. GoogLeNet's aux heads only run in training
             out.extend(LayerRequest(n, n, "conv") for n in convs)
+        elif name == "mlp":
+            hidden = mlp_hidden_modules(model)
+            if not hidden:
+                raise MisbenchError("--layers mlp: this model has no transformer MLP blocks (torchvision vit_*, "
+                                    "swin_*, or timm Mlp); name its modules instead")
+            out.extend(LayerRequest(n, n, "mlp") for n in hidden)
         elif name in known and name:
             out.append(LayerRequest(name, name, "module"))
         else:
@@ -85,39 +93,61 @@ def resolve_layers(model: nn.Module, layers, probe: torch.Tensor | None = None) 
 
 
 def reduce_output(output: torch.Tensor, reduction: str) -> torch.Tensor:
-    """[B, C, H, W] -> [B, C] by spatial mean or max; [B, C] passes through."""
+    """[B, C, H, W] -> [B, C] by spatial mean or max; [B, C] passes through (token layers: tokens.py)."""
     if isinstance(output, (tuple, list)):
         output = output[0]
     if output.dim() == 4:
         return output.mean(dim=(2, 3)) if reduction == "mean" else output.amax(dim=(2, 3))
     if output.dim() == 2:
         return output
-    if output.dim() == 3:  # token sequences: average over tokens
-        return output.mean(dim=1) if reduction == "mean" else output.amax(dim=1)
     raise MisbenchError(f"cannot reduce an output of shape {tuple(output.shape)} to one value per unit")
 
 
 class FeatureHooks:
-    """Context manager: forward hooks by module name, each storing its reduced output."""
+    """Context manager: forward hooks by module name, each storing its reduced output.
 
-    def __init__(self, model: nn.Module, names: list[str], reduction: str = "mean"):
+    Conv maps reduce over space by `reduction`; token outputs ([B, T, D], or the channels-last grids of
+    `channels_last` modules) over tokens by `token_reduction`. `features` (layer name -> (module,
+    encode)) adds layers computed per position from a module's output, then reduced like that module."""
+
+    def __init__(self, model: nn.Module, names: list[str], reduction: str = "mean", token_reduction: str = "mean",
+                 channels_last=(), features: dict | None = None):
         if reduction not in REDUCTIONS:
             raise MisbenchError(f"unknown reduction {reduction!r}: expected one of {REDUCTIONS}")
+        if token_reduction not in TOKEN_REDUCTIONS:
+            raise MisbenchError(f"--token-reduction {token_reduction!r}: expected one of {', '.join(TOKEN_REDUCTIONS)}")
         self.model, self.names, self.reduction = model, list(names), reduction
+        self.token_reduction, self.channels_last = token_reduction, set(channels_last)
+        self.features = dict(features or {})
         self.outputs: dict[str, torch.Tensor] = {}
         self.dims: dict[str, int] = {}
+        self.layouts: dict[str, str] = {}
         self._handles = []
 
+    def _reduce(self, positions, layout, name):
+        if layout == "conv":
+            return positions.mean(dim=1) if self.reduction == "mean" else positions.amax(dim=1)
+        return reduce_tokens(positions, self.token_reduction, layout, name)
+
     def _hook(self, name):
+        plain = name in self.names
+        derived = [(key, fn) for key, (module, fn) in self.features.items() if module == name]
+
         def record(_module, _inputs, output):
             out = output[0] if isinstance(output, (tuple, list)) else output
-            self.dims[name] = out.dim()
-            self.outputs[name] = reduce_output(out.detach(), self.reduction)
+            out = out.detach()
+            layout = output_layout(out, name in self.channels_last)
+            self.dims[name], self.layouts[name] = out.dim(), layout
+            if plain:
+                self.outputs[name] = (reduce_output(out, self.reduction) if layout in ("conv", "flat")
+                                      else reduce_tokens(as_positions(out, layout), self.token_reduction, layout, name))
+            for key, fn in derived:
+                self.outputs[key] = self._reduce(fn(as_positions(out, layout)), layout, name)
         return record
 
     def __enter__(self):
         modules = dict(self.model.named_modules())
-        for name in self.names:
+        for name in dict.fromkeys(self.names + [m for m, _ in self.features.values()]):
             self._handles.append(modules[name].register_forward_hook(self._hook(name)))
         return self
 
@@ -128,7 +158,7 @@ class FeatureHooks:
         return False
 
     def collect(self) -> dict[str, torch.Tensor]:
-        missing = [n for n in self.names if n not in self.outputs]
+        missing = [n for n in self.names + list(self.features) if n not in self.outputs]
         if missing:
             raise MisbenchError(
                 f"layers {', '.join(missing)} did not run in the forward pass (auxiliary heads only run "
