@@ -49,6 +49,35 @@ def classwise(scores, acts, eval_json, layer, tasks, units, out, seed):
 
 
 @report.command()
+@click.option("--scores", "scores", required=True, multiple=True, metavar="[LABEL=]MIS.CSV[:LAYER+LAYER]",
+              help="A unit population (repeat; the first is compared with each other); optionally only some layers.")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--n-boot", default=1000, show_default=True, help="Bootstrap resamples of the intervals.")
+@handle_errors
+def compare(scores, out, seed, n_boot):
+    """Two unit populations side by side: per-layer means with intervals, layer-balanced means, a rank-sum
+    test, distributions: compare.csv, compare.json, compare.png, report.html."""
+    from misbench.reports.compare import compare_report, compare_section
+    from misbench.reports.html import write_html
+
+    summary = compare_report(list(scores), out, seed=seed, n_boot=n_boot)
+    path = write_html(out, "misbench comparison report", [compare_section(summary)])
+    for pop in summary["populations"]:
+        m = pop["feature_mean"]
+        if m["mis_confidence"] is not None:
+            click.echo(f"{pop['label']}: layer-balanced MIS confidence {m['mis_confidence']:.3f} "
+                       f"[{m['mis_confidence_ci'][0]:.3f}, {m['mis_confidence_ci'][1]:.3f}], n_units={m['n_units']}")
+    for c in summary["comparisons"]:
+        r = c["rank_sum_mis_confidence"]
+        if r["p"] is not None:
+            click.echo(f"{c['a']} vs {c['b']}: rank-sum p={r['p']:.3g}, P({c['a']} > {c['b']})={r['prob_a_greater']:.3f}")
+    if summary.get("alpha_warning"):
+        click.echo(f"warning: {summary['alpha_warning']}")
+    click.echo(f"wrote {path}")
+
+
+@report.command()
 @click.option("--runs", required=True, type=click.Path(exists=True), help="runs.csv, or a study folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)

@@ -8,12 +8,12 @@ __all__ = ["ACTIVATIONS", "Dictionary", "FeatureSpec", "parse_features", "load_d
            "check_activation"]
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import torch
 
 from .errors import MisbenchError
+from .fileio import sha256_file
 
 
 def _relu(pre: torch.Tensor, _arg) -> torch.Tensor:
@@ -91,14 +91,6 @@ class Dictionary:
         return int(self.W_enc.shape[0])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_dictionary(path) -> Dictionary:
     """Read a dictionary file with weights_only=True and check its shapes against each other."""
     path = Path(path)
@@ -128,7 +120,7 @@ def load_dictionary(path) -> Dictionary:
                             f"{tuple(w.shape)}, got {tuple(b_dec.shape) if isinstance(b_dec, torch.Tensor) else b_dec!r}")
     activation = check_activation(obj.get("activation", "relu"), f"--features {path}")
     return Dictionary(w.detach().float(), b.detach().float(),
-                      None if b_dec is None else b_dec.detach().float(), activation, _sha256(path), str(path))
+                      None if b_dec is None else b_dec.detach().float(), activation, sha256_file(path), str(path))
 
 
 def encode(x: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:

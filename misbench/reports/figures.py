@@ -1,6 +1,6 @@
 """Figures in the style of the seed paper; each function returns the saved Figure for inspection."""
 
-__all__ = ["classwise_figure", "sweep_figure", "curves_figure", "layers_figure", "METHOD_COLOURS"]
+__all__ = ["classwise_figure", "sweep_figure", "curves_figure", "layers_figure", "compare_figure", "METHOD_COLOURS"]
 
 import matplotlib
 
@@ -108,4 +108,20 @@ def layers_figure(table: list[dict], path, title: str = ""):
     ax.set_ylabel("mean MIS confidence")
     ax.set_ylim(0, 1)
     ax.set_title(title or "Mean MIS confidence per layer")
+    return _save(fig, path)
+
+
+def compare_figure(samples: dict, path, xlabel: str = "MIS confidence"):
+    """Overlaid histograms of each population's per-unit scores, their means dashed."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    bins = np.linspace(0, 1, 26)
+    for k, (label, values) in enumerate(samples.items()):
+        values = np.asarray(values, float)
+        colour = f"C{k}"
+        ax.hist(values, bins=bins, alpha=0.45, color=colour, label=f"{label} (n={len(values)})", density=True)
+        if len(values):
+            ax.axvline(values.mean(), color=colour, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
     return _save(fig, path)
