@@ -17,9 +17,9 @@ def cli(verbose, quiet):
 
 
 def _register():
-    from . import activations, assets, layers, pruning, reports, scoring, study
+    from . import activations, assets, dictionary, layers, pruning, reports, scoring, study
 
-    for module in (activations, assets, layers, pruning, reports, scoring, study):
+    for module in (activations, assets, dictionary, layers, pruning, reports, scoring, study):
         for command in module.COMMANDS:
             cli.add_command(command)
 
