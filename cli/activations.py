@@ -20,9 +20,9 @@ from .common import Progress, handle_errors, labels_option, list_option, model_k
 @click.option("--reduction", type=click.Choice(["mean", "max"]), default="mean", show_default=True)
 @click.option("--token-reduction", type=click.Choice(["mean", "max", "cls"]), default="mean", show_default=True,
               help="How token layers ([N, tokens, D]) reduce over tokens; cls = the class token.")
-@click.option("--features", "features", multiple=True, metavar="NAME=LAYER:FILE",
-              help="Add a layer NAME of dictionary features of module LAYER (FILE: W_enc [K, D], b_enc [K], "
-              "optional b_dec [D], activation). Repeatable.")
+@list_option("--features", "features", metavar="NAME=LAYER:FILE",
+             help="Add a layer NAME of dictionary features of module LAYER (FILE: W_enc [K, D], b_enc [K], "
+             "optional b_dec [D], activation); repeatable or comma-separated.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
 @click.option("--limit", type=int, default=None, help="Only the first N images.")
 @click.option("--resize", type=int, default=None, help="Override the resize of the model's preprocessing.")

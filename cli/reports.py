@@ -49,8 +49,9 @@ def classwise(scores, acts, eval_json, layer, tasks, units, out, seed):
 
 
 @report.command()
-@click.option("--scores", "scores", required=True, multiple=True, metavar="[LABEL=]MIS.CSV[:LAYER+LAYER]",
-              help="A unit population (repeat; the first is compared with each other); optionally only some layers.")
+@list_option("--scores", "scores", required=True, metavar="[LABEL=]MIS.CSV[:LAYER+LAYER]",
+             help="A unit population (repeatable or comma-separated; the first is compared with each other); "
+             "optionally only some layers.")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--n-boot", default=1000, show_default=True, help="Bootstrap resamples of the intervals.")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .hooks import conv_unit_modules
+from .tokens import channels_last_modules
 
 
 class LayerInfo(typing.NamedTuple):
@@ -45,13 +46,16 @@ def list_layers(model: nn.Module, probe: torch.Tensor, class_names=()) -> list[L
         for h in handles:
             h.remove()
     conv = set(conv_unit_modules(model))
+    grids = channels_last_modules(model)  # Swin's [N, H, W, D] token grids: D units, not H
     rows = []
     for name, module in modules:
         shape = shapes.get(name)
         if shape is None or len(shape) not in _KINDS:
             continue
-        units = shape[-1] if len(shape) == 3 else shape[1]
-        rows.append(LayerInfo(name, _KINDS[len(shape)], int(units), type(module).__name__, name in conv))
+        grid = len(shape) == 4 and name in grids
+        units = shape[-1] if len(shape) == 3 or grid else shape[1]
+        kind = "tokens" if grid else _KINDS[len(shape)]
+        rows.append(LayerInfo(name, kind, int(units), type(module).__name__, name in conv))
     logits = logits[0] if isinstance(logits, (tuple, list)) else logits
     classes = tuple(class_names or ())
     rows += [LayerInfo(kind, kind, int(logits.shape[1]), "", False, classes) for kind in ("logits", "softmax")]

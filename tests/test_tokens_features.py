@@ -204,3 +204,13 @@ def test_dictionary_layer_scores_equal_the_same_matrix_as_a_plain_layer(tmp_path
     rows = [list(csv.DictReader(open(tmp_path / f"{n}.csv"))) for n in ("feat", "plain")]
     assert len(rows[0]) == 6 and any(r["status"] == "ok" for r in rows[0])
     assert rows[0] == rows[1]
+
+
+def test_layers_lists_token_layers_with_their_width():
+    from misbench.layer_list import list_layers
+
+    torch.manual_seed(0)
+    swin = load_model("swin_t:random").model
+    rows = {r.name: r for r in list_layers(swin, torch.zeros(1, 3, 224, 224))}
+    assert rows["features.1.0.mlp.1"].kind == "tokens" and rows["features.1.0.mlp.1"].n_units == 384
+    assert rows["features.7.1.mlp.1"].n_units == 3072 and rows["features.0.0"].kind == "conv"
