@@ -42,6 +42,8 @@ bench: assets
 	$(BIN)/python benchmarks/extract_overhead.py
 	$(BIN)/python benchmarks/score_engines.py
 	$(BIN)/python benchmarks/mask_overhead.py
+	$(BIN)/python benchmarks/score_scale.py
+	$(BIN)/python benchmarks/topk_scale.py --baseline-every 10
 
 clean:
 	rm -rf $(VENV) *.egg-info $(DEMO_OUT) $(DEMO_OUT)-quick

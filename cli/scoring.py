@@ -53,10 +53,13 @@ class _ScoreProgress:
 @click.option("--amp", is_flag=True, help="Mixed-precision embeddings: float16 on CUDA, bfloat16 on CPU "
               "(faster; LPIPS is exact only without it).")
 @click.option("--chunk-units", default=256, show_default=True,
-              help="Units whose images are embedded together: bounds memory (use --cache to share across chunks).")
+              help="Units whose distances are computed together: bounds memory. Each image is embedded once "
+              "per run whatever the chunks (--cache: once across runs).")
+@click.option("--distances", type=click.Choice(["auto", "faiss", "torch"]), default="auto", show_default=True,
+              help="Distance engine: auto = torch on the GPU, FAISS on CPU (docs/performance.md).")
 @handle_errors
 def score(acts, layers, out, similarity, image_size, view, dreamsim_weights, selection, quantile, tasks, explanations, alpha, alpha_from, seed,
-          device, engine, tasks_out, cache, shard, batch_size, workers, n_boot, amp, chunk_units):
+          device, engine, tasks_out, cache, shard, batch_size, workers, n_boot, amp, chunk_units, distances):
     """Score every unit of LAYERs in ACTS with the Mechanistic Interpretability Score."""
     from misbench.distributed import is_main
 
@@ -66,7 +69,7 @@ def score(acts, layers, out, similarity, image_size, view, dreamsim_weights, sel
                            progress=bars if is_main() else None, alpha_from=alpha_from, similarity=similarity,
                            image_size=image_size, view=view, dreamsim_weights=dreamsim_weights, selection=selection, quantile=quantile, tasks=tasks, explanations=explanations, alpha=alpha,
                            seed=seed, engine=engine, n_boot=n_boot, amp=amp, chunk_units=chunk_units, device=device,
-                           batch_size=batch_size, workers=workers)
+                           batch_size=batch_size, workers=workers, distances=distances)
     finally:
         bars.close()
     if scores is None:  # another rank's process under torchrun: rank 0 reports

@@ -6,6 +6,7 @@ __all__ = [
 ]
 
 import gzip
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -60,6 +61,10 @@ class ImageSource:
     def path(self, i: int) -> str:
         return ""
 
+    def digest(self, i: int) -> str:
+        """sha256 of the image's stored bytes (hex): its identity for embedding caches."""
+        raise NotImplementedError
+
 
 class FolderSource(ImageSource):
     """An ImageFolder; labels are the model's class indices (see labels.py), `classes` the model's names.
@@ -102,6 +107,14 @@ class FolderSource(ImageSource):
     def path(self, i):
         return self._paths[i]
 
+    def digest(self, i):
+        path = os.path.join(self.root, self._paths[i])
+        try:
+            with open(path, "rb") as handle:
+                return hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError as err:
+            raise BadImageError(path, f"{type(err).__name__}: {err}") from None
+
 
 class ArraySource(ImageSource):
     """Images held in memory as uint8 [N, H, W] (grayscale) or [N, H, W, 3]."""
@@ -115,6 +128,10 @@ class ArraySource(ImageSource):
 
     def image(self, i):
         return Image.fromarray(self._images[i]).convert("RGB")
+
+    def digest(self, i):
+        image = np.ascontiguousarray(self._images[i])
+        return hashlib.sha256(f"{image.dtype}{image.shape}".encode() + image.tobytes()).hexdigest()
 
     def label(self, i):
         return int(self._labels[i])

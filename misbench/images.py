@@ -4,6 +4,7 @@ __all__ = ["RowImages", "similarity_transform", "VIEWS", "RESAMPLE"]
 
 import copy
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +79,15 @@ class RowImages(torch.utils.data.Dataset):
 
     def dataset_index(self, rows) -> np.ndarray:
         return self.index[np.asarray(rows, dtype=np.int64)]
+
+    def content_keys(self, rows, threads: int = 8) -> np.ndarray:
+        """Each row's image identity for embedding caches: the first 128 bits of the sha256 of its
+        stored bytes (hex, S32), so a folder regenerated in place never returns stale embeddings."""
+        items = self.dataset_index(rows).tolist()
+        with ThreadPoolExecutor(threads) as pool:  # hashlib releases the GIL: file reads and hashing overlap
+            digests = list(pool.map(self.source.digest, items, chunksize=64))
+        return np.array([d[:32] for d in digests], dtype="S32")
+
+    def index_keys(self, rows) -> np.ndarray:
+        """Dataset indices as store keys: enough within one run, whose images cannot change under it."""
+        return np.array([b"%032x" % i for i in self.dataset_index(rows).tolist()], dtype="S32")

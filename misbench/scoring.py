@@ -1,12 +1,15 @@
 """Score every unit of an activation file with MIS (DESIGN §8): tasks, embeddings, decisions."""
 
 __all__ = ["ScoreSettings", "score", "parse_shard", "MIS_COLUMNS", "embed_rows", "score_rows", "write_scores_csv",
-           "merge_scores", "shard_path"]
+           "merge_scores", "shard_path", "embed_missing", "chunk_memory"]
 
+import contextlib
 import csv
 import dataclasses
 import json
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from .images import VIEWS, RowImages
 from .mis import CONSTANT_RANGE, SELECTIONS, Tasks, confidences, decisions, task_deltas, tie_keys, unit_rng
 from .summaries import bootstrap_mean_ci, clopper_pearson, score_summaries
 from .similarity import EmbeddingIndex, build_backend
+from .similarity.index import DISTANCE_ENGINES, build_distances, resolve_distances
 from .similarity.cache import EmbeddingCache
 from .store import open_activations
 from .topk import check_tie_order
@@ -31,6 +35,8 @@ log = logging.getLogger(__name__)
 MIS_COLUMNS = ["layer", "unit", "status", "mis", "mis_confidence", "mis_ci_low", "mis_ci_high",
                "conf_ci_low", "conf_ci_high", "n_tasks", "alpha", "alpha_source"]
 ENGINES = ("embed", "pairwise")
+STORE_PART_BYTES = 64 << 20  # embeddings written to the store per part while embedding (bounds the copy)
+RESIDENT_FACTOR = 1.5  # all images stay in memory when they are at most this many times a chunk's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +54,15 @@ class ScoreSettings:
     engine: str = "embed"
     n_boot: int = 1000
     amp: bool = False  # autocast the embedding network (LPIPS is exact only in float32)
-    chunk_units: int = 256  # units whose images are embedded together (bounds memory)
+    chunk_units: int = 256  # units whose distances are computed together (bounds memory)
+    distances: str = "auto"  # faiss | torch | auto (torch on CUDA, FAISS on CPU): docs/performance.md
     # how, not what
     device: str = "auto"
     batch_size: int = 64
     workers: int | None = None  # None: auto (see loader_workers)
     dreamsim_weights: str | None = None  # a local directory; the weights' identity is in the backend fingerprint
 
-    RUNTIME = ("device", "batch_size", "workers", "chunk_units", "dreamsim_weights")
+    RUNTIME = ("device", "batch_size", "workers", "chunk_units", "dreamsim_weights", "distances")
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -64,6 +71,8 @@ class ScoreSettings:
             raise MisbenchError(f"--engine {self.engine!r}: expected one of {ENGINES}")
         if self.tasks < 1 or self.explanations < 1:
             raise MisbenchError("--tasks and --explanations must be positive")
+        if self.distances not in ("auto", *DISTANCE_ENGINES):
+            raise MisbenchError(f"--distances {self.distances!r}: expected one of {['auto', *DISTANCE_ENGINES]}")
         if self.chunk_units < 1:
             raise MisbenchError(f"--chunk-units must be positive, got {self.chunk_units}")
         if self.alpha is not None and not (np.isfinite(self.alpha) and self.alpha > 0):
@@ -120,37 +129,46 @@ def _select(settings: ScoreSettings, values: np.ndarray, rows: np.ndarray, items
                                   settings.quantile)
 
 
-def embed_rows(backend, images: RowImages, device, batch_size: int, workers: int | None = None, cache: EmbeddingCache | None = None,
-               progress=None, amp: bool = False) -> EmbeddingIndex:
-    """Embed each needed row once (cached rows are read back) into a FAISS index."""
+def embed_missing(backend, images: RowImages, keys, store: EmbeddingCache | None, device, batch_size: int,
+                  workers: int | None = None, progress=None, amp: bool = False) -> tuple[np.ndarray, int]:
+    """Embeddings of `images.rows` in order: what `store` holds under `keys` is read back, the rest
+    is embedded and added to it part by part. Returns (embeddings, number of images embedded)."""
     rows = images.rows
-    keys = images.dataset_index(rows)
-    hit, cached = cache.lookup(keys) if cache else (np.zeros(len(rows), bool), None)
+    hit, emb = store.lookup(keys) if store is not None else (np.zeros(len(rows), bool), None)
+    if emb is not None and not hit.all():
+        cached, emb = emb, np.empty((len(rows), emb.shape[1]), np.float32)
+        emb[hit] = cached
+        del cached
     todo = np.flatnonzero(~hit)
-    chunks, done = [], 0
+    done, pending = 0, 0  # pending: embedded rows not yet in the store
     if len(todo):
         subset = torch.utils.data.Subset(images, todo.tolist())
         loader = make_loader(subset, batch_size, workers, device)
         for x, _rows in loader:
             with precision(device, amp):
-                chunks.append(backend.embed(to_device(x, device)).float().cpu().numpy())
-            done += len(x)
+                batch = backend.embed(to_device(x, device)).float().cpu().numpy()
+            if emb is None:
+                emb = np.empty((len(rows), batch.shape[1]), np.float32)
+            emb[todo[done:done + len(batch)]] = batch
+            done += len(batch)
+            if store is not None and (done - pending) * batch.shape[1] * 4 >= STORE_PART_BYTES:
+                store.add(np.asarray(keys)[todo[pending:done]], emb[todo[pending:done]])
+                pending = done
             if progress:
                 progress(done, len(todo))
-    new = np.concatenate(chunks) if chunks else None
-    if cache is not None and new is not None:
-        cache.add(keys[todo], new)
-    dim = (new if new is not None else cached).shape[1]
-    emb = np.empty((len(rows), dim), dtype=np.float32)
-    if new is not None:
-        emb[todo] = new
-    if cached is not None:
-        emb[hit] = cached
-    log.info("embedded %d images (%d from cache), %d dims", len(rows), int(hit.sum()), dim)
-    gpu = None
-    if device.type == "cuda":
-        gpu = torch.cuda.current_device() if device.index is None else device.index
-    return EmbeddingIndex(rows, emb, gpu=gpu)
+        if store is not None and done > pending:
+            store.add(np.asarray(keys)[todo[pending:done]], emb[todo[pending:done]])
+    log.info("%d images: %d embedded, %d read back from the store, %d dims", len(rows), len(todo), int(hit.sum()),
+             emb.shape[1])
+    return emb, len(todo)
+
+
+def embed_rows(backend, images: RowImages, device, batch_size: int, workers: int | None = None,
+               cache: EmbeddingCache | None = None, progress=None, amp: bool = False) -> EmbeddingIndex:
+    """Embed each needed row once (cached rows are read back) into a FAISS index."""
+    keys = images.content_keys(images.rows) if cache is not None else None
+    emb, _ = embed_missing(backend, images, keys, cache, device, batch_size, workers, progress, amp)
+    return EmbeddingIndex(images.rows, emb)
 
 
 class _PairwiseDistances:
@@ -158,10 +176,12 @@ class _PairwiseDistances:
 
     def __init__(self, backend, images: RowImages, device, batch_size: int):
         self.backend, self.device, self.batch_size = backend, device, batch_size
+        self.forwarded = 0
         self.images = {int(images.rows[k]): images[k][0] for k in range(len(images))}
 
     def distances(self, query_rows, target_rows):
         pairs = [(int(q), int(t)) for q, ts in zip(query_rows, target_rows) for t in ts]
+        self.forwarded += 2 * len(pairs)  # images through the metric: no embedding is shared
         out = []
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start:start + self.batch_size]
@@ -172,11 +192,70 @@ class _PairwiseDistances:
         return np.concatenate(out).reshape(np.shape(target_rows))
 
 
-def _unit_deltas(engine, tasks: Tasks, n_expl: int) -> np.ndarray:
-    targets = np.concatenate([tasks.pos_expl, tasks.neg_expl], axis=1)  # [T, 2K]
-    d_pos = engine.distances(tasks.pos_query, targets)
-    d_neg = engine.distances(tasks.neg_query, targets)
-    return task_deltas(d_pos, d_neg, n_expl)
+def _chunk_deltas(engine, chunk: list[dict], n_expl: int) -> list[np.ndarray]:
+    """Task deltas of every unit of a chunk from one distance call (the engine blocks it as it needs)."""
+    queries, targets = [], []
+    for r in chunk:
+        t = r["tasks"]
+        both = np.concatenate([t.pos_expl, t.neg_expl], axis=1)  # [T, 2K]
+        queries += [t.pos_query, t.neg_query]
+        targets += [both, both]
+    d = engine.distances(np.concatenate(queries), np.concatenate(targets))
+    out, start = [], 0
+    for r in chunk:
+        T = len(r["tasks"].pos_query)
+        out.append(task_deltas(d[start:start + T], d[start + T:start + 2 * T], n_expl))
+        start += 2 * T
+    return out
+
+
+def _needed_rows(chunk: list[dict]) -> np.ndarray:
+    return np.unique(np.concatenate([np.concatenate([r["tasks"].pos_expl.ravel(), r["tasks"].neg_expl.ravel(),
+                                                     r["tasks"].pos_query, r["tasks"].neg_query]) for r in chunk]))
+
+
+def _available_bytes(device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    try:
+        with open("/proc/meminfo") as handle:
+            info = dict(line.split(":", 1) for line in handle)
+        return int(info["MemAvailable"].split()[0]) * 1024, "available (MemAvailable)"
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available"
+
+
+def chunk_memory(settings: ScoreSettings, largest: int, dim: int, device) -> tuple[int, int, str]:
+    """(bytes the largest chunk needs, bytes available, where) -- embeddings held twice: the array
+    read back from the store and the distance engine's copy (FAISS index or device tensor)."""
+    need = 2 * largest * dim * 4 + settings.batch_size * dim * 4
+    where = device if settings.engine == "embed" and resolve_distances(settings.distances, device) == "torch" \
+        else torch.device("cpu")
+    avail, how = _available_bytes(where)
+    return need, avail, how
+
+
+def _check_chunk_memory(settings: ScoreSettings, chunks: list[np.ndarray], dim: int, device) -> None:
+    if not chunks:
+        return
+    largest = max(len(c) for c in chunks)
+    need, avail, how = chunk_memory(settings, largest, dim, device)
+    log.info("largest chunk: %d images x %d dims, about %.2f GiB (%.1f GiB %s)", largest, dim, need / 2**30,
+             avail / 2**30, how)
+    if need > 0.9 * avail:
+        fit = max(1, int(settings.chunk_units * 0.9 * avail / need))
+        raise MisbenchError(f"--chunk-units {settings.chunk_units}: the largest chunk needs about {need / 2**30:.1f} GiB "
+                            f"({largest} images x {dim} dims x 4 B, twice: embeddings and the distance engine's copy) "
+                            f"but {avail / 2**30:.1f} GiB is {how}; use --chunk-units {fit} or fewer")
+
+
+def _probe_dim(backend, settings: ScoreSettings, device) -> int:
+    """The embedding width, from one blank image (not a dataset image: not counted as embedded)."""
+    if settings.engine == "pairwise":
+        return 3 * settings.image_size ** 2  # the pairwise engine holds the images themselves
+    with torch.no_grad():
+        blank = torch.zeros(1, 3, settings.image_size, settings.image_size, device=device)
+        return int(backend.embed(blank).shape[1])
 
 
 def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, cache_dir=None, shard=(0, 1),
@@ -231,7 +310,7 @@ def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, 
         alpha_source = settings.alpha_source or ("default" if settings.alpha is None else "user")
         fingerprint = backend.fingerprint()
 
-        results, position = [], 0
+        t_sel0, results, position = time.time(), [], 0
         dataset_index = acts.index
         for name in names:
             tie_seed = acts.tie_seed(name)
@@ -249,40 +328,73 @@ def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, 
                     results.append({"layer": name, "unit": unit, "status": "ok",
                                     "tasks": _select(settings, values, rows, dataset_index[rows], acts.n_rows, name,
                                                      unit)})
+        t_select = time.time() - t_sel0
         acts_sha = sha256_file(acts_path)
         scored = [r for r in results if r["tasks"] is not None]
-        cache, t_embed, done = None, 0.0, 0
         all_images = RowImages(acts, np.zeros(0, np.int64), settings.image_size, settings.view,
                                backend.resample)  # the dataset, opened once
         # units in chunks: memory holds the embeddings of one chunk's images, never the dataset's
-        for first in range(0, len(scored), settings.chunk_units):
-            chunk = scored[first:first + settings.chunk_units]
-            needed = np.unique(np.concatenate([np.concatenate([r["tasks"].pos_expl.ravel(), r["tasks"].neg_expl.ravel(),
-                                                               r["tasks"].pos_query, r["tasks"].neg_query])
-                                               for r in chunk]))
-            images = all_images.with_rows(needed)
-            t1 = time.time()
-            if settings.engine == "embed":
-                if cache_dir and cache is None:
-                    cache = EmbeddingCache(cache_dir, fingerprint, settings.image_size, images.identity)
-                engine = embed_rows(backend, images, device, settings.batch_size, settings.workers, cache,
-                                    progress=(lambda d, n: progress("embed", d, n)) if progress else None,
-                                    amp=settings.amp)
-            else:
-                engine = _PairwiseDistances(backend, images, device, settings.batch_size)
-            t_embed += time.time() - t1
-            for r in chunk:
-                deltas = _unit_deltas(engine, r["tasks"], settings.explanations)
-                correct, conf = decisions(deltas), confidences(deltas, alpha)
-                rng = unit_rng(settings.seed, r["layer"], r["unit"], 1)
-                r.update(deltas=deltas, n_tasks=len(deltas), mis=_round(correct.mean()),
-                         mis_confidence=_round(conf.mean()),
-                         mis_ci=tuple(map(_round, clopper_pearson(correct.sum(), len(correct)))),
-                         conf_ci=tuple(map(_round, bootstrap_mean_ci(conf, rng, settings.n_boot))))
-                done += 1
-                if progress:
-                    progress("score", done, len(scored))
-            del engine
+        chunks = [scored[first:first + settings.chunk_units] for first in range(0, len(scored), settings.chunk_units)]
+        needed = [_needed_rows(chunk) for chunk in chunks]
+        distinct = np.unique(np.concatenate(needed)) if needed else np.zeros(0, np.int64)
+        # when the chunks need most of the images anyway (a few thousand images, or many units), all of
+        # them stay resident in one distance engine instead of being read back chunk after chunk
+        resident = settings.engine == "embed" and bool(needed) and \
+            len(distinct) <= RESIDENT_FACTOR * max(len(rows) for rows in needed)
+        _check_chunk_memory(settings, [distinct] if resident else needed, _probe_dim(backend, settings, device),
+                            device)
+        t_embed, t_decide, done, embedded = 0.0, 0.0, 0, 0
+        with contextlib.ExitStack() as stack:
+            store, keys = None, None
+            if settings.engine == "embed" and len(distinct):
+                if cache_dir:
+                    # content digests, computed once per image per run: a regenerated folder never hits stale entries
+                    keys = all_images.content_keys(distinct)
+                    store = EmbeddingCache(cache_dir, fingerprint, settings.image_size, all_images.identity)
+                else:
+                    # the run's own store, beside the output (no output: the system's temp dir): each image
+                    # is embedded once whatever the chunks
+                    if out is not None:
+                        Path(out).parent.mkdir(parents=True, exist_ok=True)
+                    own = stack.enter_context(tempfile.TemporaryDirectory(
+                        dir=Path(out).parent if out is not None else None,
+                        prefix=f".{Path(out).name}.emb-" if out is not None else "misbench-emb-"))
+                    keys = all_images.index_keys(distinct)
+                    store = EmbeddingCache(own, fingerprint, settings.image_size, all_images.identity)
+            engine = None
+            for chunk, rows in zip(chunks, needed):
+                t1 = time.time()
+                if resident:
+                    rows = distinct
+                images = all_images.with_rows(rows)
+                if engine is not None:  # resident: built for the first chunk
+                    pass
+                elif settings.engine == "embed":
+                    emb, n_new = embed_missing(backend, images, keys[np.searchsorted(distinct, rows)], store, device,
+                                               settings.batch_size, settings.workers,
+                                               progress=(lambda d, n: progress("embed", d, n)) if progress else None,
+                                               amp=settings.amp)
+                    embedded += n_new
+                    engine = build_distances(settings.distances, rows, emb, device)
+                    del emb
+                else:
+                    engine = _PairwiseDistances(backend, images, device, settings.batch_size)
+                t2 = time.time()
+                t_embed += t2 - t1
+                for r, deltas in zip(chunk, _chunk_deltas(engine, chunk, settings.explanations)):
+                    correct, conf = decisions(deltas), confidences(deltas, alpha)
+                    rng = unit_rng(settings.seed, r["layer"], r["unit"], 1)
+                    r.update(deltas=deltas, n_tasks=len(deltas), mis=_round(correct.mean()),
+                             mis_confidence=_round(conf.mean()),
+                             mis_ci=tuple(map(_round, clopper_pearson(correct.sum(), len(correct)))),
+                             conf_ci=tuple(map(_round, bootstrap_mean_ci(conf, rng, settings.n_boot))))
+                    done += 1
+                    if progress:
+                        progress("score", done, len(scored))
+                if not resident:
+                    embedded += getattr(engine, "forwarded", 0)
+                    engine = None
+                t_decide += time.time() - t2
 
         meta = {"misbench_version": __version__, "created_utc": utc_now(), "acts": str(acts_path),
                 "acts_sha256": acts_sha, "model": str(acts.attrs.get("model", "")),
@@ -291,9 +403,12 @@ def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, 
                 "settings": {**dataclasses.asdict(settings), "alpha": alpha, "alpha_source": alpha_source,
                              "backend_fingerprint": fingerprint, "resample": backend.resample},
                 "alpha": alpha, "alpha_source": alpha_source,
+                "embedded_images": int(embedded), "distinct_images": int(len(distinct)),
+                "distances": resolve_distances(settings.distances, device) if settings.engine == "embed" else "pairwise",
                 "shard": f"{shard_i}/{shard_n}", "layer_order": names, "tasks_out": str(tasks_out or "")}
     summary = _summaries(results, names, settings)
-    meta.update(summary, timing={"embed_s": round(t_embed, 3), "total_s": round(time.time() - t0, 3)})
+    meta.update(summary, timing={"select_s": round(t_select, 3), "embed_s": round(t_embed, 3),
+                                 "decide_s": round(t_decide, 3), "total_s": round(time.time() - t0, 3)})
     if out is not None:
         # the tasks, then mis.json, then mis.csv: a mis.csv never appears without what it refers to
         if tasks_out:
@@ -349,7 +464,10 @@ def merge_scores(parts, out, tasks_out=None) -> dict:
     results.sort(key=lambda r: (names.index(r["layer"]), r["unit"]))
     fields = {k: v for k, v in first["settings"].items() if k in {f.name for f in dataclasses.fields(ScoreSettings)}}
     settings = ScoreSettings(**fields)
+    # per shard: a unit's images are counted by the shard that scores it (one store per process)
     meta = {**first, "shard": f"merged {n}", "created_utc": utc_now(),
+            "embedded_images": sum(m.get("embedded_images", 0) for m in metas),
+            "distinct_images": sum(m.get("distinct_images", 0) for m in metas),
             "timing": {"total_s": round(sum(m["timing"]["total_s"] for m in metas), 3)}}
     meta.update(_summaries(results, names, settings))
     if tasks_out:

@@ -8,6 +8,8 @@ from .errors import MisbenchError
 from .mis import tie_keys
 
 TOPK_SEED = 0  # the tie-break keys of a top-k file are those of `score --seed 0`
+BLOCK_UNITS = 128  # units ranked at a time: bounds the memory beyond the state
+MERGE_MAX = 16  # up to this many new values per unit are merged into the kept order, more are sorted with it
 
 
 def parse_keep(text: str | None) -> int | None:
@@ -43,16 +45,80 @@ class TopK:
     def update(self, values: np.ndarray, rows: np.ndarray, items: np.ndarray) -> None:
         """values [B, U] (already in the stored dtype), their file rows and dataset indices [B]."""
         values = np.asarray(values, np.float64).T
-        new_rows = np.broadcast_to(rows, values.shape)
-        new_items = np.broadcast_to(items, values.shape)
+        rows, items = np.asarray(rows, np.int64), np.asarray(items, np.int64)
         self.sum = self.sum + values.sum(axis=1)
         for side, descending in (("top", True), ("bottom", False)):
-            v, r, i = getattr(self, side)
-            cand_v = np.concatenate([v, values], axis=1)
-            cand_r = np.concatenate([r, new_rows], axis=1)
-            cand_i = np.concatenate([i, new_items], axis=1)
-            keys = tie_keys(TOPK_SEED, self.layer, np.arange(self.units), cand_i)
-            setattr(self, side, _select(cand_v, cand_r, cand_i, keys, self.k, descending))
+            if getattr(self, side)[0].shape[1] < self.k:
+                self._grow(side, descending, values, rows, items)
+            else:
+                self._replace(side, descending, values, rows, items)
+
+    def _grow(self, side, descending, values, rows, items) -> None:
+        """Fewer than K kept yet: rank everything kept and new, block by block of units."""
+        v, r, i = getattr(self, side)
+        width = min(self.k, v.shape[1] + values.shape[1])
+        out = (np.empty((self.units, width)), np.empty((self.units, width), np.int64),
+               np.empty((self.units, width), np.int64))
+        for start in range(0, self.units, BLOCK_UNITS):
+            u = slice(start, start + BLOCK_UNITS)
+            n = len(range(self.units)[u])
+            cand_v = np.concatenate([v[u], values[u]], axis=1)
+            cand_r = np.concatenate([r[u], np.broadcast_to(rows, (n, len(rows)))], axis=1)
+            cand_i = np.concatenate([i[u], np.broadcast_to(items, (n, len(items)))], axis=1)
+            keys = tie_keys(TOPK_SEED, self.layer, np.arange(self.units)[u], cand_i)
+            out[0][u], out[1][u], out[2][u] = _select(cand_v, cand_r, cand_i, keys, self.k, descending)
+        setattr(self, side, out)
+
+    def _replace(self, side, descending, values, rows, items) -> None:
+        """K kept: only new values at least as extreme as the K-th kept can enter (equal ones by tie
+        key), usually a handful; the kept arrays are updated in place, block by block of units, so
+        memory stays at the state plus one batch."""
+        kept = getattr(self, side)
+        if not all(a.flags.writeable for a in kept):
+            kept = tuple(np.array(a) for a in kept)
+            setattr(self, side, kept)
+        v, r, i = kept
+        signed = values if descending else -values
+        enter = signed >= (v[:, -1] if descending else -v[:, -1])[:, None]
+        counts = enter.sum(axis=1)
+        units = np.flatnonzero(counts)
+        if not len(units):
+            return
+        # units grouped by how many values may enter (ties can make a few units need many): each group
+        # takes the c most extreme new values of its units, which include every one that can enter
+        width = np.ceil(np.log2(counts[units])).astype(np.int64)
+        for w in np.unique(width):
+            group = units[width == w]
+            c = min(int(counts[group].max()), values.shape[1])
+            cols = np.argpartition(-signed[group], c - 1, axis=1)[:, :c] if c < values.shape[1] else \
+                np.broadcast_to(np.arange(c), (len(group), c))
+            for start in range(0, len(group), BLOCK_UNITS):
+                u, col = group[start:start + BLOCK_UNITS], cols[start:start + BLOCK_UNITS]
+                new = np.take_along_axis(values[u], col, axis=1), rows[col], items[col]
+                if c <= MERGE_MAX:
+                    v[u], r[u], i[u] = self._merge((v[u], r[u], i[u]), new, u, descending)
+                    continue
+                cand_v, cand_r, cand_i = (np.concatenate([old, add], axis=1) for old, add in zip((v[u], r[u], i[u]), new))
+                keys = tie_keys(TOPK_SEED, self.layer, u, cand_i)
+                v[u], r[u], i[u] = _select(cand_v, cand_r, cand_i, keys, self.k, descending)
+
+    def _merge(self, kept, new, units, descending):
+        """Merge a few new (value, row, item) per unit into the K kept, which are in rank order: each
+        element's new position is the number of elements ranked before it (no sort of K)."""
+        (kv, kr, ki), (nv, nr, ni) = kept, new
+        kkey, nkey = (tie_keys(TOPK_SEED, self.layer, units, items) for items in (ki, ni))
+        sk, sn = (kv, nv) if descending else (-kv, -nv)
+        # before[u, j, k]: kept k ranks before new j (higher signed value, or equal and a smaller key)
+        before = (sk[:, None, :] > sn[:, :, None]) | ((sk[:, None, :] == sn[:, :, None]) & (kkey[:, None, :] < nkey[:, :, None]))
+        among = (sn[:, None, :] > sn[:, :, None]) | ((sn[:, None, :] == sn[:, :, None]) & (nkey[:, None, :] < nkey[:, :, None]))
+        c, k = nv.shape[1], kv.shape[1]
+        pos = np.concatenate([np.arange(k) + (c - before.sum(axis=1)), before.sum(axis=2) + among.sum(axis=2)], axis=1)
+        out = []
+        for old, add in ((kv, nv), (kr, nr), (ki, ni)):
+            merged = np.empty((len(units), k + c), old.dtype)
+            np.put_along_axis(merged, pos, np.concatenate([old, add], axis=1), axis=1)
+            out.append(merged[:, :k])
+        return out
 
     def state(self) -> dict:
         out = {"sum": self.sum}

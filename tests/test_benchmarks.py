@@ -44,3 +44,30 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert re.search(r"\d+ passed", (tmp_path / "check" / "tests.log").read_text())
     rows = json.loads((tmp_path / "check" / "suite.json").read_text())
     assert not [r for r in rows if "FAILED" in r[0]] and len(rows) > 15
+
+
+def _bench(tmp_path, script, *args):
+    run = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    return run.stdout
+
+
+def test_score_scale_benchmark_at_reduced_size(tmp_path):
+    """GoogLeNet-shaped scoring, multi-layer and multi-chunk: every needed image embedded exactly once."""
+    out = _bench(tmp_path, "score_scale.py", "--quick")
+    counts = re.findall(r"(\d+) units: embedded/distinct (\d+)/(\d+)", out)
+    assert len(counts) == 2 and int(counts[1][0]) > 7 * int(counts[0][0])
+    assert all(int(e) == int(d) > 0 for _units, e, d in counts)
+    assert re.search(r"the units over the same images: [\d.]+x the time", out)
+    engines = dict(re.findall(r"  (FAISS CPU, one call per unit \(before\)|FAISS CPU, one call per chunk|torch CPU, one "
+                              r"call per chunk)\s+([\d.]+) ms", out))
+    assert len(engines) == 3 and all(float(v) > 0 for v in engines.values())
+
+
+def test_topk_scale_benchmark_at_reduced_size(tmp_path):
+    """The streamed top/bottom-K equals a brute-force top-k over all rows, in bounded memory."""
+    out = _bench(tmp_path, "topk_scale.py", "--quick")
+    assert "kept rows equal brute-force top-k over all rows: True (2000 units checked)" in out
+    ratio = float(re.search(r"one batch \d+ MiB: ([\d.]+)x", out).group(1))
+    assert ratio <= 1.5

@@ -95,6 +95,28 @@ def test_under_torchrun_each_rank_uses_its_own_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_torch_distances_on_device_equal_a_float64_reference(device, monkeypatch):
+    """The scoring distance engine on each device (auto picks torch on CUDA), in one block and in
+    many, against a float64 brute force; FAISS on CPU agrees as well."""
+    import misbench.similarity.index as index
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(300, 64)).astype(np.float32)
+    rows = rng.permutation(5000)[:300]
+    queries = rows[rng.integers(0, 300, 700)]
+    targets = rows[rng.integers(0, 300, (700, 18))]
+    at = {r: k for k, r in enumerate(rows)}
+    e64 = emb.astype(np.float64)
+    expected = np.array([[((e64[at[q]] - e64[at[t]]) ** 2).sum() for t in ts] for q, ts in zip(queries, targets)])
+    engine = index.TorchDistances(rows, emb, resolve_device(device))
+    np.testing.assert_allclose(engine.distances(queries, targets), expected, rtol=1e-5)
+    monkeypatch.setattr(index, "BLOCK_BYTES", 18 * 64 * 4 * 50)  # 14 blocks of 50 queries
+    np.testing.assert_allclose(engine.distances(queries, targets), expected, rtol=1e-5)
+    np.testing.assert_allclose(index.EmbeddingIndex(rows, emb).distances(queries, targets), expected, rtol=1e-5)
+    assert index.resolve_distances("auto", resolve_device(device)) == ("torch" if device == "cuda" else "faiss")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_masked_gradients_keep_the_parameter_layout(device):
     """DDP reduces gradients in buckets laid out like the parameters; a masked gradient with other
     strides (1x1 convolutions in channels-last) costs a copy per step and a warning."""

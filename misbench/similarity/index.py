@@ -1,12 +1,24 @@
-"""FAISS holds the embeddings of the images in use and answers distance queries."""
+"""Exact squared-L2 distances between embeddings of the images in use: FAISS or torch (DESIGN §7).
 
-__all__ = ["EmbeddingIndex"]
+Both engines answer `distances(query_rows [n], target_rows [n, m]) -> [n, m]` for a whole chunk of
+tasks at once. Which one runs where (docs/performance.md has the measurements):
+- "faiss": FAISS `IndexFlatL2.compute_distance_subset` on CPU, the same per-pair kernel as always,
+  one call per block of queries (BLOCK_BYTES of query vectors);
+- "torch": the embeddings as one tensor on the scoring device, distances from gathered blocks.
+FAISS' GPU indexes have no subset-distance call (only k-NN search and all-pairs), so on CUDA the
+torch engine is the GPU path; `EmbeddingIndex.search` still uses a GPU copy when faiss-gpu has one.
+"""
+
+__all__ = ["EmbeddingIndex", "TorchDistances", "DISTANCE_ENGINES", "resolve_distances", "build_distances"]
 
 import logging
 
 import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
+
+BLOCK_BYTES = 64 << 20  # gathered vectors per call (FAISS queries, torch targets): bounds working memory
 
 
 def _faiss():
@@ -15,34 +27,45 @@ def _faiss():
     return faiss
 
 
-class EmbeddingIndex:
+class _RowPositions:
+    def __init__(self, rows: np.ndarray):
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self._sorted = np.argsort(self.rows, kind="stable")
+
+    def __len__(self):
+        return len(self.rows)
+
+    def positions(self, rows) -> np.ndarray:
+        """Positions of dataset rows in the embedding matrix (every row must be present)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        where = np.searchsorted(self.rows, rows.ravel(), sorter=self._sorted)
+        where = self._sorted[np.clip(where, 0, len(self.rows) - 1)]
+        if rows.size and not np.array_equal(self.rows[where], rows.ravel()):
+            raise KeyError("rows not in the index")
+        return where.reshape(rows.shape)
+
+
+class EmbeddingIndex(_RowPositions):
     """Exact L2 index over embeddings keyed by dataset row; a copy on GPU `gpu` serves searches
     when FAISS was built with GPU support (faiss-gpu)."""
 
     def __init__(self, rows: np.ndarray, embeddings: np.ndarray, gpu: int | None = None):
+        super().__init__(rows)
         faiss = _faiss()
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-        self.rows = np.asarray(rows, dtype=np.int64)
-        self.position = {int(r): k for k, r in enumerate(self.rows)}
         self.dim = embeddings.shape[1]
         self.cpu = faiss.IndexFlatL2(self.dim)
         self.cpu.add(embeddings)
+        self._emb = embeddings  # query vectors by numpy indexing (reconstruct_batch copies slowly)
         self.gpu = None
         if gpu is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > gpu:
             self._resources = faiss.StandardGpuResources()
             self.gpu = faiss.index_cpu_to_gpu(self._resources, gpu, self.cpu)
             log.info("FAISS index over %d embeddings on GPU %d", len(self.rows), gpu)
 
-    def __len__(self):
-        return len(self.rows)
-
-    def positions(self, rows) -> np.ndarray:
-        rows = np.asarray(rows)
-        return np.vectorize(self.position.__getitem__, otypes=[np.int64])(rows) if rows.size else rows.astype(np.int64)
-
     def vectors(self, rows) -> np.ndarray:
         pos = self.positions(np.asarray(rows).ravel())
-        return self.cpu.reconstruct_batch(pos).reshape(*np.shape(rows), self.dim)
+        return self._emb[pos].reshape(*np.shape(rows), self.dim)
 
     def search(self, queries: np.ndarray, k: int):
         """k nearest indexed rows for each query vector: (squared distances, rows)."""
@@ -55,8 +78,56 @@ class EmbeddingIndex:
         faiss = _faiss()
         query_rows, target_rows = np.asarray(query_rows), np.asarray(target_rows)
         n, m = target_rows.shape
-        q = np.ascontiguousarray(self.vectors(query_rows), dtype=np.float32)
         labels = np.ascontiguousarray(self.positions(target_rows.ravel()).reshape(n, m))
         out = np.empty((n, m), dtype=np.float32)
-        self.cpu.compute_distance_subset(n, faiss.swig_ptr(q), m, faiss.swig_ptr(out), faiss.swig_ptr(labels))
+        step = max(1, BLOCK_BYTES // (4 * self.dim))  # query vectors gathered per call: bounded memory
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            q = np.ascontiguousarray(self.vectors(query_rows[start:stop]), dtype=np.float32)
+            block_labels, block_out = labels[start:stop], out[start:stop]  # contiguous row ranges: views
+            self.cpu.compute_distance_subset(stop - start, faiss.swig_ptr(q), m, faiss.swig_ptr(block_out),
+                                             faiss.swig_ptr(block_labels))
         return out
+
+
+class TorchDistances(_RowPositions):
+    """The embeddings as one float32 tensor on `device`; distances as sum((q - t)^2) over gathered blocks."""
+
+    def __init__(self, rows: np.ndarray, embeddings: np.ndarray, device):
+        super().__init__(rows)
+        self.device = torch.device(device)
+        self.emb = torch.as_tensor(np.ascontiguousarray(embeddings, dtype=np.float32)).to(self.device)
+        self.dim = self.emb.shape[1]
+
+    def vectors(self, rows) -> np.ndarray:
+        pos = torch.as_tensor(self.positions(np.asarray(rows).ravel()), device=self.device)
+        return self.emb[pos].cpu().numpy().reshape(*np.shape(rows), self.dim)
+
+    def distances(self, query_rows: np.ndarray, target_rows: np.ndarray) -> np.ndarray:
+        query_rows, target_rows = np.asarray(query_rows), np.asarray(target_rows)
+        n, m = target_rows.shape
+        q_pos = torch.as_tensor(self.positions(query_rows), device=self.device)
+        t_pos = torch.as_tensor(self.positions(target_rows), device=self.device)
+        step = max(1, BLOCK_BYTES // max(1, 4 * m * self.dim))
+        out = []
+        with torch.no_grad():
+            for start in range(0, n, step):
+                q = self.emb[q_pos[start:start + step]].unsqueeze(1)  # [b, 1, D]
+                t = self.emb[t_pos[start:start + step]]  # [b, m, D]
+                out.append((t - q).pow_(2).sum(-1))
+        return torch.cat(out).cpu().numpy() if out else np.empty((0, m), np.float32)
+
+
+DISTANCE_ENGINES = {"faiss": lambda rows, emb, device: EmbeddingIndex(rows, emb),
+                    "torch": lambda rows, emb, device: TorchDistances(rows, emb, device)}
+
+
+def resolve_distances(name: str, device) -> str:
+    """`auto`: torch on CUDA (the GPU path), FAISS on CPU (the faster there, docs/performance.md)."""
+    if name != "auto":
+        return name
+    return "torch" if torch.device(device).type == "cuda" else "faiss"
+
+
+def build_distances(name: str, rows: np.ndarray, embeddings: np.ndarray, device):
+    return DISTANCE_ENGINES[resolve_distances(name, device)](rows, embeddings, device)
