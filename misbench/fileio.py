@@ -1,6 +1,6 @@
 """Hashing and atomic writes: an output either appears whole or not at all."""
 
-__all__ = ["sha256_file", "atomic_path", "write_json", "write_text", "write_hdf5", "utc_now", "disk_full_error",
+__all__ = ["sha256_file", "atomic_path", "temp_dir_beside", "write_json", "write_text", "write_hdf5", "utc_now", "disk_full_error",
            "refuse_same_paths", "DiskFullError", "json_plain"]
 
 import contextlib
@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 from .errors import MisbenchError
@@ -73,6 +74,22 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 
 
 @contextlib.contextmanager
+def temp_dir_beside(path, kind: str):
+    """A scratch directory `.<name><kind>.tmp<pid>` beside `path`, removed on exit; those of killed runs
+    (SIGKILL leaves them) are removed when the next run starts, so they never pile up."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path, kind)
+    tmp = path.with_name(f".{path.name}{kind}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from an earlier call that failed to clean up
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds."""
     path = Path(path)
@@ -92,9 +109,10 @@ def atomic_path(path):
             tmp.unlink()
 
 
-def _remove_stale_temps(path: Path) -> None:
-    """Temp files of killed runs (their process is gone) beside `path`; another live writer's stay."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+def _remove_stale_temps(path: Path, kind: str = "") -> None:
+    """Temp files (or directories) `.<name><kind>.tmp<pid>` of killed runs (their process is gone) beside
+    `path`; another live writer's stay."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}{kind}.tmp*"):
         pid = tmp.name.rpartition(".tmp")[2]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
@@ -102,7 +120,10 @@ def _remove_stale_temps(path: Path) -> None:
             os.kill(int(pid), 0)
         except ProcessLookupError:
             log.info("removing %s, left by a killed run", tmp)
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
         except PermissionError:  # alive, another user's
             pass
 

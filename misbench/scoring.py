@@ -20,7 +20,7 @@ import torch
 from . import __version__, distributed
 from .device import describe, make_loader, precision, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
-from .fileio import atomic_path, refuse_same_paths, sha256_file, utc_now, write_hdf5, write_json
+from .fileio import atomic_path, refuse_same_paths, sha256_file, temp_dir_beside, utc_now, write_hdf5, write_json
 from .images import VIEWS, RowImages
 from .mis import CONSTANT_RANGE, SELECTIONS, Tasks, confidences, decisions, task_deltas, tie_keys, unit_rng
 from .summaries import bootstrap_mean_ci, clopper_pearson, score_summaries
@@ -354,11 +354,9 @@ def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, 
                 else:
                     # the run's own store, beside the output (no output: the system's temp dir): each image
                     # is embedded once whatever the chunks
-                    if out is not None:
-                        Path(out).parent.mkdir(parents=True, exist_ok=True)
-                    own = stack.enter_context(tempfile.TemporaryDirectory(
-                        dir=Path(out).parent if out is not None else None,
-                        prefix=f".{Path(out).name}.emb-" if out is not None else "misbench-emb-"))
+                    # (pid-named: the store a SIGKILLed run leaves is removed by the next run beside it)
+                    own = stack.enter_context(temp_dir_beside(out, ".emb") if out is not None
+                                              else tempfile.TemporaryDirectory(prefix="misbench-emb-"))
                     keys = all_images.index_keys(distinct)
                     store = EmbeddingCache(own, fingerprint, settings.image_size, all_images.identity)
             engine = None

@@ -63,7 +63,7 @@ def test_each_image_is_embedded_once_across_chunks(acts, tmp_path, monkeypatch, 
     meta = score(acts, ["all"], settings, tmp_path / "m.csv", tasks_out=tmp_path / "t.h5", backend=backend)
     needed = task_rows(tmp_path / "t.h5")
     assert meta["distinct_images"] == len(needed) == backend.images == meta["embedded_images"]
-    assert not list(tmp_path.glob(".m.csv.emb-*"))  # the run's own store is removed
+    assert not list(tmp_path.glob(".m.csv.emb*"))  # the run's own store is removed
     # with a cache, a second run embeds nothing and says so; parts are written while embedding
     monkeypatch.setattr(scoring, "STORE_PART_BYTES", 16 * 3 * 16 * 16 * 4)  # 16 images a part
     cached = Counting(image_size=16)
@@ -73,6 +73,27 @@ def test_each_image_is_embedded_once_across_chunks(acts, tmp_path, monkeypatch, 
     assert again["distinct_images"] == len(needed) == cached.images
     assert len(list((tmp_path / "cache").glob("emb-*.h5"))) >= 2  # batches of 64 images, a part each
     assert read_csv(tmp_path / "m.csv") == read_csv(tmp_path / "c1.csv") == read_csv(tmp_path / "c2.csv")
+
+
+def test_store_of_a_killed_run_is_removed_by_the_next(acts, tmp_path):
+    """SIGKILL skips the cleanup of a run's own store (GBs at ImageNet scale): the next run beside the
+    same output removes it when its process is gone, and leaves a live run's alone."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        stale, running = tmp_path / f".m.csv.emb.tmp{dead.pid}", tmp_path / f".m.csv.emb.tmp{live.pid}"
+        for folder in (stale, running):
+            folder.mkdir()
+            (folder / "emb-x-y.h5").write_bytes(b"\0" * 1024)
+        score(acts, ["a"], ScoreSettings(**BASE), tmp_path / "m.csv", backend=PixelBackend(image_size=16))
+        assert not stale.exists() and running.exists()
+        assert sorted(p.name for p in tmp_path.glob(".m.csv.emb*")) == [running.name]  # its own store is gone
+    finally:
+        live.kill()
+        live.wait()
 
 
 def _reference(acts_path, tasks_path, n_expl, alpha):
