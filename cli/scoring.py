@@ -135,7 +135,7 @@ def calibrate(responses, derive_from, tasks_h5, level, model, out, as_json):
     if as_json:
         click.echo(json.dumps(fit, indent=2))
         return
-    if fit["anti_correlated"]:
+    if fit["alpha"] is None:  # anti-correlated or separated responses: no alpha fits
         click.echo(f"warning: {fit['warning']}")
         return
     click.echo(f"alpha {fit['alpha']:.4g}  ({fit['level']:.0%} CI {fit['ci_low']:.4g} - {fit['ci_high']:.4g})")

@@ -43,11 +43,20 @@ def fit_alpha(delta, correct, level: float = 0.95) -> dict:
                                        method="bounded")
         slope = -float(np.exp(res.x))
         log.warning("calibration responses are anti-correlated with delta (best slope %.4g): no alpha fitted", slope)
-        return {**base, "alpha": None, "ci_low": None, "ci_high": None, "anti_correlated": True,
+        return {**base, "alpha": None, "ci_low": None, "ci_high": None, "anti_correlated": True, "separated": False,
                 "fitted_slope": slope, "log_likelihood": -float(res.fun),
                 "warning": "the responses are anti-correlated with delta (humans chose wrong more often as the "
                            f"model's evidence grew; best slope {slope:.4g}): no positive alpha fits; check "
                            "that delta and correct refer to the same tasks and the sign convention"}
+    if not np.any((correct == 1) & (delta < 0)) and not np.any((correct == 0) & (delta > 0)):
+        # separated: no response contradicts delta's sign, so the likelihood grows without bound in alpha and
+        # the optimiser would return its search bound (e^12) as if it were a fitted slope
+        log.warning("calibration responses never contradict delta's sign: alpha is unbounded, none fitted")
+        return {**base, "alpha": None, "ci_low": None, "ci_high": None, "anti_correlated": False, "separated": True,
+                "log_likelihood": -float(_nll(np.exp(12), delta, correct)),
+                "warning": "every response agrees with the sign of delta (perfect separation): the likelihood "
+                           "grows without bound in alpha, so no finite alpha fits; collect more responses, "
+                           "including hard tasks (small |delta|) where humans err"}
     res = optimize.minimize_scalar(lambda la: _nll(np.exp(la), delta, correct), bounds=(-12, 12), method="bounded",
                                    options={"xatol": 1e-10})
     alpha, nll = float(np.exp(res.x)), float(res.fun)
@@ -59,7 +68,7 @@ def fit_alpha(delta, correct, level: float = 0.95) -> dict:
     lo = optimize.brentq(excess, -12, res.x) if excess(-12) > 0 else -np.inf
     hi = optimize.brentq(excess, res.x, 12) if excess(12) > 0 else np.inf
     return {**base, "alpha": alpha, "ci_low": float(np.exp(lo)), "ci_high": float(np.exp(hi)), "log_likelihood": -nll,
-            "anti_correlated": False, "warning": None}
+            "anti_correlated": False, "separated": False, "warning": None}
 
 
 REFERENCE_CONFIDENCE = 0.75
@@ -136,7 +145,7 @@ def read_responses(path, tasks_h5=None, model: str | None = None) -> tuple[np.nd
     are left out, `channel` is the unit and `batch` the task; `model` picks one network's trials when the
     table holds several (its `model` column)."""
     path = Path(path)
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheets' "CSV UTF-8" starts with a BOM
         rows = list(csv.DictReader(handle))
     if not rows:
         raise MisbenchError(f"{path} has no responses")

@@ -505,3 +505,34 @@ def test_the_seeds_table_counted_once(tmp_path):
     assert round(once.statistic, 2) == 0.38 and round(once.pvalue, 2) == 0.03
     all_rows = [(r, v) for values in SEED_TABLE.values() for r, v in zip(SEED_RATES, values)]
     assert round(stats.pearsonr(*zip(*all_rows)).statistic, 4) == 0.1214
+
+
+def test_calibrate_refuses_separated_responses_and_reads_spreadsheet_csv(tmp_path):
+    """Every human right on every task: the likelihood rises without bound in alpha (checked on a grid
+    here), so no alpha may be reported, let alone used by --alpha-from. A spreadsheet's "CSV UTF-8"
+    (a BOM before the header) reads like the plain file."""
+    from misbench.calibrate import calibration_alpha, fit_alpha
+
+    delta = np.array([0.1, 0.2, 0.3, 0.05, 0.0, -0.4])
+    correct = np.array([1, 1, 1, 1, 0, 0])
+    grid = np.exp(np.linspace(0, 12, 25))
+    loglik = [-np.sum(correct * np.logaddexp(0, -a * delta) + (1 - correct) * np.logaddexp(0, a * delta))
+              for a in grid]
+    assert np.all(np.diff(loglik) > -1e-12)  # no interior maximum: the independent reason to refuse
+    fit = fit_alpha(delta, correct)
+    assert fit["alpha"] is None and fit["separated"] and "separation" in fit["warning"]
+
+    body = "correct,delta\n" + "".join(f"{c},{d}\n" for c, d in zip(correct, delta))
+    (tmp_path / "plain.csv").write_text(body)
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    runner = CliRunner()
+    outs = []
+    for name in ("plain", "excel"):
+        res = runner.invoke(cli, ["calibrate", str(tmp_path / f"{name}.csv"), "--out", str(tmp_path / f"{name}.json")])
+        assert res.exit_code == 0, res.output
+        assert "warning:" in res.output and "separation" in res.output
+        outs.append({k: v for k, v in json.loads((tmp_path / f"{name}.json").read_text()).items()
+                     if k not in ("responses", "responses_sha256")})
+    assert outs[0] == outs[1]
+    with pytest.raises(MisbenchError, match="positive alpha"):
+        calibration_alpha(tmp_path / "plain.json")
