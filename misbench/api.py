@@ -23,7 +23,7 @@ from .evaluate import evaluate_acts, evaluate_model, write_eval
 from .extract import ExtractSettings, extract as _extract
 from .fileio import json_plain, refuse_same_paths
 from .layer_list import LayerInfo, list_layers
-from .models import LoadedModel, load_model as _load_model
+from .models import LoadedModel, load_model as _load_model, model_input_file
 from .pruning import PruneSettings
 from .pruning.run import produce_checkpoint
 from .scoring import MIS_COLUMNS, ScoreSettings, parse_shard, score as _score
@@ -193,7 +193,8 @@ def evaluate(model=None, data=None, *, acts=None, out=None, classwise=None, prog
     Writes eval.json to `out` (and the class-wise CSV to `classwise`) only when given. `options`:
     batch_size, workers, device, limit, labels (the forward pass's; evaluate_model's defaults)."""
     _check_options(options, ["batch_size", "workers", "device", "limit", "labels"], "evaluate")
-    refuse_same_paths({"--acts": acts, "MODEL": getattr(model, "spec", model)}, {"--out": out, "--classwise": classwise})
+    spec = getattr(model, "spec", model)
+    refuse_same_paths({"--acts": acts, "MODEL": spec and model_input_file(spec)}, {"--out": out, "--classwise": classwise})
     if acts is not None:
         if model is not None or data is not None:
             raise MisbenchError("give either MODEL --data DATA or --acts FILE, not both")

@@ -20,7 +20,7 @@ from .fileio import disk_full_error, refuse_same_paths, utc_now
 from .dictionary import encode, parse_features, resolve_features
 from .hooks import FeatureHooks, LayerRequest, resolve_layers
 from .labels import LABEL_MODES
-from .models import LoadedModel
+from .models import LoadedModel, model_input_file
 from .preprocess import build_transform
 from .store import (SCHEMA, SCHEMA_VERSION, ActivationWriter, PartialUnusable, merge_activation_parts, part_path,
                     partial_path)
@@ -151,7 +151,7 @@ def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: Extract
     then merges the parts into one file with exactly the content of a one-process run.
     """
     out = Path(out)
-    refuse_same_paths({"MODEL": loaded.spec}, {"--out": out})
+    refuse_same_paths({"MODEL": model_input_file(loaded.spec)}, {"--out": out})
     source = load_data(data, loaded.num_classes, settings.labels, loaded.categories) if isinstance(data, str) else data
     model = loaded.model
     pre = loaded.preprocess.override(settings.resize, settings.crop)

@@ -1,7 +1,7 @@
 """Load any MODEL string (DESIGN §3) into an nn.Module with its provenance."""
 
 __all__ = ["LoadedModel", "load_model", "torchvision_weights", "hub_checkpoint_path", "load_torch_file", "read_hub_weights",
-           "pretrained_torchvision", "effective_kwargs", "RANDOM"]
+           "pretrained_torchvision", "effective_kwargs", "model_input_file", "RANDOM"]
 
 import contextlib
 import dataclasses
@@ -45,6 +45,19 @@ class LoadedModel:
 
 def hub_checkpoint_path(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def model_input_file(spec: str) -> str:
+    """The file MODEL `spec` is read from: the hub-cache file behind a torchvision `name:WEIGHTS`, else `spec`.
+
+    Output paths are checked against it: a command must never write over the weights it reads."""
+    arch, sep, weights_name = str(spec).partition(":")
+    if not sep or weights_name == RANDOM or arch in own_archs() or Path(str(spec)).exists():
+        return str(spec)
+    try:
+        return str(hub_checkpoint_path(torchvision_weights(arch, weights_name).url))
+    except MisbenchError:
+        return str(spec)
 
 
 def torchvision_weights(arch: str, weights_name: str):

@@ -300,3 +300,17 @@ def test_seed_study_config_runs_end_to_end_full(tmp_path, monkeypatch, staged_ho
         "retrain.epochs": 1, "retrain.train_limit": 4, "retrain.val_limit": 12, "extract.limit": 402,
         "score.similarity": "pixel"})
     assert len(config.runs()) == 1 + 1 + 3 * 4 * 2 * 2 + 3 * 4  # base, control, grid, not retrained
+
+
+def test_output_that_is_the_models_hub_weights_file_is_refused(torch_home, tmp_path, image_folder):
+    """`extract googlenet:IMAGENET1K_V1 --out $TORCH_HOME/hub/checkpoints/googlenet-...pth --overwrite` must not
+    destroy the weights file the model was read from (the MODEL is a name, its input is the hub file)."""
+    from misbench.fileio import sha256_file
+
+    target = hub_file(torch_home, imagenet_weights("googlenet"))
+    before = sha256_file(target)
+    result = CliRunner().invoke(cli, ["extract", "googlenet:IMAGENET1K_V1", "--data", str(image_folder),
+                                      "--layers", "softmax", "--out", str(target), "--overwrite",
+                                      "--labels", "folder-order", "--resize", "32", "--crop", "32"])
+    assert result.exit_code == 1 and "--out" in result.output and str(target) in result.output
+    assert sha256_file(target) == before

@@ -14,7 +14,7 @@ from ..device import resolve_device
 from ..errors import MisbenchError
 from ..fileio import refuse_same_paths
 from ..interrupts import uninterruptible
-from ..models import LoadedModel
+from ..models import LoadedModel, model_input_file
 from ..training import Trainer, TrainSettings
 from .masks import PruneSettings, apply_masks, compute_masks, default_exclude, keep_fraction, sparsity_of
 
@@ -61,7 +61,7 @@ def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: 
     distributed.ensure_initialized(resolve_device(train.device))
     main = distributed.is_main()
     partial = partial_checkpoint_path(out)
-    refuse_same_paths({"MODEL": loaded.spec}, {"--out": out, "its .partial": partial})
+    refuse_same_paths({"MODEL": model_input_file(loaded.spec)}, {"--out": out, "its .partial": partial})
     model = loaded.model
     exclude = tuple(prune.exclude) if prune and prune.exclude is not None else default_exclude(loaded.arch, model)
     parent = {"model": loaded.spec, "sha256": loaded.sha256}
