@@ -19,13 +19,6 @@ def report():
     """Tables, statistics, figures and report.html."""
 
 
-def _galleries(out_dir, scores_csv, tasks, acts, units):
-    from misbench.reports.gallery import unit_galleries
-    from misbench.reports.tables import read_scores
-
-    return unit_galleries(out_dir, read_scores(scores_csv), tasks, acts, units) if tasks and acts else []
-
-
 @report.command()
 @click.option("--scores", required=True, type=click.Path(exists=True, dir_okay=False), help="mis.csv")
 @click.option("--acts", type=click.Path(exists=True, dir_okay=False), default=None, help="Activation file (its logits).")
@@ -38,15 +31,10 @@ def _galleries(out_dir, scores_csv, tasks, acts, units):
 @handle_errors
 def classwise(scores, acts, eval_json, layer, tasks, units, out, seed):
     """Softmax-unit MIS against class-wise accuracy: classwise.csv, summary.json, figure, report.html."""
-    from misbench.reports.classwise import classwise_report
-    from misbench.reports.html import Section, write_html
+    from misbench.reports.build import build_classwise
 
-    summary = classwise_report(scores, out, acts=acts, eval_json=eval_json, layer=layer, seed=seed)
-    pictures = _galleries(out, scores, tasks, acts, units)
-    sections = [Section("Class-wise accuracy vs MIS", images=["classwise.png"], tables=["classwise.csv"],
-                        data={k: summary[k] for k in ("correlation_accuracy_mis_confidence", "correlation_accuracy_mis")})]
-    sections += [Section(f"Unit {label}", images=[name]) for name, label in pictures]
-    path = write_html(out, "misbench class-wise report", sections)
+    path, summary = build_classwise(scores, out, acts=acts, eval_json=eval_json, layer=layer, seed=seed, tasks=tasks,
+                                    units=units)
     click.echo(_fmt_corr("accuracy vs MIS confidence", summary["correlation_accuracy_mis_confidence"]))
     click.echo(_fmt_corr("accuracy vs MIS", summary["correlation_accuracy_mis"]))
     if summary["alpha_warning"]:
@@ -60,15 +48,16 @@ def classwise(scores, acts, eval_json, layer, tasks, units, out, seed):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--baseline", default=None,
               help="The unpruned run that pruned runs are paired with (default: the run named control, else base).")
+@click.option("--classwise-layer", default="softmax", show_default=True,
+              help="Layer of class units for each run's class-wise report (runs with an eval column).")
+@click.option("--unit", "units", multiple=True, help="LAYER:INDEX to picture (repeatable).")
 @handle_errors
-def sweep(runs, out, seed, baseline):
+def sweep(runs, out, seed, baseline, classwise_layer, units):
     """MIS and accuracy against pruning rate: sweep.csv, sweep_layers.csv, paired.csv, summary.json, figures,
-    report.html."""
-    from misbench.reports.html import write_html
-    from misbench.reports.sweep import sweep_report, sweep_section
+    class-wise reports, report.html (the same build as a study's report)."""
+    from misbench.reports.build import build_sweep
 
-    summary = sweep_report(runs, out, seed, baseline=baseline)
-    path = write_html(out, "misbench sweep report", [sweep_section(summary, out)])
+    path, summary = build_sweep(runs, out, seed, baseline=baseline, classwise_layer=classwise_layer, units=units)
     click.echo(_fmt_corr("rate vs MIS confidence (feature layers)", summary["correlation_rate_mis_confidence"]))
     click.echo(_fmt_corr("rate vs MIS (feature layers)", summary["correlation_rate_mis"]))
     click.echo(_fmt_corr("rate vs MIS confidence (class units)", summary["correlation_rate_class_mis_confidence"]))

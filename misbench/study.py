@@ -212,38 +212,12 @@ class Study:
         return path
 
     def _report(self):
-        from .reports.classwise import classwise_report
-        from .reports.gallery import unit_galleries
-        from .reports.html import Section, write_html
-        from .reports.sweep import sweep_report, sweep_section
-        from .reports.tables import read_scores
+        from .reports.build import build_sweep
 
-        report_dir = self.out / "report"
-        report_dir.mkdir(parents=True, exist_ok=True)
-        sweep = sweep_report(self.write_runs_csv(), report_dir, self.config["study"]["seed"],
-                             baseline=self.config["report"]["baseline"])
-        layer = self.config["report"]["classwise_layer"]
-        classwise = {}
-        sections = [sweep_section(sweep, report_dir)]
-        for run in self.runs:
-            d = self.run_dir(run)
-            scores = read_scores(d / "mis.csv")
-            if layer not in {r["layer"] for r in scores}:
-                continue
-            sub = report_dir / "classwise" / run.name
-            classwise[run.name] = classwise_report(d / "mis.csv", sub, eval_json=d / "eval.json", layer=layer,
-                                                   seed=self.config["study"]["seed"])
-            sections.append(Section(f"Class-wise accuracy vs MIS: {run.name}",
-                                    images=[f"classwise/{run.name}/classwise.png"],
-                                    data={k: classwise[run.name][k] for k in ("correlation_accuracy_mis_confidence",
-                                                                              "correlation_accuracy_mis")}))
-        first = self.runs[0]
-        d = self.run_dir(first)
-        for name, caption in unit_galleries(report_dir, read_scores(d / "mis.csv"), d / "tasks.h5", d / "acts.h5",
-                                            self.config["report"]["units"], prefix=f"{first.name}_"):
-            sections.append(Section(f"Unit {caption} of {first.name}", images=[name]))
-        write_json(report_dir / "classwise_summary.json", classwise)
-        write_html(report_dir, f"misbench study: {self.config['study']['name']}", sections)
+        cfg = self.config["report"]
+        build_sweep(self.write_runs_csv(), self.out / "report", self.config["study"]["seed"], baseline=cfg["baseline"],
+                    classwise_layer=cfg["classwise_layer"], units=cfg["units"],
+                    title=f"misbench study: {self.config['study']['name']}")
 
     # -- execution ------------------------------------------------------------------------------------------------
     def _input_hashes(self, manifest: Manifest, step: Step, pending: bool) -> dict | None:
