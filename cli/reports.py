@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from .common import handle_errors
+from .common import handle_errors, refuses_overwrite
 
 
 def _fmt_corr(name, c):
@@ -29,6 +29,7 @@ def report():
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)
 @handle_errors
+@refuses_overwrite(("out", ("classwise.csv", "summary.json", "report.html")))
 def classwise(scores, acts, eval_json, layer, tasks, units, out, seed):
     """Softmax-unit MIS against class-wise accuracy: classwise.csv, summary.json, figure, report.html."""
     from misbench.reports.build import build_classwise
@@ -52,6 +53,7 @@ def classwise(scores, acts, eval_json, layer, tasks, units, out, seed):
               help="Layer of class units for each run's class-wise report (runs with an eval column).")
 @click.option("--unit", "units", multiple=True, help="LAYER:INDEX to picture (repeatable).")
 @handle_errors
+@refuses_overwrite(("out", ("sweep.csv", "summary.json", "report.html")))
 def sweep(runs, out, seed, baseline, classwise_layer, units):
     """MIS and accuracy against pruning rate: sweep.csv, sweep_layers.csv, paired.csv, summary.json, figures,
     class-wise reports, report.html (the same build as a study's report)."""
@@ -74,6 +76,7 @@ def sweep(runs, out, seed, baseline, classwise_layer, units):
 @click.option("--scores", required=True, type=click.Path(exists=True, dir_okay=False), help="mis.csv")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @handle_errors
+@refuses_overwrite(("out", ("layers.csv", "layers.png")))
 def layers(scores, out):
     """Mean MIS per layer (as the MIS authors publish them): layers.csv and layers.png."""
     from misbench.reports.figures import layers_figure
@@ -92,6 +95,7 @@ def layers(scores, out):
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @handle_errors
+@refuses_overwrite(("out", ("curves.csv", "curves.png")))
 def curves(checkpoints, out):
     """Validation accuracy per retraining epoch from checkpoint histories (curves.png, curves.csv)."""
     from misbench.reports.sweep import training_curves, write_curves
@@ -110,6 +114,7 @@ def curves(checkpoints, out):
 @click.option("--constant-above", type=float, default=None,
               help="Mark units with mis_confidence >= this constant (pruned filters score ~1.0; e.g. 0.999).")
 @handle_errors
+@refuses_overwrite("out")
 def import_scores(pickle_file, out, drop_types, constant, constant_above):
     """Convert a published per-unit MIS pickle to mis.csv (restricted unpickler: data only)."""
     from misbench.reports.importer import import_scores as run_import

@@ -1,15 +1,34 @@
 """misbench study / demo."""
 
+import time
 from pathlib import Path
 
 import click
 
-from .common import handle_errors
+from .common import StagedProgress, _clock, handle_errors
 
 
-def _on_step(name, status):
-    mark = {"cached": "cached ", "run": "running", "resume": "resuming"}[status]
-    click.echo(f"[{mark}] {name}", err=True)
+class StepClock:
+    """`[step i/n] running NAME, elapsed H:MM:SS, about H:MM:SS left` before each step. The estimate is the mean
+    time of the steps run so far times the steps still to come (cached ones take no time, so it errs long)."""
+
+    def __init__(self, clock=time.monotonic, echo=None):
+        self.clock, self.echo = clock, echo or (lambda line: click.echo(line, err=True))
+        self.start = clock()
+        self.current, self.ran, self.durations = None, 0, []
+
+    def __call__(self, name: str, status: str, i: int, n: int):
+        now = self.clock()
+        if self.current is not None:
+            self.durations.append(now - self.current)
+        self.current = now if status != "cached" else None
+        mark = {"cached": "cached", "run": "running", "resume": "resuming"}[status]
+        estimate = ""
+        if status != "cached":
+            left = n - i + 1
+            estimate = (f", about {_clock(sum(self.durations) / len(self.durations) * left)} left"
+                        if self.durations else ", estimate after the first step")
+        self.echo(f"[step {i}/{n}] {mark} {name}, elapsed {_clock(now - self.start)}{estimate}")
 
 
 def print_summary(out_dir):
@@ -49,14 +68,32 @@ def print_summary(out_dir):
     click.echo(f"report: {s['report']}")
 
 
-def _run(config, out, dry_run):
+def _check_folder(out, overwrite):
+    """A study folder is continued (its manifest redoes only what changed); any other non-empty folder is refused
+    unless --overwrite, so that a mistyped --out does not write into someone's data."""
+    out = Path(out)
+    if overwrite or not out.is_dir() or (out / "manifest.json").exists() or not any(out.iterdir()):
+        return
+    from misbench.errors import MisbenchError
+
+    raise MisbenchError(f"--out: {out} is a non-empty folder without a study's manifest.json; choose a new or "
+                        "study folder, or pass --overwrite to write the study into it")
+
+
+def _run(config, out, dry_run, overwrite=False):
     from misbench.study import run_study
+
+    _check_folder(out, overwrite)
 
     if dry_run:
         for name, status in run_study(config, out, dry_run=True)["plan"]:
             click.echo(f"{'cached' if status == 'cached' else 'run   '}  {name}")
         return
-    result = run_study(config, out, on_step=_on_step)
+    bars = StagedProgress({"extract": "img", "eval": "img", "embed": "img", "score": "unit"})
+    try:
+        result = run_study(config, out, on_step=StepClock(), progress=bars)
+    finally:
+        bars.close()
     click.echo(f"{len(result['ran'])} steps ran; manifest {result['manifest']}", err=True)
     print_summary(out)
 
@@ -66,27 +103,29 @@ def _run(config, out, dry_run):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Study folder.")
 @click.option("--dry-run", is_flag=True, help="Print the plan: which steps would run and which are cached.")
 @click.option("--quick", is_flag=True, help="Apply the config's [quick] overrides.")
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty folder that is not a study folder.")
 @handle_errors
-def study(config_path, out, dry_run, quick):
+def study(config_path, out, dry_run, quick, overwrite):
     """Run the whole study of CONFIG (TOML) into OUT, redoing only what changed."""
     from misbench.study_config import load_config
 
-    _run(load_config(config_path, quick=quick), out, dry_run)
+    _run(load_config(config_path, quick=quick), out, dry_run, overwrite)
 
 
 @click.command()
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Default: demo-out (demo-out-quick).")
 @click.option("--quick", is_flag=True, help="A smaller demo (about 2 minutes on 2 cores).")
 @click.option("--dry-run", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty folder that is not a study folder.")
 @handle_errors
-def demo(out, quick, dry_run):
+def demo(out, quick, dry_run, overwrite):
     """The bundled demo study: a miniature GoogLeNet on Fashion-MNIST, pruned, retrained, scored, reported."""
     from misbench.study import demo_config_path
     from misbench.study_config import load_config
 
     out = out or ("demo-out-quick" if quick else "demo-out")
     click.echo(f"demo config: {demo_config_path()}", err=True)
-    _run(load_config(demo_config_path(), quick=quick), Path(out), dry_run)
+    _run(load_config(demo_config_path(), quick=quick), Path(out), dry_run, overwrite)
 
 
 COMMANDS = [study, demo]

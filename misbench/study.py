@@ -45,11 +45,15 @@ class Step:
 
 
 class Study:
-    def __init__(self, config: StudyConfig, out_dir):
+    def __init__(self, config: StudyConfig, out_dir, progress: Callable[[str, int, int], None] | None = None):
         self.config = config
         self.out = Path(out_dir).resolve()
         self.runs = config.runs()
         self.steps = self._plan()
+        self.progress = progress  # progress(stage, done, total) of long steps; the CLI draws it
+
+    def _bar(self, stage: str):
+        return (lambda done, total: self.progress(stage, done, total)) if self.progress else None
 
     # -- settings -------------------------------------------------------------------------------------------------
     def _runtime(self):
@@ -155,15 +159,18 @@ class Study:
 
         data = self.config["data"]
         train = self._train_settings(section, epochs, optimizer)
+        progress = (lambda step, epoch, d, n: self.progress(f"{Path(out).parent.name} step {step} epoch {epoch}", d, n)
+                    ) if self.progress else None
         produce_checkpoint(loaded, prune, train, out, data["train"] if train.epochs else None, data["val"],
-                           resume=resume, overwrite=True)
+                           resume=resume, overwrite=True, progress=progress)
 
     def _eval(self, ckpt, out):
         from .evaluate import evaluate_model, write_eval
 
         result = evaluate_model(self._load(ckpt), self.config["data"]["val"], batch_size=256,
                                 workers=self._runtime()["workers"], device=self._runtime()["device"],
-                                limit=self.config["retrain"]["val_limit"], labels=self.config["data"]["labels"])
+                                limit=self.config["retrain"]["val_limit"], labels=self.config["data"]["labels"],
+                                progress=self._bar(f"eval {Path(out).parent.name}"))
         write_eval(result, out, Path(out).with_name("classwise_accuracy.csv"))
 
     def _extract(self, ckpt, out, resume):
@@ -175,7 +182,7 @@ class Study:
                                    batch_size=e["batch_size"], workers=self._runtime()["workers"],
                                    device=self._runtime()["device"])
         extract(self._load(ckpt), e["data"] or self.config["data"]["val"], out, settings, resume=resume,
-                overwrite=True)
+                overwrite=True, progress=self._bar(f"extract {Path(out).parent.name}"))
 
     def _score(self, acts, out):
         from .scoring import ScoreSettings, score
@@ -193,7 +200,8 @@ class Study:
                                  seed=self.config["study"]["seed"], n_boot=s["n_boot"], batch_size=s["batch_size"],
                                  device=self._runtime()["device"], workers=self._runtime()["workers"])
         score(acts, s["layers"], settings, out, tasks_out=Path(out).with_name("tasks.h5"),
-              cache_dir=self.out / "cache" / "embeddings")
+              cache_dir=self.out / "cache" / "embeddings",
+              progress=(lambda stage, d, n: self.progress(f"{stage} {Path(out).parent.name}", d, n)) if self.progress else None)
 
     def write_runs_csv(self) -> Path:
         from .reports.tables import write_csv
@@ -248,7 +256,8 @@ class Study:
                 changed.update(step.outputs.values())
         return out
 
-    def run(self, on_step: Callable[[str, str], None] | None = None) -> dict:
+    def run(self, on_step: Callable[[str, str, int, int], None] | None = None) -> dict:
+        """Run the steps in order; on_step(name, status, i, n) before each (status cached, run or resume)."""
         with DirectoryLock(self.out):
             return self._run(on_step)
 
@@ -257,15 +266,15 @@ class Study:
         manifest.data.update(study=self.config["study"]["name"], config=self.config.raw, config_source=self.config.source)
         manifest.save()
         ran = []
-        for step in self.steps:
+        for i, step in enumerate(self.steps, 1):
             hashes = self._input_hashes(manifest, step, pending=False)
             key = step_key(step.kind, step.settings, hashes)
             if manifest.is_current(step.name, key):
-                on_step and on_step(step.name, "cached")
+                on_step and on_step(step.name, "cached", i, len(self.steps))
                 continue
             previous = manifest.entry(step.name) or {}
             resume = bool(step.partial and step.partial.exists() and previous.get("key") == key)
-            on_step and on_step(step.name, "resume" if resume else "run")
+            on_step and on_step(step.name, "resume" if resume else "run", i, len(self.steps))
             t0 = time.time()
             manifest.record(step.name, kind=step.kind, key=key, status="running", started_utc=utc_now(),
                             settings=step.settings,
@@ -304,13 +313,13 @@ def _verify_outputs(step: Step) -> None:
                 raise MisbenchError(f"step {step.name}: {path} is an unfinished run's checkpoint")
 
 
-def run_study(config: StudyConfig, out_dir, dry_run: bool = False, on_step=None) -> dict:
+def run_study(config: StudyConfig, out_dir, dry_run: bool = False, on_step=None, progress=None) -> dict:
     from . import distributed
 
     if distributed.world()[1] > 1:
         raise MisbenchError("misbench study runs in one process: start it without torchrun, and run the "
                             "retraining of big grids as torchrun jobs of `misbench prune` (docs/reproducing.md)")
-    study = Study(config, out_dir)
+    study = Study(config, out_dir, progress=progress)
     if dry_run:
         return {"plan": study.plan()}
     return study.run(on_step)
