@@ -107,7 +107,7 @@ def classwise_sections(summary: dict, rel_dir: str = ".", name: str = "") -> lis
     of = f" ({name})" if name else ""
     return [Section(f"Class units against class-wise accuracy{of}", css_id=f"classwise-{name}" if name else "classwise",
                     text=f"Layer {summary['layer']} ({summary['class_units']}), {summary['n_classes']} classes, "
-                         f"top-1 {summary['top1']}.",
+                         f"top-1 {'-' if summary['top1'] is None else format(summary['top1'], '.4g')}.",
                     facts=_correlation_facts(summary), tables=[(rel / "classwise.csv").as_posix()],
                     figures=[Figure((rel / "classwise_scatter.png").as_posix(),
                                     "one point per class; line: least squares; legend: r, p, n", "scatter"),

@@ -15,7 +15,7 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;font-size:.85em;margin:.6em 0}td,th{border:1px solid #ddd;padding:.25em .5em;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.4em 0}
 .note{color:#555;font-size:.9em}.warning{background:#fff3cd;border:1px solid #e0c060;padding:.5em}
-figure{margin:.8em 0}figcaption{color:#555;font-size:.85em}nav ol{columns:2}"""
+.facts td{text-align:left}figure{margin:.8em 0}figcaption{color:#555;font-size:.85em}nav ol{columns:2}"""
 
 
 @dataclasses.dataclass(frozen=True)
