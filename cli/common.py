@@ -74,12 +74,15 @@ def refuses_overwrite(*targets):
     def decorate(func):
         @functools.wraps(func)
         def wrapper(*args, overwrite=False, **kwargs):
+            names = {t if isinstance(t, str) else t[0] for t in targets}
+            # an output that is also an input gets the command's own, more precise error
+            inputs = {Path(v).resolve() for k, v in kwargs.items() if k not in names and isinstance(v, str) and v}
             for target in () if overwrite else targets:
                 name, inside = (target, None) if isinstance(target, str) else target
                 if not kwargs.get(name):
                     continue
                 for path in [Path(kwargs[name])] if inside is None else [Path(kwargs[name]) / f for f in inside]:
-                    if path.exists():
+                    if path.exists() and path.resolve() not in inputs:
                         raise MisbenchError(f"--{name.replace('_', '-')}: {path} already exists; pass --overwrite to "
                                             "replace it, or choose another path")
             return func(*args, **kwargs)
@@ -108,9 +111,9 @@ class Progress:
             self.bar.update(done - self.bar.n)
             return
         now = self.clock()
-        if self.start is None:
-            self.start = now
-        if self.last is None or now - self.last >= self.every:
+        if self.start is None:  # short commands stay silent: the first line comes after `every` seconds
+            self.start = self.last = now
+        if now - self.last >= self.every:
             self.last = now
             share = f" ({100 * done / total:.0f}%)" if total else ""
             print(f"{self.desc}: {done}/{total} {self.unit}{share}, elapsed {_clock(now - self.start)}",

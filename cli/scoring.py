@@ -38,7 +38,7 @@ from .common import handle_errors, refuses_overwrite, workers_option
 @click.option("--chunk-units", default=256, show_default=True,
               help="Units whose images are embedded together: bounds memory (use --cache to share across chunks).")
 @handle_errors
-@refuses_overwrite("out", "tasks_out")
+@refuses_overwrite("out")  # mis.csv is written last: a tasks.h5 without it is a killed run's, which a rerun replaces
 def score(acts, layers, out, similarity, image_size, view, dreamsim_weights, selection, quantile, tasks, explanations, alpha, alpha_from, seed,
           device, engine, tasks_out, cache, shard, batch_size, workers, n_boot, amp, chunk_units):
     """Score every unit of LAYERs in ACTS with the Mechanistic Interpretability Score."""
@@ -146,7 +146,7 @@ COMMANDS.append(calibrate)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Merged mis.csv (mis.json beside it).")
 @click.option("--tasks-out", type=click.Path(dir_okay=False), default=None, help="Also merge the parts' tasks files.")
 @handle_errors
-@refuses_overwrite("out", "tasks_out")
+@refuses_overwrite("out")
 def merge_scores(parts, out, tasks_out):
     """Merge the mis.csv files of `score --shard I/N` runs into the result of one unsharded run."""
     from misbench.scoring import merge_scores as run_merge
