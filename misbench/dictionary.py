@@ -14,6 +14,7 @@ import torch
 
 from .errors import MisbenchError
 from .fileio import sha256_file
+from .hooks import probe_outputs
 
 
 def _relu(pre: torch.Tensor, _arg) -> torch.Tensor:
@@ -156,20 +157,8 @@ def resolve_features(model: torch.nn.Module, specs, taken, probe: torch.Tensor) 
             raise MisbenchError(f"--features {spec.text()}: the name {spec.name!r} is already a layer or module "
                                 "name; choose a new NAME")
         out[spec.name] = (spec.layer, load_dictionary(spec.file))
-    shapes, grids = {}, channels_last_modules(model)
-
-    def record(name):
-        def hook(_m, _i, output):
-            shapes[name] = (output[0] if isinstance(output, (tuple, list)) else output).detach()
-        return hook
-
-    handles = [modules[m].register_forward_hook(record(m)) for m in {m for m, _ in out.values()}]
-    try:
-        with torch.inference_mode():
-            model.eval()(probe)
-    finally:
-        for h in handles:
-            h.remove()
+    grids = channels_last_modules(model)
+    shapes = probe_outputs(model, {m for m, _ in out.values()}, probe)
     for name, (module, dictionary) in out.items():
         if module not in shapes:
             raise MisbenchError(f"--features {name}={module}:{dictionary.path}: layer {module!r} does not run in an "

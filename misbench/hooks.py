@@ -1,7 +1,7 @@
 """Which modules to record, and forward hooks that record them reduced to one value per unit."""
 
-__all__ = ["LayerRequest", "resolve_layers", "modules_that_run", "conv_unit_modules", "FeatureHooks", "SPECIAL_LAYERS",
-           "reduce_output"]
+__all__ = ["LayerRequest", "resolve_layers", "modules_that_run", "probe_outputs", "conv_unit_modules", "FeatureHooks",
+           "SPECIAL_LAYERS", "reduce_output"]
 
 import dataclasses
 
@@ -39,18 +39,29 @@ def conv_unit_modules(model: nn.Module) -> list[str]:
     return names
 
 
-def modules_that_run(model: nn.Module, names: list[str], probe: torch.Tensor) -> set[str]:
-    """The modules among `names` that an inference forward pass on `probe` calls."""
-    ran: set[str] = set()
+def probe_outputs(model: nn.Module, names, probe: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The output of each module among `names` that an inference forward pass on `probe` calls."""
+    outputs: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_hook(lambda *_a, n=n: ran.add(n)) for n in names]
+
+    def record(name):
+        def hook(_m, _i, output):
+            outputs[name] = (output[0] if isinstance(output, (tuple, list)) else output).detach()
+        return hook
+
+    handles = [modules[n].register_forward_hook(record(n)) for n in names]
     try:
         with torch.inference_mode():
             model.eval()(probe)
     finally:
         for h in handles:
             h.remove()
-    return ran
+    return outputs
+
+
+def modules_that_run(model: nn.Module, names: list[str], probe: torch.Tensor) -> set[str]:
+    """The modules among `names` that an inference forward pass on `probe` calls."""
+    return set(probe_outputs(model, names, probe))
 
 
 def resolve_layers(model: nn.Module, layers, probe: torch.Tensor | None = None) -> list[LayerRequest]:
