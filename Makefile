@@ -21,9 +21,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 install: $(STAMP)
 
-# Offline assets: Debian's Fashion-MNIST and torchvision's MobileNetV2 weights (sha256-checked).
+# Offline assets: Debian's Fashion-MNIST, torchvision's MobileNetV2 weights (sha256-checked) and Debian's
+# chromium for the report's browser test.
 assets: $(STAMP)
 	@bash scripts/ensure-fashion-mnist.sh
+	@bash scripts/ensure-chromium.sh
 	$(BIN)/misbench assets stage
 
 test: assets

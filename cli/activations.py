@@ -4,7 +4,8 @@ import click
 
 from misbench import api
 
-from .common import Progress, handle_errors, labels_option, list_option, model_kwargs, model_options, workers_option
+from .common import (Progress, handle_errors, labels_option, list_option, model_kwargs, model_options,
+                     refuses_overwrite, workers_option)
 
 
 @click.command()
@@ -67,6 +68,7 @@ def extract(model, arch, num_classes, arch_kwargs, trust_pickle, data, layers, o
 @click.option("--limit", type=int, default=None)
 @labels_option
 @handle_errors
+@refuses_overwrite("out", "classwise")
 def evaluate(model, arch, num_classes, arch_kwargs, trust_pickle, data, acts, out, classwise, batch_size, workers,
              device, limit, labels):
     """Top-1, top-5 and class-wise accuracy of MODEL on DATA (or from --acts)."""

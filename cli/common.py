@@ -5,6 +5,8 @@ import json
 import logging
 import os
 import sys
+import time
+from pathlib import Path
 
 import click
 
@@ -61,19 +63,61 @@ def handle_errors(func):
     return wrapper
 
 
-class Progress:
-    """A tqdm bar fed by the library's progress(done, total) callbacks."""
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
-    def __init__(self, desc: str, unit: str = "img"):
+
+def refuses_overwrite(*targets):
+    """Adds --overwrite; without it the command stops before any work when one of its outputs exists.
+    targets: parameter names of output files, or (parameter, (file, ...)) for a folder and the files it gets."""
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapper(*args, overwrite=False, **kwargs):
+            names = {t if isinstance(t, str) else t[0] for t in targets}
+            # an output that is also an input gets the command's own, more precise error
+            inputs = {Path(v).resolve() for k, v in kwargs.items() if k not in names and isinstance(v, str) and v}
+            for target in () if overwrite else targets:
+                name, inside = (target, None) if isinstance(target, str) else target
+                if not kwargs.get(name):
+                    continue
+                for path in [Path(kwargs[name])] if inside is None else [Path(kwargs[name]) / f for f in inside]:
+                    if path.exists() and path.resolve() not in inputs:
+                        raise MisbenchError(f"--{name.replace('_', '-')}: {path} already exists; pass --overwrite to "
+                                            "replace it, or choose another path")
+            return func(*args, **kwargs)
+        return click.option("--overwrite", is_flag=True,
+                            help="Replace existing outputs (without it the command refuses to).")(wrapper)
+    return decorate
+
+
+class Progress:
+    """The library's progress(done, total) callbacks as a tqdm bar on a terminal; elsewhere (Slurm logs, pipes)
+    as one line at most every `every` seconds, so that logs stay readable."""
+
+    def __init__(self, desc: str, unit: str = "img", every: float = 60.0, stream=None, clock=time.monotonic):
         self.desc, self.unit, self.bar = desc, unit, None
+        self.every, self.stream, self.clock = every, stream or sys.stderr, clock
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = self.last = None
 
     def __call__(self, done: int, total: int):
-        from tqdm import tqdm
+        if self.tty:
+            from tqdm import tqdm
 
-        if self.bar is None:
-            self.bar = tqdm(total=total, initial=done, desc=self.desc, unit=self.unit, dynamic_ncols=True,
-                            disable=None)
-        self.bar.update(done - self.bar.n)
+            if self.bar is None:
+                self.bar = tqdm(total=total, initial=done, desc=self.desc, unit=self.unit, dynamic_ncols=True,
+                                file=self.stream)
+            self.bar.update(done - self.bar.n)
+            return
+        now = self.clock()
+        if self.start is None:  # short commands stay silent: the first line comes after `every` seconds
+            self.start = self.last = now
+        if now - self.last >= self.every:
+            self.last = now
+            share = f" ({100 * done / total:.0f}%)" if total else ""
+            print(f"{self.desc}: {done}/{total} {self.unit}{share}, elapsed {_clock(now - self.start)}",
+                  file=self.stream, flush=True)
 
     def close(self):
         if self.bar is not None:
@@ -105,6 +149,23 @@ def list_option(*names, absent=(), **kwargs):
             raise click.BadParameter("expected at least one name")
         return items
     return click.option(*names, cls=ListOption, multiple=True, callback=callback, **kwargs)
+
+
+class StagedProgress:
+    """progress(stage, done, total) callbacks (score's embed/score, a study's steps): one Progress per stage."""
+
+    def __init__(self, units: dict | None = None, **options):
+        self.units, self.options, self.bars = units or {}, options, {}
+
+    def __call__(self, stage: str, done: int, total: int):
+        if stage not in self.bars:
+            self.bars[stage] = Progress(stage, self.units.get(stage.split()[0], "item"), **self.options)
+        self.bars[stage](done, total)
+
+    def close(self):
+        for bar in self.bars.values():
+            bar.close()
+        self.bars = {}
 
 
 def _workers(_ctx, _param, value):
@@ -148,3 +209,5 @@ def model_kwargs(arch, num_classes, arch_kwargs, trust_pickle) -> dict:
 def setup_logging(verbose: int, quiet: bool):
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # FAISS's loader announces which CPU build it loaded at INFO: not the user's business (it stays under -vv)
+    logging.getLogger("faiss").setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)

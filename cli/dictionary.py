@@ -2,7 +2,7 @@
 
 import click
 
-from .common import handle_errors
+from .common import handle_errors, refuses_overwrite
 
 
 @click.command("train-dictionary")
@@ -16,6 +16,7 @@ from .common import handle_errors
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @handle_errors
+@refuses_overwrite("out")
 def train_dictionary(acts, layer, out, n_features, k, steps, lr, batch_size, seed):
     """Train a small top-k sparse autoencoder on LAYER's stored activations (docs/mis.md has the recipe)."""
     from misbench.dictionary_training import DictionarySettings, train_dictionary as run

@@ -7,7 +7,7 @@ import click
 
 from misbench import api
 
-from .common import handle_errors, list_option
+from .common import handle_errors, list_option, refuses_overwrite
 
 
 def _fmt_corr(name, c):
@@ -22,8 +22,8 @@ def report():
     """Tables, statistics, figures and report.html."""
 
 
-def _summary(out) -> dict:
-    return json.loads((Path(out) / "summary.json").read_text())
+def _summary(out, name: str = "summary.json") -> dict:
+    return json.loads((Path(out) / name).read_text())
 
 
 @report.command()
@@ -36,6 +36,7 @@ def _summary(out) -> dict:
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)
 @handle_errors
+@refuses_overwrite(("out", ("classwise.csv", "summary.json", "report.html")))
 def classwise(scores, acts, eval_json, layer, tasks, units, out, seed):
     """Softmax-unit MIS against class-wise accuracy: classwise.csv, summary.json, figure, report.html."""
     path = api.report("classwise", out, scores=scores, acts=acts, eval_json=eval_json, layer=layer, tasks=tasks,
@@ -56,14 +57,12 @@ def classwise(scores, acts, eval_json, layer, tasks, units, out, seed):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--n-boot", default=1000, show_default=True, help="Bootstrap resamples of the intervals.")
 @handle_errors
+@refuses_overwrite(("out", ("compare.csv", "compare.json", "report.html")))
 def compare(scores, out, seed, n_boot):
     """Two unit populations side by side: per-layer means with intervals, layer-balanced means, a rank-sum
     test, distributions: compare.csv, compare.json, compare.png, report.html."""
-    from misbench.reports.compare import compare_report, compare_section
-    from misbench.reports.html import write_html
-
-    summary = compare_report(list(scores), out, seed=seed, n_boot=n_boot)
-    path = write_html(out, "misbench comparison report", [compare_section(summary)])
+    path = api.report("compare", out, scores=scores, seed=seed, n_boot=n_boot)
+    summary = _summary(out, "compare.json")
     for pop in summary["populations"]:
         m = pop["feature_mean"]
         if m["mis_confidence"] is not None:
@@ -84,11 +83,16 @@ def compare(scores, out, seed, n_boot):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--baseline", default=None,
               help="The unpruned run that pruned runs are paired with (default: the run named control, else base).")
+@click.option("--classwise-layer", default="softmax", show_default=True,
+              help="Layer of class units for each run's class-wise report (runs with an eval column).")
+@list_option("--unit", "--units", "units", help="LAYER:INDEX to picture (repeatable or comma-separated).")
 @handle_errors
-def sweep(runs, out, seed, baseline):
+@refuses_overwrite(("out", ("sweep.csv", "summary.json", "report.html")))
+def sweep(runs, out, seed, baseline, classwise_layer, units):
     """MIS and accuracy against pruning rate: sweep.csv, sweep_layers.csv, paired.csv, summary.json, figures,
-    report.html."""
-    path = api.report("sweep", out, runs=runs, seed=seed, baseline=baseline)
+    class-wise reports, report.html (the same build as a study's report)."""
+    path = api.report("sweep", out, runs=runs, seed=seed, baseline=baseline, classwise_layer=classwise_layer,
+                      units=units)
     summary = _summary(out)
     click.echo(_fmt_corr("rate vs MIS confidence (feature layers)", summary["correlation_rate_mis_confidence"]))
     click.echo(_fmt_corr("rate vs MIS (feature layers)", summary["correlation_rate_mis"]))
@@ -106,6 +110,7 @@ def sweep(runs, out, seed, baseline):
 @click.option("--scores", required=True, type=click.Path(exists=True, dir_okay=False), help="mis.csv")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @handle_errors
+@refuses_overwrite(("out", ("layers.csv", "layers.png")))
 def layers(scores, out):
     """Mean MIS per layer (as the MIS authors publish them): layers.csv and layers.png."""
     from misbench.reports.tables import read_csv_rows
@@ -119,6 +124,7 @@ def layers(scores, out):
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @handle_errors
+@refuses_overwrite(("out", ("curves.csv", "curves.png")))
 def curves(checkpoints, out):
     """Validation accuracy per retraining epoch from checkpoint histories (curves.png, curves.csv)."""
     from misbench.reports.tables import read_csv_rows
@@ -136,6 +142,7 @@ def curves(checkpoints, out):
 @click.option("--constant-above", type=float, default=None,
               help="Mark units with mis_confidence >= this constant (pruned filters score ~1.0; e.g. 0.999).")
 @handle_errors
+@refuses_overwrite("out")
 def import_scores(pickle_file, out, drop_types, constant, constant_above):
     """Convert a published per-unit MIS pickle to mis.csv (restricted unpickler: data only)."""
     from misbench.reports.importer import import_scores as run_import

@@ -4,21 +4,7 @@ import click
 
 from misbench import api
 
-from .common import handle_errors, list_option, workers_option
-
-
-class _ScoreProgress:
-    def __init__(self):
-        from .common import Progress
-
-        self.bars = {"embed": Progress("embed", "img"), "score": Progress("score", "unit")}
-
-    def __call__(self, stage, done, total):
-        self.bars[stage](done, total)
-
-    def close(self):
-        for bar in self.bars.values():
-            bar.close()
+from .common import StagedProgress, handle_errors, list_option, refuses_overwrite, workers_option
 
 
 @click.command()
@@ -58,12 +44,13 @@ class _ScoreProgress:
 @click.option("--distances", type=click.Choice(["auto", "faiss", "torch"]), default="auto", show_default=True,
               help="Distance engine: auto = torch on the GPU, FAISS on CPU (docs/performance.md).")
 @handle_errors
+@refuses_overwrite("out")  # mis.csv is written last: a tasks.h5 without it is a killed run's, which a rerun replaces
 def score(acts, layers, out, similarity, image_size, view, dreamsim_weights, selection, quantile, tasks, explanations, alpha, alpha_from, seed,
           device, engine, tasks_out, cache, shard, batch_size, workers, n_boot, amp, chunk_units, distances):
     """Score every unit of LAYERs in ACTS with the Mechanistic Interpretability Score."""
     from misbench.distributed import is_main
 
-    bars = _ScoreProgress()
+    bars = StagedProgress({"embed": "img", "score": "unit"})
     try:
         scores = api.score(acts, layers, out, tasks_out=tasks_out, cache=cache, shard=shard,
                            progress=bars if is_main() else None, alpha_from=alpha_from, similarity=similarity,
@@ -105,6 +92,7 @@ COMMANDS = [score]
               help="Write the fit as JSON (with the responses' sha256) for `score --alpha-from`.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handle_errors
+@refuses_overwrite("out")
 def calibrate(responses, derive_from, tasks_h5, level, model, out, as_json):
     """Fit alpha of mis_confidence to human 2-AFC RESPONSES (CSV: delta or layer,unit,task; correct; or the IMI
     study's trial table), or derive one with --derive TASKS.h5 (not a calibration)."""
@@ -151,6 +139,7 @@ COMMANDS.append(calibrate)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Merged mis.csv (mis.json beside it).")
 @click.option("--tasks-out", type=click.Path(dir_okay=False), default=None, help="Also merge the parts' tasks files.")
 @handle_errors
+@refuses_overwrite("out")
 def merge_scores(parts, out, tasks_out):
     """Merge the mis.csv files of `score --shard I/N` runs into the result of one unsharded run."""
     from misbench.scoring import merge_scores as run_merge

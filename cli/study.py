@@ -1,17 +1,36 @@
 """misbench study / demo."""
 
+import time
 from pathlib import Path
 
 import click
 
 from misbench import api
 
-from .common import handle_errors
+from .common import StagedProgress, _clock, handle_errors
 
 
-def _on_step(name, status):
-    mark = {"cached": "cached ", "run": "running", "resume": "resuming"}[status]
-    click.echo(f"[{mark}] {name}", err=True)
+class StepClock:
+    """`[step i/n] running NAME, elapsed H:MM:SS, about H:MM:SS left` before each step. The estimate is the mean
+    time of the steps run so far times the steps still to come (cached ones take no time, so it errs long)."""
+
+    def __init__(self, clock=time.monotonic, echo=None):
+        self.clock, self.echo = clock, echo or (lambda line: click.echo(line, err=True))
+        self.start = clock()
+        self.current, self.durations = None, []
+
+    def __call__(self, name: str, status: str, i: int, n: int):
+        now = self.clock()
+        if self.current is not None:
+            self.durations.append(now - self.current)
+        self.current = now if status != "cached" else None
+        mark = {"cached": "cached", "run": "running", "resume": "resuming"}[status]
+        estimate = ""
+        if status != "cached":
+            left = n - i + 1
+            estimate = (f", about {_clock(sum(self.durations) / len(self.durations) * left)} left"
+                        if self.durations else ", estimate after the first step")
+        self.echo(f"[step {i}/{n}] {mark} {name}, elapsed {_clock(now - self.start)}{estimate}")
 
 
 def print_summary(out_dir):
@@ -51,19 +70,23 @@ def print_summary(out_dir):
     click.echo(f"report: {s['report']}")
 
 
-def _run(config, out, dry_run, quick):
+def _run(config, out, dry_run, quick, overwrite=False):
     if dry_run:
-        for name, status in api.study(config, out, quick=quick, dry_run=True)["plan"]:
+        for name, status in api.study(config, out, quick=quick, dry_run=True, overwrite=overwrite)["plan"]:
             click.echo(f"{'cached' if status == 'cached' else 'run   '}  {name}")
         return
-    ran = []
+    ran, clock = [], StepClock()
 
-    def on_step(name, status):
-        _on_step(name, status)
+    def on_step(name, status, i, n):
+        clock(name, status, i, n)
         if status != "cached":
             ran.append(name)
 
-    api.study(config, out, quick=quick, on_step=on_step)
+    bars = StagedProgress({"extract": "img", "eval": "img", "embed": "img", "score": "unit"})
+    try:
+        api.study(config, out, quick=quick, on_step=on_step, progress=bars, overwrite=overwrite)
+    finally:
+        bars.close()
     click.echo(f"{len(ran)} steps ran; manifest {Path(out) / 'manifest.json'}", err=True)
     print_summary(out)
 
@@ -73,24 +96,26 @@ def _run(config, out, dry_run, quick):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Study folder.")
 @click.option("--dry-run", is_flag=True, help="Print the plan: which steps would run and which are cached.")
 @click.option("--quick", is_flag=True, help="Apply the config's [quick] overrides.")
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty folder that is not a study folder.")
 @handle_errors
-def study(config_path, out, dry_run, quick):
+def study(config_path, out, dry_run, quick, overwrite):
     """Run the whole study of CONFIG (TOML) into OUT, redoing only what changed."""
-    _run(config_path, out, dry_run, quick)
+    _run(config_path, out, dry_run, quick, overwrite)
 
 
 @click.command()
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Default: demo-out (demo-out-quick).")
 @click.option("--quick", is_flag=True, help="A smaller demo (about 2 minutes on 2 cores).")
 @click.option("--dry-run", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty folder that is not a study folder.")
 @handle_errors
-def demo(out, quick, dry_run):
+def demo(out, quick, dry_run, overwrite):
     """The bundled demo study: a miniature GoogLeNet on Fashion-MNIST, pruned, retrained, scored, reported."""
     from misbench.study import demo_config_path
 
     out = out or ("demo-out-quick" if quick else "demo-out")
     click.echo(f"demo config: {demo_config_path()}", err=True)
-    _run(demo_config_path(), Path(out), dry_run, quick)
+    _run(demo_config_path(), Path(out), dry_run, quick, overwrite)
 
 
 COMMANDS = [study, demo]

@@ -29,7 +29,7 @@ from .pruning.run import produce_checkpoint
 from .scoring import MIS_COLUMNS, ScoreSettings, parse_shard, score as _score
 # a reader of a complete file: layer_names, activations(layer) (numpy [N, U]), labels, paths, logits, class_names
 from .store import open_activations
-from .study import run_study
+from .study import check_study_folder, run_study
 from .study_config import StudyConfig, load_config, parse_config
 from .training import TrainSettings
 
@@ -218,7 +218,8 @@ def report(kind: str, out, **inputs) -> Path:
     """Write the report `kind` into the folder `out`; returns its main file (report.html, layers.csv, curves.csv).
 
     classwise: scores, acts or eval_json, layer, tasks, units, seed. sweep: runs (runs.csv or a study
-    folder), seed, baseline. layers: scores. curves: checkpoints."""
+    folder), seed, baseline, classwise_layer, units, title. compare: scores (two or more
+    `[LABEL=]mis.csv[:LAYER+LAYER]`), seed, n_boot. layers: scores. curves: checkpoints."""
     # the reports import matplotlib, which selects its Agg backend: only when a report is made,
     # so that importing misbench leaves a notebook's plotting backend alone
     from .reports.build import REPORTS
@@ -234,15 +235,19 @@ def report(kind: str, out, **inputs) -> Path:
     return build(out=out, **inputs)
 
 
-def study(config, out, *, quick: bool = False, dry_run: bool = False, on_step=None) -> dict:
+def study(config, out, *, quick: bool = False, dry_run: bool = False, on_step=None, progress=None,
+          overwrite: bool = False) -> dict:
     """Run the study of `config` (a TOML path, a dict of its sections, or a StudyConfig) into the folder `out`,
     redoing only what changed. Returns manifest.json's content (with dry_run: {"plan": [(step, status)]}).
-    `quick` applies the config's [quick] overrides to a path or dict (a StudyConfig is used as it is)."""
+    `quick` applies the config's [quick] overrides to a path or dict (a StudyConfig is used as it is).
+    on_step(name, status, i, n) before each step (status cached, run or resume); progress(stage, done, total)
+    inside long steps. A non-empty `out` that is not a study folder is refused unless `overwrite`."""
+    check_study_folder(out, overwrite)
     if isinstance(config, dict):
         config = parse_config(config, quick=quick)
     elif not isinstance(config, StudyConfig):
         config = load_config(config, quick=quick)
-    result = run_study(config, out, dry_run=dry_run, on_step=on_step)
+    result = run_study(config, out, dry_run=dry_run, on_step=on_step, progress=progress)
     if dry_run:
         return result
     return json.loads(Path(result["manifest"]).read_text())

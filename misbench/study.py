@@ -1,6 +1,6 @@
 """Run a whole pruning-and-interpretability study from one config, step by step, cached by a manifest."""
 
-__all__ = ["Study", "Step", "run_study", "study_summary", "DEMO_CONFIG", "demo_config_path"]
+__all__ = ["Study", "Step", "run_study", "check_study_folder", "study_summary", "DEMO_CONFIG", "demo_config_path"]
 
 import dataclasses
 import json
@@ -45,11 +45,15 @@ class Step:
 
 
 class Study:
-    def __init__(self, config: StudyConfig, out_dir):
+    def __init__(self, config: StudyConfig, out_dir, progress: Callable[[str, int, int], None] | None = None):
         self.config = config
         self.out = Path(out_dir).resolve()
         self.runs = config.runs()
         self.steps = self._plan()
+        self.progress = progress  # progress(stage, done, total) of long steps; the CLI draws it
+
+    def _bar(self, stage: str):
+        return (lambda done, total: self.progress(stage, done, total)) if self.progress else None
 
     # -- settings -------------------------------------------------------------------------------------------------
     def _runtime(self):
@@ -155,15 +159,18 @@ class Study:
 
         data = self.config["data"]
         train = self._train_settings(section, epochs, optimizer)
+        progress = (lambda step, epoch, d, n: self.progress(f"{Path(out).parent.name} step {step} epoch {epoch}", d, n)
+                    ) if self.progress else None
         produce_checkpoint(loaded, prune, train, out, data["train"] if train.epochs else None, data["val"],
-                           resume=resume, overwrite=True)
+                           resume=resume, overwrite=True, progress=progress)
 
     def _eval(self, ckpt, out):
         from .evaluate import evaluate_model, write_eval
 
         result = evaluate_model(self._load(ckpt), self.config["data"]["val"], batch_size=256,
                                 workers=self._runtime()["workers"], device=self._runtime()["device"],
-                                limit=self.config["retrain"]["val_limit"], labels=self.config["data"]["labels"])
+                                limit=self.config["retrain"]["val_limit"], labels=self.config["data"]["labels"],
+                                progress=self._bar(f"eval {Path(out).parent.name}"))
         write_eval(result, out, Path(out).with_name("classwise_accuracy.csv"))
 
     def _extract(self, ckpt, out, resume):
@@ -175,7 +182,7 @@ class Study:
                                    batch_size=e["batch_size"], workers=self._runtime()["workers"],
                                    device=self._runtime()["device"])
         extract(self._load(ckpt), e["data"] or self.config["data"]["val"], out, settings, resume=resume,
-                overwrite=True)
+                overwrite=True, progress=self._bar(f"extract {Path(out).parent.name}"))
 
     def _score(self, acts, out):
         from .scoring import ScoreSettings, score
@@ -193,7 +200,8 @@ class Study:
                                  seed=self.config["study"]["seed"], n_boot=s["n_boot"], batch_size=s["batch_size"],
                                  device=self._runtime()["device"], workers=self._runtime()["workers"])
         score(acts, s["layers"], settings, out, tasks_out=Path(out).with_name("tasks.h5"),
-              cache_dir=self.out / "cache" / "embeddings")
+              cache_dir=self.out / "cache" / "embeddings",
+              progress=(lambda stage, d, n: self.progress(f"{stage} {Path(out).parent.name}", d, n)) if self.progress else None)
 
     def write_runs_csv(self) -> Path:
         from .reports.tables import write_csv
@@ -212,38 +220,12 @@ class Study:
         return path
 
     def _report(self):
-        from .reports.classwise import classwise_report
-        from .reports.gallery import unit_galleries
-        from .reports.html import Section, write_html
-        from .reports.sweep import sweep_report, sweep_section
-        from .reports.tables import read_scores
+        from .reports.build import sweep
 
-        report_dir = self.out / "report"
-        report_dir.mkdir(parents=True, exist_ok=True)
-        sweep = sweep_report(self.write_runs_csv(), report_dir, self.config["study"]["seed"],
-                             baseline=self.config["report"]["baseline"])
-        layer = self.config["report"]["classwise_layer"]
-        classwise = {}
-        sections = [sweep_section(sweep, report_dir)]
-        for run in self.runs:
-            d = self.run_dir(run)
-            scores = read_scores(d / "mis.csv")
-            if layer not in {r["layer"] for r in scores}:
-                continue
-            sub = report_dir / "classwise" / run.name
-            classwise[run.name] = classwise_report(d / "mis.csv", sub, eval_json=d / "eval.json", layer=layer,
-                                                   seed=self.config["study"]["seed"])
-            sections.append(Section(f"Class-wise accuracy vs MIS: {run.name}",
-                                    images=[f"classwise/{run.name}/classwise.png"],
-                                    data={k: classwise[run.name][k] for k in ("correlation_accuracy_mis_confidence",
-                                                                              "correlation_accuracy_mis")}))
-        first = self.runs[0]
-        d = self.run_dir(first)
-        for name, caption in unit_galleries(report_dir, read_scores(d / "mis.csv"), d / "tasks.h5", d / "acts.h5",
-                                            self.config["report"]["units"], prefix=f"{first.name}_"):
-            sections.append(Section(f"Unit {caption} of {first.name}", images=[name]))
-        write_json(report_dir / "classwise_summary.json", classwise)
-        write_html(report_dir, f"misbench study: {self.config['study']['name']}", sections)
+        cfg = self.config["report"]
+        sweep(self.write_runs_csv(), self.out / "report", self.config["study"]["seed"], baseline=cfg["baseline"],
+              classwise_layer=cfg["classwise_layer"], units=cfg["units"],
+              title=f"misbench study: {self.config['study']['name']}")
 
     # -- execution ------------------------------------------------------------------------------------------------
     def _input_hashes(self, manifest: Manifest, step: Step, pending: bool) -> dict | None:
@@ -274,7 +256,8 @@ class Study:
                 changed.update(step.outputs.values())
         return out
 
-    def run(self, on_step: Callable[[str, str], None] | None = None) -> dict:
+    def run(self, on_step: Callable[[str, str, int, int], None] | None = None) -> dict:
+        """Run the steps in order; on_step(name, status, i, n) before each (status cached, run or resume)."""
         with DirectoryLock(self.out):
             return self._run(on_step)
 
@@ -283,15 +266,15 @@ class Study:
         manifest.data.update(study=self.config["study"]["name"], config=self.config.raw, config_source=self.config.source)
         manifest.save()
         ran = []
-        for step in self.steps:
+        for i, step in enumerate(self.steps, 1):
             hashes = self._input_hashes(manifest, step, pending=False)
             key = step_key(step.kind, step.settings, hashes)
             if manifest.is_current(step.name, key):
-                on_step and on_step(step.name, "cached")
+                on_step and on_step(step.name, "cached", i, len(self.steps))
                 continue
             previous = manifest.entry(step.name) or {}
             resume = bool(step.partial and step.partial.exists() and previous.get("key") == key)
-            on_step and on_step(step.name, "resume" if resume else "run")
+            on_step and on_step(step.name, "resume" if resume else "run", i, len(self.steps))
             t0 = time.time()
             manifest.record(step.name, kind=step.kind, key=key, status="running", started_utc=utc_now(),
                             settings=step.settings,
@@ -330,13 +313,23 @@ def _verify_outputs(step: Step) -> None:
                 raise MisbenchError(f"step {step.name}: {path} is an unfinished run's checkpoint")
 
 
-def run_study(config: StudyConfig, out_dir, dry_run: bool = False, on_step=None) -> dict:
+def check_study_folder(out_dir, overwrite: bool = False) -> None:
+    """A study folder is continued (its manifest redoes only what changed); any other non-empty folder is refused
+    unless overwrite, so that a mistyped --out does not write a study into someone's data."""
+    out = Path(out_dir)
+    if overwrite or not out.is_dir() or (out / "manifest.json").exists() or not any(out.iterdir()):
+        return
+    raise MisbenchError(f"--out: {out} is a non-empty folder without a study's manifest.json; choose a new or "
+                        "study folder, or pass --overwrite to write the study into it")
+
+
+def run_study(config: StudyConfig, out_dir, dry_run: bool = False, on_step=None, progress=None) -> dict:
     from . import distributed
 
     if distributed.world()[1] > 1:
         raise MisbenchError("misbench study runs in one process: start it without torchrun, and run the "
                             "retraining of big grids as torchrun jobs of `misbench prune` (docs/reproducing.md)")
-    study = Study(config, out_dir)
+    study = Study(config, out_dir, progress=progress)
     if dry_run:
         return {"plan": study.plan()}
     return study.run(on_step)

@@ -24,7 +24,7 @@ SECTIONS = {
                 "exclude": None, "optimizers": None, "random_baseline": False},
     "retrain": {"epochs": 1, "optimizer": "sgd", "lr": None, "momentum": 0.9, "weight_decay": 1e-4, "gamma": 0.9,
                 "batch_size": 64, "train_limit": None, "val_limit": None},
-    "extract": {"layers": ["conv", "softmax"], "data": None, "limit": None, "batch_size": 128, "dtype": "float32",
+    "extract": {"layers": ["conv", "softmax"], "data": None, "limit": None, "batch_size": 64, "dtype": "float32",
                 "reduction": "mean", "resize": None, "crop": None},
     "score": {"similarity": "lpips-alex", "image_size": None, "view": "model", "selection": "fair", "quantile": 0.2,
               "tasks": 20, "explanations": 9, "alpha": None, "alpha_from": None, "layers": ["all"], "n_boot": 1000, "batch_size": 64},
@@ -38,7 +38,10 @@ SECTIONS = {
 NONE_TYPES = {"spec": str, "arch": str, "num_classes": int, "preprocess": dict, "lr": float, "train_limit": int,
               "val_limit": int, "train": str, "val": str, "iterative_methods": list, "exclude": list,
               "optimizers": list, "data": str, "limit": int, "alpha": float, "resize": int, "crop": int,
-              "image_size": int}
+              "image_size": int, "alpha_from": str, "baseline": str}
+# the type of each element of list keys
+ITEM_TYPES = {"methods": str, "criteria": str, "rates": float, "schedules": str, "layers": str, "units": str,
+              "iterative_methods": str, "exclude": str, "optimizers": str}
 # integer keys with a lower bound (checked before any training runs)
 MINIMUM = {"epochs": 0, "batch_size": 1, "train_limit": 1, "val_limit": 1, "steps": 1, "limit": 1, "tasks": 1,
            "resize": 1, "crop": 1,
@@ -55,7 +58,7 @@ def _check_types(raw: dict) -> None:
             if value is None:
                 continue
             expected = NONE_TYPES.get(key) if default is None else type(default)
-            if expected is None:  # a key added without a declared type: not checked here
+            if expected is None:  # tests/test_config_types.py keeps every key declared
                 continue
             ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
             if expected is float:
@@ -65,6 +68,14 @@ def _check_types(raw: dict) -> None:
             if not ok:
                 raise MisbenchError(f"config [{section}] {key}: expected {TYPE_NAMES[expected]}, got {value!r} "
                                     f"({type(value).__name__})")
+            if expected is list and key in ITEM_TYPES:
+                item_type = ITEM_TYPES[key]
+                for item in value:
+                    good = (isinstance(item, (int, float)) if item_type is float else isinstance(item, item_type)) \
+                        and not isinstance(item, bool)
+                    if not good:
+                        raise MisbenchError(f"config [{section}] {key}: every element must be {TYPE_NAMES[item_type]}, "
+                                            f"got {item!r} ({type(item).__name__}) in {value!r}")
             if key in MINIMUM and value < MINIMUM[key]:
                 raise MisbenchError(f"config [{section}] {key}: must be at least {MINIMUM[key]}, got {value!r}")
     alpha = raw["score"]["alpha"]

@@ -1,9 +1,14 @@
-"""One CLI grammar: every list option takes `--opt a --opt b` and `--opt a,b` alike."""
+"""One CLI grammar: every list option takes `--opt a --opt b` and `--opt a,b` alike; every command that writes
+refuses to overwrite without --overwrite."""
+
+import hashlib
 
 import click
 import h5py
+import numpy as np
 from click.testing import CliRunner
 
+from conftest import write_acts
 from misbench.cli.common import ListOption
 from misbench.cli.main import cli
 
@@ -60,3 +65,61 @@ def test_extract_layer_lists_in_both_forms_write_the_same_layers(tmp_path, image
         assert sorted(fa["layers"]) == sorted(fb["layers"]) == ["conv1", "softmax"]
     r = runner.invoke(cli, base + ["--layers", " , ", "--out", str(tmp_path / "c.h5")])
     assert r.exit_code == 2 and "expected at least one name" in r.output
+
+
+OUTPUT_PARAMS = {"out", "tasks_out", "classwise"}
+
+
+
+def test_every_command_with_an_output_has_overwrite():
+    writers = {name: command for name, command in all_commands() if OUTPUT_PARAMS & {p.name for p in command.params}}
+    assert {"extract", "score", "eval", "prune", "retrain", "report sweep", "report classwise", "report compare",
+            "report layers", "report curves", "import-scores", "calibrate", "merge-scores", "train-dictionary",
+            "study", "demo"} <= set(writers)
+    lacking = [name for name, command in writers.items() if "overwrite" not in {p.name for p in command.params}]
+    assert lacking == []
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_writers_refuse_then_replace_with_overwrite(property_folder, tmp_path):
+    root, _ = property_folder
+    rng = np.random.default_rng(0)
+    n = len(list(root.rglob("*.png")))
+    acts = write_acts(tmp_path / "acts.h5", root, {"feat": rng.normal(size=(n, 3))})
+    runner = CliRunner()
+    score = ["score", str(acts), "--layer", "feat", "--similarity", "pixel", "--image-size", "16", "--tasks", "4",
+             "--bootstrap", "10", "--out", str(tmp_path / "mis.csv")]
+    (tmp_path / "runs.csv").write_text("name,method,rate,mis_confidence\na,none,0,0.7\nb,structured,0.5,0.6\n"
+                                       "c,structured,0.8,0.5\n")
+    commands = [(score, tmp_path / "mis.csv", "--out"),
+                (["eval", "--acts", str(acts), "--out", str(tmp_path / "eval.json")], tmp_path / "eval.json", "--out"),
+                (["report", "layers", "--scores", str(tmp_path / "mis.csv"), "--out", str(tmp_path / "layers")],
+                 tmp_path / "layers" / "layers.csv", "--out"),
+                (["report", "sweep", "--runs", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "sweep")],
+                 tmp_path / "sweep" / "sweep.csv", "--out"),
+                (["report", "compare", "--scores", f"a={tmp_path / 'mis.csv'},b={tmp_path / 'mis.csv'}", "--n-boot", "10",
+                  "--out", str(tmp_path / "compare")], tmp_path / "compare" / "compare.csv", "--out"),
+                (["train-dictionary", str(acts), "--layer", "feat", "--n-features", "4", "--k", "1", "--steps", "5",
+                  "--out", str(tmp_path / "dict.pt")], tmp_path / "dict.pt", "--out")]
+    for args, target, option in commands:
+        first = runner.invoke(cli, args)
+        assert first.exit_code == 0, first.output
+        before = _sha(target)
+        again = runner.invoke(cli, args)
+        assert again.exit_code == 1 and option in again.output and "--overwrite" in again.output, again.output
+        assert str(target) in again.output and len(again.output.strip().splitlines()) == 1
+        assert _sha(target) == before
+        replaced = runner.invoke(cli, args + ["--overwrite"])
+        assert replaced.exit_code == 0, replaced.output
+
+
+def test_study_refuses_a_foreign_non_empty_folder(tmp_path):
+    (tmp_path / "precious.txt").write_text("data")
+    r = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(tmp_path), "--dry-run"])
+    assert r.exit_code == 1 and "manifest.json" in r.output and "--overwrite" in r.output
+    assert (tmp_path / "precious.txt").read_text() == "data"
+    r = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(tmp_path), "--dry-run", "--overwrite"])
+    assert r.exit_code == 0, r.output

@@ -61,6 +61,13 @@ def test_compare_means_rank_sum_and_balanced_means(tmp_path):
     assert test["prob_a_greater"] == pytest.approx(u / (42 * 45))
     assert 0 < test["p"] < 1e-3  # neurons are clearly higher here
     assert (out / "compare.png").stat().st_size > 1000 and "compare.png" in (out / "report.html").read_text()
+    # the same page as the other reports: header, contents, figure with its SVG, CSV links, no dict dumps
+    page = (out / "report.html").read_text()
+    assert "<header id='header'>" in page and "<nav id='toc'>" in page and "href='#compare'" in page
+    assert (out / "compare.svg").exists() and 'href="compare.svg"' in page
+    assert "href='compare.csv'" in page and "<pre>" not in page and "{'" not in page and '{"' not in page
+    # the rank-sum test the page states is the one compare.json holds
+    assert f"U={u:.4g}" in page and f"p={test['p']:.3g}" in page
 
 
 def test_compare_selects_layers_and_refuses_unknown(tmp_path):
@@ -74,5 +81,5 @@ def test_compare_selects_layers_and_refuses_unknown(tmp_path):
     assert summary["comparisons"][0]["rank_sum_mis"]["n_a"] == 10
     assert summary["comparisons"][0]["rank_sum_mis"]["n_b"] == 12
     res = CliRunner().invoke(cli, ["report", "compare", "--scores", f"x={tmp_path / 'm.csv'}:nope",
-                                   "--scores", f"y={tmp_path / 'm.csv'}", "--out", str(out)])
+                                   "--scores", f"y={tmp_path / 'm.csv'}", "--out", str(tmp_path / "cmp2")])
     assert res.exit_code != 0 and "nope" in res.output and "layer3" in res.output

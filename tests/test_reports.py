@@ -3,6 +3,7 @@ import os
 import pickle
 import re
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,6 +19,7 @@ from misbench.reports.importer import import_scores
 from misbench.reports.stats import correlation
 from misbench.reports.sweep import sweep_report
 from misbench.reports.tables import read_scores
+from misbench.store import open_activations
 
 
 def test_correlation_equals_scipy_and_bootstrap_is_seeded():
@@ -167,7 +169,7 @@ def test_classwise_report_with_unit_pictures_stays_inside_its_folder(property_fo
     manual = [np.mean(logits[labels == c].argmax(1) == c) for c in range(3)]
     assert acc == pytest.approx(manual, abs=1e-6)
     html = (out / "report.html").read_text()
-    links = re.findall(r"(?:src|href)='([^']+)'", html)
+    links = [link for link in re.findall(r"(?:src|href)=['\"]([^'\"]+)['\"]", html) if not link.startswith(("#", "data:"))]
     assert links and all((out / link).resolve().is_relative_to(out.resolve()) and (out / link).exists() for link in links)
     assert "units/softmax_1.png" in links and not re.search(r"https?://", html)
     with Image.open(out / "units/softmax_1.png") as img:
@@ -187,3 +189,29 @@ def test_classwise_report_says_which_class_units_it_used(property_folder, tmp_pa
     summary = classwise_report(tmp_path / "mis.csv", tmp_path / "report", acts=acts)  # no softmax: the logits
     assert summary["layer"] == "logits" and summary["class_units"] == "pre-softmax logits"
     assert json.loads((tmp_path / "report" / "summary.json").read_text())["class_units"] == "pre-softmax logits"
+
+
+def test_a_requested_constant_unit_is_reported_not_fatal(property_folder, tmp_path):
+    # a colleague's bug: one constant unit in [report] units stopped the whole report step
+    from misbench.reports.gallery import unit_galleries
+
+    root, _ = property_folder
+    n = len(list(root.rglob("*.png")))
+    feat = np.random.default_rng(2).normal(size=(n, 3))
+    feat[:, 2] = 0.5
+    acts = write_acts(tmp_path / "acts.h5", root, {"feat": feat})
+    r = CliRunner().invoke(cli, ["score", str(acts), "--layer", "feat", "--out", str(tmp_path / "mis.csv"), "--similarity",
+                                 "pixel", "--image-size", "16", "--tasks", "6", "--bootstrap", "20",
+                                 "--tasks-out", str(tmp_path / "tasks.h5")])
+    assert r.exit_code == 0, r.output
+    made = unit_galleries(tmp_path / "out", read_scores(tmp_path / "mis.csv"), tmp_path / "tasks.h5", acts, ["feat:2"])
+    by_unit = {(m["layer"], m["unit"]): m for m in made}
+    assert "constant unit" in by_unit[("feat", 2)]["skipped"]
+    pictured = [m for m in made if "path" in m]
+    assert pictured and all((tmp_path / "out" / m["path"]).exists() for m in pictured)
+    with open_activations(acts) as a:  # the activation values shown are the unit's own
+        column = a.activations("feat")[:, pictured[0]["unit"]]
+    with h5py.File(tmp_path / "tasks.h5", "r") as t:
+        k = list(t["feat"]["unit"][...]).index(pictured[0]["unit"])
+        rows = t["feat"]["pos_expl"][k][0]
+    assert pictured[0]["pos_expl"][0] == pytest.approx(column[rows].tolist())

@@ -60,6 +60,8 @@ def test_tiny_study_caches_and_reruns_only_what_changed(tmp_path, study_data):
     r = runner.invoke(cli, ["study", str(config), "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert "base" in r.output and "structured-l1-0.5-oneshot" in r.output and "report:" in r.output
+    assert "[step 1/9] running train:base, elapsed 0:00:00, estimate after the first step" in r.output
+    assert "[step 9/9] running report, elapsed" in r.output and "left" in r.output
     manifest = json.loads((out / "manifest.json").read_text())
     steps = manifest["steps"]
     assert set(steps) == {"train:base", "prune:structured-l1-0.5-oneshot", "eval:base", "extract:base", "score:base",

@@ -1,33 +1,226 @@
-"""Each report kind as one function that writes its folder and returns its main file (`misbench report KIND`)."""
+"""Each report kind as one function that writes its folder and returns its main file (`misbench report KIND`,
+misbench.api.report and the study's report step all call these), and the HTML sections of the pages."""
 
-__all__ = ["REPORTS", "classwise", "sweep", "layers", "curves"]
+__all__ = ["REPORTS", "classwise", "sweep", "layers", "curves", "compare", "sweep_sections", "classwise_sections",
+           "compare_sections", "unit_sections", "settings_header"]
 
+import json
+import logging
 from pathlib import Path
 
+from .. import __version__
+from ..fileio import write_json
 from .classwise import classwise_report
+from .compare import compare_report
 from .figures import layers_figure
 from .gallery import unit_galleries
-from .html import Section, write_html
-from .sweep import sweep_report, sweep_section, training_curves, write_curves
-from .tables import LAYER_COLUMNS, layer_summary, read_scores, score_settings, write_csv
+from .html import Figure, Section, write_html
+from .sweep import sweep_report, training_curves, write_curves
+from .tables import LAYER_COLUMNS, layer_summary, read_csv_rows, read_scores, score_settings, write_csv
+
+log = logging.getLogger(__name__)
+
+SUMMARY_COLUMNS = ("name", "method", "schedule", "rate", "top1", "n_units", "n_constant", "mis", "mis_confidence",
+                   "conf_ci_low", "conf_ci_high", "class_mis_confidence")
+PAIRED_SHOWN = ("name", "layer", "n_pairs", "diff_mis_confidence", "diff_conf_ci_low", "diff_conf_ci_high",
+                "wilcoxon_p_confidence", "diff_mis", "diff_mis_ci_low", "diff_mis_ci_high")
+CORRELATIONS = (("correlation_rate_mis_confidence", "pruning rate vs MIS confidence (feature layers)"),
+                ("correlation_rate_mis", "pruning rate vs MIS (feature layers)"),
+                ("correlation_rate_class_mis_confidence", "pruning rate vs class-unit MIS confidence"),
+                ("correlation_rate_top1", "pruning rate vs top-1"),
+                ("correlation_accuracy_mis_confidence", "class-wise accuracy vs MIS confidence"),
+                ("correlation_accuracy_mis", "class-wise accuracy vs MIS"))
+
+
+def _corr_text(c: dict) -> str:
+    if c["pearson_r"] is None:
+        return f"undefined (n={c['n']}: too few points or constant values)"
+    ci = c.get("pearson_ci") or [None, None]
+    interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci[0] is not None else ""
+    return (f"Pearson r={c['pearson_r']:+.3f}{interval} (p={c['pearson_p']:.3g}), "
+            f"Spearman rho={c['spearman_rho']:+.3f} (p={c['spearman_p']:.3g}), n={c['n']}")
+
+
+def _correlation_facts(summary: dict) -> list:
+    return [(label, _corr_text(summary[key])) for key, label in CORRELATIONS if key in summary]
+
+
+def settings_header(scores_csv, n_runs: int | None = None) -> list:
+    """(label, value) rows of the settings a score was made with (its mis.json), for the page header."""
+    rows = [("misbench version (this report)", __version__)]
+    sidecar = Path(scores_csv).with_suffix(".json") if scores_csv else None
+    if sidecar is None or not sidecar.exists():
+        return rows + [("score settings", "unknown: no mis.json beside the scores")]
+    meta = json.loads(sidecar.read_text())
+    s = meta.get("settings", {})
+    selection = s.get("selection", "")
+    if selection == "quantile":
+        selection = f"quantile {s.get('quantile')}"
+    source = meta.get("alpha_source") or s.get("alpha_source") or "unrecorded"
+    rows += [("settings from", str(sidecar)),
+             ("model", meta.get("model") or "-"), ("checkpoint sha256", meta.get("checkpoint_sha256") or "-"),
+             ("data", meta.get("data") or "-"), ("images (N)", meta.get("n_rows", "-")),
+             ("unit selection", selection or "-"), ("tasks per unit", s.get("tasks", "-")),
+             ("explanations per task", s.get("explanations", "-")),
+             ("similarity backend", s.get("similarity", "-")), ("backend fingerprint", s.get("backend_fingerprint", "-")),
+             ("image size, view", f"{s.get('image_size', '-')}, {s.get('view', '-')}"),
+             ("alpha", meta.get("alpha", s.get("alpha", "-"))), ("alpha source", source),
+             ("scored with misbench", meta.get("misbench_version", "-"))]
+    if n_runs is not None:
+        rows.append(("runs", n_runs))
+    return rows
+
+
+def sweep_sections(summary: dict, out_dir) -> list[Section]:
+    out_dir = Path(out_dir)
+    figures = set(summary["figures"])
+
+    def fig(name, caption, css=""):
+        return [Figure(name, caption, css)] if name in figures else []
+
+    sections = [Section("Summary of the runs", css_id="summary", tables=["sweep.csv"], columns=SUMMARY_COLUMNS,
+                        text="mis and mis_confidence: layer-balanced means over feature layers (each layer's mean over "
+                             "its non-constant units); class_mis_confidence: the same over the class units; "
+                             "conf_ci: bootstrap interval of the layer-balanced mean.",
+                        facts=_correlation_facts(summary))]
+    sections.append(Section("MIS and accuracy against pruning rate", figures=[
+        *fig("sweep_mis_confidence.png", "MIS confidence against pruning rate (bars: 5-95% of units)"),
+        *fig("sweep_mis.png", "MIS against pruning rate"),
+        *fig("sweep_class_mis_confidence.png", "class-unit MIS confidence against pruning rate"),
+        *fig("sweep_accuracy.png", "validation top-1 against pruning rate"),
+        *fig("curves.png", "validation top-1 over retraining epochs")]))
+    if "layers.png" in figures:
+        sections.append(Section("MIS per layer across runs", css_id="layers", figures=fig(
+            "layers.png", "mean MIS confidence per layer, one line per run (values in sweep_layers.csv)")))
+        sections.append(Section("Distribution of unit MIS per run", css_id="distribution", figures=fig(
+            "unit_distribution.png", "unit MIS confidence of the non-constant units of each run (box: quartiles, "
+                                     "triangle: mean)")))
+    if summary.get("paired_baseline"):
+        sections.append(Section(f"Paired differences against {summary['paired_baseline']}", css_id="paired",
+                                text="Per-unit differences (run - baseline) over units non-constant in both runs; "
+                                     "layer-balanced mean with its bootstrap interval and the Wilcoxon signed-rank p.",
+                                tables=["paired.csv"] if (out_dir / "paired.csv").exists() else [],
+                                columns=PAIRED_SHOWN,
+                                figures=fig("paired.png", "mean paired difference with its 95% interval")))
+    return sections
+
+
+def classwise_sections(summary: dict, rel_dir: str = ".", name: str = "") -> list[Section]:
+    rel = Path(rel_dir)
+    of = f" ({name})" if name else ""
+    return [Section(f"Class units against class-wise accuracy{of}", css_id=f"classwise-{name}" if name else "classwise",
+                    text=f"Layer {summary['layer']} ({summary['class_units']}), {summary['n_classes']} classes, "
+                         f"top-1 {'-' if summary['top1'] is None else format(summary['top1'], '.4g')}.",
+                    facts=_correlation_facts(summary), tables=[(rel / "classwise.csv").as_posix()],
+                    figures=[Figure((rel / "classwise_scatter.png").as_posix(),
+                                    "one point per class; line: least squares; legend: r, p, n", "scatter"),
+                             Figure((rel / "classwise.png").as_posix(), "per unit, with moving averages")])]
+
+
+def _values_text(values) -> str:
+    return ", ".join(f"{v:.3g}" for v in values)
+
+
+def unit_sections(galleries: list[dict], run: str = "") -> list[Section]:
+    """Best, median and worst (and requested) units: their explanation and query images and activations."""
+    sections = []
+    for g in galleries:
+        title = f"Unit {g['caption']}" + (f" of {run}" if run else "")
+        if "skipped" in g:
+            sections.append(Section(title, text=f"not pictured: {g['skipped']}"))
+            continue
+        facts = []
+        for k, delta in enumerate(g["deltas"]):
+            facts += [(f"task {k}: decision δ", f"{delta:+.3g} ({'correct' if delta > 0 else 'wrong'})"),
+                      (f"task {k}: E+ activations", _values_text(g["pos_expl"][k])),
+                      (f"task {k}: queries q+, q-", _values_text(g["queries"][k])),
+                      (f"task {k}: E- activations", _values_text(g["neg_expl"][k]))]
+        sections.append(Section(title, facts=facts, figures=[Figure(g["path"], "explanations E+/E-, queries q+/q-; "
+                                                                    "activation under each image")]))
+    return sections
+
+
+def _unit_sections_for(out_dir, scores_csv, units=(), prefix: str = "", run: str = "") -> list[Section]:
+    """Pictures when tasks.h5 and acts.h5 sit beside the scores (as a study writes them)."""
+    d = Path(scores_csv).parent
+    tasks, acts = d / "tasks.h5", d / "acts.h5"
+    if not (tasks.exists() and acts.exists()):
+        return []
+    return unit_sections(unit_galleries(out_dir, read_scores(scores_csv), tasks, acts, units, prefix=prefix), run)
+
+
+def compare_sections(summary: dict) -> list[Section]:
+    """The populations' layer-balanced means and the rank-sum tests as text, compare.csv, the distributions."""
+    facts = []
+    for pop in summary["populations"]:
+        m = pop["feature_mean"]
+        value = ("undefined (no non-constant feature units)" if m["mis_confidence"] is None else
+                 f"{m['mis_confidence']:.3f} [{m['mis_confidence_ci'][0]:.3f}, {m['mis_confidence_ci'][1]:.3f}], "
+                 f"{m['n_units']} units")
+        facts.append((f"{pop['label']}: layer-balanced MIS confidence", value))
+        facts.append((f"{pop['label']}: scores (layers)", f"{pop['scores']} ({', '.join(pop['layers'])})"))
+    for c in summary["comparisons"]:
+        for key, what in (("rank_sum_mis_confidence", "MIS confidence"), ("rank_sum_mis", "MIS")):
+            r = c[key]
+            facts.append((f"{c['a']} vs {c['b']}: rank-sum test of unit {what}",
+                          f"undefined (n={r['n_a']}, {r['n_b']})" if r["p"] is None else
+                          f"U={r['u']:.4g}, p={r['p']:.3g}, P({c['a']} > {c['b']})={r['prob_a_greater']:.3f}, "
+                          f"n={r['n_a']}, {r['n_b']}"))
+    return [Section("Unit populations compared", css_id="compare",
+                    text="Per-layer means over non-constant units with bootstrap intervals; layer-balanced means; "
+                         "Mann-Whitney rank-sum test of the per-unit scores (the first population against each other).",
+                    facts=facts, tables=["compare.csv"],
+                    figures=[Figure("compare.png", "per-unit MIS confidence of each population (dashed: means)")])]
 
 
 def classwise(scores, out, acts=None, eval_json=None, layer: str | None = None, tasks=None, units=(),
               seed: int = 0) -> Path:
-    """Softmax-unit MIS against class-wise accuracy: classwise.csv, summary.json, figure, report.html."""
+    """Softmax-unit MIS against class-wise accuracy: classwise.csv, summary.json, figures, unit pictures when
+    tasks and acts are given, report.html."""
     summary = classwise_report(scores, out, acts=acts, eval_json=eval_json, layer=layer, seed=seed)
-    pictures = unit_galleries(out, read_scores(scores), tasks, acts, units) if tasks and acts else []
-    sections = [Section("Class-wise accuracy vs MIS", images=["classwise.png"], tables=["classwise.csv"],
-                        data={k: summary[k] for k in ("correlation_accuracy_mis_confidence", "correlation_accuracy_mis")})]
-    sections += [Section(f"Unit {label}", images=[name]) for name, label in pictures]
-    return write_html(out, "misbench class-wise report", sections)
+    sections = classwise_sections(summary)
+    if tasks and acts:
+        sections += unit_sections(unit_galleries(out, read_scores(scores), tasks, acts, units))
+    return write_html(out, "misbench class-wise report", sections, settings_header(scores),
+                      [summary.get("alpha_warning")])
 
 
-def sweep(runs, out, seed: int = 0, baseline: str | None = None) -> Path:
+def sweep(runs, out, seed: int = 0, baseline: str | None = None, classwise_layer: str = "softmax", units=(),
+          title: str = "misbench sweep report") -> Path:
     """MIS and accuracy against pruning rate: sweep.csv, sweep_layers.csv, paired.csv (against the unpruned
-    `baseline` run: default control, else base), summary.json, figures, report.html."""
+    `baseline` run: default control, else base), summary.json, figures, the class-wise report of every run
+    with an eval.json and class units (under classwise/<run>/), unit pictures of the header run, report.html."""
+    out = Path(out)
     summary = sweep_report(runs, out, seed, baseline=baseline)
-    return write_html(out, "misbench sweep report", [sweep_section(summary, out)])
+    runs_path = Path(runs) / "runs.csv" if Path(runs).is_dir() else Path(runs)
+    sections = sweep_sections(summary, out)
+    by_run = {}
+    for row in read_csv_rows(runs_path):
+        if not (row.get("scores") and row.get("eval")):
+            continue
+        scores, eval_json = runs_path.parent / row["scores"], runs_path.parent / row["eval"]
+        if not eval_json.exists() or classwise_layer not in {r["layer"] for r in read_scores(scores)}:
+            continue
+        name = row["name"]
+        by_run[name] = classwise_report(scores, out / "classwise" / name, eval_json=eval_json,
+                                        layer=classwise_layer, seed=seed)
+        sections += classwise_sections(by_run[name], f"classwise/{name}", name)
+    write_json(out / "classwise_summary.json", by_run)
+    header_scores = summary.get("header_scores")
+    if header_scores:
+        run = next((r["name"] for r in read_csv_rows(runs_path)
+                    if r.get("scores") and (runs_path.parent / r["scores"]).resolve() == Path(header_scores).resolve()), "")
+        sections += _unit_sections_for(out, header_scores, units, prefix=f"{run}_" if run else "", run=run)
+    return write_html(out, title, sections, settings_header(header_scores, summary["n_runs"]),
+                      [summary.get("alpha_warning")])
+
+
+def compare(scores, out, seed: int = 0, n_boot: int = 1000) -> Path:
+    """Two (or more) unit populations side by side (`[LABEL=]mis.csv[:LAYER+LAYER]` each; the first against
+    each other): compare.csv, compare.json, compare.png, report.html."""
+    summary = compare_report(list(scores), out, seed=seed, n_boot=n_boot)
+    return write_html(out, "misbench comparison report", compare_sections(summary),
+                      settings_header(summary["populations"][0]["scores"]), [summary.get("alpha_warning")])
 
 
 def layers(scores, out) -> Path:
@@ -47,4 +240,4 @@ def curves(checkpoints, out) -> Path:
     return Path(out) / "curves.csv"
 
 
-REPORTS = {"classwise": classwise, "sweep": sweep, "layers": layers, "curves": curves}
+REPORTS = {"classwise": classwise, "sweep": sweep, "compare": compare, "layers": layers, "curves": curves}

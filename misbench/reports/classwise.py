@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import MisbenchError
 from ..evaluate import evaluate_acts
 from ..fileio import write_json
-from .figures import classwise_figure
+from .figures import class_scatter_figure, classwise_figure
 from .stats import correlation
 from .tables import alpha_of, read_scores, write_csv
 
@@ -55,9 +55,11 @@ def classwise_report(scores_csv, out_dir, acts=None, eval_json=None, layer: str 
         "alpha": alpha, "alpha_source": source,
         "alpha_warning": None if source.startswith("calibrated:") else
         f"mis_confidence uses an uncalibrated alpha ({source or 'unrecorded'}); fit one with misbench calibrate",
-        "figures": ["classwise.png"],
+        "figures": ["classwise_scatter.png", "classwise.png"],
     }
     write_json(out_dir / "summary.json", summary)
+    class_scatter_figure(rows, summary["correlation_accuracy_mis_confidence"], out_dir / "classwise_scatter.png",
+                         f"MIS confidence of {summary['class_units']} against class-wise accuracy")
     classwise_figure(rows, out_dir / "classwise.png",
                      f"Class accuracy and MIS confidence per class unit ({summary['class_units']})")
     return summary

@@ -6,7 +6,7 @@ populations' unit distributions are compared with the Wilcoxon rank-sum (Mann-Wh
 non-constant units. Unlike report sweep's paired comparison, the units need not correspond.
 """
 
-__all__ = ["compare_report", "compare_section", "rank_sum", "COMPARE_COLUMNS"]
+__all__ = ["compare_report", "rank_sum", "COMPARE_COLUMNS"]
 
 from pathlib import Path
 
@@ -99,16 +99,3 @@ def compare_report(populations: list, out, seed: int = 0, n_boot: int = 1000, fi
         from .figures import compare_figure
         compare_figure({p["label"]: values(p, "mis_confidence") for p in pops}, out / "compare.png")
     return result
-
-
-def compare_section(summary: dict, prefix: str = ""):
-    """The report.html section of a comparison written under `prefix` inside the report folder."""
-    from .html import Section
-
-    return Section("Unit populations compared", text=("Per-layer means over non-constant units with bootstrap "
-                   "intervals; layer-balanced means; Mann-Whitney rank-sum test of the per-unit scores (the first "
-                   "population against each other)."),
-                   images=[f"{prefix}compare.png"], tables=[f"{prefix}compare.csv"],
-                   data={"populations": [{k: p[k] for k in ("label", "scores", "feature_mean", "class_mean")}
-                                         for p in summary["populations"]],
-                         "comparisons": summary["comparisons"]})

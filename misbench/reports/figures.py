@@ -1,12 +1,16 @@
 """Figures in the style of the seed paper; each function returns the saved Figure for inspection."""
 
-__all__ = ["classwise_figure", "sweep_figure", "curves_figure", "layers_figure", "compare_figure", "METHOD_COLOURS"]
+__all__ = ["classwise_figure", "sweep_figure", "curves_figure", "layers_figure", "compare_figure", "class_scatter_figure",
+           "layer_runs_figure", "unit_distribution_figure", "paired_figure", "METHOD_COLOURS"]
+
+from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from .stats import moving_average  # noqa: E402
 
@@ -16,8 +20,11 @@ SCHEDULE_STYLES = {"oneshot": "-", "iterative": "--"}
 
 
 def _save(fig, path):
+    """PNG for the page and an SVG twin beside it (vector copies for papers; text stays editable text)."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(Path(path).with_suffix(".svg"))
     plt.close(fig)
     return fig
 
@@ -124,4 +131,82 @@ def compare_figure(samples: dict, path, xlabel: str = "MIS confidence"):
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def class_scatter_figure(rows: list[dict], corr: dict, path, title: str = ""):
+    """Class-unit MIS confidence against class-wise accuracy, one point per class, with the least-squares line;
+    the legend carries the report's own correlation (r, p, n) so that figure and tables agree."""
+    acc = np.array([r["accuracy"] if r["accuracy"] is not None else np.nan for r in rows], float)
+    conf = np.array([r["mis_confidence"] for r in rows], float)
+    keep = np.isfinite(acc) & np.isfinite(conf)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.plot(acc[keep], conf[keep], "o", color="tab:red", alpha=0.6, label=f"class units (n={int(keep.sum())})")
+    if corr.get("pearson_r") is not None:
+        fit = stats.linregress(acc[keep], conf[keep])
+        x = np.linspace(acc[keep].min(), acc[keep].max(), 2)
+        ax.plot(x, fit.intercept + fit.slope * x, "-", color="black",
+                label=f"least squares: r={corr['pearson_r']:.3f}, p={corr['pearson_p']:.3g}, n={corr['n']}")
+    else:
+        ax.plot([], [], " ", label=f"r undefined (n={corr.get('n', 0)}, or constant values)")
+    ax.set_xlabel("class-wise accuracy")
+    ax.set_ylabel("MIS confidence of the class unit")
+    ax.set_title(title or "Class-unit MIS against class-wise accuracy", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def layer_runs_figure(layer_rows: list[dict], path):
+    """Mean MIS confidence per layer (x) for every run (one line each), from sweep_layers.csv's rows."""
+    layers = list(dict.fromkeys(r["layer"] for r in layer_rows))
+    runs = list(dict.fromkeys(r["name"] for r in layer_rows))
+    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.35), 4.5))
+    x = np.arange(len(layers))
+    for name in runs:
+        by_layer = {r["layer"]: r for r in layer_rows if r["name"] == name}
+        y = [by_layer[l]["mis_confidence"] if l in by_layer and by_layer[l]["mis_confidence"] is not None
+             else np.nan for l in layers]
+        method = next(iter(by_layer.values()))["method"]
+        ax.plot(x, y, marker="o", ms=3, color=METHOD_COLOURS.get(method, "tab:purple") if len(runs) > 1 else "tab:red",
+                alpha=0.8, label=name)
+    ax.set_xticks(x, layers, rotation=90, fontsize=6)
+    ax.set_ylabel("mean MIS confidence (non-constant units)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def unit_distribution_figure(runs: list[dict], path):
+    """Box plots of the per-unit MIS confidence of every scored run (non-constant units, all layers)."""
+    names, values = [], []
+    for run in runs:
+        v = [s["mis_confidence"] for s in run.get("unit_scores") or [] if s["status"] == "ok"]
+        if v:
+            names.append(run["name"]), values.append(v)
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.45), 4.5))
+    ax.boxplot(values, showmeans=True)
+    ax.set_xticks(np.arange(1, len(names) + 1), names, rotation=90, fontsize=6)
+    ax.set_ylabel("unit MIS confidence")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def paired_figure(paired_rows: list[dict], baseline: str, path):
+    """Mean paired difference (run - baseline) of unit MIS confidence per run, with its bootstrap interval."""
+    rows = [r for r in paired_rows if r.get("diff_mis_confidence") is not None]
+    labels = [f"{r['name']} ({r['layer']})" for r in rows]
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(7, max(2.5, len(rows) * 0.3 + 1)))
+    for k, r in enumerate(rows):
+        colour = METHOD_COLOURS.get(r["method"], "tab:purple")
+        ax.errorbar(r["diff_mis_confidence"], k, xerr=[[r["diff_mis_confidence"] - r["diff_conf_ci_low"]],
+                                                       [r["diff_conf_ci_high"] - r["diff_mis_confidence"]]],
+                    fmt="o", color=colour, capsize=3)
+    ax.axvline(0, color="black", lw=1)
+    ax.set_yticks(y, labels, fontsize=6)
+    ax.set_xlabel(f"paired difference of unit MIS confidence vs {baseline} (95% interval)")
+    ax.grid(alpha=0.3, axis="x")
     return _save(fig, path)

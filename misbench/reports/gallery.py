@@ -1,7 +1,8 @@
 """Pictures of units: the explanations and queries of their tasks, with the decision."""
 
-__all__ = ["choose_units", "unit_gallery", "unit_galleries"]
+__all__ = ["choose_units", "unit_gallery", "unit_galleries", "ConstantUnit"]
 
+import logging
 from pathlib import Path
 
 import h5py
@@ -11,6 +12,22 @@ from ..errors import MisbenchError
 from ..images import RowImages
 from ..store import open_activations
 from .figures import plt
+
+log = logging.getLogger(__name__)
+
+
+class ConstantUnit(MisbenchError):
+    """A chosen unit never varies: it has no tasks, so there is nothing to picture."""
+
+
+def _unit_values(acts, layer: str, unit: int, rows: np.ndarray) -> np.ndarray:
+    """The unit's activation on each row: from the full column, or from the kept top/bottom-k values."""
+    group = acts.layer(layer)
+    if "activations" in group:
+        return np.asarray(group["activations"][:, unit], float)[rows]
+    kept = dict(zip(np.concatenate([group["top_index"][unit], group["bottom_index"][unit]]).tolist(),
+                    np.concatenate([group["top_value"][unit], group["bottom_value"][unit]]).tolist()))
+    return np.array([kept.get(int(r), np.nan) for r in rows], float)
 
 
 def choose_units(scores: list[dict], extra: list[str] = ()) -> list[tuple[str, int, str]]:
@@ -38,7 +55,7 @@ def unit_gallery(tasks_h5, acts_path, layer: str, unit: int, out_png, n_tasks: i
         k = units.index(unit)
         g = {key: t[layer][key][k] for key in ("pos_expl", "neg_expl", "pos_query", "neg_query", "delta")}
     if (g["pos_query"] < 0).all():
-        raise MisbenchError(f"{layer}:{unit} is a constant unit: it has no tasks to show")
+        raise ConstantUnit(f"{layer}:{unit} is a constant unit: it has no tasks to show")
     n_tasks = min(n_tasks, len(g["delta"]))
     n_expl = g["pos_expl"].shape[1]
     with open_activations(acts_path) as acts:
@@ -46,6 +63,7 @@ def unit_gallery(tasks_h5, acts_path, layer: str, unit: int, out_png, n_tasks: i
                                for i in range(n_tasks)])
         images = RowImages(acts, rows, size)
         pictures = [images[j][0].permute(1, 2, 0).numpy() for j in range(len(rows))]
+        values = _unit_values(acts, layer, unit, rows)
     cols = 2 * n_expl + 2
     fig, axes = plt.subplots(n_tasks, cols, figsize=(cols * 0.75, n_tasks * 1.05 + 0.4), squeeze=False)
     labels = ["E+"] * n_expl + ["q+", "q-"] + ["E-"] * n_expl
@@ -54,6 +72,7 @@ def unit_gallery(tasks_h5, acts_path, layer: str, unit: int, out_png, n_tasks: i
             ax = axes[i, j]
             ax.imshow(pictures[i * cols + j])
             ax.set_xticks([]), ax.set_yticks([])
+            ax.set_xlabel(f"{values[i * cols + j]:.3g}", fontsize=5, labelpad=1)
             colour = {"E+": "tab:orange", "E-": "tab:blue"}.get(labels[j], "black")
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour)
@@ -62,19 +81,32 @@ def unit_gallery(tasks_h5, acts_path, layer: str, unit: int, out_png, n_tasks: i
                 ax.set_title(labels[j], fontsize=7)
         delta = float(g["delta"][i])
         axes[i, 0].set_ylabel(f"task {i}\n{'correct' if delta > 0 else 'wrong'}\nδ={delta:.3g}", fontsize=6)
-    fig.suptitle(f"{layer}:{unit} - explanations E+/E-, queries q+/q-", fontsize=8)
+    fig.suptitle(f"{layer}:{unit} - explanations E+/E-, queries q+/q-; activation under each image", fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
+    with plt.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(Path(out_png).with_suffix(".svg"))
     plt.close(fig)
-    return {"layer": layer, "unit": unit, "deltas": [float(d) for d in g["delta"][:n_tasks]]}
+    per_task = values.reshape(n_tasks, cols)
+    return {"layer": layer, "unit": unit, "deltas": [float(d) for d in g["delta"][:n_tasks]],
+            "pos_expl": per_task[:, :n_expl].tolist(), "queries": per_task[:, n_expl:n_expl + 2].tolist(),
+            "neg_expl": per_task[:, n_expl + 2:].tolist()}
 
 
-def unit_galleries(out_dir, scores: list[dict], tasks_h5, acts_path, extra=(), prefix: str = "") -> list[tuple[str, str]]:
-    """Pictures of the chosen units under out_dir/units/: [(relative path, caption)]."""
+def unit_galleries(out_dir, scores: list[dict], tasks_h5, acts_path, extra=(), prefix: str = "") -> list[dict]:
+    """Pictures of the chosen units under out_dir/units/: one dict per unit with `path` (relative), `caption`,
+    `why` and the gallery's values, or `skipped` (the reason) for a constant unit, which has no tasks: it is
+    reported, not fatal, so that one requested constant unit does not stop the whole report."""
     (Path(out_dir) / "units").mkdir(parents=True, exist_ok=True)
     made = []
     for layer, unit, why in choose_units(scores, extra):
         name = f"units/{prefix}{layer.replace('/', '_')}_{unit}.png"
-        unit_gallery(tasks_h5, acts_path, layer, unit, Path(out_dir) / name)
-        made.append((name, f"{layer}:{unit} ({why})"))
+        caption = f"{layer}:{unit} ({why})"
+        try:
+            info = unit_gallery(tasks_h5, acts_path, layer, unit, Path(out_dir) / name)
+        except ConstantUnit as err:
+            log.warning("%s; left out of the report's unit pictures", err)
+            made.append({"caption": caption, "why": why, "layer": layer, "unit": unit, "skipped": str(err)})
+            continue
+        made.append({**info, "path": name, "caption": caption, "why": why})
     return made

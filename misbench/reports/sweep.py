@@ -1,7 +1,7 @@
 """MIS and accuracy against pruning rate across runs (DESIGN §9; the seed's Figs. 1, 3, 4, 5)."""
 
 __all__ = ["sweep_report", "read_runs", "distinct_runs", "SWEEP_COLUMNS", "LAYER_TREND_COLUMNS", "training_curves",
-           "write_curves", "sweep_section"]
+           "write_curves"]
 
 import json
 import logging
@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import MisbenchError
 from ..fileio import write_json
-from .figures import curves_figure, layers_figure, sweep_figure
+from .figures import curves_figure, layer_runs_figure, paired_figure, sweep_figure, unit_distribution_figure
 from .stats import correlation
 from ..summaries import is_class_layer, score_summaries
 from .paired import PAIRED_COLUMNS, paired_report
@@ -147,17 +147,6 @@ def write_curves(curves: list[dict], out_dir) -> None:
               ["name", "epoch", "step", "val_top1"])
 
 
-def sweep_section(summary: dict, out_dir):
-    """The report.html section of a sweep written into out_dir."""
-    from .html import Section
-
-    names = ["sweep.csv", "sweep_layers.csv", "paired.csv", "paired_layers.csv", "layers.csv"]
-    tables = [n for n in names if (Path(out_dir) / n).exists()]
-    keys = ("correlation", "paired_baseline", "alpha_warning", "duplicate_rows")
-    return Section("MIS and accuracy against pruning rate", images=summary["figures"], tables=tables,
-                   data={k: v for k, v in summary.items() if k.startswith(keys)})
-
-
 def _alpha_warning(runs: list[dict]) -> str | None:
     uncalibrated = sorted({r["alpha_source"] or "unrecorded" for r in runs
                            if r.get("mis_confidence") is not None and not str(r.get("alpha_source", "")).startswith("calibrated:")})
@@ -202,13 +191,16 @@ def sweep_report(runs_csv, out_dir, seed: int = 0, baseline: str | None = None) 
                   for run in runs for row in run.get("layer_rows", [])]
     if layer_rows:
         write_csv(out_dir / "sweep_layers.csv", layer_rows, LAYER_TREND_COLUMNS)
-        first = runs[0]["name"]
-        layers_figure([r for r in layer_rows if r["name"] == first], out_dir / "layers.png",
-                      f"Mean MIS confidence per layer ({first})")
+        layer_runs_figure(layer_rows, out_dir / "layers.png")
         figures.append("layers.png")
+        unit_distribution_figure(runs, out_dir / "unit_distribution.png")
+        figures.append("unit_distribution.png")
     if paired:
         write_csv(out_dir / "paired.csv", paired["runs"], PAIRED_COLUMNS)
         write_csv(out_dir / "paired_layers.csv", paired["layers"], PAIRED_COLUMNS)
+        if any(r.get("diff_mis_confidence") is not None for r in paired["runs"]):
+            paired_figure(paired["runs"], paired["baseline"], out_dir / "paired.png")
+            figures.append("paired.png")
     curves = training_curves(runs)
     if curves:
         write_curves(curves, out_dir)
@@ -225,6 +217,9 @@ def sweep_report(runs_csv, out_dir, seed: int = 0, baseline: str | None = None) 
                "alpha_source": sorted({str(r.get("alpha_source", "")) for r in runs}),
                "alpha_warning": _alpha_warning(runs),
                "paired_baseline": paired["baseline"] if paired else None,
+               # the settings the report's header shows: the paired baseline's mis.json, else the first run's
+               "header_scores": next((r["scores"] for r in sorted(runs, key=lambda r: not (paired and r["name"] == paired["baseline"]))
+                                      if r.get("scores")), None),
                "figures": figures}
     write_json(out_dir / "summary.json", summary)
     return summary

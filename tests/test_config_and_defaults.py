@@ -1,0 +1,117 @@
+"""Config files validated with types; documented defaults agree between --help, the settings dataclasses, the
+study config and docs/cli.md."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import click
+import pytest
+
+from misbench.cli.main import cli
+from misbench.errors import MisbenchError
+from misbench.extract import ExtractSettings
+from misbench.pruning import PruneSettings
+from misbench.scoring import ScoreSettings
+from misbench.study_config import ITEM_TYPES, NONE_TYPES, SECTIONS, parse_config
+from misbench.training import TrainSettings
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+BASE = {"model": {"spec": "m.pt"}, "data": {"val": "val", "train": "train"}}
+
+# (command, settings dataclass, study config section)
+PAIRS = [("extract", ExtractSettings, "extract"), ("score", ScoreSettings, "score"), ("prune", PruneSettings, "pruning"),
+         ("prune", TrainSettings, "retrain"), ("retrain", TrainSettings, "retrain")]
+# defaults that differ on purpose, and why
+ON_PURPOSE = {
+    ("retrain", "epochs"): "a study retrains (1 epoch); `prune` alone prunes without retraining (0)",
+    ("pruning", "steps"): "--steps unset means 4 for the iterative schedule and 1 for one-shot (the config's 4)",
+    ("dataclass", "workers"): "the CLI's auto is parsed into the dataclass's None (auto) by --workers' callback",
+    ("dataclass", "steps"): "as ('pruning', 'steps')",
+}
+
+
+def _default(field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
+
+
+def _set(value):
+    return value not in (None, False) and not isinstance(value, type(click.Option(["--x"]).default))
+
+
+def test_click_defaults_equal_the_settings_dataclasses_and_the_study_config():
+    compared = 0
+    for command, settings, section in PAIRS:
+        fields = {f.name: f for f in dataclasses.fields(settings)}
+        for param in cli.commands[command].params:
+            if param.name not in fields or not _set(param.default):
+                continue
+            if ("dataclass", param.name) not in ON_PURPOSE:
+                assert param.default == _default(fields[param.name]), (command, param.name)
+                compared += 1
+            config = SECTIONS[section].get(param.name)
+            if config is not None and (section, param.name) not in ON_PURPOSE and param.name != "layers":
+                assert param.default == config, (command, section, param.name)
+                compared += 1
+    assert compared >= 30
+
+
+def _doc_row(command: str) -> str:
+    rows = [line for line in DOCS.read_text().splitlines() if line.startswith(f"| `misbench {command} ")]
+    assert rows, f"docs/cli.md has no row for misbench {command}"
+    return rows[0]
+
+
+@pytest.mark.parametrize("command", ["extract", "score", "prune"])
+def test_docs_cli_md_states_the_click_defaults(command):
+    """docs/cli.md writes `--option DEFAULT`, or `--option A\\|B` with the default first; placeholders are capitals."""
+    by_flag = {opt: p for p in cli.commands[command].params for opt in getattr(p, "opts", [])}
+    checked = 0
+    for flag, value in re.findall(r"(--[a-z][a-z0-9-]*) ([^\s`|\\-][^\s`|\\]*)", _doc_row(command)):
+        param = by_flag.get(flag)
+        if param is None or not _set(param.default) or any(c.isupper() for c in value):
+            continue
+        default = param.default
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            assert float(value) == pytest.approx(float(default)), (command, flag, value, default)
+        else:
+            assert value == str(default), (command, flag, value, default)
+        checked += 1
+    assert checked >= 5
+
+
+def test_every_config_key_has_a_declared_type():
+    undeclared = [(s, k) for s, keys in SECTIONS.items() for k, v in keys.items() if v is None and k not in NONE_TYPES]
+    assert undeclared == []
+    lists = {k for keys in SECTIONS.values() for k, v in keys.items() if isinstance(v, list) or NONE_TYPES.get(k) is list}
+    assert lists <= set(ITEM_TYPES)
+
+
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("score", "tasks", 20.0, "an integer"),          # a float for an int key
+    ("score", "quantile", "0.2", "a number"),        # a string for a number
+    ("retrain", "epochs", "1", "an integer"),
+    ("pruning", "control", "yes", "true or false"),
+    ("report", "baseline", 3, "a string"),
+    ("score", "alpha_from", ["a"], "a string"),
+    ("extract", "layers", ["conv", 3], "a string"),  # a list's element
+    ("pruning", "rates", [0.5, "0.7"], "a number"),
+    ("report", "units", "softmax:1", "a list"),
+])
+def test_config_values_of_the_wrong_type_name_key_value_and_type(section, key, value, expected):
+    with pytest.raises(MisbenchError) as err:
+        parse_config({**BASE, section: {key: value}})
+    message = str(err.value)
+    bad = value[-1] if isinstance(value, list) else value  # the wrong element is the last one here
+    assert f"[{section}] {key}" in message and repr(bad) in message and type(bad).__name__ in message
+    assert expected in message and "\n" not in message
+
+
+def test_well_typed_values_pass_and_ints_count_as_numbers():
+    config = parse_config({**BASE, "score": {"quantile": 1, "tasks": 5}, "pruning": {"rates": [0.5, 0.25]},
+                           "report": {"baseline": "control", "units": ["softmax:1"]}})
+    assert config["score"]["quantile"] == 1 and config["report"]["units"] == ["softmax:1"]
