@@ -15,7 +15,8 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;font-size:.85em;margin:.6em 0}td,th{border:1px solid #ddd;padding:.25em .5em;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.4em 0}
 .note{color:#555;font-size:.9em}.warning{background:#fff3cd;border:1px solid #e0c060;padding:.5em}
-.facts td{text-align:left}figure{margin:.8em 0}figcaption{color:#555;font-size:.85em}nav ol{columns:2}"""
+.facts td{text-align:left}figure{margin:.8em 0;flex:1 1 480px}figcaption{color:#555;font-size:.85em}nav ol{columns:2}
+.figures{display:flex;flex-wrap:wrap;gap:0 1.5em;align-items:flex-start}table.csv{display:block;overflow-x:auto;max-width:100%}"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +109,8 @@ def render_html(out_dir, title: str, sections: list[Section], header: list | Non
             parts.append(_facts(s.facts))
         for table in s.tables:
             parts.append(_table(_inside(out_dir, table), Path(table).as_posix(), s.columns))
-        parts += [_figure(out_dir, f) for f in s.figures]
+        if s.figures:  # side by side where the page is wide enough: a sweep's four plots fit in two rows
+            parts.append("<div class='figures'>" + "".join(_figure(out_dir, f) for f in s.figures) + "</div>")
         parts.append("</section>")
     links = "".join(f"<li><a href='{html.escape(c)}'>{html.escape(c)}</a></li>" for c in csvs)
     parts.append(f"<section id='files'><h2>{files.title}</h2><ul>{links}</ul></section></body></html>")

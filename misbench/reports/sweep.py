@@ -175,10 +175,10 @@ def sweep_report(runs_csv, out_dir, seed: int = 0, baseline: str | None = None) 
 
     figures = []
     sweep_figure(runs, "mis_confidence", out_dir / "sweep_mis_confidence.png",
-                 "MIS confidence, layer-balanced feature mean (5-95% of units)", band=("conf_p05", "conf_p95"))
+                 "MIS confidence\n(layer-balanced feature mean;\nbars: 5-95% of units)", band=("conf_p05", "conf_p95"))
     figures.append("sweep_mis_confidence.png")
     if any(r.get("mis") is not None for r in runs):
-        sweep_figure(runs, "mis", out_dir / "sweep_mis.png", "MIS, layer-balanced feature mean")
+        sweep_figure(runs, "mis", out_dir / "sweep_mis.png", "MIS\n(layer-balanced feature mean)")
         figures.append("sweep_mis.png")
     if any(r.get("class_mis_confidence") is not None for r in runs):
         sweep_figure(runs, "class_mis_confidence", out_dir / "sweep_class_mis_confidence.png",
