@@ -21,15 +21,19 @@ def _classes(names: tuple, shown: int = 5) -> str:
 def layers(model, arch, num_classes, arch_kwargs, trust_pickle):
     """List the layers of MODEL that `extract --layers` can record: name, kind, unit count.
 
-    '*' marks the modules that `conv` expands to (every pre-activation conv unit)."""
+    '*' marks the modules that `conv` expands to (every pre-activation conv unit), '+' those that `mlp`
+    expands to (the hidden activation of every transformer MLP block); token layers count D units."""
     rows = api.layers(model, **model_kwargs(arch, num_classes, arch_kwargs, trust_pickle))
     width = max(len(r.name) for r in rows) + 2
     click.echo(f"{'layer':<{width}} {'kind':<8} {'units':>6}  module")
     for r in rows:
-        detail = (r.module + (" *" if r.in_conv else "")) if r.module else _classes(r.classes)
+        mark = " *" if r.in_conv else " +" if r.in_mlp else ""
+        detail = r.module + mark if r.module else _classes(r.classes)
         click.echo(f"{r.name:<{width}} {r.kind:<8} {r.n_units:>6}  {detail}".rstrip())
-    conv = [r for r in rows if r.in_conv]
-    click.echo(f"conv = {len(conv)} modules, {sum(r.n_units for r in conv)} units (*)")
+    for shortcut, marker, rows_of in (("conv", "*", [r for r in rows if r.in_conv]),
+                                      ("mlp", "+", [r for r in rows if r.in_mlp])):
+        if rows_of or shortcut == "conv":
+            click.echo(f"{shortcut} = {len(rows_of)} modules, {sum(r.n_units for r in rows_of)} units ({marker})")
 
 
 COMMANDS = [layers]

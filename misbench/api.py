@@ -70,7 +70,7 @@ def load_model(model, arch: str | None = None, num_classes: int | None = None, t
 
 
 def layers(model, **model_options) -> list[LayerInfo]:
-    """Every module `extract` can record, as (name, kind, n_units, module, in_conv, classes) rows."""
+    """Every module `extract` can record, as (name, kind, n_units, module, in_conv, classes, in_mlp) rows."""
     loaded = load_model(model, **model_options)
     crop = loaded.preprocess.crop
     device = next(loaded.model.parameters()).device

@@ -24,7 +24,7 @@ from .models import LoadedModel, model_input_file
 from .preprocess import build_transform
 from .store import (SCHEMA, SCHEMA_VERSION, ActivationWriter, PartialUnusable, merge_activation_parts, part_path,
                     partial_path)
-from .tokens import TOKEN_REDUCTIONS, channels_last_modules
+from .tokens import LAYER_KINDS, TOKEN_REDUCTIONS, channels_last_modules
 from .topk import TopK, parse_keep
 from . import distributed
 
@@ -237,7 +237,7 @@ def _layer_attrs(req, layout: str, n_units: int, settings: ExtractSettings, feat
     """attrs of /layers/<name>: kind from the output's layout, and the reduction that made one value per unit."""
     if req.kind in ("logits", "softmax"):
         return {"module": "", "kind": req.kind, "n_units": n_units, "reduction": settings.reduction}
-    kind = {"conv": "conv", "flat": "linear", "tokens": "token", "grid": "token"}[layout]
+    kind = LAYER_KINDS[layout]
     reduction = settings.reduction if kind != "token" else settings.token_reduction
     attrs = {"module": req.module, "kind": kind, "n_units": n_units, "reduction": reduction}
     if kind == "token":

@@ -7,7 +7,7 @@ A module's output is read as [B, P, D] (P positions, D units) by its layout:
   flat   [B, D]         one position
 """
 
-__all__ = ["TOKEN_REDUCTIONS", "output_layout", "as_positions", "reduce_tokens", "mlp_hidden_modules",
+__all__ = ["TOKEN_REDUCTIONS", "LAYER_KINDS", "output_layout", "as_positions", "reduce_tokens", "mlp_hidden_modules",
            "channels_last_modules"]
 
 import torch
@@ -16,6 +16,9 @@ from torch import nn
 from .errors import MisbenchError
 
 TOKEN_REDUCTIONS = ("mean", "max", "cls")
+# a layer's kind by its output's layout: the `kind` attr of /layers/NAME (docs/formats.md) and the kind
+# column of `misbench layers`; both token layouts are kind `token`
+LAYER_KINDS = {"conv": "conv", "flat": "linear", "tokens": "token", "grid": "token"}
 _ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.ReLU6, nn.Hardswish, nn.Tanh, nn.Sigmoid)
 
 

@@ -206,11 +206,35 @@ def test_dictionary_layer_scores_equal_the_same_matrix_as_a_plain_layer(tmp_path
     assert rows[0] == rows[1]
 
 
-def test_layers_lists_token_layers_with_their_width():
-    from misbench.layer_list import list_layers
-
+@pytest.mark.parametrize("model", ["vit_b_16:random", "swin_t:random"])
+def test_layers_marks_what_mlp_expands_to_with_token_widths(model):
+    """`misbench layers` marks with '+' exactly the MLP nonlinearities (enumerated by hand: every GELU of
+    these models sits in an MLP block), in model order, with D from a hook on each one's output; token
+    layers have the kind extract writes in the file's attrs (`token`)."""
     torch.manual_seed(0)
-    swin = load_model("swin_t:random").model
-    rows = {r.name: r for r in list_layers(swin, torch.zeros(1, 3, 224, 224))}
-    assert rows["features.1.0.mlp.1"].kind == "tokens" and rows["features.1.0.mlp.1"].n_units == 384
-    assert rows["features.7.1.mlp.1"].n_units == 3072 and rows["features.0.0"].kind == "conv"
+    net = load_model(model).model.eval()
+    gelus = [name for name, m in net.named_modules() if isinstance(m, torch.nn.GELU)]
+    widths, kinds = {}, {}
+    def record(name):
+        def hook(_module, _inputs, output):
+            widths[name] = output.shape[-1]  # GELU keeps the layout: [N, T, D] (ViT) or [N, H, W, D] (Swin)
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in net.named_modules() if name in gelus]
+    with torch.inference_mode():
+        net(torch.zeros(1, 3, 224, 224))
+    for h in handles:
+        h.remove()
+    r = CliRunner().invoke(cli, ["layers", model])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()[1:]
+    rows = [line.split() for line in lines if line.split() and line.split()[0] in widths]
+    marked = [line.split()[0] for line in lines if line.endswith(" +")]
+    assert len(gelus) == 12 and marked == gelus
+    for name, kind, units, *_ in rows:
+        kinds[name] = kind
+        assert int(units) == widths[name], name
+    assert set(kinds.values()) == {"token"}
+    if model.startswith("swin"):
+        assert sorted(set(widths.values())) == [384, 768, 1536, 3072]
+    assert f"mlp = 12 modules, {sum(widths.values())} units (+)" in r.output
