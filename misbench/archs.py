@@ -10,6 +10,7 @@ from torch import nn
 
 from .errors import MisbenchError, close_matches
 from .preprocess import IMAGENET_PREPROCESS, Preprocess
+from .timm_models import build_timm, is_timm, timm_preprocess
 
 _ARCHS: dict[str, Callable[..., nn.Module]] = {}
 _PREPROCESS: dict[str, Preprocess] = {}
@@ -27,7 +28,10 @@ def register_arch(name: str, preprocess: Preprocess | None = None):
 
 
 def default_preprocess(name: str) -> Preprocess:
-    """What an untrained `name` expects: misbench's small archs 32 px, everything else ImageNet's."""
+    """What an untrained `name` expects: misbench's small archs 32 px, timm models their timm config's,
+    everything else ImageNet's."""
+    if is_timm(name):
+        return timm_preprocess(name)
     return _PREPROCESS.get(name, IMAGENET_PREPROCESS)
 
 
@@ -125,10 +129,12 @@ def own_archs() -> list[str]:
 
 
 def check_arch(name: str) -> None:
+    if is_timm(name):  # checked against timm's registry when built
+        return
     if name not in _ARCHS and name not in _torchvision_names():
         raise MisbenchError(
-            f"unknown architecture {name!r}: expected a torchvision classification model or "
-            f"one of {sorted(_ARCHS)}.{close_matches(name, arch_names())}"
+            f"unknown architecture {name!r}: expected a torchvision classification model, "
+            f"timm.NAME (a timm model, with misbench[timm]) or one of {sorted(_ARCHS)}.{close_matches(name, arch_names())}"
         )
 
 
@@ -137,6 +143,8 @@ def build_arch(name: str, num_classes: int, arch_kwargs: dict | None = None) -> 
     kwargs = dict(arch_kwargs or {})
     if name in _ARCHS:
         return _ARCHS[name](num_classes=num_classes, **kwargs)
+    if is_timm(name):
+        return build_timm(name, num_classes, kwargs)
     check_arch(name)
     import torchvision
 
