@@ -20,6 +20,7 @@ from .lock import DirectoryLock
 from .manifest import Manifest, step_key
 from .models import LoadedModel, load_model
 from .preprocess import IMAGENET_PREPROCESS, Preprocess
+from .dictionary import parse_features
 from .study_config import RunSpec, StudyConfig
 
 log = logging.getLogger(__name__)
@@ -131,24 +132,68 @@ class Study:
                               {"model": ckpt}, {"eval": eval_json},
                               lambda resume, c=ckpt, out=eval_json: self._eval(c, out)))
             acts = d / "acts.h5"
+            # the dictionary files behind [extract] features are inputs: a changed file re-extracts
+            features = {f"features:{spec.name}": Path(spec.file) for spec in map(parse_features, cfg["extract"]["features"])}
             steps.append(Step(f"extract:{run.name}", "extract", {**cfg["extract"], "data": cfg["extract"]["data"] or data["val"],
                                                                  "labels": data["labels"]},
-                              {"model": ckpt}, {"acts": acts}, lambda resume, c=ckpt, out=acts: self._extract(c, out, resume),
+                              {"model": ckpt, **features}, {"acts": acts},
+                              lambda resume, c=ckpt, out=acts: self._extract(c, out, resume),
                               partial_path(acts)))
             scores = d / "mis.csv"
             steps.append(Step(f"score:{run.name}", "score", {**cfg["score"], "seed": cfg["study"]["seed"]}, {"acts": acts},
                               {"scores": scores, "meta": d / "mis.json", "tasks": d / "tasks.h5"},
                               lambda resume, a=acts, out=scores: self._score(a, out)))
+        steps += self._dictionary_steps(base_ckpt)
         report_inputs = {}
+        if cfg["dictionary"]["layer"]:
+            report_inputs["dictionary:scores"] = self.out / "dictionary" / "mis.csv"
         for run in self.runs:
             d = self.run_dir(run)
             report_inputs.update({f"{run.name}:scores": d / "mis.csv", f"{run.name}:eval": d / "eval.json"})
-        steps.append(Step("report", "report", {"report": cfg["report"], "runs": [dataclasses.asdict(r) for r in self.runs]},
-                          report_inputs, {"html": self.out / "report" / "report.html",
-                                          "sweep": self.out / "report" / "sweep.csv",
-                                          "summary": self.out / "report" / "summary.json"},
-                          lambda resume: self._report()))
+        report_outputs = {"html": self.out / "report" / "report.html", "sweep": self.out / "report" / "sweep.csv",
+                          "summary": self.out / "report" / "summary.json"}
+        if cfg["dictionary"]["layer"]:
+            report_outputs["compare"] = self.out / "report" / "compare" / "compare.csv"
+        report_settings = {"report": cfg["report"], "runs": [dataclasses.asdict(r) for r in self.runs]}
+        if cfg["dictionary"]["layer"]:
+            report_settings["dictionary"] = cfg["dictionary"]
+        steps.append(Step("report", "report", report_settings, report_inputs, report_outputs, lambda resume: self._report()))
         return steps
+
+    def dictionary_paths(self) -> dict:
+        d = self.out / "dictionary"
+        return {"train_acts": d / "train_acts.h5", "dictionary": d / "dictionary.pt", "acts": d / "acts.h5",
+                "scores": d / "mis.csv", "meta": d / "mis.json", "tasks": d / "tasks.h5"}
+
+    def _dictionary_steps(self, base_ckpt) -> list[Step]:
+        """[dictionary]: activations of the training images at `layer` of the base network -> a top-k SAE ->
+        the layer's neurons and the dictionary's features on the extraction images -> their scores (the
+        report compares the two populations)."""
+        from .store import partial_path
+
+        cfg, d = self.config, self.config["dictionary"]
+        if not d["layer"]:
+            return []
+        p = self.dictionary_paths()
+        e = {k: cfg["extract"][k] for k in ("reduction", "token_reduction", "dtype", "resize", "crop", "batch_size")}
+        labels = cfg["data"]["labels"]
+        train = {**e, "layers": [d["layer"]], "data": cfg["data"]["train"], "limit": d["train_limit"], "labels": labels,
+                 "dtype": "float32"}
+        val = {**e, "layers": [d["layer"]], "features": [f"{d['name']}={d['layer']}:dictionary.pt"],
+               "data": cfg["extract"]["data"] or cfg["data"]["val"], "limit": cfg["extract"]["limit"], "labels": labels}
+        spec = f"{d['name']}={d['layer']}:{p['dictionary']}"
+        return [
+            Step("extract:dictionary-train", "extract", train, {"model": base_ckpt}, {"acts": p["train_acts"]},
+                 lambda resume: self._extract(base_ckpt, p["train_acts"], resume, **train), partial_path(p["train_acts"])),
+            Step("dictionary", "dictionary", {**d, "seed": cfg["study"]["seed"]}, {"acts": p["train_acts"]},
+                 {"dictionary": p["dictionary"]}, lambda resume: self._train_dictionary()),
+            Step("extract:dictionary", "extract", val, {"model": base_ckpt, "dictionary": p["dictionary"]},
+                 {"acts": p["acts"]}, lambda resume: self._extract(base_ckpt, p["acts"], resume, **{**val, "features": [spec]}),
+                 partial_path(p["acts"])),
+            Step("score:dictionary", "score", {**cfg["score"], "layers": ["all"], "seed": cfg["study"]["seed"]},
+                 {"acts": p["acts"]}, {k: p[k] for k in ("scores", "meta", "tasks")},
+                 lambda resume: self._score(p["acts"], p["scores"], layers=["all"])),
+        ]
 
     # -- actions --------------------------------------------------------------------------------------------------
     def _load(self, ckpt) -> LoadedModel:
@@ -173,18 +218,28 @@ class Study:
                                 progress=self._bar(f"eval {Path(out).parent.name}"))
         write_eval(result, out, Path(out).with_name("classwise_accuracy.csv"))
 
-    def _extract(self, ckpt, out, resume):
+    def _extract(self, ckpt, out, resume, **override):
+        """Extract with the [extract] settings; `override` replaces some (the dictionary's steps)."""
         from .extract import ExtractSettings, extract
 
-        e = self.config["extract"]
+        e = {**self.config["extract"], **override}
         settings = ExtractSettings(layers=tuple(e["layers"]), reduction=e["reduction"], dtype=e["dtype"], limit=e["limit"],
                                    labels=self.config["data"]["labels"], resize=e["resize"], crop=e["crop"],
+                                   token_reduction=e["token_reduction"], features=tuple(e["features"]),
                                    batch_size=e["batch_size"], workers=self._runtime()["workers"],
                                    device=self._runtime()["device"])
         extract(self._load(ckpt), e["data"] or self.config["data"]["val"], out, settings, resume=resume,
                 overwrite=True, progress=self._bar(f"extract {Path(out).parent.name}"))
 
-    def _score(self, acts, out):
+    def _train_dictionary(self):
+        from .dictionary_training import DictionarySettings, train_dictionary
+
+        d, p = self.config["dictionary"], self.dictionary_paths()
+        settings = DictionarySettings(n_features=d["n_features"], k=d["k"], steps=d["steps"], lr=d["lr"],
+                                      batch_size=d["batch_size"], seed=self.config["study"]["seed"])
+        train_dictionary(p["train_acts"], d["layer"], p["dictionary"], settings)
+
+    def _score(self, acts, out, layers=None):
         from .scoring import ScoreSettings, score
 
         s = self.config["score"]
@@ -199,7 +254,7 @@ class Study:
                                  alpha_source=alpha_source,
                                  seed=self.config["study"]["seed"], n_boot=s["n_boot"], batch_size=s["batch_size"],
                                  device=self._runtime()["device"], workers=self._runtime()["workers"])
-        score(acts, s["layers"], settings, out, tasks_out=Path(out).with_name("tasks.h5"),
+        score(acts, layers or s["layers"], settings, out, tasks_out=Path(out).with_name("tasks.h5"),
               cache_dir=self.out / "cache" / "embeddings",
               progress=(lambda stage, d, n: self.progress(f"{stage} {Path(out).parent.name}", d, n)) if self.progress else None)
 
@@ -222,10 +277,14 @@ class Study:
     def _report(self):
         from .reports.build import sweep
 
-        cfg = self.config["report"]
+        cfg, d = self.config["report"], self.config["dictionary"]
+        # the dictionary's layer: its neurons against its features, both scored in dictionary/mis.csv
+        scores = self.dictionary_paths()["scores"]
+        compare = [f"neurons={scores}:{d['layer']}", f"features={scores}:{d['name']}"] if d["layer"] else None
         sweep(self.write_runs_csv(), self.out / "report", self.config["study"]["seed"], baseline=cfg["baseline"],
               classwise_layer=cfg["classwise_layer"], units=cfg["units"],
-              title=f"misbench study: {self.config['study']['name']}")
+              title=f"misbench study: {self.config['study']['name']}", compare_scores=compare,
+              n_boot=self.config["score"]["n_boot"])
 
     # -- execution ------------------------------------------------------------------------------------------------
     def _input_hashes(self, manifest: Manifest, step: Step, pending: bool) -> dict | None:

@@ -9,9 +9,11 @@ import tomllib
 from pathlib import Path
 
 from .device import parse_workers
+from .dictionary import parse_features
 from .errors import MisbenchError
 from .labels import LABEL_MODES
 from .pruning.masks import CRITERIA, METHODS, SCHEDULES
+from .tokens import TOKEN_REDUCTIONS
 
 SECTIONS = {
     "study": {"name": "study", "seed": 0},
@@ -25,9 +27,13 @@ SECTIONS = {
     "retrain": {"epochs": 1, "optimizer": "sgd", "lr": None, "momentum": 0.9, "weight_decay": 1e-4, "gamma": 0.9,
                 "batch_size": 64, "train_limit": None, "val_limit": None},
     "extract": {"layers": ["conv", "softmax"], "data": None, "limit": None, "batch_size": 64, "dtype": "float32",
-                "reduction": "mean", "resize": None, "crop": None},
+                "reduction": "mean", "token_reduction": "mean", "features": [], "resize": None, "crop": None},
     "score": {"similarity": "lpips-alex", "image_size": None, "view": "model", "selection": "fair", "quantile": 0.2,
               "tasks": 20, "explanations": 9, "alpha": None, "alpha_from": None, "layers": ["all"], "n_boot": 1000, "batch_size": 64},
+    # one top-k sparse autoencoder trained during the study on `layer` of the base network (off while layer is
+    # unset): its features are extracted and scored, and the report compares them with the layer's neurons
+    "dictionary": {"layer": None, "name": "dictionary", "n_features": 64, "k": 4, "steps": 300, "lr": 1e-3,
+                   "batch_size": 256, "train_limit": None},
     "report": {"units": [], "classwise_layer": "softmax", "baseline": None},
     "runtime": {"device": "auto", "workers": "auto"},
     "quick": {},
@@ -38,14 +44,15 @@ SECTIONS = {
 NONE_TYPES = {"spec": str, "arch": str, "num_classes": int, "preprocess": dict, "lr": float, "train_limit": int,
               "val_limit": int, "train": str, "val": str, "iterative_methods": list, "exclude": list,
               "optimizers": list, "data": str, "limit": int, "alpha": float, "resize": int, "crop": int,
-              "image_size": int, "alpha_from": str, "baseline": str}
+              "image_size": int, "alpha_from": str, "baseline": str, "layer": str}
 # the type of each element of list keys
 ITEM_TYPES = {"methods": str, "criteria": str, "rates": float, "schedules": str, "layers": str, "units": str,
-              "iterative_methods": str, "exclude": str, "optimizers": str}
+              "iterative_methods": str, "exclude": str, "optimizers": str, "features": str}
 # integer keys with a lower bound (checked before any training runs)
 MINIMUM = {"epochs": 0, "batch_size": 1, "train_limit": 1, "val_limit": 1, "steps": 1, "limit": 1, "tasks": 1,
            "resize": 1, "crop": 1,
-           "explanations": 1, "image_size": 16, "n_boot": 0, "num_classes": 1}
+           "explanations": 1, "image_size": 16, "n_boot": 0, "num_classes": 1,
+           "n_features": 1, "k": 1}
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table", bool: "true or false"}
 
 
@@ -150,6 +157,30 @@ def _apply_override(raw: dict, dotted: str, value):
     raw[section][key] = value
 
 
+def _check_dictionaries(raw: dict) -> None:
+    """[extract] features specs and the [dictionary] section: syntax and sizes, before anything runs."""
+    names = []
+    for text in raw["extract"]["features"]:
+        try:
+            names.append(parse_features(text).name)
+        except MisbenchError as err:
+            raise MisbenchError(f"config [extract] features: {err}") from None
+    d = raw["dictionary"]
+    if d["layer"] is None:
+        return
+    if not d["layer"].strip() or "," in d["layer"]:
+        raise MisbenchError(f"config [dictionary] layer: expected one module name of the network (as "
+                            f"`misbench layers` lists them), got {d['layer']!r}")
+    if d["k"] > d["n_features"]:
+        raise MisbenchError(f"config [dictionary] k: {d['k']} exceeds n_features {d['n_features']} (a top-k "
+                            "dictionary keeps k of its features per input)")
+    if not (math.isfinite(d["lr"]) and d["lr"] > 0):
+        raise MisbenchError(f"config [dictionary] lr: must be a positive finite number, got {d['lr']!r}")
+    if d["name"] in names or d["name"] == d["layer"] or not d["name"].strip():
+        raise MisbenchError(f"config [dictionary] name: {d['name']!r} must be a new, non-empty layer name (not the "
+                            f"dictionary's layer nor an [extract] features name)")
+
+
 def parse_config(given: dict, source: str = "<config>", quick: bool = False) -> StudyConfig:
     _check_keys("top level", given, SECTIONS)
     raw = {}
@@ -190,6 +221,8 @@ def parse_config(given: dict, source: str = "<config>", quick: bool = False) -> 
     _check_choice("[extract] dtype", raw["extract"]["dtype"], ["float16", "float32"])
     _check_choice("[data] labels", raw["data"]["labels"], list(LABEL_MODES))
     _check_choice("[extract] reduction", raw["extract"]["reduction"], ["mean", "max"])
+    _check_choice("[extract] token_reduction", raw["extract"]["token_reduction"], list(TOKEN_REDUCTIONS))
+    _check_dictionaries(raw)
     from .similarity import backend_names
 
     sim = raw["score"]["similarity"]

@@ -194,3 +194,76 @@ def test_random_baseline_is_the_untrained_initialisation(tmp_path, study_data):
     assert saved.keys() == fresh.keys() and all(torch.equal(saved[k], fresh[k]) for k in fresh)
     assert [s.name for s in study.steps if s.name.endswith(":random")] == ["init:random", "eval:random",
                                                                             "extract:random", "score:random"]
+
+
+DICTIONARY = """
+[dictionary]
+layer = "conv1.bn"
+name = "sae"
+n_features = 16
+k = 2
+steps = {steps}
+batch_size = 64
+train_limit = 200
+"""
+
+
+def test_study_trains_a_dictionary_and_reports_neurons_against_features(tmp_path, study_data):
+    import csv
+
+    import h5py
+    import torch
+
+    config = write_config(tmp_path / "study.toml", study_data)
+    config.write_text(config.read_text() + DICTIONARY.format(steps=40))
+    out = tmp_path / "out"
+    runner = CliRunner()
+    r = runner.invoke(cli, ["study", str(config), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    steps = json.loads((out / "manifest.json").read_text())["steps"]
+    for name in ("extract:dictionary-train", "dictionary", "extract:dictionary", "score:dictionary"):
+        assert steps[name]["status"] == "done", name
+    d = out / "dictionary"
+    saved = torch.load(d / "dictionary.pt", weights_only=True)
+    assert tuple(saved["W_enc"].shape) == (16, 8) and saved["activation"] == "topk:2"
+    assert saved["training"]["steps"] == 40 and saved["training"]["n_rows"] == 200  # train_limit training images
+    assert saved["training"]["acts_sha256"] == sha256_file(d / "train_acts.h5")
+    with h5py.File(d / "acts.h5") as f:
+        attrs = f["layers/sae"].attrs
+        assert attrs["kind"] == "features" and attrs["module"] == "conv1.bn" and attrs["n_units"] == 16
+        assert attrs["dictionary_sha256"] == sha256_file(d / "dictionary.pt")
+        assert f["layers/conv1.bn/activations"].shape[1] == 8
+    # the study's comparison is `report compare` run by hand on the same mis.csv
+    by_hand = tmp_path / "by_hand"
+    r = runner.invoke(cli, ["report", "compare", "--scores", f"neurons={d / 'mis.csv'}:conv1.bn",
+                            "--scores", f"features={d / 'mis.csv'}:sae", "--out", str(by_hand), "--n-boot", "50"])
+    assert r.exit_code == 0, r.output
+    study_rows = list(csv.DictReader((out / "report" / "compare" / "compare.csv").open()))
+    hand_rows = list(csv.DictReader((by_hand / "compare.csv").open()))
+    assert study_rows == hand_rows and [row["population"] for row in study_rows] == ["neurons", "features"]
+    assert [row["layer"] for row in study_rows] == ["conv1.bn", "sae"] and study_rows[1]["n_units"] == "16"
+    study_json = json.loads((out / "report" / "compare" / "compare.json").read_text())
+    assert study_json["comparisons"] == json.loads((by_hand / "compare.json").read_text())["comparisons"]
+    html = (out / "report" / "report.html").read_text()
+    assert "Unit populations compared" in html and "compare/compare.png" in html
+    # the runs' sweep is untouched by the dictionary: it has its own folder, not a run's layer
+    assert "sae" not in (out / "runs" / "base" / "mis.csv").read_text()
+    # a changed dictionary recipe reruns the dictionary's steps and the report only
+    config.write_text(config.read_text().replace("steps = 40", "steps = 41"))
+    plan = dict(Study(load_config(config), out).plan())
+    assert {n for n, s in plan.items() if s == "run"} == {"dictionary", "extract:dictionary", "score:dictionary", "report"}
+
+
+@pytest.mark.parametrize("section,values,message", [
+    ("dictionary", {"layer": "conv1.bn", "k": 9, "n_features": 8}, "[dictionary] k: 9 exceeds n_features 8"),
+    ("dictionary", {"layer": "conv1.bn", "steps": "300"}, "[dictionary] steps: expected an integer"),
+    ("dictionary", {"layer": "conv1.bn,conv2"}, "[dictionary] layer: expected one module name"),
+    ("dictionary", {"layer": "conv1.bn", "name": "conv1.bn"}, "[dictionary] name: 'conv1.bn' must be a new"),
+    ("extract", {"token_reduction": "first"}, "[extract] token_reduction: 'first' is not allowed; expected one of mean"),
+    ("extract", {"features": ["sae.pt"]}, "[extract] features: --features 'sae.pt': expected NAME=LAYER:FILE"),
+])
+def test_dictionary_and_token_config_keys_are_checked(section, values, message):
+    base = {"model": {"spec": "resnet18"}, "data": {"val": "digits", "train": "digits"}}
+    with pytest.raises(MisbenchError) as err:
+        parse_config({**base, section: values})
+    assert message in str(err.value)

@@ -149,8 +149,10 @@ def _unit_sections_for(out_dir, scores_csv, units=(), prefix: str = "", run: str
     return unit_sections(unit_galleries(out_dir, read_scores(scores_csv), tasks, acts, units, prefix=prefix), run)
 
 
-def compare_sections(summary: dict) -> list[Section]:
-    """The populations' layer-balanced means and the rank-sum tests as text, compare.csv, the distributions."""
+def compare_sections(summary: dict, rel_dir: str = ".") -> list[Section]:
+    """The populations' layer-balanced means and the rank-sum tests as text, compare.csv, the distributions
+    (written under `rel_dir` of the report folder)."""
+    rel = Path(rel_dir)
     facts = []
     for pop in summary["populations"]:
         m = pop["feature_mean"]
@@ -169,8 +171,9 @@ def compare_sections(summary: dict) -> list[Section]:
     return [Section("Unit populations compared", css_id="compare",
                     text="Per-layer means over non-constant units with bootstrap intervals; layer-balanced means; "
                          "Mann-Whitney rank-sum test of the per-unit scores (the first population against each other).",
-                    facts=facts, tables=["compare.csv"],
-                    figures=[Figure("compare.png", "per-unit MIS confidence of each population (dashed: means)")])]
+                    facts=facts, tables=[(rel / "compare.csv").as_posix()],
+                    figures=[Figure((rel / "compare.png").as_posix(),
+                                    "per-unit MIS confidence of each population (dashed: means)")])]
 
 
 def classwise(scores, out, acts=None, eval_json=None, layer: str | None = None, tasks=None, units=(),
@@ -186,10 +189,12 @@ def classwise(scores, out, acts=None, eval_json=None, layer: str | None = None, 
 
 
 def sweep(runs, out, seed: int = 0, baseline: str | None = None, classwise_layer: str = "softmax", units=(),
-          title: str = "misbench sweep report") -> Path:
+          title: str = "misbench sweep report", compare_scores: list | None = None, n_boot: int = 1000) -> Path:
     """MIS and accuracy against pruning rate: sweep.csv, sweep_layers.csv, paired.csv (against the unpruned
     `baseline` run: default control, else base), summary.json, figures, the class-wise report of every run
-    with an eval.json and class units (under classwise/<run>/), unit pictures of the header run, report.html."""
+    with an eval.json and class units (under classwise/<run>/), unit pictures of the header run, report.html.
+    `compare_scores`: population specs as `report compare --scores` takes them, compared under compare/ (the
+    study's dictionary: a layer's neurons against its features)."""
     out = Path(out)
     summary = sweep_report(runs, out, seed, baseline=baseline)
     runs_path = Path(runs) / "runs.csv" if Path(runs).is_dir() else Path(runs)
@@ -211,8 +216,12 @@ def sweep(runs, out, seed: int = 0, baseline: str | None = None, classwise_layer
         run = next((r["name"] for r in read_csv_rows(runs_path)
                     if r.get("scores") and (runs_path.parent / r["scores"]).resolve() == Path(header_scores).resolve()), "")
         sections += _unit_sections_for(out, header_scores, units, prefix=f"{run}_" if run else "", run=run)
-    return write_html(out, title, sections, settings_header(header_scores, summary["n_runs"]),
-                      [summary.get("alpha_warning")])
+    warnings = [summary.get("alpha_warning")]
+    if compare_scores:
+        compared = compare_report(list(compare_scores), out / "compare", seed=seed, n_boot=n_boot)
+        sections += compare_sections(compared, "compare")
+        warnings.append(compared.get("alpha_warning"))
+    return write_html(out, title, sections, settings_header(header_scores, summary["n_runs"]), warnings)
 
 
 def compare(scores, out, seed: int = 0, n_boot: int = 1000) -> Path:
