@@ -252,6 +252,16 @@ def test_study_trains_a_dictionary_and_reports_neurons_against_features(tmp_path
     config.write_text(config.read_text().replace("steps = 40", "steps = 41"))
     plan = dict(Study(load_config(config), out).plan())
     assert {n for n, s in plan.items() if s == "run"} == {"dictionary", "extract:dictionary", "score:dictionary", "report"}
+    # [extract] token_reduction and features reach every run's extraction; the feature file is a step input
+    config.write_text(config.read_text().replace('layers = ["conv1.bn", "softmax"]', 'layers = ["conv1.bn", "softmax"]\n'
+                      f'token_reduction = "max"\nfeatures = ["f=conv1.bn:{(d / "dictionary.pt").as_posix()}"]'))
+    study = Study(load_config(config), out)
+    step = next(s for s in study.steps if s.name == "extract:base")
+    assert step.inputs["features:f"] == d / "dictionary.pt" and dict(study.plan())["extract:base"] == "run"
+    step.action(False)
+    with h5py.File(step.outputs["acts"]) as f:
+        assert f["layers/f"].attrs["kind"] == "features" and f["layers/f"].attrs["n_units"] == 16
+        assert f.attrs["token_reduction"] == "max"
 
 
 @pytest.mark.parametrize("section,values,message", [
