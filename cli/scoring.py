@@ -126,7 +126,8 @@ def calibrate(responses, derive_from, tasks_h5, level, model, out, as_json):
     if fit["alpha"] is None:  # anti-correlated or separated responses: no alpha fits
         click.echo(f"warning: {fit['warning']}")
         return
-    click.echo(f"alpha {fit['alpha']:.4g}  ({fit['level']:.0%} CI {fit['ci_low']:.4g} - {fit['ci_high']:.4g})")
+    high = "unbounded" if fit["ci_high"] is None else f"{fit['ci_high']:.4g}"
+    click.echo(f"alpha {fit['alpha']:.4g}  ({fit['level']:.0%} CI {fit['ci_low']:.4g} - {high})")
     click.echo(f"log-likelihood {fit['log_likelihood']:.2f} (chance {fit['log_likelihood_chance']:.2f}), "
                f"n {fit['n']}, human accuracy {fit['accuracy']:.3f}")
 

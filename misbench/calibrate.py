@@ -65,10 +65,13 @@ def fit_alpha(delta, correct, level: float = 0.95) -> dict:
     def excess(la):
         return _nll(np.exp(la), delta, correct) - cut
 
-    lo = optimize.brentq(excess, -12, res.x) if excess(-12) > 0 else -np.inf
-    hi = optimize.brentq(excess, res.x, 12) if excess(12) > 0 else np.inf
-    return {**base, "alpha": alpha, "ci_low": float(np.exp(lo)), "ci_high": float(np.exp(hi)), "log_likelihood": -nll,
-            "anti_correlated": False, "separated": False, "warning": None}
+    # an interval that reaches the search bound (e^-12 or e^12) is open on that side: the lower end is then 0
+    # (alpha > 0), the upper end unbounded, written as null with ci_high_unbounded (JSON has no Infinity)
+    lo = float(np.exp(optimize.brentq(excess, -12, res.x))) if excess(-12) > 0 else 0.0
+    unbounded = not excess(12) > 0
+    hi = None if unbounded else float(np.exp(optimize.brentq(excess, res.x, 12)))
+    return {**base, "alpha": alpha, "ci_low": lo, "ci_high": hi, "ci_high_unbounded": unbounded,
+            "log_likelihood": -nll, "anti_correlated": False, "separated": False, "warning": None}
 
 
 REFERENCE_CONFIDENCE = 0.75

@@ -2,7 +2,7 @@
 
 __all__ = [
     "ImageSource", "FolderSource", "ArraySource", "TransformedDataset", "BadImageError",
-    "load_data", "fashion_mnist_dirs", "FASHION_MNIST_CLASSES", "to_rgb",
+    "load_data", "fashion_mnist_dirs", "FASHION_MNIST_CLASSES", "to_rgb", "FLOAT_RANGE", "DIGEST_CHARS",
 ]
 
 import gzip
@@ -32,12 +32,23 @@ class BadImageError(MisbenchError):
         self.path = path
 
 
+DIGEST_CHARS = 32  # an image's content identity: the first 128 bits of its sha256, hex (activation files, caches)
+FLOAT_RANGE = (0.0, 1.0)  # what a floating-point image's values mean: 0 black, 1 white (values outside are clipped)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB with 8 bits per channel. 16-bit grayscale (PIL modes I;16*, I) is scaled by 255/65535: PIL's own
-    convert() clips it at 255, which turns almost every pixel white."""
-    if img.mode.startswith("I;16") or img.mode == "I":
+    """RGB with 8 bits per channel. PIL's own convert() clips to 0..255 without scaling, so two grayscale
+    kinds are scaled here first: 16-bit integers (modes I;16*, I) by 255/65535 (else almost every pixel is
+    white) and 32-bit floats (mode F, e.g. float TIFFs) from FLOAT_RANGE, i.e. [0, 1], to 0..255 (else
+    almost every pixel is black)."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         values = np.asarray(img, dtype=np.float64)
-        values = np.clip(np.round(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        if img.mode == "F":
+            lo, hi = FLOAT_RANGE
+            values = np.nan_to_num((values - lo) * (255.0 / (hi - lo)), nan=0.0)
+        else:
+            values = values * (255.0 / 65535.0)
+        values = np.clip(np.round(values), 0, 255).astype(np.uint8)
         return Image.fromarray(values).convert("RGB")
     return img.convert("RGB")
 
@@ -143,7 +154,9 @@ def derived_seed(*entropy: int) -> int:
 
 
 class TransformedDataset(torch.utils.data.Dataset):
-    """(tensor, label, index, ok): a bad image yields ok=False instead of killing the loader.
+    """(tensor, label, index, ok): a bad image yields ok=False instead of killing the loader. With
+    `digests`, a fifth element: the first 128 bits (hex) of the sha256 of the image's stored bytes, hashed in
+    the loader's workers ("" for a bad image).
 
     With `seed` (a tuple of ints), random transforms draw from a generator seeded by (seed, epoch,
     image index), so augmentations do not depend on the number of loader workers or ranks; set
@@ -151,8 +164,8 @@ class TransformedDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, source: ImageSource, transform, shape: tuple, start: int = 0, stop: int | None = None,
-                 seed: tuple | None = None):
-        self.source, self.transform, self.shape = source, transform, shape
+                 seed: tuple | None = None, digests: bool = False):
+        self.source, self.transform, self.shape, self.digests = source, transform, shape, digests
         self.start, self.stop = start, len(source) if stop is None else stop
         self.seed, self.epoch = seed, 0
 
@@ -178,7 +191,9 @@ class TransformedDataset(torch.utils.data.Dataset):
             x, ok = self._transform(self.source.image(i), i), True
         except BadImageError:
             x, ok = torch.zeros(self.shape), False
-        return x, self.source.label(i), i, ok
+        if not self.digests:
+            return x, self.source.label(i), i, ok
+        return x, self.source.label(i), i, ok, self.source.digest(i)[:DIGEST_CHARS] if ok else ""
 
 
 def _read_idx(path: Path) -> np.ndarray:

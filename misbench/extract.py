@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .data import ImageSource, TransformedDataset, load_data
+from .data import DIGEST_CHARS, ImageSource, TransformedDataset, load_data
 from .device import describe, make_loader, precision, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
 from .fileio import disk_full_error, refuse_same_paths, utc_now
@@ -253,7 +253,9 @@ def _layer_attrs(req, layout: str, n_units: int, settings: ExtractSettings, feat
 def _run(model, source, requests, settings, pre, writer, total, device, progress, features=None):
     features = features or {}
     model = prepare_model(model, device).eval()
-    dataset = TransformedDataset(source, build_transform(pre), (3, pre.crop, pre.crop), writer.next_index, total)
+    # each image's content digest, hashed in the workers that read it: score checks the images it reads back
+    dataset = TransformedDataset(source, build_transform(pre), (3, pre.crop, pre.crop), writer.next_index, total,
+                                 digests=True)
     loader = make_loader(dataset, settings.batch_size, settings.workers, device)
     module_names = [r.module for r in requests if r.module and r.kind != "features"]
     encoders = {name: (module, lambda x, d=dictionary: encode(x, d)) for name, (module, dictionary) in features.items()}
@@ -267,7 +269,7 @@ def _run(model, source, requests, settings, pre, writer, total, device, progress
         progress(done, total)
     with FeatureHooks(model, module_names, settings.reduction, settings.token_reduction,
                       channels_last_modules(model), encoders) as hooks, torch.inference_mode():
-        for x, labels, index, ok in loader:
+        for x, labels, index, ok, digests in loader:
             bad = [source.path(int(i)) or str(int(i)) for i, good in zip(index, ok) if not good]
             if bad and settings.on_bad_image == "fail":
                 root = source.root or source.spec
@@ -311,7 +313,8 @@ def _run(model, source, requests, settings, pre, writer, total, device, progress
                 layers = {}
             writer.append(index_np[keep], [source.path(int(i)) for i in index_np[keep]],
                           labels.numpy()[keep], host_logits, layers, layer_attrs, dtype,
-                          next_index=int(index_np[-1]) + 1, skipped=bad, topk=states)
+                          next_index=int(index_np[-1]) + 1, skipped=bad, topk=states,
+                          digests=np.array(digests, dtype=f"S{DIGEST_CHARS}")[keep])
             done = int(index_np[-1]) + 1
             if progress:
                 progress(done, total)

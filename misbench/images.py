@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import FolderSource, load_data
+from .data import DIGEST_CHARS, FolderSource, load_data
 from .errors import MisbenchError
 
 
@@ -42,6 +42,8 @@ class RowImages(torch.utils.data.Dataset):
     def __init__(self, acts, rows, size: int, view: str = "model", resample: str = "square"):
         self.rows = np.asarray(rows, dtype=np.int64)
         self.index = acts.index
+        self.digests = acts.digests  # recorded at extraction (None in older files)
+        self.acts_path = acts.path
         model_transform = json.loads(str(acts.attrs.get("transform", "{}")) or "{}")
         self.transform = similarity_transform(size, view, model_transform, resample)
         spec, root = str(acts.attrs["data"]), str(acts.attrs.get("data_root", ""))
@@ -86,7 +88,23 @@ class RowImages(torch.utils.data.Dataset):
         items = self.dataset_index(rows).tolist()
         with ThreadPoolExecutor(threads) as pool:  # hashlib releases the GIL: file reads and hashing overlap
             digests = list(pool.map(self.source.digest, items, chunksize=64))
-        return np.array([d[:32] for d in digests], dtype="S32")
+        return np.array([d[:DIGEST_CHARS] for d in digests], dtype=f"S{DIGEST_CHARS}")
+
+    def checked_content_keys(self, rows) -> np.ndarray | None:
+        """content_keys(rows), checked against the digests extraction recorded: an image regenerated in place
+        (same name, other pixels) must not be scored as if it had caused the stored activations. None when
+        the file records no digests (written before misbench did)."""
+        if self.digests is None:
+            return None
+        keys = self.content_keys(rows)
+        changed = np.flatnonzero(keys != self.digests[np.asarray(rows, dtype=np.int64)])
+        if len(changed):
+            row = int(np.asarray(rows)[changed[0]])
+            name = self.source.path(int(self.index[row])) or f"image {int(self.index[row])}"
+            raise MisbenchError(f"{self.source.root or self.source.spec}: {len(changed)} of the {len(rows)} images "
+                                f"scoring reads have other content than when {self.acts_path} was extracted (e.g. "
+                                f"{name!r}); re-extract from the current images, or restore the originals")
+        return keys
 
     def index_keys(self, rows) -> np.ndarray:
         """Dataset indices as store keys: enough within one run, whose images cannot change under it."""

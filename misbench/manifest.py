@@ -1,9 +1,10 @@
 """The study manifest: every step's inputs, outputs (sha256), settings, timings and status."""
 
-__all__ = ["Manifest", "step_key"]
+__all__ = ["Manifest", "step_key", "folder_fingerprint"]
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from .errors import MisbenchError
@@ -13,6 +14,20 @@ from .fileio import sha256_file, write_json
 def step_key(kind: str, settings: dict, input_hashes: dict) -> str:
     blob = json.dumps({"kind": kind, "settings": settings, "inputs": input_hashes}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def folder_fingerprint(root) -> str:
+    """sha256 of every file's path (relative to `root`), size and mtime, in sorted order: one stat per file
+    (seconds for ImageNet-train), no reads. An image regenerated in place, added or removed changes it; so
+    does a copy that does not keep mtimes (a rerun, never a stale cache)."""
+    digest = hashlib.sha256()
+    for directory, subdirs, files in os.walk(root, followlinks=True):
+        subdirs.sort()
+        for name in sorted(files):
+            path = os.path.join(directory, name)
+            stat = os.stat(path)
+            digest.update(f"{os.path.relpath(path, root)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 class Manifest:

@@ -344,12 +344,14 @@ def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, 
         _check_chunk_memory(settings, [distinct] if resident else needed, _probe_dim(backend, settings, device),
                             device)
         t_embed, t_decide, done, embedded = 0.0, 0.0, 0, 0
+        # every image read back must be the one extraction saw (digests in the file): one hash per image
+        content = all_images.checked_content_keys(distinct) if len(distinct) else None
         with contextlib.ExitStack() as stack:
             store, keys = None, None
             if settings.engine == "embed" and len(distinct):
                 if cache_dir:
                     # content digests, computed once per image per run: a regenerated folder never hits stale entries
-                    keys = all_images.content_keys(distinct)
+                    keys = content if content is not None else all_images.content_keys(distinct)
                     store = EmbeddingCache(cache_dir, fingerprint, settings.image_size, all_images.identity)
                 else:
                     # the run's own store, beside the output (no output: the system's temp dir): each image

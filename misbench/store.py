@@ -226,11 +226,12 @@ class ActivationWriter:
                 group.create_dataset(field, data=value)
 
     def append(self, index, paths, labels, logits, layers: dict, layer_attrs: dict, dtype, next_index: int,
-               skipped: list[str] = (), topk: dict | None = None) -> None:
+               skipped: list[str] = (), topk: dict | None = None, digests=None) -> None:
         """Write one batch: `layers` maps layer name -> [B, U] array; `topk` layer name -> TopK state;
-        `dtype` is one storage dtype or a mapping layer name -> dtype."""
+        `dtype` is one storage dtype or a mapping layer name -> dtype; `digests` the images' content digests
+        (data.DIGEST_CHARS hex characters; kept only by files that hold them from their first row)."""
         with uninterruptible():  # Ctrl-C or SIGTERM stop at a batch boundary
-            self._append(index, paths, labels, logits, layers, layer_attrs, dtype, next_index, skipped, topk)
+            self._append(index, paths, labels, logits, layers, layer_attrs, dtype, next_index, skipped, topk, digests)
 
     def _ensure_room(self, rows: int, logits, layers: dict, dtype) -> None:
         """Refuse a batch that the disk (or the file-size limit) cannot take, before HDF5 writes any of it:
@@ -248,10 +249,18 @@ class ActivationWriter:
                                 + f", the next batch needs about {need >> 10} KiB; the rows so far are kept: "
                                 "free space, then rerun with --resume")
 
-    def _append(self, index, paths, labels, logits, layers, layer_attrs, dtype, next_index, skipped, topk):
+    def _append(self, index, paths, labels, logits, layers, layer_attrs, dtype, next_index, skipped, topk, digests):
         self._ensure_room(len(index), logits, layers, dtype)
         n0, end = self._rows, self._rows + len(index)
-        for name, values in (("index", index), ("path", paths), ("label", labels)):
+        columns = [("index", index), ("path", paths), ("label", labels)]
+        images = self.h5["images"]
+        if digests is not None and n0 == 0 and "sha256" not in images:  # digests for every row, or for none
+            images.create_dataset("sha256", (0,), np.asarray(digests).dtype, maxshape=(None,), chunks=(4096,))
+        if "sha256" in images:
+            if digests is None:
+                raise ValueError(f"{self.path} records image digests: append needs them")
+            columns.append(("sha256", digests))
+        for name, values in columns:
             ds = self.h5["images"][name]
             ds.resize(end, axis=0)
             ds[n0:end] = values
@@ -343,7 +352,8 @@ def merge_activation_parts(parts: list, target, block: int = 4096) -> None:
                 dtype = {name: values.dtype for name, values in full.items()}
                 writer.append(h5["images/index"][start:stop], h5["images/path"][start:stop],
                               h5["images/label"][start:stop], h5["outputs/logits"][start:stop], full, layer_attrs,
-                              dtype, next_index=int(h5.attrs["next_index"]))
+                              dtype, next_index=int(h5.attrs["next_index"]),
+                              digests=h5["images/sha256"][start:stop] if "images/sha256" in h5 else None)
             for name, g in h5["layers"].items():
                 if "top_value" in g:
                     state = {f: g[f][...] for f in TOPK_FIELDS}
@@ -444,6 +454,12 @@ class ActivationFile:
     @property
     def logits(self) -> np.ndarray:
         return self.h5["outputs/logits"][...]
+
+    @property
+    def digests(self) -> np.ndarray | None:
+        """Each row's image content digest (the first 128 bits of the sha256 of its bytes, hex, S32) as read at
+        extraction; None for files written before misbench recorded them."""
+        return self.h5["images/sha256"][...] if "images/sha256" in self.h5 else None
 
     @property
     def class_names(self) -> list[str]:

@@ -17,7 +17,7 @@ from .device import parse_workers
 from .errors import MisbenchError
 from .fileio import utc_now, write_json
 from .lock import DirectoryLock
-from .manifest import Manifest, step_key
+from .manifest import Manifest, folder_fingerprint, step_key
 from .models import LoadedModel, load_model
 from .preprocess import IMAGENET_PREPROCESS, Preprocess
 from .dictionary import parse_features
@@ -43,6 +43,7 @@ class Step:
     outputs: dict           # label -> Path
     action: Callable[[bool], None]  # action(resume)
     partial: Path | None = None
+    data: tuple = ()        # DATA specs whose images the step reads: folders are fingerprinted into its key
 
 
 class Study:
@@ -52,6 +53,7 @@ class Study:
         self.runs = config.runs()
         self.steps = self._plan()
         self.progress = progress  # progress(stage, done, total) of long steps; the CLI draws it
+        self._fingerprints: dict[str, str] = {}
 
     def _bar(self, stage: str):
         return (lambda done, total: self.progress(stage, done, total)) if self.progress else None
@@ -100,7 +102,7 @@ class Study:
             spec_input = {"model": cfg["model"]["spec"]} if cfg["model"]["spec"] else {}
             steps.append(Step("train:base", "train", settings, spec_input, {"checkpoint": base_ckpt},
                               lambda resume, out=base_ckpt: self._produce(self._fresh_model(), None, "train", out, resume),
-                              partial_checkpoint_path(base_ckpt)))
+                              partial_checkpoint_path(base_ckpt), (data["train"], data["val"])))
         else:
             base_ckpt = cfg["model"]["spec"]
         for run in self.runs:
@@ -125,24 +127,25 @@ class Study:
                 steps.append(Step(f"prune:{run.name}", "prune", settings, {"model": base_ckpt}, {"checkpoint": ckpt},
                                   lambda resume, p=prune, e=epochs, o=run.optimizer, out=ckpt: self._produce(
                                       self._load(base_ckpt), p, "retrain", out, resume, e, o),
-                                  partial_checkpoint_path(ckpt)))
+                                  partial_checkpoint_path(ckpt), (data["train"], data["val"]) if epochs else ()))
             eval_json = d / "eval.json"
             steps.append(Step(f"eval:{run.name}", "eval", {"data": data["val"], "limit": cfg["retrain"]["val_limit"],
                                                             "labels": data["labels"]},
                               {"model": ckpt}, {"eval": eval_json},
-                              lambda resume, c=ckpt, out=eval_json: self._eval(c, out)))
+                              lambda resume, c=ckpt, out=eval_json: self._eval(c, out), data=(data["val"],)))
             acts = d / "acts.h5"
             # the dictionary files behind [extract] features are inputs: a changed file re-extracts
             features = {f"features:{spec.name}": Path(spec.file) for spec in map(parse_features, cfg["extract"]["features"])}
-            steps.append(Step(f"extract:{run.name}", "extract", {**cfg["extract"], "data": cfg["extract"]["data"] or data["val"],
+            images = cfg["extract"]["data"] or data["val"]
+            steps.append(Step(f"extract:{run.name}", "extract", {**cfg["extract"], "data": images,
                                                                  "labels": data["labels"]},
                               {"model": ckpt, **features}, {"acts": acts},
                               lambda resume, c=ckpt, out=acts: self._extract(c, out, resume),
-                              partial_path(acts)))
+                              partial_path(acts), (images,)))
             scores = d / "mis.csv"
             steps.append(Step(f"score:{run.name}", "score", {**cfg["score"], "seed": cfg["study"]["seed"]}, {"acts": acts},
                               {"scores": scores, "meta": d / "mis.json", "tasks": d / "tasks.h5"},
-                              lambda resume, a=acts, out=scores: self._score(a, out)))
+                              lambda resume, a=acts, out=scores: self._score(a, out), data=(images,)))
         steps += self._dictionary_steps(base_ckpt)
         report_inputs = {}
         if cfg["dictionary"]["layer"]:
@@ -184,15 +187,16 @@ class Study:
         spec = f"{d['name']}={d['layer']}:{p['dictionary']}"
         return [
             Step("extract:dictionary-train", "extract", train, {"model": base_ckpt}, {"acts": p["train_acts"]},
-                 lambda resume: self._extract(base_ckpt, p["train_acts"], resume, **train), partial_path(p["train_acts"])),
+                 lambda resume: self._extract(base_ckpt, p["train_acts"], resume, **train), partial_path(p["train_acts"]),
+                 (train["data"],)),
             Step("dictionary", "dictionary", {**d, "seed": cfg["study"]["seed"]}, {"acts": p["train_acts"]},
                  {"dictionary": p["dictionary"]}, lambda resume: self._train_dictionary()),
             Step("extract:dictionary", "extract", val, {"model": base_ckpt, "dictionary": p["dictionary"]},
                  {"acts": p["acts"]}, lambda resume: self._extract(base_ckpt, p["acts"], resume, **{**val, "features": [spec]}),
-                 partial_path(p["acts"])),
+                 partial_path(p["acts"]), (val["data"],)),
             Step("score:dictionary", "score", {**cfg["score"], "layers": ["all"], "seed": cfg["study"]["seed"]},
                  {"acts": p["acts"]}, {k: p[k] for k in ("scores", "meta", "tasks")},
-                 lambda resume: self._score(p["acts"], p["scores"], layers=["all"])),
+                 lambda resume: self._score(p["acts"], p["scores"], layers=["all"]), data=(val["data"],)),
         ]
 
     # -- actions --------------------------------------------------------------------------------------------------
@@ -300,11 +304,17 @@ class Study:
                 hashes[label] = f"model:{value}:sha256:{manifest.file_record(Path(value))['sha256']}"
             else:
                 hashes[label] = f"model:{value}"
+        for spec in dict.fromkeys(s for s in step.data if s):
+            if Path(spec).is_dir():  # named datasets are fixed; a folder can be regenerated in place
+                if spec not in self._fingerprints:
+                    self._fingerprints[spec] = folder_fingerprint(spec)
+                hashes[f"data:{spec}"] = f"folder:{self._fingerprints[spec]}"
         return hashes
 
     def plan(self) -> list[tuple[str, str]]:
         manifest = Manifest(self.out / "manifest.json")
         out, changed = [], set()
+        self._fingerprints = {}  # each folder walked once per plan or run
         for step in self.steps:
             hashes = self._input_hashes(manifest, step, pending=True)
             upstream_changed = any(isinstance(v, Path) and v in changed for v in step.inputs.values())
@@ -325,6 +335,7 @@ class Study:
         manifest.data.update(study=self.config["study"]["name"], config=self.config.raw, config_source=self.config.source)
         manifest.save()
         ran = []
+        self._fingerprints = {}
         for i, step in enumerate(self.steps, 1):
             hashes = self._input_hashes(manifest, step, pending=False)
             key = step_key(step.kind, step.settings, hashes)
@@ -338,7 +349,8 @@ class Study:
             manifest.record(step.name, kind=step.kind, key=key, status="running", started_utc=utc_now(),
                             settings=step.settings,
                             inputs={k: (manifest.file_record(v) if isinstance(v, Path) else {"model": v})
-                                    for k, v in step.inputs.items()})
+                                    for k, v in step.inputs.items()},
+                            data={k[5:]: v for k, v in hashes.items() if k.startswith("data:")})
             try:
                 step.action(resume)
             except BaseException as err:

@@ -266,3 +266,33 @@ def test_embedding_cache_is_shared_safely_by_concurrent_writers(tmp_path, caplog
     assert "damaged" in caplog.text and (tmp_path / f"{rank0.prefix}-damaged.h5.corrupt").exists()
     hit, got = fresh.lookup(np.arange(10))
     assert hit.all() and np.array_equal(got, emb)
+
+
+def test_calibration_with_an_interval_open_above_writes_strict_json(tmp_path):
+    """Few responses contradict delta: the likelihood has a finite maximum but never drops by
+    chi2(0.95)/2 towards large alpha, so the upper end of the interval is unbounded. The file must be
+    strict JSON (no Infinity): ci_high null and ci_high_unbounded true; --alpha-from still reads it."""
+    from scipy import optimize, stats
+
+    from misbench.calibrate import calibration_alpha
+
+    delta = np.array([0.5, 0.4, 0.3, 0.2, 0.1, -0.3, 0.6, -1e-7])
+    correct = np.array([1, 1, 1, 1, 1, 0, 1, 1])  # the only contradiction: the last, at a tiny |delta|
+    nll = lambda a: float(np.sum(correct * np.logaddexp(0, -a * delta) + (1 - correct) * np.logaddexp(0, a * delta)))  # noqa: E731
+    best = optimize.minimize_scalar(lambda la: nll(np.exp(la)), bounds=(-12, 12), method="bounded")
+    assert nll(np.exp(12)) - best.fun < stats.chi2.ppf(0.95, 1) / 2  # independent: open above
+    path = tmp_path / "responses.csv"
+    path.write_text("delta,correct\n" + "".join(f"{d},{c}\n" for d, c in zip(delta, correct)))
+    res = CliRunner().invoke(cli, ["calibrate", str(path), "--out", str(tmp_path / "fit.json")])
+    assert res.exit_code == 0, res.output
+    assert "unbounded" in res.output
+    text = (tmp_path / "fit.json").read_text()
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    fit = json.loads(text, parse_constant=refuse)  # strict: Infinity/NaN raise
+    assert fit["ci_high"] is None and fit["ci_high_unbounded"] is True
+    assert 0 <= fit["ci_low"] < fit["alpha"] and np.isclose(fit["alpha"], np.exp(best.x), rtol=1e-3)
+    assert calibration_alpha(tmp_path / "fit.json")[0] == fit["alpha"]
+

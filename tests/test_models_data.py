@@ -227,3 +227,29 @@ def test_eval_on_wnid_folders_reports_imagenet_classes(tmp_path):
     result = evaluate_model(loaded, str(root))
     present = {row["class"]: row["name"] for row in result["per_class"] if row["n"]}
     assert present == {0: "tench", 1: "goldfish"}
+
+
+def test_float32_tiff_images_are_scaled_from_unit_range_not_blackened(tmp_path):
+    """A 32-bit float TIFF (PIL mode F) holds values in [0, 1]; PIL's convert('RGB') clips them to 0..255
+    without scaling, which made every such image (almost) black. Checked against an independent
+    conversion of the written array: round(v * 255) in every channel."""
+    from PIL import Image
+
+    from misbench.data import FolderSource
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "tiffs" / "cls"
+    folder.mkdir(parents=True)
+    arrays = [rng.random((24, 20), dtype=np.float32), np.linspace(0, 1, 24 * 20, dtype=np.float32).reshape(24, 20)]
+    arrays[1][0, :3] = [-0.5, 1.5, np.nan]  # out of range: clipped; NaN: black
+    for k, array in enumerate(arrays):
+        Image.fromarray(array, mode="F").save(folder / f"{k}.tif")
+        assert Image.open(folder / f"{k}.tif").mode == "F"
+    source = FolderSource(str(tmp_path / "tiffs"), tmp_path / "tiffs")
+    for k, array in enumerate(arrays):
+        got = np.asarray(source.image(k))
+        reference = np.clip(np.round(np.nan_to_num(array.astype(np.float64), nan=0.0) * 255), 0, 255).astype(np.uint8)
+        assert got.shape == (24, 20, 3) and got.dtype == np.uint8
+        for channel in range(3):
+            np.testing.assert_array_equal(got[..., channel], reference)
+    assert np.asarray(source.image(0)).mean() > 100  # uniform [0, 1]: mid grey on average, not black

@@ -247,3 +247,38 @@ def test_streaming_topk_equals_brute_force(ties):
         assert np.array_equal(s["bottom_index"][unit], np.lexsort((keys, values[:, unit]))[:25]), unit
         assert np.array_equal(s["top_item"][unit], items[s["top_index"][unit]])
         np.testing.assert_array_equal(s["bottom_value"][unit], values[s["bottom_index"][unit], unit])
+
+
+def test_score_refuses_images_regenerated_in_place_since_extraction(tmp_path):
+    """extract records each image's content digest (first 128 bits of the sha256 of its bytes); score
+    re-hashes every image it reads back and refuses one regenerated in place (same name, new pixels),
+    with or without an embedding cache, naming the folder and the fix. Checked against hashlib directly."""
+    import hashlib
+
+    import torch
+
+    from misbench.extract import ExtractSettings, extract
+    from misbench.models import load_model
+
+    folder = make_image_folder(tmp_path / "images", classes=4, per_class=25, size=20, seed=0)
+    torch.manual_seed(0)
+    acts = extract(load_model("mini_inception", num_classes=4), str(folder), tmp_path / "acts.h5",
+                   ExtractSettings(layers=("conv1.bn",), batch_size=32, resize=16, crop=16, workers=0))
+    with h5py.File(acts, "r") as h5:
+        paths = [p.decode() for p in h5["images/path"][...]]
+        stored = list(h5["images/sha256"][...])
+    assert stored == [hashlib.sha256((folder / p).read_bytes()).hexdigest()[:32].encode() for p in paths]
+    settings = ScoreSettings(**BASE, selection="quantile", quantile=0.3)
+    score(acts, ["conv1.bn"], settings, tmp_path / "before.csv", tasks_out=tmp_path / "tasks.h5")
+    with h5py.File(tmp_path / "tasks.h5", "r") as h5:
+        used = int(h5["conv1.bn/pos_query"][0, 0])  # an image scoring reads
+    image = folder / paths[used]
+    Image.fromarray(255 - np.asarray(Image.open(image).convert("RGB"))).save(image)  # same name, new pixels
+    for cache in (None, tmp_path / "cache"):
+        with pytest.raises(MisbenchError, match=f"{folder.resolve()}: 1 of the .* other content.*{paths[used]}.*re-extract"):
+            score(acts, ["conv1.bn"], settings, tmp_path / "after.csv", cache_dir=cache)
+        assert not (tmp_path / "after.csv").exists()
+    res = CliRunner().invoke(cli, ["score", str(acts), "--layer", "conv1.bn", "--out", str(tmp_path / "cli.csv"),
+                                   "--similarity", "pixel", "--image-size", "16", "--selection", "quantile",
+                                   "--quantile", "0.3", "--tasks", "5", "--explanations", "3", "--device", "cpu"])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1 and "re-extract" in res.output

@@ -277,3 +277,35 @@ def test_dictionary_and_token_config_keys_are_checked(section, values, message):
     with pytest.raises(MisbenchError) as err:
         parse_config({**base, section: values})
     assert message in str(err.value)
+def test_a_changed_image_folder_reruns_the_steps_that_read_it(tmp_path, study_data):
+    """Step keys fingerprint the image folders a step reads (paths, sizes, mtimes): one image of the
+    extraction folder regenerated in place (same name, new pixels) reruns extract and score of every run,
+    while training, pruning and eval (which read the other folder) stay cached."""
+    import os
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    probe = tmp_path / "probe"
+    shutil.copytree(study_data, probe)
+    config = write_config(tmp_path / "study.toml", study_data)
+    config.write_text(config.read_text().replace('[extract]\n', f'[extract]\ndata = "{probe}"\n'))
+    out = tmp_path / "out"
+    study = Study(load_config(config), out)
+    study.run()
+    assert {state for _, state in study.plan()} == {"cached"}
+    image = sorted(probe.rglob("*.png"))[7]
+    stat = image.stat()
+    pixels = np.asarray(Image.open(image).convert("RGB"))
+    Image.fromarray(255 - pixels).save(image)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a regeneration one second later
+    plan = dict(Study(load_config(config), out).plan())
+    assert {name for name, state in plan.items() if state == "run"} >= \
+        {"extract:base", "score:base", "extract:structured-l1-0.5-oneshot", "score:structured-l1-0.5-oneshot"}
+    assert all(plan[name] == "cached" for name in ("train:base", "prune:structured-l1-0.5-oneshot", "eval:base",
+                                                   "eval:structured-l1-0.5-oneshot"))
+    ran = Study(load_config(config), out).run()["ran"]
+    assert {"extract:base", "score:base"} <= set(ran) and "train:base" not in ran and "eval:base" not in ran
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["steps"]["extract:base"]["data"] == {str(probe): manifest["steps"]["score:base"]["data"][str(probe)]}
