@@ -67,10 +67,19 @@ def is_constant(acts: np.ndarray) -> bool:
     return bool(np.max(acts) - np.min(acts) < CONSTANT_RANGE)
 
 
-def rank_rows(acts: np.ndarray, keys: np.ndarray, descending: bool) -> np.ndarray:
-    """Positions of `acts` by activation; ties broken by the seeded `keys` (tie_keys), never by row order."""
+def rank_rows(acts: np.ndarray, keys: np.ndarray, descending: bool, first: int | None = None) -> np.ndarray:
+    """Positions of `acts` by activation; ties broken by the seeded `keys` (tie_keys), never by row order.
+
+    With `first`, only the first `first` positions, the same as the full ranking's: the rows at least as
+    extreme as the first-th value (ties included) are found by a partition, and only they are sorted."""
     acts = np.asarray(acts, dtype=np.float64)
-    return np.lexsort((keys, -acts if descending else acts))
+    signed = -acts if descending else acts
+    if first is not None and 0 < first < len(signed):
+        bound = np.partition(signed, first - 1)[first - 1]
+        if not np.isnan(bound):  # NaNs rank last: a NaN bound means fewer than `first` numbers
+            candidates = np.flatnonzero(signed <= bound)
+            return candidates[np.lexsort((keys[candidates], signed[candidates]))][:first]
+    return np.lexsort((keys, signed))[:first]
 
 
 def _check_rows(n_rows: int, needed: int, what: str):
@@ -92,7 +101,7 @@ def select_fair(acts: np.ndarray, rows: np.ndarray, keys: np.ndarray, n_rows: in
                             f"extract with --keep topk:K, K >= {per_side}")
     sides = []
     for descending in (True, False):
-        ranked = rows[rank_rows(acts, keys, descending)[:per_side]].reshape(n_expl + 1, n_tasks)
+        ranked = rows[rank_rows(acts, keys, descending, per_side)].reshape(n_expl + 1, n_tasks)
         bins = np.stack([rng.permutation(b) for b in ranked])  # [K+1, T]
         sides.append((bins[:n_expl].T.copy(), bins[n_expl].copy()))
     (pe, pq), (ne, nq) = sides
@@ -112,7 +121,7 @@ def select_quantile(acts: np.ndarray, rows: np.ndarray, keys: np.ndarray, n_rows
         raise MisbenchError(f"--quantile {quantile} needs the top {pool} rows per unit; this file keeps {len(acts)}")
     sides = []
     for descending in (True, False):
-        ranked = rows[rank_rows(acts, keys, descending)[:pool]]
+        ranked = rows[rank_rows(acts, keys, descending, pool)]
         picks = np.sort(np.stack([rng.choice(pool, n_expl + 1, replace=False) for _ in range(n_tasks)]), axis=1)
         chosen = ranked[picks]  # rank order: most extreme first
         sides.append((chosen[:, :n_expl].copy(), chosen[:, n_expl].copy()))

@@ -21,8 +21,18 @@ def parse_keep(text: str | None) -> int | None:
     return int(k)
 
 
-def _select(values, rows, items, keys, k, descending):
-    order = np.lexsort((keys, -values if descending else values), axis=1)[:, :k]
+def _select(values, rows, items, layer, units, k, descending):
+    """The first k of each unit's (row of) candidates in (value, tie key) order. Sorting by value alone is
+    that order wherever the first k + 1 values are all distinct; only units with a tie there (or a NaN)
+    pay for the tie keys and the two-key sort (several times slower)."""
+    signed = -values if descending else values
+    order = np.argsort(signed, axis=1)
+    head = np.take_along_axis(signed, order[:, :k + 1], axis=1)
+    tied = np.flatnonzero(~(np.diff(head, axis=1) != 0).all(axis=1))  # equal neighbours, or NaN
+    if len(tied):
+        keys = tie_keys(TOPK_SEED, layer, np.asarray(units)[tied], items[tied])
+        order[tied] = np.lexsort((keys, signed[tied]), axis=1)
+    order = order[:, :k]
     take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
     return take(values), take(rows), take(items)
 
@@ -65,8 +75,8 @@ class TopK:
             cand_v = np.concatenate([v[u], values[u]], axis=1)
             cand_r = np.concatenate([r[u], np.broadcast_to(rows, (n, len(rows)))], axis=1)
             cand_i = np.concatenate([i[u], np.broadcast_to(items, (n, len(items)))], axis=1)
-            keys = tie_keys(TOPK_SEED, self.layer, np.arange(self.units)[u], cand_i)
-            out[0][u], out[1][u], out[2][u] = _select(cand_v, cand_r, cand_i, keys, self.k, descending)
+            out[0][u], out[1][u], out[2][u] = _select(cand_v, cand_r, cand_i, self.layer, np.arange(self.units)[u],
+                                                      self.k, descending)
         setattr(self, side, out)
 
     def _replace(self, side, descending, values, rows, items) -> None:
@@ -99,8 +109,7 @@ class TopK:
                     v[u], r[u], i[u] = self._merge((v[u], r[u], i[u]), new, u, descending)
                     continue
                 cand_v, cand_r, cand_i = (np.concatenate([old, add], axis=1) for old, add in zip((v[u], r[u], i[u]), new))
-                keys = tie_keys(TOPK_SEED, self.layer, u, cand_i)
-                v[u], r[u], i[u] = _select(cand_v, cand_r, cand_i, keys, self.k, descending)
+                v[u], r[u], i[u] = _select(cand_v, cand_r, cand_i, self.layer, u, self.k, descending)
 
     def _merge(self, kept, new, units, descending):
         """Merge a few new (value, row, item) per unit into the K kept, which are in rank order: each
@@ -134,8 +143,7 @@ def merge_topk(layer: str, parts: list[dict], k: int) -> dict:
     merged = TopK(layer, units, k)
     for side, descending in (("top", True), ("bottom", False)):
         cand = [np.concatenate([p[f"{side}_{n}"] for p in parts], axis=1) for n in ("value", "index", "item")]
-        keys = tie_keys(TOPK_SEED, layer, np.arange(units), cand[2])
-        setattr(merged, side, _select(*cand, keys, k, descending))
+        setattr(merged, side, _select(*cand, layer, np.arange(units), k, descending))
     merged.sum = sum(p["sum"] for p in parts)
     return merged.state()
 

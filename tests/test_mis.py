@@ -296,3 +296,21 @@ def test_calibration_with_an_interval_open_above_writes_strict_json(tmp_path):
     assert 0 <= fit["ci_low"] < fit["alpha"] and np.isclose(fit["alpha"], np.exp(best.x), rtol=1e-3)
     assert calibration_alpha(tmp_path / "fit.json")[0] == fit["alpha"]
 
+
+@pytest.mark.parametrize("kind", ["distinct", "ties", "nan"])
+def test_first_ranks_by_partition_equal_the_full_ranking(kind):
+    """rank_rows(first=n) sorts only the rows at least as extreme as the n-th: the same positions as the
+    first n of the full two-key sort, with heavy ties at the boundary and NaNs (ranked last)."""
+    rng = np.random.default_rng(5)
+    for n, first in ((5000, 200), (450, 200), (300, 299), (300, 300), (10, 40)):
+        acts = rng.standard_normal(n)
+        if kind == "ties":
+            acts = np.round(acts * 2)
+        elif kind == "nan":
+            acts[rng.integers(0, n, n // 2)] = np.nan
+        keys = tie_keys(0, "l", 3, np.arange(n))
+        for descending in (True, False):
+            full = np.lexsort((keys, -acts if descending else acts))[:first]
+            np.testing.assert_array_equal(rank_rows(acts.astype(np.float32), keys, descending, first),
+                                          rank_rows(acts.astype(np.float32), keys, descending)[:first])
+            np.testing.assert_array_equal(rank_rows(acts, keys, descending, first), full)
