@@ -11,7 +11,12 @@ under 8x: the embeddings are shared). Then the distance engines on the decision 
 one FAISS call per unit (before issue 14), one FAISS call per chunk, torch per chunk (and on CUDA,
 torch on the GPU and FAISS GPU's all-pairs call).
 
-    python benchmarks/score_scale.py [--images 5000] [--image-size 64] [--quick]
+    python benchmarks/score_scale.py [--images 5000] [--image-size 64] [--backends pixel,deepfeat:mobilenet_v2@32]
+        [--quick]
+
+A backend written NAME@S scores at S pixels instead of --image-size: deepfeat:mobilenet_v2 at 64 px has
+31,232 dims per image (2.5x pixel's 12,288), which makes its all-units run take most of an hour on 2
+cores; at 32 px (7,808 dims) the same measurement (shared embeddings vs units) takes minutes.
 """
 
 import argparse
@@ -73,9 +78,9 @@ def child(args) -> None:
                       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
-def run_child(acts, layers, similarity, out, args, chunk_units=256) -> dict:
+def run_child(acts, layers, similarity, out, args, image_size, chunk_units=256) -> dict:
     cmd = [sys.executable, __file__, "--child", "--acts", str(acts), "--layers", ",".join(layers),
-           "--similarity", similarity, "--out", str(out), "--image-size", str(args.image_size),
+           "--similarity", similarity, "--out", str(out), "--image-size", str(image_size),
            "--device", args.device, "--n-boot", str(args.n_boot), "--chunk-units", str(chunk_units)]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode:
@@ -146,7 +151,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of GoogLeNet's unit counts per layer")
-    parser.add_argument("--backends", default="pixel,deepfeat:mobilenet_v2")
+    parser.add_argument("--backends", default="pixel,deepfeat:mobilenet_v2@32", help="NAME[@IMAGE_SIZE],...")
     parser.add_argument("--quick", action="store_true", help="the test suite's size: 600 images, 1/40 of the units")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--acts"), parser.add_argument("--layers"), parser.add_argument("--similarity")
@@ -171,12 +176,14 @@ def main():
                 break
             eighth.append(name)
             count += max(1, round(units[name] * args.scale))
-        for similarity in args.backends.split(","):
-            dim = embedding_dim(similarity, args.image_size)
-            small = run_child(acts, eighth, similarity, tmp / "small.csv", args)
-            full = run_child(acts, names, similarity, tmp / "full.csv", args)
+        for spec in args.backends.split(","):
+            similarity, _, size = spec.partition("@")
+            size = int(size or args.image_size)
+            dim = embedding_dim(similarity, size)
+            small = run_child(acts, eighth, similarity, tmp / "small.csv", args, size)
+            full = run_child(acts, names, similarity, tmp / "full.csv", args, size)
             store = full["distinct"] * dim * 4
-            print(f"\n{similarity}: {dim} dims per image")
+            print(f"\n{similarity} at {size} px: {dim} dims per image")
             for label, r in ((f"{len(eighth)} layers", small), ("all layers", full)):
                 t = r["timing"]
                 print(f"  {label:<12} {r['units']:>6} units: embedded/distinct {r['embedded']}/{r['distinct']} = "
@@ -188,7 +195,8 @@ def main():
                   f"peak RSS growth / store = {(full['peak_rss'] - full['base_rss']) / store:.2f}")
             print(f"  {full['units'] / small['units']:.1f}x the units over the same images: "
                   f"{full['seconds'] / small['seconds']:.2f}x the time (target well under 8x)")
-        dim = embedding_dim(args.backends.split(",")[0], args.image_size)
+        first, _, size = args.backends.split(",")[0].partition("@")
+        dim = embedding_dim(first, int(size or args.image_size))
         chunk = 16 if args.quick else 256
         print(f"\ndistance engines, decision stage of one {chunk}-unit chunk ({args.images} images x {dim} dims):")
         timings = engines(args.images, dim, chunk, args.device)
