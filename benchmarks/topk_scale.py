@@ -27,8 +27,12 @@ from misbench.topk import TOPK_SEED, TopK  # noqa: E402
 LAYER = "inception5b.branch4.1.bn"
 
 
-def batches(rows: int, units: int, batch: int, seed: int = 0):
+def batches(rows: int, units: int, batch: int, seed: int = 0, wanted=lambda b: True):
+    """(first row, values) of every batch; batches not `wanted` are yielded as (first row, None) ungenerated."""
     for b, start in enumerate(range(0, rows, batch)):
+        if not wanted(b):
+            yield start, None
+            continue
         n = min(batch, rows - start)
         values = np.random.default_rng([seed, b]).standard_normal((n, units), dtype=np.float32)
         values[:, 0] = np.round(values[:, 0])  # one unit of heavy ties: the tie keys decide
@@ -53,17 +57,23 @@ def stream_baseline(args):
     """Returns the seconds it would take over all batches (measured on every --baseline-every-th)."""
     top = np.empty((args.units, 0), np.float32)
     bottom = np.empty((args.units, 0), np.float32)
-    seconds = 0.0
-    for b, (_start, values) in enumerate(batches(args.rows, args.units, args.batch)):
+    seconds, full_from = 0.0, None  # full_from: K values kept
+    # once K values are kept only every --baseline-every-th batch is timed, so only those are generated
+    timed = lambda b: full_from is None or b % args.baseline_every == 0  # noqa: E731
+    for b, (_start, values) in enumerate(batches(args.rows, args.units, args.batch, wanted=timed)):
+        if values is None:
+            continue
         if b % args.baseline_every and top.shape[1] == args.k:
             continue
         t0 = time.perf_counter()
         t = np.concatenate([top, values.T], axis=1)
-        b = np.concatenate([bottom, values.T], axis=1)
+        low = np.concatenate([bottom, values.T], axis=1)
         k = min(args.k, t.shape[1])
         top = -np.partition(-t, k - 1, axis=1)[:, :k]
-        bottom = np.partition(b, k - 1, axis=1)[:, :k]
+        bottom = np.partition(low, k - 1, axis=1)[:, :k]
         seconds += (time.perf_counter() - t0) * (1 if top.shape[1] < args.k else args.baseline_every)
+        if full_from is None and top.shape[1] == args.k:
+            full_from = True
     return seconds
 
 

@@ -54,12 +54,14 @@ class TopK:
 
     def update(self, values: np.ndarray, rows: np.ndarray, items: np.ndarray) -> None:
         """values [B, U] (already in the stored dtype), their file rows and dataset indices [B]."""
-        values = np.asarray(values, np.float64).T
+        values = np.asarray(values)
+        if values.dtype.kind != "f":
+            values = values.astype(np.float64)
         rows, items = np.asarray(rows, np.int64), np.asarray(items, np.int64)
-        self.sum = self.sum + values.sum(axis=1)
+        self.sum = self.sum + values.sum(axis=0, dtype=np.float64)
         for side, descending in (("top", True), ("bottom", False)):
             if getattr(self, side)[0].shape[1] < self.k:
-                self._grow(side, descending, values, rows, items)
+                self._grow(side, descending, np.asarray(values, np.float64).T, rows, items)
             else:
                 self._replace(side, descending, values, rows, items)
 
@@ -88,23 +90,31 @@ class TopK:
             kept = tuple(np.array(a) for a in kept)
             setattr(self, side, kept)
         v, r, i = kept
-        signed = values if descending else -values
-        enter = signed >= (v[:, -1] if descending else -v[:, -1])[:, None]
-        counts = enter.sum(axis=1)
+        # which new values may enter, compared in the batch's own dtype and layout (no float64 copy of the
+        # batch): exact, since the kept values came from that dtype (else in float64)
+        bound = v[:, -1].astype(values.dtype)
+        if not np.array_equal(bound, v[:, -1], equal_nan=True):
+            values, bound = values.astype(np.float64), v[:, -1]
+        enter = values >= bound if descending else values <= bound  # [B, U]; NaN never enters
+        counts = enter.sum(axis=0)
         units = np.flatnonzero(counts)
         if not len(units):
             return
+        counts = counts[units]
+        entering = np.asarray(values[:, units], np.float64).T  # [units with entries, B]
+        signed = entering if descending else -entering
         # units grouped by how many values may enter (ties can make a few units need many): each group
         # takes the c most extreme new values of its units, which include every one that can enter
-        width = np.ceil(np.log2(counts[units])).astype(np.int64)
+        width = np.ceil(np.log2(counts)).astype(np.int64)
         for w in np.unique(width):
-            group = units[width == w]
-            c = min(int(counts[group].max()), values.shape[1])
-            cols = np.argpartition(-signed[group], c - 1, axis=1)[:, :c] if c < values.shape[1] else \
+            at = np.flatnonzero(width == w)  # positions in `units`
+            group = units[at]
+            c = min(int(counts[at].max()), entering.shape[1])
+            cols = np.argpartition(-signed[at], c - 1, axis=1)[:, :c] if c < entering.shape[1] else \
                 np.broadcast_to(np.arange(c), (len(group), c))
             for start in range(0, len(group), BLOCK_UNITS):
                 u, col = group[start:start + BLOCK_UNITS], cols[start:start + BLOCK_UNITS]
-                new = np.take_along_axis(values[u], col, axis=1), rows[col], items[col]
+                new = np.take_along_axis(entering[at[start:start + BLOCK_UNITS]], col, axis=1), rows[col], items[col]
                 if c <= MERGE_MAX:
                     v[u], r[u], i[u] = self._merge((v[u], r[u], i[u]), new, u, descending)
                     continue
