@@ -277,6 +277,8 @@ def test_dictionary_and_token_config_keys_are_checked(section, values, message):
     with pytest.raises(MisbenchError) as err:
         parse_config({**base, section: values})
     assert message in str(err.value)
+
+
 def test_a_changed_image_folder_reruns_the_steps_that_read_it(tmp_path, study_data):
     """Step keys fingerprint the image folders a step reads (paths, sizes, mtimes): one image of the
     extraction folder regenerated in place (same name, new pixels) reruns extract and score of every run,
