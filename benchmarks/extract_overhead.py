@@ -38,7 +38,8 @@ def main(n=512, batch_size=64, workers=2):
                     for x, *_ in make_loader(dataset, batch_size, workers, cpu):
                         model(prepare(x))
                 times[name].append(loop.seconds)
-            settings = ExtractSettings(layers=("conv", "softmax"), batch_size=batch_size, workers=workers, device="cpu")
+            settings = ExtractSettings(layers=("conv", "softmax"), batch_size=batch_size, workers=workers, device="cpu",
+                                       labels="folder-order")  # generated class folders are not ImageNet WNIDs
             with Timer() as ext:
                 extract(loaded, str(folder), Path(tmp) / f"acts{repeat}.h5", settings)
             times["extract"].append(ext.seconds)
