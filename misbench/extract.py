@@ -16,7 +16,7 @@ from . import __version__
 from .data import DIGEST_CHARS, ImageSource, TransformedDataset, load_data
 from .device import describe, make_loader, precision, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
-from .fileio import disk_full_error, refuse_same_paths, utc_now
+from .fileio import disk_full_error, flag_hint, refuse_existing, refuse_same_paths, utc_now
 from .dictionary import encode, parse_features, resolve_features
 from .hooks import FeatureHooks, LayerRequest, resolve_layers
 from .labels import LABEL_MODES
@@ -25,6 +25,7 @@ from .preprocess import build_transform
 from .store import (SCHEMA, SCHEMA_VERSION, ActivationWriter, PartialUnusable, merge_activation_parts, part_path,
                     partial_path)
 from .tokens import LAYER_KINDS, TOKEN_REDUCTIONS, channels_last_modules
+from .mis import non_finite_rows
 from .topk import TopK, parse_keep
 from . import distributed
 
@@ -163,11 +164,11 @@ def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: Extract
     _check_cls(model, requests, settings.token_reduction)
     partial = partial_path(out)
     rank, size = distributed.world()
-    if out.exists() and not overwrite:
-        raise MisbenchError(f"{out} already exists: pass --overwrite to replace it (it stays until the new file is complete)")
+    refuse_existing({"out": out}, overwrite)  # with overwrite, the old file stays until the new one is complete
     own = partial if size == 1 else part_path(out, rank, size)
     if own.exists() and not (resume or overwrite):
-        raise MisbenchError(f"an interrupted extraction exists at {own}: pass --resume to continue it or --overwrite to restart")
+        raise MisbenchError(f"an interrupted extraction exists at {own}: pass {flag_hint('resume')} to continue it or "
+                            f"{flag_hint('overwrite')} to restart")
     if resume and not own.exists():
         log.info("nothing to resume at %s; starting from the beginning", own)
         resume = False
@@ -250,6 +251,20 @@ def _layer_attrs(req, layout: str, n_units: int, settings: ExtractSettings, feat
     return attrs
 
 
+def _refuse_non_finite(layers: dict, index: np.ndarray, source: ImageSource, dtype: str) -> None:
+    """NaN/inf activations cannot be ranked (DESIGN §8): stop before they reach the file."""
+    for name, values in layers.items():
+        bad = non_finite_rows(values.ravel())
+        if len(bad):
+            row, unit = divmod(int(bad[0]), values.shape[1])
+            image = source.path(int(index[row])) or f"dataset index {int(index[row])}"
+            hint = " (inf in a float16 file may be an overflow: try --dtype float32)" if dtype == "float16" else ""
+            raise MisbenchError(
+                f"layer {name} unit {unit} gave a non-finite activation ({values.ravel()[bad[0]]}) for image {image} "
+                f"({len(bad)} non-finite values in this batch){hint}: MIS cannot rank NaN/inf; check the model's "
+                "weights (a diverged or damaged checkpoint)")
+
+
 def _run(model, source, requests, settings, pre, writer, total, device, progress, features=None):
     features = features or {}
     model = prepare_model(model, device).eval()
@@ -302,6 +317,7 @@ def _run(model, source, requests, settings, pre, writer, total, device, progress
             host_logits, bounds = host[:, :logits.shape[1]], np.cumsum([logits.shape[1]] + [c.shape[1] for c in columns])
             layers = {req.name: host[:, a:b].astype(dtype[req.name]) for req, a, b in zip(requests, bounds[:-1], bounds[1:])}
             index_np = index.numpy()
+            _refuse_non_finite(layers, index_np[keep], source, settings.dtype)
             states = {}
             if k:
                 rows = writer.rows + np.arange(int(keep.sum()))

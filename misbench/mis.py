@@ -8,7 +8,7 @@ delta > 0 (ties count 1/2).
 
 __all__ = [
     "Tasks", "unit_rng", "tie_keys", "is_constant", "rank_rows", "select_fair", "select_quantile", "SELECTIONS",
-    "task_deltas", "decisions", "confidences", "CONSTANT_RANGE",
+    "task_deltas", "decisions", "confidences", "CONSTANT_RANGE", "non_finite_rows",
 ]
 
 import dataclasses
@@ -61,6 +61,11 @@ def tie_keys(seed: int, layer: str, unit, items: np.ndarray) -> np.ndarray:
         if np.ndim(unit):
             return _splitmix64(base[:, None] + (items if items.ndim == 2 else items[None, :]) * _GOLDEN)
         return _splitmix64(base + items * _GOLDEN)
+
+
+def non_finite_rows(acts: np.ndarray) -> np.ndarray:
+    """Positions of NaN/inf activations: they have no rank, so no unit holding one can be scored."""
+    return np.flatnonzero(~np.isfinite(acts))
 
 
 def is_constant(acts: np.ndarray) -> bool:

@@ -6,6 +6,7 @@ __all__ = ["ScoreSettings", "score", "parse_shard", "MIS_COLUMNS", "embed_rows",
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -20,9 +21,11 @@ import torch
 from . import __version__, distributed
 from .device import describe, make_loader, precision, prepare_model, resolve_device, to_device
 from .errors import MisbenchError
-from .fileio import atomic_path, refuse_same_paths, sha256_file, temp_dir_beside, utc_now, write_hdf5, write_json
+from .fileio import (atomic_path, option_label, overwrite_hint, refuse_existing, refuse_same_paths, sha256_file,
+                     temp_dir_beside, utc_now, write_hdf5, write_json)
 from .images import VIEWS, RowImages
-from .mis import CONSTANT_RANGE, SELECTIONS, Tasks, confidences, decisions, task_deltas, tie_keys, unit_rng
+from .mis import (CONSTANT_RANGE, SELECTIONS, Tasks, confidences, decisions, non_finite_rows, task_deltas, tie_keys,
+                  unit_rng)
 from .summaries import bootstrap_mean_ci, clopper_pearson, score_summaries
 from .similarity import EmbeddingIndex, build_backend
 from .similarity.index import DISTANCE_ENGINES, build_distances, resolve_distances
@@ -258,16 +261,51 @@ def _probe_dim(backend, settings: ScoreSettings, device) -> int:
         return int(backend.embed(blank).shape[1])
 
 
+def run_key(command: str, inputs, settings: dict, out, tasks_out) -> str:
+    """Identifies one command's outputs: a tasks.h5 or mis.json that carries it and has no mis.csv beside it
+    is what a killed run of the same command left (a rerun replaces it); anything else is another run's."""
+    text = json.dumps({"command": command, "inputs": [str(Path(p).resolve()) for p in inputs], "settings": settings,
+                       "out": str(Path(out).resolve()) if out else "",
+                       "tasks_out": str(Path(tasks_out).resolve()) if tasks_out else ""}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _stored_key(path: Path) -> str | None:
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text()).get("run_key")
+        with h5py.File(path, "r") as h5:
+            return h5.attrs.get("run_key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _refuse_foreign_outputs(out, tasks_out, key: str, overwrite: bool) -> None:
+    """--out must not exist; mis.json (beside it) and --tasks-out may only be this command's killed leftovers."""
+    if overwrite:
+        return
+    refuse_existing({"out": out}, overwrite)
+    for name, path in (("out", Path(out).with_suffix(".json") if out else None), ("tasks_out", tasks_out)):
+        if path and Path(path).exists() and _stored_key(Path(path)) != key:
+            raise MisbenchError(f"{option_label(name)}: {path} already exists and is not what a killed run of this "
+                                f"same command left; {overwrite_hint()} to replace it, or choose another path")
+
+
 def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, cache_dir=None, shard=(0, 1),
-          backend=None, progress=None) -> dict:
+          backend=None, progress=None, overwrite: bool = False) -> dict:
     """Score the units of `layers` ('all' for every layer); write mis.csv, mis.json (when `out` is given), tasks.h5.
 
     Returns mis.json's content plus `rows`, mis.csv's rows (one process; not in mis.json).
     Under torchrun (and no explicit shard) each rank scores every N-th unit into a part; rank 0
-    merges the parts into the outputs of a one-process run.
+    merges the parts into the outputs of a one-process run. Existing outputs are refused unless `overwrite`
+    (a killed run's tasks.h5 / mis.json, from the same command, is replaced).
     """
     refuse_same_paths({"ACTS": acts_path}, {"--out": out, "--tasks-out": tasks_out,
                                             "mis.json (beside --out)": Path(out).with_suffix(".json") if out else None})
+    key = run_key("score", [acts_path], {"layers": list(layers), "shard": list(shard),
+                                         **{k: v for k, v in dataclasses.asdict(settings).items()
+                                            if k not in ScoreSettings.RUNTIME}}, out, tasks_out)
+    _refuse_foreign_outputs(out, tasks_out, key, overwrite)
     rank, size = distributed.world()
     if size > 1 and tuple(shard) == (0, 1):
         if out is None:
@@ -275,12 +313,12 @@ def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, 
         distributed.ensure_initialized(resolve_device(settings.device))
         part = shard_path(out, (rank, size))
         part_tasks = shard_path(tasks_out, (rank, size)) if tasks_out else None
-        score(acts_path, layers, settings, part, part_tasks, cache_dir, (rank, size), backend, progress)
+        score(acts_path, layers, settings, part, part_tasks, cache_dir, (rank, size), backend, progress, overwrite)
         distributed.barrier()
         meta = None
         if rank == 0:
             parts = [shard_path(out, (r, size)) for r in range(size)]
-            meta = merge_scores(parts, out, tasks_out)
+            meta = merge_scores(parts, out, tasks_out, overwrite)
             for path in parts:
                 for extra in (path, path.with_suffix(".json")):
                     extra.unlink()
@@ -322,6 +360,14 @@ def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, 
                 position += 1
                 if not mine:
                     continue
+                bad = non_finite_rows(values)
+                if len(bad):
+                    row = int(rows[bad[0]])
+                    raise MisbenchError(
+                        f"{acts_path}: layer {name} unit {unit} has {len(bad)} non-finite activations (NaN or inf), "
+                        f"the first {values[bad[0]]} at row {row} ({acts.paths[row]}); such values cannot be ranked, "
+                        "so no MIS is given: re-extract from a model whose activations are finite (a float16 file "
+                        "that overflowed: --dtype float32)")
                 if np.max(values) - np.min(values) < CONSTANT_RANGE:
                     results.append({"layer": name, "unit": unit, "status": "constant", "tasks": None})
                 else:
@@ -405,7 +451,8 @@ def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, 
                 "alpha": alpha, "alpha_source": alpha_source,
                 "embedded_images": int(embedded), "distinct_images": int(len(distinct)),
                 "distances": resolve_distances(settings.distances, device) if settings.engine == "embed" else "pairwise",
-                "shard": f"{shard_i}/{shard_n}", "layer_order": names, "tasks_out": str(tasks_out or "")}
+                "shard": f"{shard_i}/{shard_n}", "layer_order": names, "tasks_out": str(tasks_out or ""),
+                "run_key": key}
     summary = _summaries(results, names, settings)
     meta.update(summary, timing={"select_s": round(t_select, 3), "embed_s": round(t_embed, 3),
                                  "decide_s": round(t_decide, 3), "total_s": round(time.time() - t0, 3)})
@@ -436,11 +483,13 @@ def _results_from_csv(path) -> list[dict]:
     return out
 
 
-def merge_scores(parts, out, tasks_out=None) -> dict:
+def merge_scores(parts, out, tasks_out=None, overwrite: bool = False) -> dict:
     """Merge `--shard I/N` outputs (mis.csv parts with their .json, and tasks files) into one result."""
     parts = [Path(p) for p in parts]
     refuse_same_paths({f"PART {p}": p for p in parts}, {"--out": out, "mis.json (beside --out)": Path(out).with_suffix(".json"),
                                                        "--tasks-out": tasks_out})
+    key = run_key("merge-scores", parts, {}, out, tasks_out)
+    _refuse_foreign_outputs(out, tasks_out, key, overwrite)
     metas = []
     for p in parts:
         if not p.with_suffix(".json").exists():
@@ -468,20 +517,21 @@ def merge_scores(parts, out, tasks_out=None) -> dict:
     meta = {**first, "shard": f"merged {n}", "created_utc": utc_now(),
             "embedded_images": sum(m.get("embedded_images", 0) for m in metas),
             "distinct_images": sum(m.get("distinct_images", 0) for m in metas),
-            "timing": {"total_s": round(sum(m["timing"]["total_s"] for m in metas), 3)}}
+            "timing": {"total_s": round(sum(m["timing"]["total_s"] for m in metas), 3)}, "run_key": key}
     meta.update(_summaries(results, names, settings))
     if tasks_out:
-        _merge_tasks([m["tasks_out"] for m in metas], tasks_out, names)
+        _merge_tasks([m["tasks_out"] for m in metas], tasks_out, names, key)
     write_json(Path(out).with_suffix(".json"), meta)
     write_scores_csv(out, results, first["settings"]["alpha"], first["settings"]["alpha_source"])
     return meta
 
 
-def _merge_tasks(paths, target, names) -> None:
+def _merge_tasks(paths, target, names, run_key: str) -> None:
     def build(out):
         with h5py.File(paths[0], "r") as first:
             for key, value in first.attrs.items():
                 out.attrs[key] = value
+        out.attrs["run_key"] = run_key
         for name in names:
             pieces = []
             for path in paths:
@@ -534,6 +584,7 @@ def _write_tasks(path, results, names, settings: ScoreSettings, meta: dict) -> N
         h5.attrs["schema"] = "misbench-tasks"
         h5.attrs["settings"] = json.dumps(meta["settings"])
         h5.attrs["acts"], h5.attrs["acts_sha256"] = meta["acts"], meta["acts_sha256"]
+        h5.attrs["run_key"] = meta["run_key"]
         for name in names:
             mine = [r for r in results if r["layer"] == name]
             if not mine:

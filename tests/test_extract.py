@@ -193,6 +193,21 @@ def test_corrupt_image_fails_with_path_or_is_skipped(tmp_path, image_folder):
         assert "class_01/img_002.png" in acts.attrs["skipped_paths"]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_non_finite_activations_are_refused_with_layer_unit_and_image(tmp_path, image_folder, dtype):
+    loaded = load_model("mini_inception", num_classes=3)
+    bn = dict(loaded.model.named_modules())["conv1.bn"]
+    with torch.no_grad():
+        bn.bias[2] = float("nan")  # a damaged checkpoint: channel 2 is NaN for every image
+    out = tmp_path / "a.h5"
+    with pytest.raises(MisbenchError) as err:
+        extract(loaded, str(image_folder), out, ExtractSettings(layers=("conv1.bn", "softmax"), resize=32, crop=32,
+                                                                 batch_size=4, dtype=dtype))
+    first = sorted(str(p.relative_to(image_folder)) for p in image_folder.rglob("*.png"))[0]
+    assert "layer conv1.bn unit 2" in str(err.value) and first in str(err.value) and "nan" in str(err.value)
+    assert not out.exists()
+
+
 def test_missing_directory_is_a_clear_error(tmp_path):
     loaded = load_model("mini_inception", num_classes=3)
     with pytest.raises(MisbenchError, match="neither an existing directory"):

@@ -191,6 +191,25 @@ def test_score_refuses_small_and_incomplete_files(tmp_path):
     assert not (tmp_path / "m.csv").exists()
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_score_refuses_non_finite_activations(tmp_path, bad):
+    """NaN/inf have no rank: a unit holding one would get tasks drawn from meaningless positions."""
+    folder = make_image_folder(tmp_path / "imgs", classes=3, per_class=70, size=16)
+    x = np.random.default_rng(0).normal(size=(210, 3))
+    x[30:35, 1] = bad
+    acts = write_acts(tmp_path / "acts.h5", folder, {"feat": x})
+    settings = ScoreSettings(similarity="pixel", image_size=16, tasks=10, n_boot=10, device="cpu")
+    with pytest.raises(MisbenchError) as err:
+        score(acts, ["feat"], settings, tmp_path / "m.csv", tasks_out=tmp_path / "t.h5")
+    paths = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
+    msg = str(err.value)
+    assert "layer feat unit 1 has 5 non-finite" in msg and "row 30" in msg and paths[30] in msg
+    assert not (tmp_path / "m.csv").exists() and not (tmp_path / "t.h5").exists()
+    x[30:35, 1] = 0.0  # the same file with finite values scores
+    score(write_acts(tmp_path / "ok.h5", folder, {"feat": x}), ["feat"], settings, tmp_path / "m.csv")
+    assert [r["status"] for r in read_csv(tmp_path / "m.csv")] == ["ok"] * 3
+
+
 def test_calibrate_recovers_alpha():
     rng = np.random.default_rng(0)
     delta = rng.normal(scale=0.1, size=4000)
