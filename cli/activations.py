@@ -68,12 +68,12 @@ def extract(model, arch, num_classes, arch_kwargs, trust_pickle, data, layers, o
 @click.option("--limit", type=int, default=None)
 @labels_option
 @handle_errors
-@refuses_overwrite("out", "classwise")
+@refuses_overwrite(passes=True)
 def evaluate(model, arch, num_classes, arch_kwargs, trust_pickle, data, acts, out, classwise, batch_size, workers,
-             device, limit, labels):
+             device, limit, labels, overwrite):
     """Top-1, top-5 and class-wise accuracy of MODEL on DATA (or from --acts)."""
     with Progress("eval") as bar:
-        result = api.evaluate(model, data, acts=acts, out=out, classwise=classwise, progress=bar,
+        result = api.evaluate(model, data, acts=acts, out=out, classwise=classwise, progress=bar, overwrite=overwrite,
                               **model_kwargs(arch, num_classes, arch_kwargs, trust_pickle),
                               batch_size=batch_size, workers=workers, device=device, limit=limit, labels=labels)
     click.echo(f"top1 {result['top1']:.4f}  top5 {result['top5']:.4f}  n {result['n_images']}  -> {out}")

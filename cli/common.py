@@ -12,7 +12,7 @@ import click
 
 from misbench.device import MAX_AUTO_WORKERS, parse_workers
 from misbench.errors import MisbenchError
-from misbench.fileio import DiskFullError, disk_full_error
+from misbench.fileio import DiskFullError, cli_wording, disk_full_error, refuse_existing
 from misbench.interrupts import terminate_as_interrupt
 
 
@@ -40,7 +40,7 @@ def handle_errors(func):
     def wrapper(*args, **kwargs):
         sys.unraisablehook = _quiet_failed_writes
         try:
-            with terminate_as_interrupt():
+            with terminate_as_interrupt(), cli_wording():
                 return func(*args, **kwargs)
         except DiskFullError as err:
             _exit_now(str(err))
@@ -68,23 +68,23 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def refuses_overwrite(*targets):
+def refuses_overwrite(*targets, passes: bool = False):
     """Adds --overwrite; without it the command stops before any work when one of its outputs exists.
-    targets: parameter names of output files, or (parameter, (file, ...)) for a folder and the files it gets."""
+    targets: parameter names of output files, or (parameter, (file, ...)) for a folder and the files it gets.
+    passes: the command's library function takes `overwrite` and checks its outputs itself."""
     def decorate(func):
         @functools.wraps(func)
         def wrapper(*args, overwrite=False, **kwargs):
+            if passes:
+                return func(*args, overwrite=overwrite, **kwargs)
             names = {t if isinstance(t, str) else t[0] for t in targets}
-            # an output that is also an input gets the command's own, more precise error
-            inputs = {Path(v).resolve() for k, v in kwargs.items() if k not in names and isinstance(v, str) and v}
-            for target in () if overwrite else targets:
+            outputs = {}
+            for target in targets:
                 name, inside = (target, None) if isinstance(target, str) else target
-                if not kwargs.get(name):
-                    continue
-                for path in [Path(kwargs[name])] if inside is None else [Path(kwargs[name]) / f for f in inside]:
-                    if path.exists() and path.resolve() not in inputs:
-                        raise MisbenchError(f"--{name.replace('_', '-')}: {path} already exists; pass --overwrite to "
-                                            "replace it, or choose another path")
+                value = kwargs.get(name)
+                outputs[name] = value if inside is None or not value else [Path(value) / f for f in inside]
+            inputs = [v for k, v in kwargs.items() if k not in names and isinstance(v, str) and v]
+            refuse_existing(outputs, overwrite, inputs)
             return func(*args, **kwargs)
         return click.option("--overwrite", is_flag=True,
                             help="Replace existing outputs (without it the command refuses to).")(wrapper)

@@ -36,11 +36,11 @@ def _summary(out, name: str = "summary.json") -> dict:
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)
 @handle_errors
-@refuses_overwrite(("out", ("classwise.csv", "summary.json", "report.html")))
-def classwise(scores, acts, eval_json, layer, tasks, units, out, seed):
+@refuses_overwrite(passes=True)
+def classwise(scores, acts, eval_json, layer, tasks, units, out, seed, overwrite):
     """Softmax-unit MIS against class-wise accuracy: classwise.csv, summary.json, figure, report.html."""
     path = api.report("classwise", out, scores=scores, acts=acts, eval_json=eval_json, layer=layer, tasks=tasks,
-                      units=units, seed=seed)
+                      units=units, seed=seed, overwrite=overwrite)
     summary = _summary(out)
     click.echo(_fmt_corr("accuracy vs MIS confidence", summary["correlation_accuracy_mis_confidence"]))
     click.echo(_fmt_corr("accuracy vs MIS", summary["correlation_accuracy_mis"]))
@@ -57,11 +57,11 @@ def classwise(scores, acts, eval_json, layer, tasks, units, out, seed):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--n-boot", default=1000, show_default=True, help="Bootstrap resamples of the intervals.")
 @handle_errors
-@refuses_overwrite(("out", ("compare.csv", "compare.json", "report.html")))
-def compare(scores, out, seed, n_boot):
+@refuses_overwrite(passes=True)
+def compare(scores, out, seed, n_boot, overwrite):
     """Two unit populations side by side: per-layer means with intervals, layer-balanced means, a rank-sum
     test, distributions: compare.csv, compare.json, compare.png, report.html."""
-    path = api.report("compare", out, scores=scores, seed=seed, n_boot=n_boot)
+    path = api.report("compare", out, scores=scores, seed=seed, n_boot=n_boot, overwrite=overwrite)
     summary = _summary(out, "compare.json")
     for pop in summary["populations"]:
         m = pop["feature_mean"]
@@ -87,12 +87,12 @@ def compare(scores, out, seed, n_boot):
               help="Layer of class units for each run's class-wise report (runs with an eval column).")
 @list_option("--unit", "--units", "units", help="LAYER:INDEX to picture (repeatable or comma-separated).")
 @handle_errors
-@refuses_overwrite(("out", ("sweep.csv", "summary.json", "report.html")))
-def sweep(runs, out, seed, baseline, classwise_layer, units):
+@refuses_overwrite(passes=True)
+def sweep(runs, out, seed, baseline, classwise_layer, units, overwrite):
     """MIS and accuracy against pruning rate: sweep.csv, sweep_layers.csv, paired.csv, summary.json, figures,
     class-wise reports, report.html (the same build as a study's report)."""
     path = api.report("sweep", out, runs=runs, seed=seed, baseline=baseline, classwise_layer=classwise_layer,
-                      units=units)
+                      units=units, overwrite=overwrite)
     summary = _summary(out)
     click.echo(_fmt_corr("rate vs MIS confidence (feature layers)", summary["correlation_rate_mis_confidence"]))
     click.echo(_fmt_corr("rate vs MIS (feature layers)", summary["correlation_rate_mis"]))
@@ -110,12 +110,12 @@ def sweep(runs, out, seed, baseline, classwise_layer, units):
 @click.option("--scores", required=True, type=click.Path(exists=True, dir_okay=False), help="mis.csv")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @handle_errors
-@refuses_overwrite(("out", ("layers.csv", "layers.png")))
-def layers(scores, out):
+@refuses_overwrite(passes=True)
+def layers(scores, out, overwrite):
     """Mean MIS per layer (as the MIS authors publish them): layers.csv and layers.png."""
     from misbench.reports.tables import read_csv_rows
 
-    for row in read_csv_rows(api.report("layers", out, scores=scores)):
+    for row in read_csv_rows(api.report("layers", out, scores=scores, overwrite=overwrite)):
         conf = "-" if row["mis_confidence"] == "" else f"{float(row['mis_confidence']):.4f}"
         click.echo(f"{row['layer']:<44} {row['n_units']:>6} {conf:>8}")
 
@@ -124,12 +124,12 @@ def layers(scores, out):
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @handle_errors
-@refuses_overwrite(("out", ("curves.csv", "curves.png")))
-def curves(checkpoints, out):
+@refuses_overwrite(passes=True)
+def curves(checkpoints, out, overwrite):
     """Validation accuracy per retraining epoch from checkpoint histories (curves.png, curves.csv)."""
     from misbench.reports.tables import read_csv_rows
 
-    found = {row["name"] for row in read_csv_rows(api.report("curves", out, checkpoints=checkpoints))}
+    found = {row["name"] for row in read_csv_rows(api.report("curves", out, checkpoints=checkpoints, overwrite=overwrite))}
     click.echo(f"wrote {Path(out) / 'curves.png'} ({len(found)} curves)")
 
 

@@ -44,15 +44,15 @@ from .common import StagedProgress, handle_errors, list_option, refuses_overwrit
 @click.option("--distances", type=click.Choice(["auto", "faiss", "torch"]), default="auto", show_default=True,
               help="Distance engine: auto = torch on the GPU, FAISS on CPU (docs/performance.md).")
 @handle_errors
-@refuses_overwrite("out")  # mis.csv is written last: a tasks.h5 without it is a killed run's, which a rerun replaces
+@refuses_overwrite(passes=True)  # the library tells a killed run's tasks.h5 / mis.json (replaced) from another run's
 def score(acts, layers, out, similarity, image_size, view, dreamsim_weights, selection, quantile, tasks, explanations, alpha, alpha_from, seed,
-          device, engine, tasks_out, cache, shard, batch_size, workers, n_boot, amp, chunk_units, distances):
+          device, engine, tasks_out, cache, shard, batch_size, workers, n_boot, amp, chunk_units, distances, overwrite):
     """Score every unit of LAYERs in ACTS with the Mechanistic Interpretability Score."""
     from misbench.distributed import is_main
 
     bars = StagedProgress({"embed": "img", "score": "unit"})
     try:
-        scores = api.score(acts, layers, out, tasks_out=tasks_out, cache=cache, shard=shard,
+        scores = api.score(acts, layers, out, tasks_out=tasks_out, cache=cache, shard=shard, overwrite=overwrite,
                            progress=bars if is_main() else None, alpha_from=alpha_from, similarity=similarity,
                            image_size=image_size, view=view, dreamsim_weights=dreamsim_weights, selection=selection, quantile=quantile, tasks=tasks, explanations=explanations, alpha=alpha,
                            seed=seed, engine=engine, n_boot=n_boot, amp=amp, chunk_units=chunk_units, device=device,
@@ -140,12 +140,12 @@ COMMANDS.append(calibrate)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Merged mis.csv (mis.json beside it).")
 @click.option("--tasks-out", type=click.Path(dir_okay=False), default=None, help="Also merge the parts' tasks files.")
 @handle_errors
-@refuses_overwrite("out")
-def merge_scores(parts, out, tasks_out):
+@refuses_overwrite(passes=True)
+def merge_scores(parts, out, tasks_out, overwrite):
     """Merge the mis.csv files of `score --shard I/N` runs into the result of one unsharded run."""
     from misbench.scoring import merge_scores as run_merge
 
-    meta = run_merge(parts, out, tasks_out)
+    meta = run_merge(parts, out, tasks_out, overwrite)
     click.echo(f"merged {len(parts)} shards, {sum(s['n_units'] for s in meta['layers'].values())} scored units -> {out}")
 
 

@@ -21,7 +21,7 @@ from .calibrate import calibration_alpha
 from .errors import MisbenchError, close_matches
 from .evaluate import evaluate_acts, evaluate_model, write_eval
 from .extract import ExtractSettings, extract as _extract
-from .fileio import json_plain, refuse_same_paths
+from .fileio import json_plain, refuse_existing, refuse_same_paths
 from .layer_list import LayerInfo, list_layers
 from .models import LoadedModel, load_model as _load_model, model_input_file
 from .pruning import PruneSettings
@@ -90,13 +90,14 @@ def extract(model, data, layers, out, *, resume: bool = False, overwrite: bool =
 
 
 def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=None, progress=None, backend=None,
-          alpha_from=None, **options) -> pd.DataFrame:
+          alpha_from=None, overwrite: bool = False, **options) -> pd.DataFrame:
     """MIS of every unit of `layers` (names, 'a,b', or 'all') in the activation file `acts`.
 
     Returns a DataFrame with mis.csv's columns and mis.json's content in `df.attrs`. Nothing is
     written unless `out` (mis.csv, with mis.json beside it) or `tasks_out` is given. `options` are
     ScoreSettings fields (similarity, image_size, selection, tasks, explanations, alpha, seed, ...).
-    `alpha_from`: the JSON of `misbench calibrate --out`, whose alpha is used and recorded as calibrated."""
+    `alpha_from`: the JSON of `misbench calibrate --out`, whose alpha is used and recorded as calibrated.
+    Existing outputs are refused unless `overwrite` (a killed run's leftovers of the same call are replaced)."""
     _check_options(options, _fields(ScoreSettings), "score")
     if alpha_from:
         if options.get("alpha") is not None:
@@ -105,7 +106,7 @@ def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=Non
     settings = ScoreSettings(**options)
     shard = parse_shard(shard) if isinstance(shard, str) or shard is None else tuple(shard)
     meta = _score(acts, list(_names(layers)), settings, out, tasks_out=tasks_out, cache_dir=cache, shard=shard,
-                  backend=backend, progress=progress)
+                  backend=backend, progress=progress, overwrite=overwrite)
     if meta is None:  # another rank under torchrun: rank 0 holds the result
         return None
     if "rows" not in meta:  # merged from the ranks' files
@@ -187,14 +188,16 @@ def audit(model, **model_options) -> dict:
 
 def evaluate(model=None, data=None, *, acts=None, out=None, classwise=None, progress=None, arch: str | None = None,
              num_classes: int | None = None, trust_pickle: bool = False, arch_kwargs: dict | None = None,
-             **options) -> dict:
+             overwrite: bool = False, **options) -> dict:
     """Top-1, top-5 and class-wise accuracy of MODEL on DATA, or from the logits stored in `acts`.
 
     Writes eval.json to `out` (and the class-wise CSV to `classwise`) only when given. `options`:
-    batch_size, workers, device, limit, labels (the forward pass's; evaluate_model's defaults)."""
+    batch_size, workers, device, limit, labels (the forward pass's; evaluate_model's defaults). Existing
+    outputs are refused unless `overwrite`."""
     _check_options(options, ["batch_size", "workers", "device", "limit", "labels"], "evaluate")
     spec = getattr(model, "spec", model)
     refuse_same_paths({"--acts": acts, "MODEL": spec and model_input_file(spec)}, {"--out": out, "--classwise": classwise})
+    refuse_existing({"out": out, "classwise": classwise}, overwrite)
     if acts is not None:
         if model is not None or data is not None:
             raise MisbenchError("give either MODEL --data DATA or --acts FILE, not both")
@@ -214,15 +217,16 @@ def evaluate(model=None, data=None, *, acts=None, out=None, classwise=None, prog
     return result
 
 
-def report(kind: str, out, **inputs) -> Path:
+def report(kind: str, out, *, overwrite: bool = False, **inputs) -> Path:
     """Write the report `kind` into the folder `out`; returns its main file (report.html, layers.csv, curves.csv).
 
     classwise: scores, acts or eval_json, layer, tasks, units, seed. sweep: runs (runs.csv or a study
     folder), seed, baseline, classwise_layer, units, title. compare: scores (two or more
-    `[LABEL=]mis.csv[:LAYER+LAYER]`), seed, n_boot. layers: scores. curves: checkpoints."""
+    `[LABEL=]mis.csv[:LAYER+LAYER]`), seed, n_boot. layers: scores. curves: checkpoints.
+    The report's main files in `out` are not replaced unless `overwrite`."""
     # the reports import matplotlib, which selects its Agg backend: only when a report is made,
     # so that importing misbench leaves a notebook's plotting backend alone
-    from .reports.build import REPORTS
+    from .reports.build import REPORT_FILES, REPORTS
 
     if kind not in REPORTS:
         raise MisbenchError(f"unknown report {kind!r}: expected one of {', '.join(REPORTS)}.{close_matches(kind, REPORTS)}")
@@ -232,6 +236,7 @@ def report(kind: str, out, **inputs) -> Path:
     except TypeError as err:
         params = [p for p in inspect.signature(build).parameters if p != "out"]
         raise MisbenchError(f"report {kind}: {err}; it takes {', '.join(params)}") from None
+    refuse_existing({"out": [Path(out) / name for name in REPORT_FILES[kind]]}, overwrite)
     return build(out=out, **inputs)
 
 

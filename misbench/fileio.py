@@ -1,9 +1,11 @@
 """Hashing and atomic writes: an output either appears whole or not at all."""
 
 __all__ = ["sha256_file", "atomic_path", "temp_dir_beside", "write_json", "write_text", "write_hdf5", "utc_now", "disk_full_error",
-           "refuse_same_paths", "DiskFullError", "json_plain"]
+           "refuse_same_paths", "DiskFullError", "json_plain", "refuse_existing", "cli_wording", "option_label",
+           "overwrite_hint", "flag_hint"]
 
 import contextlib
+import contextvars
 import datetime as _dt
 import errno
 import glob
@@ -63,6 +65,50 @@ def refuse_same_paths(inputs: dict, outputs: dict) -> None:
                 raise MisbenchError(f"{name} {path} is the same file as the {kind} {other} {other_path}: writing it "
                                     f"would destroy the {kind}; choose another path for {name}")
         seen.append((name, path, "output"))
+
+
+# who called: error messages name `--tasks-out` / `--overwrite` for the command line, `tasks_out` /
+# `overwrite=True` for Python callers (the check itself exists once, in the library)
+_CLI = contextvars.ContextVar("misbench_cli_wording", default=False)
+
+
+@contextlib.contextmanager
+def cli_wording():
+    token = _CLI.set(True)
+    try:
+        yield
+    finally:
+        _CLI.reset(token)
+
+
+def option_label(name: str) -> str:
+    """A parameter's name as the caller spells it: `tasks_out` -> `--tasks-out` on the command line."""
+    return f"--{name.replace('_', '-')}" if _CLI.get() else name
+
+
+def flag_hint(name: str) -> str:
+    """A boolean option as the caller sets it: `--resume` or `resume=True`."""
+    return option_label(name) if _CLI.get() else f"{name}=True"
+
+
+def overwrite_hint() -> str:
+    return f"pass {flag_hint('overwrite')}"
+
+
+def refuse_existing(outputs: dict, overwrite: bool, inputs=()) -> None:
+    """Refuse, before any work, outputs that exist unless `overwrite`.
+
+    `outputs` maps a parameter name ("out", "tasks_out") to a path, a list of paths (a folder's files) or None;
+    `inputs`: paths that are also read (an output that is an input gets refuse_same_paths's precise error)."""
+    if overwrite:
+        return
+    read = {Path(str(p)).resolve() for p in inputs if p}
+    for name, value in outputs.items():
+        paths = value if isinstance(value, (list, tuple)) else [value]
+        for path in (Path(str(p)) for p in paths if p):
+            if path.exists() and path.resolve() not in read:
+                raise MisbenchError(f"{option_label(name)}: {path} already exists; {overwrite_hint()} to replace it, "
+                                    "or choose another path")
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:

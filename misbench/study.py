@@ -260,7 +260,8 @@ class Study:
                                  device=self._runtime()["device"], workers=self._runtime()["workers"])
         score(acts, layers or s["layers"], settings, out, tasks_out=Path(out).with_name("tasks.h5"),
               cache_dir=self.out / "cache" / "embeddings",
-              progress=(lambda stage, d, n: self.progress(f"{stage} {Path(out).parent.name}", d, n)) if self.progress else None)
+              progress=(lambda stage, d, n: self.progress(f"{stage} {Path(out).parent.name}", d, n)) if self.progress else None,
+              overwrite=True)  # the manifest decides when a step's outputs are stale
 
     def write_runs_csv(self) -> Path:
         from .reports.tables import write_csv

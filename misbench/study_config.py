@@ -12,6 +12,7 @@ from .device import parse_workers
 from .dictionary import parse_features
 from .errors import MisbenchError
 from .labels import LABEL_MODES
+from .preprocess import check_preprocess
 from .pruning.masks import CRITERIA, METHODS, SCHEDULES
 from .tokens import TOKEN_REDUCTIONS
 
@@ -85,6 +86,12 @@ def _check_types(raw: dict) -> None:
                                             f"got {item!r} ({type(item).__name__}) in {value!r}")
             if key in MINIMUM and value < MINIMUM[key]:
                 raise MisbenchError(f"config [{section}] {key}: must be at least {MINIMUM[key]}, got {value!r}")
+            if expected is list and len(set(map(repr, value))) < len(value):
+                twice = next(v for i, v in enumerate(value) if v in value[:i])
+                raise MisbenchError(f"config [{section}] {key}: {twice!r} is listed twice in {value!r}; "
+                                    "give each value once")
+    if raw["model"]["preprocess"] is not None:
+        check_preprocess(raw["model"]["preprocess"], "config [model] preprocess")
     alpha = raw["score"]["alpha"]
     if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
         raise MisbenchError(f"config [score] alpha: must be a positive finite number, got {alpha!r}")

@@ -167,3 +167,59 @@ def test_unknown_layer_suggests_close_names(mini, tmp_path):
     r = CliRunner().invoke(cli, ["extract", str(model), *MINI_FLAGS, "--data", str(images), "--layers", "inception3x",
                                  "--out", str(tmp_path / "a.h5")])
     assert r.exit_code == 1 and "inception3a" in r.output and not (tmp_path / "a.h5").exists()
+
+
+def test_writing_functions_refuse_existing_outputs_unless_overwrite(tmp_path):
+    """score/evaluate/report refuse like the CLI; a killed run's leftovers of the same call are replaced."""
+    import h5py
+
+    folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=200, size=16)
+    acts = write_acts(tmp_path / "a.h5", folder, {"l": np.random.default_rng(0).random((400, 3))})
+    kw = dict(similarity="pixel", image_size=16, tasks=5, n_boot=10)
+    mis, tasks = tmp_path / "m.csv", tmp_path / "t.h5"
+    misbench.score(acts, "l", out=mis, tasks_out=tasks, **kw)
+    (tmp_path / "x.json").write_text('{"precious": 1}')  # a sidecar without its csv, from no misbench run
+    kept = {p: p.read_bytes() for p in (mis, mis.with_suffix(".json"), tasks, tmp_path / "x.json")}
+    for out, tasks_out, what in [(tmp_path / "m2.csv", tasks, "tasks_out: "), (mis, None, "out: "),
+                                 (tmp_path / "x.csv", None, "out: ")]:
+        with pytest.raises(MisbenchError) as err:
+            misbench.score(acts, "l", out=out, tasks_out=tasks_out, **{**kw, "tasks": 4})
+        assert str(err.value).startswith(what) and "overwrite=True" in str(err.value)
+        assert "--overwrite" not in str(err.value)
+    assert {p: p.read_bytes() for p in kept} == kept
+    # a killed run of the same call left tasks.h5 and mis.json but no mis.csv: the rerun replaces them
+    mis.unlink()
+    again = misbench.score(acts, "l", out=mis, tasks_out=tasks, **kw)
+    assert again.mis.tolist() == pd.read_csv(mis).mis.tolist()
+    misbench.score(acts, "l", out=tmp_path / "m2.csv", tasks_out=tasks, overwrite=True, **{**kw, "tasks": 4})
+    with h5py.File(tasks) as h5:
+        assert h5["l/delta"].shape == (3, 4)
+
+    misbench.evaluate(acts=acts, out=tmp_path / "e.json")
+    with pytest.raises(MisbenchError, match="out: .*e.json already exists; pass overwrite=True"):
+        misbench.evaluate(acts=acts, out=tmp_path / "e.json")
+    misbench.evaluate(acts=acts, out=tmp_path / "e.json", overwrite=True)
+    misbench.report("layers", tmp_path / "rl", scores=mis)
+    layers_csv = (tmp_path / "rl" / "layers.csv").read_bytes()
+    with pytest.raises(MisbenchError, match="layers.csv already exists; pass overwrite=True"):
+        misbench.report("layers", tmp_path / "rl", scores=tmp_path / "m2.csv")
+    assert (tmp_path / "rl" / "layers.csv").read_bytes() == layers_csv
+    misbench.report("layers", tmp_path / "rl", scores=tmp_path / "m2.csv", overwrite=True)
+
+    # the command line: the same check, in its own words; merge-scores --tasks-out too
+    runner = CliRunner()
+    score = ["score", str(acts), "--layer", "l", "--similarity", "pixel", "--image-size", "16", "--tasks", "5",
+             "--bootstrap", "10"]
+    res = runner.invoke(cli, [*score, "--out", str(tmp_path / "m3.csv"), "--tasks-out", str(tasks)])
+    assert res.exit_code == 1 and f"--tasks-out: {tasks} already exists" in res.output and "pass --overwrite" in res.output
+    for i in (0, 1):
+        res = runner.invoke(cli, [*score, "--out", str(tmp_path / f"p{i}.csv"), "--shard", f"{i}/2", "--tasks-out",
+                                  str(tmp_path / f"pt{i}.h5")])
+        assert res.exit_code == 0, res.output
+    parts = [str(tmp_path / f"p{i}.csv") for i in (0, 1)]
+    before = tasks.read_bytes()
+    res = runner.invoke(cli, ["merge-scores", *parts, "--out", str(tmp_path / "merged.csv"), "--tasks-out", str(tasks)])
+    assert res.exit_code == 1 and "--tasks-out" in res.output and tasks.read_bytes() == before
+    res = runner.invoke(cli, ["merge-scores", *parts, "--out", str(tmp_path / "merged.csv"), "--tasks-out",
+                              str(tmp_path / "merged.h5")])
+    assert res.exit_code == 0, res.output

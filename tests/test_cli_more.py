@@ -1,6 +1,7 @@
 """Commands not covered elsewhere: retrain, report layers/curves, assets list; GoogLeNet's aux loss."""
 
 
+import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
@@ -50,6 +51,16 @@ def test_retrain_keeps_masks_and_reports_curves_and_layers(tmp_path):
     assert r.exit_code == 0, r.output
     rows = (tmp_path / "curves" / "curves.csv").read_text().splitlines()
     assert rows[0] == "name,epoch,step,val_top1" and len(rows) == 1 + 2 + 3
+    # a study names every checkpoint model.pt: two runs stay two curves, named by their folders
+    import shutil
+    for run, source in (("base", "s.pt"), ("pruned", "s2.pt")):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        shutil.copy(tmp_path / source, tmp_path / "runs" / run / "model.pt")
+    r = runner.invoke(cli, ["report", "curves", str(tmp_path / "runs" / "base" / "model.pt"),
+                            str(tmp_path / "runs" / "pruned" / "model.pt"), "--out", str(tmp_path / "curves2")])
+    assert r.exit_code == 0 and "(2 curves)" in r.output, r.output
+    same = (tmp_path / "curves2" / "curves.csv").read_text().splitlines()
+    assert same == [rows[0]] + [row.replace("s2,", "pruned,", 1).replace("s,", "base,", 1) for row in rows[1:]]
     mis = tmp_path / "mis.csv"
     mis.write_text("layer,unit,status,mis,mis_confidence,mis_ci_low,mis_ci_high,conf_ci_low,conf_ci_high,n_tasks\n"
                    "a,0,ok,1,0.9,,,,,20\na,1,ok,0.5,0.5,,,,,20\na,2,constant,,,,,,,0\nb,0,ok,0.75,0.7,,,,,20\n")
@@ -66,3 +77,14 @@ def test_assets_list_reports_status(tmp_path, monkeypatch):
     assert "missing  mobilenet_v2" in r.output and str(tmp_path / "hub" / "checkpoints") in r.output
     r = CliRunner().invoke(cli, ["assets", "stage", "mobilenet_v2", "--from", str(tmp_path)])
     assert r.exit_code == 1 and "mobilenet_v2-b0353104.pth" in r.output
+
+
+def test_checkpoint_labels_are_distinct():
+    from misbench.errors import MisbenchError
+    from misbench.reports.build import checkpoint_labels
+
+    assert checkpoint_labels(["/r/a.pt", "/r/b.pt"]) == ["a", "b"]
+    assert checkpoint_labels(["/r/a/model.pt", "/r/b/model.pt", "/r/c.pt"]) == ["a", "b", "c"]
+    assert checkpoint_labels(["/x/a/model.pt", "/y/a/model.pt"]) == ["x/a", "y/a"]
+    with pytest.raises(MisbenchError, match="given twice"):
+        checkpoint_labels(["/r/a.pt", "/r/../r/a.pt"])

@@ -1,7 +1,7 @@
 """Each report kind as one function that writes its folder and returns its main file (`misbench report KIND`,
 misbench.api.report and the study's report step all call these), and the HTML sections of the pages."""
 
-__all__ = ["REPORTS", "classwise", "sweep", "layers", "curves", "compare", "sweep_sections", "classwise_sections",
+__all__ = ["REPORTS", "REPORT_FILES", "checkpoint_labels", "classwise", "sweep", "layers", "curves", "compare", "sweep_sections", "classwise_sections",
            "compare_sections", "unit_sections", "settings_header"]
 
 import json
@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from .. import __version__
+from ..errors import MisbenchError
 from ..fileio import write_json
 from .classwise import classwise_report
 from .compare import compare_report
@@ -241,12 +242,43 @@ def layers(scores, out) -> Path:
     return Path(out) / "layers.csv"
 
 
+def checkpoint_labels(paths) -> list[str]:
+    """One distinct name per checkpoint: its file stem, or, where stems collide (a study names every
+    checkpoint model.pt), its folder (runs/a/model.pt -> a), with more folders until the names differ."""
+    paths = [Path(p) for p in paths]
+    resolved = [p.resolve() for p in paths]
+    for i, p in enumerate(resolved):
+        if p in resolved[:i]:
+            raise MisbenchError(f"checkpoint {paths[i]} is given twice: give each checkpoint once")
+
+    def label(i, depth):
+        folders = resolved[i].parent.parts[1:]
+        if depth == 0:
+            return paths[i].stem
+        return "/".join(folders[-depth:]) if depth <= len(folders) else str(resolved[i])  # the last: unique
+
+    depth = [0] * len(paths)
+    while True:
+        labels = [label(i, d) for i, d in enumerate(depth)]
+        clash = [i for i, name in enumerate(labels) if labels.count(name) > 1]
+        if not clash:
+            return labels
+        for i in clash:
+            depth[i] += 1
+
+
 def curves(checkpoints, out) -> Path:
     """Validation accuracy per retraining epoch from checkpoint histories: curves.csv and curves.png."""
-    found = training_curves([{"name": Path(c).stem, "checkpoint": c} for c in checkpoints])
+    found = training_curves([{"name": name, "checkpoint": c}
+                             for name, c in zip(checkpoint_labels(checkpoints), checkpoints)])
     Path(out).mkdir(parents=True, exist_ok=True)
     write_curves(found, out)
     return Path(out) / "curves.csv"
 
 
 REPORTS = {"classwise": classwise, "sweep": sweep, "compare": compare, "layers": layers, "curves": curves}
+# the files whose presence in DIR means a report is there (replacing them needs overwrite)
+REPORT_FILES = {"classwise": ("classwise.csv", "summary.json", "report.html"),
+                "compare": ("compare.csv", "compare.json", "report.html"),
+                "sweep": ("sweep.csv", "summary.json", "report.html"),
+                "layers": ("layers.csv", "layers.png"), "curves": ("curves.csv", "curves.png")}
