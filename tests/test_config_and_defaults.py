@@ -115,3 +115,30 @@ def test_well_typed_values_pass_and_ints_count_as_numbers():
     config = parse_config({**BASE, "score": {"quantile": 1, "tasks": 5}, "pruning": {"rates": [0.5, 0.25]},
                            "report": {"baseline": "control", "units": ["softmax:1"]}})
     assert config["score"]["quantile"] == 1 and config["report"]["units"] == ["softmax:1"]
+
+
+PRE = {"resize": 32, "crop": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"resize": "x"}, "preprocess resize: expected a positive integer, got 'x' (str)"),
+    ({"crop": 0}, "preprocess crop: expected a positive integer, got 0"),
+    ({"mean": [0.5, 0.5]}, "preprocess mean: expected 3 finite numbers"),
+    ({"mean": ["a", 0.5, 0.5]}, "preprocess mean: expected 3 finite numbers"),
+    ({"std": [0.2, 0.0, 0.2]}, "preprocess std: expected 3 finite numbers (one per RGB channel, each > 0)"),
+    ({"foo": 1}, "preprocess: unknown key 'foo'"),
+])
+def test_model_preprocess_is_checked_before_any_work(change, expected):
+    with pytest.raises(MisbenchError) as err:
+        parse_config({**BASE, "model": {"spec": "m.pt", "preprocess": {**PRE, **change}}})
+    assert str(err.value).startswith("config [model] ") and expected in str(err.value)
+    with pytest.raises(MisbenchError, match="crop, mean, std missing"):
+        parse_config({**BASE, "model": {"spec": "m.pt", "preprocess": {"resize": 32}}})
+    assert parse_config({**BASE, "model": {"spec": "m.pt", "preprocess": PRE}})["model"]["preprocess"] == PRE
+
+
+@pytest.mark.parametrize("section,key,value", [("pruning", "rates", [0.5, 0.5]),
+                                               ("extract", "layers", ["conv", "softmax", "conv"])])
+def test_duplicate_list_values_are_refused(section, key, value):
+    with pytest.raises(MisbenchError, match=rf"\[{section}\] {key}: .* is listed twice"):
+        parse_config({**BASE, section: {key: value}})
