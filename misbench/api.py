@@ -11,6 +11,7 @@ __all__ = ["LayerInfo", "layers", "load_model", "extract", "open_activations", "
 import dataclasses
 import inspect
 import json
+import typing
 from pathlib import Path
 
 import pandas as pd
@@ -52,10 +53,42 @@ def _check_options(options: dict, allowed: list[str], what: str) -> None:
         raise MisbenchError(f"unknown {what} option {unknown[0]!r}: expected one of {', '.join(allowed)}.{hint}")
 
 
-def _names(value) -> tuple:
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "True or False", tuple: "a list",
+               dict: "a dict"}
+
+
+def _check_types(options: dict, cls, what: str) -> None:
+    """Options against the settings dataclass's annotations (as the config file's types are checked):
+    a wrong type is one MisbenchError here, not a TypeError deep inside."""
+    annotations = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in options.items():
+        allowed = typing.get_args(annotations.get(key)) or (annotations.get(key),)
+        if value is None and type(None) in allowed:
+            continue
+        plain = [t for t in allowed if isinstance(t, type) and t is not type(None)]
+        if not plain or len(plain) != len([t for t in allowed if t is not type(None)]):
+            continue  # an annotation this check does not understand
+        ok = any(isinstance(value, (list, tuple)) if t is tuple else
+                 isinstance(value, (int, float)) if t is float else isinstance(value, t) for t in plain)
+        if isinstance(value, bool) and bool not in plain:
+            ok = False
+        if not ok:
+            expected = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in plain)
+            none = " (or None)" if type(None) in allowed else ""
+            raise MisbenchError(f"{what} option {key}={value!r}: expected {expected}{none}, got "
+                                f"{type(value).__name__}")
+
+
+def _names(value, what: str = "layers") -> tuple:
     """'a,b' or ['a', 'b'] -> ('a', 'b'): list options take both forms, as on the command line."""
+    if not isinstance(value, (str, list, tuple)) or not all(isinstance(v, str) for v in
+                                                              ([value] if isinstance(value, str) else value)):
+        raise MisbenchError(f"{what}={value!r}: expected names as 'a,b' or a list of strings")
     items = [value] if isinstance(value, str) else list(value)
     return tuple(part.strip() for item in items for part in str(item).split(",") if part.strip())
+
+
+_MODEL_OPTIONS = ["arch", "num_classes", "trust_pickle", "arch_kwargs"]
 
 
 def load_model(model, arch: str | None = None, num_classes: int | None = None, trust_pickle: bool = False,
@@ -71,6 +104,7 @@ def load_model(model, arch: str | None = None, num_classes: int | None = None, t
 
 def layers(model, **model_options) -> list[LayerInfo]:
     """Every module `extract` can record, as (name, kind, n_units, module, in_conv, classes, in_mlp) rows."""
+    _check_options(model_options, _MODEL_OPTIONS, "model")
     loaded = load_model(model, **model_options)
     crop = loaded.preprocess.crop
     device = next(loaded.model.parameters()).device
@@ -84,6 +118,7 @@ def extract(model, data, layers, out, *, resume: bool = False, overwrite: bool =
 
     `options` are ExtractSettings fields (reduction, dtype, limit, keep, batch_size, device, ...)."""
     _check_options(options, [f for f in _fields(ExtractSettings) if f != "layers"], "extract")
+    _check_types(options, ExtractSettings, "extract")
     settings = ExtractSettings(layers=_names(layers), **options)
     loaded = load_model(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs)
     return _extract(loaded, data, out, settings, resume=resume, overwrite=overwrite, progress=progress)
@@ -98,7 +133,11 @@ def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=Non
     ScoreSettings fields (similarity, image_size, selection, tasks, explanations, alpha, seed, ...).
     `alpha_from`: the JSON of `misbench calibrate --out`, whose alpha is used and recorded as calibrated.
     Existing outputs are refused unless `overwrite` (a killed run's leftovers of the same call are replaced)."""
-    _check_options(options, _fields(ScoreSettings), "score")
+    # alpha_source is not an option: it records where alpha came from (alpha_from, alpha or the default)
+    _check_options(options, [f for f in _fields(ScoreSettings) if f != "alpha_source"], "score")
+    _check_types(options, ScoreSettings, "score")
+    if not _names(layers):
+        raise MisbenchError("layers='': expected layer names or 'all'")
     if alpha_from:
         if options.get("alpha") is not None:
             raise MisbenchError("give --alpha or --alpha-from, not both")
@@ -139,6 +178,7 @@ def load_scores(path) -> pd.DataFrame:
 def _produce(model, prune_settings, out, data, val_data, resume, overwrite, progress, resize, crop, model_options,
              train_options) -> Path:
     _check_options(train_options, _fields(TrainSettings), "training")
+    _check_types(train_options, TrainSettings, "training")
     loaded = load_model(model, **model_options)
     loaded.preprocess = loaded.preprocess.override(resize, crop)
     return produce_checkpoint(loaded, prune_settings, TrainSettings(**train_options), out, data, val_data,
@@ -159,6 +199,8 @@ def prune(model, method: str, rate: float, out, *, steps: int | None = None, exc
     _check_options(options, sorted(set(prune_fields) | set(_fields(TrainSettings))), "prune")
     prune_options = {k: v for k, v in options.items() if k in prune_fields}
     train_options = {k: v for k, v in options.items() if k in _fields(TrainSettings)}
+    _check_types({"method": method, "rate": rate, **({} if steps is None else {"steps": steps}), **prune_options},
+                 PruneSettings, "prune")
     schedule = prune_options.get("schedule", "oneshot")
     settings = PruneSettings(method=method, rate=rate, steps=steps if steps is not None else (4 if schedule == "iterative" else 1),
                              exclude=None if exclude is None else _names(exclude), **prune_options)
@@ -183,6 +225,7 @@ def retrain(model, out, *, data=None, val_data=None, resume: bool = False, overw
 def audit(model, **model_options) -> dict:
     """Per prunable layer weights, zeros, sparsity, zero channels; totals; the pruning record and whether
     the zeros still match it (`consistent`). DESIGN §6's `audit --json` object plus `problems`."""
+    _check_options(model_options, _MODEL_OPTIONS, "model")
     return _audit(load_model(model, **model_options))
 
 

@@ -223,3 +223,21 @@ def test_writing_functions_refuse_existing_outputs_unless_overwrite(tmp_path):
     res = runner.invoke(cli, ["merge-scores", *parts, "--out", str(tmp_path / "merged.csv"), "--tasks-out",
                               str(tmp_path / "merged.h5")])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("call,expected", [
+    (lambda: misbench.score("a.h5", "all", tasks="10"), "score option tasks='10': expected an integer, got str"),
+    (lambda: misbench.score("a.h5", "all", image_size=16.5), "image_size=16.5: expected an integer (or None)"),
+    (lambda: misbench.score("a.h5", "all", similarity=3), "similarity=3: expected a string, got int"),
+    (lambda: misbench.score("a.h5", 3), "layers=3: expected names"),
+    (lambda: misbench.score("a.h5", ""), "layers='': expected layer names or 'all'"),
+    (lambda: misbench.score("a.h5", "all", alpha_source="user"), "unknown score option 'alpha_source'"),
+    (lambda: misbench.prune("m.pt", "structured", "0.5", "p.pt"), "prune option rate='0.5': expected a number"),
+    (lambda: misbench.prune("m.pt", "structured", 0.5, "p.pt", epochs=1.5), "training option epochs=1.5"),
+    (lambda: misbench.layers("mini_inception", num_class=3), "unknown model option 'num_class'"),
+])
+def test_wrong_api_argument_types_are_one_line_errors(call, expected):
+    """Checked before any file is read: a MisbenchError naming the option, not a TypeError from deep inside."""
+    with pytest.raises(MisbenchError) as err:
+        call()
+    assert expected in str(err.value) and "\n" not in str(err.value)
