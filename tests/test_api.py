@@ -241,3 +241,33 @@ def test_wrong_api_argument_types_are_one_line_errors(call, expected):
     with pytest.raises(MisbenchError) as err:
         call()
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+GOOD_SCORES = ("layer,unit,status,mis,mis_confidence,mis_ci_low,mis_ci_high,conf_ci_low,conf_ci_high,n_tasks\n"
+               "a,0,ok,1,0.9,0.8,1,0.85,0.95,20\na,1,constant,,,,,,,0\nb,0,ok,0.75,0.7,0.5,0.9,0.6,0.8,20\n")
+
+
+@pytest.mark.parametrize("old,new,expected", [
+    ("a,0,ok,1,", "a,0,ok,1.7,", "row 2: mis 1.7 is outside [0, 1]"),
+    ("b,0,", "a,0,", "row 4: unit a:0 appears twice"),
+    ("b,0,ok", "b,0,weird", "row 4: status 'weird' is not ok or constant"),
+    ("a,1,constant,,", "a,1,constant,0.5,", "row 3: a constant unit has no mis value"),
+    ("b,0,ok,0.75,", "b,0,ok,,", "row 4: status ok needs a mis value"),
+    ("b,0,", "b,1.5,", "row 4: unit 1.5 is not a non-negative integer"),
+    ("b,0,", "b,-4,", "row 4: unit -4 is not a non-negative integer"),
+    ("0.7,0.5", "abc,0.5", "row 4: mis_confidence 'abc' is not a number"),
+])
+def test_load_scores_refuses_what_no_mis_csv_holds(tmp_path, old, new, expected):
+    path = tmp_path / "mis.csv"
+    path.write_text(GOOD_SCORES)
+    assert len(misbench.load_scores(path)) == 3  # the unedited file loads
+    path.write_text(GOOD_SCORES.replace(old, new, 1))
+    with pytest.raises(MisbenchError) as err:
+        misbench.load_scores(path)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_load_scores_of_a_binary_file_is_a_clear_error(tmp_path):
+    (tmp_path / "acts.h5").write_bytes(b"\x89HDF\r\n\x1a\n\x00\xff\xfe" * 50)
+    with pytest.raises(MisbenchError, match="acts.h5 is not a mis.csv"):
+        misbench.load_scores(tmp_path / "acts.h5")
