@@ -109,6 +109,9 @@ def calibrate(responses, derive_from, tasks_h5, level, model, out, as_json):
         with h5py.File(derive_from, "r") as h5:
             deltas = np.concatenate([h5[name]["delta"][...].ravel() for name in h5])
         rule = derive_alpha(deltas)
+        if out:  # a derived alpha is no calibration: score records it as user, never as calibrated
+            raise MisbenchError(f"--out {out}: --derive writes no calibration file; pass --alpha {rule['alpha']:.4g} "
+                                "to score instead (recorded as user), or leave out --out")
         click.echo(json.dumps(rule, indent=2) if as_json else
                    f"alpha {rule['alpha']:.4g} (median |delta| {rule['median_abs_delta']:.4g} -> confidence "
                    f"{rule['confidence']}, n {rule['n']}); use with --alpha, recorded as user")

@@ -174,6 +174,13 @@ def test_classwise_report_with_unit_pictures_stays_inside_its_folder(property_fo
     assert "units/softmax_1.png" in links and not re.search(r"https?://", html)
     with Image.open(out / "units/softmax_1.png") as img:
         assert img.size[0] > 2 * img.size[1]  # 20 pictures per task row
+    # a requested unit without tasks is refused, not silently dropped; an unscored unit is named plainly
+    r = runner.invoke(cli, ["report", "classwise", "--scores", str(tmp_path / "mis.csv"), "--acts", str(acts),
+                            "--unit", "softmax:1", "--out", str(tmp_path / "r2")])
+    assert r.exit_code == 1 and "give --tasks" in r.output and not (tmp_path / "r2").exists()
+    r = runner.invoke(cli, ["report", "classwise", "--scores", str(tmp_path / "mis.csv"), "--acts", str(acts),
+                            "--tasks", str(tmp_path / "tasks.h5"), "--unit", "softmax:9", "--out", str(tmp_path / "r3")])
+    assert r.exit_code == 1 and "(scored units of softmax: 0, 1, 2)" in r.output and "np." not in r.output
 
 
 def test_classwise_report_says_which_class_units_it_used(property_folder, tmp_path):

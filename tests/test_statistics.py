@@ -471,6 +471,9 @@ def test_derived_alpha_maps_the_median_task_to_three_quarters(tmp_path, property
     assert 1 / (1 + np.exp(-rule["alpha"] * rule["median_abs_delta"])) == pytest.approx(0.75)
     r = CliRunner().invoke(cli, ["calibrate", "--derive", str(tmp_path / "t.h5"), "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["alpha"] == pytest.approx(rule["alpha"])
+    r = CliRunner().invoke(cli, ["calibrate", "--derive", str(tmp_path / "t.h5"), "--out", str(tmp_path / "fit.json")])
+    assert r.exit_code == 1 and f"--alpha {rule['alpha']:.4g}" in r.output and "writes no calibration" in r.output
+    assert not (tmp_path / "fit.json").exists()
 
 
 # The seed's own per-run table (its authors' Plotting/correlation-new.py): MIS confidence at rates 0-0.8 per method,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import MisbenchError
-from ..fileio import write_json
+from ..fileio import option_label, write_json
 from .classwise import classwise_report
 from .compare import compare_report
 from .figures import layers_figure
@@ -181,6 +181,10 @@ def classwise(scores, out, acts=None, eval_json=None, layer: str | None = None, 
               seed: int = 0) -> Path:
     """Softmax-unit MIS against class-wise accuracy: classwise.csv, summary.json, figures, unit pictures when
     tasks and acts are given, report.html."""
+    if units and not (tasks and acts):
+        raise MisbenchError(f"{option_label('units')} {', '.join(units)}: unit pictures are drawn from the tasks "
+                            f"and images of a score run: give {option_label('tasks')} (its tasks.h5) and "
+                            f"{option_label('acts')} too, or leave out {option_label('units')}")
     summary = classwise_report(scores, out, acts=acts, eval_json=eval_json, layer=layer, seed=seed)
     sections = classwise_sections(summary)
     if tasks and acts:

@@ -49,9 +49,11 @@ def unit_gallery(tasks_h5, acts_path, layer: str, unit: int, out_png, n_tasks: i
     with h5py.File(tasks_h5, "r") as t:
         if layer not in t:
             raise MisbenchError(f"{tasks_h5} has no tasks for layer {layer!r}")
-        units = list(t[layer]["unit"][...])
+        units = [int(u) for u in t[layer]["unit"][...]]
         if unit not in units:
-            raise MisbenchError(f"{tasks_h5} has no tasks for {layer}:{unit} (scored units: {units[:5]}...)")
+            more = ", ..." if len(units) > 5 else ""
+            raise MisbenchError(f"{tasks_h5} has no tasks for {layer}:{unit} (scored units of {layer}: "
+                                f"{', '.join(map(str, units[:5]))}{more})")
         k = units.index(unit)
         g = {key: t[layer][key][k] for key in ("pos_expl", "neg_expl", "pos_query", "neg_query", "delta")}
     if (g["pos_query"] < 0).all():
