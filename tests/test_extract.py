@@ -137,7 +137,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, image_folder):
         open_activations(target)
     with h5py.File(partial_path(target), "r") as h5:
         assert not h5.attrs["complete"] and h5.attrs["rows_written"] == 10
-    with pytest.raises(MisbenchError, match="--resume"):
+    with pytest.raises(MisbenchError, match="pass resume=True to continue it or overwrite=True"):  # Python's words
         extract(loaded, str(image_folder), target, settings)
     with pytest.raises(MisbenchError, match="cannot resume"):
         extract(loaded, str(image_folder), target, ExtractSettings(layers=("softmax",), batch_size=5, resize=32, crop=32),

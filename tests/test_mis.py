@@ -122,7 +122,8 @@ def test_lpips_sees_hue_on_a_random_trunk(planted, tmp_path):
     hue = []
     for seed in range(4):  # 20 tasks per unit: average seeds to see past binomial noise
         score(acts, ["visible"], ScoreSettings(similarity="lpips-alex", image_size=64, device="cpu", n_boot=20,
-                                               seed=seed), tmp_path / "mis.csv", backend=backend, cache_dir=tmp_path / "c")
+                                               seed=seed), tmp_path / "mis.csv", backend=backend, cache_dir=tmp_path / "c",
+              overwrite=True)
         hue.append(float(read_csv(tmp_path / "mis.csv")[1]["mis"]))
     assert np.mean(hue) >= 0.7  # well above chance (0.5)
 

@@ -259,7 +259,7 @@ def test_topk_tie_seed_is_recorded_and_other_seeds_rank_identically_or_refuse(tm
     score(tmp_path / "topk.h5", ["tied"], ScoreSettings(**settings, seed=0), tmp_path / "tt.csv")
     assert _csv(tmp_path / "ft.csv") == _csv(tmp_path / "tt.csv")
     with pytest.raises(MisbenchError, match=r"tie seed 0.*--seed 0"):
-        score(tmp_path / "topk.h5", ["tied"], ScoreSettings(**settings, seed=1), tmp_path / "t1.csv")
+        score(tmp_path / "topk.h5", ["tied"], ScoreSettings(**settings, seed=1), tmp_path / "t1b.csv")
     # the rule itself: refuse exactly when the value at rank `needed` ties with the last kept one
     top = np.array([[5, 4, 3, 3, 2], [5, 4, 3, 3, 3]], float)
     check_tie_order(top[:1], -top[:1], 3, 100, 0, 1, "x", "f.h5")
