@@ -70,7 +70,8 @@ def child(args) -> None:
     settings = ScoreSettings(similarity=args.similarity, image_size=args.image_size, device=args.device,
                              n_boot=args.n_boot, chunk_units=args.chunk_units, workers=0)
     t0 = time.perf_counter()
-    meta = score(args.acts, args.layers.split(","), settings, Path(args.out), backend=backend)
+    meta = score(args.acts, args.layers.split(","), settings, Path(args.out), backend=backend,
+                 overwrite=True)  # one temp file per size, rewritten for each backend
     seconds = time.perf_counter() - t0
     print(json.dumps({"seconds": seconds, "timing": meta["timing"], "embedded": meta["embedded_images"],
                       "distinct": meta["distinct_images"], "units": meta["model_mean"]["n_units"],
