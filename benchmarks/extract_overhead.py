@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from _common import Timer, generated_folder
 
-from misbench.data import TransformedDataset, load_data
-from misbench.device import make_loader, prepare_model, to_device
-from misbench.extract import ExtractSettings, extract
-from misbench.models import load_model
-from misbench.preprocess import build_transform
+from misbench.datasets.sources import TransformedDataset, load_data
+from misbench.runtime.device import make_loader, prepare_model, to_device
+from misbench.activations.extract import ExtractSettings, extract
+from misbench.models.loading import load_model
+from misbench.models.preprocess import build_transform
 
 
 def main(n=512, batch_size=64, workers=2):

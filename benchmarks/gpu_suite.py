@@ -26,11 +26,11 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from misbench.data import ArraySource, TransformedDataset  # noqa: E402
-from misbench.device import make_loader, precision, prepare_model, to_device  # noqa: E402
-from misbench.extract import ExtractSettings, extract  # noqa: E402
-from misbench.models import load_model  # noqa: E402
-from misbench.preprocess import Preprocess, build_transform  # noqa: E402
+from misbench.datasets.sources import ArraySource, TransformedDataset  # noqa: E402
+from misbench.runtime.device import make_loader, precision, prepare_model, to_device  # noqa: E402
+from misbench.activations.extract import ExtractSettings, extract  # noqa: E402
+from misbench.models.loading import load_model  # noqa: E402
+from misbench.models.preprocess import Preprocess, build_transform  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +116,7 @@ def bench_mis(rows, device, sizes):
     from _common import generated_folder
     from conftest import write_acts
 
-    from misbench.scoring import ScoreSettings, score
+    from misbench.scoring.run import ScoreSettings, score
     from misbench.similarity.lpips import LpipsBackend
 
     units, n = sizes.mis_units, sizes.mis_images
@@ -135,7 +135,7 @@ def bench_mis(rows, device, sizes):
 def masked_training_steps(model, device, batch, size, steps):
     """Seconds for `steps` AMP steps of `model` (plain or DDP-wrapped) with 50 % connection masks enforced."""
     from misbench.pruning import PruneSettings, apply_masks, compute_masks
-    from misbench.training import MaskEnforcer
+    from misbench.pruning.training import MaskEnforcer
 
     net = model.module if hasattr(model, "module") else model
     masks = compute_masks(net, PruneSettings("connection", 0.5), 0.5, ())
@@ -173,7 +173,7 @@ def masked_training_steps(model, device, batch, size, steps):
 
 
 def bench_training(rows, device, sizes):
-    from misbench.archs import MiniInception
+    from misbench.models.archs import MiniInception
 
     googlenet = torchvision.models.googlenet(aux_logits=True, init_weights=False)
     for (name, model, size), batch in zip((("GoogLeNet", googlenet, sizes.train_crop),
@@ -191,7 +191,7 @@ def bench_collectives(rows, device, sizes):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from misbench import distributed
+    from misbench.runtime import distributed
 
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))

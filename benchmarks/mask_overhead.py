@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from _common import Timer
 
-from misbench.archs import MiniInception
-from misbench.data import ArraySource
-from misbench.preprocess import Preprocess
+from misbench.models.archs import MiniInception
+from misbench.datasets.sources import ArraySource
+from misbench.models.preprocess import Preprocess
 from misbench.pruning import PruneSettings, apply_masks, compute_masks
-from misbench.training import Trainer, TrainSettings
+from misbench.pruning.training import Trainer, TrainSettings
 
 
 def epoch_time(masks, source, pre):

@@ -18,7 +18,7 @@ from _common import Timer, generated_folder
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import write_acts  # noqa: E402
 
-from misbench.scoring import ScoreSettings, score  # noqa: E402
+from misbench.scoring.run import ScoreSettings, score  # noqa: E402
 from misbench.similarity.lpips import LpipsBackend  # noqa: E402
 
 

@@ -39,7 +39,7 @@ def googlenet_units() -> dict[str, int]:
     import torch
     import torchvision
 
-    from misbench.hooks import resolve_layers
+    from misbench.activations.hooks import resolve_layers
 
     model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False).eval()
     modules = dict(model.named_modules())
@@ -60,7 +60,7 @@ def make_acts(root: Path, n_images: int, units: dict[str, int], scale: float) ->
 
 def child(args) -> None:
     """One score run in this process; prints its mis.json figures and peak RSS as JSON."""
-    from misbench.scoring import ScoreSettings, score
+    from misbench.scoring.run import ScoreSettings, score
     from misbench.similarity import build_backend
 
     import faiss  # noqa: F401  (loaded lazily by scoring: part of the libraries, not of the run)

@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from misbench.mis import tie_keys  # noqa: E402
-from misbench.topk import TOPK_SEED, TopK  # noqa: E402
+from misbench.scoring.mis import tie_keys  # noqa: E402
+from misbench.activations.topk import TOPK_SEED, TopK  # noqa: E402
 
 LAYER = "inception5b.branch4.1.bn"
 

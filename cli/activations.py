@@ -40,7 +40,7 @@ from .common import (Progress, handle_errors, labels_option, list_option, model_
 def extract(model, arch, num_classes, arch_kwargs, trust_pickle, data, layers, out, batch_size, workers, device,
             reduction, token_reduction, features, dtype, limit, resize, crop, on_bad_image, amp, keep, resume, overwrite, labels):
     """Record per-unit activations of MODEL on DATA into an HDF5 file."""
-    from misbench.distributed import is_main
+    from misbench.runtime.distributed import is_main
 
     with Progress("extract") as bar:
         path = api.extract(model, data, layers, out, resume=resume, overwrite=overwrite,

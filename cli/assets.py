@@ -14,7 +14,7 @@ def assets():
 @handle_errors
 def list_assets():
     """Show each known asset and whether it is staged."""
-    from misbench.assets import ASSETS, asset_status
+    from misbench.models.assets import ASSETS, asset_status
 
     for asset in ASSETS.values():
         status = asset_status(asset)
@@ -29,7 +29,7 @@ def list_assets():
 @handle_errors
 def stage(names, from_dir):
     """Stage NAMES (default: all known assets) into the torch hub cache / misbench's data folder."""
-    from misbench.assets import ASSETS, stage_asset
+    from misbench.models.assets import ASSETS, stage_asset
 
     for name in names or list(ASSETS):
         click.echo(f"{name}: {stage_asset(name, from_dir)}")

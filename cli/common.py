@@ -10,10 +10,10 @@ from pathlib import Path
 
 import click
 
-from misbench.device import MAX_AUTO_WORKERS, parse_workers
 from misbench.errors import MisbenchError
-from misbench.fileio import DiskFullError, cli_wording, disk_full_error, refuse_existing
-from misbench.interrupts import terminate_as_interrupt
+from misbench.runtime.device import MAX_AUTO_WORKERS, parse_workers
+from misbench.runtime.fileio import DiskFullError, cli_wording, disk_full_error, refuse_existing
+from misbench.runtime.interrupts import terminate_as_interrupt
 
 
 def _exit_now(message: str) -> None:

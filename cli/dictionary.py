@@ -19,7 +19,7 @@ from .common import handle_errors, refuses_overwrite
 @refuses_overwrite("out")
 def train_dictionary(acts, layer, out, n_features, k, steps, lr, batch_size, seed):
     """Train a small top-k sparse autoencoder on LAYER's stored activations (docs/mis.md has the recipe)."""
-    from misbench.dictionary_training import DictionarySettings, train_dictionary as run
+    from misbench.activations.dictionary_training import DictionarySettings, train_dictionary as run
 
     record = run(acts, layer, out, DictionarySettings(n_features, k, steps, lr, batch_size, seed))
     click.echo(f"{layer}: {n_features} features (top-{k}), variance explained "

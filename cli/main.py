@@ -2,7 +2,7 @@
 
 import click
 
-from misbench import __version__
+from misbench.version import __version__
 
 from .common import setup_logging
 

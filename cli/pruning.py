@@ -64,7 +64,7 @@ class _EpochBar:
 
 def _run(model, model_kw, prune, kw):
     """`prune` holds api.prune's pruning arguments; None: retrain."""
-    from misbench.distributed import is_main
+    from misbench.runtime.distributed import is_main
 
     bar = _EpochBar() if is_main() else None
     common = dict(data=kw["data"], val_data=kw["val_data"], resume=kw["resume"], overwrite=kw["overwrite"],
@@ -77,8 +77,8 @@ def _run(model, model_kw, prune, kw):
     finally:
         if bar:
             bar.close()
-    from misbench.checkpoint import load_checkpoint_dict
-    from misbench.distributed import is_main
+    from misbench.models.checkpoint import load_checkpoint_dict
+    from misbench.runtime.distributed import is_main
 
     if not is_main():
         return

@@ -48,7 +48,7 @@ from .common import StagedProgress, handle_errors, list_option, refuses_overwrit
 def score(acts, layers, out, similarity, image_size, view, dreamsim_weights, selection, quantile, tasks, explanations, alpha, alpha_from, seed,
           device, engine, tasks_out, cache, shard, batch_size, workers, n_boot, amp, chunk_units, distances, overwrite):
     """Score every unit of LAYERs in ACTS with the Mechanistic Interpretability Score."""
-    from misbench.distributed import is_main
+    from misbench.runtime.distributed import is_main
 
     bars = StagedProgress({"embed": "img", "score": "unit"})
     try:
@@ -98,9 +98,9 @@ def calibrate(responses, derive_from, tasks_h5, level, model, out, as_json):
     study's trial table), or derive one with --derive TASKS.h5 (not a calibration)."""
     import json
 
-    from misbench.calibrate import derive_alpha, fit_alpha, read_responses
     from misbench.errors import MisbenchError
-    from misbench.fileio import sha256_file, write_json
+    from misbench.runtime.fileio import sha256_file, write_json
+    from misbench.scoring.calibrate import derive_alpha, fit_alpha, read_responses
 
     if derive_from:
         import h5py
@@ -146,7 +146,7 @@ COMMANDS.append(calibrate)
 @refuses_overwrite(passes=True)
 def merge_scores(parts, out, tasks_out, overwrite):
     """Merge the mis.csv files of `score --shard I/N` runs into the result of one unsharded run."""
-    from misbench.scoring import merge_scores as run_merge
+    from misbench.scoring.run import merge_scores as run_merge
 
     meta = run_merge(parts, out, tasks_out, overwrite)
     click.echo(f"merged {len(parts)} shards, {sum(s['n_units'] for s in meta['layers'].values())} scored units -> {out}")

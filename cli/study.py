@@ -34,7 +34,7 @@ class StepClock:
 
 
 def print_summary(out_dir):
-    from misbench.study import study_summary
+    from misbench.studies.run import study_summary
 
     s = study_summary(out_dir)
 
@@ -111,7 +111,7 @@ def study(config_path, out, dry_run, quick, overwrite):
 @handle_errors
 def demo(out, quick, dry_run, overwrite):
     """The bundled demo study: a miniature GoogLeNet on Fashion-MNIST, pruned, retrained, scored, reported."""
-    from misbench.study import demo_config_path
+    from misbench.studies.run import demo_config_path
 
     out = out or ("demo-out-quick" if quick else "demo-out")
     click.echo(f"demo config: {demo_config_path()}", err=True)

@@ -19,22 +19,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .audit import audit as _audit
-from .calibrate import calibration_alpha
-from .errors import MisbenchError, close_matches
-from .evaluate import evaluate_acts, evaluate_model, write_eval
-from .extract import ExtractSettings, extract as _extract
-from .fileio import json_plain, refuse_existing, refuse_same_paths
-from .layer_list import LayerInfo, list_layers
-from .models import LoadedModel, load_model as _load_model, model_input_file
-from .pruning import PruneSettings
-from .pruning.run import produce_checkpoint
-from .scoring import MIS_COLUMNS, ScoreSettings, parse_shard, score as _score
+from .activations.evaluate import evaluate_acts, evaluate_model, write_eval
+from .activations.extract import ExtractSettings, extract as _extract
+from .activations.layers import LayerInfo, list_layers
 # a reader of a complete file: layer_names, activations(layer) (numpy [N, U]), labels, paths, logits, class_names
-from .store import open_activations
-from .study import check_study_folder, run_study
-from .study_config import StudyConfig, load_config, parse_config
-from .training import TrainSettings
+from .activations.store import open_activations
+from .errors import MisbenchError, close_matches
+from .models.loading import LoadedModel, load_model as _load_model, model_input_file
+from .pruning import PruneSettings
+from .pruning.audit import audit as _audit
+from .pruning.run import produce_checkpoint
+from .pruning.training import TrainSettings
+from .runtime.fileio import json_plain, refuse_existing, refuse_same_paths
+from .scoring.calibrate import calibration_alpha
+from .scoring.run import MIS_COLUMNS, ScoreSettings, parse_shard, score as _score
+from .studies.config import StudyConfig, load_config, parse_config
+from .studies.run import check_study_folder, run_study
 
 log = logging.getLogger(__name__)
 

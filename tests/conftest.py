@@ -26,8 +26,8 @@ def make_image_folder(root, classes=3, per_class=8, size=40, seed=0):
 
 def write_acts(path, folder, layers: dict, labels=None, logits=None):
     """A complete activation file (schema 1) for the images of an ImageFolder, with given activations."""
-    from misbench.data import FolderSource
-    from misbench.store import SCHEMA, ActivationWriter
+    from misbench.datasets.sources import FolderSource
+    from misbench.activations.store import SCHEMA, ActivationWriter
 
     source = FolderSource(str(folder), folder.resolve())
     n = len(source)
@@ -70,7 +70,7 @@ def property_folder(tmp_path_factory):
         stripes = 0.5 + 0.5 * np.sin(2 * np.pi * freq * x / 32)[None, :, None]
         img = np.ones((32, 32, 3)) * np.array([r, g, b]) * (0.75 + 0.25 * stripes)
         Image.fromarray((img * 255).round().astype(np.uint8)).save(d / f"img_{i:04d}.png")
-    from misbench.data import FolderSource
+    from misbench.datasets.sources import FolderSource
 
     source = FolderSource(str(root), root)
     order = [int(source.path(i).split("_")[-1].split(".")[0]) for i in range(len(source))]

@@ -1,7 +1,7 @@
 """Run `misbench ARGS...` with a fault injected: the process sends itself a signal right after a named
 function returns (or right when it is called) for the Nth time.
 
-    FAULT_AT=misbench.store:ActivationWriter.commit FAULT_SIGNAL=KILL FAULT_COUNT=2 python tests/faultrun.py extract ...
+    FAULT_AT=misbench.activations.store:ActivationWriter.commit FAULT_SIGNAL=KILL FAULT_COUNT=2 python tests/faultrun.py extract ...
 
 FAULT_AT is MODULE:QUALNAME (os:replace, pathlib:Path.unlink and misbench functions alike); every module
 that imported the function by name gets the wrapped one. FAULT_MATCH, if set, counts only calls whose

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import misbench
 from conftest import make_image_folder, write_acts
-from misbench.archs import build_arch
+from misbench.models.archs import build_arch
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
 
@@ -66,8 +66,8 @@ def test_docs_example_runs_and_equals_the_cli(mini, tmp_path, monkeypatch):
 
     # the reader's arrays against a direct forward pass of the network on the same preprocessed images
     loaded = misbench.load_model(str(model), **MINI)
-    from misbench.data import FolderSource, TransformedDataset
-    from misbench.preprocess import build_transform
+    from misbench.datasets.sources import FolderSource, TransformedDataset
+    from misbench.models.preprocess import build_transform
 
     source = FolderSource(str(images), images.resolve())
     pre = loaded.preprocess

@@ -51,7 +51,7 @@ def test_exclude_absent_empty_and_listed_differ():
 def test_extract_layer_lists_in_both_forms_write_the_same_layers(tmp_path, image_folder):
     import torch
 
-    from misbench.archs import build_arch
+    from misbench.models.archs import build_arch
 
     torch.manual_seed(0)
     model = tmp_path / "tiny.pt"

@@ -7,9 +7,9 @@ import torchvision
 from click.testing import CliRunner
 
 from conftest import make_image_folder
-from misbench.checkpoint import load_checkpoint_dict
+from misbench.models.checkpoint import load_checkpoint_dict
 from misbench.cli.main import cli
-from misbench.training import _logits_and_loss
+from misbench.pruning.training import _logits_and_loss
 
 
 def test_googlenet_aux_heads_weigh_point_three():

@@ -10,11 +10,11 @@ import pytest
 
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
-from misbench.extract import ExtractSettings
+from misbench.activations.extract import ExtractSettings
 from misbench.pruning import PruneSettings
-from misbench.scoring import ScoreSettings
-from misbench.study_config import ITEM_TYPES, NONE_TYPES, SECTIONS, parse_config
-from misbench.training import TrainSettings
+from misbench.scoring.run import ScoreSettings
+from misbench.studies.config import ITEM_TYPES, NONE_TYPES, SECTIONS, parse_config
+from misbench.pruning.training import TrainSettings
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 BASE = {"model": {"spec": "m.pt"}, "data": {"val": "val", "train": "train"}}

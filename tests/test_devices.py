@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from conftest import DEVICES, write_acts
-from misbench.device import AMP_DTYPES, prepare_model, resolve_device, to_device
-from misbench.extract import ExtractSettings, extract
-from misbench.images import RowImages
-from misbench.models import load_model
-from misbench.scoring import ScoreSettings, embed_rows, score
+from misbench.runtime.device import AMP_DTYPES, prepare_model, resolve_device, to_device
+from misbench.activations.extract import ExtractSettings, extract
+from misbench.datasets.images import RowImages
+from misbench.models.loading import load_model
+from misbench.scoring.run import ScoreSettings, embed_rows, score
 from misbench.similarity.lpips import LpipsBackend
-from misbench.store import open_activations
+from misbench.activations.store import open_activations
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -120,9 +120,9 @@ def test_torch_distances_on_device_equal_a_float64_reference(device, monkeypatch
 def test_masked_gradients_keep_the_parameter_layout(device):
     """DDP reduces gradients in buckets laid out like the parameters; a masked gradient with other
     strides (1x1 convolutions in channels-last) costs a copy per step and a warning."""
-    from misbench.archs import MiniInception
+    from misbench.models.archs import MiniInception
     from misbench.pruning import PruneSettings, apply_masks, compute_masks
-    from misbench.training import MaskEnforcer
+    from misbench.pruning.training import MaskEnforcer
 
     dev = resolve_device(device)
     model = prepare_model(MiniInception(3, width=8), dev).train()
@@ -141,7 +141,7 @@ def test_masked_gradients_keep_the_parameter_layout(device):
 
 
 def test_auto_workers_share_the_node_between_ranks(monkeypatch):
-    from misbench.device import MAX_AUTO_WORKERS, loader_workers, parse_workers
+    from misbench.runtime.device import MAX_AUTO_WORKERS, loader_workers, parse_workers
     from misbench.errors import MisbenchError
 
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(16)), raising=False)
@@ -161,7 +161,7 @@ def test_bad_workers_are_refused_by_cli_and_config(tmp_path):
 
     from misbench.cli.main import cli
     from misbench.errors import MisbenchError
-    from misbench.study_config import parse_config
+    from misbench.studies.config import parse_config
 
     result = CliRunner().invoke(cli, ["extract", "tiny_cnn", "--data", "digits", "--out", str(tmp_path / "a.h5"),
                                       "--workers", "lots"])
@@ -204,7 +204,7 @@ def test_faiss_gpu_index_goes_to_the_rank_gpu_and_answers_searches(monkeypatch):
 def test_exact_float32_turns_tf32_off_and_restores_it():
     """PyTorch lets cuDNN convolutions use TF32 (10-bit mantissa) by default; activations and LPIPS
     distances are exact only without it."""
-    from misbench.device import precision
+    from misbench.runtime.device import precision
 
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
@@ -220,10 +220,10 @@ def test_exact_float32_turns_tf32_off_and_restores_it():
 
 
 def test_float32_training_keeps_tf32_off_in_forward_and_backward():
-    from misbench.archs import MiniInception
-    from misbench.data import ArraySource
-    from misbench.preprocess import Preprocess
-    from misbench.training import Trainer, TrainSettings
+    from misbench.models.archs import MiniInception
+    from misbench.datasets.sources import ArraySource
+    from misbench.models.preprocess import Preprocess
+    from misbench.pruning.training import Trainer, TrainSettings
 
     rng = np.random.default_rng(0)
     source = ArraySource("toy", rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), rng.integers(0, 3, 16),

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from conftest import make_image_folder, write_acts
 from misbench.cli.main import cli
-from misbench.dictionary import encode, load_dictionary
+from misbench.activations.dictionary import encode, load_dictionary
 
 
 def test_topk_sae_reconstructs_planted_sparse_codes_and_is_deterministic(tmp_path):

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from conftest import make_image_folder
-from misbench.archs import build_arch
-from misbench.extract import ExtractSettings, extract
-from misbench.models import load_model
-from misbench.scoring import ScoreSettings, merge_scores, score
+from misbench.models.archs import build_arch
+from misbench.activations.extract import ExtractSettings, extract
+from misbench.models.loading import load_model
+from misbench.scoring.run import ScoreSettings, merge_scores, score
 
 MISBENCH = shutil.which("misbench") or str(Path(sys.executable).with_name("misbench"))
 
@@ -166,7 +166,7 @@ def test_process_group_waits_long_enough_for_rank_zero_merges(monkeypatch):
 
     import torch.distributed as dist
 
-    from misbench import distributed
+    from misbench.runtime import distributed
 
     seen = []
     monkeypatch.setattr(dist, "is_initialized", lambda: False)

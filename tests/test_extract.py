@@ -5,11 +5,11 @@ import torch
 import torchvision
 
 from misbench.errors import MisbenchError
-from misbench.extract import ExtractSettings, extract
-from misbench.hooks import conv_unit_modules
-from misbench.models import load_model
-from misbench.preprocess import build_transform
-from misbench.store import open_activations, partial_path
+from misbench.activations.extract import ExtractSettings, extract
+from misbench.activations.hooks import conv_unit_modules
+from misbench.models.loading import load_model
+from misbench.models.preprocess import build_transform
+from misbench.activations.store import open_activations, partial_path
 
 
 def direct_forward(model, folder, pre, modules):
@@ -216,9 +216,9 @@ def test_missing_directory_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("commit_seconds", [0.0, 3600.0])
 def test_topk_extraction_resumes_to_the_same_file(tmp_path, image_folder, monkeypatch, commit_seconds):
-    import misbench.store
+    import misbench.activations.store
 
-    monkeypatch.setattr(misbench.store, "TOPK_COMMIT_SECONDS", commit_seconds)  # every batch / never mid-run
+    monkeypatch.setattr(misbench.activations.store, "TOPK_COMMIT_SECONDS", commit_seconds)  # every batch / never mid-run
     torch.manual_seed(0)
     loaded = load_model("mini_inception", num_classes=3)
     settings = ExtractSettings(layers=("conv1.bn", "softmax"), batch_size=5, keep="topk:6")

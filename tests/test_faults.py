@@ -87,10 +87,10 @@ def no_temp_files(folder):
 
 def make_checkpoint(path, seed=0):
     """A misbench checkpoint of a small random mini_inception (16-pixel preprocessing)."""
-    from misbench.archs import build_arch
-    from misbench.checkpoint import build_checkpoint, save_checkpoint
-    from misbench.models import LoadedModel
-    from misbench.preprocess import Preprocess
+    from misbench.models.archs import build_arch
+    from misbench.models.checkpoint import build_checkpoint, save_checkpoint
+    from misbench.models.loading import LoadedModel
+    from misbench.models.preprocess import Preprocess
 
     torch.manual_seed(seed)
     model = build_arch("mini_inception", 3, {"width": 8})
@@ -103,8 +103,8 @@ def make_checkpoint(path, seed=0):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Images, a checkpoint, and the outputs of uninterrupted runs to compare with."""
-    from misbench.extract import ExtractSettings, extract
-    from misbench.models import load_model
+    from misbench.activations.extract import ExtractSettings, extract
+    from misbench.models.loading import load_model
 
     root = tmp_path_factory.mktemp("faults")
     make_image_folder(root / "images", classes=3, per_class=8, size=16)
@@ -127,10 +127,10 @@ def fresh(world, tmp_path):
 # -- extract -------------------------------------------------------------------------------------------------------
 
 EXTRACT_POINTS = {  # name: (function, count, when)
-    "after-batch-commit": ("misbench.store:ActivationWriter._commit", 2, "after"),
-    "inside-batch-write": ("misbench.store:ActivationWriter._commit", 3, "before"),
+    "after-batch-commit": ("misbench.activations.store:ActivationWriter._commit", 2, "after"),
+    "inside-batch-write": ("misbench.activations.store:ActivationWriter._commit", 3, "before"),
     "before-final-rename": ("os:replace", 1, "before"),
-    "after-stats": ("misbench.store:ActivationWriter.finish", 1, "after"),
+    "after-stats": ("misbench.activations.store:ActivationWriter.finish", 1, "after"),
 }
 
 
@@ -169,7 +169,7 @@ def test_partial_of_an_older_misbench_killed_with_sigkill_resumes(world, tmp_pat
     """Older misbench wrote partials in HDF5's 'latest' format, whose open-for-writing flag survives SIGKILL."""
     d = fresh(world, tmp_path)
     script = (
-        "import os, misbench.store as s; s.LIBVER = 'latest'\n"
+        "import os, misbench.activations.store as s; s.LIBVER = 'latest'\n"
         "from misbench.cli.main import cli\n"
         "orig = s.ActivationWriter._commit\n"
         "def commit(self):\n    orig(self)\n    if self.rows >= 8: os.kill(os.getpid(), 9)\n"
@@ -188,7 +188,7 @@ def test_partial_of_an_older_misbench_killed_with_sigkill_resumes(world, tmp_pat
 def test_torn_partial_is_discarded_and_extracted_again(world, tmp_path):
     d = fresh(world, tmp_path)
     args = ["extract", "m.pt", "--data", "images", *EXTRACT, "--out", "acts.h5"]
-    killed(misbench(args, d, fault("misbench.store:ActivationWriter._commit", "KILL", 3)), "KILL")
+    killed(misbench(args, d, fault("misbench.activations.store:ActivationWriter._commit", "KILL", 3)), "KILL")
     partial = d / "acts.h5.partial"
     data = bytearray(partial.read_bytes())
     data[2048:6144] = b"\xff" * 4096  # metadata and rows overwritten
@@ -202,7 +202,7 @@ def test_torn_partial_is_discarded_and_extracted_again(world, tmp_path):
 def test_extract_resume_refuses_a_folder_with_added_images(world, tmp_path):
     d = fresh(world, tmp_path)
     args = ["extract", "m.pt", "--data", "images", *EXTRACT, "--out", "acts.h5"]
-    killed(misbench(args, d, fault("misbench.store:ActivationWriter._commit", "TERM", 2)), "TERM")
+    killed(misbench(args, d, fault("misbench.activations.store:ActivationWriter._commit", "TERM", 2)), "TERM")
     shutil.copy(d / "images" / "class_02" / "img_000.png", d / "images" / "class_02" / "img_100.png")
     line = one_line_error(misbench([*args, "--resume"], d), "cannot resume", "n_dataset was 24, now 25",
                           "data_fingerprint")
@@ -210,8 +210,8 @@ def test_extract_resume_refuses_a_folder_with_added_images(world, tmp_path):
 
 
 def test_bad_image_advice_works(world, tmp_path):
-    from misbench.extract import ExtractSettings, extract
-    from misbench.models import load_model
+    from misbench.activations.extract import ExtractSettings, extract
+    from misbench.models.loading import load_model
 
     d = fresh(world, tmp_path)
     (d / "images" / "class_01" / "img_005.png").write_bytes(b"not a png")
@@ -288,8 +288,8 @@ def test_score_killed_in_its_write_windows_then_rerun_is_identical(world, tmp_pa
                     *(["--cache", "refcache"] if cache else [])], d)
     assert ref.returncode == 0, ref.stderr
     args = ["score", "ref.h5", *SCORE, "--out", "mis.csv", "--tasks-out", "tasks.h5", *extra]
-    points = [("misbench.fileio:write_hdf5", 1, "cache")] if cache else []  # first: later runs find it cached
-    points += [("misbench.fileio:write_hdf5", 1, "tasks.h5"), ("os:replace", 1, "mis.json")]
+    points = [("misbench.runtime.fileio:write_hdf5", 1, "cache")] if cache else []  # first: later runs find it cached
+    points += [("misbench.runtime.fileio:write_hdf5", 1, "tasks.h5"), ("os:replace", 1, "mis.json")]
     for at, count, match in points:
         killed(misbench(args, d, fault(at, sig, count, match)), sig)
         assert not (d / "mis.csv").exists()  # mis.csv comes last: never without its tasks and mis.json
@@ -315,7 +315,7 @@ def test_temp_files_of_killed_runs_are_removed_by_the_next_run(world, tmp_path):
 # -- prune / retrain -----------------------------------------------------------------------------------------------
 
 def _same_checkpoint(a, b):
-    from misbench.checkpoint import load_checkpoint_dict
+    from misbench.models.checkpoint import load_checkpoint_dict
 
     ca, cb = load_checkpoint_dict(a), load_checkpoint_dict(b)
     assert ca["state_dict"].keys() == cb["state_dict"].keys()
@@ -361,7 +361,7 @@ def test_prune_resume_with_other_settings_lists_the_differences(world, tmp_path)
 
 
 def test_partial_checkpoint_is_never_accepted_as_a_model(world, tmp_path):
-    from misbench.models import load_model
+    from misbench.models.loading import load_model
 
     d = fresh(world, tmp_path)
     ckpt = torch.load(d / "m.pt", weights_only=True)
@@ -413,7 +413,7 @@ def done_steps(out):
     return {name for name, e in steps.items() if e["status"] == "done"}
 
 
-@pytest.mark.parametrize("at,match", [("misbench.store:ActivationWriter._commit", ""),  # inside an extract step
+@pytest.mark.parametrize("at,match", [("misbench.activations.store:ActivationWriter._commit", ""),  # inside an extract step
                                       pytest.param("os:replace", "model.pt", marks=pytest.mark.slow)])  # a checkpoint renamed, its .partial not removed
 def test_killed_study_continues_from_what_is_complete(world, tmp_path, at, match):
     d = fresh(world, tmp_path)
@@ -427,7 +427,7 @@ def test_killed_study_continues_from_what_is_complete(world, tmp_path, at, match
     assert all(e["status"] == "done" for e in steps.values())
     assert "cached" in run.stderr or before == set()
     assert not list((d / "out").rglob("*.partial"))
-    from misbench.store import open_activations
+    from misbench.activations.store import open_activations
 
     for acts in (d / "out" / "runs").rglob("acts.h5"):
         open_activations(acts).close()
@@ -437,7 +437,7 @@ def test_second_study_on_one_directory_names_the_holder(world, tmp_path):
     d = fresh(world, tmp_path)
     config = study_config(d, epochs=0)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAULT_")}
-    env.update(fault("misbench.manifest:Manifest.save", "STOP", 1))
+    env.update(fault("misbench.studies.manifest:Manifest.save", "STOP", 1))
     first = subprocess.Popen([sys.executable, str(FAULTRUN), "-q", "study", str(config), "--out", "out"], cwd=d,
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -457,8 +457,8 @@ def test_second_study_on_one_directory_names_the_holder(world, tmp_path):
 
 
 def test_study_step_whose_output_fails_verification_is_not_done(world, tmp_path, monkeypatch):
-    from misbench.study import Study  # (misbench.study, the package attribute, is the API function)
-    from misbench.study_config import load_config
+    from misbench.studies.run import Study  # (misbench.study, the package attribute, is the API function)
+    from misbench.studies.config import load_config
 
     d = fresh(world, tmp_path)
     config = load_config(study_config(d, epochs=0))
@@ -475,8 +475,8 @@ def test_study_step_whose_output_fails_verification_is_not_done(world, tmp_path,
 
 
 def test_study_reruns_steps_when_the_spec_file_changes(world, tmp_path):
-    from misbench.study import Study
-    from misbench.study_config import load_config
+    from misbench.studies.run import Study
+    from misbench.studies.config import load_config
 
     d = fresh(world, tmp_path)
     config = load_config(study_config(d, epochs=0))
@@ -515,7 +515,7 @@ def test_output_that_is_an_input_is_refused_before_any_work(world, tmp_path, arg
     from click.testing import CliRunner
 
     from misbench.cli.main import cli
-    from misbench.fileio import sha256_file
+    from misbench.runtime.fileio import sha256_file
 
     d = fresh(world, tmp_path)
     _import_pickle(d / "x.pkl")
@@ -537,7 +537,7 @@ def test_output_that_is_an_input_is_refused_before_any_work(world, tmp_path, arg
 
 @pytest.mark.parametrize("version", [2, 0, None, 1.5])
 def test_other_schema_versions_are_refused(image_folder, tmp_path, version):
-    from misbench.store import open_activations
+    from misbench.activations.store import open_activations
 
     path = write_acts(tmp_path / "a.h5", image_folder, {"l": np.zeros((24, 2))})
     with h5py.File(path, "r+") as h5:
@@ -551,7 +551,7 @@ def test_other_schema_versions_are_refused(image_folder, tmp_path, version):
 
 @pytest.mark.parametrize("missing", ["images/index", "outputs/logits"])
 def test_activation_file_missing_a_dataset_is_refused(image_folder, tmp_path, missing):
-    from misbench.store import open_activations
+    from misbench.activations.store import open_activations
 
     path = write_acts(tmp_path / "a.h5", image_folder, {"l": np.zeros((24, 2))})
     with h5py.File(path, "r+") as h5:
@@ -562,14 +562,14 @@ def test_activation_file_missing_a_dataset_is_refused(image_folder, tmp_path, mi
 
 @pytest.mark.parametrize("alpha", ["nan", "inf", "-1", "0"])
 def test_alpha_must_be_positive_and_finite(alpha):
-    from misbench.scoring import ScoreSettings
+    from misbench.scoring.run import ScoreSettings
 
     with pytest.raises(MisbenchError, match="expected a finite positive sigmoid slope"):
         ScoreSettings(alpha=float(alpha))
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
-    from misbench.data import FolderSource
+    from misbench.datasets.sources import FolderSource
 
     (tmp_path / "c").mkdir()
     values = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)
@@ -592,7 +592,7 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
 def test_config_values_of_the_wrong_type_name_the_key(key, value, words):
     import tomllib
 
-    from misbench.study_config import parse_config
+    from misbench.studies.config import parse_config
 
     section = {"epochs": "retrain", "rates": "pruning", "seed": "study", "batch_size": "retrain", "tasks": "score",
                "image_size": "score"}[key]

@@ -9,11 +9,11 @@ import torchvision
 from click.testing import CliRunner
 
 from conftest import make_image_folder, write_acts
-from misbench.calibrate import fit_alpha
+from misbench.scoring.calibrate import fit_alpha
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
-from misbench.mis import rank_rows, select_fair, tie_keys
-from misbench.scoring import MIS_COLUMNS, ScoreSettings, score
+from misbench.scoring.mis import rank_rows, select_fair, tie_keys
+from misbench.scoring.run import MIS_COLUMNS, ScoreSettings, score
 from misbench.similarity.lpips import LpipsBackend
 
 
@@ -63,7 +63,7 @@ def test_tasks_follow_fair_selection_and_deltas_recompute(planted, tmp_path):
         values = f["layers/visible/activations"][...]
         paths = [p.decode() for p in f["images/path"][...]]
     from PIL import Image
-    from misbench.images import similarity_transform
+    from misbench.datasets.images import similarity_transform
 
     transform = similarity_transform(32)
 
@@ -248,7 +248,7 @@ def test_unit_chunks_bound_memory_and_change_nothing(planted, tmp_path):
 
 
 def test_quantile_selection_draws_from_the_extreme_fraction():
-    from misbench.mis import select_quantile
+    from misbench.scoring.mis import select_quantile
 
     rng = np.random.default_rng(0)
     acts = rng.normal(size=1000)
@@ -294,7 +294,7 @@ def test_calibration_with_an_interval_open_above_writes_strict_json(tmp_path):
     strict JSON (no Infinity): ci_high null and ci_high_unbounded true; --alpha-from still reads it."""
     from scipy import optimize, stats
 
-    from misbench.calibrate import calibration_alpha
+    from misbench.scoring.calibrate import calibration_alpha
 
     delta = np.array([0.5, 0.4, 0.3, 0.2, 0.1, -0.3, 0.6, -1e-7])
     correct = np.array([1, 1, 1, 1, 1, 0, 1, 1])  # the only contradiction: the last, at a tiny |delta|

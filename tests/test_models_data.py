@@ -8,10 +8,10 @@ import torchvision
 from click.testing import CliRunner
 
 from misbench.cli.main import cli
-from misbench.data import FASHION_MNIST_CLASSES, DEBIAN_FASHION_MNIST, load_data
+from misbench.datasets.sources import FASHION_MNIST_CLASSES, DEBIAN_FASHION_MNIST, load_data
 from misbench.errors import MisbenchError
-from misbench.evaluate import accuracy_from_logits
-from misbench.models import load_model
+from misbench.activations.evaluate import accuracy_from_logits
+from misbench.models.loading import load_model
 
 
 def test_state_dict_needs_arch_and_mismatch_names_keys(tmp_path):
@@ -69,7 +69,7 @@ def test_offline_weights_error_says_where_to_put_the_file(tmp_path, monkeypatch)
 
 
 def test_staged_mobilenet_weights_load_and_classify(tmp_path):
-    from misbench.assets import ASSETS, asset_status
+    from misbench.models.assets import ASSETS, asset_status
 
     if not asset_status(ASSETS["mobilenet_v2"])["staged"]:
         pytest.skip("mobilenet_v2 weights not staged (run `make assets`)")
@@ -78,7 +78,7 @@ def test_staged_mobilenet_weights_load_and_classify(tmp_path):
     # a real pretrained network is confident on its own preprocessing of a natural image
     from sklearn.datasets import load_sample_image
     from PIL import Image
-    from misbench.preprocess import build_transform
+    from misbench.models.preprocess import build_transform
 
     x = build_transform(loaded.preprocess)(Image.fromarray(load_sample_image("china.jpg")))[None]
     with torch.no_grad():
@@ -87,7 +87,7 @@ def test_staged_mobilenet_weights_load_and_classify(tmp_path):
 
 
 def test_asset_staging_checks_sha256(tmp_path, monkeypatch):
-    from misbench.assets import stage_asset
+    from misbench.models.assets import stage_asset
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     fake = tmp_path / "src"
@@ -174,7 +174,7 @@ def _wnid_tree(root, folders, per_class=2):
 
 
 def test_imagenet_wnids_are_torchvisions_class_order():
-    from misbench.labels import imagenet_wnids
+    from misbench.datasets.labels import imagenet_wnids
 
     wnids = list(imagenet_wnids())
     categories = torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1.meta["categories"]
@@ -189,7 +189,7 @@ def test_imagenet_wnids_are_torchvisions_class_order():
 
 
 def test_wnid_folders_follow_the_model_class_indices(tmp_path):
-    from misbench.labels import imagenet_wnids
+    from misbench.datasets.labels import imagenet_wnids
 
     subset = ["n03888257", "n01440764", "n03028079"]  # an Imagenette-like subset, any order on disk
     root = _wnid_tree(tmp_path / "val", subset)
@@ -219,7 +219,7 @@ def test_unmatched_folders_need_the_users_word(tmp_path):
 
 
 def test_eval_on_wnid_folders_reports_imagenet_classes(tmp_path):
-    from misbench.evaluate import evaluate_model
+    from misbench.activations.evaluate import evaluate_model
 
     root = _wnid_tree(tmp_path / "val", ["n01443537", "n01440764"])
     loaded = load_model("resnet18:random")
@@ -235,7 +235,7 @@ def test_float32_tiff_images_are_scaled_from_unit_range_not_blackened(tmp_path):
     conversion of the written array: round(v * 255) in every channel."""
     from PIL import Image
 
-    from misbench.data import FolderSource
+    from misbench.datasets.sources import FolderSource
 
     rng = np.random.default_rng(3)
     folder = tmp_path / "tiffs" / "cls"

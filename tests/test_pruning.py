@@ -5,15 +5,15 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from misbench.audit import audit
-from misbench.checkpoint import load_checkpoint_dict
+from misbench.pruning.audit import audit
+from misbench.models.checkpoint import load_checkpoint_dict
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
-from misbench.models import load_model
+from misbench.models.loading import load_model
 from misbench.pruning import PruneSettings, apply_masks, compute_masks, sparsity_of
 from misbench.pruning.masks import keep_fraction, prunable_layers
 from misbench.pruning.run import partial_checkpoint_path, produce_checkpoint
-from misbench.training import TrainSettings
+from misbench.pruning.training import TrainSettings
 
 
 def small_net():
@@ -260,8 +260,8 @@ def test_connection_pruning_ranks_within_groups_and_keeps_every_layer_alive():
 def test_connection_pruning_of_mobilenet_v2_leaves_no_dead_layer():
     import torchvision
 
-    from misbench.models import LoadedModel
-    from misbench.preprocess import IMAGENET_PREPROCESS
+    from misbench.models.loading import LoadedModel
+    from misbench.models.preprocess import IMAGENET_PREPROCESS
 
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2(weights=None).eval()

@@ -10,7 +10,7 @@ import torchvision
 from click.testing import CliRunner
 
 from conftest import make_image_folder
-from misbench.archs import build_arch
+from misbench.models.archs import build_arch
 from misbench.cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from PIL import Image
 
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
-from misbench.models import load_model
+from misbench.models.loading import load_model
 
 # The architectures the docs name (docs/installation.md "Which weight files misbench expects where").
 FAST_ARCHS = ["googlenet", "mobilenet_v2", "resnet18", "squeezenet1_1", "efficientnet_b0"]
@@ -121,7 +121,7 @@ def test_misbench_forward_equals_torchvision(arch, torch_home):
     t = weights.transforms()
     assert (loaded.preprocess.resize, loaded.preprocess.crop) == (t.resize_size[0], t.crop_size[0])
     assert loaded.num_classes == len(weights.meta["categories"]) and loaded.categories == weights.meta["categories"]
-    from misbench.fileio import sha256_file
+    from misbench.runtime.fileio import sha256_file
 
     assert loaded.sha256 == sha256_file(path)
 
@@ -138,10 +138,10 @@ def test_googlenet_transform_input_is_recorded_and_overridable(torch_home, tmp_p
         assert torch.equal(off.model.eval()(x), reference_off(x))
         assert not torch.allclose(off.model(x), default.model.eval()(x))  # the flag changes the numbers
     # stored in the activation file and in checkpoints, and rebuilt from them
-    from misbench.extract import ExtractSettings, extract
+    from misbench.activations.extract import ExtractSettings, extract
     from misbench.pruning import PruneSettings
     from misbench.pruning.run import produce_checkpoint
-    from misbench.training import TrainSettings
+    from misbench.pruning.training import TrainSettings
 
     acts = extract(default, str(image_folder), tmp_path / "a.h5",
                    ExtractSettings(layers=("logits",), crop=64, resize=64, labels="folder-order"))
@@ -232,7 +232,7 @@ def seed_config(train, val, overrides: dict) -> dict:
 
 
 def check_study(out: Path, val: Path, wnids):
-    from misbench.labels import imagenet_wnids
+    from misbench.datasets.labels import imagenet_wnids
 
     index = {w: k for k, w in enumerate(imagenet_wnids())}
     runs = sorted((out / "runs").iterdir())
@@ -261,8 +261,8 @@ def check_study(out: Path, val: Path, wnids):
 
 
 def _run_seed_study(tmp_path, monkeypatch, staged_home, overrides, per_class=134):
-    from misbench.study import run_study
-    from misbench.study_config import parse_config
+    from misbench.studies.run import run_study
+    from misbench.studies.config import parse_config
 
     monkeypatch.setenv("TORCH_HOME", str(staged_home))
     wnids = WNIDS[:3]
@@ -286,7 +286,7 @@ def test_seed_study_config_runs_end_to_end_reduced(tmp_path, monkeypatch, staged
     names = list(result["ran"])
     assert "prune:connection-l1-0.6-oneshot" in names and "report" in names
     assert {n.partition(":")[0] for n in names} == {"prune", "eval", "extract", "score", "report"}
-    from misbench.audit import audit
+    from misbench.pruning.audit import audit
 
     pruned = load_model(str(tmp_path / "study" / "runs" / "connection-l1-0.6-oneshot" / "model.pt"))
     report = audit(pruned)
@@ -305,7 +305,7 @@ def test_seed_study_config_runs_end_to_end_full(tmp_path, monkeypatch, staged_ho
 def test_output_that_is_the_models_hub_weights_file_is_refused(torch_home, tmp_path, image_folder):
     """`extract googlenet:IMAGENET1K_V1 --out $TORCH_HOME/hub/checkpoints/googlenet-...pth --overwrite` must not
     destroy the weights file the model was read from (the MODEL is a name, its input is the hub file)."""
-    from misbench.fileio import sha256_file
+    from misbench.runtime.fileio import sha256_file
 
     target = hub_file(torch_home, imagenet_weights("googlenet"))
     before = sha256_file(target)

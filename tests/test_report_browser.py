@@ -11,8 +11,8 @@ from scipy import stats
 
 from conftest import write_acts
 from misbench.cli.main import cli
-from misbench.evaluate import evaluate_acts
-from misbench.fileio import write_json
+from misbench.activations.evaluate import evaluate_acts
+from misbench.runtime.fileio import write_json
 from misbench.reports.tables import read_csv_rows
 
 

@@ -19,7 +19,7 @@ from misbench.reports.importer import import_scores
 from misbench.reports.stats import correlation
 from misbench.reports.sweep import sweep_report
 from misbench.reports.tables import read_scores
-from misbench.store import open_activations
+from misbench.activations.store import open_activations
 
 
 def test_correlation_equals_scipy_and_bootstrap_is_seeded():

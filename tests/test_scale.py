@@ -13,8 +13,8 @@ from PIL import Image
 from conftest import make_image_folder, write_acts
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
-from misbench.images import similarity_transform
-from misbench.scoring import ScoreSettings, score
+from misbench.datasets.images import similarity_transform
+from misbench.scoring.run import ScoreSettings, score
 from misbench.similarity.cache import EmbeddingCache
 from misbench.similarity.pixel import PixelBackend
 
@@ -55,7 +55,7 @@ def task_rows(path) -> set:
 @pytest.mark.parametrize("resident", [False, True])
 def test_each_image_is_embedded_once_across_chunks(acts, tmp_path, monkeypatch, resident):
     """Chunk by chunk through the store, or all images resident in one engine: the same images, once."""
-    import misbench.scoring as scoring
+    import misbench.scoring.run as scoring
 
     monkeypatch.setattr(scoring, "RESIDENT_FACTOR", 100.0 if resident else 0.0)
     backend = Counting(image_size=16)
@@ -128,7 +128,7 @@ def _reference(acts_path, tasks_path, n_expl, alpha):
 @pytest.mark.parametrize("distances,chunk_units,resident", [("faiss", 3, False), ("torch", 3, False),
                                                              ("faiss", 3, True), ("faiss", 256, False)])
 def test_scores_match_a_brute_force_reference(acts, tmp_path, monkeypatch, distances, chunk_units, resident):
-    import misbench.scoring as scoring
+    import misbench.scoring.run as scoring
 
     monkeypatch.setattr(scoring, "RESIDENT_FACTOR", 100.0 if resident else 0.0)
     settings = ScoreSettings(**BASE, selection="quantile", quantile=0.3, chunk_units=chunk_units, distances=distances)
@@ -157,7 +157,7 @@ def test_distance_engines_agree_to_float32_rounding(acts, tmp_path):
 
 
 def test_too_large_chunks_fail_before_embedding(acts, tmp_path, monkeypatch):
-    import misbench.scoring as scoring
+    import misbench.scoring.run as scoring
 
     monkeypatch.setattr(scoring, "_available_bytes", lambda device: (200_000, "available (test)"))
     backend = Counting(image_size=16)
@@ -227,8 +227,8 @@ def test_cache_part_with_valid_checksum_but_non_finite_values_is_dropped(tmp_pat
 def test_streaming_topk_equals_brute_force(ties):
     """Both update paths (few new values merged into the kept order; many re-sorted) keep exactly the
     ranks 1..K of all rows, ties broken by the images' tie keys as `score` ranks them."""
-    from misbench.mis import tie_keys
-    from misbench.topk import TOPK_SEED, TopK
+    from misbench.scoring.mis import tie_keys
+    from misbench.activations.topk import TOPK_SEED, TopK
 
     rng = np.random.default_rng(0)
     values = rng.normal(size=(3000, 40))
@@ -257,8 +257,8 @@ def test_score_refuses_images_regenerated_in_place_since_extraction(tmp_path):
 
     import torch
 
-    from misbench.extract import ExtractSettings, extract
-    from misbench.models import load_model
+    from misbench.activations.extract import ExtractSettings, extract
+    from misbench.models.loading import load_model
 
     folder = make_image_folder(tmp_path / "images", classes=4, per_class=25, size=20, seed=0)
     torch.manual_seed(0)

@@ -14,9 +14,9 @@ from conftest import write_acts
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
 from misbench.reports.sweep import sweep_report
-from misbench.scoring import ScoreSettings, score
-from misbench.summaries import bootstrap_mean_ci, clopper_pearson, score_summaries
-from misbench.topk import TopK, check_tie_order
+from misbench.scoring.run import ScoreSettings, score
+from misbench.scoring.summaries import bootstrap_mean_ci, clopper_pearson, score_summaries
+from misbench.activations.topk import TopK, check_tie_order
 
 
 def test_clopper_pearson_is_scipys_exact_interval_and_covers():
@@ -222,8 +222,8 @@ def test_user_alpha_is_recorded_and_sweep_warns_on_uncalibrated(tmp_path, proper
 
 
 def test_topk_tie_seed_is_recorded_and_other_seeds_rank_identically_or_refuse(tmp_path, property_folder):
-    from misbench.data import FolderSource
-    from misbench.store import SCHEMA, ActivationWriter
+    from misbench.datasets.sources import FolderSource
+    from misbench.activations.store import SCHEMA, ActivationWriter
 
     root, props = property_folder
     n = len(props["hue"])
@@ -299,7 +299,7 @@ def test_calibrate_reads_the_imi_trial_table_and_warns_on_anti_correlation(tmp_p
               f"{k + 2},t-0,w0,False,True,False,900,mine,v,1,1,catch_trial",  # catch trial: left out
               f"{k + 3},t-0,w0,False,False,False,900,other,v,2,2,natural"]  # another model's trial
     (tmp_path / "imi.csv").write_text("\n".join(lines) + "\n")
-    from misbench.calibrate import fit_alpha, read_responses
+    from misbench.scoring.calibrate import fit_alpha, read_responses
 
     with pytest.raises(MisbenchError, match="several models"):
         read_responses(tmp_path / "imi.csv", tmp_path / "t.h5")
@@ -314,7 +314,7 @@ def test_calibrate_reads_the_imi_trial_table_and_warns_on_anti_correlation(tmp_p
     r = runner.invoke(cli, ["calibrate", str(tmp_path / "imi.csv"), "--tasks", str(tmp_path / "t.h5"), "--model", "mine",
                             "--out", str(tmp_path / "fit.json")])
     assert r.exit_code == 0, r.output
-    from misbench.fileio import sha256_file
+    from misbench.runtime.fileio import sha256_file
 
     r = runner.invoke(cli, ["score", str(acts), "--layer", "v", "--out", str(tmp_path / "c.csv"), "--similarity", "pixel",
                             "--image-size", "16", "--alpha-from", str(tmp_path / "fit.json"), "--bootstrap", "20"])
@@ -386,7 +386,7 @@ def test_dreamsim_as_the_paper_ran_it(tmp_path, property_folder, monkeypatch):
     assert meta["settings"]["image_size"] == 224 and meta["settings"]["resample"] == "stretch-bicubic"
     import h5py
 
-    from misbench.mis import task_deltas
+    from misbench.scoring.mis import task_deltas
 
     with h5py.File(tmp_path / "t.h5", "r") as h5, h5py.File(acts, "r") as f:
         g = h5["v"]
@@ -409,8 +409,8 @@ def test_explanations_default_to_the_models_view(tmp_path, property_folder):
     from PIL import Image
     from torchvision.transforms import functional as F
 
-    from misbench.images import RowImages
-    from misbench.store import open_activations
+    from misbench.datasets.images import RowImages
+    from misbench.activations.store import open_activations
 
     root, props = property_folder
     acts = write_acts(tmp_path / "acts.h5", root, {"v": props["hue"][:, None]})
@@ -463,7 +463,7 @@ def test_deepfeat_is_the_cosine_distance_of_normalised_stage_features():
 
 
 def test_derived_alpha_maps_the_median_task_to_three_quarters(tmp_path, property_folder):
-    from misbench.calibrate import derive_alpha
+    from misbench.scoring.calibrate import derive_alpha
 
     _, deltas = _tasks_file(tmp_path, property_folder)
     rule = derive_alpha(deltas)
@@ -514,7 +514,7 @@ def test_calibrate_refuses_separated_responses_and_reads_spreadsheet_csv(tmp_pat
     """Every human right on every task: the likelihood rises without bound in alpha (checked on a grid
     here), so no alpha may be reported, let alone used by --alpha-from. A spreadsheet's "CSV UTF-8"
     (a BOM before the header) reads like the plain file."""
-    from misbench.calibrate import calibration_alpha, fit_alpha
+    from misbench.scoring.calibrate import calibration_alpha, fit_alpha
 
     delta = np.array([0.1, 0.2, 0.3, 0.05, 0.0, -0.4])
     correct = np.array([1, 1, 1, 1, 0, 0])

@@ -7,9 +7,9 @@ from click.testing import CliRunner
 from conftest import make_image_folder
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
-from misbench.fileio import sha256_file
-from misbench.study import Study, demo_config_path
-from misbench.study_config import load_config, parse_config
+from misbench.runtime.fileio import sha256_file
+from misbench.studies.run import Study, demo_config_path
+from misbench.studies.config import load_config, parse_config
 
 TINY = """
 [study]
@@ -114,7 +114,7 @@ def test_tiny_study_caches_and_reruns_only_what_changed(tmp_path, study_data):
 def test_failed_step_is_recorded_and_resumed(tmp_path, study_data, monkeypatch):
     config = load_config(write_config(tmp_path / "s.toml", study_data))
     out = tmp_path / "out"
-    from misbench.study import Study
+    from misbench.studies.run import Study
 
     calls = {"n": 0}
     original = Study._score
@@ -169,7 +169,7 @@ def test_shipped_configs_parse_and_plan():
 def test_study_refuses_torchrun(tmp_path, study_data, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    from misbench.study import run_study
+    from misbench.studies.run import run_study
 
     with pytest.raises(MisbenchError, match="without torchrun"):
         run_study(load_config(write_config(tmp_path / "s.toml", study_data)), tmp_path / "o")
@@ -178,8 +178,8 @@ def test_study_refuses_torchrun(tmp_path, study_data, monkeypatch):
 def test_random_baseline_is_the_untrained_initialisation(tmp_path, study_data):
     import torch
 
-    from misbench.archs import build_arch
-    from misbench.checkpoint import load_checkpoint_dict
+    from misbench.models.archs import build_arch
+    from misbench.models.checkpoint import load_checkpoint_dict
 
     config = write_config(tmp_path / "study.toml", study_data)
     config.write_text(config.read_text().replace("control = false", "control = false\nrandom_baseline = true"))

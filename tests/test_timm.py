@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from conftest import make_image_folder
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
-from misbench.extract import ExtractSettings, extract
-from misbench.models import load_model
-from misbench.store import open_activations
+from misbench.activations.extract import ExtractSettings, extract
+from misbench.models.loading import load_model
+from misbench.activations.store import open_activations
 from test_tokens_features import raw_outputs
 
 TINY_VIT = "timm.vit_tiny_patch16_224"

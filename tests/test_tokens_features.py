@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from conftest import make_image_folder, write_acts
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
-from misbench.extract import ExtractSettings, extract
-from misbench.models import load_model
-from misbench.preprocess import build_transform
-from misbench.scoring import ScoreSettings, score
-from misbench.store import open_activations
+from misbench.activations.extract import ExtractSettings, extract
+from misbench.models.loading import load_model
+from misbench.models.preprocess import build_transform
+from misbench.scoring.run import ScoreSettings, score
+from misbench.activations.store import open_activations
 
 
 def raw_outputs(model, folder, pre, modules):
@@ -118,7 +118,7 @@ def test_swin_mlp_grid_reduced_over_all_tokens_and_cls_refused(tmp_path):
 
 def test_mlp_refused_on_a_cnn():
     with pytest.raises(MisbenchError, match="no transformer MLP"):
-        from misbench.hooks import resolve_layers
+        from misbench.activations.hooks import resolve_layers
         resolve_layers(load_model("resnet18:random").model, "mlp")
 
 

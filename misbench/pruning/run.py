@@ -7,16 +7,16 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
-from ..checkpoint import build_checkpoint, load_checkpoint_dict, save_checkpoint
-from ..data import load_data
-from ..device import resolve_device
+from ..datasets.sources import load_data
 from ..errors import MisbenchError
-from ..fileio import refuse_same_paths
-from ..interrupts import uninterruptible
-from ..models import LoadedModel, model_input_file
-from ..training import Trainer, TrainSettings
+from ..models.checkpoint import build_checkpoint, load_checkpoint_dict, save_checkpoint
+from ..models.loading import LoadedModel, model_input_file
+from ..runtime import distributed
+from ..runtime.device import resolve_device
+from ..runtime.fileio import refuse_same_paths
+from ..runtime.interrupts import uninterruptible
 from .masks import PruneSettings, apply_masks, compute_masks, default_exclude, keep_fraction, sparsity_of
+from .training import Trainer, TrainSettings
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import json
 import logging
 from pathlib import Path
 
-from .. import __version__
 from ..errors import MisbenchError
-from ..fileio import option_label, write_json
+from ..runtime.fileio import option_label, write_json
+from ..version import __version__
 from .classwise import classwise_report
 from .compare import compare_report
 from .figures import layers_figure

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..activations.evaluate import evaluate_acts
 from ..errors import MisbenchError
-from ..evaluate import evaluate_acts
-from ..fileio import write_json
+from ..runtime.fileio import write_json
 from .figures import class_scatter_figure, classwise_figure
 from .stats import correlation
 from .tables import alpha_of, read_scores, write_csv

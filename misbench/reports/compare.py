@@ -14,8 +14,8 @@ import numpy as np
 from scipy import stats
 
 from ..errors import MisbenchError
-from ..fileio import write_json
-from ..summaries import score_summaries
+from ..runtime.fileio import write_json
+from ..scoring.summaries import score_summaries
 from .tables import alpha_of, read_scores, write_csv
 
 COMPARE_COLUMNS = ["population", "layer", "n_units", "n_constant", "mis", "mis_ci_low", "mis_ci_high",

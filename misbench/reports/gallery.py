@@ -8,9 +8,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..activations.store import open_activations
+from ..datasets.images import RowImages
 from ..errors import MisbenchError
-from ..images import RowImages
-from ..store import open_activations
 from .figures import plt
 
 log = logging.getLogger(__name__)

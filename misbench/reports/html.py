@@ -7,7 +7,7 @@ import dataclasses
 import html
 from pathlib import Path
 
-from ..fileio import utc_now, write_text
+from ..runtime.fileio import utc_now, write_text
 from .tables import read_csv_rows
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}

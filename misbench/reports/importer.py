@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MisbenchError
-from ..fileio import refuse_same_paths
-from ..scoring import write_scores_csv
-from ..summaries import clopper_pearson
+from ..runtime.fileio import refuse_same_paths
+from ..scoring.run import write_scores_csv
+from ..scoring.summaries import clopper_pearson
 
 # exactly the constructors a pickled DataFrame of numbers and strings needs
 ALLOWED = {

@@ -13,7 +13,7 @@ import numpy as np
 from scipy import stats
 
 from ..errors import MisbenchError
-from ..summaries import bootstrap_mean_ci, is_class_layer, summary_rng
+from ..scoring.summaries import bootstrap_mean_ci, is_class_layer, summary_rng
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MisbenchError
-from ..fileio import write_json
+from ..runtime.fileio import write_json
+from ..scoring.summaries import is_class_layer, score_summaries
 from .figures import curves_figure, layer_runs_figure, paired_figure, sweep_figure, unit_distribution_figure
-from .stats import correlation
-from ..summaries import is_class_layer, score_summaries
 from .paired import PAIRED_COLUMNS, paired_report
+from .stats import correlation
 from .tables import alpha_of, read_csv_rows, read_scores, score_settings, write_csv
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def distinct_runs(runs: list[dict]) -> tuple[list[dict], list[str]]:
 
 
 def training_curves(runs: list[dict]) -> list[dict]:
-    from ..checkpoint import load_checkpoint_dict
+    from ..models.checkpoint import load_checkpoint_dict
 
     curves = []
     for run in runs:

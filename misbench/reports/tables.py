@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MisbenchError
-from ..fileio import atomic_path
-from ..summaries import score_summaries
+from ..runtime.fileio import atomic_path
+from ..scoring.summaries import score_summaries
 
 REQUIRED = {"layer", "unit", "status", "mis", "mis_confidence"}
 

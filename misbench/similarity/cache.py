@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..fileio import write_hdf5
+from ..runtime.fileio import write_hdf5
 
 log = logging.getLogger(__name__)
 

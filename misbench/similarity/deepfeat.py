@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import MisbenchError
-from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
+from ..models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .base import Backend
 from .features import layer_embedding
 
@@ -43,7 +43,7 @@ def _choose_weights(arch: str, weights: str | None):
     """The named weights, else the first of the model's weights already in the hub cache (DEFAULT first)."""
     import torchvision
 
-    from ..models import hub_checkpoint_path, torchvision_weights
+    from ..models.loading import hub_checkpoint_path, torchvision_weights
 
     if weights:
         return torchvision_weights(arch, weights)
@@ -65,7 +65,7 @@ class DeepFeatBackend(Backend):
         arch, _, weights = spec.partition(":")
         self.image_size = image_size
         if model is None:
-            from ..models import pretrained_torchvision
+            from ..models.loading import pretrained_torchvision
 
             w = _choose_weights(arch, weights or None)
             weights = w.name

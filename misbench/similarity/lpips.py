@@ -45,7 +45,7 @@ def _trunk(net: str, pretrained: bool) -> nn.Sequential:
 
     arch, cuts = TRUNKS[net]
     if pretrained:
-        from ..models import pretrained_torchvision, torchvision_weights
+        from ..models.loading import pretrained_torchvision, torchvision_weights
 
         model = pretrained_torchvision(arch, torchvision_weights(arch, "IMAGENET1K_V1"))
     else:

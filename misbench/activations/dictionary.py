@@ -1,0 +1,173 @@
+"""Dictionary features (sparse-autoencoder encoders) of a layer, read as units of their own.
+
+At every position x (a spatial location of a conv map, a token of a transformer layer) the K features are
+f = act((x - b_dec) W_enc^T + b_enc); the feature layer is then reduced over positions like its layer.
+"""
+
+__all__ = ["ACTIVATIONS", "Dictionary", "FeatureSpec", "parse_features", "load_dictionary", "encode", "resolve_features",
+           "check_activation"]
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..errors import MisbenchError
+from ..runtime.fileio import sha256_file
+from .hooks import probe_outputs
+
+
+def _relu(pre: torch.Tensor, _arg) -> torch.Tensor:
+    return torch.relu(pre)
+
+
+def _topk(pre: torch.Tensor, k) -> torch.Tensor:
+    # the k largest pre-activations per position, kept after a ReLU; every other feature is 0
+    k = min(int(k), pre.shape[-1])
+    values, index = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, index, torch.relu(values))
+
+
+def _jumprelu(pre: torch.Tensor, theta) -> torch.Tensor:
+    return pre * (pre > float(theta))
+
+
+# name -> (function, parser of the argument after ':' or None when the activation takes none)
+ACTIVATIONS = {"relu": (_relu, None), "topk": (_topk, int), "jumprelu": (_jumprelu, float)}
+
+
+def check_activation(text: str, source: str = "activation") -> str:
+    """Validate `relu`, `topk:K` or `jumprelu:THETA`; returns it unchanged."""
+    name, _, arg = str(text).partition(":")
+    if name not in ACTIVATIONS:
+        raise MisbenchError(f"{source}: activation {text!r}: expected relu, topk:K or jumprelu:THETA")
+    _, parse = ACTIVATIONS[name]
+    if parse is None and arg:
+        raise MisbenchError(f"{source}: activation {text!r}: relu takes no argument")
+    if parse is not None:
+        try:
+            value = parse(arg)
+        except ValueError:
+            raise MisbenchError(f"{source}: activation {text!r}: expected {name}:<{parse.__name__}>") from None
+        if name == "topk" and value < 1:
+            raise MisbenchError(f"{source}: activation {text!r}: k must be at least 1")
+    return str(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    name: str   # the feature layer's name in the activation file
+    layer: str  # the module whose output the dictionary reads
+    file: str
+
+    def text(self) -> str:
+        return f"{self.name}={self.layer}:{self.file}"
+
+
+def parse_features(text: str) -> FeatureSpec:
+    """`NAME=LAYER:FILE` (the file may itself contain ':')."""
+    name, eq, rest = str(text).partition("=")
+    layer, colon, file = rest.partition(":")
+    if not (eq and colon and name.strip() and layer.strip() and file.strip()):
+        raise MisbenchError(f"--features {text!r}: expected NAME=LAYER:FILE, e.g. "
+                            "sae3=inception3a.branch1.bn:sae3.pt")
+    return FeatureSpec(name.strip(), layer.strip(), file.strip())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dictionary:
+    W_enc: torch.Tensor               # [K, D]
+    b_enc: torch.Tensor               # [K]
+    b_dec: torch.Tensor | None        # [D]
+    activation: str
+    sha256: str
+    path: str
+
+    @property
+    def width(self) -> int:
+        return int(self.W_enc.shape[1])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.W_enc.shape[0])
+
+
+def load_dictionary(path) -> Dictionary:
+    """Read a dictionary file with weights_only=True and check its shapes against each other."""
+    path = Path(path)
+    if not path.is_file():
+        raise MisbenchError(f"--features: dictionary file {path} does not exist; give a torch file holding "
+                            "W_enc [K, D], b_enc [K] (optional b_dec [D], activation)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same actionable message
+        raise MisbenchError(f"--features: cannot read {path} with weights_only=True ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); save a dict of tensors with torch.save"
+                            ) from None
+    if not isinstance(obj, dict) or "W_enc" not in obj or "b_enc" not in obj:
+        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise MisbenchError(f"--features: {path} holds {keys}; expected a dict with W_enc [K, D] and b_enc [K] "
+                            "(optional b_dec [D], activation)")
+    w, b = obj["W_enc"], obj["b_enc"]
+    b_dec = obj.get("b_dec")
+    if not (isinstance(w, torch.Tensor) and w.dim() == 2):
+        raise MisbenchError(f"--features: {path}: W_enc must be a [K, D] tensor, got "
+                            f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+    if not (isinstance(b, torch.Tensor) and tuple(b.shape) == (w.shape[0],)):
+        raise MisbenchError(f"--features: {path}: b_enc must be [K] = [{w.shape[0]}] to match W_enc "
+                            f"{tuple(w.shape)}, got {tuple(b.shape) if isinstance(b, torch.Tensor) else b!r}")
+    if b_dec is not None and not (isinstance(b_dec, torch.Tensor) and tuple(b_dec.shape) == (w.shape[1],)):
+        raise MisbenchError(f"--features: {path}: b_dec must be [D] = [{w.shape[1]}] to match W_enc "
+                            f"{tuple(w.shape)}, got {tuple(b_dec.shape) if isinstance(b_dec, torch.Tensor) else b_dec!r}")
+    activation = check_activation(obj.get("activation", "relu"), f"--features {path}")
+    return Dictionary(w.detach().float(), b.detach().float(),
+                      None if b_dec is None else b_dec.detach().float(), activation, sha256_file(path), str(path))
+
+
+def encode(x: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:
+    """[..., D] -> [..., K] features, computed in float32 on x's device."""
+    w = dictionary.W_enc.to(x.device)
+    x = x.float()
+    if dictionary.b_dec is not None:
+        x = x - dictionary.b_dec.to(x.device)
+    pre = x @ w.T + dictionary.b_enc.to(x.device)
+    name, _, arg = dictionary.activation.partition(":")
+    fn, parse = ACTIVATIONS[name]
+    return fn(pre, parse(arg) if parse else None)
+
+
+def resolve_features(model: torch.nn.Module, specs, taken, probe: torch.Tensor) -> dict:
+    """Feature layer name -> (module name, Dictionary), checked against the model before any image is read:
+    the module exists, NAME is new, and W_enc's D equals the module's units per position (from one forward
+    pass on `probe`)."""
+    from ..errors import close_matches
+    from .tokens import as_positions, channels_last_modules, output_layout
+
+    if not specs:
+        return {}
+    specs = [s if isinstance(s, FeatureSpec) else parse_features(s) for s in specs]
+    modules = dict(model.named_modules())
+    taken = set(taken)
+    out = {}
+    for spec in specs:
+        if spec.layer not in modules or not spec.layer:
+            raise MisbenchError(f"--features {spec.text()}: unknown layer {spec.layer!r}: expected a module name "
+                                f"of the model.{close_matches(spec.layer, [n for n in modules if n])}")
+        if spec.name in taken or spec.name in modules or spec.name in out:
+            raise MisbenchError(f"--features {spec.text()}: the name {spec.name!r} is already a layer or module "
+                                "name; choose a new NAME")
+        out[spec.name] = (spec.layer, load_dictionary(spec.file))
+    grids = channels_last_modules(model)
+    shapes = probe_outputs(model, {m for m, _ in out.values()}, probe)
+    for name, (module, dictionary) in out.items():
+        if module not in shapes:
+            raise MisbenchError(f"--features {name}={module}:{dictionary.path}: layer {module!r} does not run in an "
+                                "inference forward pass; choose a module on the inference path")
+        output = shapes[module]
+        width = as_positions(output, output_layout(output, module in grids)).shape[-1]
+        if width != dictionary.width:
+            raise MisbenchError(
+                f"--features {name}={module}:{dictionary.path}: W_enc is {list(dictionary.W_enc.shape)} ([K, D], "
+                f"D = {dictionary.width}) but layer {module!r} has D = {width} units per position (output shape "
+                f"{list(output.shape)}); use a dictionary trained on this layer")
+    return out

@@ -1,0 +1,366 @@
+"""Load any MODEL string (DESIGN §3) into an nn.Module with its provenance."""
+
+__all__ = ["LoadedModel", "load_model", "torchvision_weights", "hub_checkpoint_path", "load_torch_file", "read_hub_weights",
+           "pretrained_torchvision", "effective_kwargs", "model_input_file", "RANDOM"]
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import threading
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import MisbenchError
+from ..runtime.fileio import atomic_path, sha256_file
+from .archs import build_arch, check_arch, default_preprocess, own_archs
+from .preprocess import IMAGENET_PREPROCESS, Preprocess
+from .timm_models import is_timm
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "misbench-checkpoint"
+RANDOM = "random"  # MODEL `name:random`: a randomly initialised network
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: nn.Module
+    spec: str
+    arch: str
+    arch_kwargs: dict
+    num_classes: int
+    preprocess: Preprocess
+    sha256: str = ""
+    checkpoint: dict | None = None  # the misbench checkpoint record without state_dict
+    categories: list | None = None  # class names from torchvision's weights metadata
+
+    @property
+    def masks(self) -> dict:
+        return (self.checkpoint or {}).get("masks") or {}
+
+
+def hub_checkpoint_path(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def model_input_file(spec: str) -> str:
+    """The file MODEL `spec` is read from: the hub-cache file behind a torchvision `name:WEIGHTS`, else `spec`.
+
+    Output paths are checked against it: a command must never write over the weights it reads."""
+    arch, sep, weights_name = str(spec).partition(":")
+    if not sep or weights_name == RANDOM or arch in own_archs() or Path(str(spec)).exists():
+        return str(spec)
+    try:
+        return str(hub_checkpoint_path(torchvision_weights(arch, weights_name).url))
+    except MisbenchError:
+        return str(spec)
+
+
+def torchvision_weights(arch: str, weights_name: str):
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except (ValueError, KeyError) as err:
+        raise MisbenchError(f"torchvision has no weights for {arch!r}: {err}") from None
+    if weights_name == "DEFAULT":
+        return enum.DEFAULT
+    try:
+        return enum[weights_name]
+    except KeyError:
+        raise MisbenchError(
+            f"unknown weights {weights_name!r} for {arch!r}: expected DEFAULT or one of "
+            f"{[w.name for w in enum]}"
+        ) from None
+
+
+def _download(url: str, target: Path) -> None:
+    from torch.hub import HASH_REGEX, download_url_to_file
+
+    log.info("weights %s not in the hub cache; trying to download %s", target.name, url)
+    match = HASH_REGEX.search(target.name)
+    try:
+        with atomic_path(target) as tmp:
+            download_url_to_file(url, str(tmp), match.group(1) if match else None, progress=False)
+    except Exception as err:  # offline: URLError, socket errors, HTTP errors, hash mismatch
+        raise MisbenchError(
+            f"weights file {target.name} is not in the torch hub cache and could not be downloaded "
+            f"({type(err).__name__}: {err}). Put the file at {target} (download it from {url} "
+            f"on a machine with internet), or run `misbench assets stage` for the assets misbench "
+            f"can stage offline."
+        ) from None
+
+
+def read_hub_weights(url: str) -> dict:
+    """The state_dict behind a torchvision weights URL, from the hub cache (downloaded when absent).
+
+    Read with weights_only=True, never as a whole pickle: a hub-cache file is as untrusted as any
+    other file, and torchvision's own loader would unpickle it with weights_only=False.
+    """
+    target = hub_checkpoint_path(url)
+    if not target.exists():
+        _download(url, target)
+    try:
+        return torch.load(target, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise MisbenchError(
+            f"{target} holds pickled Python objects, not plain tensors ({str(err).splitlines()[0]}); misbench "
+            f"refuses to load it because unpickling can run code. Delete it and download {url} again "
+            f"(or stage the official file)."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise MisbenchError(f"cannot read the weights file {target} ({str(err).splitlines()[0]}): delete it "
+                            f"and download {url} again") from None
+
+
+_HUB_PATCH = threading.Lock()
+
+
+@contextlib.contextmanager
+def _plain_tensor_hub():
+    """Make torchvision's builders read weights through read_hub_weights (weights_only=True).
+
+    Every torchvision builder fetches its state_dict with WeightsEnum.get_state_dict, which calls the
+    load_state_dict_from_url imported into torchvision.models._api; replacing that one name keeps
+    each builder's own quirks (GoogLeNet and Inception v3 build with aux heads, load, then drop them;
+    DenseNet renames keys) while no file is ever unpickled.
+    """
+    from torchvision.models import _api
+
+    with _HUB_PATCH:
+        original = _api.load_state_dict_from_url
+        _api.load_state_dict_from_url = lambda url, *args, **kwargs: read_hub_weights(url)
+        try:
+            yield
+        finally:
+            _api.load_state_dict_from_url = original
+
+
+def pretrained_torchvision(arch: str, weights, arch_kwargs: dict | None = None) -> nn.Module:
+    """torchvision.models.get_model(arch, weights=weights, **arch_kwargs), every file read as plain tensors."""
+    import torchvision
+
+    kwargs = dict(arch_kwargs or {})
+    try:
+        with _plain_tensor_hub():
+            model = torchvision.models.get_model(arch, weights=weights, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise MisbenchError(f"torchvision's {arch} builder with weights {weights.name} refuses --arch-kwargs "
+                            f"{json.dumps(kwargs)}: {err}") from None
+    except RuntimeError as err:  # load_state_dict: a cached file of another architecture
+        raise MisbenchError(
+            f"{hub_checkpoint_path(weights.url)} does not fit torchvision's {arch} ({str(err).splitlines()[0]} ...): "
+            f"delete it and download {weights.url} again") from None
+    return model.eval()
+
+
+# attributes of torchvision models that change the forward pass but not the state_dict layout
+RECORDED_ATTRS = ("transform_input", "aux_logits")
+
+
+def effective_kwargs(model: nn.Module, given: dict | None) -> dict:
+    """The builder arguments that rebuild `model`: those given plus the recorded attributes it has."""
+    kwargs = dict(given or {})
+    for attr in RECORDED_ATTRS:
+        if hasattr(model, attr):
+            kwargs[attr] = bool(getattr(model, attr))
+    return kwargs
+
+
+def _log_transform_input(arch: str, kwargs: dict, source: str) -> None:
+    if "transform_input" in kwargs:
+        log.info("%s: %s builds with transform_input=%s (%s); override with --arch-kwargs "
+                 "'{\"transform_input\": %s}'", source, arch, kwargs["transform_input"],
+                 "the ImageNet weights' input scaling" if kwargs["transform_input"] else "inputs used as given",
+                 "false" if kwargs["transform_input"] else "true")
+
+
+def _preprocess_of(weights) -> Preprocess:
+    t = weights.transforms()
+    return Preprocess(int(t.resize_size[0]), int(t.crop_size[0]), tuple(t.mean), tuple(t.std))
+
+
+def _no_weights_error(arch: str) -> MisbenchError:
+    import torchvision
+
+    try:
+        names = [w.name for w in torchvision.models.get_model_weights(arch)] + ["DEFAULT"]
+    except (ValueError, KeyError):
+        names = []
+    offer = f"{arch}:WEIGHTS for pretrained weights ({', '.join(names)})" if names else "no pretrained weights exist"
+    return MisbenchError(f"model {arch!r} names no weights: write {offer}, or {arch}:random for a randomly "
+                         f"initialised network")
+
+
+def _from_torchvision(spec: str, num_classes: int | None, arch_kwargs: dict | None = None) -> LoadedModel:
+    arch, sep, weights_name = spec.partition(":")
+    given = dict(arch_kwargs or {})
+    if arch in own_archs():
+        # misbench's own architectures have no pretrained weights: the bare name is unambiguous
+        if weights_name not in ("", RANDOM):
+            raise MisbenchError(f"{arch} is one of misbench's own architectures and has no pretrained weights: "
+                                f"write {arch} or {arch}:random")
+        model = build_arch(arch, num_classes or 1000, given)
+        return LoadedModel(model, spec, arch, given, num_classes or 1000, default_preprocess(arch))
+    check_arch(arch)
+    if is_timm(arch) and weights_name != RANDOM:
+        raise MisbenchError(f"{spec}: timm models are built randomly initialised only ({arch}:random); "
+                            f"for trained weights pass a state_dict file with --arch {arch}")
+    if not sep:
+        raise _no_weights_error(arch)
+    if weights_name == RANDOM:
+        model = build_arch(arch, num_classes or 1000, given)
+        kwargs = effective_kwargs(model, given)
+        _log_transform_input(arch, kwargs, spec)
+        return LoadedModel(model, spec, arch, kwargs, num_classes or 1000, default_preprocess(arch))
+    weights = torchvision_weights(arch, weights_name)
+    categories = list(weights.meta["categories"])
+    if num_classes not in (None, len(categories)):
+        raise MisbenchError(f"{spec} has {len(categories)} classes, but --num-classes {num_classes} was given")
+    model = pretrained_torchvision(arch, weights, given)
+    kwargs = effective_kwargs(model, given)
+    _log_transform_input(arch, kwargs, spec)
+    return LoadedModel(model, spec, arch, kwargs, len(categories), _preprocess_of(weights),
+                       sha256=sha256_file(hub_checkpoint_path(weights.url)), categories=categories)
+
+
+def _load_state(model: nn.Module, state: dict, source: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def cut(items):
+            return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {cut(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {cut(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches (file vs model): {cut(shapes)}")
+        raise MisbenchError(
+            f"{source} does not fit the architecture {type(model).__name__}: " + "; ".join(parts)
+            + ". Check --arch and --num-classes."
+        )
+    model.load_state_dict(state)
+
+
+def load_torch_file(path, trust_pickle: bool = False):
+    """torch.load with weights_only=True; whole pickles only when the user trusts the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust_pickle:
+            raise MisbenchError(
+                f"{path} is a pickled Python object, not plain tensors ({str(err).splitlines()[0]}). "
+                "Loading it can run arbitrary code; pass --trust-pickle only if you trust its origin."
+            ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise MisbenchError(f"cannot read {path} as a torch file: {err}") from None
+    log.warning("loading %s as a trusted pickle", path)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+AUX_PREFIXES = {"googlenet": "aux1.", "inception_v3": "AuxLogits."}
+
+
+def _inception_kwargs(arch: str, state: dict, given: dict) -> dict:
+    kwargs = dict(given)
+    kwargs.setdefault("aux_logits", any(k.startswith(AUX_PREFIXES[arch]) for k in state))
+    # state dicts descending from the ImageNet weights expect transform_input, as torchvision's
+    # builders set it for those weights
+    kwargs.setdefault("transform_input", True)
+    return kwargs
+
+
+def _unwrap_state(obj) -> dict | None:
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            return _unwrap_state(obj[key])
+    return None
+
+
+def load_model(spec: str, arch: str | None = None, num_classes: int | None = None,
+               trust_pickle: bool = False, arch_kwargs: dict | None = None) -> LoadedModel:
+    """Resolve MODEL: torchvision `name[:weights]`, misbench checkpoint, state_dict (+arch), or pickle."""
+    path = Path(spec)
+    if not path.exists():
+        if "/" in spec or spec.endswith((".pt", ".pth", ".ckpt")):
+            raise MisbenchError(f"model file {spec} does not exist")
+        if arch is not None:
+            raise MisbenchError("--arch is only for plain state_dict files; MODEL is a torchvision name here")
+        return _from_torchvision(spec, num_classes, arch_kwargs)
+    sha = sha256_file(path)
+    obj = load_torch_file(path, trust_pickle)
+    if isinstance(obj, nn.Module):
+        obj.eval()
+        name = arch or type(obj).__name__.lower()
+        n = num_classes or _infer_classes(obj)
+        return LoadedModel(obj, spec, name, {}, n, IMAGENET_PREPROCESS, sha)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        _check_checkpoint(obj, spec)
+        model = build_arch(obj["arch"], obj["num_classes"], obj.get("arch_kwargs"))
+        _load_state(model, obj["state_dict"], spec)
+        _check_masks(model, obj.get("masks") or {}, spec)
+        record = {k: v for k, v in obj.items() if k != "state_dict"}
+        pre = Preprocess.from_dict(obj["preprocess"]) if obj.get("preprocess") else IMAGENET_PREPROCESS
+        return LoadedModel(model.eval(), spec, obj["arch"], dict(obj.get("arch_kwargs") or {}),
+                           obj["num_classes"], pre, sha, record)
+    state = _unwrap_state(obj)
+    if state is None:
+        raise MisbenchError(f"{spec} holds neither a misbench checkpoint nor a state_dict of tensors")
+    if arch is None:
+        raise MisbenchError(f"{spec} is a plain state_dict: pass --arch NAME (and --num-classes if not 1000)")
+    if num_classes is None:
+        num_classes = _infer_classes_from_state(state) or 1000
+    kwargs = _inception_kwargs(arch, state, arch_kwargs or {}) if arch in AUX_PREFIXES else dict(arch_kwargs or {})
+    model = build_arch(arch, num_classes, kwargs)
+    _load_state(model, state, spec)
+    _log_transform_input(arch, kwargs, spec)
+    return LoadedModel(model.eval(), spec, arch, kwargs, num_classes, default_preprocess(arch), sha)
+
+
+def _check_checkpoint(obj: dict, spec: str) -> None:
+    """A misbench checkpoint that can be built: finished (not an OUT.partial of an interrupted run), with
+    its arch, classes and tensors."""
+    if "resume" in obj or spec.endswith(".partial"):
+        raise MisbenchError(f"{spec} is the checkpoint of an unfinished run (its .partial): finish it with the same "
+                            "`misbench prune`/`retrain` command and --resume, and use the checkpoint it writes")
+    missing = [k for k in ("arch", "num_classes", "state_dict") if k not in obj]
+    if missing:
+        raise MisbenchError(f"{spec} is a damaged misbench checkpoint: it has no {', '.join(missing)}")
+    if not isinstance(obj["state_dict"], dict):
+        raise MisbenchError(f"{spec} is a damaged misbench checkpoint: its state_dict is a "
+                            f"{type(obj['state_dict']).__name__}, not a dict of tensors")
+
+
+def _check_masks(model: nn.Module, masks: dict, spec: str) -> None:
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        if name not in params:
+            raise MisbenchError(f"{spec} has a mask for {name!r}, which its {type(model).__name__} does not have")
+        if tuple(mask.shape) != tuple(params[name].shape):
+            raise MisbenchError(f"{spec}: the mask of {name} has shape {tuple(mask.shape)}, the weight "
+                                f"{tuple(params[name].shape)}; the checkpoint is damaged")
+
+
+def _infer_classes(model: nn.Module) -> int:
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return last[-1].out_features if last else 0
+
+
+def _infer_classes_from_state(state: dict) -> int | None:
+    for key in ("fc.weight", "classifier.weight", "classifier.1.weight", "classifier.6.weight", "head.weight"):
+        if key in state:
+            return int(state[key].shape[0])
+    return None

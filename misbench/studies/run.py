@@ -1,0 +1,425 @@
+"""Run a whole pruning-and-interpretability study from one config, step by step, cached by a manifest."""
+
+__all__ = ["Study", "Step", "run_study", "check_study_folder", "study_summary", "DEMO_CONFIG", "demo_config_path"]
+
+import dataclasses
+import json
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..activations.dictionary import parse_features
+from ..errors import MisbenchError
+from ..models.archs import build_arch
+from ..models.loading import LoadedModel, load_model
+from ..models.preprocess import IMAGENET_PREPROCESS, Preprocess
+from ..runtime.device import parse_workers
+from ..runtime.fileio import utc_now, write_json
+from ..runtime.lock import DirectoryLock
+from .config import RunSpec, StudyConfig
+from .manifest import Manifest, folder_fingerprint, step_key
+
+log = logging.getLogger(__name__)
+
+DEMO_CONFIG = "demo.toml"
+
+
+def demo_config_path() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("misbench.configs") / DEMO_CONFIG))
+
+
+@dataclasses.dataclass
+class Step:
+    name: str
+    kind: str
+    settings: dict
+    inputs: dict            # label -> Path (a file another step or the user provides) or str (a model string)
+    outputs: dict           # label -> Path
+    action: Callable[[bool], None]  # action(resume)
+    partial: Path | None = None
+    data: tuple = ()        # DATA specs whose images the step reads: folders are fingerprinted into its key
+
+
+class Study:
+    def __init__(self, config: StudyConfig, out_dir, progress: Callable[[str, int, int], None] | None = None):
+        self.config = config
+        self.out = Path(out_dir).resolve()
+        self.runs = config.runs()
+        self.steps = self._plan()
+        self.progress = progress  # progress(stage, done, total) of long steps; the CLI draws it
+        self._fingerprints: dict[str, str] = {}
+
+    def _bar(self, stage: str):
+        return (lambda done, total: self.progress(stage, done, total)) if self.progress else None
+
+    # -- settings -------------------------------------------------------------------------------------------------
+    def _runtime(self):
+        runtime = self.config["runtime"]
+        return {**runtime, "workers": parse_workers(runtime["workers"])}
+
+    def _train_settings(self, section: str, epochs: int | None = None, optimizer: str | None = None):
+        from ..pruning.training import TrainSettings
+
+        s = self.config[section]
+        return TrainSettings(epochs=s["epochs"] if epochs is None else epochs, optimizer=optimizer or s["optimizer"],
+                             lr=s["lr"],
+                             momentum=s["momentum"], weight_decay=s["weight_decay"], gamma=s["gamma"],
+                             batch_size=s["batch_size"], seed=self.config["study"]["seed"],
+                             train_limit=s["train_limit"], val_limit=s["val_limit"],
+                             workers=self._runtime()["workers"], device=self._runtime()["device"],
+                             labels=self.config["data"]["labels"])
+
+    def _fresh_model(self) -> LoadedModel:
+        m = self.config["model"]
+        torch.manual_seed(self.config["study"]["seed"])
+        if m["spec"]:
+            return load_model(m["spec"], num_classes=m["num_classes"])
+        model = build_arch(m["arch"], m["num_classes"], m["arch_kwargs"])
+        pre = Preprocess.from_dict(m["preprocess"]) if m["preprocess"] else IMAGENET_PREPROCESS
+        return LoadedModel(model, m["arch"], m["arch"], dict(m["arch_kwargs"]), m["num_classes"], pre)
+
+    # -- plan -----------------------------------------------------------------------------------------------------
+    def run_dir(self, run: RunSpec) -> Path:
+        return self.out / "runs" / run.name
+
+    def _plan(self) -> list[Step]:
+        from ..activations.store import partial_path
+        from ..pruning.run import partial_checkpoint_path
+
+        cfg, steps = self.config, []
+        data = cfg["data"]
+        base_ckpt: Path | str
+        if cfg["train"]["epochs"] > 0:
+            base_ckpt = self.out / "base" / "model.pt"
+            settings = {"model": cfg["model"], "train": cfg["train"], "data": data["train"], "val": data["val"],
+                        "seed": cfg["study"]["seed"]}
+            spec_input = {"model": cfg["model"]["spec"]} if cfg["model"]["spec"] else {}
+            steps.append(Step("train:base", "train", settings, spec_input, {"checkpoint": base_ckpt},
+                              lambda resume, out=base_ckpt: self._produce(self._fresh_model(), None, "train", out, resume),
+                              partial_checkpoint_path(base_ckpt), (data["train"], data["val"])))
+        else:
+            base_ckpt = cfg["model"]["spec"]
+        for run in self.runs:
+            d = self.run_dir(run)
+            ckpt = base_ckpt if run.name == "base" else d / "model.pt"
+            if run.method == "random":
+                steps.append(Step(f"init:{run.name}", "init", {"model": cfg["model"], "seed": cfg["study"]["seed"]}, {},
+                                  {"checkpoint": ckpt}, lambda resume, out=ckpt: self._produce(
+                                      self._fresh_model(), None, "train", out, resume, 0)))
+            elif run.name != "base":
+                prune = None
+                if run.method != "none":
+                    from ..pruning import PruneSettings
+
+                    prune = PruneSettings(run.method, run.rate, criterion=run.criterion, schedule=run.schedule,
+                                          steps=run.steps, seed=cfg["study"]["seed"],
+                                          exclude=tuple(cfg["pruning"]["exclude"]) if cfg["pruning"]["exclude"] is not None else None)
+                epochs = cfg["retrain"]["epochs"] if run.retrained else 0
+                settings = {"run": dataclasses.asdict(run), "retrain": {**cfg["retrain"], "epochs": epochs},
+                            "data": data["train"], "val": data["val"], "labels": data["labels"],
+                            "seed": cfg["study"]["seed"], "exclude": cfg["pruning"]["exclude"]}
+                steps.append(Step(f"prune:{run.name}", "prune", settings, {"model": base_ckpt}, {"checkpoint": ckpt},
+                                  lambda resume, p=prune, e=epochs, o=run.optimizer, out=ckpt: self._produce(
+                                      self._load(base_ckpt), p, "retrain", out, resume, e, o),
+                                  partial_checkpoint_path(ckpt), (data["train"], data["val"]) if epochs else ()))
+            eval_json = d / "eval.json"
+            steps.append(Step(f"eval:{run.name}", "eval", {"data": data["val"], "limit": cfg["retrain"]["val_limit"],
+                                                            "labels": data["labels"]},
+                              {"model": ckpt}, {"eval": eval_json},
+                              lambda resume, c=ckpt, out=eval_json: self._eval(c, out), data=(data["val"],)))
+            acts = d / "acts.h5"
+            # the dictionary files behind [extract] features are inputs: a changed file re-extracts
+            features = {f"features:{spec.name}": Path(spec.file) for spec in map(parse_features, cfg["extract"]["features"])}
+            images = cfg["extract"]["data"] or data["val"]
+            steps.append(Step(f"extract:{run.name}", "extract", {**cfg["extract"], "data": images,
+                                                                 "labels": data["labels"]},
+                              {"model": ckpt, **features}, {"acts": acts},
+                              lambda resume, c=ckpt, out=acts: self._extract(c, out, resume),
+                              partial_path(acts), (images,)))
+            scores = d / "mis.csv"
+            steps.append(Step(f"score:{run.name}", "score", {**cfg["score"], "seed": cfg["study"]["seed"]}, {"acts": acts},
+                              {"scores": scores, "meta": d / "mis.json", "tasks": d / "tasks.h5"},
+                              lambda resume, a=acts, out=scores: self._score(a, out), data=(images,)))
+        steps += self._dictionary_steps(base_ckpt)
+        report_inputs = {}
+        if cfg["dictionary"]["layer"]:
+            report_inputs["dictionary:scores"] = self.out / "dictionary" / "mis.csv"
+        for run in self.runs:
+            d = self.run_dir(run)
+            report_inputs.update({f"{run.name}:scores": d / "mis.csv", f"{run.name}:eval": d / "eval.json"})
+        report_outputs = {"html": self.out / "report" / "report.html", "sweep": self.out / "report" / "sweep.csv",
+                          "summary": self.out / "report" / "summary.json"}
+        if cfg["dictionary"]["layer"]:
+            report_outputs["compare"] = self.out / "report" / "compare" / "compare.csv"
+        report_settings = {"report": cfg["report"], "runs": [dataclasses.asdict(r) for r in self.runs]}
+        if cfg["dictionary"]["layer"]:
+            report_settings["dictionary"] = cfg["dictionary"]
+        steps.append(Step("report", "report", report_settings, report_inputs, report_outputs, lambda resume: self._report()))
+        return steps
+
+    def dictionary_paths(self) -> dict:
+        d = self.out / "dictionary"
+        return {"train_acts": d / "train_acts.h5", "dictionary": d / "dictionary.pt", "acts": d / "acts.h5",
+                "scores": d / "mis.csv", "meta": d / "mis.json", "tasks": d / "tasks.h5"}
+
+    def _dictionary_steps(self, base_ckpt) -> list[Step]:
+        """[dictionary]: activations of the training images at `layer` of the base network -> a top-k SAE ->
+        the layer's neurons and the dictionary's features on the extraction images -> their scores (the
+        report compares the two populations)."""
+        from ..activations.store import partial_path
+
+        cfg, d = self.config, self.config["dictionary"]
+        if not d["layer"]:
+            return []
+        p = self.dictionary_paths()
+        e = {k: cfg["extract"][k] for k in ("reduction", "token_reduction", "dtype", "resize", "crop", "batch_size")}
+        labels = cfg["data"]["labels"]
+        train = {**e, "layers": [d["layer"]], "data": cfg["data"]["train"], "limit": d["train_limit"], "labels": labels,
+                 "dtype": "float32"}
+        val = {**e, "layers": [d["layer"]], "features": [f"{d['name']}={d['layer']}:dictionary.pt"],
+               "data": cfg["extract"]["data"] or cfg["data"]["val"], "limit": cfg["extract"]["limit"], "labels": labels}
+        spec = f"{d['name']}={d['layer']}:{p['dictionary']}"
+        return [
+            Step("extract:dictionary-train", "extract", train, {"model": base_ckpt}, {"acts": p["train_acts"]},
+                 lambda resume: self._extract(base_ckpt, p["train_acts"], resume, **train), partial_path(p["train_acts"]),
+                 (train["data"],)),
+            Step("dictionary", "dictionary", {**d, "seed": cfg["study"]["seed"]}, {"acts": p["train_acts"]},
+                 {"dictionary": p["dictionary"]}, lambda resume: self._train_dictionary()),
+            Step("extract:dictionary", "extract", val, {"model": base_ckpt, "dictionary": p["dictionary"]},
+                 {"acts": p["acts"]}, lambda resume: self._extract(base_ckpt, p["acts"], resume, **{**val, "features": [spec]}),
+                 partial_path(p["acts"]), (val["data"],)),
+            Step("score:dictionary", "score", {**cfg["score"], "layers": ["all"], "seed": cfg["study"]["seed"]},
+                 {"acts": p["acts"]}, {k: p[k] for k in ("scores", "meta", "tasks")},
+                 lambda resume: self._score(p["acts"], p["scores"], layers=["all"]), data=(val["data"],)),
+        ]
+
+    # -- actions --------------------------------------------------------------------------------------------------
+    def _load(self, ckpt) -> LoadedModel:
+        return load_model(str(ckpt))
+
+    def _produce(self, loaded, prune, section, out, resume, epochs=None, optimizer=None):
+        from ..pruning.run import produce_checkpoint
+
+        data = self.config["data"]
+        train = self._train_settings(section, epochs, optimizer)
+        progress = (lambda step, epoch, d, n: self.progress(f"{Path(out).parent.name} step {step} epoch {epoch}", d, n)
+                    ) if self.progress else None
+        produce_checkpoint(loaded, prune, train, out, data["train"] if train.epochs else None, data["val"],
+                           resume=resume, overwrite=True, progress=progress)
+
+    def _eval(self, ckpt, out):
+        from ..activations.evaluate import evaluate_model, write_eval
+
+        result = evaluate_model(self._load(ckpt), self.config["data"]["val"], batch_size=256,
+                                workers=self._runtime()["workers"], device=self._runtime()["device"],
+                                limit=self.config["retrain"]["val_limit"], labels=self.config["data"]["labels"],
+                                progress=self._bar(f"eval {Path(out).parent.name}"))
+        write_eval(result, out, Path(out).with_name("classwise_accuracy.csv"))
+
+    def _extract(self, ckpt, out, resume, **override):
+        """Extract with the [extract] settings; `override` replaces some (the dictionary's steps)."""
+        from ..activations.extract import ExtractSettings, extract
+
+        e = {**self.config["extract"], **override}
+        settings = ExtractSettings(layers=tuple(e["layers"]), reduction=e["reduction"], dtype=e["dtype"], limit=e["limit"],
+                                   labels=self.config["data"]["labels"], resize=e["resize"], crop=e["crop"],
+                                   token_reduction=e["token_reduction"], features=tuple(e["features"]),
+                                   batch_size=e["batch_size"], workers=self._runtime()["workers"],
+                                   device=self._runtime()["device"])
+        extract(self._load(ckpt), e["data"] or self.config["data"]["val"], out, settings, resume=resume,
+                overwrite=True, progress=self._bar(f"extract {Path(out).parent.name}"))
+
+    def _train_dictionary(self):
+        from ..activations.dictionary_training import DictionarySettings, train_dictionary
+
+        d, p = self.config["dictionary"], self.dictionary_paths()
+        settings = DictionarySettings(n_features=d["n_features"], k=d["k"], steps=d["steps"], lr=d["lr"],
+                                      batch_size=d["batch_size"], seed=self.config["study"]["seed"])
+        train_dictionary(p["train_acts"], d["layer"], p["dictionary"], settings)
+
+    def _score(self, acts, out, layers=None):
+        from ..scoring.run import ScoreSettings, score
+
+        s = self.config["score"]
+        alpha, alpha_source = s["alpha"], ""
+        if s["alpha_from"]:  # a `misbench calibrate --out` file: alpha with its provenance
+            from ..scoring.calibrate import calibration_alpha
+
+            alpha, alpha_source = calibration_alpha(s["alpha_from"])
+        settings = ScoreSettings(similarity=s["similarity"], image_size=s["image_size"], view=s["view"],
+                                 selection=s["selection"],
+                                 quantile=s["quantile"], tasks=s["tasks"], explanations=s["explanations"], alpha=alpha,
+                                 alpha_source=alpha_source,
+                                 seed=self.config["study"]["seed"], n_boot=s["n_boot"], batch_size=s["batch_size"],
+                                 device=self._runtime()["device"], workers=self._runtime()["workers"])
+        score(acts, layers or s["layers"], settings, out, tasks_out=Path(out).with_name("tasks.h5"),
+              cache_dir=self.out / "cache" / "embeddings",
+              progress=(lambda stage, d, n: self.progress(f"{stage} {Path(out).parent.name}", d, n)) if self.progress else None,
+              overwrite=True)  # the manifest decides when a step's outputs are stale
+
+    def write_runs_csv(self) -> Path:
+        from ..reports.tables import write_csv
+
+        rows = []
+        for run in self.runs:
+            d = self.run_dir(run)
+            epochs = 0 if not run.retrained else self.config["retrain"]["epochs"]
+            ckpt = d / "model.pt" if run.name != "base" else (self.out / "base" / "model.pt")
+            rows.append({"name": run.name, "method": run.method, "rate": run.rate, "schedule": run.schedule,
+                         "epochs": epochs, "optimizer": run.optimizer or self.config["retrain"]["optimizer"],
+                         "scores": f"runs/{run.name}/mis.csv", "eval": f"runs/{run.name}/eval.json",
+                         "checkpoint": str(ckpt.relative_to(self.out)) if ckpt.exists() else ""})
+        path = self.out / "runs.csv"
+        write_csv(path, rows, ["name", "method", "rate", "schedule", "epochs", "optimizer", "scores", "eval", "checkpoint"])
+        return path
+
+    def _report(self):
+        from ..reports.build import sweep
+
+        cfg, d = self.config["report"], self.config["dictionary"]
+        # the dictionary's layer: its neurons against its features, both scored in dictionary/mis.csv
+        scores = self.dictionary_paths()["scores"]
+        compare = [f"neurons={scores}:{d['layer']}", f"features={scores}:{d['name']}"] if d["layer"] else None
+        sweep(self.write_runs_csv(), self.out / "report", self.config["study"]["seed"], baseline=cfg["baseline"],
+              classwise_layer=cfg["classwise_layer"], units=cfg["units"],
+              title=f"misbench study: {self.config['study']['name']}", compare_scores=compare,
+              n_boot=self.config["score"]["n_boot"])
+
+    # -- execution ------------------------------------------------------------------------------------------------
+    def _input_hashes(self, manifest: Manifest, step: Step, pending: bool) -> dict | None:
+        hashes = {}
+        for label, value in step.inputs.items():
+            if isinstance(value, Path):
+                if not value.exists():
+                    if pending:
+                        return None
+                    raise MisbenchError(f"step {step.name}: input {value} is missing")
+                hashes[label] = manifest.file_record(value)["sha256"]
+            elif Path(value).is_file():  # a model file behind [model] spec: its content, not its name
+                hashes[label] = f"model:{value}:sha256:{manifest.file_record(Path(value))['sha256']}"
+            else:
+                hashes[label] = f"model:{value}"
+        for spec in dict.fromkeys(s for s in step.data if s):
+            if Path(spec).is_dir():  # named datasets are fixed; a folder can be regenerated in place
+                if spec not in self._fingerprints:
+                    self._fingerprints[spec] = folder_fingerprint(spec)
+                hashes[f"data:{spec}"] = f"folder:{self._fingerprints[spec]}"
+        return hashes
+
+    def plan(self) -> list[tuple[str, str]]:
+        manifest = Manifest(self.out / "manifest.json")
+        out, changed = [], set()
+        self._fingerprints = {}  # each folder walked once per plan or run
+        for step in self.steps:
+            hashes = self._input_hashes(manifest, step, pending=True)
+            upstream_changed = any(isinstance(v, Path) and v in changed for v in step.inputs.values())
+            if hashes is not None and not upstream_changed and manifest.is_current(step.name, step_key(step.kind, step.settings, hashes)):
+                out.append((step.name, "cached"))
+            else:
+                out.append((step.name, "run"))
+                changed.update(step.outputs.values())
+        return out
+
+    def run(self, on_step: Callable[[str, str, int, int], None] | None = None) -> dict:
+        """Run the steps in order; on_step(name, status, i, n) before each (status cached, run or resume)."""
+        with DirectoryLock(self.out):
+            return self._run(on_step)
+
+    def _run(self, on_step) -> dict:
+        manifest = Manifest(self.out / "manifest.json")
+        manifest.data.update(study=self.config["study"]["name"], config=self.config.raw, config_source=self.config.source)
+        manifest.save()
+        ran = []
+        self._fingerprints = {}
+        for i, step in enumerate(self.steps, 1):
+            hashes = self._input_hashes(manifest, step, pending=False)
+            key = step_key(step.kind, step.settings, hashes)
+            if manifest.is_current(step.name, key):
+                on_step and on_step(step.name, "cached", i, len(self.steps))
+                continue
+            previous = manifest.entry(step.name) or {}
+            resume = bool(step.partial and step.partial.exists() and previous.get("key") == key)
+            on_step and on_step(step.name, "resume" if resume else "run", i, len(self.steps))
+            t0 = time.time()
+            manifest.record(step.name, kind=step.kind, key=key, status="running", started_utc=utc_now(),
+                            settings=step.settings,
+                            inputs={k: (manifest.file_record(v) if isinstance(v, Path) else {"model": v})
+                                    for k, v in step.inputs.items()},
+                            data={k[5:]: v for k, v in hashes.items() if k.startswith("data:")})
+            try:
+                step.action(resume)
+            except BaseException as err:
+                manifest.record(step.name, status="failed", error=f"{type(err).__name__}: {err}",
+                                traceback=traceback.format_exc(limit=5), seconds=round(time.time() - t0, 2))
+                raise
+            try:
+                _verify_outputs(step)
+            except MisbenchError as err:
+                manifest.record(step.name, status="failed", error=str(err), seconds=round(time.time() - t0, 2))
+                raise
+            outputs = {k: manifest.file_record(v) for k, v in step.outputs.items()}
+            manifest.record(step.name, status="done", outputs=outputs, finished_utc=utc_now(),
+                            seconds=round(time.time() - t0, 2))
+            ran.append(step.name)
+        return {"ran": ran, "manifest": str(manifest.path), "report": str(self.out / "report" / "report.html")}
+
+
+def _verify_outputs(step: Step) -> None:
+    """A step is done only when its outputs read back: a complete activation file, a loadable checkpoint."""
+    from ..activations.store import open_activations
+    from ..models.checkpoint import load_checkpoint_dict
+
+    for label, path in step.outputs.items():
+        if not path.is_file():
+            raise MisbenchError(f"step {step.name} finished without writing its {label} {path}")
+        if step.kind == "extract":
+            open_activations(path).close()
+        elif step.kind in ("train", "prune"):
+            if "resume" in load_checkpoint_dict(path):
+                raise MisbenchError(f"step {step.name}: {path} is an unfinished run's checkpoint")
+
+
+def check_study_folder(out_dir, overwrite: bool = False) -> None:
+    """A study folder is continued (its manifest redoes only what changed); any other non-empty folder is refused
+    unless overwrite, so that a mistyped --out does not write a study into someone's data."""
+    out = Path(out_dir)
+    if overwrite or not out.is_dir() or (out / "manifest.json").exists() or not any(out.iterdir()):
+        return
+    raise MisbenchError(f"--out: {out} is a non-empty folder without a study's manifest.json; choose a new or "
+                        "study folder, or pass --overwrite to write the study into it")
+
+
+def run_study(config: StudyConfig, out_dir, dry_run: bool = False, on_step=None, progress=None) -> dict:
+    from ..runtime import distributed
+
+    if distributed.world()[1] > 1:
+        raise MisbenchError("misbench study runs in one process: start it without torchrun, and run the "
+                            "retraining of big grids as torchrun jobs of `misbench prune` (docs/reproducing.md)")
+    study = Study(config, out_dir, progress=progress)
+    if dry_run:
+        return {"plan": study.plan()}
+    return study.run(on_step)
+
+
+def study_summary(out_dir) -> dict:
+    """Per-run accuracy and mean MIS, the rate correlations and softmax MIS vs class accuracy, from a finished study."""
+    out_dir = Path(out_dir)
+    report = out_dir / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    classwise = json.loads((report / "classwise_summary.json").read_text())
+    from ..reports.tables import read_csv_rows
+
+    paired = {}
+    if (report / "paired.csv").exists():
+        paired = {r["name"]: r for r in read_csv_rows(report / "paired.csv") if r["layer"] == "features"}
+    runs = []
+    for row in read_csv_rows(report / "sweep.csv"):
+        cw = classwise.get(row["name"], {}).get("correlation_accuracy_mis_confidence", {})
+        runs.append({**row, "r_acc_conf": cw.get("pearson_r"), "paired": paired.get(row["name"])})
+    return {"runs": runs, "summary": summary, "report": str(report / "report.html")}
