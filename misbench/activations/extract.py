@@ -20,10 +20,10 @@ from ..models.preprocess import build_transform
 from ..runtime import distributed
 from ..runtime.device import describe, make_loader, precision, prepare_model, resolve_device, to_device
 from ..runtime.fileio import disk_full_error, flag_hint, refuse_existing, refuse_same_paths, utc_now
-from ..scoring.mis import non_finite_rows
 from ..version import __version__
 from .dictionary import encode, parse_features, resolve_features
 from .hooks import FeatureHooks, LayerRequest, resolve_layers
+from .order import non_finite_rows
 from .store import (SCHEMA, SCHEMA_VERSION, ActivationWriter, PartialUnusable, merge_activation_parts, part_path,
                     partial_path)
 from .tokens import LAYER_KINDS, TOKEN_REDUCTIONS, channels_last_modules

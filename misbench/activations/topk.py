@@ -5,7 +5,7 @@ __all__ = ["TopK", "parse_keep", "merge_topk", "check_tie_order", "TOPK_SEED"]
 import numpy as np
 
 from ..errors import MisbenchError
-from ..scoring.mis import tie_keys
+from .order import tie_keys
 
 TOPK_SEED = 0  # the tie-break keys of a top-k file are those of `score --seed 0`
 BLOCK_UNITS = 128  # units ranked at a time: bounds the memory beyond the state

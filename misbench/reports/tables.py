@@ -13,18 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MisbenchError
-from ..runtime.fileio import atomic_path
+from ..runtime.fileio import atomic_path, read_csv_rows
 from ..scoring.summaries import score_summaries
 
 REQUIRED = {"layer", "unit", "status", "mis", "mis_confidence"}
-
-
-def read_csv_rows(path) -> list[dict]:
-    try:
-        with open(path, newline="") as handle:
-            return list(csv.DictReader(handle))
-    except FileNotFoundError:
-        raise MisbenchError(f"{path} does not exist") from None
 
 
 def _num(value):

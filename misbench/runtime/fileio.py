@@ -1,11 +1,12 @@
 """Hashing and atomic writes: an output either appears whole or not at all."""
 
-__all__ = ["sha256_file", "atomic_path", "temp_dir_beside", "write_json", "write_text", "write_hdf5", "utc_now", "disk_full_error",
+__all__ = ["read_csv_rows", "sha256_file", "atomic_path", "temp_dir_beside", "write_json", "write_text", "write_hdf5", "utc_now", "disk_full_error",
            "refuse_same_paths", "DiskFullError", "json_plain", "refuse_existing", "cli_wording", "option_label",
            "overwrite_hint", "flag_hint"]
 
 import contextlib
 import contextvars
+import csv
 import datetime as _dt
 import errno
 import glob
@@ -212,3 +213,11 @@ def json_plain(obj):
 
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def read_csv_rows(path) -> list[dict]:
+    try:
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+    except FileNotFoundError:
+        raise MisbenchError(f"{path} does not exist") from None

@@ -24,8 +24,8 @@ from ..datasets.images import VIEWS, RowImages
 from ..errors import MisbenchError
 from ..runtime import distributed
 from ..runtime.device import describe, make_loader, precision, prepare_model, resolve_device, to_device
-from ..runtime.fileio import (atomic_path, option_label, overwrite_hint, refuse_existing, refuse_same_paths,
-                              sha256_file, temp_dir_beside, utc_now, write_hdf5, write_json)
+from ..runtime.fileio import (atomic_path, option_label, overwrite_hint, read_csv_rows, refuse_existing,
+                              refuse_same_paths, sha256_file, temp_dir_beside, utc_now, write_hdf5, write_json)
 from ..similarity import EmbeddingIndex, build_backend
 from ..similarity.cache import EmbeddingCache
 from ..similarity.index import DISTANCE_ENGINES, build_distances, resolve_distances
@@ -469,8 +469,6 @@ def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, 
 
 
 def _results_from_csv(path) -> list[dict]:
-    from ..reports.tables import read_csv_rows
-
     def num(v):
         return float(v) if v != "" else None
 
