@@ -6,7 +6,7 @@ and every image is embedded once. `pair_distance` computes the same metric direc
 image batches, the way other MIS implementations call it, as the reference path.
 """
 
-__all__ = ["Backend", "register_backend", "build_backend", "backend_names", "DEFAULT_ALPHA"]
+__all__ = ["Backend", "register_backend", "build_backend", "backend_names", "BACKENDS"]
 
 import hashlib
 from typing import Callable
@@ -15,13 +15,9 @@ import torch
 
 from ..errors import MisbenchError, close_matches
 
-# Sigmoid slopes for mis_confidence. Uncalibrated: deepfeat and pixel by the median rule
-# (alpha = ln 3 / median |delta| over the demo control network's tasks, `calibrate --derive`),
-# lpips and dreamsim placed by hand (their weights are not available offline to derive them).
-# docs/mis.md gives the procedure and figures; fit your own with `misbench calibrate`.
-DEFAULT_ALPHA = {"lpips": 20.0, "deepfeat": 8.8, "dreamsim": 16.0, "pixel": 17.6}
-
-_BACKENDS: dict[str, Callable[..., "Backend"]] = {}
+# name -> factory; a name ending in ":" is a family whose factory parses what follows (deepfeat:<model>)
+BACKENDS: dict[str, Callable[..., "Backend"]] = {}
+_HINTS: dict[str, str] = {}  # family -> what follows its colon, for backend_names()
 
 
 class Backend(torch.nn.Module):
@@ -31,6 +27,9 @@ class Backend(torch.nn.Module):
     family: str = ""
     image_size: int = 64
     resample: str = "square"  # how images reach image_size (images.RESAMPLE): resize shorter side + centre crop
+    # Sigmoid slope for mis_confidence when neither --alpha nor --alpha-from is given; each backend says how
+    # its value was found (docs/mis.md gives the procedure; fit your own with `misbench calibrate`).
+    default_alpha: float = 1.0
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -38,10 +37,6 @@ class Backend(torch.nn.Module):
     def pair_distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The metric on image pairs, computed directly (reference path): [B] distances."""
         raise NotImplementedError
-
-    @property
-    def default_alpha(self) -> float:
-        return DEFAULT_ALPHA[self.family]
 
     def fingerprint(self) -> str:
         """Identity of the metric (name and weights) for embedding caches."""
@@ -52,34 +47,27 @@ class Backend(torch.nn.Module):
         return digest.hexdigest()[:16]
 
 
-def register_backend(name: str):
+def register_backend(name: str, hint: str = ""):
+    """Decorator: `factory(**options)` builds the backend `name`; for a family `name:` (ending in a colon)
+    `factory(spec, **options)` gets what follows the colon. `hint` names that part in `backend_names()`."""
     def decorate(factory):
-        _BACKENDS[name] = factory
+        BACKENDS[name] = factory
+        _HINTS[name] = hint or "spec"
         return factory
     return decorate
 
 
-def _load_backends():
-    """The backend modules register themselves on import."""
-    import importlib
-
-    for module in ("lpips", "pixel", "dreamsim", "deepfeat"):
-        importlib.import_module(f"{__package__}.{module}")
-
-
 def backend_names() -> list[str]:
-    _load_backends()
-    return sorted(_BACKENDS) + ["deepfeat:<torchvision model>"]
+    return sorted(n for n in BACKENDS if not n.endswith(":")) + sorted(
+        f"{n}<{_HINTS[n]}>" for n in BACKENDS if n.endswith(":"))
 
 
 def build_backend(name: str, **kwargs) -> Backend:
-    """`lpips-alex|lpips-vgg|lpips-squeeze`, `deepfeat:<model>`, `dreamsim`, `pixel`."""
-    _load_backends()
-    if name.startswith("deepfeat:"):
-        from .deepfeat import DeepFeatBackend
-
-        return DeepFeatBackend(name.partition(":")[2], **kwargs)
-    if name not in _BACKENDS:
+    """A registered name (`lpips-alex`, `pixel`, `dreamsim`, ...) or `family:spec` (`deepfeat:<model>`)."""
+    family, colon, spec = name.partition(":")
+    if colon and f"{family}:" in BACKENDS:
+        return BACKENDS[f"{family}:"](spec, **kwargs)
+    if name not in BACKENDS:
         raise MisbenchError(f"unknown similarity {name!r}: expected one of {', '.join(backend_names())}."
-                            f"{close_matches(name, list(_BACKENDS))}")
-    return _BACKENDS[name](**kwargs)
+                            f"{close_matches(name, list(BACKENDS))}")
+    return BACKENDS[name](**kwargs)

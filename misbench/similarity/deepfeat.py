@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import MisbenchError
 from ..models.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from .base import Backend
+from .base import Backend, register_backend
 from .features import layer_embedding
 
 
@@ -57,8 +57,10 @@ def _choose_weights(arch: str, weights: str | None):
     return enum.DEFAULT
 
 
+@register_backend("deepfeat:", hint="torchvision model")
 class DeepFeatBackend(Backend):
     family = "deepfeat"
+    default_alpha = 8.8  # median rule (ln 3 / median |delta| on the demo control's tasks, `calibrate --derive`)
 
     def __init__(self, spec: str, image_size: int = 64, model: nn.Module | None = None):
         super().__init__()

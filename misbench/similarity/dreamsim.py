@@ -63,6 +63,7 @@ class DreamSimBackend(Backend):
     """Unit embeddings / sqrt(2): then ||a - b||^2 = 1 - cos(a, b), DreamSim's distance."""
 
     family = "dreamsim"
+    default_alpha = 16.0  # placed by hand: DreamSim's weights are not available offline to derive it
     resample = "stretch-bicubic"  # DreamSim's preprocessing: Resize((224, 224), bicubic), no crop
 
     def __init__(self, image_size: int = 224, embedder=None, weights: str | None = None, **_):

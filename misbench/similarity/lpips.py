@@ -55,6 +55,7 @@ def _trunk(net: str, pretrained: bool) -> nn.Sequential:
 
 class LpipsBackend(Backend):
     family = "lpips"
+    default_alpha = 20.0  # placed by hand: LPIPS' weights are not available offline to derive it
 
     def __init__(self, net: str = "alex", image_size: int = 64, trunk: nn.Sequential | None = None,
                  pretrained: bool = True):

@@ -8,6 +8,7 @@ from .base import Backend, register_backend
 @register_backend("pixel")
 class PixelBackend(Backend):
     family = "pixel"
+    default_alpha = 17.6  # median rule (ln 3 / median |delta| on the demo control's tasks, `calibrate --derive`)
 
     def __init__(self, image_size: int = 64, **_):
         super().__init__()

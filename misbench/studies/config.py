@@ -15,6 +15,7 @@ from ..errors import MisbenchError
 from ..models.preprocess import check_preprocess
 from ..pruning.masks import CRITERIA, METHODS, SCHEDULES
 from ..runtime.device import parse_workers
+from ..similarity import BACKENDS, backend_names
 
 SECTIONS = {
     "study": {"name": "study", "seed": 0},
@@ -230,10 +231,8 @@ def parse_config(given: dict, source: str = "<config>", quick: bool = False) -> 
     _check_choice("[extract] reduction", raw["extract"]["reduction"], ["mean", "max"])
     _check_choice("[extract] token_reduction", raw["extract"]["token_reduction"], list(TOKEN_REDUCTIONS))
     _check_dictionaries(raw)
-    from ..similarity import backend_names
-
     sim = raw["score"]["similarity"]
-    if not sim.startswith("deepfeat:"):
+    if sim.partition(":")[0] + ":" not in BACKENDS:  # a family (deepfeat:<model>) parses its own spec
         _check_choice("[score] similarity", sim, backend_names())
     return StudyConfig(raw, source)
 
