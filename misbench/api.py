@@ -321,8 +321,7 @@ def report(kind: str, out, *, overwrite: bool = False, **inputs) -> Path:
     folder), seed, baseline, classwise_layer, units, title. compare: scores (two or more
     `[LABEL=]mis.csv[:LAYER+LAYER]`), seed, n_boot. layers: scores. curves: checkpoints.
     The report's main files in `out` are not replaced unless `overwrite`."""
-    # the reports import matplotlib, which selects its Agg backend: only when a report is made,
-    # so that importing misbench leaves a notebook's plotting backend alone
+    # the reports import matplotlib (a second or more): loaded when a report is made, not by `import misbench`
     from .reports.build import REPORT_FILES, REPORTS
 
     if kind not in REPORTS:

@@ -1,22 +1,27 @@
 """Figures in the style of the seed paper; each function returns the saved Figure for inspection."""
 
-__all__ = ["classwise_figure", "sweep_figure", "curves_figure", "layers_figure", "compare_figure", "class_scatter_figure",
+__all__ = ["subplots", "classwise_figure", "sweep_figure", "curves_figure", "layers_figure", "compare_figure", "class_scatter_figure",
            "layer_runs_figure", "unit_distribution_figure", "paired_figure", "METHOD_COLOURS"]
 
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from scipy import stats
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from .stats import moving_average  # noqa: E402
+from .stats import moving_average
 
 # the seed's Fig. 4 colours: unstructured red, structured blue, connection green
 METHOD_COLOURS = {"unstructured": "tab:red", "structured": "tab:blue", "connection": "tab:green", "none": "tab:gray"}
 SCHEDULE_STYLES = {"oneshot": "-", "iterative": "--"}
+
+
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, **kwargs):
+    """pyplot.subplots without pyplot: the Figure draws with Agg on savefig, so no backend is selected and
+    a notebook or GUI session that imports misbench keeps its own."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def _save(fig, path):
@@ -25,7 +30,6 @@ def _save(fig, path):
     fig.savefig(path, dpi=110)
     with matplotlib.rc_context({"svg.fonttype": "none"}):
         fig.savefig(Path(path).with_suffix(".svg"))
-    plt.close(fig)
     return fig
 
 
@@ -35,7 +39,7 @@ def classwise_figure(rows: list[dict], path, title: str = ""):
     acc = np.array([r["accuracy"] if r["accuracy"] is not None else np.nan for r in rows], float)
     conf = np.array([r["mis_confidence"] for r in rows], float)
     window = max(3, len(rows) // 20)
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = subplots(figsize=(9, 4))
     ax.plot(units, acc, ".", color="tab:blue", alpha=0.35, label="class accuracy")
     ax.plot(units, conf, ".", color="tab:red", alpha=0.35, label="MIS confidence")
     ax.plot(units, moving_average(acc, window), "-", color="tab:blue", lw=2, label=f"accuracy, moving average ({window})")
@@ -57,7 +61,7 @@ def sweep_figure(runs: list[dict], metric: str, path, ylabel: str, band: tuple |
     Every line starts at rate 0 from the unpruned run of its kind (retrained control, or the
     unretrained base), as in the seed's figures.
     """
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = subplots(figsize=(7, 4.5))
     groups, anchors = {}, {}
     for r in runs:
         if r.get(metric) is None or not np.isfinite(r[metric]):
@@ -97,7 +101,7 @@ def sweep_figure(runs: list[dict], metric: str, path, ylabel: str, band: tuple |
 
 def curves_figure(curves: list[dict], path):
     """Figs. 2/3: validation top-1 over retraining epochs, one line per checkpoint."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = subplots(figsize=(7, 4.5))
     for curve in curves:
         ax.plot(curve["x"], curve["val_top1"], marker=".", label=curve["name"])
     ax.set_xlabel("retraining epoch (cumulative over pruning steps)")
@@ -108,7 +112,7 @@ def curves_figure(curves: list[dict], path):
 
 
 def layers_figure(table: list[dict], path, title: str = ""):
-    fig, ax = plt.subplots(figsize=(max(6, len(table) * 0.25), 4))
+    fig, ax = subplots(figsize=(max(6, len(table) * 0.25), 4))
     x = np.arange(len(table))
     ax.bar(x, [r["mis_confidence"] if r["mis_confidence"] is not None else np.nan for r in table], color="tab:red")
     ax.set_xticks(x, [r["layer"] for r in table], rotation=90, fontsize=6)
@@ -120,7 +124,7 @@ def layers_figure(table: list[dict], path, title: str = ""):
 
 def compare_figure(samples: dict, path, xlabel: str = "MIS confidence"):
     """Overlaid histograms of each population's per-unit scores, their means dashed."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = subplots(figsize=(6, 3.6))
     bins = np.linspace(0, 1, 26)
     for k, (label, values) in enumerate(samples.items()):
         values = np.asarray(values, float)
@@ -140,7 +144,7 @@ def class_scatter_figure(rows: list[dict], corr: dict, path, title: str = ""):
     acc = np.array([r["accuracy"] if r["accuracy"] is not None else np.nan for r in rows], float)
     conf = np.array([r["mis_confidence"] for r in rows], float)
     keep = np.isfinite(acc) & np.isfinite(conf)
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig, ax = subplots(figsize=(5.5, 4.5))
     ax.plot(acc[keep], conf[keep], "o", color="tab:red", alpha=0.6, label=f"class units (n={int(keep.sum())})")
     if corr.get("pearson_r") is not None:
         fit = stats.linregress(acc[keep], conf[keep])
@@ -161,7 +165,7 @@ def layer_runs_figure(layer_rows: list[dict], path):
     """Mean MIS confidence per layer (x) for every run (one line each), from sweep_layers.csv's rows."""
     layers = list(dict.fromkeys(r["layer"] for r in layer_rows))
     runs = list(dict.fromkeys(r["name"] for r in layer_rows))
-    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.35), 4.5))
+    fig, ax = subplots(figsize=(max(6, len(layers) * 0.35), 4.5))
     x = np.arange(len(layers))
     for name in runs:
         by_layer = {r["layer"]: r for r in layer_rows if r["name"] == name}
@@ -185,7 +189,7 @@ def unit_distribution_figure(runs: list[dict], path):
         v = [s["mis_confidence"] for s in run.get("unit_scores") or [] if s["status"] == "ok"]
         if v:
             names.append(run["name"]), values.append(v)
-    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.45), 4.5))
+    fig, ax = subplots(figsize=(max(6, len(names) * 0.45), 4.5))
     ax.boxplot(values, showmeans=True)
     ax.set_xticks(np.arange(1, len(names) + 1), names, rotation=90, fontsize=6)
     ax.set_ylabel("unit MIS confidence")
@@ -199,7 +203,7 @@ def paired_figure(paired_rows: list[dict], baseline: str, path):
     rows = [r for r in paired_rows if r.get("diff_mis_confidence") is not None]
     labels = [f"{r['name']} ({r['layer']})" for r in rows]
     y = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(7, max(2.5, len(rows) * 0.3 + 1)))
+    fig, ax = subplots(figsize=(7, max(2.5, len(rows) * 0.3 + 1)))
     for k, r in enumerate(rows):
         colour = METHOD_COLOURS.get(r["method"], "tab:purple")
         ax.errorbar(r["diff_mis_confidence"], k, xerr=[[r["diff_mis_confidence"] - r["diff_conf_ci_low"]],

@@ -6,12 +6,13 @@ import logging
 from pathlib import Path
 
 import h5py
+import matplotlib
 import numpy as np
 
 from ..activations.store import open_activations
 from ..datasets.images import RowImages
 from ..errors import MisbenchError
-from .figures import plt
+from .figures import subplots
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def unit_gallery(tasks_h5, acts_path, layer: str, unit: int, out_png, n_tasks: i
         pictures = [images[j][0].permute(1, 2, 0).numpy() for j in range(len(rows))]
         values = _unit_values(acts, layer, unit, rows)
     cols = 2 * n_expl + 2
-    fig, axes = plt.subplots(n_tasks, cols, figsize=(cols * 0.75, n_tasks * 1.05 + 0.4), squeeze=False)
+    fig, axes = subplots(n_tasks, cols, figsize=(cols * 0.75, n_tasks * 1.05 + 0.4), squeeze=False)
     labels = ["E+"] * n_expl + ["q+", "q-"] + ["E-"] * n_expl
     for i in range(n_tasks):
         for j in range(cols):
@@ -86,9 +87,8 @@ def unit_gallery(tasks_h5, acts_path, layer: str, unit: int, out_png, n_tasks: i
     fig.suptitle(f"{layer}:{unit} - explanations E+/E-, queries q+/q-; activation under each image", fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
-    with plt.rc_context({"svg.fonttype": "none"}):
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
         fig.savefig(Path(out_png).with_suffix(".svg"))
-    plt.close(fig)
     per_task = values.reshape(n_tasks, cols)
     return {"layer": layer, "unit": unit, "deltas": [float(d) for d in g["delta"][:n_tasks]],
             "pos_expl": per_task[:, :n_expl].tolist(), "queries": per_task[:, n_expl:n_expl + 2].tolist(),
