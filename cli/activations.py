@@ -3,6 +3,7 @@
 import click
 
 from misbench import api
+from misbench.runtime.distributed import is_main
 
 from .common import (Progress, handle_errors, labels_option, list_option, model_kwargs, model_options,
                      refuses_overwrite, workers_option)
@@ -40,8 +41,6 @@ from .common import (Progress, handle_errors, labels_option, list_option, model_
 def extract(model, arch, num_classes, arch_kwargs, trust_pickle, data, layers, out, batch_size, workers, device,
             reduction, token_reduction, features, dtype, limit, resize, crop, on_bad_image, amp, keep, resume, overwrite, labels):
     """Record per-unit activations of MODEL on DATA into an HDF5 file."""
-    from misbench.runtime.distributed import is_main
-
     with Progress("extract") as bar:
         path = api.extract(model, data, layers, out, resume=resume, overwrite=overwrite,
                            progress=bar if is_main() else None,

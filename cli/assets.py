@@ -2,6 +2,8 @@
 
 import click
 
+from misbench.models.assets import ASSETS, asset_status, stage_asset
+
 from .common import handle_errors
 
 
@@ -14,8 +16,6 @@ def assets():
 @handle_errors
 def list_assets():
     """Show each known asset and whether it is staged."""
-    from misbench.models.assets import ASSETS, asset_status
-
     for asset in ASSETS.values():
         status = asset_status(asset)
         mark = "staged " if status["staged"] else "missing"
@@ -29,8 +29,6 @@ def list_assets():
 @handle_errors
 def stage(names, from_dir):
     """Stage NAMES (default: all known assets) into the torch hub cache / misbench's data folder."""
-    from misbench.models.assets import ASSETS, stage_asset
-
     for name in names or list(ASSETS):
         click.echo(f"{name}: {stage_asset(name, from_dir)}")
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import click
+from tqdm import tqdm
 
 from misbench.errors import MisbenchError
 from misbench.runtime.device import MAX_AUTO_WORKERS, parse_workers
@@ -103,8 +104,6 @@ class Progress:
 
     def __call__(self, done: int, total: int):
         if self.tty:
-            from tqdm import tqdm
-
             if self.bar is None:
                 self.bar = tqdm(total=total, initial=done, desc=self.desc, unit=self.unit, dynamic_ncols=True,
                                 file=self.stream)

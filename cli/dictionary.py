@@ -2,6 +2,8 @@
 
 import click
 
+from misbench.activations.dictionary_training import DictionarySettings, train_dictionary as run
+
 from .common import handle_errors, refuses_overwrite
 
 
@@ -19,8 +21,6 @@ from .common import handle_errors, refuses_overwrite
 @refuses_overwrite("out")
 def train_dictionary(acts, layer, out, n_features, k, steps, lr, batch_size, seed):
     """Train a small top-k sparse autoencoder on LAYER's stored activations (docs/mis.md has the recipe)."""
-    from misbench.activations.dictionary_training import DictionarySettings, train_dictionary as run
-
     record = run(acts, layer, out, DictionarySettings(n_features, k, steps, lr, batch_size, seed))
     click.echo(f"{layer}: {n_features} features (top-{k}), variance explained "
                f"{record['fraction_variance_explained']:.3f}, {record['alive_features']} alive -> {out}")

@@ -4,6 +4,7 @@ import click
 
 from misbench.version import __version__
 
+from . import activations, assets, dictionary, layers, pruning, reports, scoring, study
 from .common import setup_logging
 
 
@@ -17,8 +18,6 @@ def cli(verbose, quiet):
 
 
 def _register():
-    from . import activations, assets, dictionary, layers, pruning, reports, scoring, study
-
     for module in (activations, assets, dictionary, layers, pruning, reports, scoring, study):
         for command in module.COMMANDS:
             cli.add_command(command)

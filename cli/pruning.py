@@ -5,6 +5,8 @@ import json
 import click
 
 from misbench import api
+from misbench.models.checkpoint import load_checkpoint_dict
+from misbench.runtime.distributed import is_main
 
 from .common import Progress, handle_errors, labels_option, list_option, model_kwargs, model_options, workers_option
 
@@ -64,8 +66,6 @@ class _EpochBar:
 
 def _run(model, model_kw, prune, kw):
     """`prune` holds api.prune's pruning arguments; None: retrain."""
-    from misbench.runtime.distributed import is_main
-
     bar = _EpochBar() if is_main() else None
     common = dict(data=kw["data"], val_data=kw["val_data"], resume=kw["resume"], overwrite=kw["overwrite"],
                   progress=bar, resize=kw["resize"], crop=kw["crop"], **model_kwargs(*model_kw), **_train_options(kw))
@@ -77,9 +77,6 @@ def _run(model, model_kw, prune, kw):
     finally:
         if bar:
             bar.close()
-    from misbench.models.checkpoint import load_checkpoint_dict
-    from misbench.runtime.distributed import is_main
-
     if not is_main():
         return
     ckpt = load_checkpoint_dict(path)

@@ -6,6 +6,8 @@ from pathlib import Path
 import click
 
 from misbench import api
+from misbench.reports.importer import import_scores as run_import
+from misbench.reports.tables import read_csv_rows
 
 from .common import handle_errors, list_option, refuses_overwrite
 
@@ -113,8 +115,6 @@ def sweep(runs, out, seed, baseline, classwise_layer, units, overwrite):
 @refuses_overwrite(passes=True)
 def layers(scores, out, overwrite):
     """Mean MIS per layer (as the MIS authors publish them): layers.csv and layers.png."""
-    from misbench.reports.tables import read_csv_rows
-
     for row in read_csv_rows(api.report("layers", out, scores=scores, overwrite=overwrite)):
         conf = "-" if row["mis_confidence"] == "" else f"{float(row['mis_confidence']):.4f}"
         click.echo(f"{row['layer']:<44} {row['n_units']:>6} {conf:>8}")
@@ -127,8 +127,6 @@ def layers(scores, out, overwrite):
 @refuses_overwrite(passes=True)
 def curves(checkpoints, out, overwrite):
     """Validation accuracy per retraining epoch from checkpoint histories (curves.png, curves.csv)."""
-    from misbench.reports.tables import read_csv_rows
-
     found = {row["name"] for row in read_csv_rows(api.report("curves", out, checkpoints=checkpoints, overwrite=overwrite))}
     click.echo(f"wrote {Path(out) / 'curves.png'} ({len(found)} curves)")
 
@@ -145,8 +143,6 @@ def curves(checkpoints, out, overwrite):
 @refuses_overwrite("out")
 def import_scores(pickle_file, out, drop_types, constant, constant_above):
     """Convert a published per-unit MIS pickle to mis.csv (restricted unpickler: data only)."""
-    from misbench.reports.importer import import_scores as run_import
-
     summary = run_import(pickle_file, out, drop_types, constant, constant_above)
     click.echo(f"{summary['n_units']} units ({summary['n_ok']} scored): mean MIS {summary['mean_mis']:.4f}, "
                f"mean MIS confidence {summary['mean_mis_confidence']:.4f}")

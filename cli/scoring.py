@@ -1,8 +1,17 @@
 """misbench score / calibrate."""
 
+import json
+
 import click
+import h5py
+import numpy as np
 
 from misbench import api
+from misbench.errors import MisbenchError
+from misbench.runtime.distributed import is_main
+from misbench.runtime.fileio import sha256_file, write_json
+from misbench.scoring.calibrate import derive_alpha, fit_alpha, read_responses
+from misbench.scoring.run import merge_scores as run_merge
 
 from .common import StagedProgress, handle_errors, list_option, refuses_overwrite, workers_option
 
@@ -48,8 +57,6 @@ from .common import StagedProgress, handle_errors, list_option, refuses_overwrit
 def score(acts, layers, out, similarity, image_size, view, dreamsim_weights, selection, quantile, tasks, explanations, alpha, alpha_from, seed,
           device, engine, tasks_out, cache, shard, batch_size, workers, n_boot, amp, chunk_units, distances, overwrite):
     """Score every unit of LAYERs in ACTS with the Mechanistic Interpretability Score."""
-    from misbench.runtime.distributed import is_main
-
     bars = StagedProgress({"embed": "img", "score": "unit"})
     try:
         scores = api.score(acts, layers, out, tasks_out=tasks_out, cache=cache, shard=shard, overwrite=overwrite,
@@ -96,16 +103,7 @@ COMMANDS = [score]
 def calibrate(responses, derive_from, tasks_h5, level, model, out, as_json):
     """Fit alpha of mis_confidence to human 2-AFC RESPONSES (CSV: delta or layer,unit,task; correct; or the IMI
     study's trial table), or derive one with --derive TASKS.h5 (not a calibration)."""
-    import json
-
-    from misbench.errors import MisbenchError
-    from misbench.runtime.fileio import sha256_file, write_json
-    from misbench.scoring.calibrate import derive_alpha, fit_alpha, read_responses
-
     if derive_from:
-        import h5py
-        import numpy as np
-
         with h5py.File(derive_from, "r") as h5:
             deltas = np.concatenate([h5[name]["delta"][...].ravel() for name in h5])
         rule = derive_alpha(deltas)
@@ -146,8 +144,6 @@ COMMANDS.append(calibrate)
 @refuses_overwrite(passes=True)
 def merge_scores(parts, out, tasks_out, overwrite):
     """Merge the mis.csv files of `score --shard I/N` runs into the result of one unsharded run."""
-    from misbench.scoring.run import merge_scores as run_merge
-
     meta = run_merge(parts, out, tasks_out, overwrite)
     click.echo(f"merged {len(parts)} shards, {sum(s['n_units'] for s in meta['layers'].values())} scored units -> {out}")
 

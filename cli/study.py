@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from misbench import api
+from misbench.studies.run import demo_config_path, study_summary
 
 from .common import StagedProgress, _clock, handle_errors
 
@@ -34,8 +35,6 @@ class StepClock:
 
 
 def print_summary(out_dir):
-    from misbench.studies.run import study_summary
-
     s = study_summary(out_dir)
 
     def f(v, fmt=".3f"):
@@ -111,8 +110,6 @@ def study(config_path, out, dry_run, quick, overwrite):
 @handle_errors
 def demo(out, quick, dry_run, overwrite):
     """The bundled demo study: a miniature GoogLeNet on Fashion-MNIST, pruned, retrained, scored, reported."""
-    from misbench.studies.run import demo_config_path
-
     out = out or ("demo-out-quick" if quick else "demo-out")
     click.echo(f"demo config: {demo_config_path()}", err=True)
     _run(demo_config_path(), Path(out), dry_run, quick, overwrite)

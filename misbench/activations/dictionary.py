@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MisbenchError
+from ..errors import MisbenchError, close_matches
 from ..runtime.fileio import sha256_file
 from .hooks import probe_outputs
+from .tokens import as_positions, channels_last_modules, output_layout
 
 
 def _relu(pre: torch.Tensor, _arg) -> torch.Tensor:
@@ -140,9 +141,6 @@ def resolve_features(model: torch.nn.Module, specs, taken, probe: torch.Tensor) 
     """Feature layer name -> (module name, Dictionary), checked against the model before any image is read:
     the module exists, NAME is new, and W_enc's D equals the module's units per position (from one forward
     pass on `probe`)."""
-    from ..errors import close_matches
-    from .tokens import as_positions, channels_last_modules, output_layout
-
     if not specs:
         return {}
     specs = [s if isinstance(s, FeatureSpec) else parse_features(s) for s in specs]

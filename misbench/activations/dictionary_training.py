@@ -19,6 +19,7 @@ import torch
 
 from ..errors import MisbenchError
 from ..runtime.fileio import atomic_path, sha256_file
+from .store import open_activations
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,6 @@ def _topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
 def train_dictionary(acts_path, layer: str, out, settings: DictionarySettings) -> dict:
     """Train on the rows of `layer` in a finished activation file; write {W_enc, b_enc, b_dec, W_dec,
     activation, ...} atomically to `out`; return the training record (also stored in the file)."""
-    from .store import open_activations
-
     with open_activations(acts_path) as acts:
         if layer not in acts.layer_names:
             raise MisbenchError(f"{acts_path} has no layer {layer!r}; its layers: {', '.join(acts.layer_names)}")

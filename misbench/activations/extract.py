@@ -3,6 +3,7 @@
 __all__ = ["ExtractSettings", "extract"]
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -104,8 +105,6 @@ def _file_attrs(loaded: LoadedModel, source: ImageSource, settings: ExtractSetti
 
 def _fingerprint(source: ImageSource) -> str:
     """The dataset's identity for --resume: its size and every image's path (a folder can gain images)."""
-    import hashlib
-
     digest = hashlib.sha256(f"{len(source)}\n".encode())
     for i in range(len(source)):
         digest.update(f"{source.path(i)}\t{source.label(i)}\n".encode())

@@ -14,10 +14,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import MisbenchError
+from ..errors import MisbenchError, close_matches
 from ..runtime.fileio import DiskFullError, disk_full_error
 from ..runtime.interrupts import uninterruptible
-from .topk import TOPK_SEED
+from .topk import TOPK_SEED, merge_topk
 
 log = logging.getLogger(__name__)
 
@@ -334,8 +334,6 @@ class ActivationWriter:
 
 def merge_activation_parts(parts: list, target, block: int = 4096) -> None:
     """Concatenate ranks' part files (in rank order) into one file with the content of a one-process run."""
-    from .topk import merge_topk
-
     first = h5py.File(parts[0], "r")
     attrs = {k: v for k, v in first.attrs.items() if k not in ("complete", "rows_written", "next_index",
                                                                "skipped_paths", "topk_rows")}
@@ -401,8 +399,6 @@ class ActivationFile:
 
     def layer(self, name: str):
         if name not in self.h5["layers"]:
-            from ..errors import close_matches
-
             raise MisbenchError(f"layer {name!r} is not in {self.path}.{close_matches(name, self.layer_names)} "
                                 f"Layers there: {', '.join(self.layer_names[:12])}{' ...' if len(self.layer_names) > 12 else ''}")
         return self.h5["layers"][name]

@@ -70,6 +70,7 @@ def _first_activation(module: nn.Module) -> str | None:
 def mlp_hidden_modules(model: nn.Module) -> list[str]:
     """The hidden activation (output of the nonlinearity) of every transformer MLP block, in model order:
     torchvision's MLPBlock/MLP (ViT, Swin) and modules named like timm's Mlp."""
+    # torchvision loads only where a model or transform needs it: `import misbench` stays light
     from torchvision.ops.misc import MLP
 
     names = []
@@ -84,6 +85,7 @@ def mlp_hidden_modules(model: nn.Module) -> list[str]:
 def channels_last_modules(model: nn.Module) -> set[str]:
     """Modules whose 4-D outputs are channels-last token grids rather than conv maps (torchvision Swin:
     everything inside `features` after the patch-embedding conv, and the final `norm`)."""
+    # torchvision loads only where a model or transform needs it: `import misbench` stays light
     from torchvision.models.swin_transformer import SwinTransformer
 
     if not isinstance(model, SwinTransformer):

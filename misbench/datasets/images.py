@@ -22,6 +22,7 @@ RESAMPLE = ("square", "stretch-bicubic")
 def similarity_transform(size: int, view: str = "raw", model_transform: dict | None = None, resample: str = "square"):
     """raw/model view, then `square` (resize the shorter side, centre crop: LPIPS, deep features, pixel) or
     `stretch-bicubic` (the whole view to size x size, bicubic: DreamSim's own preprocessing)."""
+    # torchvision loads only where a model or transform needs it: `import misbench` stays light
     from torchvision import transforms as T
 
     steps = []

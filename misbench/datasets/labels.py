@@ -42,6 +42,7 @@ def imagenet_wnids() -> tuple:
 
 def imagenet_categories() -> list:
     """torchvision's ImageNet-1k category names (the weights' metadata), in class-index order."""
+    # torchvision loads only where a model or transform needs it: `import misbench` stays light
     import torchvision
 
     return list(torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1.meta["categories"])

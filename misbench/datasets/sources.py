@@ -85,6 +85,7 @@ class FolderSource(ImageSource):
 
     def __init__(self, spec: str, root: Path, num_classes: int | None = None, labels: str = "auto",
                  categories: list | None = None):
+        # torchvision loads only where a model or transform needs it: `import misbench` stays light
         from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
         self.spec, self.root = spec, str(root)
@@ -225,6 +226,7 @@ def _fashion_mnist(split: str, spec: str) -> ArraySource:
             log.info("Fashion-MNIST %s from %s", split, d)
             return ArraySource(spec, _read_idx(images), _read_idx(labels), FASHION_MNIST_CLASSES)
     try:
+        # torchvision loads only where a model or transform needs it: `import misbench` stays light
         from torchvision.datasets import FashionMNIST
 
         ds = FashionMNIST(str(misbench_home() / "datasets" / "torchvision"), train=split == "train", download=True)

@@ -114,6 +114,7 @@ def _mini_inception(num_classes: int = 10, **kwargs) -> nn.Module:
 
 
 def _torchvision_names() -> list[str]:
+    # torchvision loads only where a model or transform needs it: `import misbench` stays light
     import torchvision
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
@@ -146,6 +147,7 @@ def build_arch(name: str, num_classes: int, arch_kwargs: dict | None = None) -> 
     if is_timm(name):
         return build_timm(name, num_classes, kwargs)
     check_arch(name)
+    # torchvision loads only where a model or transform needs it: `import misbench` stays light
     import torchvision
 
     if name == "googlenet":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.hub import HASH_REGEX, download_url_to_file
 
 from ..errors import MisbenchError
 from ..runtime.fileio import atomic_path, sha256_file
@@ -62,6 +63,7 @@ def model_input_file(spec: str) -> str:
 
 
 def torchvision_weights(arch: str, weights_name: str):
+    # torchvision loads only where a model or transform needs it: `import misbench` stays light
     import torchvision
 
     try:
@@ -80,8 +82,6 @@ def torchvision_weights(arch: str, weights_name: str):
 
 
 def _download(url: str, target: Path) -> None:
-    from torch.hub import HASH_REGEX, download_url_to_file
-
     log.info("weights %s not in the hub cache; trying to download %s", target.name, url)
     match = HASH_REGEX.search(target.name)
     try:
@@ -130,6 +130,7 @@ def _plain_tensor_hub():
     each builder's own quirks (GoogLeNet and Inception v3 build with aux heads, load, then drop them;
     DenseNet renames keys) while no file is ever unpickled.
     """
+    # torchvision loads only where a model or transform needs it: `import misbench` stays light
     from torchvision.models import _api
 
     with _HUB_PATCH:
@@ -143,6 +144,7 @@ def _plain_tensor_hub():
 
 def pretrained_torchvision(arch: str, weights, arch_kwargs: dict | None = None) -> nn.Module:
     """torchvision.models.get_model(arch, weights=weights, **arch_kwargs), every file read as plain tensors."""
+    # torchvision loads only where a model or transform needs it: `import misbench` stays light
     import torchvision
 
     kwargs = dict(arch_kwargs or {})
@@ -186,6 +188,7 @@ def _preprocess_of(weights) -> Preprocess:
 
 
 def _no_weights_error(arch: str) -> MisbenchError:
+    # torchvision loads only where a model or transform needs it: `import misbench` stays light
     import torchvision
 
     try:

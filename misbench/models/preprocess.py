@@ -61,6 +61,7 @@ def check_preprocess(d, where: str) -> None:
 
 
 def build_transform(pre: Preprocess):
+    # torchvision loads only where a model or transform needs it: `import misbench` stays light
     from torchvision import transforms as T
 
     return T.Compose([

@@ -9,6 +9,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..datasets.labels import LABEL_MODES
 from ..datasets.sources import ImageSource, TransformedDataset, derived_seed
@@ -67,6 +68,7 @@ class TrainSettings:
 
 
 def train_transform(pre: Preprocess, augment: bool = True):
+    # torchvision loads only where a model or transform needs it: `import misbench` stays light
     from torchvision import transforms as T
 
     if not augment:
@@ -132,8 +134,6 @@ class Trainer:
         self.epoch = 0
         self.ddp = None
         if self.size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
             ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -16,6 +16,7 @@ from scipy import stats
 from ..errors import MisbenchError
 from ..runtime.fileio import write_json
 from ..scoring.summaries import score_summaries
+from .figures import compare_figure
 from .tables import alpha_of, read_scores, write_csv
 
 COMPARE_COLUMNS = ["population", "layer", "n_units", "n_constant", "mis", "mis_ci_low", "mis_ci_high",
@@ -96,6 +97,5 @@ def compare_report(populations: list, out, seed: int = 0, n_boot: int = 1000, fi
                                    "mis_confidence is not comparable across them (mis is)")
     write_json(out / "compare.json", result)
     if figure:
-        from .figures import compare_figure
         compare_figure({p["label"]: values(p, "mis_confidence") for p in pops}, out / "compare.png")
     return result

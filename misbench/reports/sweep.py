@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MisbenchError
+from ..models.checkpoint import load_checkpoint_dict
 from ..runtime.fileio import write_json
 from ..scoring.summaries import is_class_layer, score_summaries
 from .figures import curves_figure, layer_runs_figure, paired_figure, sweep_figure, unit_distribution_figure
@@ -120,8 +121,6 @@ def distinct_runs(runs: list[dict]) -> tuple[list[dict], list[str]]:
 
 
 def training_curves(runs: list[dict]) -> list[dict]:
-    from ..models.checkpoint import load_checkpoint_dict
-
     curves = []
     for run in runs:
         if not run.get("checkpoint"):

@@ -6,6 +6,7 @@ import datetime
 import os
 
 import torch
+import torch.distributed as dist
 
 # rank 0 merges the ranks' parts while the others wait at a barrier: for ImageNet-train activations
 # that outlasts NCCL's default 10-minute collective timeout
@@ -24,8 +25,6 @@ def is_main() -> bool:
 
 def ensure_initialized(device: torch.device | None = None) -> None:
     """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); no-op in one process."""
-    import torch.distributed as dist
-
     if world()[1] == 1 or dist.is_initialized():
         return
     cuda = device is not None and device.type == "cuda"
@@ -37,14 +36,10 @@ def ensure_initialized(device: torch.device | None = None) -> None:
 
 def _collective_device():
     """NCCL only reduces CUDA tensors; gloo reduces CPU tensors."""
-    import torch.distributed as dist
-
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         device = _collective_device()
         dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
@@ -58,8 +53,6 @@ def block(n: int, rank: int, size: int) -> tuple[int, int]:
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return values
     t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
@@ -68,8 +61,6 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
 
 def broadcast_object(obj):
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return obj
     holder = [obj]

@@ -19,6 +19,8 @@ import re
 import shutil
 from pathlib import Path
 
+import h5py
+
 from ..errors import MisbenchError
 
 log = logging.getLogger(__name__)
@@ -183,8 +185,6 @@ def write_text(path, text: str) -> None:
 def write_hdf5(path, build) -> None:
     """Build an HDF5 file in memory with build(h5) and write it whole: a full disk is then an ordinary,
     clean OSError (HDF5 writing to a full disk can leave its library state broken, and crash at exit)."""
-    import h5py
-
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as h5:
         build(h5)

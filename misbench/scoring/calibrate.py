@@ -3,9 +3,11 @@
 __all__ = ["fit_alpha", "derive_alpha", "read_responses", "calibration_alpha", "IMI_COLUMNS", "SIMPLE_COLUMNS"]
 
 import csv
+import json
 import logging
 from pathlib import Path
 
+import h5py
 import numpy as np
 from scipy import optimize, stats
 
@@ -112,8 +114,6 @@ def _flag(path, row, column) -> int:
 
 def _lookup_deltas(path, keys, tasks_h5) -> np.ndarray:
     """delta of each (layer, unit, task) from a tasks.h5 that `score --tasks-out` wrote for the same tasks."""
-    import h5py
-
     if not tasks_h5:
         raise MisbenchError(f"{path} names tasks by layer, unit and task: pass --tasks TASKS.h5 (score --tasks-out) "
                             "that scored those tasks")
@@ -188,8 +188,6 @@ def read_responses(path, tasks_h5=None, model: str | None = None) -> tuple[np.nd
 
 def calibration_alpha(path) -> tuple[float, str]:
     """(alpha, alpha_source) from a `misbench calibrate --out` file: source is calibrated:<responses sha256>."""
-    import json
-
     try:
         fit = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:

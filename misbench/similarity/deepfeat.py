@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import MisbenchError
+from ..models.loading import hub_checkpoint_path, pretrained_torchvision, torchvision_weights
 from ..models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .base import Backend, register_backend
 from .features import layer_embedding
@@ -41,9 +42,8 @@ def _stages(model: nn.Module) -> nn.Sequential:
 
 def _choose_weights(arch: str, weights: str | None):
     """The named weights, else the first of the model's weights already in the hub cache (DEFAULT first)."""
+    # torchvision loads only where a model or transform needs it: `import misbench` stays light
     import torchvision
-
-    from ..models.loading import hub_checkpoint_path, torchvision_weights
 
     if weights:
         return torchvision_weights(arch, weights)
@@ -67,8 +67,6 @@ class DeepFeatBackend(Backend):
         arch, _, weights = spec.partition(":")
         self.image_size = image_size
         if model is None:
-            from ..models.loading import pretrained_torchvision
-
             w = _choose_weights(arch, weights or None)
             weights = w.name
             model = pretrained_torchvision(arch, w)

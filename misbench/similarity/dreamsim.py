@@ -35,6 +35,7 @@ def weights_dir(path: str | None) -> Path:
 
 def _load_dreamsim(path: str | None) -> torch.nn.Module:
     try:
+        # optional: pip install 'misbench[dreamsim]'
         from dreamsim import dreamsim
     except ImportError:
         raise MisbenchError("the dreamsim backend needs the optional extra: pip install 'misbench[dreamsim]'") from None

@@ -22,6 +22,7 @@ BLOCK_BYTES = 64 << 20  # gathered vectors per call (FAISS queries, torch target
 
 
 def _faiss():
+    # FAISS loads on first search: its import is slow and logs its loader
     import faiss
 
     return faiss

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import MisbenchError
+from ..models.loading import pretrained_torchvision, torchvision_weights
 from .base import Backend, register_backend
 from .features import layer_distance, layer_embedding
 
@@ -27,6 +28,7 @@ SCALE = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
 
 def _lpips_heads(net: str) -> list[torch.Tensor]:
     try:
+        # only LPIPS' heads need the package; its absence is a clear error below
         import lpips
     except ImportError:
         raise MisbenchError("the lpips package is not installed: pip install lpips") from None
@@ -41,12 +43,11 @@ def _lpips_heads(net: str) -> list[torch.Tensor]:
 
 
 def _trunk(net: str, pretrained: bool) -> nn.Sequential:
+    # torchvision loads only where a model or transform needs it: `import misbench` stays light
     import torchvision
 
     arch, cuts = TRUNKS[net]
     if pretrained:
-        from ..models.loading import pretrained_torchvision, torchvision_weights
-
         model = pretrained_torchvision(arch, torchvision_weights(arch, "IMAGENET1K_V1"))
     else:
         model = torchvision.models.get_model(arch, weights=None)

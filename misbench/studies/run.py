@@ -7,19 +7,32 @@ import json
 import logging
 import time
 import traceback
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..activations.dictionary import parse_features
+from ..activations.dictionary_training import DictionarySettings, train_dictionary
+from ..activations.evaluate import evaluate_model, write_eval
+from ..activations.extract import ExtractSettings, extract
+from ..activations.store import open_activations, partial_path
 from ..errors import MisbenchError
 from ..models.archs import build_arch
+from ..models.checkpoint import load_checkpoint_dict
 from ..models.loading import LoadedModel, load_model
 from ..models.preprocess import IMAGENET_PREPROCESS, Preprocess
+from ..pruning import PruneSettings
+from ..pruning.run import partial_checkpoint_path, produce_checkpoint
+from ..pruning.training import TrainSettings
+from ..reports.tables import read_csv_rows, write_csv
+from ..runtime import distributed
 from ..runtime.device import parse_workers
 from ..runtime.fileio import utc_now, write_json
 from ..runtime.lock import DirectoryLock
+from ..scoring.calibrate import calibration_alpha
+from ..scoring.run import ScoreSettings, score
 from .config import RunSpec, StudyConfig
 from .manifest import Manifest, folder_fingerprint, step_key
 
@@ -29,8 +42,6 @@ DEMO_CONFIG = "demo.toml"
 
 
 def demo_config_path() -> Path:
-    from importlib import resources
-
     return Path(str(resources.files("misbench.configs") / DEMO_CONFIG))
 
 
@@ -64,8 +75,6 @@ class Study:
         return {**runtime, "workers": parse_workers(runtime["workers"])}
 
     def _train_settings(self, section: str, epochs: int | None = None, optimizer: str | None = None):
-        from ..pruning.training import TrainSettings
-
         s = self.config[section]
         return TrainSettings(epochs=s["epochs"] if epochs is None else epochs, optimizer=optimizer or s["optimizer"],
                              lr=s["lr"],
@@ -89,9 +98,6 @@ class Study:
         return self.out / "runs" / run.name
 
     def _plan(self) -> list[Step]:
-        from ..activations.store import partial_path
-        from ..pruning.run import partial_checkpoint_path
-
         cfg, steps = self.config, []
         data = cfg["data"]
         base_ckpt: Path | str
@@ -115,8 +121,6 @@ class Study:
             elif run.name != "base":
                 prune = None
                 if run.method != "none":
-                    from ..pruning import PruneSettings
-
                     prune = PruneSettings(run.method, run.rate, criterion=run.criterion, schedule=run.schedule,
                                           steps=run.steps, seed=cfg["study"]["seed"],
                                           exclude=tuple(cfg["pruning"]["exclude"]) if cfg["pruning"]["exclude"] is not None else None)
@@ -172,8 +176,6 @@ class Study:
         """[dictionary]: activations of the training images at `layer` of the base network -> a top-k SAE ->
         the layer's neurons and the dictionary's features on the extraction images -> their scores (the
         report compares the two populations)."""
-        from ..activations.store import partial_path
-
         cfg, d = self.config, self.config["dictionary"]
         if not d["layer"]:
             return []
@@ -204,8 +206,6 @@ class Study:
         return load_model(str(ckpt))
 
     def _produce(self, loaded, prune, section, out, resume, epochs=None, optimizer=None):
-        from ..pruning.run import produce_checkpoint
-
         data = self.config["data"]
         train = self._train_settings(section, epochs, optimizer)
         progress = (lambda step, epoch, d, n: self.progress(f"{Path(out).parent.name} step {step} epoch {epoch}", d, n)
@@ -214,8 +214,6 @@ class Study:
                            resume=resume, overwrite=True, progress=progress)
 
     def _eval(self, ckpt, out):
-        from ..activations.evaluate import evaluate_model, write_eval
-
         result = evaluate_model(self._load(ckpt), self.config["data"]["val"], batch_size=256,
                                 workers=self._runtime()["workers"], device=self._runtime()["device"],
                                 limit=self.config["retrain"]["val_limit"], labels=self.config["data"]["labels"],
@@ -224,8 +222,6 @@ class Study:
 
     def _extract(self, ckpt, out, resume, **override):
         """Extract with the [extract] settings; `override` replaces some (the dictionary's steps)."""
-        from ..activations.extract import ExtractSettings, extract
-
         e = {**self.config["extract"], **override}
         settings = ExtractSettings(layers=tuple(e["layers"]), reduction=e["reduction"], dtype=e["dtype"], limit=e["limit"],
                                    labels=self.config["data"]["labels"], resize=e["resize"], crop=e["crop"],
@@ -236,21 +232,15 @@ class Study:
                 overwrite=True, progress=self._bar(f"extract {Path(out).parent.name}"))
 
     def _train_dictionary(self):
-        from ..activations.dictionary_training import DictionarySettings, train_dictionary
-
         d, p = self.config["dictionary"], self.dictionary_paths()
         settings = DictionarySettings(n_features=d["n_features"], k=d["k"], steps=d["steps"], lr=d["lr"],
                                       batch_size=d["batch_size"], seed=self.config["study"]["seed"])
         train_dictionary(p["train_acts"], d["layer"], p["dictionary"], settings)
 
     def _score(self, acts, out, layers=None):
-        from ..scoring.run import ScoreSettings, score
-
         s = self.config["score"]
         alpha, alpha_source = s["alpha"], ""
         if s["alpha_from"]:  # a `misbench calibrate --out` file: alpha with its provenance
-            from ..scoring.calibrate import calibration_alpha
-
             alpha, alpha_source = calibration_alpha(s["alpha_from"])
         settings = ScoreSettings(similarity=s["similarity"], image_size=s["image_size"], view=s["view"],
                                  selection=s["selection"],
@@ -264,8 +254,6 @@ class Study:
               overwrite=True)  # the manifest decides when a step's outputs are stale
 
     def write_runs_csv(self) -> Path:
-        from ..reports.tables import write_csv
-
         rows = []
         for run in self.runs:
             d = self.run_dir(run)
@@ -280,6 +268,7 @@ class Study:
         return path
 
     def _report(self):
+        # reports load matplotlib: only when a study reports
         from ..reports.build import sweep
 
         cfg, d = self.config["report"], self.config["dictionary"]
@@ -372,9 +361,6 @@ class Study:
 
 def _verify_outputs(step: Step) -> None:
     """A step is done only when its outputs read back: a complete activation file, a loadable checkpoint."""
-    from ..activations.store import open_activations
-    from ..models.checkpoint import load_checkpoint_dict
-
     for label, path in step.outputs.items():
         if not path.is_file():
             raise MisbenchError(f"step {step.name} finished without writing its {label} {path}")
@@ -396,8 +382,6 @@ def check_study_folder(out_dir, overwrite: bool = False) -> None:
 
 
 def run_study(config: StudyConfig, out_dir, dry_run: bool = False, on_step=None, progress=None) -> dict:
-    from ..runtime import distributed
-
     if distributed.world()[1] > 1:
         raise MisbenchError("misbench study runs in one process: start it without torchrun, and run the "
                             "retraining of big grids as torchrun jobs of `misbench prune` (docs/reproducing.md)")
@@ -413,8 +397,6 @@ def study_summary(out_dir) -> dict:
     report = out_dir / "report"
     summary = json.loads((report / "summary.json").read_text())
     classwise = json.loads((report / "classwise_summary.json").read_text())
-    from ..reports.tables import read_csv_rows
-
     paired = {}
     if (report / "paired.csv").exists():
         paired = {r["name"]: r for r in read_csv_rows(report / "paired.csv") if r["layer"] == "features"}
