@@ -240,7 +240,12 @@ def _fashion_mnist(split: str, spec: str) -> ArraySource:
 
 
 def _digits(spec: str) -> ArraySource:
-    from sklearn.datasets import load_digits
+    try:
+        # optional: scikit-learn is the `toy` extra, needed for this data set only
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise MisbenchError("DATA 'digits' is scikit-learn's bundled digits set, and scikit-learn is not installed: "
+                            "pip install 'misbench[toy]' (or use an ImageFolder directory or fashion-mnist)") from None
 
     bunch = load_digits()
     images = np.clip(bunch.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
