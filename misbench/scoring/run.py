@@ -4,116 +4,38 @@ __all__ = ["ScoreSettings", "score", "parse_shard", "MIS_COLUMNS", "embed_rows",
            "merge_scores", "shard_path", "embed_missing", "chunk_memory"]
 
 import contextlib
-import csv
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
 from ..activations.store import open_activations
 from ..activations.topk import check_tie_order
-from ..datasets.images import VIEWS, RowImages
+from ..datasets.images import RowImages
 from ..errors import MisbenchError
 from ..runtime import distributed
 from ..runtime.device import describe, make_loader, precision, prepare_model, resolve_device, to_device
-from ..runtime.fileio import (atomic_path, option_label, overwrite_hint, read_csv_rows, refuse_existing,
-                              refuse_same_paths, sha256_file, temp_dir_beside, utc_now, write_hdf5, write_json)
+from ..runtime.fileio import refuse_same_paths, sha256_file, temp_dir_beside, utc_now, write_json
 from ..similarity import EmbeddingIndex, build_backend
 from ..similarity.cache import EmbeddingCache
-from ..similarity.index import DISTANCE_ENGINES, build_distances, resolve_distances
+from ..similarity.index import build_distances, resolve_distances
 from ..version import __version__
 from .mis import (CONSTANT_RANGE, SELECTIONS, Tasks, confidences, decisions, non_finite_rows, task_deltas, tie_keys,
                   unit_rng)
-from .summaries import bootstrap_mean_ci, clopper_pearson, score_summaries
+from .results import (MIS_COLUMNS, layer_summaries, merge_scores, refuse_foreign_outputs, run_key, score_rows,
+                      shard_path, stored_value, write_scores_csv, write_tasks)
+from .settings import ScoreSettings, parse_shard
+from .summaries import bootstrap_mean_ci, clopper_pearson
 
 log = logging.getLogger(__name__)
 
-MIS_COLUMNS = ["layer", "unit", "status", "mis", "mis_confidence", "mis_ci_low", "mis_ci_high",
-               "conf_ci_low", "conf_ci_high", "n_tasks", "alpha", "alpha_source"]
-ENGINES = ("embed", "pairwise")
 STORE_PART_BYTES = 64 << 20  # embeddings written to the store per part while embedding (bounds the copy)
 RESIDENT_FACTOR = 1.5  # all images stay in memory when they are at most this many times a chunk's
-
-
-@dataclasses.dataclass(frozen=True)
-class ScoreSettings:
-    similarity: str = "lpips-alex"
-    image_size: int | None = None  # None: the backend's own size (64; DreamSim 224)
-    view: str = "model"  # what the similarity sees: the model's crop, or the raw image file (images.VIEWS)
-    selection: str = "fair"
-    quantile: float = 0.2
-    tasks: int = 20
-    explanations: int = 9
-    alpha: float | None = None  # None: the backend's documented default
-    alpha_source: str = ""  # "" -> "default" (alpha None) or "user"; "calibrated:<sha256>" from a calibration file
-    seed: int = 0
-    engine: str = "embed"
-    n_boot: int = 1000
-    amp: bool = False  # autocast the embedding network (LPIPS is exact only in float32)
-    chunk_units: int = 256  # units whose distances are computed together (bounds memory)
-    distances: str = "auto"  # faiss | torch | auto (torch on CUDA, FAISS on CPU): docs/performance.md
-    # how, not what
-    device: str = "auto"
-    batch_size: int = 64
-    workers: int | None = None  # None: auto (see loader_workers)
-    dreamsim_weights: str | None = None  # a local directory; the weights' identity is in the backend fingerprint
-
-    RUNTIME = ("device", "batch_size", "workers", "chunk_units", "dreamsim_weights", "distances")
-
-    def __post_init__(self):
-        if self.selection not in SELECTIONS:
-            raise MisbenchError(f"--selection {self.selection!r}: expected one of {list(SELECTIONS)}")
-        if self.engine not in ENGINES:
-            raise MisbenchError(f"--engine {self.engine!r}: expected one of {ENGINES}")
-        if self.tasks < 1 or self.explanations < 1:
-            raise MisbenchError("--tasks and --explanations must be positive")
-        if self.distances not in ("auto", *DISTANCE_ENGINES):
-            raise MisbenchError(f"--distances {self.distances!r}: expected one of {['auto', *DISTANCE_ENGINES]}")
-        if self.chunk_units < 1:
-            raise MisbenchError(f"--chunk-units must be positive, got {self.chunk_units}")
-        if self.alpha is not None and not (np.isfinite(self.alpha) and self.alpha > 0):
-            raise MisbenchError(f"--alpha {self.alpha}: expected a finite positive sigmoid slope "
-                                "(leave it out for the backend's default, or fit one with misbench calibrate)")
-        if self.alpha_source not in ("", "default", "user") and not self.alpha_source.startswith("calibrated:"):
-            raise MisbenchError(f"alpha_source {self.alpha_source!r}: expected default, user or calibrated:<sha256>")
-        if self.view not in VIEWS:
-            raise MisbenchError(f"--view {self.view!r}: expected one of {VIEWS}")
-        if self.image_size is not None and self.image_size < 16:
-            raise MisbenchError(f"--image-size must be at least 16 pixels, got {self.image_size}")
-        if self.n_boot < 0:
-            raise MisbenchError(f"--bootstrap must be >= 0 resamples, got {self.n_boot}")
-        if self.batch_size < 1:
-            raise MisbenchError(f"--batch-size must be positive, got {self.batch_size}")
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    if not text:
-        return 0, 1
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise MisbenchError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4") from None
-    if not 0 <= i < n:
-        raise MisbenchError(f"--shard {text!r}: expected I/N with 0 <= I < N")
-    return i, n
-
-
-def _round(x: float) -> float:
-    """The value as mis.csv stores it, so summaries recomputed from CSVs (merged shards) are identical."""
-    return float(f"{x:.6g}")
-
-
-def shard_path(out, shard: tuple[int, int]) -> Path:
-    out = Path(out)
-    return out.with_name(f"{out.stem}.part{shard[0]}of{shard[1]}{out.suffix}")
 
 
 def _needed_per_side(settings: ScoreSettings, n_rows: int) -> int:
@@ -262,36 +184,6 @@ def _probe_dim(backend, settings: ScoreSettings, device) -> int:
         return int(backend.embed(blank).shape[1])
 
 
-def run_key(command: str, inputs, settings: dict, out, tasks_out) -> str:
-    """Identifies one command's outputs: a tasks.h5 or mis.json that carries it and has no mis.csv beside it
-    is what a killed run of the same command left (a rerun replaces it); anything else is another run's."""
-    text = json.dumps({"command": command, "inputs": [str(Path(p).resolve()) for p in inputs], "settings": settings,
-                       "out": str(Path(out).resolve()) if out else "",
-                       "tasks_out": str(Path(tasks_out).resolve()) if tasks_out else ""}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _stored_key(path: Path) -> str | None:
-    try:
-        if path.suffix == ".json":
-            return json.loads(path.read_text()).get("run_key")
-        with h5py.File(path, "r") as h5:
-            return h5.attrs.get("run_key")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _refuse_foreign_outputs(out, tasks_out, key: str, overwrite: bool) -> None:
-    """--out must not exist; mis.json (beside it) and --tasks-out may only be this command's killed leftovers."""
-    if overwrite:
-        return
-    refuse_existing({"out": out}, overwrite)
-    for name, path in (("out", Path(out).with_suffix(".json") if out else None), ("tasks_out", tasks_out)):
-        if path and Path(path).exists() and _stored_key(Path(path)) != key:
-            raise MisbenchError(f"{option_label(name)}: {path} already exists and is not what a killed run of this "
-                                f"same command left; {overwrite_hint()} to replace it, or choose another path")
-
-
 def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, cache_dir=None, shard=(0, 1),
           backend=None, progress=None, overwrite: bool = False) -> dict:
     """Score the units of `layers` ('all' for every layer); write mis.csv, mis.json (when `out` is given), tasks.h5.
@@ -306,7 +198,7 @@ def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, 
     key = run_key("score", [acts_path], {"layers": list(layers), "shard": list(shard),
                                          **{k: v for k, v in dataclasses.asdict(settings).items()
                                             if k not in ScoreSettings.RUNTIME}}, out, tasks_out)
-    _refuse_foreign_outputs(out, tasks_out, key, overwrite)
+    refuse_foreign_outputs(out, tasks_out, key, overwrite)
     rank, size = distributed.world()
     if size > 1 and tuple(shard) == (0, 1):
         if out is None:
@@ -431,10 +323,10 @@ def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, 
                 for r, deltas in zip(chunk, _chunk_deltas(engine, chunk, settings.explanations)):
                     correct, conf = decisions(deltas), confidences(deltas, alpha)
                     rng = unit_rng(settings.seed, r["layer"], r["unit"], 1)
-                    r.update(deltas=deltas, n_tasks=len(deltas), mis=_round(correct.mean()),
-                             mis_confidence=_round(conf.mean()),
-                             mis_ci=tuple(map(_round, clopper_pearson(correct.sum(), len(correct)))),
-                             conf_ci=tuple(map(_round, bootstrap_mean_ci(conf, rng, settings.n_boot))))
+                    r.update(deltas=deltas, n_tasks=len(deltas), mis=stored_value(correct.mean()),
+                             mis_confidence=stored_value(conf.mean()),
+                             mis_ci=tuple(map(stored_value, clopper_pearson(correct.sum(), len(correct)))),
+                             conf_ci=tuple(map(stored_value, bootstrap_mean_ci(conf, rng, settings.n_boot))))
                     done += 1
                     if progress:
                         progress("score", done, len(scored))
@@ -454,152 +346,17 @@ def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, 
                 "distances": resolve_distances(settings.distances, device) if settings.engine == "embed" else "pairwise",
                 "shard": f"{shard_i}/{shard_n}", "layer_order": names, "tasks_out": str(tasks_out or ""),
                 "run_key": key}
-    summary = _summaries(results, names, settings)
+    summary = layer_summaries(results, names, settings)
     meta.update(summary, timing={"select_s": round(t_select, 3), "embed_s": round(t_embed, 3),
                                  "decide_s": round(t_decide, 3), "total_s": round(time.time() - t0, 3)})
     if out is not None:
         # the tasks, then mis.json, then mis.csv: a mis.csv never appears without what it refers to
         if tasks_out:
-            _write_tasks(tasks_out, results, names, settings, meta)
+            write_tasks(tasks_out, results, names, settings, meta)
         write_json(Path(out).with_suffix(".json"), meta)
         write_scores_csv(out, results, alpha, alpha_source)
     elif tasks_out:
-        _write_tasks(tasks_out, results, names, settings, meta)
+        write_tasks(tasks_out, results, names, settings, meta)
     return {**meta, "rows": score_rows(results, alpha, alpha_source)}
 
 
-def _results_from_csv(path) -> list[dict]:
-    def num(v):
-        return float(v) if v != "" else None
-
-    out = []
-    for row in read_csv_rows(path):
-        out.append({"layer": row["layer"], "unit": int(row["unit"]), "status": row["status"],
-                    "mis": num(row["mis"]), "mis_confidence": num(row["mis_confidence"]),
-                    "mis_ci": (num(row["mis_ci_low"]), num(row["mis_ci_high"])),
-                    "conf_ci": (num(row["conf_ci_low"]), num(row["conf_ci_high"])),
-                    "n_tasks": int(row["n_tasks"])})
-    return out
-
-
-def merge_scores(parts, out, tasks_out=None, overwrite: bool = False) -> dict:
-    """Merge `--shard I/N` outputs (mis.csv parts with their .json, and tasks files) into one result."""
-    parts = [Path(p) for p in parts]
-    refuse_same_paths({f"PART {p}": p for p in parts}, {"--out": out, "mis.json (beside --out)": Path(out).with_suffix(".json"),
-                                                       "--tasks-out": tasks_out})
-    key = run_key("merge-scores", parts, {}, out, tasks_out)
-    _refuse_foreign_outputs(out, tasks_out, key, overwrite)
-    metas = []
-    for p in parts:
-        if not p.with_suffix(".json").exists():
-            raise MisbenchError(f"{p} has no {p.with_suffix('.json').name} beside it; merge needs both")
-        metas.append(json.loads(p.with_suffix(".json").read_text()))
-    first = metas[0]
-
-    def content(meta):
-        return meta["acts_sha256"], {k: v for k, v in meta["settings"].items() if k not in ScoreSettings.RUNTIME}
-
-    for p, m in zip(parts, metas):
-        if content(m) != content(first):
-            raise MisbenchError(f"{p} was scored from another file or with other settings than {parts[0]}; "
-                                "shards must share both")
-    n = int(first["shard"].split("/")[1])
-    shards = sorted(int(m["shard"].split("/")[0]) for m in metas)
-    if shards != list(range(n)) or any(int(m["shard"].split("/")[1]) != n for m in metas):
-        raise MisbenchError(f"merge needs shards 0..{n - 1} of {n} exactly once, got {[m['shard'] for m in metas]}")
-    names = first["layer_order"]
-    results = [r for p in parts for r in _results_from_csv(p)]
-    results.sort(key=lambda r: (names.index(r["layer"]), r["unit"]))
-    fields = {k: v for k, v in first["settings"].items() if k in {f.name for f in dataclasses.fields(ScoreSettings)}}
-    settings = ScoreSettings(**fields)
-    # per shard: a unit's images are counted by the shard that scores it (one store per process)
-    meta = {**first, "shard": f"merged {n}", "created_utc": utc_now(),
-            "embedded_images": sum(m.get("embedded_images", 0) for m in metas),
-            "distinct_images": sum(m.get("distinct_images", 0) for m in metas),
-            "timing": {"total_s": round(sum(m["timing"]["total_s"] for m in metas), 3)}, "run_key": key}
-    meta.update(_summaries(results, names, settings))
-    if tasks_out:
-        _merge_tasks([m["tasks_out"] for m in metas], tasks_out, names, key)
-    write_json(Path(out).with_suffix(".json"), meta)
-    write_scores_csv(out, results, first["settings"]["alpha"], first["settings"]["alpha_source"])
-    return meta
-
-
-def _merge_tasks(paths, target, names, run_key: str) -> None:
-    def build(out):
-        with h5py.File(paths[0], "r") as first:
-            for key, value in first.attrs.items():
-                out.attrs[key] = value
-        out.attrs["run_key"] = run_key
-        for name in names:
-            pieces = []
-            for path in paths:
-                with h5py.File(path, "r") as h5:
-                    if name in h5:
-                        pieces.append({k: h5[name][k][...] for k in h5[name]})
-            if not pieces:
-                continue
-            units = np.concatenate([p["unit"] for p in pieces])
-            order = np.argsort(units, kind="stable")
-            g = out.create_group(name)
-            for key in pieces[0]:
-                g.create_dataset(key, data=np.concatenate([p[key] for p in pieces])[order])
-
-    write_hdf5(target, build)
-
-
-def _summaries(results, names, settings) -> dict:
-    return score_summaries(results, names, settings.seed, settings.n_boot)
-
-
-def score_rows(results, alpha: float | None, alpha_source: str) -> list[dict]:
-    """mis.csv's rows (MIS_COLUMNS) of scored units; constant units have None scores and 0 tasks."""
-    rows = []
-    for r in results:
-        ok = r["status"] == "ok"
-        rows.append(dict(zip(MIS_COLUMNS, [
-            r["layer"], r["unit"], r["status"],
-            r["mis"] if ok else None, r["mis_confidence"] if ok else None,
-            r["mis_ci"][0] if ok else None, r["mis_ci"][1] if ok else None,
-            r["conf_ci"][0] if ok else None, r["conf_ci"][1] if ok else None,
-            r["n_tasks"] if ok else 0, None if alpha is None else float(alpha), alpha_source])))
-    return rows
-
-
-def write_scores_csv(out, results, alpha: float | None, alpha_source: str) -> None:
-    def fmt(v):
-        return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
-
-    with atomic_path(out) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(MIS_COLUMNS)
-        for row in score_rows(results, alpha, alpha_source):
-            writer.writerow([fmt(row[c]) for c in MIS_COLUMNS])
-
-
-def _write_tasks(path, results, names, settings: ScoreSettings, meta: dict) -> None:
-    T, K = settings.tasks, settings.explanations
-    def build(h5):
-        h5.attrs["schema"] = "misbench-tasks"
-        h5.attrs["settings"] = json.dumps(meta["settings"])
-        h5.attrs["acts"], h5.attrs["acts_sha256"] = meta["acts"], meta["acts_sha256"]
-        h5.attrs["run_key"] = meta["run_key"]
-        for name in names:
-            mine = [r for r in results if r["layer"] == name]
-            if not mine:
-                continue
-            g = h5.create_group(name)
-            U = len(mine)
-            arrays = {"pos_expl": np.full((U, T, K), -1, np.int64), "neg_expl": np.full((U, T, K), -1, np.int64),
-                      "pos_query": np.full((U, T), -1, np.int64), "neg_query": np.full((U, T), -1, np.int64),
-                      "delta": np.full((U, T), np.nan)}
-            for k, r in enumerate(mine):
-                if r["tasks"] is not None:
-                    for key in ("pos_expl", "neg_expl", "pos_query", "neg_query"):
-                        arrays[key][k] = getattr(r["tasks"], key)
-                    arrays["delta"][k] = r["deltas"]
-            for key, value in arrays.items():
-                g.create_dataset(key, data=value)
-            g.create_dataset("unit", data=np.array([r["unit"] for r in mine], np.int64))
-
-    write_hdf5(path, build)

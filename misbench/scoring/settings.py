@@ -1,0 +1,79 @@
+"""What a score run is asked to do: the settings stored in mis.json, checked where they are made."""
+
+__all__ = ["ENGINES", "ScoreSettings", "parse_shard"]
+
+import dataclasses
+
+import numpy as np
+
+from ..datasets.images import VIEWS
+from ..errors import MisbenchError
+from ..similarity.index import DISTANCE_ENGINES
+from .mis import SELECTIONS
+
+ENGINES = ("embed", "pairwise")
+
+
+@dataclasses.dataclass(frozen=True)
+
+
+class ScoreSettings:
+    similarity: str = "lpips-alex"
+    image_size: int | None = None  # None: the backend's own size (64; DreamSim 224)
+    view: str = "model"  # what the similarity sees: the model's crop, or the raw image file (images.VIEWS)
+    selection: str = "fair"
+    quantile: float = 0.2
+    tasks: int = 20
+    explanations: int = 9
+    alpha: float | None = None  # None: the backend's documented default
+    alpha_source: str = ""  # "" -> "default" (alpha None) or "user"; "calibrated:<sha256>" from a calibration file
+    seed: int = 0
+    engine: str = "embed"
+    n_boot: int = 1000
+    amp: bool = False  # autocast the embedding network (LPIPS is exact only in float32)
+    chunk_units: int = 256  # units whose distances are computed together (bounds memory)
+    distances: str = "auto"  # faiss | torch | auto (torch on CUDA, FAISS on CPU): docs/performance.md
+    # how, not what
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int | None = None  # None: auto (see loader_workers)
+    dreamsim_weights: str | None = None  # a local directory; the weights' identity is in the backend fingerprint
+
+    RUNTIME = ("device", "batch_size", "workers", "chunk_units", "dreamsim_weights", "distances")
+
+    def __post_init__(self):
+        if self.selection not in SELECTIONS:
+            raise MisbenchError(f"--selection {self.selection!r}: expected one of {list(SELECTIONS)}")
+        if self.engine not in ENGINES:
+            raise MisbenchError(f"--engine {self.engine!r}: expected one of {ENGINES}")
+        if self.tasks < 1 or self.explanations < 1:
+            raise MisbenchError("--tasks and --explanations must be positive")
+        if self.distances not in ("auto", *DISTANCE_ENGINES):
+            raise MisbenchError(f"--distances {self.distances!r}: expected one of {['auto', *DISTANCE_ENGINES]}")
+        if self.chunk_units < 1:
+            raise MisbenchError(f"--chunk-units must be positive, got {self.chunk_units}")
+        if self.alpha is not None and not (np.isfinite(self.alpha) and self.alpha > 0):
+            raise MisbenchError(f"--alpha {self.alpha}: expected a finite positive sigmoid slope "
+                                "(leave it out for the backend's default, or fit one with misbench calibrate)")
+        if self.alpha_source not in ("", "default", "user") and not self.alpha_source.startswith("calibrated:"):
+            raise MisbenchError(f"alpha_source {self.alpha_source!r}: expected default, user or calibrated:<sha256>")
+        if self.view not in VIEWS:
+            raise MisbenchError(f"--view {self.view!r}: expected one of {VIEWS}")
+        if self.image_size is not None and self.image_size < 16:
+            raise MisbenchError(f"--image-size must be at least 16 pixels, got {self.image_size}")
+        if self.n_boot < 0:
+            raise MisbenchError(f"--bootstrap must be >= 0 resamples, got {self.n_boot}")
+        if self.batch_size < 1:
+            raise MisbenchError(f"--batch-size must be positive, got {self.batch_size}")
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise MisbenchError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise MisbenchError(f"--shard {text!r}: expected I/N with 0 <= I < N")
+    return i, n
