@@ -15,7 +15,6 @@ import logging
 import typing
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -30,20 +29,14 @@ from .pruning import PruneSettings
 from .pruning.audit import audit as _audit
 from .pruning.run import produce_checkpoint
 from .pruning.training import TrainSettings
-from .runtime.fileio import json_plain, refuse_existing, refuse_same_paths
+from .runtime.fileio import refuse_existing, refuse_same_paths
 from .scoring.calibrate import calibration_alpha
-from .scoring.run import MIS_COLUMNS, ScoreSettings, parse_shard, score as _score
+from .scoring.results import load_scores, scores_frame
+from .scoring.run import ScoreSettings, parse_shard, score as _score
 from .studies.config import StudyConfig, load_config, parse_config
 from .studies.run import check_study_folder, run_study
 
 log = logging.getLogger(__name__)
-
-# mis.csv's dtypes, whether the rows come from memory or from the file
-_DTYPES = {"layer": str, "unit": "int64", "status": str, "mis": "float64", "mis_confidence": "float64",
-           "mis_ci_low": "float64", "mis_ci_high": "float64", "conf_ci_low": "float64", "conf_ci_high": "float64",
-           "n_tasks": "int64", "alpha": "float64", "alpha_source": str}
-# the columns DESIGN §8 names; alpha and alpha_source came later (older files lack them)
-_REQUIRED = MIS_COLUMNS[:MIS_COLUMNS.index("n_tasks") + 1]
 
 
 def _fields(cls) -> list[str]:
@@ -154,79 +147,8 @@ def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=Non
         return None
     if "rows" not in meta:  # merged from the ranks' files
         return load_scores(out)
-    df = pd.DataFrame(meta.pop("rows"), columns=MIS_COLUMNS).astype(_DTYPES)
-    df.attrs.update(json_plain(meta))  # as load_scores reads it from mis.json
-    return df
-
-
-def load_scores(path) -> pd.DataFrame:
-    """mis.csv as a DataFrame; the settings, means and provenance of mis.json beside it in `df.attrs`."""
-    path = Path(path)
-    if not path.exists():
-        raise MisbenchError(f"scores file {path} does not exist")
-    # an empty cell is a missing number (constant units), but an empty string stays one
-    text = [c for c, t in _DTYPES.items() if t is str]
-    try:
-        df = pd.read_csv(path, dtype={c: str for c in text}, keep_default_na=False,
-                         na_values={c: [""] for c in _DTYPES if c not in text})
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise MisbenchError(f"{path} is not a mis.csv (a CSV text file with columns {','.join(MIS_COLUMNS)}): "
-                            f"{str(err).splitlines()[0]}") from None
-    missing = [c for c in _REQUIRED if c not in df.columns]
-    if missing:
-        raise MisbenchError(f"{path} is not a mis.csv: columns {', '.join(missing)} are missing "
-                            f"(expected {','.join(MIS_COLUMNS)})")
-    _check_scores(df, path)
-    df = df.astype({c: t for c, t in _DTYPES.items() if c in df.columns})
-    sidecar = path.with_suffix(".json")
-    if sidecar.exists():
-        df.attrs.update(json.loads(sidecar.read_text()))
-    else:
-        log.warning("%s has no %s beside it: its settings and means are unknown (df.attrs is empty)", path,
-                    sidecar.name)
-    return df
-
-
-def _check_scores(df: pd.DataFrame, path) -> None:
-    """What a mis.csv can hold (DESIGN §8): one row per (layer, unit), unit a non-negative integer, status ok
-    (with a MIS) or constant (without), fractions in [0, 1]."""
-    def bad(row: int, what: str):
-        raise MisbenchError(f"{path} row {row + 2}: {what}; a mis.csv comes from misbench score, merge-scores or "
-                            "import-scores (fix or regenerate the file)")
-
-    numbers = {}
-    for column in ("unit", "mis", "mis_confidence", "mis_ci_low", "mis_ci_high", "conf_ci_low", "conf_ci_high",
-                   "n_tasks"):
-        values = pd.to_numeric(df[column], errors="coerce")
-        wrong = values.isna() & df[column].notna()
-        if wrong.any():
-            i = int(wrong.to_numpy().nonzero()[0][0])
-            bad(i, f"{column} {df[column].iloc[i]!r} is not a number")
-        numbers[column] = values.to_numpy(dtype=float)
-    unit = numbers["unit"]
-    wrong = ~((unit >= 0) & (unit == np.floor(unit)))
-    if wrong.any():
-        i = int(wrong.nonzero()[0][0])
-        bad(i, f"unit {unit[i]:g} is not a non-negative integer (a channel or class index)")
-    for column in ("mis", "mis_confidence", "mis_ci_low", "mis_ci_high", "conf_ci_low", "conf_ci_high"):
-        wrong = (numbers[column] < 0) | (numbers[column] > 1)
-        if wrong.any():
-            i = int(wrong.nonzero()[0][0])
-            bad(i, f"{column} {numbers[column][i]:g} is outside [0, 1] (MIS values are fractions of tasks)")
-    status = df["status"].to_numpy()
-    wrong = ~np.isin(status, ["ok", "constant"])
-    if wrong.any():
-        i = int(wrong.nonzero()[0][0])
-        bad(i, f"status {status[i]!r} is not ok or constant")
-    has_mis = ~np.isnan(numbers["mis"])
-    wrong = (status == "ok") != has_mis
-    if wrong.any():
-        i = int(wrong.nonzero()[0][0])
-        bad(i, "status ok needs a mis value" if status[i] == "ok" else "a constant unit has no mis value")
-    twice = df.duplicated(["layer", "unit"])
-    if twice.any():
-        i = int(twice.to_numpy().nonzero()[0][0])
-        bad(i, f"unit {df['layer'].iloc[i]}:{int(unit[i])} appears twice")
+    rows = meta.pop("rows")
+    return scores_frame(rows, meta)  # as load_scores reads it from mis.csv and mis.json
 
 
 def _produce(model, prune_settings, out, data, val_data, resume, overwrite, progress, resize, crop, model_options,

@@ -7,29 +7,12 @@ LAYER_COLUMNS = ["layer", "n_units", "n_constant", "mis", "mis_confidence", "mis
                  "conf_ci_low", "conf_ci_high", "alpha", "alpha_source"]
 
 import csv
-import json
-from pathlib import Path
 
 import numpy as np
 
-from ..errors import MisbenchError
 from ..runtime.fileio import atomic_path, read_csv_rows
+from ..scoring.results import read_scores, score_settings
 from ..scoring.summaries import score_summaries
-
-REQUIRED = {"layer", "unit", "status", "mis", "mis_confidence"}
-
-
-def _num(value):
-    return float(value) if value not in ("", None) else float("nan")
-
-
-def read_scores(path) -> list[dict]:
-    """mis.csv rows with numbers parsed; constant units keep NaN scores."""
-    rows = read_csv_rows(path)
-    if rows and not REQUIRED <= set(rows[0]):
-        raise MisbenchError(f"{path} is not a mis.csv: needs columns {sorted(REQUIRED)}, has {sorted(rows[0])}")
-    return [{**r, "unit": int(r["unit"]), "mis": _num(r["mis"]), "mis_confidence": _num(r["mis_confidence"])}
-            for r in rows]
 
 
 def write_csv(path, rows: list[dict], columns: list[str]) -> None:
@@ -43,14 +26,6 @@ def write_csv(path, rows: list[dict], columns: list[str]) -> None:
         writer.writerow(columns)
         for row in rows:
             writer.writerow([fmt(row.get(c)) for c in columns])
-
-
-def score_settings(path) -> dict:
-    """The seed and bootstrap count a mis.csv was summarised with (its mis.json), so that every report
-    recomputes the same intervals as mis.json; defaults for files without a sidecar."""
-    sidecar = Path(path).with_suffix(".json")
-    settings = json.loads(sidecar.read_text()).get("settings", {}) if sidecar.exists() else {}
-    return {"seed": int(settings.get("seed", 0)), "n_boot": int(settings.get("n_boot", 1000))}
 
 
 def alpha_of(scores: list[dict]) -> tuple[str, str]:

@@ -1,22 +1,26 @@
 """The score run's files: mis.csv (its columns and rows), tasks.h5, and the merge of shard parts into them."""
 
-__all__ = ["MIS_COLUMNS", "stored_value", "shard_path", "merge_scores", "layer_summaries", "score_rows",
+__all__ = ["read_scores", "score_settings", "load_scores", "scores_frame", "SCORE_DTYPES", "REQUIRED_COLUMNS", "MIS_COLUMNS", "stored_value", "shard_path", "merge_scores", "layer_summaries", "score_rows",
            "write_scores_csv", "write_tasks", "run_key", "refuse_foreign_outputs"]
 
 import csv
 import dataclasses
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 
 from ..errors import MisbenchError
-from ..runtime.fileio import (atomic_path, option_label, overwrite_hint, read_csv_rows, refuse_existing,
+from ..runtime.fileio import (atomic_path, json_plain, option_label, overwrite_hint, read_csv_rows, refuse_existing,
                               refuse_same_paths, utc_now, write_hdf5, write_json)
 from .settings import ScoreSettings
 from .summaries import score_summaries
+
+log = logging.getLogger(__name__)
 
 MIS_COLUMNS = ["layer", "unit", "status", "mis", "mis_confidence", "mis_ci_low", "mis_ci_high",
                "conf_ci_low", "conf_ci_high", "n_tasks", "alpha", "alpha_source"]
@@ -197,3 +201,115 @@ def refuse_foreign_outputs(out, tasks_out, key: str, overwrite: bool) -> None:
         if path and Path(path).exists() and _stored_key(Path(path)) != key:
             raise MisbenchError(f"{option_label(name)}: {path} already exists and is not what a killed run of this "
                                 f"same command left; {overwrite_hint()} to replace it, or choose another path")
+
+
+# what the reports read of a mis.csv (imported and older files have at least these)
+REPORT_COLUMNS = {"layer", "unit", "status", "mis", "mis_confidence"}
+
+
+def _num(value):
+    return float(value) if value not in ("", None) else float("nan")
+
+
+def read_scores(path) -> list[dict]:
+    """mis.csv rows with numbers parsed; constant units keep NaN scores."""
+    rows = read_csv_rows(path)
+    if rows and not REPORT_COLUMNS <= set(rows[0]):
+        raise MisbenchError(f"{path} is not a mis.csv: needs columns {sorted(REPORT_COLUMNS)}, has {sorted(rows[0])}")
+    return [{**r, "unit": int(r["unit"]), "mis": _num(r["mis"]), "mis_confidence": _num(r["mis_confidence"])}
+            for r in rows]
+
+
+def score_settings(path) -> dict:
+    """The seed and bootstrap count a mis.csv was summarised with (its mis.json), so that every report
+    recomputes the same intervals as mis.json; defaults for files without a sidecar."""
+    sidecar = Path(path).with_suffix(".json")
+    settings = json.loads(sidecar.read_text()).get("settings", {}) if sidecar.exists() else {}
+    return {"seed": int(settings.get("seed", 0)), "n_boot": int(settings.get("n_boot", 1000))}
+
+
+# mis.csv's dtypes, whether the rows come from memory or from the file
+SCORE_DTYPES = {"layer": str, "unit": "int64", "status": str, "mis": "float64", "mis_confidence": "float64",
+                "mis_ci_low": "float64", "mis_ci_high": "float64", "conf_ci_low": "float64", "conf_ci_high": "float64",
+                "n_tasks": "int64", "alpha": "float64", "alpha_source": str}
+
+
+# the columns DESIGN §8 names; alpha and alpha_source came later (older files lack them)
+REQUIRED_COLUMNS = MIS_COLUMNS[:MIS_COLUMNS.index("n_tasks") + 1]
+
+
+def load_scores(path) -> pd.DataFrame:
+    """mis.csv as a DataFrame; the settings, means and provenance of mis.json beside it in `df.attrs`."""
+    path = Path(path)
+    if not path.exists():
+        raise MisbenchError(f"scores file {path} does not exist")
+    # an empty cell is a missing number (constant units), but an empty string stays one
+    text = [c for c, t in SCORE_DTYPES.items() if t is str]
+    try:
+        df = pd.read_csv(path, dtype={c: str for c in text}, keep_default_na=False,
+                         na_values={c: [""] for c in SCORE_DTYPES if c not in text})
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise MisbenchError(f"{path} is not a mis.csv (a CSV text file with columns {','.join(MIS_COLUMNS)}): "
+                            f"{str(err).splitlines()[0]}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise MisbenchError(f"{path} is not a mis.csv: columns {', '.join(missing)} are missing "
+                            f"(expected {','.join(MIS_COLUMNS)})")
+    _check_scores(df, path)
+    df = df.astype({c: t for c, t in SCORE_DTYPES.items() if c in df.columns})
+    sidecar = path.with_suffix(".json")
+    if sidecar.exists():
+        df.attrs.update(json.loads(sidecar.read_text()))
+    else:
+        log.warning("%s has no %s beside it: its settings and means are unknown (df.attrs is empty)", path,
+                    sidecar.name)
+    return df
+
+
+def _check_scores(df: pd.DataFrame, path) -> None:
+    """What a mis.csv can hold (DESIGN §8): one row per (layer, unit), unit a non-negative integer, status ok
+    (with a MIS) or constant (without), fractions in [0, 1]."""
+    def bad(row: int, what: str):
+        raise MisbenchError(f"{path} row {row + 2}: {what}; a mis.csv comes from misbench score, merge-scores or "
+                            "import-scores (fix or regenerate the file)")
+
+    numbers = {}
+    for column in ("unit", "mis", "mis_confidence", "mis_ci_low", "mis_ci_high", "conf_ci_low", "conf_ci_high",
+                   "n_tasks"):
+        values = pd.to_numeric(df[column], errors="coerce")
+        wrong = values.isna() & df[column].notna()
+        if wrong.any():
+            i = int(wrong.to_numpy().nonzero()[0][0])
+            bad(i, f"{column} {df[column].iloc[i]!r} is not a number")
+        numbers[column] = values.to_numpy(dtype=float)
+    unit = numbers["unit"]
+    wrong = ~((unit >= 0) & (unit == np.floor(unit)))
+    if wrong.any():
+        i = int(wrong.nonzero()[0][0])
+        bad(i, f"unit {unit[i]:g} is not a non-negative integer (a channel or class index)")
+    for column in ("mis", "mis_confidence", "mis_ci_low", "mis_ci_high", "conf_ci_low", "conf_ci_high"):
+        wrong = (numbers[column] < 0) | (numbers[column] > 1)
+        if wrong.any():
+            i = int(wrong.nonzero()[0][0])
+            bad(i, f"{column} {numbers[column][i]:g} is outside [0, 1] (MIS values are fractions of tasks)")
+    status = df["status"].to_numpy()
+    wrong = ~np.isin(status, ["ok", "constant"])
+    if wrong.any():
+        i = int(wrong.nonzero()[0][0])
+        bad(i, f"status {status[i]!r} is not ok or constant")
+    has_mis = ~np.isnan(numbers["mis"])
+    wrong = (status == "ok") != has_mis
+    if wrong.any():
+        i = int(wrong.nonzero()[0][0])
+        bad(i, "status ok needs a mis value" if status[i] == "ok" else "a constant unit has no mis value")
+    twice = df.duplicated(["layer", "unit"])
+    if twice.any():
+        i = int(twice.to_numpy().nonzero()[0][0])
+        bad(i, f"unit {df['layer'].iloc[i]}:{int(unit[i])} appears twice")
+
+
+def scores_frame(rows: list[dict], attrs: dict) -> pd.DataFrame:
+    """mis.csv's rows held in memory as load_scores would read them back: same columns, dtypes and attrs."""
+    df = pd.DataFrame(rows, columns=MIS_COLUMNS).astype(SCORE_DTYPES)
+    df.attrs.update(json_plain(attrs))
+    return df
