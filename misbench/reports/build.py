@@ -4,12 +4,12 @@ misbench.api.report and the study's report step all call these), and the HTML se
 __all__ = ["REPORTS", "REPORT_FILES", "checkpoint_labels", "classwise", "sweep", "layers", "curves", "compare", "sweep_sections", "classwise_sections",
            "compare_sections", "unit_sections", "settings_header"]
 
-import json
 import logging
 from pathlib import Path
 
 from ..errors import MisbenchError
 from ..runtime.fileio import option_label, write_json
+from ..scoring.results import read_meta
 from ..version import __version__
 from .classwise import classwise_report
 from .compare import compare_report
@@ -49,10 +49,10 @@ def _correlation_facts(summary: dict) -> list:
 def settings_header(scores_csv, n_runs: int | None = None) -> list:
     """(label, value) rows of the settings a score was made with (its mis.json), for the page header."""
     rows = [("misbench version (this report)", __version__)]
-    sidecar = Path(scores_csv).with_suffix(".json") if scores_csv else None
-    if sidecar is None or not sidecar.exists():
+    meta = read_meta(scores_csv) if scores_csv else None
+    if meta is None:
         return rows + [("score settings", "unknown: no mis.json beside the scores")]
-    meta = json.loads(sidecar.read_text())
+    sidecar = Path(scores_csv).with_suffix(".json")
     s = meta.get("settings", {})
     selection = s.get("selection", "")
     if selection == "quantile":

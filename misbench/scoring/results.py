@@ -1,7 +1,8 @@
 """The score run's files: mis.csv (its columns and rows), tasks.h5, and the merge of shard parts into them."""
 
-__all__ = ["read_scores", "score_settings", "load_scores", "scores_frame", "SCORE_DTYPES", "REQUIRED_COLUMNS", "MIS_COLUMNS", "stored_value", "shard_path", "merge_scores", "layer_summaries", "score_rows",
-           "write_scores_csv", "write_tasks", "run_key", "refuse_foreign_outputs"]
+__all__ = ["read_meta", "write_scores", "read_scores", "score_settings", "load_scores", "scores_frame",
+           "SCORE_DTYPES", "REQUIRED_COLUMNS", "MIS_COLUMNS", "stored_value", "shard_path", "merge_scores",
+           "layer_summaries", "score_rows", "write_scores_csv", "write_tasks", "run_key", "refuse_foreign_outputs"]
 
 import csv
 import dataclasses
@@ -59,9 +60,9 @@ def merge_scores(parts, out, tasks_out=None, overwrite: bool = False) -> dict:
     refuse_foreign_outputs(out, tasks_out, key, overwrite)
     metas = []
     for p in parts:
-        if not p.with_suffix(".json").exists():
+        if read_meta(p) is None:
             raise MisbenchError(f"{p} has no {p.with_suffix('.json').name} beside it; merge needs both")
-        metas.append(json.loads(p.with_suffix(".json").read_text()))
+        metas.append(read_meta(p))
     first = metas[0]
 
     def content(meta):
@@ -88,8 +89,7 @@ def merge_scores(parts, out, tasks_out=None, overwrite: bool = False) -> dict:
     meta.update(layer_summaries(results, names, settings))
     if tasks_out:
         _merge_tasks([m["tasks_out"] for m in metas], tasks_out, names, key)
-    write_json(Path(out).with_suffix(".json"), meta)
-    write_scores_csv(out, results, first["settings"]["alpha"], first["settings"]["alpha_source"])
+    write_scores(out, None, results, names, settings, meta, first["settings"]["alpha"], first["settings"]["alpha_source"])
     return meta
 
 
@@ -220,11 +220,26 @@ def read_scores(path) -> list[dict]:
             for r in rows]
 
 
+def read_meta(scores_csv) -> dict | None:
+    """The mis.json beside a mis.csv (settings, summaries, provenance), or None when there is none."""
+    sidecar = Path(scores_csv).with_suffix(".json")
+    return json.loads(sidecar.read_text()) if sidecar.exists() else None
+
+
+def write_scores(out, tasks_out, results, names, settings: ScoreSettings, meta: dict, alpha, alpha_source) -> None:
+    """Write a score run's files in the order that keeps them consistent: the tasks, then mis.json, then
+    mis.csv (a mis.csv never appears without what it refers to). `out` None: only the tasks, if asked."""
+    if tasks_out:
+        write_tasks(tasks_out, results, names, settings, meta)
+    if out is not None:
+        write_json(Path(out).with_suffix(".json"), meta)
+        write_scores_csv(out, results, alpha, alpha_source)
+
+
 def score_settings(path) -> dict:
     """The seed and bootstrap count a mis.csv was summarised with (its mis.json), so that every report
     recomputes the same intervals as mis.json; defaults for files without a sidecar."""
-    sidecar = Path(path).with_suffix(".json")
-    settings = json.loads(sidecar.read_text()).get("settings", {}) if sidecar.exists() else {}
+    settings = (read_meta(path) or {}).get("settings", {})
     return {"seed": int(settings.get("seed", 0)), "n_boot": int(settings.get("n_boot", 1000))}
 
 

@@ -20,7 +20,7 @@ from ..datasets.images import RowImages
 from ..errors import MisbenchError
 from ..runtime import distributed
 from ..runtime.device import describe, make_loader, precision, prepare_model, resolve_device, to_device
-from ..runtime.fileio import refuse_same_paths, sha256_file, temp_dir_beside, utc_now, write_json
+from ..runtime.fileio import refuse_same_paths, sha256_file, temp_dir_beside, utc_now
 from ..similarity import EmbeddingIndex, build_backend
 from ..similarity.cache import EmbeddingCache
 from ..similarity.index import build_distances, resolve_distances
@@ -28,7 +28,7 @@ from ..version import __version__
 from .mis import (CONSTANT_RANGE, SELECTIONS, Tasks, confidences, decisions, non_finite_rows, task_deltas, tie_keys,
                   unit_rng)
 from .results import (MIS_COLUMNS, layer_summaries, merge_scores, refuse_foreign_outputs, run_key, score_rows,
-                      shard_path, stored_value, write_scores_csv, write_tasks)
+                      shard_path, stored_value, write_scores, write_scores_csv)
 from .settings import ScoreSettings, parse_shard
 from .summaries import bootstrap_mean_ci, clopper_pearson
 
@@ -349,14 +349,7 @@ def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, 
     summary = layer_summaries(results, names, settings)
     meta.update(summary, timing={"select_s": round(t_select, 3), "embed_s": round(t_embed, 3),
                                  "decide_s": round(t_decide, 3), "total_s": round(time.time() - t0, 3)})
-    if out is not None:
-        # the tasks, then mis.json, then mis.csv: a mis.csv never appears without what it refers to
-        if tasks_out:
-            write_tasks(tasks_out, results, names, settings, meta)
-        write_json(Path(out).with_suffix(".json"), meta)
-        write_scores_csv(out, results, alpha, alpha_source)
-    elif tasks_out:
-        write_tasks(tasks_out, results, names, settings, meta)
+    write_scores(out, tasks_out, results, names, settings, meta, alpha, alpha_source)
     return {**meta, "rows": score_rows(results, alpha, alpha_source)}
 
 
