@@ -3,6 +3,7 @@
 import click
 
 from misbench import api
+from misbench.activations.tokens import TOKEN_REDUCTIONS
 from misbench.runtime.distributed import is_main
 
 from .common import (Progress, handle_errors, labels_option, list_option, model_kwargs, model_options,
@@ -20,7 +21,7 @@ from .common import (Progress, handle_errors, labels_option, list_option, model_
 @workers_option
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--reduction", type=click.Choice(["mean", "max"]), default="mean", show_default=True)
-@click.option("--token-reduction", type=click.Choice(["mean", "max", "cls"]), default="mean", show_default=True,
+@click.option("--token-reduction", type=click.Choice(TOKEN_REDUCTIONS), default="mean", show_default=True,
               help="How token layers ([N, tokens, D]) reduce over tokens; cls = the class token.")
 @list_option("--features", "features", metavar="NAME=LAYER:FILE",
              help="Add a layer NAME of dictionary features of module LAYER (FILE: W_enc [K, D], b_enc [K], "

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from misbench.datasets.labels import LABEL_MODES
 from misbench.errors import MisbenchError
 from misbench.runtime.device import MAX_AUTO_WORKERS, parse_workers
 from misbench.runtime.fileio import DiskFullError, cli_wording, disk_full_error, refuse_existing
@@ -181,7 +182,7 @@ workers_option = click.option(
 
 
 labels_option = click.option(
-    "--labels", type=click.Choice(["auto", "folder-order"]), default="auto", show_default=True,
+    "--labels", type=click.Choice(LABEL_MODES), default="auto", show_default=True,
     help="How ImageFolder class folders map to the model's classes. auto: WNID folders (n01440764, ...) to a "
          "1000-class model's ImageNet indices, else sorted folder k = class k (an error for a 1000-class model); "
          "folder-order: sorted folder k = class k.")

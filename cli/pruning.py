@@ -6,6 +6,7 @@ import click
 
 from misbench import api
 from misbench.models.checkpoint import load_checkpoint_dict
+from misbench.pruning.masks import CRITERIA, METHODS, SCHEDULES
 from misbench.runtime.distributed import is_main
 
 from .common import Progress, handle_errors, labels_option, list_option, model_kwargs, model_options, workers_option
@@ -90,12 +91,12 @@ def _run(model, model_kw, prune, kw):
 @click.command()
 @click.argument("model")
 @model_options
-@click.option("--method", required=True, type=click.Choice(["unstructured", "structured", "connection"]))
+@click.option("--method", required=True, type=click.Choice(list(METHODS)))
 @click.option("--rate", required=True, type=float, help="Fraction of prunable weights removed, in (0, 1).")
 @click.option("--scope", type=click.Choice(["global", "local"]), default=None,
               help="Default: global for unstructured, local for structured/connection.")
-@click.option("--criterion", type=click.Choice(["l1", "l2", "random"]), default="l1", show_default=True)
-@click.option("--schedule", type=click.Choice(["oneshot", "iterative"]), default="oneshot", show_default=True)
+@click.option("--criterion", type=click.Choice(list(CRITERIA)), default="l1", show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="oneshot", show_default=True)
 @click.option("--steps", default=None, type=int, help="Pruning steps of the iterative schedule (default 4).")
 @list_option("--exclude", absent=None, help="Module names left unpruned, repeatable or comma-separated (GoogLeNet default: "
               "conv1,conv2,conv3,aux1,aux2; '' for none).")

@@ -7,11 +7,16 @@ import h5py
 import numpy as np
 
 from misbench import api
+from misbench.datasets.images import VIEWS
 from misbench.errors import MisbenchError
 from misbench.runtime.distributed import is_main
 from misbench.runtime.fileio import sha256_file, write_json
 from misbench.scoring.calibrate import derive_alpha, fit_alpha, read_responses
+from misbench.scoring.mis import SELECTIONS
 from misbench.scoring.run import merge_scores as run_merge
+from misbench.scoring.settings import ENGINES
+from misbench.similarity import backend_names
+from misbench.similarity.index import DISTANCE_ENGINES
 
 from .common import StagedProgress, handle_errors, list_option, refuses_overwrite, workers_option
 
@@ -22,14 +27,14 @@ from .common import StagedProgress, handle_errors, list_option, refuses_overwrit
              help="Layer names (repeatable or comma-separated), or 'all'.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="mis.csv (mis.json is written beside it).")
 @click.option("--similarity", default="lpips-alex", show_default=True,
-              help="lpips-alex|lpips-vgg|lpips-squeeze|deepfeat:<model>|dreamsim|pixel")
+              help="|".join(backend_names()))
 @click.option("--image-size", type=int, default=None,
               help="Pixels the similarity sees (default: the backend's: 64; dreamsim 224 as the MIS paper).")
-@click.option("--view", type=click.Choice(["model", "raw"]), default="model", show_default=True,
+@click.option("--view", type=click.Choice(VIEWS), default="model", show_default=True,
               help="Explanation images as the model saw them (its resize and crop), or the raw files.")
 @click.option("--dreamsim-weights", type=click.Path(file_okay=False), default=None,
               help="Local DreamSim weights directory (else $MISBENCH_DREAMSIM_WEIGHTS).")
-@click.option("--selection", type=click.Choice(["fair", "quantile"]), default="fair", show_default=True)
+@click.option("--selection", type=click.Choice(list(SELECTIONS)), default="fair", show_default=True)
 @click.option("--quantile", default=0.2, show_default=True, help="Fraction per side for --selection quantile.")
 @click.option("--tasks", default=20, show_default=True)
 @click.option("--explanations", default=9, show_default=True)
@@ -38,7 +43,7 @@ from .common import StagedProgress, handle_errors, list_option, refuses_overwrit
               help="The JSON of `misbench calibrate --out`: its alpha, recorded as calibrated:<responses sha256>.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--engine", type=click.Choice(["embed", "pairwise"]), default="embed", show_default=True)
+@click.option("--engine", type=click.Choice(ENGINES), default="embed", show_default=True)
 @click.option("--tasks-out", type=click.Path(dir_okay=False), default=None, help="Write the tasks to this HDF5 file.")
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="Embedding cache directory.")
 @click.option("--shard", default=None, help="I/N: score every N-th unit starting at I.")
@@ -50,7 +55,7 @@ from .common import StagedProgress, handle_errors, list_option, refuses_overwrit
 @click.option("--chunk-units", default=256, show_default=True,
               help="Units whose distances are computed together: bounds memory. Each image is embedded once "
               "per run whatever the chunks (--cache: once across runs).")
-@click.option("--distances", type=click.Choice(["auto", "faiss", "torch"]), default="auto", show_default=True,
+@click.option("--distances", type=click.Choice(["auto", *DISTANCE_ENGINES]), default="auto", show_default=True,
               help="Distance engine: auto = torch on the GPU, FAISS on CPU (docs/performance.md).")
 @handle_errors
 @refuses_overwrite(passes=True)  # the library tells a killed run's tasks.h5 / mis.json (replaced) from another run's

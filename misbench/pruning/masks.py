@@ -8,17 +8,17 @@ ranked within the group. Neither ever removes a layer's (or a group's) last chan
 no connection left gives every input the same output.
 """
 
-__all__ = ["PruneSettings", "METHODS", "CRITERIA", "SCHEDULES", "prunable_layers", "default_exclude", "compute_masks",
+__all__ = ["PruneSettings", "PruningMethod", "METHODS", "register_method", "CRITERIA", "SCHEDULES", "prunable_layers", "default_exclude", "compute_masks",
            "apply_masks", "sparsity_of", "keep_fraction", "following_batchnorm", "population_of"]
 
 import dataclasses
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import MisbenchError, close_matches
 
-METHODS = ("unstructured", "structured", "connection")
 SCHEDULES = ("oneshot", "iterative")
 GOOGLENET_EXCLUDE = ("conv1", "conv2", "conv3", "aux1", "aux2")
 
@@ -45,14 +45,15 @@ class PruneSettings:
             raise MisbenchError(f"--schedule {self.schedule!r}: expected oneshot or iterative")
         if self.scope not in (None, "global", "local"):
             raise MisbenchError(f"--scope {self.scope!r}: expected global or local")
-        if self.method != "unstructured" and self.scope == "global":
-            raise MisbenchError(f"--method {self.method} prunes channels of each conv: --scope must be local")
+        if self.scope is not None and self.scope not in METHODS[self.method].scopes:
+            raise MisbenchError(f"--method {self.method} {METHODS[self.method].why_scope}: "
+                                f"--scope must be {' or '.join(METHODS[self.method].scopes)}")
         if self.steps < 1 or (self.schedule == "oneshot" and self.steps != 1):
             raise MisbenchError("--steps must be 1 for oneshot and >= 1 for iterative")
 
     @property
     def resolved_scope(self) -> str:
-        return self.scope or ("global" if self.method == "unstructured" else "local")
+        return self.scope or METHODS[self.method].scopes[0]
 
     def record(self, exclude, achieved: float, masks: dict | None = None) -> dict:
         out = {"method": self.method, "scope": self.resolved_scope, "criterion": self.criterion, "rate": self.rate,
@@ -66,7 +67,7 @@ class PruneSettings:
 def population_of(masks: dict, method: str) -> dict:
     """What `rate` is a fraction of: the weight tensors ranked (docs/pruning.md compares the seed's)."""
     weights = {k: m for k, m in masks.items() if k.endswith(".weight") and m.dim() >= 2}
-    kinds = "Conv2d and Linear" if method == "unstructured" else "Conv2d"
+    kinds = " and ".join(kind.__name__ for kind in METHODS[method].kinds)
     return {"description": f"{kinds} weights of the prunable modules; biases, BatchNorm and --exclude left out",
             "tensors": len(weights), "weights": int(sum(m.numel() for m in weights.values()))}
 
@@ -87,6 +88,29 @@ def _random(w, dims, generator=None):
 CRITERIA = {"l1": _l1, "l2": _l2, "random": _random}
 
 
+@dataclasses.dataclass(frozen=True)
+class PruningMethod:
+    """A pruning method: `masks(model, layers, settings, keep, previous, score, generator)` returns the masks
+    that keep `keep` of the prunable weights of `layers` (modules of `kinds`); `score(w, dims)` is the criterion.
+    `scopes`: the scopes it supports, the default first (`why_scope` says why the others are not)."""
+
+    masks: Callable[..., dict]
+    kinds: tuple
+    scopes: tuple
+    why_scope: str = ""
+
+
+METHODS: dict[str, PruningMethod] = {}
+
+
+def register_method(name: str, kinds: tuple, scopes: tuple = ("local",), why_scope: str = ""):
+    """Decorator: register a masks function as `--method name` (docs/contributing.md)."""
+    def decorate(masks):
+        METHODS[name] = PruningMethod(masks, kinds, scopes, why_scope)
+        return masks
+    return decorate
+
+
 def default_exclude(arch: str, model: nn.Module) -> tuple:
     """The seed's exclusions for GoogLeNet (stem convs and aux heads, those the model has)."""
     names = {n for n, _ in model.named_modules()}
@@ -104,7 +128,7 @@ def prunable_layers(model: nn.Module, method: str = "unstructured", exclude=()) 
     if unknown:
         raise MisbenchError(f"--exclude names modules that do not exist: {', '.join(unknown)}."
                             f"{close_matches(unknown[0], names)}")
-    kinds = (nn.Conv2d, nn.Linear) if method == "unstructured" else (nn.Conv2d,)
+    kinds = METHODS[method].kinds
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds) and not _excluded(n, exclude)}
 
 
@@ -143,61 +167,86 @@ def _ranked_prune(scores: torch.Tensor, n_prune: int, already: torch.Tensor, gen
 def compute_masks(model: nn.Module, settings: PruneSettings, keep: float, exclude, previous: dict | None = None,
                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Masks that keep `keep` of the prunable weights (per scope); `previous` pruned entries stay pruned."""
-    previous = previous or {}
     layers = prunable_layers(model, settings.method, exclude)
     if not layers:
         raise MisbenchError(f"no prunable layers left for --method {settings.method} after --exclude {list(exclude)}")
     crit = CRITERIA[settings.criterion]
-    rand_kw = {"generator": generator} if settings.criterion == "random" else {}
+    if settings.criterion == "random":
+        def score(w, dims):
+            return crit(w, dims, generator=generator)
+    else:
+        score = crit
+    return METHODS[settings.method].masks(model, layers, settings, keep, previous or {}, score, generator)
+
+
+@register_method("unstructured", (nn.Conv2d, nn.Linear), ("global", "local"))
+def _unstructured(model, layers, settings, keep, previous, score, generator):
     masks: dict[str, torch.Tensor] = {}
-    if settings.method == "unstructured":
-        weights = {n: m.weight.detach() for n, m in layers.items()}
-        already = {n: ~previous.get(f"{n}.weight", torch.ones_like(w, dtype=torch.bool)) for n, w in weights.items()}
-        if settings.resolved_scope == "global":
-            scores = torch.cat([crit(w, None, **rand_kw).flatten().double() for w in weights.values()])
-            total = scores.numel()
-            keep_mask = _ranked_prune(scores, round((1 - keep) * total), torch.cat([a.flatten() for a in already.values()]),
-                                      generator)
-            start = 0
-            for n, w in weights.items():
-                masks[f"{n}.weight"] = keep_mask[start:start + w.numel()].view_as(w)
-                start += w.numel()
-        else:
-            for n, w in weights.items():
-                m = _ranked_prune(crit(w, None, **rand_kw), round((1 - keep) * w.numel()), already[n], generator)
-                masks[f"{n}.weight"] = m.view_as(w)
-        return masks
-    bns = following_batchnorm(model)
-    # 1 - keep in floating point is a hair off the rate (1 - 0.8 = 0.19999999999999996); counts
-    # must not depend on that
-    fraction = round(1 - keep, 12)
-    for n, conv in layers.items():
-        w = conv.weight.detach()
-        prev = previous.get(f"{n}.weight")
-        prev = prev if prev is not None else torch.ones_like(w, dtype=torch.bool)
-        if settings.method == "structured":
-            other = tuple(range(1, w.dim()))
-            count = min(round(fraction * w.shape[0]), w.shape[0] - 1)
-            channels = _ranked_prune(crit(w, other, **rand_kw), count, (~prev).all(dim=other), generator)
-            masks[f"{n}.weight"] = channels.view(-1, *[1] * (w.dim() - 1)).expand_as(w).clone()
-            if conv.bias is not None:
-                masks[f"{n}.bias"] = channels.clone()
-            if n in bns:
-                masks[f"{bns[n]}.weight"] = channels.clone()
-                masks[f"{bns[n]}.bias"] = channels.clone()
-        else:
-            masks[f"{n}.weight"] = _connection_mask(w, conv.groups, fraction, crit, rand_kw, prev, generator)
+    weights = {n: m.weight.detach() for n, m in layers.items()}
+    already = {n: ~previous.get(f"{n}.weight", torch.ones_like(w, dtype=torch.bool)) for n, w in weights.items()}
+    if settings.resolved_scope == "global":
+        scores = torch.cat([score(w, None).flatten().double() for w in weights.values()])
+        total = scores.numel()
+        keep_mask = _ranked_prune(scores, round((1 - keep) * total), torch.cat([a.flatten() for a in already.values()]),
+                                  generator)
+        start = 0
+        for n, w in weights.items():
+            masks[f"{n}.weight"] = keep_mask[start:start + w.numel()].view_as(w)
+            start += w.numel()
+    else:
+        for n, w in weights.items():
+            m = _ranked_prune(score(w, None), round((1 - keep) * w.numel()), already[n], generator)
+            masks[f"{n}.weight"] = m.view_as(w)
     return masks
 
 
-def _connection_mask(w, groups: int, fraction: float, crit, rand_kw, prev, generator) -> torch.Tensor:
+def _channel_fraction(keep: float) -> float:
+    # 1 - keep in floating point is a hair off the rate (1 - 0.8 = 0.19999999999999996); counts
+    # must not depend on that
+    return round(1 - keep, 12)
+
+
+def _previous(previous, n, w):
+    prev = previous.get(f"{n}.weight")
+    return prev if prev is not None else torch.ones_like(w, dtype=torch.bool)
+
+
+@register_method("structured", (nn.Conv2d,), ("local",), "prunes output channels of each conv")
+def _structured(model, layers, settings, keep, previous, score, generator):
+    masks: dict[str, torch.Tensor] = {}
+    bns = following_batchnorm(model)
+    fraction = _channel_fraction(keep)
+    for n, conv in layers.items():
+        w = conv.weight.detach()
+        prev = _previous(previous, n, w)
+        other = tuple(range(1, w.dim()))
+        count = min(round(fraction * w.shape[0]), w.shape[0] - 1)
+        channels = _ranked_prune(score(w, other), count, (~prev).all(dim=other), generator)
+        masks[f"{n}.weight"] = channels.view(-1, *[1] * (w.dim() - 1)).expand_as(w).clone()
+        if conv.bias is not None:
+            masks[f"{n}.bias"] = channels.clone()
+        if n in bns:
+            masks[f"{bns[n]}.weight"] = channels.clone()
+            masks[f"{bns[n]}.bias"] = channels.clone()
+    return masks
+
+
+@register_method("connection", (nn.Conv2d,), ("local",), "prunes input channels of each conv")
+def _connection(model, layers, settings, keep, previous, score, generator):
+    fraction = _channel_fraction(keep)
+    return {f"{n}.weight": _connection_mask(conv.weight.detach(), conv.groups, fraction, score,
+                                            _previous(previous, n, conv.weight), generator)
+            for n, conv in layers.items()}
+
+
+def _connection_mask(w, groups: int, fraction: float, score, prev, generator) -> torch.Tensor:
     """Input-channel mask of a (grouped) conv weight [out, in/groups, ...]: within each group, the
     int(fraction * in/groups) lowest-ranked input channels, never the group's last one (so a depthwise
     conv, one input per group, keeps all of its connections)."""
     out, per_group = w.shape[0], w.shape[1]
     grouped = w.reshape(groups, out // groups, per_group, *w.shape[2:])
     other = (1, *range(3, grouped.dim()))
-    scores = crit(grouped, other, **rand_kw)  # [groups, per_group]
+    scores = score(grouped, other)  # [groups, per_group]
     already = (~prev.reshape(grouped.shape)).all(dim=other)
     count = min(int(fraction * per_group), per_group - 1)
     keep = torch.ones(groups, per_group, dtype=torch.bool)

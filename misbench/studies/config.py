@@ -212,7 +212,7 @@ def parse_config(given: dict, source: str = "<config>", quick: bool = False) -> 
     if raw["model"]["arch"] and not raw["model"]["spec"] and raw["train"]["epochs"] < 1:
         raise MisbenchError("config [model]: a model built from arch needs [train] epochs >= 1 (or give spec)")
     p = raw["pruning"]
-    _check_choice("[pruning] methods", p["methods"], METHODS)
+    _check_choice("[pruning] methods", p["methods"], list(METHODS))
     _check_choice("[pruning] criteria", p["criteria"], list(CRITERIA))
     _check_choice("[pruning] schedules", p["schedules"], SCHEDULES)
     _check_choice("[pruning] optimizers", p["optimizers"] or [], ["sgd", "adam"])
