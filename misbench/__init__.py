@@ -1,9 +1,8 @@
 """misbench: the Mechanistic Interpretability Score for pruned vision networks.
 
-The public API (docs/api.md) is misbench.api's functions, re-exported here. Some share their name
-with the library module that implements them (misbench.extract, .audit, .evaluate, .study): as
-attributes of the package they are the functions; import from those modules with
-`from misbench.activations.extract import ExtractSettings`.
+The public API (docs/api.md) is misbench.api's functions, re-exported here. The library's modules
+live in subpackages named after the pipeline's stages (docs/contributing.md); none is named like an
+API function, so `misbench.extract` is always the function.
 """
 
 from .api import (LayerInfo, audit, evaluate, extract, layers, load_model, load_scores, open_activations, prune, report,
