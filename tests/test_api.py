@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 import misbench
 from conftest import make_image_folder, write_acts
+from test_rehearsal import FAST_ARCHS, SLOW_ARCHS
 from misbench.models.archs import build_arch
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
@@ -160,6 +161,33 @@ def test_layers_of_torchvision_architectures_and_class_names():
     assert [r.classes for r in rows[-2:]] == [tuple(categories)] * 2 and rows[-1].n_units == len(categories) == 1000
     r = CliRunner().invoke(cli, ["layers", "mobilenet_v2:IMAGENET1K_V1"])
     assert r.exit_code == 0 and "softmax" in r.output and ", ".join(categories[:5]) in r.output
+
+
+# every architecture docs/installation.md names (the rehearsal's lists), plus the transformers of docs/mis.md
+DOC_ARCHS = FAST_ARCHS + SLOW_ARCHS + ["vit_b_16", "swin_t"]
+
+
+@pytest.mark.parametrize("arch", DOC_ARCHS)
+def test_layers_lists_every_conv_and_linear_of_each_documented_architecture(arch):
+    """Against torchvision's own model: each Conv2d/Linear that an eval-mode forward runs as a module is a row
+    with its out_channels/out_features as units (aux heads do not run; Swin's attention uses its Linear weights
+    functionally), and the class layers have the model's 1000 outputs."""
+    import torchvision
+
+    rows = {r.name: r for r in misbench.layers(f"{arch}:random")}
+    reference = torchvision.models.get_model(arch, weights=None).eval()
+    expected = {}
+    for name, m in reference.named_modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            axis = 1 if isinstance(m, torch.nn.Conv2d) else -1  # Linear acts on the last axis (Swin: [N, H, W, C])
+            m.register_forward_hook(lambda mod, i, out, name=name, axis=axis: expected.__setitem__(name, out.shape[axis]))
+    with torch.no_grad():
+        size = 299 if arch == "inception_v3" else 224
+        reference(torch.zeros(1, 3, size, size))
+    assert len(expected) > 5
+    assert {name: rows[name].n_units for name in expected if name in rows} == expected
+    assert rows["softmax"].n_units == rows["logits"].n_units == 1000
+    assert any(r.in_conv for r in rows.values()) or any(r.in_mlp for r in rows.values())
 
 
 def test_unknown_layer_suggests_close_names(mini, tmp_path):

@@ -103,7 +103,9 @@ def test_writers_refuse_then_replace_with_overwrite(property_folder, tmp_path):
                 (["report", "compare", "--scores", f"a={tmp_path / 'mis.csv'},b={tmp_path / 'mis.csv'}", "--n-boot", "10",
                   "--out", str(tmp_path / "compare")], tmp_path / "compare" / "compare.csv", "--out"),
                 (["train-dictionary", str(acts), "--layer", "feat", "--n-features", "4", "--k", "1", "--steps", "5",
-                  "--out", str(tmp_path / "dict.pt")], tmp_path / "dict.pt", "--out")]
+                  "--out", str(tmp_path / "dict.pt")], tmp_path / "dict.pt", "--out"),
+                (["prune", "mini_inception", "--num-classes", "3", "--arch-kwargs", '{"width": 4}', "--method",
+                  "structured", "--rate", "0.5", "--out", str(tmp_path / "p.pt")], tmp_path / "p.pt", "--out")]
     for args, target, option in commands:
         first = runner.invoke(cli, args)
         assert first.exit_code == 0, first.output

@@ -101,6 +101,7 @@ def test_every_config_key_has_a_declared_type():
     ("extract", "layers", ["conv", 3], "a string"),  # a list's element
     ("pruning", "rates", [0.5, "0.7"], "a number"),
     ("report", "units", "softmax:1", "a list"),
+    ("runtime", "workers", 2.5, '"auto" or an integer'),
 ])
 def test_config_values_of_the_wrong_type_name_key_value_and_type(section, key, value, expected):
     with pytest.raises(MisbenchError) as err:

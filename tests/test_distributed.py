@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -30,8 +31,10 @@ def torchrun_command(*args) -> list[str]:
 
 
 def torchrun(*args, cwd, check=True):
-    result = subprocess.run(torchrun_command(*args), cwd=cwd, env=TORCHRUN_ENV, capture_output=True, text=True,
-                            timeout=300)
+    # torchrun leaves a torchelastic_* folder in TMPDIR after every launch: give it one we remove
+    with tempfile.TemporaryDirectory(prefix="torchrun-") as scratch:
+        result = subprocess.run(torchrun_command(*args), cwd=cwd, env={**TORCHRUN_ENV, "TMPDIR": scratch},
+                                capture_output=True, text=True, timeout=300)
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -191,7 +194,8 @@ def test_ddp_retraining_killed_after_an_epoch_resumes_to_the_same_checkpoint(set
             '{"width": 8}', "--method", "unstructured", "--rate", "0.5", "--epochs", "2", "--data", folder,
             "--val-data", folder, "--batch-size", "4", "--device", "cpu", "--resize", "16", "--crop", "16"]
     torchrun(*args, "--out", "full.pt", cwd=tmp_path)
-    job = subprocess.Popen(torchrun_command(*args, "--out", "cut.pt"), cwd=tmp_path, env=TORCHRUN_ENV,
+    job = subprocess.Popen(torchrun_command(*args, "--out", "cut.pt"), cwd=tmp_path,
+                           env={**TORCHRUN_ENV, "TMPDIR": str(tmp_path)},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = tmp_path / "cut.pt.partial"
     deadline = time.monotonic() + 240

@@ -13,7 +13,7 @@ from ..models.checkpoint import build_checkpoint, load_checkpoint_dict, save_che
 from ..models.loading import LoadedModel, model_input_file
 from ..runtime import distributed
 from ..runtime.device import resolve_device
-from ..runtime.fileio import refuse_same_paths
+from ..runtime.fileio import refuse_existing, refuse_same_paths
 from ..runtime.interrupts import uninterruptible
 from .masks import PruneSettings, apply_masks, compute_masks, default_exclude, keep_fraction, sparsity_of
 from .training import Trainer, TrainSettings
@@ -72,8 +72,7 @@ def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: 
         log.info("%s is complete; removing the leftover %s", out, partial)
         partial.unlink(missing_ok=True)
         return out
-    if out.exists() and not overwrite:
-        raise MisbenchError(f"{out} already exists: pass --overwrite to replace it")
+    refuse_existing({"out": out}, overwrite)
     if partial.exists() and not (resume or overwrite):
         raise MisbenchError(f"an interrupted run left {partial}: pass --resume to continue it or --overwrite to restart")
     if train.epochs > 0 and not data:

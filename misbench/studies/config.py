@@ -75,7 +75,8 @@ def _check_types(raw: dict) -> None:
             if key == "workers":
                 ok = isinstance(value, (int, str)) and not isinstance(value, bool)
             if not ok:
-                raise MisbenchError(f"config [{section}] {key}: expected {TYPE_NAMES[expected]}, got {value!r} "
+                wanted = '"auto" or an integer' if key == "workers" else TYPE_NAMES[expected]
+                raise MisbenchError(f"config [{section}] {key}: expected {wanted}, got {value!r} "
                                     f"({type(value).__name__})")
             if expected is list and key in ITEM_TYPES:
                 item_type = ITEM_TYPES[key]
