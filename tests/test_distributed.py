@@ -91,6 +91,18 @@ def test_distributed_extraction_and_scoring_equal_one_process(setup):
     assert one["layers"] == two["layers"] and one["model_mean"] == two["model_mean"]
     ta, tb = datasets(root / "one_tasks.h5"), datasets(root / "two_tasks.h5")
     assert all(np.array_equal(ta[k], tb[k], equal_nan=True) for k in ta) and ta.keys() == tb.keys()
+    # what a killed torchrun score leaves: the ranks' parts (killed before the merge), or tasks.h5 and mis.json
+    # without mis.csv (killed during the merge); the same command replaces both and gives the same result
+    torchrun_score = ["score", "dist.h5", "--layer", "all", "--similarity", "pixel", "--image-size", "16", "--tasks",
+                      "10", "--bootstrap", "50", "--out", "three.csv", "--tasks-out", "three_tasks.h5"]
+    for i in range(2):
+        score(single, ["all"], settings, root / f"three.part{i}of2.csv", root / f"three_tasks.part{i}of2.h5",
+              shard=(i, 2))
+    torchrun(*torchrun_score, cwd=root)
+    (root / "three.csv").unlink()
+    torchrun(*torchrun_score, cwd=root)
+    assert (root / "three.csv").read_text() == (root / "one.csv").read_text()
+    assert not list(root.glob("three*.part*"))
     # --shard I/N by hand, merged: the same result again
     parts = []
     for i in range(3):

@@ -51,13 +51,17 @@ def _results_from_csv(path) -> list[dict]:
     return out
 
 
-def merge_scores(parts, out, tasks_out=None, overwrite: bool = False) -> dict:
-    """Merge `--shard I/N` outputs (mis.csv parts with their .json, and tasks files) into one result."""
+def merge_scores(parts, out, tasks_out=None, overwrite: bool = False, key: str | None = None) -> dict:
+    """Merge `--shard I/N` outputs (mis.csv parts with their .json, and tasks files) into one result.
+
+    `key`: the run key of a `score` under torchrun, whose own check already ran; its outputs carry that key, so
+    a rerun of the same score command after a kill during the merge replaces them."""
     parts = [Path(p) for p in parts]
     refuse_same_paths({f"PART {p}": p for p in parts}, {"--out": out, "mis.json (beside --out)": Path(out).with_suffix(".json"),
                                                        "--tasks-out": tasks_out})
-    key = run_key("merge-scores", parts, {}, out, tasks_out)
-    refuse_foreign_outputs(out, tasks_out, key, overwrite)
+    if key is None:
+        key = run_key("merge-scores", parts, {}, out, tasks_out)
+        refuse_foreign_outputs(out, tasks_out, key, overwrite)
     metas = []
     for p in parts:
         if read_meta(p) is None:

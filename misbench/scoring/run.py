@@ -25,7 +25,7 @@ from ..similarity import EmbeddingIndex, build_backend
 from ..similarity.cache import EmbeddingCache
 from ..similarity.index import build_distances, resolve_distances
 from ..version import __version__
-from .mis import (CONSTANT_RANGE, SELECTIONS, Tasks, confidences, decisions, non_finite_rows, task_deltas, tie_keys,
+from .mis import (SELECTIONS, Tasks, confidences, decisions, is_constant, non_finite_rows, task_deltas, tie_keys,
                   unit_rng)
 from .results import (MIS_COLUMNS, layer_summaries, merge_scores, refuse_foreign_outputs, run_key, score_rows,
                       shard_path, stored_value, write_scores, write_scores_csv)
@@ -206,12 +206,13 @@ def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, 
         distributed.ensure_initialized(resolve_device(settings.device))
         part = shard_path(out, (rank, size))
         part_tasks = shard_path(tasks_out, (rank, size)) if tasks_out else None
-        score(acts_path, layers, settings, part, part_tasks, cache_dir, (rank, size), backend, progress, overwrite)
+        # the parts are this command's own scratch files: a killed run's are replaced
+        score(acts_path, layers, settings, part, part_tasks, cache_dir, (rank, size), backend, progress, overwrite=True)
         distributed.barrier()
         meta = None
         if rank == 0:
             parts = [shard_path(out, (r, size)) for r in range(size)]
-            meta = merge_scores(parts, out, tasks_out, overwrite)
+            meta = merge_scores(parts, out, tasks_out, overwrite=True, key=key)  # checked above, before any work
             for path in parts:
                 for extra in (path, path.with_suffix(".json")):
                     extra.unlink()
@@ -261,7 +262,7 @@ def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, 
                         f"the first {values[bad[0]]} at row {row} ({acts.paths[row]}); such values cannot be ranked, "
                         "so no MIS is given: re-extract from a model whose activations are finite (a float16 file "
                         "that overflowed: --dtype float32)")
-                if np.max(values) - np.min(values) < CONSTANT_RANGE:
+                if is_constant(values):
                     results.append({"layer": name, "unit": unit, "status": "constant", "tasks": None})
                 else:
                     results.append({"layer": name, "unit": unit, "status": "ok",
