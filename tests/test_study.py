@@ -258,6 +258,7 @@ def test_study_trains_a_dictionary_and_reports_neurons_against_features(tmp_path
     study = Study(load_config(config), out)
     step = next(s for s in study.steps if s.name == "extract:base")
     assert step.inputs["features:f"] == d / "dictionary.pt" and dict(study.plan())["extract:base"] == "run"
+    assert next(s for s in study.steps if s.name == "extract:dictionary-train").settings["features"] == []
     step.action(False)
     with h5py.File(step.outputs["acts"]) as f:
         assert f["layers/f"].attrs["kind"] == "features" and f["layers/f"].attrs["n_units"] == 16

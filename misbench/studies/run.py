@@ -26,10 +26,10 @@ from ..models.preprocess import IMAGENET_PREPROCESS, Preprocess
 from ..pruning import PruneSettings
 from ..pruning.run import partial_checkpoint_path, produce_checkpoint
 from ..pruning.training import TrainSettings
-from ..reports.tables import read_csv_rows, write_csv
+from ..reports.tables import write_csv
 from ..runtime import distributed
 from ..runtime.device import parse_workers
-from ..runtime.fileio import utc_now, write_json
+from ..runtime.fileio import option_label, overwrite_hint, read_csv_rows, utc_now, write_json
 from ..runtime.lock import DirectoryLock
 from ..scoring.calibrate import calibration_alpha
 from ..scoring.run import ScoreSettings, score
@@ -182,8 +182,9 @@ class Study:
         p = self.dictionary_paths()
         e = {k: cfg["extract"][k] for k in ("reduction", "token_reduction", "dtype", "resize", "crop", "batch_size")}
         labels = cfg["data"]["labels"]
-        train = {**e, "layers": [d["layer"]], "data": cfg["data"]["train"], "limit": d["train_limit"], "labels": labels,
-                 "dtype": "float32"}
+        # the training images feed the dictionary's own layer only (no [extract] features on the whole train split)
+        train = {**e, "layers": [d["layer"]], "features": [], "data": cfg["data"]["train"], "limit": d["train_limit"],
+                 "labels": labels, "dtype": "float32"}
         val = {**e, "layers": [d["layer"]], "features": [f"{d['name']}={d['layer']}:dictionary.pt"],
                "data": cfg["extract"]["data"] or cfg["data"]["val"], "limit": cfg["extract"]["limit"], "labels": labels}
         spec = f"{d['name']}={d['layer']}:{p['dictionary']}"
@@ -377,8 +378,8 @@ def check_study_folder(out_dir, overwrite: bool = False) -> None:
     out = Path(out_dir)
     if overwrite or not out.is_dir() or (out / "manifest.json").exists() or not any(out.iterdir()):
         return
-    raise MisbenchError(f"--out: {out} is a non-empty folder without a study's manifest.json; choose a new or "
-                        "study folder, or pass --overwrite to write the study into it")
+    raise MisbenchError(f"{option_label('out')}: {out} is a non-empty folder without a study's manifest.json; choose a "
+                        f"new or study folder, or {overwrite_hint()} to write the study into it")
 
 
 def run_study(config: StudyConfig, out_dir, dry_run: bool = False, on_step=None, progress=None) -> dict:
