@@ -10,7 +10,7 @@ from misbench import api
 from misbench.datasets.images import VIEWS
 from misbench.errors import MisbenchError
 from misbench.runtime.distributed import is_main
-from misbench.runtime.fileio import sha256_file, write_json
+from misbench.runtime.fileio import refuse_existing, sha256_file, write_json
 from misbench.scoring.calibrate import derive_alpha, fit_alpha, read_responses
 from misbench.scoring.mis import SELECTIONS
 from misbench.scoring.run import merge_scores as run_merge
@@ -104,8 +104,8 @@ COMMANDS = [score]
               help="Write the fit as JSON (with the responses' sha256) for `score --alpha-from`.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handle_errors
-@refuses_overwrite("out")
-def calibrate(responses, derive_from, tasks_h5, level, model, out, as_json):
+@refuses_overwrite(passes=True)  # checked in the body: with --derive, --out is refused whatever exists
+def calibrate(responses, derive_from, tasks_h5, level, model, out, as_json, overwrite):
     """Fit alpha of mis_confidence to human 2-AFC RESPONSES (CSV: delta or layer,unit,task; correct; or the IMI
     study's trial table), or derive one with --derive TASKS.h5 (not a calibration)."""
     if derive_from:
@@ -121,6 +121,7 @@ def calibrate(responses, derive_from, tasks_h5, level, model, out, as_json):
         return
     if not responses:
         raise MisbenchError("calibrate needs RESPONSES (human 2-AFC answers) or --derive TASKS.h5")
+    refuse_existing({"out": out}, overwrite)
 
     delta, correct = read_responses(responses, tasks_h5, model)
     fit = {**fit_alpha(delta, correct, level), "responses": str(responses), "responses_sha256": sha256_file(responses)}

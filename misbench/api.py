@@ -29,7 +29,7 @@ from .pruning import PruneSettings
 from .pruning.audit import audit as _audit
 from .pruning.run import produce_checkpoint
 from .pruning.training import TrainSettings
-from .runtime.fileio import refuse_existing, refuse_same_paths
+from .runtime.fileio import option_label, refuse_existing, refuse_same_paths
 from .scoring.calibrate import calibration_alpha
 from .scoring.results import load_scores, scores_frame
 from .scoring.run import ScoreSettings, parse_shard, score as _score
@@ -137,7 +137,7 @@ def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=Non
         raise MisbenchError("layers='': expected layer names or 'all'")
     if alpha_from:
         if options.get("alpha") is not None:
-            raise MisbenchError("give --alpha or --alpha-from, not both")
+            raise MisbenchError(f"give {option_label('alpha')} or {option_label('alpha_from')}, not both")
         options["alpha"], options["alpha_source"] = calibration_alpha(alpha_from)
     settings = ScoreSettings(**options)
     shard = parse_shard(shard) if isinstance(shard, str) or shard is None else tuple(shard)

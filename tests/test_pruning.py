@@ -158,7 +158,7 @@ def test_resume_reaches_the_same_weights(tmp_path, tiny_train):
     with pytest.raises(Stop):
         produce_checkpoint(fresh(), prune, settings, target, data=tiny_train, progress=interrupt)
     assert not target.exists() and partial_checkpoint_path(target).exists()
-    with pytest.raises(MisbenchError, match="--resume"):
+    with pytest.raises(MisbenchError, match="pass resume=True to continue"):
         produce_checkpoint(fresh(), prune, settings, target, data=tiny_train)
     produce_checkpoint(fresh(), prune, settings, target, data=tiny_train, resume=True)
     a, b = load_checkpoint_dict(full), load_checkpoint_dict(target)

@@ -474,6 +474,9 @@ def test_derived_alpha_maps_the_median_task_to_three_quarters(tmp_path, property
     r = CliRunner().invoke(cli, ["calibrate", "--derive", str(tmp_path / "t.h5"), "--out", str(tmp_path / "fit.json")])
     assert r.exit_code == 1 and f"--alpha {rule['alpha']:.4g}" in r.output and "writes no calibration" in r.output
     assert not (tmp_path / "fit.json").exists()
+    (tmp_path / "fit.json").write_text("{}")  # an existing --out: the --derive error comes first, not --overwrite's
+    r = CliRunner().invoke(cli, ["calibrate", "--derive", str(tmp_path / "t.h5"), "--out", str(tmp_path / "fit.json")])
+    assert r.exit_code == 1 and "writes no calibration" in r.output and (tmp_path / "fit.json").read_text() == "{}"
 
 
 # The seed's own per-run table (its authors' Plotting/correlation-new.py): MIS confidence at rates 0-0.8 per method,

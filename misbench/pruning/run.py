@@ -13,7 +13,7 @@ from ..models.checkpoint import build_checkpoint, load_checkpoint_dict, save_che
 from ..models.loading import LoadedModel, model_input_file
 from ..runtime import distributed
 from ..runtime.device import resolve_device
-from ..runtime.fileio import refuse_existing, refuse_same_paths
+from ..runtime.fileio import flag_hint, refuse_existing, refuse_same_paths
 from ..runtime.interrupts import uninterruptible
 from .masks import PruneSettings, apply_masks, compute_masks, default_exclude, keep_fraction, sparsity_of
 from .training import Trainer, TrainSettings
@@ -74,7 +74,8 @@ def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: 
         return out
     refuse_existing({"out": out}, overwrite)
     if partial.exists() and not (resume or overwrite):
-        raise MisbenchError(f"an interrupted run left {partial}: pass --resume to continue it or --overwrite to restart")
+        raise MisbenchError(f"an interrupted run left {partial}: pass {flag_hint('resume')} to continue it or "
+                            f"{flag_hint('overwrite')} to restart")
     if train.epochs > 0 and not data:
         raise MisbenchError("retraining needs training data: pass --data DATA (or --epochs 0 to prune only)")
     def source(spec):
