@@ -1,4 +1,4 @@
-"""misbench report classwise|sweep|layers|curves, misbench import-scores."""
+"""misbench report classwise|sweep|compare|layers|curves, misbench import-scores."""
 
 import json
 from pathlib import Path
@@ -7,7 +7,7 @@ import click
 
 from misbench import api
 from misbench.reports.importer import import_scores as run_import
-from misbench.reports.tables import read_csv_rows
+from misbench.runtime.fileio import read_csv_rows
 
 from .common import handle_errors, list_option, refuses_overwrite
 

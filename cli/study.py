@@ -104,7 +104,7 @@ def study(config_path, out, dry_run, quick, overwrite):
 
 @click.command()
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Default: demo-out (demo-out-quick).")
-@click.option("--quick", is_flag=True, help="A smaller demo (about 2 minutes on 2 cores).")
+@click.option("--quick", is_flag=True, help="A smaller demo (under a minute on 2 cores once set up).")
 @click.option("--dry-run", is_flag=True)
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty folder that is not a study folder.")
 @handle_errors

@@ -13,7 +13,7 @@ score changes; the layer-balanced feature mean does not.
 """
 
 __all__ = ["CLASS_LAYERS", "clopper_pearson", "bootstrap_mean_ci", "summary_rng", "mean_summary", "score_summaries",
-           "is_class_layer", "balanced_mean"]
+           "is_class_layer"]
 
 import zlib
 
@@ -75,12 +75,6 @@ def mean_summary(mis, conf, rng, n_boot: int) -> dict:
             "mis_confidence": float(conf.mean()) if len(conf) else None,
             "mis_ci": list(bootstrap_mean_ci(mis, rng, n_boot)) if len(mis) else [None, None],
             "mis_confidence_ci": list(bootstrap_mean_ci(conf, rng, n_boot)) if len(conf) else [None, None]}
-
-
-def balanced_mean(per_layer: dict, layers) -> float | None:
-    """Mean over `layers` of each layer's mean (layers without scored units left out)."""
-    means = [per_layer[name] for name in layers if per_layer.get(name) is not None]
-    return float(np.mean(means)) if means else None
 
 
 def _balanced(groups: dict, rng, n_boot: int) -> dict:
