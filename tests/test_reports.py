@@ -222,3 +222,20 @@ def test_a_requested_constant_unit_is_reported_not_fatal(property_folder, tmp_pa
         k = list(t["feat"]["unit"][...]).index(pictured[0]["unit"])
         rows = t["feat"]["pos_expl"][k][0]
     assert pictured[0]["pos_expl"][0] == pytest.approx(column[rows].tolist())
+
+
+def test_sweep_says_why_requested_units_are_not_pictured(property_folder, tmp_path, caplog):
+    """Unit pictures need tasks.h5 and acts.h5 beside the header run's scores; without them a requested unit
+    is named in a warning instead of disappearing."""
+    root, _ = property_folder
+    n = len(list(root.rglob("*.png")))
+    acts = write_acts(tmp_path / "acts.h5", root, {"feat": np.random.default_rng(3).normal(size=(n, 3))})
+    r = CliRunner().invoke(cli, ["score", str(acts), "--layer", "feat", "--out", str(tmp_path / "mis.csv"),
+                                 "--similarity", "pixel", "--image-size", "16", "--tasks", "6", "--bootstrap", "20"])
+    assert r.exit_code == 0, r.output
+    (tmp_path / "runs.csv").write_text("name,method,rate,scores\nrun,none,0,mis.csv\n")
+    with caplog.at_level("WARNING", logger="misbench.reports.build"):
+        r = CliRunner().invoke(cli, ["report", "sweep", "--runs", str(tmp_path / "runs.csv"), "--unit", "feat:1",
+                                     "--out", str(tmp_path / "report")])
+    assert r.exit_code == 0, r.output
+    assert "feat:1 not pictured" in caplog.text and "tasks.h5" in caplog.text

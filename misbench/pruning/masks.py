@@ -42,7 +42,7 @@ class PruneSettings:
         if self.criterion not in CRITERIA:
             raise MisbenchError(f"--criterion {self.criterion!r}: expected one of {', '.join(CRITERIA)}")
         if self.schedule not in SCHEDULES:
-            raise MisbenchError(f"--schedule {self.schedule!r}: expected oneshot or iterative")
+            raise MisbenchError(f"--schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
         if self.scope not in (None, "global", "local"):
             raise MisbenchError(f"--scope {self.scope!r}: expected global or local")
         if self.scope is not None and self.scope not in METHODS[self.method].scopes:

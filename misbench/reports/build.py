@@ -146,6 +146,8 @@ def _unit_sections_for(out_dir, scores_csv, units=(), prefix: str = "", run: str
     d = Path(scores_csv).parent
     tasks, acts = d / "tasks.h5", d / "acts.h5"
     if not (tasks.exists() and acts.exists()):
+        if units:  # asked for by name: say why they are not pictured
+            log.warning("units %s not pictured: %s needs tasks.h5 and acts.h5 beside it", ", ".join(units), scores_csv)
         return []
     return unit_sections(unit_galleries(out_dir, read_scores(scores_csv), tasks, acts, units, prefix=prefix), run)
 
