@@ -62,11 +62,10 @@ def merge_scores(parts, out, tasks_out=None, overwrite: bool = False, key: str |
     if key is None:
         key = run_key("merge-scores", parts, {}, out, tasks_out)
         refuse_foreign_outputs(out, tasks_out, key, overwrite)
-    metas = []
-    for p in parts:
-        if read_meta(p) is None:
+    metas = [read_meta(p) for p in parts]
+    for p, meta in zip(parts, metas):
+        if meta is None:
             raise MisbenchError(f"{p} has no {p.with_suffix('.json').name} beside it; merge needs both")
-        metas.append(read_meta(p))
     first = metas[0]
 
     def content(meta):
@@ -276,12 +275,12 @@ def load_scores(path) -> pd.DataFrame:
                             f"(expected {','.join(MIS_COLUMNS)})")
     _check_scores(df, path)
     df = df.astype({c: t for c, t in SCORE_DTYPES.items() if c in df.columns})
-    sidecar = path.with_suffix(".json")
-    if sidecar.exists():
-        df.attrs.update(json.loads(sidecar.read_text()))
+    meta = read_meta(path)
+    if meta is not None:
+        df.attrs.update(meta)
     else:
         log.warning("%s has no %s beside it: its settings and means are unknown (df.attrs is empty)", path,
-                    sidecar.name)
+                    path.with_suffix(".json").name)
     return df
 
 
