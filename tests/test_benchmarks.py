@@ -71,3 +71,11 @@ def test_topk_scale_benchmark_at_reduced_size(tmp_path):
     assert "kept rows equal brute-force top-k over all rows: True (2000 units checked)" in out
     ratio = float(re.search(r"one batch \d+ MiB: ([\d.]+)x", out).group(1))
     assert ratio <= 1.5
+
+
+def test_ms_scale_benchmark_quick(tmp_path):
+    """benchmarks/ms_scale.py runs, and its identity agrees with its own brute force."""
+    out = _bench(tmp_path, "ms_scale.py", "--quick")
+    diff = float(re.search(r"max \|difference\| (\S+)", out).group(1))
+    assert diff < 1e-6
+    assert re.search(r"throughput, 3000 images x 200 units x 64 dims: [\d.]+ s, \d+ units/s", out)
