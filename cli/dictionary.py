@@ -2,6 +2,7 @@
 
 import click
 
+from misbench.activations.dictionary_kinds import KINDS
 from misbench.activations.dictionary_training import DictionarySettings, train_dictionary as run
 
 from .common import handle_errors, refuses_overwrite
@@ -12,18 +13,27 @@ from .common import handle_errors, refuses_overwrite
 @click.option("--layer", required=True, help="The layer of ACTS whose rows the dictionary learns.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Dictionary file for extract --features.")
 @click.option("--n-features", default=64, show_default=True, help="Dictionary size K.")
-@click.option("--k", default=4, show_default=True, help="Active features per input (top-k).")
+@click.option("--k", default=4, show_default=True, help="Active features per input (topk; batchtopk: on average).")
 @click.option("--steps", default=300, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--kind", type=click.Choice(list(KINDS)), default="topk", show_default=True,
+              help="topk, batchtopk (k per input on average) or relu (ReLU with an L1 penalty --l1).")
+@click.option("--expansion", type=float, default=None,
+              help="Width as a multiple of the layer's units (replaces --n-features), e.g. 4.")
+@click.option("--l1", default=1e-3, show_default=True, help="L1 penalty of --kind relu.")
+@click.option("--untrained-out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the control: the same kind and width with its initial weights.")
 @handle_errors
-@refuses_overwrite("out")
-def train_dictionary(acts, layer, out, n_features, k, steps, lr, batch_size, seed):
-    """Train a small top-k sparse autoencoder on LAYER's stored activations (docs/mis.md has the recipe)."""
-    record = run(acts, layer, out, DictionarySettings(n_features, k, steps, lr, batch_size, seed))
-    click.echo(f"{layer}: {n_features} features (top-{k}), variance explained "
-               f"{record['fraction_variance_explained']:.3f}, {record['alive_features']} alive -> {out}")
+@refuses_overwrite("out", "untrained_out")
+def train_dictionary(acts, layer, out, n_features, k, steps, lr, batch_size, seed, kind, expansion, l1, untrained_out):
+    """Train a sparse autoencoder on LAYER's stored activations (docs/mis.md has the recipe)."""
+    record = run(acts, layer, out, DictionarySettings(n_features, k, steps, lr, batch_size, seed, kind, expansion, l1),
+                 untrained_out=untrained_out)
+    k_text = f", k {record['k']}" if record["k"] else ""
+    click.echo(f"{layer}: {record['n_features']} features ({kind}{k_text}), FVU {record['fvu']:.3f}, "
+               f"L0 {record['l0']:.2f}, dead {record['dead_share']:.1%} -> {out}")
     click.echo(f"use: misbench extract ... --features NAME={layer}:{out}")
 
 

@@ -1,7 +1,8 @@
 """The activation file (HDF5 schema 1, DESIGN §4): streaming writer, refusing reader."""
 
 __all__ = ["ActivationWriter", "ActivationFile", "open_activations", "partial_path", "part_path", "layer_dtype",
-           "merge_activation_parts", "SCHEMA", "SCHEMA_VERSION", "PartialUnusable", "check_schema"]
+           "merge_activation_parts", "SCHEMA", "SCHEMA_VERSION", "PartialUnusable", "check_schema", "add_permuted_layers",
+           "PERMUTED_SUFFIX"]
 
 import json
 import logging
@@ -9,13 +10,14 @@ import os
 import resource
 import shutil
 import time
+import zlib
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from ..errors import MisbenchError, close_matches
-from ..runtime.fileio import DiskFullError, disk_full_error
+from ..runtime.fileio import DiskFullError, atomic_path, disk_full_error
 from ..runtime.interrupts import uninterruptible
 from .topk import TOPK_SEED, merge_topk
 
@@ -369,6 +371,48 @@ def merge_activation_parts(parts: list, target, block: int = 4096) -> None:
     writer._next, writer._skipped = next_index, skipped
     writer.finish()
     writer.close()
+
+
+PERMUTED_SUFFIX = "_permuted"
+PERMUTE_UNITS = 256  # units permuted at once (bounds the memory of the permutation keys)
+
+
+def add_permuted_layers(src, out, layers, seed: int = 0) -> list[str]:
+    """Copy the complete activation file `src` to `out` with, for each of `layers`, a control layer
+    `<layer>_permuted`: each unit's values permuted across images (an independent seeded permutation per unit,
+    so units stay independent draws and a layer mean's interval over units keeps its coverage): each unit keeps
+    its activation distribution but loses its link to the images. Returns the new layer names; `out` is written
+    atomically."""
+    with open_activations(src) as acts:
+        names = list(acts.layer_names)
+        for name in layers:
+            acts.layer(name)  # an unknown layer is named with close matches
+            if "activations" not in acts.layer(name):
+                raise MisbenchError(f"{src}: layer {name!r} keeps only top/bottom-k rows; a permuted control needs "
+                                    "its full activations (extract without --keep)")
+            if name + PERMUTED_SUFFIX in names:
+                raise MisbenchError(f"{src} already has a layer {name + PERMUTED_SUFFIX!r}; permute the original file")
+    added = []
+    with atomic_path(out) as tmp:
+        shutil.copyfile(src, tmp)
+        with h5py.File(tmp, "r+") as h5:
+            for name in layers:
+                group = h5["layers"][name]
+                values = group["activations"]
+                rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+                new = h5["layers"].create_group(name + PERMUTED_SUFFIX)
+                new.attrs.update({**dict(group.attrs), "control": "permuted", "permuted_from": name,
+                                  "permutation_seed": seed})
+                target = new.create_dataset("activations", shape=values.shape, dtype=values.dtype,
+                                            chunks=values.chunks, compression=values.compression)
+                for u0 in range(0, values.shape[1], PERMUTE_UNITS):
+                    block = values[:, u0:u0 + PERMUTE_UNITS]
+                    order = np.argsort(rng.random(block.shape), axis=0)
+                    target[:, u0:u0 + PERMUTE_UNITS] = np.take_along_axis(block, order, axis=0)
+                group.copy("stats", new)  # a permutation keeps each unit's min, max and mean
+                added.append(name + PERMUTED_SUFFIX)
+            h5.attrs["layer_names"] = json.dumps(names + added)
+    return added
 
 
 class ActivationFile:
