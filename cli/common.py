@@ -14,7 +14,8 @@ from tqdm import tqdm
 from misbench.datasets.labels import LABEL_MODES
 from misbench.errors import MisbenchError
 from misbench.runtime.device import MAX_AUTO_WORKERS, parse_workers
-from misbench.runtime.fileio import DiskFullError, cli_wording, disk_full_error, refuse_existing
+from misbench.runtime.fileio import DiskFullError, cli_wording, disk_full_error, option_label, refuse_existing
+from misbench.runtime.outputs import writing
 from misbench.runtime.interrupts import terminate_as_interrupt
 
 
@@ -85,9 +86,14 @@ def refuses_overwrite(*targets, passes: bool = False):
                 name, inside = (target, None) if isinstance(target, str) else target
                 value = kwargs.get(name)
                 outputs[name] = value if inside is None or not value else [Path(value) / f for f in inside]
-            inputs = [v for k, v in kwargs.items() if k not in names and isinstance(v, str) and v]
-            refuse_existing(outputs, overwrite, inputs)
-            return func(*args, **kwargs)
+            inputs = {k: v for k, v in kwargs.items() if k not in names and isinstance(v, str) and v}
+            command = click.get_current_context().command
+            arguments = {p.name for p in command.params if isinstance(p, click.Argument)}
+            with writing({option_label(k): v for k, v in outputs.items()},
+                         {k.upper() if k in arguments else option_label(k): v for k, v in inputs.items()},
+                         f"misbench {command.name}"):
+                refuse_existing(outputs, overwrite, inputs.values())
+                return func(*args, **kwargs)
         return click.option("--overwrite", is_flag=True,
                             help="Replace existing outputs (without it the command refuses to).")(wrapper)
     return decorate

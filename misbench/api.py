@@ -29,7 +29,8 @@ from .pruning import PruneSettings
 from .pruning.audit import audit as _audit
 from .pruning.run import produce_checkpoint
 from .pruning.training import TrainSettings
-from .runtime.fileio import option_label, refuse_existing, refuse_same_paths
+from .runtime.fileio import option_label, refuse_existing
+from .runtime.outputs import writing
 from .scoring.calibrate import calibration_alpha
 from .scoring.results import load_scores, scores_frame
 from .scoring.run import ScoreSettings, parse_shard, score as _score
@@ -215,8 +216,15 @@ def evaluate(model=None, data=None, *, acts=None, out=None, classwise=None, prog
     outputs are refused unless `overwrite`."""
     _check_options(options, ["batch_size", "workers", "device", "limit", "labels"], "evaluate")
     spec = getattr(model, "spec", model)
-    refuse_same_paths({"--acts": acts, "MODEL": spec and model_input_file(spec)}, {"--out": out, "--classwise": classwise})
-    refuse_existing({"out": out, "classwise": classwise}, overwrite)
+    with writing({"--out": out, "--classwise": classwise}, {"--acts": acts, "MODEL": spec and model_input_file(spec)},
+                 "misbench eval"):
+        refuse_existing({"out": out, "classwise": classwise}, overwrite)
+        return _evaluate(model, data, acts, out, classwise, progress, arch, num_classes, trust_pickle, arch_kwargs,
+                         options)
+
+
+def _evaluate(model, data, acts, out, classwise, progress, arch, num_classes, trust_pickle, arch_kwargs,
+              options) -> dict:
     if acts is not None:
         if model is not None or data is not None:
             raise MisbenchError("give either MODEL --data DATA or --acts FILE, not both")
@@ -254,8 +262,10 @@ def report(kind: str, out, *, overwrite: bool = False, **inputs) -> Path:
     except TypeError as err:
         params = [p for p in inspect.signature(build).parameters if p != "out"]
         raise MisbenchError(f"report {kind}: {err}; it takes {', '.join(params)}") from None
-    refuse_existing({"out": [Path(out) / name for name in REPORT_FILES[kind]]}, overwrite)
-    return build(out=out, **inputs)
+    read = {name: value for name, value in inputs.items() if isinstance(value, (str, Path))}
+    with writing({"out": out}, read, f"misbench report {kind}"):
+        refuse_existing({"out": [Path(out) / name for name in REPORT_FILES[kind]]}, overwrite)
+        return build(out=out, **inputs)
 
 
 def study(config, out, *, quick: bool = False, dry_run: bool = False, on_step=None, progress=None,

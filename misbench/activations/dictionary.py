@@ -14,7 +14,7 @@ import torch
 
 from ..errors import MisbenchError, close_matches
 from ..runtime.fileio import sha256_file
-from .hooks import probe_outputs
+from .hooks import SPECIAL_LAYERS, probe_outputs
 from .tokens import as_positions, channels_last_modules, output_layout
 
 
@@ -120,6 +120,18 @@ def load_dictionary(path) -> Dictionary:
     if b_dec is not None and not (isinstance(b_dec, torch.Tensor) and tuple(b_dec.shape) == (w.shape[1],)):
         raise MisbenchError(f"--features: {path}: b_dec must be [D] = [{w.shape[1]}] to match W_enc "
                             f"{tuple(w.shape)}, got {tuple(b_dec.shape) if isinstance(b_dec, torch.Tensor) else b_dec!r}")
+    for key, value in (("W_enc", w), ("b_enc", b), ("b_dec", b_dec)):
+        if value is None:
+            continue
+        if not value.dtype.is_floating_point or value.is_complex():
+            raise MisbenchError(f"--features: {path}: {key} is {value.dtype}; a dictionary holds real floating-point "
+                                "tensors")
+        if not torch.isfinite(value).all():
+            raise MisbenchError(f"--features: {path}: {key} holds non-finite values (NaN or inf): the dictionary's "
+                                "training diverged or the file is damaged; train it again (e.g. a lower --lr)")
+    if w.shape[0] == 0 or w.shape[1] == 0:
+        raise MisbenchError(f"--features: {path}: W_enc is {tuple(w.shape)}; a dictionary needs at least one feature "
+                            "and one input unit")
     activation = check_activation(obj.get("activation", "relu"), f"--features {path}")
     return Dictionary(w.detach().float(), b.detach().float(),
                       None if b_dec is None else b_dec.detach().float(), activation, sha256_file(path), str(path))
@@ -151,6 +163,9 @@ def resolve_features(model: torch.nn.Module, specs, taken, probe: torch.Tensor) 
         if spec.layer not in modules or not spec.layer:
             raise MisbenchError(f"--features {spec.text()}: unknown layer {spec.layer!r}: expected a module name "
                                 f"of the model.{close_matches(spec.layer, [n for n in modules if n])}")
+        if spec.name in SPECIAL_LAYERS or spec.name == "all":  # score would read softmax/logits as class units
+            raise MisbenchError(f"--features {spec.text()}: {spec.name!r} is a reserved layer name "
+                                f"({', '.join((*SPECIAL_LAYERS, 'all'))}); choose another NAME")
         if spec.name in taken or spec.name in modules or spec.name in out:
             raise MisbenchError(f"--features {spec.text()}: the name {spec.name!r} is already a layer or module "
                                 "name; choose a new NAME")

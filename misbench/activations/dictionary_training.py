@@ -22,6 +22,7 @@ import torch
 
 from ..errors import MisbenchError
 from ..runtime.fileio import atomic_path, sha256_file
+from ..runtime.outputs import writing
 from .dictionary import Dictionary, encode
 from .dictionary_kinds import KINDS
 from .store import open_activations
@@ -47,6 +48,8 @@ class DictionarySettings:
         for name in ("n_features", "k", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise MisbenchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not (np.isfinite(self.lr) and self.lr > 0):
+            raise MisbenchError(f"--lr must be a positive finite number, got {self.lr}")
         if self.kind not in KINDS:
             raise MisbenchError(f"--kind {self.kind!r}: expected one of {', '.join(KINDS)}")
         if self.expansion is not None and not (np.isfinite(self.expansion) and self.expansion > 0):
@@ -153,14 +156,22 @@ def train_on_vectors(x: torch.Tensor, out, settings: DictionarySettings, source:
         with torch.no_grad():
             w_dec /= w_dec.norm(dim=0, keepdim=True).clamp_min(1e-8)
         losses.append(loss.item())
-    if not np.isfinite(losses[-1]):
-        raise MisbenchError(f"dictionary training on {source.get('layer', 'the layer')} diverged (loss "
-                            f"{losses[-1]}); lower --lr (now {settings.lr})")
+    params = (w_enc, b_enc, b_dec, w_dec)
+    if not (np.isfinite(losses).all() and all(bool(torch.isfinite(p).all()) for p in params)):
+        first = next((i for i, v in enumerate(losses) if not np.isfinite(v)), len(losses) - 1)
+        raise MisbenchError(f"dictionary training on {source.get('layer', 'the layer')} diverged (non-finite loss "
+                            f"or weights from step {first + 1} on); nothing written to {out}: lower --lr (now "
+                            f"{settings.lr:g})")
     return finish([p.detach() for p in (w_enc, b_enc, b_dec, w_dec)], settings.steps, losses, out, None)
 
 
 def train_dictionary(acts_path, layer: str, out, settings: DictionarySettings, untrained_out=None) -> dict:
     """Train on the rows of `layer` (one vector per image) in a finished activation file."""
+    with writing({"--out": out, "--untrained-out": untrained_out}, {"ACTS": acts_path}, "misbench train-dictionary"):
+        return _train_from_file(acts_path, layer, out, settings, untrained_out)
+
+
+def _train_from_file(acts_path, layer: str, out, settings: DictionarySettings, untrained_out) -> dict:
     with open_activations(acts_path) as acts:
         if layer not in acts.layer_names:
             raise MisbenchError(f"{acts_path} has no layer {layer!r}; its layers: {', '.join(acts.layer_names)}")

@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import torch
 
+from ..datasets.folders import UNLABELLED
 from ..datasets.sources import TransformedDataset, load_data
 from ..errors import MisbenchError
 from ..models.loading import LoadedModel
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray, class_names=None) -> dict:
     """Class-wise accuracy is the recall of each class: correct top-1 among its images."""
     logits, labels = np.asarray(logits), np.asarray(labels).astype(np.int64)
+    if (labels == UNLABELLED).any():
+        raise MisbenchError("the images are unlabelled (a folder of images without class folders): accuracy and "
+                            "class reports need one sub-folder of images per class; MIS (score) needs no labels")
     n_classes = logits.shape[1]
     k = min(5, n_classes)
     topk = np.argsort(-logits, axis=1, kind="stable")[:, :k]
@@ -61,14 +65,18 @@ def evaluate_model(loaded: LoadedModel, data: str, batch_size: int = 64, workers
             if progress:
                 progress(done, total)
     result = accuracy_from_logits(np.concatenate(logits), np.concatenate(labels), source.classes)
-    result.update(model=loaded.spec, data=data, checkpoint_sha256=loaded.sha256)
+    result.update(model=loaded.spec, data=data, checkpoint_sha256=loaded.sha256,
+                  label_warning=getattr(getattr(source, "label_map", None), "warning", ""))
     return result
 
 
 def evaluate_acts(path) -> dict:
     with open_activations(path) as acts:
         result = accuracy_from_logits(acts.logits, acts.labels, acts.class_names)
-        result.update(model=str(acts.attrs["model"]), data=str(acts.attrs["data"]), acts=str(path))
+        result.update(model=str(acts.attrs["model"]), data=str(acts.attrs["data"]), acts=str(path),
+                      label_warning=str(acts.attrs.get("label_warning", "")))
+    if result["label_warning"]:
+        log.warning("%s (recorded in %s)", result["label_warning"], path)
     return result
 
 

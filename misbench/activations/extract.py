@@ -20,7 +20,8 @@ from ..models.loading import LoadedModel, model_input_file
 from ..models.preprocess import build_transform
 from ..runtime import distributed
 from ..runtime.device import describe, make_loader, precision, prepare_model, resolve_device, to_device
-from ..runtime.fileio import disk_full_error, flag_hint, refuse_existing, refuse_same_paths, utc_now
+from ..runtime.fileio import disk_full_error, flag_hint, refuse_existing, utc_now
+from ..runtime.outputs import writing
 from ..version import __version__
 from .dictionary import encode, parse_features, resolve_features
 from .hooks import FeatureHooks, LayerRequest, resolve_layers
@@ -94,6 +95,7 @@ def _file_attrs(loaded: LoadedModel, source: ImageSource, settings: ExtractSetti
         "model": loaded.spec, "checkpoint_sha256": loaded.sha256, "arch": loaded.arch,
         "arch_kwargs": json.dumps(loaded.arch_kwargs, sort_keys=True),
         "label_mapping": getattr(getattr(source, "label_map", None), "mapping", "dataset"),
+        "label_warning": getattr(getattr(source, "label_map", None), "warning", ""),
         "data": source.spec, "data_root": source.root, "num_classes": loaded.num_classes,
         "class_names": json.dumps(list(source.classes)),
         "transform": json.dumps(pre.to_dict()), "reduction": settings.reduction,
@@ -151,7 +153,13 @@ def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: Extract
     then merges the parts into one file with exactly the content of a one-process run.
     """
     out = Path(out)
-    refuse_same_paths({"MODEL": model_input_file(loaded.spec)}, {"--out": out})
+    inputs = {"MODEL": model_input_file(loaded.spec),
+              **{f"--features {spec}": parse_features(spec).file for spec in settings.features}}
+    with writing({"--out": out}, inputs, "misbench extract"):
+        return _extract(loaded, data, out, settings, resume, overwrite, progress)
+
+
+def _extract(loaded, data, out: Path, settings: ExtractSettings, resume: bool, overwrite: bool, progress) -> Path:
     source = load_data(data, loaded.num_classes, settings.labels, loaded.categories) if isinstance(data, str) else data
     model = loaded.model
     pre = loaded.preprocess.override(settings.resize, settings.crop)

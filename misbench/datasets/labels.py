@@ -28,7 +28,8 @@ WNID = re.compile(r"n\d{8}")
 class LabelMap:
     indices: tuple      # folder k (sorted) -> model class index
     names: tuple        # model class index -> name
-    mapping: str        # "wnid" or "folder-order": how the folders were matched
+    mapping: str        # "wnid", "folder-order" or "unlabelled": how the folders were matched
+    warning: str = ""   # folder-order with fewer folders than the model's classes: the mapping is a guess
 
 
 @functools.lru_cache(maxsize=1)
@@ -79,4 +80,10 @@ def folder_labels(classes: list, num_classes: int | None, mode: str = "auto", ro
         names = list(categories)
     elif num_classes is not None:
         names += [str(c) for c in range(len(classes), num_classes)]
-    return LabelMap(tuple(range(len(classes))), tuple(names), "folder-order")
+    warning = ""
+    if num_classes is not None and len(classes) != num_classes:
+        warning = (f"{root}: {len(classes)} class folders for a model with {num_classes} classes: folder-order takes "
+                   f"sorted folder k as class k (folder {classes[0]!r} as class 0 {names[0]!r}), which is right only "
+                   "if the model was trained on these folders; accuracies and class reports mean nothing otherwise")
+        log.warning("%s", warning)
+    return LabelMap(tuple(range(len(classes))), tuple(names), "folder-order", warning)

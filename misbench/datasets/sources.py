@@ -17,7 +17,8 @@ from PIL import Image
 
 from ..errors import MisbenchError
 from ..runtime.paths import misbench_home
-from .labels import LABEL_MODES, folder_labels
+from .folders import IMAGE_EXTENSIONS, UNLABELLED, scan_folder
+from .labels import LABEL_MODES, LabelMap, folder_labels
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +86,26 @@ class FolderSource(ImageSource):
 
     def __init__(self, spec: str, root: Path, num_classes: int | None = None, labels: str = "auto",
                  categories: list | None = None):
-        # torchvision loads only where a model or transform needs it: `import misbench` stays light
-        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-
         self.spec, self.root = spec, str(root)
         try:
-            self.folders, class_to_idx = find_classes(str(root))
-            samples = make_dataset(str(root), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
-        except FileNotFoundError as err:
-            raise MisbenchError(f"{root} is not an ImageFolder: {err}. Expected one sub-folder per class.") from None
+            self.folders, samples = scan_folder(root)
+        except OSError as err:
+            raise MisbenchError(f"cannot list {root}: {err.strerror or err}. Expected one sub-folder per class "
+                                "(or a folder of images, unlabelled)") from None
         if not samples:
-            raise MisbenchError(f"{root} holds no images with extensions {', '.join(IMG_EXTENSIONS)}")
+            raise MisbenchError(f"{root} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}: expected one "
+                                "sub-folder of images per class, or a folder of images (unlabelled)")
+        self._paths = [path for path, _ in samples]
+        if not self.folders:  # a flat folder: images without classes
+            log.info("%s: %d images and no class folders: unlabelled (label %d)", root, len(samples), UNLABELLED)
+            self.classes = list(categories) if categories and len(categories) == num_classes else \
+                [str(c) for c in range(num_classes or 0)]
+            self.label_map = LabelMap((), tuple(self.classes), "unlabelled")
+            self._labels = np.full(len(samples), UNLABELLED, dtype=np.int64)
+            return
         self.label_map = folder_labels(self.folders, num_classes, labels, str(root), categories)
         self.classes = list(self.label_map.names)
         index = np.asarray(self.label_map.indices, dtype=np.int64)
-        self._paths = [os.path.relpath(p, root) for p, _ in samples]
         self._labels = index[np.array([c for _, c in samples], dtype=np.int64)]
 
     def __len__(self):

@@ -1,6 +1,7 @@
 """Load any MODEL string (DESIGN §3) into an nn.Module with its provenance."""
 
 __all__ = ["LoadedModel", "load_model", "torchvision_weights", "hub_checkpoint_path", "load_torch_file", "read_hub_weights",
+           "hub_file_sha256", "check_finite",
            "pretrained_torchvision", "effective_kwargs", "model_input_file", "RANDOM"]
 
 import contextlib
@@ -105,8 +106,9 @@ def read_hub_weights(url: str) -> dict:
     target = hub_checkpoint_path(url)
     if not target.exists():
         _download(url, target)
+    hub_file_sha256(target, url)
     try:
-        return torch.load(target, map_location="cpu", weights_only=True)
+        state = torch.load(target, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise MisbenchError(
             f"{target} holds pickled Python objects, not plain tensors ({str(err).splitlines()[0]}); misbench "
@@ -116,6 +118,40 @@ def read_hub_weights(url: str) -> dict:
     except (RuntimeError, EOFError, OSError) as err:
         raise MisbenchError(f"cannot read the weights file {target} ({str(err).splitlines()[0]}): delete it "
                             f"and download {url} again") from None
+    check_finite(state, target, f"delete it and download {url} again")
+    return state
+
+
+_VERIFIED: dict = {}  # (path, size, mtime) -> sha256 of hub files already checked by this process
+
+
+def hub_file_sha256(target: Path, url: str = "") -> str:
+    """The sha256 of a weights file named as torchvision names them (`name-<first hex digits of its sha256>.pth`),
+    checked against its name as torch.hub's check_hash does: a damaged file, or another model's weights under the
+    official name, is refused instead of giving NaN or quietly wrong scores."""
+    stat = target.stat()
+    key = (str(target), stat.st_size, stat.st_mtime_ns)
+    if key not in _VERIFIED:
+        digest = sha256_file(target)
+        match = HASH_REGEX.search(target.name)
+        if match and not digest.startswith(match.group(1)):
+            fetch = f"download {url} again" if url else "fetch the official file again"
+            raise MisbenchError(
+                f"{target} is damaged or not the file its name promises: its sha256 starts {digest[:len(match.group(1))]}"
+                f", the name says {match.group(1)}; delete it and {fetch} (or `misbench assets stage` where it can "
+                "stage it)")
+        _VERIFIED[key] = digest
+    return _VERIFIED[key]
+
+
+def check_finite(state, source, fix: str = "use an intact file (or retrain: a diverged run writes NaN)") -> None:
+    """Refuse a state_dict (or a module's) with a NaN or inf weight, naming the file and the tensor."""
+    items = state.state_dict().items() if isinstance(state, nn.Module) else (state or {}).items()
+    for name, value in items:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise MisbenchError(f"{source}: {name} holds {bad} non-finite value(s) (NaN or inf), so every activation "
+                                f"and score would be NaN; {fix}")
 
 
 _HUB_PATCH = threading.Lock()
@@ -229,7 +265,7 @@ def _from_torchvision(spec: str, num_classes: int | None, arch_kwargs: dict | No
     kwargs = effective_kwargs(model, given)
     _log_transform_input(arch, kwargs, spec)
     return LoadedModel(model, spec, arch, kwargs, len(categories), _preprocess_of(weights),
-                       sha256=sha256_file(hub_checkpoint_path(weights.url)), categories=categories)
+                       sha256=hub_file_sha256(hub_checkpoint_path(weights.url), weights.url), categories=categories)
 
 
 def _load_state(model: nn.Module, state: dict, source: str) -> None:
@@ -305,6 +341,7 @@ def load_model(spec: str, arch: str | None = None, num_classes: int | None = Non
         return _from_torchvision(spec, num_classes, arch_kwargs)
     sha = sha256_file(path)
     obj = load_torch_file(path, trust_pickle)
+    check_finite(obj if isinstance(obj, nn.Module) else _unwrap_state(obj) or {}, spec)
     if isinstance(obj, nn.Module):
         obj.eval()
         name = arch or type(obj).__name__.lower()

@@ -13,7 +13,8 @@ from ..models.checkpoint import build_checkpoint, load_checkpoint_dict, save_che
 from ..models.loading import LoadedModel, model_input_file
 from ..runtime import distributed
 from ..runtime.device import resolve_device
-from ..runtime.fileio import flag_hint, refuse_existing, refuse_same_paths
+from ..runtime.fileio import flag_hint, refuse_existing
+from ..runtime.outputs import writing
 from ..runtime.interrupts import uninterruptible
 from .masks import PruneSettings, apply_masks, compute_masks, default_exclude, keep_fraction, sparsity_of
 from .training import Trainer, TrainSettings
@@ -58,10 +59,15 @@ def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: 
     Under torchrun: data-parallel retraining (DDP); masks are rank 0's on every rank; rank 0 writes.
     """
     out = Path(out)
+    partial = partial_checkpoint_path(out)
+    with writing({"--out": out, "its .partial": partial}, {"MODEL": model_input_file(loaded.spec)},
+                 "misbench prune or retrain"):
+        return _produce(loaded, prune, train, out, partial, data, val_data, resume, overwrite, progress)
+
+
+def _produce(loaded, prune, train, out: Path, partial: Path, data, val_data, resume, overwrite, progress) -> Path:
     distributed.ensure_initialized(resolve_device(train.device))
     main = distributed.is_main()
-    partial = partial_checkpoint_path(out)
-    refuse_same_paths({"MODEL": model_input_file(loaded.spec)}, {"--out": out, "its .partial": partial})
     model = loaded.model
     exclude = tuple(prune.exclude) if prune and prune.exclude is not None else default_exclude(loaded.arch, model)
     parent = {"model": loaded.spec, "sha256": loaded.sha256}
@@ -79,7 +85,11 @@ def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: 
     if train.epochs > 0 and not data:
         raise MisbenchError("retraining needs training data: pass --data DATA (or --epochs 0 to prune only)")
     def source(spec):
-        return load_data(spec, loaded.num_classes, train.labels, loaded.categories) if spec else None
+        found = load_data(spec, loaded.num_classes, train.labels, loaded.categories) if spec else None
+        if getattr(getattr(found, "label_map", None), "mapping", "") == "unlabelled":
+            raise MisbenchError(f"{spec} is a folder of images without class folders (unlabelled): training and "
+                                "validation need one sub-folder of images per class")
+        return found
 
     train_source, val_source = source(data), source(val_data)
     steps = prune.steps if prune else 1

@@ -3,6 +3,7 @@
 __all__ = ["classwise_report", "CLASSWISE_COLUMNS"]
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from .figures import class_scatter_figure, classwise_figure
 from .stats import correlation
 from .tables import alpha_of, read_scores, write_csv
 
+log = logging.getLogger(__name__)
+
 CLASSWISE_COLUMNS = ["class", "name", "n", "accuracy", "mis", "mis_confidence", "alpha", "alpha_source"]
 # which class units a score ranked: the mission's softmax, or the pre-softmax outputs the MIS authors ranked
 CLASS_UNIT_MEANING = {"softmax": "softmax probabilities", "logits": "pre-softmax logits"}
@@ -24,6 +27,8 @@ def classwise_report(scores_csv, out_dir, acts=None, eval_json=None, layer: str 
     if (acts is None) == (eval_json is None):
         raise MisbenchError("give exactly one of --acts ACTS.h5 or --eval EVAL.json for the class-wise accuracy")
     accuracy = evaluate_acts(acts) if acts else json.loads(Path(eval_json).read_text())
+    if accuracy.get("label_warning"):
+        log.warning("class-wise report: %s", accuracy["label_warning"])
     scores = read_scores(scores_csv)
     layers = list(dict.fromkeys(r["layer"] for r in scores))
     layer = layer or next((name for name in CLASS_UNIT_MEANING if name in layers), None)
@@ -52,7 +57,7 @@ def classwise_report(scores_csv, out_dir, acts=None, eval_json=None, layer: str 
         "mean_mis_confidence": float(np.nanmean([r["mis_confidence"] for r in rows])),
         "correlation_accuracy_mis_confidence": correlation(acc, [r["mis_confidence"] for r in rows], seed),
         "correlation_accuracy_mis": correlation(acc, [r["mis"] for r in rows], seed),
-        "alpha": alpha, "alpha_source": source,
+        "alpha": alpha, "alpha_source": source, "label_warning": accuracy.get("label_warning", ""),
         "alpha_warning": None if source.startswith("calibrated:") else
         f"mis_confidence uses an uncalibrated alpha ({source or 'unrecorded'}); fit one with misbench calibrate",
         "figures": ["classwise_scatter.png", "classwise.png"],

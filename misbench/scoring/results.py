@@ -17,7 +17,8 @@ import pandas as pd
 
 from ..errors import MisbenchError
 from ..runtime.fileio import (atomic_path, json_plain, option_label, overwrite_hint, read_csv_rows, refuse_existing,
-                              refuse_same_paths, utc_now, write_hdf5, write_json)
+                              utc_now, write_hdf5, write_json)
+from ..runtime.outputs import writing
 from .settings import ScoreSettings
 from .summaries import score_summaries
 
@@ -57,15 +58,44 @@ def merge_scores(parts, out, tasks_out=None, overwrite: bool = False, key: str |
     `key`: the run key of a `score` under torchrun, whose own check already ran; its outputs carry that key, so
     a rerun of the same score command after a kill during the merge replaces them."""
     parts = [Path(p) for p in parts]
-    refuse_same_paths({f"PART {p}": p for p in parts}, {"--out": out, "mis.json (beside --out)": Path(out).with_suffix(".json"),
-                                                       "--tasks-out": tasks_out})
-    if key is None:
-        key = run_key("merge-scores", parts, {}, out, tasks_out)
-        refuse_foreign_outputs(out, tasks_out, key, overwrite)
     metas = [read_meta(p) for p in parts]
     for p, meta in zip(parts, metas):
         if meta is None:
             raise MisbenchError(f"{p} has no {p.with_suffix('.json').name} beside it; merge needs both")
+    inputs = {}
+    for p, meta in zip(parts, metas):  # every file the merge reads: the parts, their mis.json and tasks files
+        inputs.update({f"PART {p}": p, f"{p}'s mis.json": p.with_suffix(".json"),
+                       f"{p}'s tasks file": meta.get("tasks_out") if tasks_out else None})
+    outputs = {"--out": out, "mis.json (beside --out)": Path(out).with_suffix(".json"), "--tasks-out": tasks_out}
+    with writing(outputs, inputs, "misbench merge-scores"):
+        return _merge(parts, metas, out, tasks_out, overwrite, key)
+
+
+def _check_shard_units(parts, rows: list, names: list, n: int) -> None:
+    """Each part holds exactly its shard's units (unit position % N == I, positions counted over the layers in
+    order, as score --shard assigns them) and the parts together every unit once: a part's mis.csv copied
+    over another's is refused, not merged twice."""
+    units = {name: sorted(r["unit"] for part in rows for r in part if r["layer"] == name) for name in names}
+    offsets, position = {}, 0
+    for name in names:
+        if units[name] != list(range(len(units[name]))):
+            seen = [u for u in units[name] if units[name].count(u) > 1]
+            what = f"unit {seen[0]} twice" if seen else "a gap in its units"
+            raise MisbenchError(f"the parts hold {what} of layer {name}: each unit must come from exactly one "
+                                "shard's mis.csv (a part copied over another?); rerun the shards' score commands")
+        offsets[name], position = position, position + len(units[name])
+    for p, part, i in zip(parts, rows, range(n)):
+        for r in part:
+            if (offsets[r["layer"]] + r["unit"]) % n != i:
+                raise MisbenchError(f"{p} holds unit {r['layer']}:{r['unit']}, which belongs to shard "
+                                    f"{(offsets[r['layer']] + r['unit']) % n}/{n}, not to its own shard {i}/{n} "
+                                    "(its mis.json's): the part's mis.csv is another shard's; rerun its score command")
+
+
+def _merge(parts, metas, out, tasks_out, overwrite: bool, key) -> dict:
+    if key is None:
+        key = run_key("merge-scores", parts, {}, out, tasks_out)
+        refuse_foreign_outputs(out, tasks_out, key, overwrite)
     first = metas[0]
 
     def content(meta):
@@ -80,7 +110,13 @@ def merge_scores(parts, out, tasks_out=None, overwrite: bool = False, key: str |
     if shards != list(range(n)) or any(int(m["shard"].split("/")[1]) != n for m in metas):
         raise MisbenchError(f"merge needs shards 0..{n - 1} of {n} exactly once, got {[m['shard'] for m in metas]}")
     names = first["layer_order"]
-    results = [r for p in parts for r in _results_from_csv(p)]
+    order = sorted(range(len(parts)), key=lambda j: int(metas[j]["shard"].split("/")[0]))
+    per_part = [_results_from_csv(parts[j]) for j in order]
+    unknown = [(parts[j], r["layer"]) for j, part in zip(order, per_part) for r in part if r["layer"] not in names]
+    if unknown:
+        raise MisbenchError(f"{unknown[0][0]} holds layer {unknown[0][1]}, which its mis.json does not list")
+    _check_shard_units([parts[j] for j in order], per_part, names, n)
+    results = [r for part in per_part for r in part]
     results.sort(key=lambda r: (names.index(r["layer"]), r["unit"]))
     fields = {k: v for k, v in first["settings"].items() if k in {f.name for f in dataclasses.fields(ScoreSettings)}}
     settings = ScoreSettings(**fields)

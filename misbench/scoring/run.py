@@ -20,7 +20,8 @@ from ..datasets.images import RowImages
 from ..errors import MisbenchError
 from ..runtime import distributed
 from ..runtime.device import describe, make_loader, precision, prepare_model, resolve_device, to_device
-from ..runtime.fileio import refuse_same_paths, sha256_file, temp_dir_beside, utc_now
+from ..runtime.fileio import sha256_file, temp_dir_beside, utc_now
+from ..runtime.outputs import writing
 from ..similarity import EmbeddingIndex, build_backend
 from ..similarity.cache import EmbeddingCache
 from ..similarity.index import build_distances, resolve_distances
@@ -73,6 +74,11 @@ def embed_missing(backend, images: RowImages, keys, store: EmbeddingCache | None
         for x, _rows in loader:
             with precision(device, amp):
                 batch = backend.embed(to_device(x, device)).float().cpu().numpy()
+            if not np.isfinite(batch).all():
+                row = int(rows[todo[done + int(np.flatnonzero(~np.isfinite(batch).all(1))[0])]])
+                raise MisbenchError(f"the similarity backend {backend.name} gave a non-finite embedding (NaN or inf) "
+                                    f"for row {row}: no score could be right; check the backend's weights file "
+                                    "(misbench assets stage refreshes the ones it stages)")
             if emb is None:
                 emb = np.empty((len(rows), batch.shape[1]), np.float32)
             emb[todo[done:done + len(batch)]] = batch
@@ -193,8 +199,14 @@ def score(acts_path, layers, settings: ScoreSettings, out=None, tasks_out=None, 
     merges the parts into the outputs of a one-process run. Existing outputs are refused unless `overwrite`
     (a killed run's tasks.h5 / mis.json, from the same command, is replaced).
     """
-    refuse_same_paths({"ACTS": acts_path}, {"--out": out, "--tasks-out": tasks_out,
-                                            "mis.json (beside --out)": Path(out).with_suffix(".json") if out else None})
+    outputs = {"--out": out, "--tasks-out": tasks_out,
+               "mis.json (beside --out)": Path(out).with_suffix(".json") if out else None}
+    with writing(outputs, {"ACTS": acts_path}, "misbench score"):
+        return _score(acts_path, layers, settings, out, tasks_out, cache_dir, shard, backend, progress, overwrite)
+
+
+def _score(acts_path, layers, settings: ScoreSettings, out, tasks_out, cache_dir, shard, backend, progress,
+           overwrite: bool) -> dict:
     key = run_key("score", [acts_path], {"layers": list(layers), "shard": list(shard),
                                          **{k: v for k, v in dataclasses.asdict(settings).items()
                                             if k not in ScoreSettings.RUNTIME}}, out, tasks_out)

@@ -1,0 +1,321 @@
+"""Hardened inputs (issue 19): concurrent writers, outputs that are inputs (sidecars included), shard parts that
+are not their shard's, reserved layer names, diverged or invalid dictionaries."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import make_image_folder, write_acts
+from test_extract import _same_contents
+from test_faults import EXTRACT, FAULTRUN, cli_error, fault, fresh, world  # noqa: F401 (world: a fixture)
+from misbench.cli.main import cli
+from misbench.runtime.fileio import sha256_file
+
+
+def _stopped(pid: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split(")")[1].split()[0] == "T":
+                return
+        time.sleep(0.1)
+    raise AssertionError("the first writer never reached its stop point")
+
+
+@pytest.mark.parametrize("second", [["--resume"], pytest.param(["--overwrite"], marks=pytest.mark.slow),
+                                    pytest.param([], marks=pytest.mark.slow)])
+def test_second_writer_of_a_live_extraction_is_refused_naming_its_pid(world, tmp_path, second):
+    d = fresh(world, tmp_path)
+    args = ["extract", "m.pt", "--data", "images", *EXTRACT, "--out", "a.h5"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAULT_")}
+    env.update(OMP_NUM_THREADS="1", **fault("misbench.activations.store:ActivationWriter._commit", "STOP", 1))
+    first = subprocess.Popen([sys.executable, str(FAULTRUN), "-q", *args], cwd=d, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        _stopped(first.pid)  # one batch committed to a.h5.partial, the lock held
+        partial = (d / "a.h5.partial").read_bytes()
+        # the second writer: this test's own process (a second process start costs seconds)
+        line = cli_error([*args, *second], d, "a.h5 is in use by another misbench extract", f"pid {first.pid}")
+        assert "damaged" not in line and "interrupted" not in line
+        assert (d / "a.h5.partial").read_bytes() == partial  # the live partial was not touched
+    finally:
+        first.send_signal(signal.SIGCONT)
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    _same_contents(d / "a.h5", d / "ref.h5")
+    assert not list(d.glob(".*.lock*"))  # the lock file goes with its holder
+
+
+def test_lock_is_taken_again_after_its_holder_was_killed(tmp_path):
+    from misbench.errors import MisbenchError
+    from misbench.runtime.lock import OutputLock, lock_outputs
+
+    target = tmp_path / "x.csv"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from misbench.runtime.lock import OutputLock\n"
+        f"lock = OutputLock({str(target)!r}, 'test holder').__enter__(); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(MisbenchError, match=f"x.csv is in use by another test holder \\(pid {holder.pid} on host"):
+            with OutputLock(target):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with lock_outputs([target, target]):  # the kernel released the dead holder's lock; one path locked once
+        with lock_outputs([target]):      # a writer called by another in one process (score -> merge)
+            pass
+
+
+def test_train_dictionary_refuses_its_own_input_as_output(tmp_path):
+    folder = make_image_folder(tmp_path / "images", classes=2, per_class=4, size=4)
+    acts = write_acts(tmp_path / "acts.h5", folder, {"l": np.random.default_rng(0).normal(size=(8, 6))})
+    before = sha256_file(acts)
+    res = CliRunner().invoke(cli, ["train-dictionary", str(acts), "--layer", "l", "--n-features", "4", "--k", "1",
+                                   "--steps", "2", "--out", str(acts), "--overwrite"])
+    assert res.exit_code == 1 and "--out" in res.output and "input ACTS" in res.output, res.output
+    assert sha256_file(acts) == before
+
+
+@pytest.fixture
+def shards(tmp_path):
+    folder = make_image_folder(tmp_path / "images", classes=2, per_class=6, size=4)
+    rng = np.random.default_rng(0)
+    acts = write_acts(tmp_path / "acts.h5", folder, {"a": rng.normal(size=(12, 5)), "b": rng.normal(size=(12, 4))})
+    score = ["score", str(acts), "--layer", "all", "--similarity", "pixel", "--image-size", "16", "--selection",
+             "quantile", "--quantile", "0.5", "--tasks", "2", "--explanations", "2", "--bootstrap", "10"]
+    for i in (0, 1):
+        res = CliRunner().invoke(cli, [*score, "--shard", f"{i}/2", "--out", str(tmp_path / f"s{i}.csv"),
+                                       "--tasks-out", str(tmp_path / f"s{i}_t.h5")])
+        assert res.exit_code == 0, res.output
+    return tmp_path
+
+
+def test_merge_scores_refuses_a_parts_tasks_file_as_tasks_out(shards):
+    before = sha256_file(shards / "s0_t.h5")
+    res = CliRunner().invoke(cli, ["merge-scores", str(shards / "s0.csv"), str(shards / "s1.csv"), "--out",
+                                   str(shards / "m.csv"), "--tasks-out", str(shards / "s0_t.h5"), "--overwrite"])
+    assert res.exit_code == 1 and "--tasks-out" in res.output and "tasks file" in res.output, res.output
+    assert sha256_file(shards / "s0_t.h5") == before and not (shards / "m.csv").exists()
+
+
+def test_merge_scores_refuses_a_part_copied_over_another(shards):
+    import shutil
+
+    shutil.copy(shards / "s0.csv", shards / "s1.csv")  # s1.json still says shard 1/2
+    res = CliRunner().invoke(cli, ["merge-scores", str(shards / "s0.csv"), str(shards / "s1.csv"), "--out",
+                                   str(shards / "m.csv")])
+    assert res.exit_code == 1 and "twice" in res.output, res.output
+    assert not (shards / "m.csv").exists()
+
+
+def test_merge_scores_refuses_a_part_holding_another_shards_units(shards):
+    rows = (shards / "s1.csv").read_text().splitlines()
+    header, body = rows[0], rows[1:]
+    # swap which shard holds layer a's unit 0 and unit 1: every unit still once, each in the wrong part
+    zero = (shards / "s0.csv").read_text().splitlines()
+    a0 = next(r for r in zero[1:] if r.startswith("a,0,"))
+    a1 = next(r for r in body if r.startswith("a,1,"))
+    (shards / "s0.csv").write_text("\n".join([zero[0], *[a1 if r == a0 else r for r in zero[1:]]]) + "\n")
+    (shards / "s1.csv").write_text("\n".join([header, *[a0 if r == a1 else r for r in body]]) + "\n")
+    res = CliRunner().invoke(cli, ["merge-scores", str(shards / "s0.csv"), str(shards / "s1.csv"), "--out",
+                                   str(shards / "m.csv")])
+    assert res.exit_code == 1 and "unit a:1, which belongs to shard 1/2" in res.output, res.output
+
+
+def _dictionary(path, **tensors):
+    obj = {"W_enc": torch.randn(3, 4), "b_enc": torch.zeros(3), **tensors}
+    torch.save(obj, path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["softmax", "logits", "conv", "all"])
+def test_feature_layers_may_not_take_reserved_names(world, tmp_path, name):
+    from misbench.activations.dictionary import resolve_features
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    file = _dictionary(tmp_path / "d.pt")
+    with pytest.raises(Exception, match=f"'{name}' is a reserved layer name"):
+        resolve_features(model, [f"{name}=1:{file}"], [], torch.zeros(1, 3, 2, 2))
+
+
+@pytest.mark.parametrize("tensors,words", [
+    ({"W_enc": torch.zeros(0, 4), "b_enc": torch.zeros(0)}, "at least one feature"),
+    ({"W_enc": torch.randn(3, 4, dtype=torch.complex64)}, "complex64; a dictionary holds real"),
+    ({"b_enc": torch.tensor([0.0, float("nan"), 0.0])}, "b_enc holds non-finite values"),
+])
+def test_invalid_dictionaries_are_one_line_errors(tmp_path, tensors, words):
+    from misbench.activations.dictionary import load_dictionary
+    from misbench.errors import MisbenchError
+
+    with pytest.raises(MisbenchError, match=words):
+        load_dictionary(_dictionary(tmp_path / "d.pt", **tensors))
+
+
+@pytest.mark.parametrize("lr,words", [("1e30", "diverged"), ("nan", "--lr must be a positive finite"),
+                                      ("-1", "--lr must be a positive finite"), ("inf", "--lr must be")])
+def test_train_dictionary_refuses_non_finite_training(tmp_path, lr, words):
+    folder = make_image_folder(tmp_path / "images", classes=2, per_class=10, size=4)
+    acts = write_acts(tmp_path / "acts.h5", folder, {"l": np.random.default_rng(0).normal(size=(20, 6))})
+    res = CliRunner().invoke(cli, ["train-dictionary", str(acts), "--layer", "l", "--n-features", "4", "--k", "2",
+                                   "--steps", "20", "--lr", lr, "--out", str(tmp_path / "d.pt")])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and words in lines[0], res.output
+    assert not (tmp_path / "d.pt").exists()
+
+
+# -- image folders: links, flat folders, folder-order ------------------------------------------------------------
+
+def test_directory_links_never_relabel_images_or_loop(tmp_path, caplog):
+    from misbench.datasets.sources import FolderSource
+
+    root = make_image_folder(tmp_path / "images", classes=3, per_class=4, size=8)
+    outside = make_image_folder(tmp_path / "extra", classes=1, per_class=2, size=8) / "class_00"
+    (root / "class_00" / "loop").symlink_to("..")                       # the root again: every class, as class 0
+    (root / "class_01" / "twin").symlink_to(root / "class_02")          # another class's folder
+    (root / "class_02" / "self").symlink_to(".")                        # itself: a loop
+    (root / "class_01" / "more").symlink_to(outside)                    # outside the data: followed once
+    (root / "class_02" / "more").symlink_to(outside)                    # ... not twice
+    source = FolderSource(str(root), root)
+    # the reference: every path's label is its first folder's index, each real image once per class
+    expected = sorted([(f"class_{c:02d}/img_{i:03d}.png", c) for c in range(3) for i in range(4)]
+                      + [(f"class_01/more/img_{i:03d}.png", 1) for i in range(2)])
+    got = sorted((source.path(i), source.label(i)) for i in range(len(source)))
+    assert got == expected
+    assert all(int(p.split("/")[0][-2:]) == label for p, label in got)
+    assert "loop links to" in caplog.text and "twin links to" in caplog.text
+
+
+def test_plain_folders_list_like_torchvision(tmp_path):
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    from misbench.datasets.folders import IMAGE_EXTENSIONS, scan_folder
+
+    root = make_image_folder(tmp_path / "images", classes=3, per_class=3, size=8)
+    (root / "class_01" / "sub b").mkdir()
+    (root / "class_01" / "sub").mkdir()
+    for name in ("class_01/sub/z.png", "class_01/sub b/a.png", "class_01/A.JPG", "class_02/notes.txt"):
+        (root / name).write_bytes(b"x")
+    folders, samples = scan_folder(root)
+    classes, index = find_classes(str(root))
+    assert IMAGE_EXTENSIONS == IMG_EXTENSIONS and folders == classes
+    assert [(str(root / p), c) for p, c in samples] == make_dataset(str(root), index, IMG_EXTENSIONS)
+
+
+def test_flat_folder_is_unlabelled_and_class_reports_refuse_it(tmp_path):
+    from misbench.activations.evaluate import accuracy_from_logits
+    from misbench.datasets.sources import load_data
+    from misbench.errors import MisbenchError
+
+    root = make_image_folder(tmp_path / "x", classes=1, per_class=5, size=8) / "class_00"
+    source = load_data(str(root), num_classes=10)
+    assert len(source) == 5 and [source.label(i) for i in range(5)] == [-1] * 5
+    assert source.label_map.mapping == "unlabelled"
+    with pytest.raises(MisbenchError, match="unlabelled .* need one sub-folder of images per class; MIS"):
+        accuracy_from_logits(np.zeros((5, 10)), [source.label(i) for i in range(5)])
+
+
+def test_folder_order_onto_more_classes_warns(tmp_path, caplog):
+    from misbench.activations.evaluate import evaluate_model
+    from misbench.datasets.labels import folder_labels
+    from misbench.models.loading import load_model
+
+    m = folder_labels(["bag", "cat"], 1000, "folder-order", "d", [f"c{i}" for i in range(1000)])
+    assert m.indices == (0, 1) and "2 class folders for a model with 1000 classes" in m.warning
+    assert "folder 'bag' as class 0 'c0'" in m.warning and "folder 'bag'" in caplog.text
+    assert folder_labels(["a", "b"], 2, "folder-order").warning == ""
+    root = make_image_folder(tmp_path / "images", classes=2, per_class=2, size=16)
+    from test_faults import make_checkpoint
+
+    loaded = load_model(str(make_checkpoint(tmp_path / "m.pt")))  # 3 classes, 2 folders
+    result = evaluate_model(loaded, str(root))
+    assert "2 class folders for a model with 3 classes" in result["label_warning"]
+
+
+# -- weight files -----------------------------------------------------------------------------------------------
+
+STAGED = "mobilenet_v2-b0353104.pth"
+
+
+@pytest.fixture
+def hub_copy(tmp_path, monkeypatch):
+    """A TORCH_HOME of our own holding a copy of the staged mobilenet_v2 weights (the real file is never touched)."""
+    import shutil
+
+    staged = next((d / "hub" / "checkpoints" / STAGED for d in (
+        __import__("pathlib").Path(os.environ.get("TORCH_HOME", "~/.cache/torch")).expanduser(),
+        __import__("pathlib").Path("~/.cache/torch").expanduser()) if (d / "hub" / "checkpoints" / STAGED).exists()),
+        None)
+    if staged is None:
+        pytest.skip(f"{STAGED} is not staged (make assets)")
+    home = tmp_path / "torch"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    copy = home / "hub" / "checkpoints" / STAGED
+    shutil.copy(staged, copy)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    return copy
+
+
+def test_damaged_or_substituted_hub_weights_are_refused_naming_the_file(hub_copy):
+    from misbench.errors import MisbenchError
+    from misbench.models.loading import read_hub_weights, torchvision_weights
+
+    url = torchvision_weights("mobilenet_v2", "IMAGENET1K_V1").url
+    assert hub_copy.name == os.path.basename(url)
+    state = read_hub_weights(url)  # the intact copy: its sha256 starts as its name says
+    assert str(hub_copy).startswith(os.environ["TORCH_HOME"])
+    middle = hub_copy.stat().st_size // 2
+    with open(hub_copy, "r+b") as handle:  # 4 KiB overwritten in the middle
+        handle.seek(middle)
+        handle.write(b"\xff" * 4096)
+    with pytest.raises(MisbenchError, match=f"{hub_copy}.*sha256 starts .* the name says b0353104"):
+        read_hub_weights(url)
+    # another model's valid weights under the official name
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, hub_copy)
+    with pytest.raises(MisbenchError, match="not the file its name promises"):
+        read_hub_weights(url)
+
+
+def test_non_finite_weights_are_refused_naming_the_file_and_tensor(tmp_path):
+    from misbench.errors import MisbenchError
+    from misbench.models.loading import load_model
+    from test_faults import make_checkpoint
+
+    ckpt = torch.load(make_checkpoint(tmp_path / "m.pt"), weights_only=True)
+    name = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and v.numel() > 4)
+    ckpt["state_dict"][name].view(-1)[3] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(MisbenchError, match=f"nan.pt: {name} holds 1 non-finite value"):
+        load_model(str(tmp_path / "nan.pt"))
+    torch.save(ckpt["state_dict"], tmp_path / "sd.pt")
+    with pytest.raises(MisbenchError, match=f"sd.pt: {name} holds 1 non-finite"):
+        load_model(str(tmp_path / "sd.pt"), arch="mini_inception", num_classes=3, arch_kwargs={"width": 8})
+
+
+def test_non_finite_embeddings_stop_the_score(tmp_path):
+    from misbench.errors import MisbenchError
+    from misbench.scoring.run import ScoreSettings, score
+    from misbench.similarity.pixel import PixelBackend
+
+    folder = make_image_folder(tmp_path / "images", classes=2, per_class=6, size=16)
+    acts = write_acts(tmp_path / "acts.h5", folder, {"l": np.random.default_rng(0).normal(size=(12, 2))})
+
+    class Broken(PixelBackend):
+        def embed(self, x):
+            out = super().embed(x)
+            out[-1, 0] = float("nan")
+            return out
+
+    settings = ScoreSettings(similarity="pixel", image_size=16, selection="quantile", quantile=0.5, tasks=2,
+                             explanations=2, n_boot=10)
+    with pytest.raises(MisbenchError, match="pixel gave a non-finite embedding"):
+        score(acts, ["l"], settings, backend=Broken(image_size=16))
