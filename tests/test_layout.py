@@ -247,6 +247,7 @@ def test_registries_take_a_new_entry_in_one_line(monkeypatch):
 
     monkeypatch.setattr(base, "BACKENDS", dict(base.BACKENDS))
     monkeypatch.setattr(base, "_HINTS", dict(base._HINTS))
+    monkeypatch.setattr(base, "_SETTINGS", dict(base._SETTINGS))
     base.register_backend("grey:", hint="weight")(lambda spec, **kw: PixelBackend(**kw))
     assert "grey:<weight>" in base.backend_names()
     assert isinstance(base.build_backend("grey:0.5", image_size=16), PixelBackend)

@@ -12,7 +12,7 @@ from conftest import make_image_folder, write_acts
 from misbench.scoring.calibrate import fit_alpha
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
-from misbench.scoring.mis import rank_rows, select_fair, tie_keys
+from misbench.scoring.mis import Tasks, rank_rows, select_fair, tie_keys
 from misbench.scoring.run import MIS_COLUMNS, ScoreSettings, score
 from misbench.similarity.lpips import LpipsBackend
 
@@ -95,6 +95,41 @@ def test_tasks_follow_fair_selection_and_deltas_recompute(planted, tmp_path):
                 delta = (s(pq[task], pe[task]) - s(pq[task], ne[task])) - (s(nq[task], pe[task]) - s(nq[task], ne[task]))
                 assert g["delta"][unit, task] == pytest.approx(delta, rel=1e-4, abs=1e-7)
         assert (g["pos_expl"][3] == -1).all() and np.isnan(g["delta"][3]).all()  # the constant unit
+
+
+def test_a_registered_selection_is_usable_by_score(planted, tmp_path):
+    """docs/contributing.md's recipe: one function and its registration make a --selection that score uses
+    (its tasks in tasks.h5 are the ranks it chose, checked against a plain argsort); a name is taken once."""
+    from misbench.scoring.mis import SELECTIONS, register_selection
+
+    acts, _, _ = planted
+    T, K = 5, 3
+
+    @register_selection("dealt", per_side=lambda s, n_rows: (s.explanations + 1) * s.tasks)
+    def dealt(values, rows, keys, n_rows, rng, s):  # the top (K+1)T ranks dealt out task by task, unshuffled
+        sides = [rows[rank_rows(values, keys, d, (s.explanations + 1) * s.tasks)].reshape(s.tasks, -1)
+                 for d in (True, False)]
+        return Tasks(sides[0][:, :-1].copy(), sides[1][:, :-1].copy(), sides[0][:, -1].copy(), sides[1][:, -1].copy())
+
+    try:
+        with pytest.raises(MisbenchError, match="selection 'dealt' is registered twice"):
+            register_selection("dealt", per_side=lambda s, n_rows: 1)(dealt)
+        meta = score(acts, ["visible"], ScoreSettings(similarity="pixel", image_size=32, device="cpu", n_boot=50,
+                                                      selection="dealt", tasks=T, explanations=K),
+                     tmp_path / "mis.csv", tasks_out=tmp_path / "tasks.h5")
+    finally:
+        SELECTIONS.pop("dealt")
+    assert meta["settings"]["selection"] == "dealt" and [r["status"] for r in meta["rows"]] == ["ok"] * 3 + ["constant"]
+    with h5py.File(acts, "r") as f:
+        values = f["layers/visible/activations"][...]
+    with h5py.File(tmp_path / "tasks.h5", "r") as t:
+        for unit in range(3):  # distinct values: no ties
+            top = np.argsort(-values[:, unit], kind="stable")[:(K + 1) * T].reshape(T, K + 1)
+            bottom = np.argsort(values[:, unit], kind="stable")[:(K + 1) * T].reshape(T, K + 1)
+            assert (t["visible/pos_expl"][unit] == top[:, :K]).all() and (t["visible/pos_query"][unit] == top[:, K]).all()
+            assert (t["visible/neg_expl"][unit] == bottom[:, :K]).all() and (t["visible/neg_query"][unit] == bottom[:, K]).all()
+    with pytest.raises(MisbenchError, match="--selection 'dealt'"):
+        ScoreSettings(selection="dealt")
 
 
 def test_random_tie_breaks_are_seeded_not_row_order():

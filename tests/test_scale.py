@@ -159,7 +159,7 @@ def test_distance_engines_agree_to_float32_rounding(acts, tmp_path):
 def test_too_large_chunks_fail_before_embedding(acts, tmp_path, monkeypatch):
     import misbench.scoring.run as scoring
 
-    monkeypatch.setattr(scoring, "_available_bytes", lambda device: (200_000, "available (test)"))
+    monkeypatch.setattr(scoring, "available_memory", lambda device: (200_000, "available (test)"))
     backend = Counting(image_size=16)
     with pytest.raises(MisbenchError, match=r"--chunk-units 256: .* GiB .*use --chunk-units \d+ or fewer"):
         score(acts, ["a"], ScoreSettings(**BASE), tmp_path / "m.csv", backend=backend)

@@ -90,3 +90,17 @@ def test_unknown_backend_is_a_clear_error():
 
     with pytest.raises(MisbenchError, match="unknown similarity 'lpips-alexx'.*lpips-alex"):
         build_backend("lpips-alexx")
+
+
+def test_score_settings_reach_only_the_backends_that_register_them(monkeypatch):
+    """DreamSim's weights directory is a setting its registration names: score builds it like any backend."""
+    from misbench.scoring.settings import ScoreSettings
+    from misbench.similarity import base
+    from misbench.similarity.pixel import PixelBackend
+
+    seen = []
+    for name in ("dreamsim", "pixel"):
+        monkeypatch.setitem(base.BACKENDS, name, lambda _name=name, **kw: seen.append((_name, kw)) or PixelBackend())
+    base.backend_from_settings(ScoreSettings(similarity="dreamsim", dreamsim_weights="/w"))
+    base.backend_from_settings(ScoreSettings(similarity="pixel", image_size=16, dreamsim_weights="/w"))
+    assert seen == [("dreamsim", {"weights": "/w"}), ("pixel", {"image_size": 16})]

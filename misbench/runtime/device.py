@@ -5,7 +5,7 @@ convolutions on CPUs as well, and autocast uses bfloat16 on CPU where CUDA uses 
 """
 
 __all__ = ["resolve_device", "prepare_model", "to_device", "precision", "loader_workers", "parse_workers", "make_loader",
-           "describe", "AMP_DTYPES", "MAX_AUTO_WORKERS"]
+           "describe", "available_memory", "AMP_DTYPES", "MAX_AUTO_WORKERS"]
 
 import contextlib
 import os
@@ -30,6 +30,19 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(device)
+
+
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes free for new work on `device`, how that was measured): the GPU's free memory, else the
+    system's MemAvailable (Linux), else its free pages."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    try:
+        with open("/proc/meminfo") as handle:
+            info = dict(line.split(":", 1) for line in handle)
+        return int(info["MemAvailable"].split()[0]) * 1024, "available (MemAvailable)"
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available"
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:

@@ -8,16 +8,19 @@ delta > 0 (ties count 1/2).
 
 __all__ = [
     "Tasks", "unit_rng", "tie_keys", "is_constant", "rank_rows", "select_fair", "select_quantile", "SELECTIONS",
-    "task_deltas", "decisions", "confidences", "CONSTANT_RANGE", "non_finite_rows",
+    "Selection", "register_selection", "task_deltas", "decisions", "confidences", "CONSTANT_RANGE", "non_finite_rows",
+    "UnitScore", "score_unit", "stored_value",
 ]
 
 import dataclasses
 import zlib
+from typing import Callable
 
 import numpy as np
 
 from ..activations.order import non_finite_rows, tie_keys
 from ..errors import MisbenchError
+from .summaries import bootstrap_mean_ci, clopper_pearson
 
 CONSTANT_RANGE = 1e-8
 
@@ -103,7 +106,37 @@ def select_quantile(acts: np.ndarray, rows: np.ndarray, keys: np.ndarray, n_rows
     return Tasks(pe, ne, pq, nq)
 
 
-SELECTIONS = {"fair": select_fair, "quantile": select_quantile}
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """A way to choose a unit's tasks. Both functions take the run's settings (ScoreSettings: tasks,
+    explanations, quantile, ...): `select(acts, rows, keys, n_rows, rng, settings) -> Tasks` over the candidate
+    rows, and `per_side(settings, n_rows)`, how many ranks per side it reads (a top/bottom-k file must keep them)."""
+
+    select: Callable[..., Tasks]
+    per_side: Callable[..., int]
+
+
+SELECTIONS: dict[str, Selection] = {}  # --selection, in registration order
+
+
+def register_selection(name: str, per_side: Callable[..., int]):
+    """Decorator: `select(acts, rows, keys, n_rows, rng, settings) -> Tasks` is `--selection name`."""
+    def decorate(select):
+        if name in SELECTIONS:
+            raise MisbenchError(f"selection {name!r} is registered twice; choose another name")
+        SELECTIONS[name] = Selection(select, per_side)
+        return select
+    return decorate
+
+
+@register_selection("fair", per_side=lambda s, n_rows: (s.explanations + 1) * s.tasks)
+def _fair(acts, rows, keys, n_rows, rng, s) -> Tasks:
+    return select_fair(acts, rows, keys, n_rows, rng, s.tasks, s.explanations)
+
+
+@register_selection("quantile", per_side=lambda s, n_rows: int(np.ceil(s.quantile * n_rows)))
+def _quantile(acts, rows, keys, n_rows, rng, s) -> Tasks:
+    return select_quantile(acts, rows, keys, n_rows, rng, s.tasks, s.explanations, s.quantile)
 
 
 def task_deltas(d_pos_query: np.ndarray, d_neg_query: np.ndarray, n_expl: int) -> np.ndarray:
@@ -121,3 +154,36 @@ def decisions(deltas: np.ndarray) -> np.ndarray:
 
 def confidences(deltas: np.ndarray, alpha: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-alpha * np.asarray(deltas, dtype=np.float64)))
+
+
+def stored_value(x: float) -> float:
+    """The value as mis.csv stores it, so summaries recomputed from CSVs (merged shards) are identical."""
+    return float(f"{x:.6g}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class UnitScore:
+    """One unit's result, as mis.csv stores it (`tasks` and `deltas` go to tasks.h5; a merge of shards,
+    read back from mis.csv, has neither). A constant unit has no tasks and no scores."""
+
+    layer: str
+    unit: int
+    status: str  # ok | constant
+    mis: float | None = None
+    mis_confidence: float | None = None
+    mis_ci: tuple = (None, None)
+    conf_ci: tuple = (None, None)
+    n_tasks: int = 0
+    tasks: Tasks | None = None
+    deltas: np.ndarray | None = None
+
+
+def score_unit(layer: str, unit: int, tasks: Tasks, deltas: np.ndarray, settings) -> UnitScore:
+    """A unit's MIS, confidence and their intervals from its task deltas; `settings` is the run's resolved
+    ScoreSettings (alpha, seed, n_boot). The bootstrap's stream depends on the unit alone (shards agree)."""
+    correct, conf = decisions(deltas), confidences(deltas, settings.alpha)
+    rng = unit_rng(settings.seed, layer, unit, 1)
+    return UnitScore(layer, unit, "ok", mis=stored_value(correct.mean()), mis_confidence=stored_value(conf.mean()),
+                     mis_ci=tuple(map(stored_value, clopper_pearson(correct.sum(), len(correct)))),
+                     conf_ci=tuple(map(stored_value, bootstrap_mean_ci(conf, rng, settings.n_boot))),
+                     n_tasks=len(deltas), tasks=tasks, deltas=deltas)

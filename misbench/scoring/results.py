@@ -19,6 +19,7 @@ from ..errors import MisbenchError
 from ..runtime.fileio import (atomic_path, json_plain, option_label, overwrite_hint, read_csv_rows, refuse_existing,
                               utc_now, write_hdf5, write_json)
 from ..runtime.outputs import writing
+from .mis import UnitScore, stored_value
 from .settings import ScoreSettings
 from .summaries import score_summaries
 
@@ -28,28 +29,19 @@ MIS_COLUMNS = ["layer", "unit", "status", "mis", "mis_confidence", "mis_ci_low",
                "conf_ci_low", "conf_ci_high", "n_tasks", "alpha", "alpha_source"]
 
 
-def stored_value(x: float) -> float:
-    """The value as mis.csv stores it, so summaries recomputed from CSVs (merged shards) are identical."""
-    return float(f"{x:.6g}")
-
-
 def shard_path(out, shard: tuple[int, int]) -> Path:
     out = Path(out)
     return out.with_name(f"{out.stem}.part{shard[0]}of{shard[1]}{out.suffix}")
 
 
-def _results_from_csv(path) -> list[dict]:
+def _results_from_csv(path) -> list[UnitScore]:
     def num(v):
         return float(v) if v != "" else None
 
-    out = []
-    for row in read_csv_rows(path):
-        out.append({"layer": row["layer"], "unit": int(row["unit"]), "status": row["status"],
-                    "mis": num(row["mis"]), "mis_confidence": num(row["mis_confidence"]),
-                    "mis_ci": (num(row["mis_ci_low"]), num(row["mis_ci_high"])),
-                    "conf_ci": (num(row["conf_ci_low"]), num(row["conf_ci_high"])),
-                    "n_tasks": int(row["n_tasks"])})
-    return out
+    return [UnitScore(row["layer"], int(row["unit"]), row["status"], mis=num(row["mis"]),
+                      mis_confidence=num(row["mis_confidence"]), mis_ci=(num(row["mis_ci_low"]), num(row["mis_ci_high"])),
+                      conf_ci=(num(row["conf_ci_low"]), num(row["conf_ci_high"])), n_tasks=int(row["n_tasks"]))
+            for row in read_csv_rows(path)]
 
 
 def merge_scores(parts, out, tasks_out=None, overwrite: bool = False, key: str | None = None) -> dict:
@@ -75,7 +67,7 @@ def _check_shard_units(parts, rows: list, names: list, n: int) -> None:
     """Each part holds exactly its shard's units (unit position % N == I, positions counted over the layers in
     order, as score --shard assigns them) and the parts together every unit once: a part's mis.csv copied
     over another's is refused, not merged twice."""
-    units = {name: sorted(r["unit"] for part in rows for r in part if r["layer"] == name) for name in names}
+    units = {name: sorted(r.unit for part in rows for r in part if r.layer == name) for name in names}
     offsets, position = {}, 0
     for name in names:
         if units[name] != list(range(len(units[name]))):
@@ -86,9 +78,9 @@ def _check_shard_units(parts, rows: list, names: list, n: int) -> None:
         offsets[name], position = position, position + len(units[name])
     for p, part, i in zip(parts, rows, range(n)):
         for r in part:
-            if (offsets[r["layer"]] + r["unit"]) % n != i:
-                raise MisbenchError(f"{p} holds unit {r['layer']}:{r['unit']}, which belongs to shard "
-                                    f"{(offsets[r['layer']] + r['unit']) % n}/{n}, not to its own shard {i}/{n} "
+            if (offsets[r.layer] + r.unit) % n != i:
+                raise MisbenchError(f"{p} holds unit {r.layer}:{r.unit}, which belongs to shard "
+                                    f"{(offsets[r.layer] + r.unit) % n}/{n}, not to its own shard {i}/{n} "
                                     "(its mis.json's): the part's mis.csv is another shard's; rerun its score command")
 
 
@@ -112,12 +104,12 @@ def _merge(parts, metas, out, tasks_out, overwrite: bool, key) -> dict:
     names = first["layer_order"]
     order = sorted(range(len(parts)), key=lambda j: int(metas[j]["shard"].split("/")[0]))
     per_part = [_results_from_csv(parts[j]) for j in order]
-    unknown = [(parts[j], r["layer"]) for j, part in zip(order, per_part) for r in part if r["layer"] not in names]
+    unknown = [(parts[j], r.layer) for j, part in zip(order, per_part) for r in part if r.layer not in names]
     if unknown:
         raise MisbenchError(f"{unknown[0][0]} holds layer {unknown[0][1]}, which its mis.json does not list")
     _check_shard_units([parts[j] for j in order], per_part, names, n)
     results = [r for part in per_part for r in part]
-    results.sort(key=lambda r: (names.index(r["layer"]), r["unit"]))
+    results.sort(key=lambda r: (names.index(r.layer), r.unit))
     fields = {k: v for k, v in first["settings"].items() if k in {f.name for f in dataclasses.fields(ScoreSettings)}}
     settings = ScoreSettings(**fields)
     # per shard: a unit's images are counted by the shard that scores it (one store per process)
@@ -128,7 +120,7 @@ def _merge(parts, metas, out, tasks_out, overwrite: bool, key) -> dict:
     meta.update(layer_summaries(results, names, settings))
     if tasks_out:
         _merge_tasks([m["tasks_out"] for m in metas], tasks_out, names, key)
-    write_scores(out, None, results, names, settings, meta, first["settings"]["alpha"], first["settings"]["alpha_source"])
+    write_scores(out, None, results, names, settings, meta)
     return meta
 
 
@@ -155,36 +147,38 @@ def _merge_tasks(paths, target, names, run_key: str) -> None:
     write_hdf5(target, build)
 
 
-def layer_summaries(results, names, settings) -> dict:
-    return score_summaries(results, names, settings.seed, settings.n_boot)
+def layer_summaries(results: list[UnitScore], names, settings: ScoreSettings) -> dict:
+    return score_summaries(score_rows(results, settings), names, settings.seed, settings.n_boot)
 
 
-def score_rows(results, alpha: float | None, alpha_source: str) -> list[dict]:
-    """mis.csv's rows (MIS_COLUMNS) of scored units; constant units have None scores and 0 tasks."""
+def score_rows(results: list[UnitScore], settings: ScoreSettings) -> list[dict]:
+    """mis.csv's rows (MIS_COLUMNS) of scored units, with the run's resolved alpha; constant units have None
+    scores and 0 tasks."""
+    alpha = None if settings.alpha is None else float(settings.alpha)
     rows = []
     for r in results:
-        ok = r["status"] == "ok"
+        ok = r.status == "ok"
         rows.append(dict(zip(MIS_COLUMNS, [
-            r["layer"], r["unit"], r["status"],
-            r["mis"] if ok else None, r["mis_confidence"] if ok else None,
-            r["mis_ci"][0] if ok else None, r["mis_ci"][1] if ok else None,
-            r["conf_ci"][0] if ok else None, r["conf_ci"][1] if ok else None,
-            r["n_tasks"] if ok else 0, None if alpha is None else float(alpha), alpha_source])))
+            r.layer, r.unit, r.status,
+            r.mis if ok else None, r.mis_confidence if ok else None,
+            r.mis_ci[0] if ok else None, r.mis_ci[1] if ok else None,
+            r.conf_ci[0] if ok else None, r.conf_ci[1] if ok else None,
+            r.n_tasks if ok else 0, alpha, settings.alpha_source])))
     return rows
 
 
-def write_scores_csv(out, results, alpha: float | None, alpha_source: str) -> None:
+def write_scores_csv(out, results: list[UnitScore], settings: ScoreSettings) -> None:
     def fmt(v):
         return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
 
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(MIS_COLUMNS)
-        for row in score_rows(results, alpha, alpha_source):
+        for row in score_rows(results, settings):
             writer.writerow([fmt(row[c]) for c in MIS_COLUMNS])
 
 
-def write_tasks(path, results, names, settings: ScoreSettings, meta: dict) -> None:
+def write_tasks(path, results: list[UnitScore], names, settings: ScoreSettings, meta: dict) -> None:
     T, K = settings.tasks, settings.explanations
     def build(h5):
         h5.attrs["schema"] = "misbench-tasks"
@@ -192,7 +186,7 @@ def write_tasks(path, results, names, settings: ScoreSettings, meta: dict) -> No
         h5.attrs["acts"], h5.attrs["acts_sha256"] = meta["acts"], meta["acts_sha256"]
         h5.attrs["run_key"] = meta["run_key"]
         for name in names:
-            mine = [r for r in results if r["layer"] == name]
+            mine = [r for r in results if r.layer == name]
             if not mine:
                 continue
             g = h5.create_group(name)
@@ -201,13 +195,13 @@ def write_tasks(path, results, names, settings: ScoreSettings, meta: dict) -> No
                       "pos_query": np.full((U, T), -1, np.int64), "neg_query": np.full((U, T), -1, np.int64),
                       "delta": np.full((U, T), np.nan)}
             for k, r in enumerate(mine):
-                if r["tasks"] is not None:
+                if r.tasks is not None:
                     for key in ("pos_expl", "neg_expl", "pos_query", "neg_query"):
-                        arrays[key][k] = getattr(r["tasks"], key)
-                    arrays["delta"][k] = r["deltas"]
+                        arrays[key][k] = getattr(r.tasks, key)
+                    arrays["delta"][k] = r.deltas
             for key, value in arrays.items():
                 g.create_dataset(key, data=value)
-            g.create_dataset("unit", data=np.array([r["unit"] for r in mine], np.int64))
+            g.create_dataset("unit", data=np.array([r.unit for r in mine], np.int64))
 
     write_hdf5(path, build)
 
@@ -265,14 +259,15 @@ def read_meta(scores_csv) -> dict | None:
     return json.loads(sidecar.read_text()) if sidecar.exists() else None
 
 
-def write_scores(out, tasks_out, results, names, settings: ScoreSettings, meta: dict, alpha, alpha_source) -> None:
+def write_scores(out, tasks_out, results: list[UnitScore], names, settings: ScoreSettings, meta: dict) -> None:
     """Write a score run's files in the order that keeps them consistent: the tasks, then mis.json, then
-    mis.csv (a mis.csv never appears without what it refers to). `out` None: only the tasks, if asked."""
+    mis.csv (a mis.csv never appears without what it refers to). `out` None: only the tasks, if asked.
+    `settings` are resolved (ScoreSettings.resolved): their alpha is the run's."""
     if tasks_out:
         write_tasks(tasks_out, results, names, settings, meta)
     if out is not None:
         write_json(Path(out).with_suffix(".json"), meta)
-        write_scores_csv(out, results, alpha, alpha_source)
+        write_scores_csv(out, results, settings)
 
 
 def score_settings(path) -> dict:

@@ -6,7 +6,6 @@ __all__ = ["ScoreSettings", "score", "parse_shard", "MIS_COLUMNS", "embed_rows",
 import contextlib
 import dataclasses
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,41 +18,23 @@ from ..activations.topk import check_tie_order
 from ..datasets.images import RowImages
 from ..errors import MisbenchError
 from ..runtime import distributed
-from ..runtime.device import describe, make_loader, precision, prepare_model, resolve_device, to_device
+from ..runtime.device import (available_memory, describe, make_loader, precision, prepare_model, resolve_device,
+                              to_device)
 from ..runtime.fileio import sha256_file, temp_dir_beside, utc_now
 from ..runtime.outputs import writing
-from ..similarity import EmbeddingIndex, build_backend
+from ..similarity import EmbeddingIndex, backend_from_settings
 from ..similarity.cache import EmbeddingCache
 from ..similarity.index import build_distances, resolve_distances
 from ..version import __version__
-from .mis import (SELECTIONS, Tasks, confidences, decisions, is_constant, non_finite_rows, task_deltas, tie_keys,
-                  unit_rng)
+from .mis import SELECTIONS, Tasks, UnitScore, is_constant, non_finite_rows, score_unit, task_deltas, tie_keys, unit_rng
 from .results import (MIS_COLUMNS, layer_summaries, merge_scores, refuse_foreign_outputs, run_key, score_rows,
-                      shard_path, stored_value, write_scores, write_scores_csv)
+                      shard_path, write_scores, write_scores_csv)
 from .settings import ScoreSettings, parse_shard
-from .summaries import bootstrap_mean_ci, clopper_pearson
 
 log = logging.getLogger(__name__)
 
 STORE_PART_BYTES = 64 << 20  # embeddings written to the store per part while embedding (bounds the copy)
 RESIDENT_FACTOR = 1.5  # all images stay in memory when they are at most this many times a chunk's
-
-
-def _needed_per_side(settings: ScoreSettings, n_rows: int) -> int:
-    """How many ranks per side a selection reads."""
-    if settings.selection == "fair":
-        return (settings.explanations + 1) * settings.tasks
-    return int(np.ceil(settings.quantile * n_rows))
-
-
-def _select(settings: ScoreSettings, values: np.ndarray, rows: np.ndarray, items: np.ndarray, n_rows: int, layer: str,
-            unit: int) -> Tasks:
-    keys = tie_keys(settings.seed, layer, unit, items)
-    rng = unit_rng(settings.seed, layer, unit, 0)
-    if settings.selection == "fair":
-        return SELECTIONS["fair"](values, rows, keys, n_rows, rng, settings.tasks, settings.explanations)
-    return SELECTIONS["quantile"](values, rows, keys, n_rows, rng, settings.tasks, settings.explanations,
-                                  settings.quantile)
 
 
 def embed_missing(backend, images: RowImages, keys, store: EmbeddingCache | None, device, batch_size: int,
@@ -124,37 +105,25 @@ class _PairwiseDistances:
         return np.concatenate(out).reshape(np.shape(target_rows))
 
 
-def _chunk_deltas(engine, chunk: list[dict], n_expl: int) -> list[np.ndarray]:
+def _chunk_deltas(engine, chunk: list[Tasks], n_expl: int) -> list[np.ndarray]:
     """Task deltas of every unit of a chunk from one distance call (the engine blocks it as it needs)."""
     queries, targets = [], []
-    for r in chunk:
-        t = r["tasks"]
+    for t in chunk:
         both = np.concatenate([t.pos_expl, t.neg_expl], axis=1)  # [T, 2K]
         queries += [t.pos_query, t.neg_query]
         targets += [both, both]
     d = engine.distances(np.concatenate(queries), np.concatenate(targets))
     out, start = [], 0
-    for r in chunk:
-        T = len(r["tasks"].pos_query)
+    for t in chunk:
+        T = len(t.pos_query)
         out.append(task_deltas(d[start:start + T], d[start + T:start + 2 * T], n_expl))
         start += 2 * T
     return out
 
 
-def _needed_rows(chunk: list[dict]) -> np.ndarray:
-    return np.unique(np.concatenate([np.concatenate([r["tasks"].pos_expl.ravel(), r["tasks"].neg_expl.ravel(),
-                                                     r["tasks"].pos_query, r["tasks"].neg_query]) for r in chunk]))
-
-
-def _available_bytes(device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0], f"free on {device}"
-    try:
-        with open("/proc/meminfo") as handle:
-            info = dict(line.split(":", 1) for line in handle)
-        return int(info["MemAvailable"].split()[0]) * 1024, "available (MemAvailable)"
-    except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available"
+def _needed_rows(chunk: list[Tasks]) -> np.ndarray:
+    return np.unique(np.concatenate([np.concatenate([t.pos_expl.ravel(), t.neg_expl.ravel(), t.pos_query,
+                                                     t.neg_query]) for t in chunk]))
 
 
 def chunk_memory(settings: ScoreSettings, largest: int, dim: int, device) -> tuple[int, int, str]:
@@ -163,7 +132,7 @@ def chunk_memory(settings: ScoreSettings, largest: int, dim: int, device) -> tup
     need = 2 * largest * dim * 4 + settings.batch_size * dim * 4
     where = device if settings.engine == "embed" and resolve_distances(settings.distances, device) == "torch" \
         else torch.device("cpu")
-    avail, how = _available_bytes(where)
+    avail, how = available_memory(where)
     return need, avail, how
 
 
@@ -211,158 +180,162 @@ def _score(acts_path, layers, settings: ScoreSettings, out, tasks_out, cache_dir
                                          **{k: v for k, v in dataclasses.asdict(settings).items()
                                             if k not in ScoreSettings.RUNTIME}}, out, tasks_out)
     refuse_foreign_outputs(out, tasks_out, key, overwrite)
-    rank, size = distributed.world()
-    if size > 1 and tuple(shard) == (0, 1):
-        if out is None:
-            raise MisbenchError("scoring under torchrun merges the ranks' parts through files: give an output path")
-        distributed.ensure_initialized(resolve_device(settings.device))
-        part = shard_path(out, (rank, size))
-        part_tasks = shard_path(tasks_out, (rank, size)) if tasks_out else None
-        # the parts are this command's own scratch files: a killed run's are replaced
-        score(acts_path, layers, settings, part, part_tasks, cache_dir, (rank, size), backend, progress, overwrite=True)
-        distributed.barrier()
-        meta = None
-        if rank == 0:
-            parts = [shard_path(out, (r, size)) for r in range(size)]
-            meta = merge_scores(parts, out, tasks_out, overwrite=True, key=key)  # checked above, before any work
-            for path in parts:
-                for extra in (path, path.with_suffix(".json")):
-                    extra.unlink()
-            if tasks_out:
-                for r in range(size):
-                    shard_path(tasks_out, (r, size)).unlink()
-        distributed.barrier()
-        return meta
+    if distributed.world()[1] > 1 and tuple(shard) == (0, 1):
+        return _score_ranks(acts_path, layers, settings, out, tasks_out, cache_dir, backend, progress, key)
     t0 = time.time()
     acts = open_activations(acts_path)
     with acts:
         names = acts.layer_names if list(layers) in (["all"], []) else list(dict.fromkeys(layers))
         for name in names:
             acts.layer(name)  # validates before any work
-        shard_i, shard_n = shard
         device = resolve_device(settings.device)
-        if backend is None:
-            options = {"image_size": settings.image_size} if settings.image_size else {}
-            if settings.similarity == "dreamsim":
-                options["weights"] = settings.dreamsim_weights
-            backend = build_backend(settings.similarity, **options)
-        if settings.image_size is None:
-            settings = dataclasses.replace(settings, image_size=backend.image_size)
-        backend = prepare_model(backend, device).eval()
+        backend = prepare_model(backend_from_settings(settings) if backend is None else backend, device).eval()
+        settings = settings.resolved(backend.image_size, backend.default_alpha)
         log.info("scoring with %s on %s", backend.name, describe(device, settings.workers, settings.amp))
-        alpha = settings.alpha if settings.alpha is not None else backend.default_alpha
-        alpha_source = settings.alpha_source or ("default" if settings.alpha is None else "user")
         fingerprint = backend.fingerprint()
-
-        t_sel0, results, position = time.time(), [], 0
-        dataset_index = acts.index
-        for name in names:
-            tie_seed = acts.tie_seed(name)
-            if tie_seed is not None:
-                check_tie_order(*acts.kept_values(name), _needed_per_side(settings, acts.n_rows), acts.n_rows, tie_seed,
-                                settings.seed, name, acts_path)
-            for unit, values, rows in acts.unit_candidates(name):
-                mine = position % shard_n == shard_i
-                position += 1
-                if not mine:
-                    continue
-                bad = non_finite_rows(values)
-                if len(bad):
-                    row = int(rows[bad[0]])
-                    raise MisbenchError(
-                        f"{acts_path}: layer {name} unit {unit} has {len(bad)} non-finite activations (NaN or inf), "
-                        f"the first {values[bad[0]]} at row {row} ({acts.paths[row]}); such values cannot be ranked, "
-                        "so no MIS is given: re-extract from a model whose activations are finite (a float16 file "
-                        "that overflowed: --dtype float32)")
-                if is_constant(values):
-                    results.append({"layer": name, "unit": unit, "status": "constant", "tasks": None})
-                else:
-                    results.append({"layer": name, "unit": unit, "status": "ok",
-                                    "tasks": _select(settings, values, rows, dataset_index[rows], acts.n_rows, name,
-                                                     unit)})
-        t_select = time.time() - t_sel0
+        t_select = time.time()
+        units = _select_units(acts, acts_path, names, settings, shard)
+        t_select = time.time() - t_select
         acts_sha = sha256_file(acts_path)
-        scored = [r for r in results if r["tasks"] is not None]
-        all_images = RowImages(acts, np.zeros(0, np.int64), settings.image_size, settings.view,
-                               backend.resample)  # the dataset, opened once
-        # units in chunks: memory holds the embeddings of one chunk's images, never the dataset's
-        chunks = [scored[first:first + settings.chunk_units] for first in range(0, len(scored), settings.chunk_units)]
-        needed = [_needed_rows(chunk) for chunk in chunks]
-        distinct = np.unique(np.concatenate(needed)) if needed else np.zeros(0, np.int64)
-        # when the chunks need most of the images anyway (a few thousand images, or many units), all of
-        # them stay resident in one distance engine instead of being read back chunk after chunk
-        resident = settings.engine == "embed" and bool(needed) and \
-            len(distinct) <= RESIDENT_FACTOR * max(len(rows) for rows in needed)
-        _check_chunk_memory(settings, [distinct] if resident else needed, _probe_dim(backend, settings, device),
-                            device)
-        t_embed, t_decide, done, embedded = 0.0, 0.0, 0, 0
-        # every image read back must be the one extraction saw (digests in the file): one hash per image
-        content = all_images.checked_content_keys(distinct) if len(distinct) else None
-        with contextlib.ExitStack() as stack:
-            store, keys = None, None
-            if settings.engine == "embed" and len(distinct):
-                if cache_dir:
-                    # content digests, computed once per image per run: a regenerated folder never hits stale entries
-                    keys = content if content is not None else all_images.content_keys(distinct)
-                    store = EmbeddingCache(cache_dir, fingerprint, settings.image_size, all_images.identity)
-                else:
-                    # the run's own store, beside the output (no output: the system's temp dir): each image
-                    # is embedded once whatever the chunks
-                    # (pid-named: the store a SIGKILLed run leaves is removed by the next run beside it)
-                    own = stack.enter_context(temp_dir_beside(out, ".emb") if out is not None
-                                              else tempfile.TemporaryDirectory(prefix="misbench-emb-"))
-                    keys = all_images.index_keys(distinct)
-                    store = EmbeddingCache(own, fingerprint, settings.image_size, all_images.identity)
-            engine = None
-            for chunk, rows in zip(chunks, needed):
-                t1 = time.time()
-                if resident:
-                    rows = distinct
-                images = all_images.with_rows(rows)
-                if engine is not None:  # resident: built for the first chunk
-                    pass
-                elif settings.engine == "embed":
-                    emb, n_new = embed_missing(backend, images, keys[np.searchsorted(distinct, rows)], store, device,
-                                               settings.batch_size, settings.workers,
-                                               progress=(lambda d, n: progress("embed", d, n)) if progress else None,
-                                               amp=settings.amp)
-                    embedded += n_new
-                    engine = build_distances(settings.distances, rows, emb, device)
-                    del emb
-                else:
-                    engine = _PairwiseDistances(backend, images, device, settings.batch_size)
-                t2 = time.time()
-                t_embed += t2 - t1
-                for r, deltas in zip(chunk, _chunk_deltas(engine, chunk, settings.explanations)):
-                    correct, conf = decisions(deltas), confidences(deltas, alpha)
-                    rng = unit_rng(settings.seed, r["layer"], r["unit"], 1)
-                    r.update(deltas=deltas, n_tasks=len(deltas), mis=stored_value(correct.mean()),
-                             mis_confidence=stored_value(conf.mean()),
-                             mis_ci=tuple(map(stored_value, clopper_pearson(correct.sum(), len(correct)))),
-                             conf_ci=tuple(map(stored_value, bootstrap_mean_ci(conf, rng, settings.n_boot))))
-                    done += 1
-                    if progress:
-                        progress("score", done, len(scored))
-                if not resident:
-                    embedded += getattr(engine, "forwarded", 0)
-                    engine = None
-                t_decide += time.time() - t2
-
+        scored, work = _score_tasks(acts, [u for u in units if u[2] is not None], backend, fingerprint, settings,
+                                    device, out, cache_dir, progress)
         meta = {"misbench_version": __version__, "created_utc": utc_now(), "acts": str(acts_path),
                 "acts_sha256": acts_sha, "model": str(acts.attrs.get("model", "")),
                 "checkpoint_sha256": str(acts.attrs.get("checkpoint_sha256", "")),
                 "data": str(acts.attrs.get("data", "")), "n_rows": acts.n_rows,
-                "settings": {**dataclasses.asdict(settings), "alpha": alpha, "alpha_source": alpha_source,
-                             "backend_fingerprint": fingerprint, "resample": backend.resample},
-                "alpha": alpha, "alpha_source": alpha_source,
-                "embedded_images": int(embedded), "distinct_images": int(len(distinct)),
+                "settings": {**dataclasses.asdict(settings), "backend_fingerprint": fingerprint,
+                             "resample": backend.resample},
+                "alpha": settings.alpha, "alpha_source": settings.alpha_source,
+                "embedded_images": work["embedded"], "distinct_images": work["distinct"],
                 "distances": resolve_distances(settings.distances, device) if settings.engine == "embed" else "pairwise",
-                "shard": f"{shard_i}/{shard_n}", "layer_order": names, "tasks_out": str(tasks_out or ""),
+                "shard": f"{shard[0]}/{shard[1]}", "layer_order": names, "tasks_out": str(tasks_out or ""),
                 "run_key": key}
-    summary = layer_summaries(results, names, settings)
-    meta.update(summary, timing={"select_s": round(t_select, 3), "embed_s": round(t_embed, 3),
-                                 "decide_s": round(t_decide, 3), "total_s": round(time.time() - t0, 3)})
-    write_scores(out, tasks_out, results, names, settings, meta, alpha, alpha_source)
-    return {**meta, "rows": score_rows(results, alpha, alpha_source)}
+    scored = iter(scored)
+    results = [UnitScore(layer, unit, "constant") if tasks is None else next(scored) for layer, unit, tasks in units]
+    meta.update(layer_summaries(results, names, settings),
+                timing={"select_s": round(t_select, 3), "embed_s": round(work["embed_s"], 3),
+                        "decide_s": round(work["decide_s"], 3), "total_s": round(time.time() - t0, 3)})
+    write_scores(out, tasks_out, results, names, settings, meta)
+    return {**meta, "rows": score_rows(results, settings)}
 
 
+def _score_ranks(acts_path, layers, settings: ScoreSettings, out, tasks_out, cache_dir, backend, progress,
+                 key: str) -> dict | None:
+    """Under torchrun: each rank scores its shard into a part; rank 0 merges the parts into the outputs."""
+    rank, size = distributed.world()
+    if out is None:
+        raise MisbenchError("scoring under torchrun merges the ranks' parts through files: give an output path")
+    distributed.ensure_initialized(resolve_device(settings.device))
+    part = shard_path(out, (rank, size))
+    part_tasks = shard_path(tasks_out, (rank, size)) if tasks_out else None
+    # the parts are this command's own scratch files: a killed run's are replaced
+    score(acts_path, layers, settings, part, part_tasks, cache_dir, (rank, size), backend, progress, overwrite=True)
+    distributed.barrier()
+    meta = None
+    if rank == 0:
+        parts = [shard_path(out, (r, size)) for r in range(size)]
+        meta = merge_scores(parts, out, tasks_out, overwrite=True, key=key)  # checked above, before any work
+        for path in parts:
+            for extra in (path, path.with_suffix(".json")):
+                extra.unlink()
+        if tasks_out:
+            for r in range(size):
+                shard_path(tasks_out, (r, size)).unlink()
+    distributed.barrier()
+    return meta
+
+
+def _select_units(acts, acts_path, names: list[str], settings: ScoreSettings, shard) -> list[tuple]:
+    """(layer, unit, Tasks, or None for a constant unit) of this shard's units, in the file's order."""
+    selection, (shard_i, shard_n) = SELECTIONS[settings.selection], shard
+    units, position, dataset_index = [], 0, acts.index
+    for name in names:
+        tie_seed = acts.tie_seed(name)
+        if tie_seed is not None:
+            check_tie_order(*acts.kept_values(name), selection.per_side(settings, acts.n_rows), acts.n_rows, tie_seed,
+                            settings.seed, name, acts_path)
+        for unit, values, rows in acts.unit_candidates(name):
+            mine = position % shard_n == shard_i
+            position += 1
+            if not mine:
+                continue
+            bad = non_finite_rows(values)
+            if len(bad):
+                row = int(rows[bad[0]])
+                raise MisbenchError(
+                    f"{acts_path}: layer {name} unit {unit} has {len(bad)} non-finite activations (NaN or inf), "
+                    f"the first {values[bad[0]]} at row {row} ({acts.paths[row]}); such values cannot be ranked, "
+                    "so no MIS is given: re-extract from a model whose activations are finite (a float16 file "
+                    "that overflowed: --dtype float32)")
+            tasks = None
+            if not is_constant(values):
+                tasks = selection.select(values, rows, tie_keys(settings.seed, name, unit, dataset_index[rows]),
+                                         acts.n_rows, unit_rng(settings.seed, name, unit, 0), settings)
+            units.append((name, unit, tasks))
+    return units
+
+
+def _score_tasks(acts, units: list[tuple], backend, fingerprint: str, settings: ScoreSettings, device, out, cache_dir,
+                 progress) -> tuple[list[UnitScore], dict]:
+    """Each (layer, unit, Tasks)'s UnitScore, in order, and the work done: images embedded and distinct, seconds
+    embedding and deciding. Units go in chunks: memory holds the embeddings of one chunk's images, never the
+    dataset's; every image is embedded once per run whatever the chunks."""
+    all_images = RowImages(acts, np.zeros(0, np.int64), settings.image_size, settings.view,
+                           backend.resample)  # the dataset, opened once
+    chunks = [units[first:first + settings.chunk_units] for first in range(0, len(units), settings.chunk_units)]
+    needed = [_needed_rows([tasks for _, _, tasks in chunk]) for chunk in chunks]
+    distinct = np.unique(np.concatenate(needed)) if needed else np.zeros(0, np.int64)
+    # when the chunks need most of the images anyway (a few thousand images, or many units), all of
+    # them stay resident in one distance engine instead of being read back chunk after chunk
+    resident = settings.engine == "embed" and bool(needed) and \
+        len(distinct) <= RESIDENT_FACTOR * max(len(rows) for rows in needed)
+    _check_chunk_memory(settings, [distinct] if resident else needed, _probe_dim(backend, settings, device), device)
+    t_embed, t_decide, embedded, scored = 0.0, 0.0, 0, []
+    # every image read back must be the one extraction saw (digests in the file): one hash per image
+    content = all_images.checked_content_keys(distinct) if len(distinct) else None
+    with contextlib.ExitStack() as stack:
+        store, keys = None, None
+        if settings.engine == "embed" and len(distinct):
+            if cache_dir:
+                # content digests, computed once per image per run: a regenerated folder never hits stale entries
+                keys = content if content is not None else all_images.content_keys(distinct)
+                store = EmbeddingCache(cache_dir, fingerprint, settings.image_size, all_images.identity)
+            else:
+                # the run's own store, beside the output (no output: the system's temp dir): each image
+                # is embedded once whatever the chunks
+                # (pid-named: the store a SIGKILLed run leaves is removed by the next run beside it)
+                own = stack.enter_context(temp_dir_beside(out, ".emb") if out is not None
+                                          else tempfile.TemporaryDirectory(prefix="misbench-emb-"))
+                keys = all_images.index_keys(distinct)
+                store = EmbeddingCache(own, fingerprint, settings.image_size, all_images.identity)
+        engine = None
+        for chunk, rows in zip(chunks, needed):
+            t1 = time.time()
+            if resident:
+                rows = distinct
+            images = all_images.with_rows(rows)
+            if engine is not None:  # resident: built for the first chunk
+                pass
+            elif settings.engine == "embed":
+                emb, n_new = embed_missing(backend, images, keys[np.searchsorted(distinct, rows)], store, device,
+                                           settings.batch_size, settings.workers,
+                                           progress=(lambda d, n: progress("embed", d, n)) if progress else None,
+                                           amp=settings.amp)
+                embedded += n_new
+                engine = build_distances(settings.distances, rows, emb, device)
+                del emb
+            else:
+                engine = _PairwiseDistances(backend, images, device, settings.batch_size)
+            t2 = time.time()
+            t_embed += t2 - t1
+            deltas = _chunk_deltas(engine, [tasks for _, _, tasks in chunk], settings.explanations)
+            for (layer, unit, tasks), unit_deltas in zip(chunk, deltas):
+                scored.append(score_unit(layer, unit, tasks, unit_deltas, settings))
+                if progress:
+                    progress("score", len(scored), len(units))
+            if not resident:
+                embedded += getattr(engine, "forwarded", 0)
+                engine = None
+            t_decide += time.time() - t2
+    return scored, {"embedded": int(embedded), "distinct": int(len(distinct)), "embed_s": t_embed,
+                    "decide_s": t_decide}

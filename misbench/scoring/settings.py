@@ -15,8 +15,6 @@ ENGINES = ("embed", "pairwise")
 
 
 @dataclasses.dataclass(frozen=True)
-
-
 class ScoreSettings:
     similarity: str = "lpips-alex"
     image_size: int | None = None  # None: the backend's own size (64; DreamSim 224)
@@ -65,6 +63,14 @@ class ScoreSettings:
             raise MisbenchError(f"--bootstrap must be >= 0 resamples, got {self.n_boot}")
         if self.batch_size < 1:
             raise MisbenchError(f"--batch-size must be positive, got {self.batch_size}")
+
+    def resolved(self, image_size: int, default_alpha: float) -> "ScoreSettings":
+        """The settings a run uses and records, resolved once: the backend's image size and alpha where none
+        was given, and where alpha came from (default, user, or the calibration it was read from)."""
+        return dataclasses.replace(
+            self, image_size=image_size if self.image_size is None else self.image_size,
+            alpha=default_alpha if self.alpha is None else self.alpha,
+            alpha_source=self.alpha_source or ("default" if self.alpha is None else "user"))
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

@@ -6,7 +6,7 @@ and every image is embedded once. `pair_distance` computes the same metric direc
 image batches, the way other MIS implementations call it, as the reference path.
 """
 
-__all__ = ["Backend", "register_backend", "build_backend", "backend_names", "BACKENDS"]
+__all__ = ["Backend", "register_backend", "build_backend", "backend_from_settings", "backend_names", "BACKENDS"]
 
 import hashlib
 from typing import Callable
@@ -18,6 +18,7 @@ from ..errors import MisbenchError, close_matches
 # name -> factory; a name ending in ":" is a family whose factory parses what follows (deepfeat:<model>)
 BACKENDS: dict[str, Callable[..., "Backend"]] = {}
 _HINTS: dict[str, str] = {}  # family -> what follows its colon, for backend_names()
+_SETTINGS: dict[str, dict[str, str]] = {}  # name -> {factory keyword: the score setting it is given}
 
 
 class Backend(torch.nn.Module):
@@ -47,12 +48,14 @@ class Backend(torch.nn.Module):
         return digest.hexdigest()[:16]
 
 
-def register_backend(name: str, hint: str = ""):
+def register_backend(name: str, hint: str = "", settings: dict[str, str] | None = None):
     """Decorator: `factory(**options)` builds the backend `name`; for a family `name:` (ending in a colon)
-    `factory(spec, **options)` gets what follows the colon. `hint` names that part in `backend_names()`."""
+    `factory(spec, **options)` gets what follows the colon. `hint` names that part in `backend_names()`;
+    `settings` maps factory keywords to the score settings (ScoreSettings fields) a score run passes them."""
     def decorate(factory):
         BACKENDS[name] = factory
         _HINTS[name] = hint or "spec"
+        _SETTINGS[name] = dict(settings or {})
         return factory
     return decorate
 
@@ -62,12 +65,28 @@ def backend_names() -> list[str]:
         f"{n}<{_HINTS[n]}>" for n in BACKENDS if n.endswith(":"))
 
 
-def build_backend(name: str, **kwargs) -> Backend:
-    """A registered name (`lpips-alex`, `pixel`, `dreamsim`, ...) or `family:spec` (`deepfeat:<model>`)."""
-    family, colon, spec = name.partition(":")
+def _entry(name: str) -> str:
+    """The registry entry of a name: itself, or its family `family:` for `family:spec`."""
+    family, colon, _ = name.partition(":")
     if colon and f"{family}:" in BACKENDS:
-        return BACKENDS[f"{family}:"](spec, **kwargs)
+        return f"{family}:"
     if name not in BACKENDS:
         raise MisbenchError(f"unknown similarity {name!r}: expected one of {', '.join(backend_names())}."
                             f"{close_matches(name, list(BACKENDS))}")
-    return BACKENDS[name](**kwargs)
+    return name
+
+
+def build_backend(name: str, **kwargs) -> Backend:
+    """A registered name (`lpips-alex`, `pixel`, `dreamsim`, ...) or `family:spec` (`deepfeat:<model>`)."""
+    entry = _entry(name)
+    if entry.endswith(":"):
+        return BACKENDS[entry](name.partition(":")[2], **kwargs)
+    return BACKENDS[entry](**kwargs)
+
+
+def backend_from_settings(settings) -> Backend:
+    """The backend a score run's settings (ScoreSettings) name: at their image size, when they give one, and
+    with the settings its registration asks for (DreamSim's weights directory)."""
+    options = {"image_size": settings.image_size} if settings.image_size else {}
+    options.update({key: getattr(settings, field) for key, field in _SETTINGS[_entry(settings.similarity)].items()})
+    return build_backend(settings.similarity, **options)

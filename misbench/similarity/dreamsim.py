@@ -59,7 +59,7 @@ class _Embed(torch.nn.Module):
         return self.model.embed(images) if hasattr(self.model, "embed") else self.model(images)
 
 
-@register_backend("dreamsim")
+@register_backend("dreamsim", settings={"weights": "dreamsim_weights"})
 class DreamSimBackend(Backend):
     """Unit embeddings / sqrt(2): then ||a - b||^2 = 1 - cos(a, b), DreamSim's distance."""
 

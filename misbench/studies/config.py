@@ -15,6 +15,7 @@ from ..errors import MisbenchError
 from ..models.preprocess import check_preprocess
 from ..pruning.masks import CRITERIA, METHODS, SCHEDULES
 from ..runtime.device import parse_workers
+from ..scoring.mis import SELECTIONS
 from ..similarity import BACKENDS, backend_names
 
 SECTIONS = {
@@ -226,7 +227,7 @@ def parse_config(given: dict, source: str = "<config>", quick: bool = False) -> 
         parse_workers(raw["runtime"]["workers"])
     except MisbenchError as err:
         raise MisbenchError(f"config [runtime] {err}") from None
-    _check_choice("[score] selection", raw["score"]["selection"], ["fair", "quantile"])
+    _check_choice("[score] selection", raw["score"]["selection"], list(SELECTIONS))
     _check_choice("[extract] dtype", raw["extract"]["dtype"], ["float16", "float32"])
     _check_choice("[data] labels", raw["data"]["labels"], list(LABEL_MODES))
     _check_choice("[extract] reduction", raw["extract"]["reduction"], ["mean", "max"])
