@@ -119,7 +119,8 @@ def extract(model, data, layers, out, *, resume: bool = False, overwrite: bool =
     _check_types(options, ExtractSettings, "extract")
     settings = ExtractSettings(layers=_names(layers), **options)
     loaded = load_model(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs)
-    return _extract(loaded, data, out, settings, resume=resume, overwrite=overwrite, progress=progress)
+    return _extract(loaded, data, out, settings, resume=resume, overwrite=overwrite, progress=progress,
+                    trust_pickle=trust_pickle)
 
 
 def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=None, progress=None, backend=None,

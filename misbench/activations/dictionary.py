@@ -14,6 +14,7 @@ import torch
 
 from ..errors import MisbenchError, close_matches
 from ..runtime.fileio import sha256_file
+from .dictionary_formats import convert_dictionary, read_dictionary_file
 from .hooks import SPECIAL_LAYERS, probe_outputs
 from .tokens import as_positions, channels_last_modules, output_layout
 
@@ -29,19 +30,32 @@ def _topk(pre: torch.Tensor, k) -> torch.Tensor:
     return torch.zeros_like(pre).scatter(-1, index, torch.relu(values))
 
 
+def _topk_raw(pre: torch.Tensor, k) -> torch.Tensor:
+    # the k largest pre-activations as they are (saev's TopK: no ReLU); every other feature is 0
+    k = min(int(k), pre.shape[-1])
+    values, index = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, index, values)
+
+
 def _jumprelu(pre: torch.Tensor, theta) -> torch.Tensor:
-    return pre * (pre > float(theta))
+    # theta: one number (jumprelu:THETA) or the file's per-feature threshold [K] (jumprelu)
+    return pre * (pre > theta) * (pre > 0)
+
+
+def _float_or_none(text: str):
+    return float(text) if text else None
 
 
 # name -> (function, parser of the argument after ':' or None when the activation takes none)
-ACTIVATIONS = {"relu": (_relu, None), "topk": (_topk, int), "jumprelu": (_jumprelu, float)}
+ACTIVATIONS = {"relu": (_relu, None), "topk": (_topk, int), "topkraw": (_topk_raw, int),
+               "jumprelu": (_jumprelu, _float_or_none)}
 
 
 def check_activation(text: str, source: str = "activation") -> str:
     """Validate `relu`, `topk:K` or `jumprelu:THETA`; returns it unchanged."""
     name, _, arg = str(text).partition(":")
     if name not in ACTIVATIONS:
-        raise MisbenchError(f"{source}: activation {text!r}: expected relu, topk:K or jumprelu:THETA")
+        raise MisbenchError(f"{source}: activation {text!r}: expected relu, topk:K, topkraw:K or jumprelu:THETA")
     _, parse = ACTIVATIONS[name]
     if parse is None and arg:
         raise MisbenchError(f"{source}: activation {text!r}: relu takes no argument")
@@ -49,8 +63,8 @@ def check_activation(text: str, source: str = "activation") -> str:
         try:
             value = parse(arg)
         except ValueError:
-            raise MisbenchError(f"{source}: activation {text!r}: expected {name}:<{parse.__name__}>") from None
-        if name == "topk" and value < 1:
+            raise MisbenchError(f"{source}: activation {text!r}: expected {name}:<{'int' if parse is int else 'float'}>") from None
+        if name in ("topk", "topkraw") and value < 1:
             raise MisbenchError(f"{source}: activation {text!r}: k must be at least 1")
     return str(text)
 
@@ -83,6 +97,8 @@ class Dictionary:
     activation: str
     sha256: str
     path: str
+    threshold: torch.Tensor | None = None  # [K]: a per-feature JumpReLU threshold (activation "jumprelu")
+    format: str = "misbench"  # the file's format (dictionary_formats.FORMATS)
 
     @property
     def width(self) -> int:
@@ -93,48 +109,40 @@ class Dictionary:
         return int(self.W_enc.shape[0])
 
 
-def load_dictionary(path) -> Dictionary:
-    """Read a dictionary file with weights_only=True and check its shapes against each other."""
+def _shape(value) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def load_dictionary(path, trust_pickle: bool = False) -> Dictionary:
+    """Read a dictionary file of any registered format (dictionary_formats), recognised by its content, with
+    weights_only=True (a pickle only with `trust_pickle`); check its shapes against each other and its weights
+    for NaN."""
     path = Path(path)
     if not path.is_file():
         raise MisbenchError(f"--features: dictionary file {path} does not exist; give a torch file holding "
-                            "W_enc [K, D], b_enc [K] (optional b_dec [D], activation)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same actionable message
-        raise MisbenchError(f"--features: cannot read {path} with weights_only=True ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}); save a dict of tensors with torch.save"
-                            ) from None
-    if not isinstance(obj, dict) or "W_enc" not in obj or "b_enc" not in obj:
-        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise MisbenchError(f"--features: {path} holds {keys}; expected a dict with W_enc [K, D] and b_enc [K] "
-                            "(optional b_dec [D], activation)")
-    w, b = obj["W_enc"], obj["b_enc"]
-    b_dec = obj.get("b_dec")
-    if not (isinstance(w, torch.Tensor) and w.dim() == 2):
-        raise MisbenchError(f"--features: {path}: W_enc must be a [K, D] tensor, got "
-                            f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
-    if not (isinstance(b, torch.Tensor) and tuple(b.shape) == (w.shape[0],)):
-        raise MisbenchError(f"--features: {path}: b_enc must be [K] = [{w.shape[0]}] to match W_enc "
-                            f"{tuple(w.shape)}, got {tuple(b.shape) if isinstance(b, torch.Tensor) else b!r}")
-    if b_dec is not None and not (isinstance(b_dec, torch.Tensor) and tuple(b_dec.shape) == (w.shape[1],)):
-        raise MisbenchError(f"--features: {path}: b_dec must be [D] = [{w.shape[1]}] to match W_enc "
-                            f"{tuple(w.shape)}, got {tuple(b_dec.shape) if isinstance(b_dec, torch.Tensor) else b_dec!r}")
-    for key, value in (("W_enc", w), ("b_enc", b), ("b_dec", b_dec)):
-        if value is None:
-            continue
-        if not value.dtype.is_floating_point or value.is_complex():
-            raise MisbenchError(f"--features: {path}: {key} is {value.dtype}; a dictionary holds real floating-point "
-                                "tensors")
-        if not torch.isfinite(value).all():
-            raise MisbenchError(f"--features: {path}: {key} holds non-finite values (NaN or inf): the dictionary's "
-                                "training diverged or the file is damaged; train it again (e.g. a lower --lr)")
+                            "W_enc [K, D], b_enc [K] (optional b_dec [D], activation) or another library's file "
+                            "(docs/formats.md)")
+    fmt, obj = convert_dictionary(read_dictionary_file(path, trust_pickle), path)
+    w, b, b_dec, threshold = obj["W_enc"], obj["b_enc"], obj["b_dec"], obj["threshold"]
+    if w.dim() != 2:
+        raise MisbenchError(f"--features: {path} ({fmt}): W_enc must be a [K, D] matrix, got {_shape(w)}")
     if w.shape[0] == 0 or w.shape[1] == 0:
         raise MisbenchError(f"--features: {path}: W_enc is {tuple(w.shape)}; a dictionary needs at least one feature "
                             "and one input unit")
-    activation = check_activation(obj.get("activation", "relu"), f"--features {path}")
-    return Dictionary(w.detach().float(), b.detach().float(),
-                      None if b_dec is None else b_dec.detach().float(), activation, sha256_file(path), str(path))
+    if tuple(b.shape) != (w.shape[0],):
+        raise MisbenchError(f"--features: {path} ({fmt}): b_enc must be [K] = [{w.shape[0]}] to match W_enc "
+                            f"{tuple(w.shape)}, got {_shape(b)}")
+    if b_dec is not None and tuple(b_dec.shape) != (w.shape[1],):
+        raise MisbenchError(f"--features: {path} ({fmt}): b_dec must be [D] = [{w.shape[1]}] to match W_enc "
+                            f"{tuple(w.shape)}, got {_shape(b_dec)}")
+    if threshold is not None and tuple(threshold.shape) != (w.shape[0],):
+        raise MisbenchError(f"--features: {path} ({fmt}): threshold must be [K] = [{w.shape[0]}], got "
+                            f"{_shape(threshold)}")
+    activation = check_activation(obj["activation"], f"--features {path}")
+    if activation == "jumprelu" and threshold is None:
+        raise MisbenchError(f"--features: {path}: activation 'jumprelu' without a number needs a per-feature "
+                            "threshold [K] in the file; or write jumprelu:THETA")
+    return Dictionary(w, b, b_dec, activation, sha256_file(path), str(path), threshold, fmt)
 
 
 def encode(x: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:
@@ -146,10 +154,12 @@ def encode(x: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:
     pre = x @ w.T + dictionary.b_enc.to(x.device)
     name, _, arg = dictionary.activation.partition(":")
     fn, parse = ACTIVATIONS[name]
+    if name == "jumprelu" and not arg:
+        return fn(pre, dictionary.threshold.to(x.device))
     return fn(pre, parse(arg) if parse else None)
 
 
-def resolve_features(model: torch.nn.Module, specs, taken, probe: torch.Tensor) -> dict:
+def resolve_features(model: torch.nn.Module, specs, taken, probe: torch.Tensor, trust_pickle: bool = False) -> dict:
     """Feature layer name -> (module name, Dictionary), checked against the model before any image is read:
     the module exists, NAME is new, and W_enc's D equals the module's units per position (from one forward
     pass on `probe`)."""
@@ -169,7 +179,7 @@ def resolve_features(model: torch.nn.Module, specs, taken, probe: torch.Tensor) 
         if spec.name in taken or spec.name in modules or spec.name in out:
             raise MisbenchError(f"--features {spec.text()}: the name {spec.name!r} is already a layer or module "
                                 "name; choose a new NAME")
-        out[spec.name] = (spec.layer, load_dictionary(spec.file))
+        out[spec.name] = (spec.layer, load_dictionary(spec.file, trust_pickle))
     grids = channels_last_modules(model)
     shapes = probe_outputs(model, {m for m, _ in out.values()}, probe)
     for name, (module, dictionary) in out.items():

@@ -146,7 +146,7 @@ def _check_resumable(writer: ActivationWriter, attrs: dict) -> None:
 
 def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: ExtractSettings,
             resume: bool = False, overwrite: bool = False,
-            progress: Callable[[int, int], None] | None = None) -> Path:
+            progress: Callable[[int, int], None] | None = None, trust_pickle: bool = False) -> Path:
     """Extract activations of `loaded` on `data` into `out` (atomic: `out` appears only when complete).
 
     Under torchrun each rank extracts a contiguous block of rows into its own part file; rank 0
@@ -166,7 +166,7 @@ def _extract(loaded, data, out: Path, settings: ExtractSettings, resume: bool, o
     probe_device = next(model.parameters()).device
     probe = torch.zeros(1, 3, pre.crop, pre.crop, device=probe_device)
     requests = resolve_layers(model, settings.layers, probe=probe)
-    features = resolve_features(model, settings.features, [r.name for r in requests], probe)
+    features = resolve_features(model, settings.features, [r.name for r in requests], probe, trust_pickle)
     requests += [LayerRequest(name, module, "features") for name, (module, _) in features.items()]
     _check_cls(model, requests, settings.token_reduction)
     partial = partial_path(out)
@@ -253,7 +253,8 @@ def _layer_attrs(req, layout: str, n_units: int, settings: ExtractSettings, feat
     if req.kind == "features":
         dictionary = features[req.name][1]
         attrs.update(kind="features", layer_kind=kind, dictionary_file=dictionary.path,
-                     dictionary_sha256=dictionary.sha256, activation=dictionary.activation,
+                     dictionary_sha256=dictionary.sha256, dictionary_format=dictionary.format,
+                     activation=dictionary.activation,
                      n_features=dictionary.n_features, width=dictionary.width)
     return attrs
 

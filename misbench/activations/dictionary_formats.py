@@ -1,0 +1,213 @@
+"""Dictionary files of other libraries, recognised by content and mapped onto misbench's encoder form
+f = act((x - b_dec) W_enc^T + b_enc) (docs/formats.md has each layout and where it was read from).
+
+Each format is a registry entry: `detect(obj) -> bool` on what the file holds, `convert(obj, path) -> dict` with
+W_enc [K, D], b_enc [K], b_dec [D] or None, activation, threshold [K] or None (per-feature JumpReLU).
+The file itself is read once, as a torch file (weights_only), a saev checkpoint (one JSON line, then a torch
+file) or a safetensors file (SAELens, with cfg.json beside it).
+"""
+
+__all__ = ["FORMATS", "register_format", "read_dictionary_file", "convert_dictionary"]
+
+import io
+import json
+import pickle
+import struct
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import MisbenchError
+
+EXPECTED = ("a misbench dictionary (W_enc [K, D], b_enc [K]), a dictionary_learning ae.pt, a saev checkpoint or "
+            "a SAELens sae_weights.safetensors")
+FORMATS: dict[str, tuple[Callable, Callable]] = {}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32}
+
+
+def register_format(name: str, detect: Callable, convert: Callable) -> None:
+    if name in FORMATS:
+        raise MisbenchError(f"dictionary format {name!r} is already registered")
+    FORMATS[name] = (detect, convert)
+
+
+def _read_safetensors(path: Path) -> dict:
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise MisbenchError(f"--features: {path}: tensor {key} has dtype {info['dtype']}; expected one of "
+                                f"{', '.join(SAFETENSORS_DTYPES)}")
+        start, stop = info["data_offsets"]
+        raw = bytearray(data[8 + size + start:8 + size + stop])
+        out[key] = torch.frombuffer(raw, dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"]) \
+            if stop > start else torch.zeros(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+    cfg = path.with_name("cfg.json")
+    out["__cfg__"] = json.loads(cfg.read_text()) if cfg.is_file() else None
+    return out
+
+
+def _unreadable(path: Path, exc: Exception) -> MisbenchError:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return MisbenchError(f"--features: cannot read {path} ({type(exc).__name__}: {first[:200]}); expected {EXPECTED}")
+
+
+def _torch_load(source, path: Path, trust_pickle: bool, head: bytes):
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch's zip format nor a pickle: not a torch file
+            raise _unreadable(path, err) from None
+        if not trust_pickle:
+            raise MisbenchError(f"--features: {path} is a pickled Python object, not plain tensors; expected "
+                                f"{EXPECTED}. Loading it can run arbitrary code: pass --trust-pickle only if you "
+                                "trust its origin") from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same actionable message
+        raise _unreadable(path, exc) from None
+    if hasattr(source, "seek"):
+        source.seek(0)
+    try:
+        return torch.load(source, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise _unreadable(path, exc) from None
+
+
+def read_dictionary_file(path, trust_pickle: bool = False):
+    """The file's content: a dict of tensors (and for saev `__header__`, for SAELens `__cfg__`)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < path.stat().st_size:
+        return _read_safetensors(path)
+    if head[:1] == b"{":  # saev: one JSON line, then torch.save's bytes
+        with open(path, "rb") as handle:
+            header = json.loads(handle.readline())
+            payload = io.BytesIO(handle.read())
+        obj = _torch_load(payload, path, trust_pickle, payload.getvalue()[:2])
+        if not isinstance(obj, dict):
+            raise MisbenchError(f"--features: {path}: a JSON header followed by {type(obj).__name__}; expected "
+                                "saev's state dict (W_enc, b_enc, W_dec, b_dec)")
+        return {**obj, "__header__": header}
+    return _torch_load(path, path, trust_pickle, head)
+
+
+def _is(obj, *keys) -> bool:
+    return isinstance(obj, dict) and all(k in obj for k in keys)
+
+
+# misbench's own files (train-dictionary, or written by hand)
+def _native(obj, path):
+    return {"W_enc": obj["W_enc"], "b_enc": obj["b_enc"], "b_dec": obj.get("b_dec"),
+            "activation": obj.get("activation", "relu"), "threshold": None}
+
+
+# dictionary_learning: AutoEncoder (bias, encoder.*, decoder.weight) and AutoEncoderTopK / BatchTopKSAE
+# (b_dec, k, threshold, encoder.*, decoder.weight); read from dictionary_learning/dictionary.py, trainers/top_k.py
+def _dl_standard(obj, path):
+    return {"W_enc": obj["encoder.weight"], "b_enc": obj["encoder.bias"], "b_dec": obj["bias"], "activation": "relu",
+            "threshold": None}
+
+
+def _dl_topk(obj, path):
+    config = path.with_name("config.json")
+    dict_class = ""
+    if config.is_file():
+        dict_class = json.loads(config.read_text()).get("trainer", {}).get("dict_class", "")
+    k = int(obj["k"])
+    # AutoEncoderTopK.encode keeps each input's top k; BatchTopKSAE.encode applies its learned threshold
+    # (a threshold below 0 is unset: ReLU alone)
+    activation = f"jumprelu:{max(float(obj['threshold']), 0.0)!r}" if dict_class == "BatchTopKSAE" else f"topk:{k}"
+    return {"W_enc": obj["encoder.weight"], "b_enc": obj["encoder.bias"], "b_dec": obj["b_dec"],
+            "activation": activation, "threshold": None}
+
+
+# saev: W_enc [D, K], b_enc, W_dec [K, D], b_dec; files without "schema" (the first releases) subtract b_dec before
+# encoding and apply ReLU; schema 1 and 2 encode x W_enc + b_enc then Relu, TopK or BatchTopK (per input at
+# inference), both keeping the top-k values as they are (no ReLU). Read from saev/nn/modeling.py.
+def _saev(obj, path):
+    header = obj["__header__"]
+    if "schema" not in header:
+        return {"W_enc": obj["W_enc"].T, "b_enc": obj["b_enc"], "b_dec": obj["b_dec"], "activation": "relu",
+                "threshold": None}
+    cfg = header.get("cfg", {})
+    act = cfg.get("activation", {})
+    name = act.get("cls") if isinstance(act, dict) else header.get("cls")
+    params = act.get("params", {}) if isinstance(act, dict) else cfg
+    if name in ("TopK", "BatchTopK"):
+        activation = f"topkraw:{int(params.get('top_k', 32))}"
+    elif name in ("Relu", "SparseAutoencoderConfig", None):
+        activation = "relu"
+    else:
+        raise MisbenchError(f"--features: {path}: saev activation {name!r}; expected Relu, TopK or BatchTopK")
+    return {"W_enc": obj["W_enc"].T, "b_enc": obj["b_enc"], "b_dec": None, "activation": activation,
+            "threshold": None}
+
+
+# SAELens: sae_weights.safetensors (W_enc [D, K], b_enc, W_dec [K, D], b_dec, threshold [K] for jumprelu) with
+# cfg.json beside it (architecture standard | jumprelu | topk, apply_b_dec_to_input, k); read from sae_lens/saes/.
+def _saelens(obj, path):
+    cfg = obj["__cfg__"]
+    if cfg is None:
+        raise MisbenchError(f"--features: {path}: a SAELens weights file needs its cfg.json beside it "
+                            "(architecture, apply_b_dec_to_input)")
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise MisbenchError(f"--features: {path}: cfg.json normalize_activations={cfg['normalize_activations']!r}; "
+                            "only 'none' is supported (misbench applies the encoder to raw activations)")
+    arch = cfg.get("architecture", "standard")
+    b_dec = obj["b_dec"] if cfg.get("apply_b_dec_to_input", True) else None
+    threshold = None
+    if arch == "standard":
+        activation = "relu"
+    elif arch == "topk":
+        activation = f"topk:{int(cfg.get('k', cfg.get('activation_fn_kwargs', {}).get('k', 0)))}"
+    elif arch == "jumprelu":
+        activation, threshold = "jumprelu", obj["threshold"]
+    else:
+        raise MisbenchError(f"--features: {path}: SAELens architecture {arch!r}; expected standard, topk or jumprelu")
+    return {"W_enc": obj["W_enc"].T, "b_enc": obj["b_enc"], "b_dec": b_dec, "activation": activation,
+            "threshold": threshold}
+
+
+register_format("misbench", lambda o: _is(o, "W_enc", "b_enc") and "__cfg__" not in o and "__header__" not in o,
+                _native)
+register_format("dictionary_learning", lambda o: _is(o, "encoder.weight", "encoder.bias", "bias"), _dl_standard)
+register_format("dictionary_learning-topk", lambda o: _is(o, "encoder.weight", "encoder.bias", "b_dec", "k"), _dl_topk)
+register_format("saev", lambda o: isinstance(o, dict) and "__header__" in o and _is(o, "W_enc", "b_enc", "b_dec"),
+                _saev)
+register_format("saelens", lambda o: isinstance(o, dict) and "__cfg__" in o and _is(o, "W_enc", "b_enc", "b_dec"),
+                _saelens)
+
+
+def convert_dictionary(obj, path) -> tuple[str, dict]:
+    """(format name, the encoder in misbench's form) of a file's content; float32 tensors, checked finite."""
+    path = Path(path)
+    for name, (detect, convert) in FORMATS.items():
+        if detect(obj):
+            out = convert(obj, path)
+            for key in ("W_enc", "b_enc", "b_dec", "threshold"):
+                value = out[key]
+                if value is None:
+                    continue
+                if not isinstance(value, torch.Tensor):
+                    raise MisbenchError(f"--features: {path} ({name} format): {key} is {type(value).__name__}; "
+                                        "expected a tensor")
+                if not value.dtype.is_floating_point or value.is_complex():
+                    raise MisbenchError(f"--features: {path}: {key} is {value.dtype}; a dictionary holds real "
+                                        "floating-point tensors")
+                if not torch.isfinite(value).all():
+                    bad = int((~torch.isfinite(value)).sum())
+                    raise MisbenchError(f"--features: {path} ({name} format): {key} holds non-finite values (NaN or "
+                                        f"inf: {bad}): the dictionary's training diverged or the file is damaged; "
+                                        "train or export it again")
+                out[key] = value.detach().float()
+            return name, out
+    keys = sorted(k for k in obj if not str(k).startswith("__")) if isinstance(obj, dict) else type(obj).__name__
+    raise MisbenchError(f"--features: {path} holds {np.array(keys, dtype=object).tolist() if keys else '{}'}; "
+                        f"unknown dictionary format: expected {EXPECTED}")

@@ -1,0 +1,135 @@
+"""Public dictionary files (issue 24 item 3): each format, recognised by content, encodes as its library does.
+
+None of the libraries installs from the registry without heavy dependencies (dictionary-learning: nnsight, wandb,
+umap; saev: marimo, open_clip, datasets; sae-lens: transformer-lens, transformers; overcomplete: opencv,
+scikit-image, timm), so each reference below is the library's encode written from its source (docs/formats.md
+names the files), applied to the tensors as the library names and shapes them."""
+
+import json
+import struct
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from misbench.activations.dictionary import encode, load_dictionary
+from misbench.errors import MisbenchError
+
+D, K = 12, 40
+
+
+@pytest.fixture
+def x():
+    return torch.randn(64, D, generator=torch.Generator().manual_seed(0)) * 2 + 0.5
+
+
+def _params(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"W": torch.randn(K, D, generator=g) * 0.5, "b": torch.randn(K, generator=g) * 0.3,
+            "b_dec": torch.randn(D, generator=g), "threshold": torch.rand(K, generator=g) * 0.5}
+
+
+def _check(path, x, reference, fmt):
+    dic = load_dictionary(path)
+    assert dic.format == fmt
+    ours = encode(x, dic)
+    assert (ours != 0).any() and torch.allclose(ours, reference, atol=1e-5, rtol=0), (ours - reference).abs().max()
+
+
+def test_dictionary_learning_standard_and_topk(tmp_path, x):
+    p = _params()
+    # AutoEncoder: encode = ReLU(encoder(x - bias))
+    torch.save({"bias": p["b_dec"], "encoder.weight": p["W"], "encoder.bias": p["b"],
+                "decoder.weight": p["W"].T.clone()}, tmp_path / "ae.pt")
+    _check(tmp_path / "ae.pt", x, F.relu(F.linear(x - p["b_dec"], p["W"], p["b"])), "dictionary_learning")
+    # AutoEncoderTopK: post_relu = ReLU(encoder(x - b_dec)); its top k per input, scattered into zeros
+    (tmp_path / "topk").mkdir()
+    torch.save({"k": torch.tensor(3, dtype=torch.int), "threshold": torch.tensor(0.2), "b_dec": p["b_dec"],
+                "encoder.weight": p["W"], "encoder.bias": p["b"], "decoder.weight": p["W"].T.clone()},
+               tmp_path / "topk" / "ae.pt")
+    post = F.relu(F.linear(x - p["b_dec"], p["W"], p["b"]))
+    top = post.topk(3, dim=-1)
+    _check(tmp_path / "topk" / "ae.pt", x, torch.zeros_like(post).scatter(-1, top.indices, top.values),
+           "dictionary_learning-topk")
+    # BatchTopKSAE (config.json says so): post_relu * (post_relu > threshold)
+    (tmp_path / "topk" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "BatchTopKSAE"}}))
+    _check(tmp_path / "topk" / "ae.pt", x, post * (post > 0.2), "dictionary_learning-topk")
+
+
+def _saev_file(path, header, p):
+    with open(path, "wb") as handle:
+        handle.write((json.dumps(header) + "\n").encode())
+        torch.save({"W_enc": p["W"].T.contiguous(), "b_enc": p["b"], "W_dec": p["W"].clone(), "b_dec": p["b_dec"]},
+                   handle)
+
+
+def test_saev_checkpoints(tmp_path, x):
+    p = _params(2)
+    # the first releases (no schema): h = (x - b_dec) W_enc + b_enc, ReLU
+    _saev_file(tmp_path / "old.pt", {"d_vit": D, "exp_factor": K // D}, p)
+    _check(tmp_path / "old.pt", x, F.relu((x - p["b_dec"]) @ p["W"].T + p["b"]), "saev")
+    # schema 2: h = x W_enc + b_enc; TopK keeps the k largest values of h as they are
+    header = {"schema": 2, "cfg": {"d_vit": D, "exp_factor": 3, "activation": {"cls": "TopK", "params": {"top_k": 4}}}}
+    p_shift = {**p, "b": p["b"] - 3.0}  # shifted so that some kept values are negative
+    _saev_file(tmp_path / "topk.pt", header, p_shift)
+    h = x @ p["W"].T + p_shift["b"]
+    idx = h.topk(4, dim=-1).indices
+    _check(tmp_path / "topk.pt", x, torch.zeros_like(h).scatter(-1, idx, torch.ones_like(h)) * h, "saev")
+    assert (encode(x, load_dictionary(tmp_path / "topk.pt")) < 0).any()
+    header["cfg"]["activation"] = {"cls": "Relu", "params": {}}
+    _saev_file(tmp_path / "relu.pt", header, p)
+    _check(tmp_path / "relu.pt", x, F.relu(x @ p["W"].T + p["b"]), "saev")
+
+
+def _safetensors(path, tensors):
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        data = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])
+def test_saelens_weights_with_cfg(tmp_path, x, arch):
+    p = _params(3)
+    tensors = {"W_enc": p["W"].T, "b_enc": p["b"], "W_dec": p["W"], "b_dec": p["b_dec"]}
+    if arch == "jumprelu":
+        tensors["threshold"] = p["threshold"]
+    _safetensors(tmp_path / "sae_weights.safetensors", tensors)
+    cfg = {"architecture": arch, "d_in": D, "d_sae": K, "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "k": 5}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    h = (x - p["b_dec"]) @ p["W"].T + p["b"]
+    if arch == "standard":
+        ref = F.relu(h)
+    elif arch == "jumprelu":  # JumpReLU: ReLU(h) where h exceeds the feature's threshold
+        ref = F.relu(h) * (h > p["threshold"])
+    else:
+        top = h.topk(5, dim=-1)
+        ref = torch.zeros_like(h).scatter(-1, top.indices, F.relu(top.values))
+    _check(tmp_path / "sae_weights.safetensors", x, ref, "saelens")
+
+
+def test_bad_dictionary_files(tmp_path):
+    p = _params()
+    torch.save({"weight": p["W"]}, tmp_path / "unknown.pt")
+    with pytest.raises(MisbenchError, match=r"unknown.pt holds \['weight'\]; unknown dictionary format: expected"):
+        load_dictionary(tmp_path / "unknown.pt")
+    torch.save({"W_enc": p["W"].clone().index_fill_(0, torch.tensor([3]), float("nan")), "b_enc": p["b"]},
+               tmp_path / "nan.pt")
+    with pytest.raises(MisbenchError, match=r"nan.pt \(misbench format\): W_enc holds non-finite values \(NaN or inf: 12\)"):
+        load_dictionary(tmp_path / "nan.pt")
+    torch.save(torch.nn.Linear(D, K), tmp_path / "module.pt")  # a whole pickled module
+    with pytest.raises(MisbenchError, match=r"module.pt is a pickled Python object.*--trust-pickle"):
+        load_dictionary(tmp_path / "module.pt")
+    with pytest.raises(MisbenchError, match="unknown dictionary format"):  # trusted, read, but still not a dictionary
+        load_dictionary(tmp_path / "module.pt", trust_pickle=True)
+    _safetensors(tmp_path / "sae_weights.safetensors", {"W_enc": p["W"].T, "b_enc": p["b"], "b_dec": p["b_dec"]})
+    with pytest.raises(MisbenchError, match="needs its cfg.json beside it"):
+        load_dictionary(tmp_path / "sae_weights.safetensors")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file at all")
+    with pytest.raises(MisbenchError, match="cannot read .*junk.pt"):
+        load_dictionary(tmp_path / "junk.pt")
