@@ -156,10 +156,11 @@ def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: Extract
     inputs = {"MODEL": model_input_file(loaded.spec),
               **{f"--features {spec}": parse_features(spec).file for spec in settings.features}}
     with writing({"--out": out}, inputs, "misbench extract"):
-        return _extract(loaded, data, out, settings, resume, overwrite, progress)
+        return _extract(loaded, data, out, settings, resume, overwrite, progress, trust_pickle)
 
 
-def _extract(loaded, data, out: Path, settings: ExtractSettings, resume: bool, overwrite: bool, progress) -> Path:
+def _extract(loaded, data, out: Path, settings: ExtractSettings, resume: bool, overwrite: bool, progress,
+             trust_pickle: bool = False) -> Path:
     source = load_data(data, loaded.num_classes, settings.labels, loaded.categories) if isinstance(data, str) else data
     model = loaded.model
     pre = loaded.preprocess.override(settings.resize, settings.crop)
