@@ -249,6 +249,43 @@ def test_streaming_topk_equals_brute_force(ties):
         np.testing.assert_array_equal(s["bottom_value"][unit], values[s["bottom_index"][unit], unit])
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_streaming_topk_pools_equal_brute_force_across_batch_sizes_states_and_resumes(dtype):
+    """The candidate pools (compacted when full, ranked by state()) keep exactly the ranks 1..K of all
+    rows on both sides: batches smaller and larger than a pool's room, heavy ties (float16 rounds many
+    values together), state() taken mid-stream, and a TopK resumed from a saved state; checked against
+    a brute-force two-key sort of every row."""
+    from misbench.activations.topk import TOPK_SEED, TopK
+    from misbench.scoring.mis import tie_keys
+
+    rng = np.random.default_rng(3)
+    n, units, k = 2500, 12, 40
+    values = (rng.normal(size=(n, units)) * np.r_[1, 1, 1, 0.01, np.ones(units - 4)]).astype(dtype)
+    values[:, 1] = np.round(values[:, 1])  # a handful of distinct values: ties decide
+    values[:, 2] = -np.linspace(0, 1, n).astype(dtype)  # falling: every batch enters the bottom side
+    items = rng.permutation(50_000)[:n]
+    sizes = rng.choice([1, 7, 33, 120, 300], size=200)
+    bounds = np.minimum(np.r_[0, np.cumsum(sizes)], n)
+    state = TopK("lay", units, k)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if a == b:
+            break
+        rows = np.arange(a, b)
+        state.update(values[rows], rows, items[rows])
+        if a < 1200 <= b:  # a commit mid-stream, then a resumed extraction continues from the saved state
+            saved = {key: np.array(v) for key, v in state.state().items()}
+            state = TopK("lay", units, k, saved)
+    s = state.state()
+    for unit in range(units):
+        keys = tie_keys(TOPK_SEED, "lay", unit, items)
+        v = values[:, unit].astype(np.float64)
+        assert np.array_equal(s["top_index"][unit], np.lexsort((keys, -v))[:k]), unit
+        assert np.array_equal(s["bottom_index"][unit], np.lexsort((keys, v))[:k]), unit
+        assert np.array_equal(s["bottom_item"][unit], items[s["bottom_index"][unit]])
+        np.testing.assert_array_equal(s["top_value"][unit], v[s["top_index"][unit]])
+    np.testing.assert_allclose(s["sum"], values.astype(np.float64).sum(0))
+
+
 def test_score_refuses_images_regenerated_in_place_since_extraction(tmp_path):
     """extract records each image's content digest (first 128 bits of the sha256 of its bytes); score
     re-hashes every image it reads back and refuses one regenerated in place (same name, new pixels),

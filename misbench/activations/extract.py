@@ -334,7 +334,7 @@ def _run(model, source, requests, settings, pre, writer, total, device, progress
                     if name not in topk:
                         topk[name] = TopK(name, values.shape[1], k, writer.topk_state(name))
                     topk[name].update(values, rows, index_np[keep])
-                    states[name] = topk[name].state()
+                    states[name] = topk[name]  # ranked when the writer commits, not every batch
                 layers = {}
             writer.append(index_np[keep], [source.path(int(i)) for i in index_np[keep]],
                           labels.numpy()[keep], host_logits, layers, layer_attrs, dtype,

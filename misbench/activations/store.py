@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import MisbenchError, close_matches
 from ..runtime.fileio import DiskFullError, atomic_path, disk_full_error
 from ..runtime.interrupts import uninterruptible
-from .topk import TOPK_SEED, merge_topk
+from .topk import TOPK_SEED, TopK, merge_topk
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,8 @@ class ActivationWriter:
 
     def append(self, index, paths, labels, logits, layers: dict, layer_attrs: dict, dtype, next_index: int,
                skipped: list[str] = (), topk: dict | None = None, digests=None) -> None:
-        """Write one batch: `layers` maps layer name -> [B, U] array; `topk` layer name -> TopK state;
+        """Write one batch: `layers` maps layer name -> [B, U] array; `topk` layer name -> TopK (its state is
+        taken when committed) or a TopK state;
         `dtype` is one storage dtype or a mapping layer name -> dtype; `digests` the images' content digests
         (data.DIGEST_CHARS hex characters; kept only by files that hold them from their first row)."""
         with uninterruptible():  # Ctrl-C or SIGTERM stop at a batch boundary
@@ -292,8 +293,8 @@ class ActivationWriter:
     def _commit(self) -> None:
         if self._topk is not None:
             states, dtype, layer_attrs = self._topk
-            for name, state in states.items():
-                self._write_topk(name, state, dtype, layer_attrs[name])
+            for name, state in states.items():  # a TopK ranks its candidates only now, once per commit
+                self._write_topk(name, state.state() if isinstance(state, TopK) else state, dtype, layer_attrs[name])
             self.h5.attrs["topk_rows"] = self._rows
             self._topk = None
         if self._skipped:

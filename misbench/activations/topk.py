@@ -8,8 +8,9 @@ from ..errors import MisbenchError
 from .order import tie_keys
 
 TOPK_SEED = 0  # the tie-break keys of a top-k file are those of `score --seed 0`
-BLOCK_UNITS = 128  # units ranked at a time: bounds the memory beyond the state
-MERGE_MAX = 16  # up to this many new values per unit are merged into the kept order, more are sorted with it
+BLOCK_UNITS = 128  # units ranked or compacted at a time: bounds the memory beyond the state
+SCAN_ENTRIES = 1 << 16  # new values placed at a time (bounds the memory of their positions)
+ROOM = 4  # each unit's pool holds K + K / ROOM values (at least 16 more): entries between compactions
 
 
 def parse_keep(text: str | None) -> int | None:
@@ -37,19 +38,136 @@ def _select(values, rows, items, layer, units, k, descending):
     return take(values), take(rows), take(items)
 
 
+def _keep(signed, items, layer, units, k):
+    """Positions of the first k of each row of `signed` (higher first, ties by tie key), in no order:
+    a partition by value; only rows where values equal to the k-th fall on both sides of it pay for
+    the tie keys (and a sort of their row). Rows with fewer than k finite values keep those first."""
+    if signed.shape[1] <= k:
+        return np.broadcast_to(np.arange(signed.shape[1]), signed.shape)
+    pos = np.argpartition(-signed, k - 1, axis=1)[:, :k]
+    kept = np.take_along_axis(signed, pos, axis=1)
+    kth = kept.min(axis=1)
+    tied = np.flatnonzero(((signed == kth[:, None]).sum(1) > (kept == kth[:, None]).sum(1)) & np.isfinite(kth))
+    if len(tied):
+        keys = tie_keys(TOPK_SEED, layer, np.asarray(units)[tied], items[tied])
+        pos[tied] = np.lexsort((keys, -signed[tied]), axis=1)[:, :k]
+    short = np.flatnonzero(~np.isfinite(kth))  # fewer than k values so far: the empty slots go last
+    if len(short):
+        pos[short] = np.take_along_axis(pos[short], np.argsort(~np.isfinite(
+            np.take_along_axis(signed[short], pos[short], axis=1)), axis=1, kind="stable"), axis=1)
+    return pos
+
+
+class _Side:
+    """One side's kept candidates per unit, unordered: a pool of K + room slots per unit holding every
+    value seen that is at least as extreme as the unit's bound (the K-th kept when last compacted,
+    ties included: they may rank ahead by tie key). Empty slots hold -inf (top) or +inf (bottom)."""
+
+    def __init__(self, layer, units, k, descending, kept=None):
+        self.layer, self.k, self.descending = layer, k, descending
+        self.width = k + max(16, k // ROOM)
+        self.empty = -np.inf if descending else np.inf
+        self.value = np.full((units, self.width), self.empty)
+        self.row = np.zeros((units, self.width), np.int64)
+        self.item = np.zeros((units, self.width), np.int64)
+        self.fill = np.zeros(units, np.int64)
+        self.bound = np.full(units, self.empty)  # values beyond it cannot enter
+        if kept is not None and kept[0].shape[1]:
+            w = kept[0].shape[1]
+            self.value[:, :w], self.row[:, :w], self.item[:, :w] = kept
+            self.fill[:] = w
+            if w >= k:
+                self.bound[:] = self.value[:, k - 1]
+
+    def signed(self, values):
+        return values if self.descending else -values
+
+    def add(self, values, rows, items) -> None:
+        """values [B, U] (the batch's dtype): those at least as extreme as each unit's bound enter its pool;
+        a unit whose pool would overflow is compacted to its K first with the new ones."""
+        cast = self.bound.astype(values.dtype)  # compared in the batch's own dtype (exact: the bounds came from it)
+        if not np.array_equal(cast, self.bound):
+            values, cast = values.astype(np.float64), self.bound
+        enter = (values >= cast) if self.descending else (values <= cast)  # [B, U]; NaN never enters
+        total = np.count_nonzero(enter)
+        if total <= SCAN_ENTRIES:  # the usual case once K are kept: a few new values per unit at most
+            at, unit = np.divmod(np.flatnonzero(enter), enter.shape[1])
+            order = np.argsort(unit, kind="stable")  # by unit, then batch position
+            if total:
+                self._insert(unit[order], np.asarray(values[at[order], unit[order]], np.float64), rows[at[order]],
+                             items[at[order]])
+            return
+        # units in blocks of about SCAN_ENTRIES new values (bounds the positions' memory while many enter)
+        ends = np.cumsum(np.count_nonzero(enter, axis=0))
+        cuts = np.unique(np.r_[0, np.searchsorted(ends, np.arange(SCAN_ENTRIES, ends[-1], SCAN_ENTRIES)), len(ends)])
+        for start, stop in zip(cuts[:-1], cuts[1:]):
+            unit, at = np.nonzero(enter[:, start:stop].T)  # by unit, then batch position
+            if len(unit):
+                self._insert(unit + start, np.asarray(values[at, unit + start], np.float64), rows[at], items[at])
+
+    def _insert(self, unit, value, row, item) -> None:
+        counts = np.bincount(unit, minlength=len(self.fill))
+        first = np.cumsum(counts) - counts
+        rank = np.arange(len(unit)) - first[unit]  # position among the unit's new values
+        over = self.fill + counts > self.width
+        fits = ~over[unit]
+        u, slot = unit[fits], self.fill[unit[fits]] + rank[fits]
+        self.value[u, slot], self.row[u, slot], self.item[u, slot] = value[fits], row[fits], item[fits]
+        self.fill += np.where(over, 0, counts)
+        full = np.flatnonzero(over)
+        for start in range(0, len(full), BLOCK_UNITS):
+            block = full[start:start + BLOCK_UNITS]
+            mine = np.flatnonzero(np.isin(unit, block))  # their new values, grouped by unit
+            local = np.searchsorted(block, unit[mine])
+            new = np.full((len(block), int(counts[block].max())), self.empty)
+            new_row, new_item = np.zeros(new.shape, np.int64), np.zeros(new.shape, np.int64)
+            new[local, rank[mine]], new_row[local, rank[mine]], new_item[local, rank[mine]] = value[mine], row[mine], \
+                item[mine]
+            self._compact(block, np.concatenate([self.value[block], new], axis=1),
+                          np.concatenate([self.row[block], new_row], axis=1),
+                          np.concatenate([self.item[block], new_item], axis=1), self.fill[block] + counts[block])
+
+    def _compact(self, units, value, row, item, valid) -> None:
+        """Keep the K first of each unit's candidates in its pool's first slots; the K-th becomes its bound."""
+        k = min(self.k, value.shape[1])
+        pos = _keep(self.signed(value), item, self.layer, units, k)
+        take = lambda a: np.take_along_axis(a, pos, axis=1)  # noqa: E731
+        self.value[units, :k], self.row[units, :k], self.item[units, :k] = take(value), take(row), take(item)
+        self.value[units, k:] = self.empty
+        self.fill[units] = np.minimum(valid, self.k)
+        if k == self.k:  # the bound: the least extreme kept value
+            least = self.signed(self.signed(self.value[units, :k]).min(axis=1))
+            self.bound[units] = np.where(valid >= self.k, least, self.empty)
+
+    def ranked(self, units_total: int):
+        """Compacts every pool to its K and ranks it in place, block by block; returns views of the pools."""
+        w = min(int(self.fill.max()) if len(self.fill) else 0, self.k)
+        for start in range(0, units_total, BLOCK_UNITS):
+            units = np.arange(start, min(units_total, start + BLOCK_UNITS))
+            if (self.fill[units] > self.k).any():
+                self._compact(units, self.value[units], self.row[units], self.item[units], self.fill[units])
+            if not w:
+                break
+            v, r, i = _select(self.value[units, :w], self.row[units, :w], self.item[units, :w], self.layer, units, w,
+                              self.descending)
+            self.value[units, :w], self.row[units, :w], self.item[units, :w] = v, r, i
+        return self.value[:, :w], self.row[:, :w], self.item[:, :w]
+
+
 class TopK:
     """The K highest and K lowest (value, file row, dataset index) of every unit seen so far.
 
     Order is (value, tie key of the image): exactly the order `score` ranks by, so the kept rows
-    are the ranks 1..K of the full file on each side.
+    are the ranks 1..K of the full file on each side. Values must be finite (extraction refuses
+    others first). Updates only collect candidates; `state()` ranks them (at each commit).
     """
 
     def __init__(self, layer: str, units: int, k: int, state: dict | None = None):
         self.layer, self.units, self.k = layer, units, k
         state = state or {}
-        empty = {"value": np.empty((units, 0)), "index": np.empty((units, 0), np.int64),
-                 "item": np.empty((units, 0), np.int64)}
-        self.top, self.bottom = (tuple(state.get(f"{side}_{n}", e) for n, e in empty.items()) for side in ("top", "bottom"))
+        self.sides = {side: _Side(layer, units, k, side == "top",
+                                  tuple(state[f"{side}_{n}"] for n in ("value", "index", "item"))
+                                  if f"{side}_value" in state else None) for side in ("top", "bottom")}
         self.sum = state.get("sum", np.zeros(units))
 
     def update(self, values: np.ndarray, rows: np.ndarray, items: np.ndarray) -> None:
@@ -59,103 +177,28 @@ class TopK:
             values = values.astype(np.float64)
         rows, items = np.asarray(rows, np.int64), np.asarray(items, np.int64)
         self.sum = self.sum + values.sum(axis=0, dtype=np.float64)
-        for side, descending in (("top", True), ("bottom", False)):
-            if getattr(self, side)[0].shape[1] < self.k:
-                self._grow(side, descending, np.asarray(values, np.float64).T, rows, items)
-            else:
-                self._replace(side, descending, values, rows, items)
-
-    def _grow(self, side, descending, values, rows, items) -> None:
-        """Fewer than K kept yet: rank everything kept and new, block by block of units."""
-        v, r, i = getattr(self, side)
-        width = min(self.k, v.shape[1] + values.shape[1])
-        out = (np.empty((self.units, width)), np.empty((self.units, width), np.int64),
-               np.empty((self.units, width), np.int64))
-        for start in range(0, self.units, BLOCK_UNITS):
-            u = slice(start, start + BLOCK_UNITS)
-            n = len(range(self.units)[u])
-            cand_v = np.concatenate([v[u], values[u]], axis=1)
-            cand_r = np.concatenate([r[u], np.broadcast_to(rows, (n, len(rows)))], axis=1)
-            cand_i = np.concatenate([i[u], np.broadcast_to(items, (n, len(items)))], axis=1)
-            out[0][u], out[1][u], out[2][u] = _select(cand_v, cand_r, cand_i, self.layer, np.arange(self.units)[u],
-                                                      self.k, descending)
-        setattr(self, side, out)
-
-    def _replace(self, side, descending, values, rows, items) -> None:
-        """K kept: only new values at least as extreme as the K-th kept can enter (equal ones by tie
-        key), usually a handful; the kept arrays are updated in place, block by block of units, so
-        memory stays at the state plus one batch."""
-        kept = getattr(self, side)
-        if not all(a.flags.writeable for a in kept):
-            kept = tuple(np.array(a) for a in kept)
-            setattr(self, side, kept)
-        v, r, i = kept
-        # which new values may enter, compared in the batch's own dtype and layout (no float64 copy of the
-        # batch): exact, since the kept values came from that dtype (else in float64)
-        bound = v[:, -1].astype(values.dtype)
-        if not np.array_equal(bound, v[:, -1], equal_nan=True):
-            values, bound = values.astype(np.float64), v[:, -1]
-        enter = values >= bound if descending else values <= bound  # [B, U]; NaN never enters
-        counts = enter.sum(axis=0)
-        units = np.flatnonzero(counts)
-        if not len(units):
-            return
-        counts = counts[units]
-        entering = np.asarray(values[:, units], np.float64).T  # [units with entries, B]
-        signed = entering if descending else -entering
-        # units grouped by how many values may enter (ties can make a few units need many): each group
-        # takes the c most extreme new values of its units, which include every one that can enter
-        width = np.ceil(np.log2(counts)).astype(np.int64)
-        for w in np.unique(width):
-            at = np.flatnonzero(width == w)  # positions in `units`
-            group = units[at]
-            c = min(int(counts[at].max()), entering.shape[1])
-            cols = np.argpartition(-signed[at], c - 1, axis=1)[:, :c] if c < entering.shape[1] else \
-                np.broadcast_to(np.arange(c), (len(group), c))
-            for start in range(0, len(group), BLOCK_UNITS):
-                u, col = group[start:start + BLOCK_UNITS], cols[start:start + BLOCK_UNITS]
-                new = np.take_along_axis(entering[at[start:start + BLOCK_UNITS]], col, axis=1), rows[col], items[col]
-                if c <= MERGE_MAX:
-                    v[u], r[u], i[u] = self._merge((v[u], r[u], i[u]), new, u, descending)
-                    continue
-                cand_v, cand_r, cand_i = (np.concatenate([old, add], axis=1) for old, add in zip((v[u], r[u], i[u]), new))
-                v[u], r[u], i[u] = _select(cand_v, cand_r, cand_i, self.layer, u, self.k, descending)
-
-    def _merge(self, kept, new, units, descending):
-        """Merge a few new (value, row, item) per unit into the K kept, which are in rank order: each
-        element's new position is the number of elements ranked before it (no sort of K)."""
-        (kv, kr, ki), (nv, nr, ni) = kept, new
-        kkey, nkey = (tie_keys(TOPK_SEED, self.layer, units, items) for items in (ki, ni))
-        sk, sn = (kv, nv) if descending else (-kv, -nv)
-        # before[u, j, k]: kept k ranks before new j (higher signed value, or equal and a smaller key)
-        before = (sk[:, None, :] > sn[:, :, None]) | ((sk[:, None, :] == sn[:, :, None]) & (kkey[:, None, :] < nkey[:, :, None]))
-        among = (sn[:, None, :] > sn[:, :, None]) | ((sn[:, None, :] == sn[:, :, None]) & (nkey[:, None, :] < nkey[:, :, None]))
-        c, k = nv.shape[1], kv.shape[1]
-        pos = np.concatenate([np.arange(k) + (c - before.sum(axis=1)), before.sum(axis=2) + among.sum(axis=2)], axis=1)
-        out = []
-        for old, add in ((kv, nv), (kr, nr), (ki, ni)):
-            merged = np.empty((len(units), k + c), old.dtype)
-            np.put_along_axis(merged, pos, np.concatenate([old, add], axis=1), axis=1)
-            out.append(merged[:, :k])
-        return out
+        for side in self.sides.values():
+            side.add(values, rows, items)
 
     def state(self) -> dict:
+        """sum, and per side value/index/item [U, K] in rank order: views of the live state (copy to keep
+        them past the next update)."""
         out = {"sum": self.sum}
-        for side in ("top", "bottom"):
-            for name, array in zip(("value", "index", "item"), getattr(self, side)):
-                out[f"{side}_{name}"] = array
+        for name, side in self.sides.items():
+            for field, array in zip(("value", "index", "item"), side.ranked(self.units)):
+                out[f"{name}_{field}"] = array
         return out
 
 
 def merge_topk(layer: str, parts: list[dict], k: int) -> dict:
     """Exact top/bottom-k of the union of several parts' states (their rows already global)."""
     units = parts[0]["top_value"].shape[0]
-    merged = TopK(layer, units, k)
+    out = {"sum": sum(p["sum"] for p in parts)}
     for side, descending in (("top", True), ("bottom", False)):
         cand = [np.concatenate([p[f"{side}_{n}"] for p in parts], axis=1) for n in ("value", "index", "item")]
-        setattr(merged, side, _select(*cand, layer, np.arange(units), k, descending))
-    merged.sum = sum(p["sum"] for p in parts)
-    return merged.state()
+        for name, array in zip(("value", "index", "item"), _select(*cand, layer, np.arange(units), k, descending)):
+            out[f"{side}_{name}"] = array
+    return out
 
 
 def check_tie_order(top: np.ndarray, bottom: np.ndarray, needed: int, n_rows: int, tie_seed: int, seed: int,
