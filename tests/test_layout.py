@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top: a module may import its own layer and the layers below it (docs/contributing.md).
 LAYERS = [
-    {"errors", "version"},
+    {"errors", "version", "registry"},
     {"runtime"},
     {"datasets"},
     {"models"},
@@ -273,3 +273,89 @@ def test_no_module_is_named_like_an_api_function():
     for name in misbench.__all__:
         assert not any(m.split(".")[1:2] == [name] for m in MODULES), f"misbench.{name} is a module and a function"
         assert not isinstance(getattr(misbench, name), type(misbench)), name
+
+
+def test_every_registry_refuses_a_name_twice(monkeypatch):
+    """A second registration under a taken name is an error naming the registry and the name, and the entry
+    already there stays (torchvision's register_model): no plugin replaces a built-in by accident."""
+    from torch import nn
+
+    from misbench.activations import dictionary_kinds
+    from misbench.errors import MisbenchError
+    from misbench.models import archs, families
+    from misbench.pruning import masks
+    from misbench.reports import build
+    from misbench.scoring import mis
+    from misbench.similarity import base
+
+    attempts = {
+        "similarity backend 'pixel'": (base.BACKENDS, "pixel", lambda: base.register_backend("pixel")(object)),
+        "pruning method 'structured'": (masks.METHODS, "structured",
+                                        lambda: masks.register_method("structured", (nn.Conv2d,))(object)),
+        "selection 'fair'": (mis.SELECTIONS, "fair", lambda: mis.register_selection("fair", len)(object)),
+        "architecture 'tiny_cnn'": (archs._ARCHS, "tiny_cnn", lambda: archs.register_arch("tiny_cnn")(object)),
+        "model family 'timm.'": (families.FAMILIES, "timm.", lambda: families.register_family(
+            "timm.", families.Family("other", object, object, ""))),
+        "report 'layers'": (build.REPORTS, "layers", lambda: build.register_report("layers", ())(object)),
+        "dictionary kind 'topk'": (dictionary_kinds.KINDS, "topk",
+                                   lambda: dictionary_kinds.register_kind("topk", object)),
+    }
+    for what, (registry, name, again) in attempts.items():
+        before = registry[name]
+        with pytest.raises(MisbenchError, match=f"^{what} is registered twice"):
+            again()
+        assert registry[name] is before, what
+    assert build.REPORT_FILES["layers"] == ("layers.csv", "layers.png")
+
+
+def test_a_model_family_is_one_registration(monkeypatch, tmp_path):
+    """A prefix registered as a family is built, preprocessed and loaded (`name:random`; `name:WEIGHTS`
+    refused with the family's reason) through misbench's model loading, with no other edit."""
+    import torch
+
+    from misbench.errors import MisbenchError
+    from misbench.models import families
+    from misbench.models.archs import TinyCNN, build_arch, check_arch, default_preprocess
+    from misbench.models.loading import load_model
+    from misbench.models.preprocess import Preprocess
+
+    monkeypatch.setattr(families, "FAMILIES", dict(families.FAMILIES))
+    built = []
+
+    def build(arch, num_classes, kwargs):
+        built.append((arch, num_classes, kwargs))
+        return TinyCNN(num_classes, width=int(arch.split(".")[1]))
+
+    pre = Preprocess(40, 36, (0.1, 0.2, 0.3), (0.5, 0.5, 0.5))
+    families.register_family("toy.", families.Family("toy", build, lambda arch: pre, "toy weights live nowhere"))
+    check_arch("toy.4")
+    assert default_preprocess("toy.4") == pre
+    loaded = load_model("toy.4:random", num_classes=3)
+    assert loaded.arch == "toy.4" and loaded.preprocess == pre and built[-1] == ("toy.4", 3, {})
+    assert loaded.model.conv1.out_channels == 4 and loaded.model(torch.zeros(1, 3, 8, 8)).shape == (1, 3)
+    with pytest.raises(MisbenchError, match=r"toy models are built randomly initialised only \(toy.4:random; "
+                                            r"toy weights live nowhere\)"):
+        load_model("toy.4:DEFAULT")
+    torch.save(build_arch("toy.4", 3).state_dict(), tmp_path / "w.pt")  # trained weights: a state_dict and --arch
+    assert load_model(str(tmp_path / "w.pt"), arch="toy.4", num_classes=3).preprocess == pre
+
+
+def test_a_report_is_one_registration(monkeypatch, tmp_path):
+    """A function registered with its files is `misbench.report(kind)`, whose overwrite check covers the files."""
+    import misbench
+    from misbench.errors import MisbenchError
+    from misbench.reports import build
+
+    monkeypatch.setattr(build, "REPORTS", dict(build.REPORTS))
+    monkeypatch.setattr(build, "REPORT_FILES", dict(build.REPORT_FILES))
+
+    @build.register_report("count", files=("count.txt",))
+    def count(words, out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "count.txt").write_text(str(len(words)))
+        return Path(out) / "count.txt"
+
+    assert misbench.report("count", tmp_path / "r", words=["a", "b"]).read_text() == "2"
+    with pytest.raises(MisbenchError, match="count.txt"):
+        misbench.report("count", tmp_path / "r", words=["a"])
+    assert misbench.report("count", tmp_path / "r", overwrite=True, words=["a"]).read_text() == "1"

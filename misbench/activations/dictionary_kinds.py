@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import MisbenchError
+from ..registry import register
 from .dictionary import ACTIVATIONS
 
 
@@ -31,9 +31,7 @@ KINDS: dict[str, Kind] = {}
 
 
 def register_kind(name: str, kind: Kind) -> None:
-    if name in KINDS:
-        raise MisbenchError(f"dictionary kind {name!r} is already registered")
-    KINDS[name] = kind
+    register(KINDS, name, kind, "dictionary kind")
 
 
 def _batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:

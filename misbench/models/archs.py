@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from ..errors import MisbenchError, close_matches
+from ..registry import register
+from . import timm_models  # noqa: F401  (each model family registers itself on import)
+from .families import family_of
 from .preprocess import IMAGENET_PREPROCESS, Preprocess
-from .timm_models import build_timm, is_timm, timm_preprocess
 
 _ARCHS: dict[str, Callable[..., nn.Module]] = {}
 _PREPROCESS: dict[str, Preprocess] = {}
@@ -19,7 +21,7 @@ SMALL_IMAGES = Preprocess(32, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 def register_arch(name: str, preprocess: Preprocess | None = None):
     def decorate(builder):
-        _ARCHS[name] = builder
+        register(_ARCHS, name, builder, "architecture")
         if preprocess is not None:
             _PREPROCESS[name] = preprocess
         return builder
@@ -28,10 +30,11 @@ def register_arch(name: str, preprocess: Preprocess | None = None):
 
 
 def default_preprocess(name: str) -> Preprocess:
-    """What an untrained `name` expects: misbench's small archs 32 px, timm models their timm config's,
-    everything else ImageNet's."""
-    if is_timm(name):
-        return timm_preprocess(name)
+    """What an untrained `name` expects: misbench's small archs 32 px, a model family's (timm: its timm
+    config's) its family's, everything else ImageNet's."""
+    family = family_of(name)
+    if family is not None:
+        return family.preprocess(name)
     return _PREPROCESS.get(name, IMAGENET_PREPROCESS)
 
 
@@ -130,7 +133,7 @@ def own_archs() -> list[str]:
 
 
 def check_arch(name: str) -> None:
-    if is_timm(name):  # checked against timm's registry when built
+    if family_of(name) is not None:  # checked by its family when built (timm: against timm's registry)
         return
     if name not in _ARCHS and name not in _torchvision_names():
         raise MisbenchError(
@@ -144,8 +147,9 @@ def build_arch(name: str, num_classes: int, arch_kwargs: dict | None = None) -> 
     kwargs = dict(arch_kwargs or {})
     if name in _ARCHS:
         return _ARCHS[name](num_classes=num_classes, **kwargs)
-    if is_timm(name):
-        return build_timm(name, num_classes, kwargs)
+    family = family_of(name)
+    if family is not None:
+        return family.build(name, num_classes, kwargs)
     check_arch(name)
     # torchvision loads only where a model or transform needs it: `import misbench` stays light
     import torchvision

@@ -21,7 +21,7 @@ from ..errors import MisbenchError
 from ..runtime.fileio import atomic_path, sha256_file
 from .archs import build_arch, check_arch, default_preprocess, own_archs
 from .preprocess import IMAGENET_PREPROCESS, Preprocess
-from .timm_models import is_timm
+from .families import family_of
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +247,10 @@ def _from_torchvision(spec: str, num_classes: int | None, arch_kwargs: dict | No
         model = build_arch(arch, num_classes or 1000, given)
         return LoadedModel(model, spec, arch, given, num_classes or 1000, default_preprocess(arch))
     check_arch(arch)
-    if is_timm(arch) and weights_name != RANDOM:
-        raise MisbenchError(f"{spec}: timm models are built randomly initialised only ({arch}:random); "
+    family = family_of(arch)
+    if family is not None and weights_name != RANDOM:
+        raise MisbenchError(f"{spec}: {family.name} models are built randomly initialised only ({arch}:random; "
+                            f"{family.why_random}); "
                             f"for trained weights pass a state_dict file with --arch {arch}")
     if not sep:
         raise _no_weights_error(arch)

@@ -5,21 +5,17 @@ state_dict file, or a misbench checkpoint of one): timm's pretrained weights com
 which misbench does not read (its files are read with weights_only=True from local paths only).
 """
 
-__all__ = ["TIMM_PREFIX", "is_timm", "build_timm", "timm_preprocess"]
+__all__ = ["TIMM_PREFIX", "build_timm", "timm_preprocess"]
 
 import math
 
 from torch import nn
 
 from ..errors import MisbenchError, close_matches
+from .families import Family, register_family
 from .preprocess import Preprocess
 
 TIMM_PREFIX = "timm."
-
-
-def is_timm(name: str) -> bool:
-    return str(name).startswith(TIMM_PREFIX)
-
 
 def _timm(name: str):
     try:
@@ -52,3 +48,8 @@ def timm_preprocess(name: str) -> Preprocess:
     size = int(cfg.input_size[-1])
     crop_pct = cfg.crop_pct or 0.875
     return Preprocess(int(math.floor(size / crop_pct)), size, tuple(cfg.mean), tuple(cfg.std))
+
+
+register_family(TIMM_PREFIX, Family("timm", build_timm, timm_preprocess,
+                                    why_random="timm's pretrained weights come from the Hugging Face hub, which "
+                                               "misbench does not read"))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import MisbenchError, close_matches
+from ..registry import register
 
 SCHEDULES = ("oneshot", "iterative")
 GOOGLENET_EXCLUDE = ("conv1", "conv2", "conv3", "aux1", "aux2")
@@ -106,7 +107,7 @@ METHODS: dict[str, PruningMethod] = {}
 def register_method(name: str, kinds: tuple, scopes: tuple = ("local",), why_scope: str = ""):
     """Decorator: register a masks function as `--method name` (docs/contributing.md)."""
     def decorate(masks):
-        METHODS[name] = PruningMethod(masks, kinds, scopes, why_scope)
+        register(METHODS, name, PruningMethod(masks, kinds, scopes, why_scope), "pruning method")
         return masks
     return decorate
 

@@ -1,13 +1,14 @@
 """Each report kind as one function that writes its folder and returns its main file (`misbench report KIND`,
 misbench.api.report and the study's report step all call these), and the HTML sections of the pages."""
 
-__all__ = ["REPORTS", "REPORT_FILES", "checkpoint_labels", "classwise", "sweep", "layers", "curves", "compare", "sweep_sections", "classwise_sections",
+__all__ = ["REPORTS", "REPORT_FILES", "register_report", "checkpoint_labels", "classwise", "sweep", "layers", "curves", "compare", "sweep_sections", "classwise_sections",
            "compare_sections", "unit_sections", "settings_header"]
 
 import logging
 from pathlib import Path
 
 from ..errors import MisbenchError
+from ..registry import register
 from ..runtime.fileio import option_label, write_json
 from ..scoring.results import read_meta
 from ..version import __version__
@@ -20,6 +21,19 @@ from .sweep import sweep_report, training_curves, write_curves
 from .tables import LAYER_COLUMNS, layer_summary, read_csv_rows, read_scores, score_settings, write_csv
 
 log = logging.getLogger(__name__)
+
+REPORTS: dict = {}  # kind -> the function that writes it (`misbench report KIND`, misbench.report)
+REPORT_FILES: dict[str, tuple] = {}  # kind -> the files whose presence in DIR means a report is there
+
+
+def register_report(kind: str, files: tuple):
+    """Decorator: `build(out=..., **inputs) -> main file` is the report `kind`; `files` are what it writes into
+    its folder that `overwrite` must allow replacing. The CLI's `report KIND` subcommand gives it its flags."""
+    def decorate(build):
+        register(REPORTS, kind, build, "report")
+        REPORT_FILES[kind] = tuple(files)
+        return build
+    return decorate
 
 SUMMARY_COLUMNS = ("name", "method", "schedule", "rate", "top1", "n_units", "n_constant", "mis", "mis_confidence",
                    "conf_ci_low", "conf_ci_high", "class_mis_confidence")
@@ -179,6 +193,7 @@ def compare_sections(summary: dict, rel_dir: str = ".") -> list[Section]:
                                     "per-unit MIS confidence of each population (dashed: means)")])]
 
 
+@register_report("classwise", files=("classwise.csv", "summary.json", "report.html"))
 def classwise(scores, out, acts=None, eval_json=None, layer: str | None = None, tasks=None, units=(),
               seed: int = 0) -> Path:
     """Softmax-unit MIS against class-wise accuracy: classwise.csv, summary.json, figures, unit pictures when
@@ -195,6 +210,7 @@ def classwise(scores, out, acts=None, eval_json=None, layer: str | None = None, 
                       [summary.get("alpha_warning")])
 
 
+@register_report("sweep", files=("sweep.csv", "summary.json", "report.html"))
 def sweep(runs, out, seed: int = 0, baseline: str | None = None, classwise_layer: str = "softmax", units=(),
           title: str = "misbench sweep report", compare_scores: list | None = None, n_boot: int = 1000) -> Path:
     """MIS and accuracy against pruning rate: sweep.csv, sweep_layers.csv, paired.csv (against the unpruned
@@ -231,6 +247,7 @@ def sweep(runs, out, seed: int = 0, baseline: str | None = None, classwise_layer
     return write_html(out, title, sections, settings_header(header_scores, summary["n_runs"]), warnings)
 
 
+@register_report("compare", files=("compare.csv", "compare.json", "report.html"))
 def compare(scores, out, seed: int = 0, n_boot: int = 1000) -> Path:
     """Two (or more) unit populations side by side (`[LABEL=]mis.csv[:LAYER+LAYER]` each; the first against
     each other): compare.csv, compare.json, compare.png, report.html."""
@@ -239,6 +256,7 @@ def compare(scores, out, seed: int = 0, n_boot: int = 1000) -> Path:
                       settings_header(summary["populations"][0]["scores"]), [summary.get("alpha_warning")])
 
 
+@register_report("layers", files=("layers.csv", "layers.png"))
 def layers(scores, out) -> Path:
     """Mean MIS per layer (as the MIS authors publish them): layers.csv and layers.png."""
     table = layer_summary(read_scores(scores), **score_settings(scores))
@@ -273,6 +291,7 @@ def checkpoint_labels(paths) -> list[str]:
             depth[i] += 1
 
 
+@register_report("curves", files=("curves.csv", "curves.png"))
 def curves(checkpoints, out) -> Path:
     """Validation accuracy per retraining epoch from checkpoint histories: curves.csv and curves.png."""
     found = training_curves([{"name": name, "checkpoint": c}
@@ -280,11 +299,3 @@ def curves(checkpoints, out) -> Path:
     Path(out).mkdir(parents=True, exist_ok=True)
     write_curves(found, out)
     return Path(out) / "curves.csv"
-
-
-REPORTS = {"classwise": classwise, "sweep": sweep, "compare": compare, "layers": layers, "curves": curves}
-# the files whose presence in DIR means a report is there (replacing them needs overwrite)
-REPORT_FILES = {"classwise": ("classwise.csv", "summary.json", "report.html"),
-                "compare": ("compare.csv", "compare.json", "report.html"),
-                "sweep": ("sweep.csv", "summary.json", "report.html"),
-                "layers": ("layers.csv", "layers.png"), "curves": ("curves.csv", "curves.png")}

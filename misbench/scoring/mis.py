@@ -20,6 +20,7 @@ import numpy as np
 
 from ..activations.order import non_finite_rows, tie_keys
 from ..errors import MisbenchError
+from ..registry import register
 from .summaries import bootstrap_mean_ci, clopper_pearson
 
 CONSTANT_RANGE = 1e-8
@@ -122,9 +123,7 @@ SELECTIONS: dict[str, Selection] = {}  # --selection, in registration order
 def register_selection(name: str, per_side: Callable[..., int]):
     """Decorator: `select(acts, rows, keys, n_rows, rng, settings) -> Tasks` is `--selection name`."""
     def decorate(select):
-        if name in SELECTIONS:
-            raise MisbenchError(f"selection {name!r} is registered twice; choose another name")
-        SELECTIONS[name] = Selection(select, per_side)
+        register(SELECTIONS, name, Selection(select, per_side), "selection")
         return select
     return decorate
 

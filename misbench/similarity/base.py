@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..errors import MisbenchError, close_matches
+from ..registry import register
 
 # name -> factory; a name ending in ":" is a family whose factory parses what follows (deepfeat:<model>)
 BACKENDS: dict[str, Callable[..., "Backend"]] = {}
@@ -53,7 +54,7 @@ def register_backend(name: str, hint: str = "", settings: dict[str, str] | None 
     `factory(spec, **options)` gets what follows the colon. `hint` names that part in `backend_names()`;
     `settings` maps factory keywords to the score settings (ScoreSettings fields) a score run passes them."""
     def decorate(factory):
-        BACKENDS[name] = factory
+        register(BACKENDS, name, factory, "similarity backend")
         _HINTS[name] = hint or "spec"
         _SETTINGS[name] = dict(settings or {})
         return factory
