@@ -57,10 +57,13 @@ from .common import StagedProgress, handle_errors, list_option, refuses_overwrit
               "per run whatever the chunks (--cache: once across runs).")
 @click.option("--distances", type=click.Choice(["auto", *DISTANCE_ENGINES]), default="auto", show_default=True,
               help="Distance engine: auto = torch on the GPU, FAISS on CPU (docs/performance.md).")
+@list_option("--metrics", absent=("mis",),
+             help="mis (default), or mis,ms: also the MonoSemanticity score (an ms column; embeds every row).")
 @handle_errors
 @refuses_overwrite(passes=True)  # the library tells a killed run's tasks.h5 / mis.json (replaced) from another run's
 def score(acts, layers, out, similarity, image_size, view, dreamsim_weights, selection, quantile, tasks, explanations, alpha, alpha_from, seed,
-          device, engine, tasks_out, cache, shard, batch_size, workers, n_boot, amp, chunk_units, distances, overwrite):
+          device, engine, tasks_out, cache, shard, batch_size, workers, n_boot, amp, chunk_units, distances, metrics,
+          overwrite):
     """Score every unit of LAYERs in ACTS with the Mechanistic Interpretability Score."""
     bars = StagedProgress({"embed": "img", "score": "unit"})
     try:
@@ -68,17 +71,19 @@ def score(acts, layers, out, similarity, image_size, view, dreamsim_weights, sel
                            progress=bars if is_main() else None, alpha_from=alpha_from, similarity=similarity,
                            image_size=image_size, view=view, dreamsim_weights=dreamsim_weights, selection=selection, quantile=quantile, tasks=tasks, explanations=explanations, alpha=alpha,
                            seed=seed, engine=engine, n_boot=n_boot, amp=amp, chunk_units=chunk_units, device=device,
-                           batch_size=batch_size, workers=workers, distances=distances)
+                           batch_size=batch_size, workers=workers, distances=distances, metrics=tuple(metrics))
     finally:
         bars.close()
     if scores is None:  # another rank's process under torchrun: rank 0 reports
         return
     meta = scores.attrs
-    click.echo(f"{'layer':<40} {'units':>6} {'const':>6} {'MIS':>7} {'conf':>7}")
+    with_ms = "ms" in metrics
+    click.echo(f"{'layer':<40} {'units':>6} {'const':>6} {'MIS':>7} {'conf':>7}" + (f" {'MS':>7}" if with_ms else ""))
     for name, s in meta["layers"].items():
         mis = f"{s['mis']:.3f}" if s["mis"] is not None else "-"
         conf = f"{s['mis_confidence']:.3f}" if s["mis_confidence"] is not None else "-"
-        click.echo(f"{name:<40} {s['n_units']:>6} {s['n_constant']:>6} {mis:>7} {conf:>7}")
+        ms = (f" {s['ms']:>7.3f}" if s.get("ms") is not None else f" {'-':>7}") if with_ms else ""
+        click.echo(f"{name:<40} {s['n_units']:>6} {s['n_constant']:>6} {mis:>7} {conf:>7}{ms}")
     m = meta["model_mean"]
     if m["mis"] is not None:
         click.echo(f"model mean: MIS {m['mis']:.3f}  confidence {m['mis_confidence']:.3f}  "

@@ -1,6 +1,7 @@
 """The MonoSemanticity score against its definition computed over every pair (Pach et al. 2025, eq. 7-9)."""
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -60,3 +61,50 @@ def test_ms_rewards_units_whose_top_images_look_alike():
 def test_ms_rejects_mismatched_rows():
     with pytest.raises(ValueError, match="share N"):
         ms_scores(np.zeros((5, 2)), np.zeros((4, 3)))
+
+
+def test_score_metrics_ms_column_matches_pairs_over_the_backends_images(property_folder, tmp_path):
+    """`score --metrics mis,ms`: an ms column after the others, equal to the pair sum over every row's image
+    as the similarity sees it (pixel backend: its embedding is the image's pixels, cosine-invariant to scale)."""
+    import csv
+
+    import torch
+    from click.testing import CliRunner
+
+    from conftest import write_acts
+    from misbench.activations.store import open_activations
+    from misbench.cli.main import cli
+    from misbench.datasets.images import RowImages
+    from misbench.scoring.results import MIS_COLUMNS
+
+    root, props = property_folder
+    n = len(props["hue"])
+    rng = np.random.default_rng(0)
+    layer = np.stack([props["brightness"], props["hue"], rng.normal(size=n), np.full(n, 0.5)], 1).astype(np.float32)
+    acts = write_acts(tmp_path / "acts.h5", root, {"l": layer})
+    res = CliRunner().invoke(cli, ["score", str(acts), "--layer", "l", "--out", str(tmp_path / "mis.csv"),
+                                   "--similarity", "pixel", "--image-size", "16", "--device", "cpu",
+                                   "--bootstrap", "50", "--metrics", "mis,ms"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(tmp_path / "mis.csv")))
+    assert list(rows[0]) == MIS_COLUMNS + ["ms"]
+    with open_activations(acts) as f:
+        images = RowImages(f, np.arange(f.n_rows), 16, "model", "square")
+        pixels = torch.stack([images[i][0] for i in range(len(images))]).flatten(1).double().numpy()
+    e = pixels / np.linalg.norm(pixels, axis=1, keepdims=True)
+    cos = e @ e.T
+    upper = np.triu(np.ones((n, n), bool), 1)
+    for unit in range(3):
+        a = layer[:, unit].astype(float)
+        a = (a - a.min()) / (a.max() - a.min())
+        w = np.outer(a, a)[upper]
+        assert abs(float(rows[unit]["ms"]) - (w * cos[upper]).sum() / w.sum()) < 1e-5
+    assert rows[3]["status"] == "constant" and rows[3]["ms"] == ""
+    meta = json.loads((tmp_path / "mis.json").read_text())
+    assert meta["ms"]["rows"] == n and meta["settings"]["metrics"] == ["mis", "ms"]
+    assert abs(meta["layers"]["l"]["ms"] - np.mean([float(rows[u]["ms"]) for u in range(3)])) < 1e-6
+    assert "MS" in res.output
+    # the default leaves the column out; an unknown metric is a one-line error
+    res = CliRunner().invoke(cli, ["score", str(acts), "--layer", "l", "--out", str(tmp_path / "b.csv"),
+                                   "--similarity", "pixel", "--image-size", "16", "--metrics", "mis,msx"])
+    assert res.exit_code != 0 and "--metrics mis,msx: expected mis or mis,ms" in res.output

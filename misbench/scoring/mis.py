@@ -175,6 +175,7 @@ class UnitScore:
     n_tasks: int = 0
     tasks: Tasks | None = None
     deltas: np.ndarray | None = None
+    ms: float | None = None  # the MonoSemanticity score (with metrics mis,ms)
 
 
 def score_unit(layer: str, unit: int, tasks: Tasks, deltas: np.ndarray, settings) -> UnitScore:

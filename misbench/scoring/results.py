@@ -1,7 +1,7 @@
 """The score run's files: mis.csv (its columns and rows), tasks.h5, and the merge of shard parts into them."""
 
 __all__ = ["read_meta", "write_scores", "read_scores", "score_settings", "load_scores", "scores_frame",
-           "SCORE_DTYPES", "REQUIRED_COLUMNS", "MIS_COLUMNS", "stored_value", "shard_path", "merge_scores",
+           "SCORE_DTYPES", "REQUIRED_COLUMNS", "MIS_COLUMNS", "score_columns", "stored_value", "shard_path", "merge_scores",
            "layer_summaries", "score_rows", "write_scores_csv", "write_tasks", "run_key", "refuse_foreign_outputs"]
 
 import csv
@@ -29,6 +29,11 @@ MIS_COLUMNS = ["layer", "unit", "status", "mis", "mis_confidence", "mis_ci_low",
                "conf_ci_low", "conf_ci_high", "n_tasks", "alpha", "alpha_source"]
 
 
+def score_columns(settings: ScoreSettings) -> list[str]:
+    """mis.csv's columns for a run: MIS_COLUMNS, then `ms` when the run computes the MonoSemanticity score."""
+    return MIS_COLUMNS + (["ms"] if "ms" in settings.metrics else [])
+
+
 def shard_path(out, shard: tuple[int, int]) -> Path:
     out = Path(out)
     return out.with_name(f"{out.stem}.part{shard[0]}of{shard[1]}{out.suffix}")
@@ -40,7 +45,8 @@ def _results_from_csv(path) -> list[UnitScore]:
 
     return [UnitScore(row["layer"], int(row["unit"]), row["status"], mis=num(row["mis"]),
                       mis_confidence=num(row["mis_confidence"]), mis_ci=(num(row["mis_ci_low"]), num(row["mis_ci_high"])),
-                      conf_ci=(num(row["conf_ci_low"]), num(row["conf_ci_high"])), n_tasks=int(row["n_tasks"]))
+                      conf_ci=(num(row["conf_ci_low"]), num(row["conf_ci_high"])), n_tasks=int(row["n_tasks"]),
+                      ms=num(row.get("ms", "")))
             for row in read_csv_rows(path)]
 
 
@@ -148,7 +154,12 @@ def _merge_tasks(paths, target, names, run_key: str) -> None:
 
 
 def layer_summaries(results: list[UnitScore], names, settings: ScoreSettings) -> dict:
-    return score_summaries(score_rows(results, settings), names, settings.seed, settings.n_boot)
+    summary = score_summaries(score_rows(results, settings), names, settings.seed, settings.n_boot)
+    if "ms" in settings.metrics:  # the mean MonoSemanticity score over the units the MIS means count
+        for name, layer in summary["layers"].items():
+            values = [r.ms for r in results if r.layer == name and r.status == "ok" and r.ms is not None]
+            layer["ms"] = float(np.mean(values)) if values else None
+    return summary
 
 
 def score_rows(results: list[UnitScore], settings: ScoreSettings) -> list[dict]:
@@ -164,6 +175,8 @@ def score_rows(results: list[UnitScore], settings: ScoreSettings) -> list[dict]:
             r.mis_ci[0] if ok else None, r.mis_ci[1] if ok else None,
             r.conf_ci[0] if ok else None, r.conf_ci[1] if ok else None,
             r.n_tasks if ok else 0, alpha, settings.alpha_source])))
+        if "ms" in settings.metrics:
+            rows[-1]["ms"] = r.ms
     return rows
 
 
@@ -173,9 +186,10 @@ def write_scores_csv(out, results: list[UnitScore], settings: ScoreSettings) -> 
 
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(MIS_COLUMNS)
+        columns = score_columns(settings)
+        writer.writerow(columns)
         for row in score_rows(results, settings):
-            writer.writerow([fmt(row[c]) for c in MIS_COLUMNS])
+            writer.writerow([fmt(row[c]) for c in columns])
 
 
 def write_tasks(path, results: list[UnitScore], names, settings: ScoreSettings, meta: dict) -> None:
@@ -280,7 +294,7 @@ def score_settings(path) -> dict:
 # mis.csv's dtypes, whether the rows come from memory or from the file
 SCORE_DTYPES = {"layer": str, "unit": "int64", "status": str, "mis": "float64", "mis_confidence": "float64",
                 "mis_ci_low": "float64", "mis_ci_high": "float64", "conf_ci_low": "float64", "conf_ci_high": "float64",
-                "n_tasks": "int64", "alpha": "float64", "alpha_source": str}
+                "n_tasks": "int64", "alpha": "float64", "alpha_source": str, "ms": "float64"}
 
 
 # the columns DESIGN §8 names; alpha and alpha_source came later (older files lack them)
@@ -359,6 +373,7 @@ def _check_scores(df: pd.DataFrame, path) -> None:
 
 def scores_frame(rows: list[dict], attrs: dict) -> pd.DataFrame:
     """mis.csv's rows held in memory as load_scores would read them back: same columns, dtypes and attrs."""
-    df = pd.DataFrame(rows, columns=MIS_COLUMNS).astype(SCORE_DTYPES)
+    columns = MIS_COLUMNS + (["ms"] if rows and "ms" in rows[0] else [])
+    df = pd.DataFrame(rows, columns=columns).astype({c: SCORE_DTYPES[c] for c in columns})
     df.attrs.update(json_plain(attrs))
     return df

@@ -26,9 +26,11 @@ from ..similarity import EmbeddingIndex, backend_from_settings
 from ..similarity.cache import EmbeddingCache
 from ..similarity.index import build_distances, resolve_distances
 from ..version import __version__
-from .mis import SELECTIONS, Tasks, UnitScore, is_constant, non_finite_rows, score_unit, task_deltas, tie_keys, unit_rng
+from .mis import (SELECTIONS, Tasks, UnitScore, is_constant, non_finite_rows, score_unit, stored_value, task_deltas,
+                  tie_keys, unit_rng)
 from .results import (MIS_COLUMNS, layer_summaries, merge_scores, refuse_foreign_outputs, run_key, score_rows,
                       shard_path, write_scores, write_scores_csv)
+from .ms import ms_scores
 from .settings import ScoreSettings, parse_shard
 
 log = logging.getLogger(__name__)
@@ -199,6 +201,10 @@ def _score(acts_path, layers, settings: ScoreSettings, out, tasks_out, cache_dir
         acts_sha = sha256_file(acts_path)
         scored, work = _score_tasks(acts, [u for u in units if u[2] is not None], backend, fingerprint, settings,
                                     device, out, cache_dir, progress)
+        ms, ms_work = {}, None
+        if "ms" in settings.metrics:
+            ms, ms_work = _ms_by_unit(acts, acts_path, names, backend, fingerprint, settings, device, cache_dir,
+                                      progress)
         meta = {"misbench_version": __version__, "created_utc": utc_now(), "acts": str(acts_path),
                 "acts_sha256": acts_sha, "model": str(acts.attrs.get("model", "")),
                 "checkpoint_sha256": str(acts.attrs.get("checkpoint_sha256", "")),
@@ -210,13 +216,45 @@ def _score(acts_path, layers, settings: ScoreSettings, out, tasks_out, cache_dir
                 "distances": resolve_distances(settings.distances, device) if settings.engine == "embed" else "pairwise",
                 "shard": f"{shard[0]}/{shard[1]}", "layer_order": names, "tasks_out": str(tasks_out or ""),
                 "run_key": key}
+        if ms_work is not None:
+            meta["ms"] = ms_work
     scored = iter(scored)
     results = [UnitScore(layer, unit, "constant") if tasks is None else next(scored) for layer, unit, tasks in units]
+    if ms:
+        results = [r if r.status == "constant" else dataclasses.replace(r, ms=ms[(r.layer, r.unit)]) for r in results]
     meta.update(layer_summaries(results, names, settings),
                 timing={"select_s": round(t_select, 3), "embed_s": round(work["embed_s"], 3),
                         "decide_s": round(work["decide_s"], 3), "total_s": round(time.time() - t0, 3)})
     write_scores(out, tasks_out, results, names, settings, meta)
     return {**meta, "rows": score_rows(results, settings)}
+
+
+def _ms_by_unit(acts, acts_path, names, backend, fingerprint: str, settings: ScoreSettings, device, cache_dir,
+                progress) -> tuple[dict, dict]:
+    """(layer, unit) -> MonoSemanticity score (None where undefined) over every row of the file, from the
+    backend's embeddings of all rows (each embedded once; with a cache, read back from it)."""
+    for name in names:
+        if acts.tie_seed(name) is not None:
+            raise MisbenchError(f"--metrics ms: layer {name!r} of {acts_path} keeps only its top/bottom-k rows; the "
+                                "MonoSemanticity score weighs every image: extract without --keep")
+    t0 = time.time()
+    rows = np.arange(acts.n_rows)
+    images = RowImages(acts, rows, settings.image_size, settings.view, backend.resample)
+    store, keys = None, None
+    if cache_dir:
+        content = images.checked_content_keys(rows)
+        keys = content if content is not None else images.content_keys(rows)
+        store = EmbeddingCache(cache_dir, fingerprint, settings.image_size, images.identity)
+    emb, embedded = embed_missing(backend, images, keys, store, device, settings.batch_size, settings.workers,
+                                  progress=(lambda d, n: progress("embed", d, n)) if progress else None,
+                                  amp=settings.amp)
+    out = {}
+    for name in names:
+        values = acts.activations(name)
+        for unit, value in enumerate(ms_scores(values, emb, device)):
+            out[(name, unit)] = stored_value(value) if np.isfinite(value) else None
+    return out, {"embedded_images": int(embedded), "rows": int(acts.n_rows), "dims": int(emb.shape[1]),
+                 "seconds": round(time.time() - t0, 3)}
 
 
 def _score_ranks(acts_path, layers, settings: ScoreSettings, out, tasks_out, cache_dir, backend, progress,

@@ -1,6 +1,6 @@
 """What a score run is asked to do: the settings stored in mis.json, checked where they are made."""
 
-__all__ = ["ENGINES", "ScoreSettings", "parse_shard"]
+__all__ = ["ENGINES", "METRICS", "ScoreSettings", "parse_shard", "parse_metrics"]
 
 import dataclasses
 
@@ -12,6 +12,17 @@ from ..similarity.index import DISTANCE_ENGINES
 from .mis import SELECTIONS
 
 ENGINES = ("embed", "pairwise")
+METRICS = ("mis", "ms")  # ms: the MonoSemanticity score (scoring/ms.py) from the same embeddings
+
+
+def parse_metrics(value) -> tuple[str, ...]:
+    """`mis,ms` (or a list) -> ("mis", "ms"); mis is always computed, ms on request."""
+    names = [m.strip() for m in (value.split(",") if isinstance(value, str) else value) if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or "mis" not in names:
+        raise MisbenchError(f"--metrics {','.join(names)!s}: expected mis or mis,ms (mis is always computed; "
+                            f"ms, the MonoSemanticity score, is added on request)")
+    return tuple(m for m in METRICS if m in names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +42,7 @@ class ScoreSettings:
     amp: bool = False  # autocast the embedding network (LPIPS is exact only in float32)
     chunk_units: int = 256  # units whose distances are computed together (bounds memory)
     distances: str = "auto"  # faiss | torch | auto (torch on CUDA, FAISS on CPU): docs/performance.md
+    metrics: tuple = ("mis",)  # METRICS: ("mis",) or ("mis", "ms")
     # how, not what
     device: str = "auto"
     batch_size: int = 64
@@ -63,6 +75,7 @@ class ScoreSettings:
             raise MisbenchError(f"--bootstrap must be >= 0 resamples, got {self.n_boot}")
         if self.batch_size < 1:
             raise MisbenchError(f"--batch-size must be positive, got {self.batch_size}")
+        object.__setattr__(self, "metrics", parse_metrics(self.metrics))
 
     def resolved(self, image_size: int, default_alpha: float) -> "ScoreSettings":
         """The settings a run uses and records, resolved once: the backend's image size and alpha where none
