@@ -10,7 +10,8 @@ import numpy as np
 
 from ..errors import MisbenchError
 from ..runtime.fileio import refuse_same_paths
-from ..scoring.run import write_scores_csv
+from ..scoring.mis import UnitScore
+from ..scoring.results import write_scores_csv
 from ..scoring.summaries import clopper_pearson
 
 # exactly the constructors a pickled DataFrame of numbers and strings needs
@@ -79,7 +80,6 @@ def import_scores(path, out, drop_layer_types=(), constant=(), constant_above: f
     needed = {"layer", "unit", "mis", "mis_confidence"}
     if not needed <= set(frame.columns):
         raise MisbenchError(f"{path}: the scores table lacks columns {sorted(needed - set(frame.columns))}")
-    names = {v: k for k, v in types.items()}
     unknown = [t for t in drop_layer_types if t not in types]
     if unknown:
         raise MisbenchError(f"--drop-type {unknown[0]!r}: the file's layer types are {sorted(types)}")
@@ -94,17 +94,15 @@ def import_scores(path, out, drop_layer_types=(), constant=(), constant_above: f
         mis, conf = float(rec["mis"]), float(rec["mis_confidence"])
         saturated = constant_above is not None and conf >= constant_above
         status = "constant" if key in constant_units or saturated else "ok"
-        results.append({"layer": key[0], "unit": key[1], "status": status, "mis": mis, "mis_confidence": conf,
-                        "mis_ci": clopper_pearson(round(mis * PUBLISHED_TASKS * 2) / 2, PUBLISHED_TASKS),
-                        "conf_ci": (None, None), "n_tasks": PUBLISHED_TASKS,
-                        "layer_type": names.get(code, code)})
+        results.append(UnitScore(key[0], key[1], status, mis=mis, mis_confidence=conf, n_tasks=PUBLISHED_TASKS,
+                                 mis_ci=clopper_pearson(round(mis * PUBLISHED_TASKS * 2) / 2, PUBLISHED_TASKS)))
     write_scores_csv(out, results, None, "published")  # the authors' alpha is not in the file
-    ok = [r for r in results if r["status"] == "ok"]
+    ok = [r for r in results if r.status == "ok"]
     layers = {}
     for r in ok:
-        layers.setdefault(r["layer"], []).append(r["mis_confidence"])
+        layers.setdefault(r.layer, []).append(r.mis_confidence)
     return {"n_units": len(results), "n_ok": len(ok),
-            "mean_mis": float(np.mean([r["mis"] for r in ok])) if ok else None,
-            "mean_mis_confidence": float(np.mean([r["mis_confidence"] for r in ok])) if ok else None,
+            "mean_mis": float(np.mean([r.mis for r in ok])) if ok else None,
+            "mean_mis_confidence": float(np.mean([r.mis_confidence for r in ok])) if ok else None,
             "layers": {k: {"n": len(v), "mis_confidence": float(np.mean(v))} for k, v in layers.items()},
             "layer_types": {str(k): int(v) for k, v in types.items()}}

@@ -31,7 +31,11 @@ MIS_COLUMNS = ["layer", "unit", "status", "mis", "mis_confidence", "mis_ci_low",
 
 def score_columns(settings: ScoreSettings) -> list[str]:
     """mis.csv's columns for a run: MIS_COLUMNS, then `ms` when the run computes the MonoSemanticity score."""
-    return MIS_COLUMNS + (["ms"] if "ms" in settings.metrics else [])
+    return _columns(settings.metrics)
+
+
+def _columns(metrics) -> list[str]:
+    return MIS_COLUMNS + (["ms"] if "ms" in metrics else [])
 
 
 def shard_path(out, shard: tuple[int, int]) -> Path:
@@ -154,7 +158,8 @@ def _merge_tasks(paths, target, names, run_key: str) -> None:
 
 
 def layer_summaries(results: list[UnitScore], names, settings: ScoreSettings) -> dict:
-    summary = score_summaries(score_rows(results, settings), names, settings.seed, settings.n_boot)
+    summary = score_summaries(score_rows(results, settings.alpha, settings.alpha_source), names, settings.seed,
+                              settings.n_boot)
     if "ms" in settings.metrics:  # the mean MonoSemanticity score over the units the MIS means count
         for name, layer in summary["layers"].items():
             values = [r.ms for r in results if r.layer == name and r.status == "ok" and r.ms is not None]
@@ -162,10 +167,10 @@ def layer_summaries(results: list[UnitScore], names, settings: ScoreSettings) ->
     return summary
 
 
-def score_rows(results: list[UnitScore], settings: ScoreSettings) -> list[dict]:
-    """mis.csv's rows (MIS_COLUMNS) of scored units, with the run's resolved alpha; constant units have None
-    scores and 0 tasks."""
-    alpha = None if settings.alpha is None else float(settings.alpha)
+def score_rows(results: list[UnitScore], alpha: float | None, alpha_source: str, metrics=("mis",)) -> list[dict]:
+    """mis.csv's rows (MIS_COLUMNS, then `ms` among `metrics`) of scored units, with the run's alpha (a score
+    run's resolved settings'; None for imported scores); constant units have None scores and 0 tasks."""
+    alpha = None if alpha is None else float(alpha)
     rows = []
     for r in results:
         ok = r.status == "ok"
@@ -174,21 +179,22 @@ def score_rows(results: list[UnitScore], settings: ScoreSettings) -> list[dict]:
             r.mis if ok else None, r.mis_confidence if ok else None,
             r.mis_ci[0] if ok else None, r.mis_ci[1] if ok else None,
             r.conf_ci[0] if ok else None, r.conf_ci[1] if ok else None,
-            r.n_tasks if ok else 0, alpha, settings.alpha_source])))
-        if "ms" in settings.metrics:
+            r.n_tasks if ok else 0, alpha, alpha_source])))
+        if "ms" in metrics:
             rows[-1]["ms"] = r.ms
     return rows
 
 
-def write_scores_csv(out, results: list[UnitScore], settings: ScoreSettings) -> None:
+def write_scores_csv(out, results: list[UnitScore], alpha: float | None, alpha_source: str,
+                     metrics=("mis",)) -> None:
     def fmt(v):
         return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
 
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
-        columns = score_columns(settings)
+        columns = _columns(metrics)
         writer.writerow(columns)
-        for row in score_rows(results, settings):
+        for row in score_rows(results, alpha, alpha_source, metrics):
             writer.writerow([fmt(row[c]) for c in columns])
 
 
@@ -281,7 +287,7 @@ def write_scores(out, tasks_out, results: list[UnitScore], names, settings: Scor
         write_tasks(tasks_out, results, names, settings, meta)
     if out is not None:
         write_json(Path(out).with_suffix(".json"), meta)
-        write_scores_csv(out, results, settings)
+        write_scores_csv(out, results, settings.alpha, settings.alpha_source, settings.metrics)
 
 
 def score_settings(path) -> dict:

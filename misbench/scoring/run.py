@@ -226,7 +226,7 @@ def _score(acts_path, layers, settings: ScoreSettings, out, tasks_out, cache_dir
                 timing={"select_s": round(t_select, 3), "embed_s": round(work["embed_s"], 3),
                         "decide_s": round(work["decide_s"], 3), "total_s": round(time.time() - t0, 3)})
     write_scores(out, tasks_out, results, names, settings, meta)
-    return {**meta, "rows": score_rows(results, settings)}
+    return {**meta, "rows": score_rows(results, settings.alpha, settings.alpha_source, settings.metrics)}
 
 
 def _ms_by_unit(acts, acts_path, names, backend, fingerprint: str, settings: ScoreSettings, device, cache_dir,
