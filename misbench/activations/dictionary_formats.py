@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import MisbenchError
+from ..registry import register
 
 EXPECTED = ("a misbench dictionary (W_enc [K, D], b_enc [K]), a dictionary_learning ae.pt, a saev checkpoint or "
             "a SAELens sae_weights.safetensors")
@@ -28,10 +29,8 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
                       "I64": torch.int64, "I32": torch.int32}
 
 
-def register_format(name: str, detect: Callable, convert: Callable) -> None:
-    if name in FORMATS:
-        raise MisbenchError(f"dictionary format {name!r} is already registered")
-    FORMATS[name] = (detect, convert)
+def register_format(name: str, detect: Callable, convert: Callable) -> tuple:
+    return register(FORMATS, name, (detect, convert), "dictionary format")
 
 
 def _read_safetensors(path: Path) -> dict:
