@@ -52,6 +52,28 @@ def classwise(scores, acts, eval_json, layer, tasks, units, out, seed, overwrite
 
 
 @report.command()
+@click.option("--scores", required=True, type=click.Path(dir_okay=False),
+              help="One mis.csv holding the layers' neurons and their dictionaries' feature layers.")
+@list_option("--pair", "pairs", required=True, metavar="[LABEL:]LAYER=FEATURES",
+             help="A layer and one of its dictionaries' feature layers (repeatable; in depth order).")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--n-boot", default=1000, show_default=True, help="Bootstrap resamples of the intervals.")
+@handle_errors
+@refuses_overwrite(passes=True)
+def dictionaries(scores, pairs, out, seed, n_boot, overwrite):
+    """Neurons against dictionary features, layer by layer: dictionaries.csv, dictionaries.json, and the
+    difference against depth (dictionaries.png)."""
+    path = api.report("dictionaries", out, scores=scores, pairs=pairs, seed=seed, n_boot=n_boot, overwrite=overwrite)
+    for c in _summary(out, "dictionaries.json")["comparisons"]:
+        if c["diff_mis"] is not None:
+            ci = "" if c["diff_ci_low"] is None else f" [{c['diff_ci_low']:+.3f}, {c['diff_ci_high']:+.3f}]"
+            p = "" if c["rank_sum_p"] is None else f", rank-sum p {c['rank_sum_p']:.3g}"
+            click.echo(f"{c['layer']} {c['label']} ({c['population']}): MIS features - neurons {c['diff_mis']:+.3f}{ci}{p}")
+    click.echo(f"wrote {path}")
+
+
+@report.command()
 @list_option("--scores", "scores", required=True, metavar="[LABEL=]MIS.CSV[:LAYER+LAYER]",
              help="A unit population (repeatable or comma-separated; the first is compared with each other); "
              "optionally only some layers.")

@@ -1,7 +1,7 @@
 """Each report kind as one function that writes its folder and returns its main file (`misbench report KIND`,
 misbench.api.report and the study's report step all call these), and the HTML sections of the pages."""
 
-__all__ = ["REPORTS", "REPORT_FILES", "register_report", "checkpoint_labels", "classwise", "sweep", "layers", "curves", "compare", "sweep_sections", "classwise_sections",
+__all__ = ["REPORTS", "REPORT_FILES", "register_report", "checkpoint_labels", "classwise", "sweep", "layers", "curves", "compare", "dictionaries", "sweep_sections", "classwise_sections",
            "compare_sections", "unit_sections", "settings_header"]
 
 import logging
@@ -17,6 +17,7 @@ from .compare import compare_report
 from .figures import layers_figure
 from .gallery import unit_galleries
 from .html import Figure, Section, write_html
+from .dictionaries import dictionary_report
 from .sweep import sweep_report, training_curves, write_curves
 from .tables import LAYER_COLUMNS, layer_summary, read_csv_rows, read_scores, score_settings, write_csv
 
@@ -254,6 +255,15 @@ def compare(scores, out, seed: int = 0, n_boot: int = 1000) -> Path:
     summary = compare_report(list(scores), out, seed=seed, n_boot=n_boot)
     return write_html(out, "misbench comparison report", compare_sections(summary),
                       settings_header(summary["populations"][0]["scores"]), [summary.get("alpha_warning")])
+
+
+@register_report("dictionaries", files=("dictionaries.csv", "dictionaries.json", "dictionaries.png"))
+def dictionaries(scores, pairs, out, seed: int = 0, n_boot: int = 1000) -> Path:
+    """Neurons against dictionary features per layer (`[LABEL:]LAYER=FEATURES` pairs in depth order, all in one
+    mis.csv): dictionaries.csv (MIS, MS, FVU, L0, dead share, density, share sparse; the difference's bootstrap
+    interval and rank-sum p), dictionaries.json, dictionaries.png (the difference against depth)."""
+    dictionary_report(scores, list(pairs), out, seed=seed, n_boot=n_boot)
+    return Path(out) / "dictionaries.csv"
 
 
 @register_report("layers", files=("layers.csv", "layers.png"))

@@ -1,6 +1,6 @@
 """Figures in the style of the seed paper; each function returns the saved Figure for inspection."""
 
-__all__ = ["subplots", "classwise_figure", "sweep_figure", "curves_figure", "layers_figure", "compare_figure", "class_scatter_figure",
+__all__ = ["subplots", "classwise_figure", "sweep_figure", "curves_figure", "layers_figure", "compare_figure", "depth_figure", "class_scatter_figure",
            "layer_runs_figure", "unit_distribution_figure", "paired_figure", "METHOD_COLOURS"]
 
 from pathlib import Path
@@ -134,6 +134,27 @@ def compare_figure(samples: dict, path, xlabel: str = "MIS confidence"):
             ax.axvline(values.mean(), color=colour, ls="--")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def depth_figure(comparisons: list[dict], layers: list[str], path):
+    """Difference of mean MIS (features - neurons) against depth, one line per dictionary label, with the
+    bootstrap intervals as error bars; 0 (no difference) dashed."""
+    fig, ax = subplots(figsize=(max(5.0, 0.7 * len(layers) + 2), 3.6))
+    for k, label in enumerate(dict.fromkeys(c["label"] for c in comparisons)):
+        mine = [c for c in comparisons if c["label"] == label and c["diff_mis"] is not None]
+        x = np.array([c["depth"] for c in mine], float) + 0.08 * k
+        y = np.array([c["diff_mis"] for c in mine], float)
+        err = np.array([[c["diff_mis"] - (c["diff_ci_low"] if c["diff_ci_low"] is not None else c["diff_mis"]),
+                         (c["diff_ci_high"] if c["diff_ci_high"] is not None else c["diff_mis"]) - c["diff_mis"]]
+                        for c in mine], float).T.reshape(2, -1)
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=f"C{k}", label=label)
+    ax.axhline(0, color="grey", ls="--", lw=1)
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(layers, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("MIS: features - neurons")
+    ax.set_xlabel("layer (input to output)")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
