@@ -13,10 +13,10 @@ from .common import handle_errors, list_option, refuses_overwrite
 
 
 def _fmt_corr(name, c):
-    if c["pearson_r"] is None:
-        return f"{name}: n={c['n']} (too few points)"
-    return (f"{name}: pearson r={c['pearson_r']:.3f} (p={c['pearson_p']:.3g}), "
-            f"spearman rho={c['spearman_rho']:.3f} (p={c['spearman_p']:.3g}), n={c['n']}")
+    # the reports' statistics load scipy: imported when a report is printed, not by `misbench --help`
+    from misbench.reports.stats import format_correlation
+
+    return f"{name}: {format_correlation(c)}"
 
 
 @click.group()

@@ -3,15 +3,13 @@
 import json
 
 import click
-import h5py
-import numpy as np
 
 from misbench import api
 from misbench.datasets.images import VIEWS
 from misbench.errors import MisbenchError
 from misbench.runtime.distributed import is_main
 from misbench.runtime.fileio import refuse_existing, sha256_file, write_json
-from misbench.scoring.calibrate import derive_alpha, fit_alpha, read_responses
+from misbench.scoring.calibrate import derive_alpha, fit_alpha, read_responses, tasks_deltas
 from misbench.scoring.mis import SELECTIONS
 from misbench.scoring.run import merge_scores as run_merge
 from misbench.scoring.settings import ENGINES
@@ -114,9 +112,7 @@ def calibrate(responses, derive_from, tasks_h5, level, model, out, as_json, over
     """Fit alpha of mis_confidence to human 2-AFC RESPONSES (CSV: delta or layer,unit,task; correct; or the IMI
     study's trial table), or derive one with --derive TASKS.h5 (not a calibration)."""
     if derive_from:
-        with h5py.File(derive_from, "r") as h5:
-            deltas = np.concatenate([h5[name]["delta"][...].ravel() for name in h5])
-        rule = derive_alpha(deltas)
+        rule = derive_alpha(tasks_deltas(derive_from))
         if out:  # a derived alpha is no calibration: score records it as user, never as calibrated
             raise MisbenchError(f"--out {out}: --derive writes no calibration file; pass --alpha {rule['alpha']:.4g} "
                                 "to score instead (recorded as user), or leave out --out")

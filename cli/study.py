@@ -35,6 +35,9 @@ class StepClock:
 
 
 def print_summary(out_dir):
+    # the reports' statistics load scipy: imported when a summary is printed, not by `misbench --help`
+    from misbench.reports.stats import format_correlation
+
     s = study_summary(out_dir)
 
     def f(v, fmt=".3f"):
@@ -61,8 +64,7 @@ def print_summary(out_dir):
                        ("correlation_rate_top1", "pruning rate vs top-1")):
         c = s["summary"][key]
         if c["pearson_r"] is not None:
-            click.echo(f"{label:<32} pearson r {c['pearson_r']:+.3f} (p {c['pearson_p']:.3g}), "
-                       f"spearman {c['spearman_rho']:+.3f}, n {c['n']}")
+            click.echo(f"{label:<32} {format_correlation(c)}")
     click.echo("r(acc,conf): Pearson correlation of softmax-unit MIS confidence with class-wise accuracy")
     if s["summary"].get("alpha_warning"):
         click.echo(f"warning: {s['summary']['alpha_warning']}")

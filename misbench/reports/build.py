@@ -18,6 +18,7 @@ from .figures import layers_figure
 from .gallery import unit_galleries
 from .html import Figure, Section, write_html
 from .dictionaries import dictionary_report
+from .stats import format_correlation
 from .sweep import sweep_report, training_curves, write_curves
 from .tables import LAYER_COLUMNS, layer_summary, read_csv_rows, read_scores, score_settings, write_csv
 
@@ -48,17 +49,8 @@ CORRELATIONS = (("correlation_rate_mis_confidence", "pruning rate vs MIS confide
                 ("correlation_accuracy_mis", "class-wise accuracy vs MIS"))
 
 
-def _corr_text(c: dict) -> str:
-    if c["pearson_r"] is None:
-        return f"undefined (n={c['n']}: too few points or constant values)"
-    ci = c.get("pearson_ci") or [None, None]
-    interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci[0] is not None else ""
-    return (f"Pearson r={c['pearson_r']:+.3f}{interval} (p={c['pearson_p']:.3g}), "
-            f"Spearman rho={c['spearman_rho']:+.3f} (p={c['spearman_p']:.3g}), n={c['n']}")
-
-
 def _correlation_facts(summary: dict) -> list:
-    return [(label, _corr_text(summary[key])) for key, label in CORRELATIONS if key in summary]
+    return [(label, format_correlation(summary[key])) for key, label in CORRELATIONS if key in summary]
 
 
 def settings_header(scores_csv, n_runs: int | None = None) -> list:

@@ -5,13 +5,13 @@ __all__ = ["choose_units", "unit_gallery", "unit_galleries", "ConstantUnit"]
 import logging
 from pathlib import Path
 
-import h5py
 import matplotlib
 import numpy as np
 
 from ..activations.store import open_activations
 from ..datasets.images import RowImages
 from ..errors import MisbenchError
+from ..scoring.results import TASK_ARRAYS, read_tasks
 from .figures import subplots
 
 log = logging.getLogger(__name__)
@@ -47,16 +47,13 @@ def choose_units(scores: list[dict], extra: list[str] = ()) -> list[tuple[str, i
 
 
 def unit_gallery(tasks_h5, acts_path, layer: str, unit: int, out_png, n_tasks: int = 2, size: int = 64) -> dict:
-    with h5py.File(tasks_h5, "r") as t:
-        if layer not in t:
-            raise MisbenchError(f"{tasks_h5} has no tasks for layer {layer!r}")
-        units = [int(u) for u in t[layer]["unit"][...]]
-        if unit not in units:
-            more = ", ..." if len(units) > 5 else ""
-            raise MisbenchError(f"{tasks_h5} has no tasks for {layer}:{unit} (scored units of {layer}: "
-                                f"{', '.join(map(str, units[:5]))}{more})")
-        k = units.index(unit)
-        g = {key: t[layer][key][k] for key in ("pos_expl", "neg_expl", "pos_query", "neg_query", "delta")}
+    tasks = read_tasks(tasks_h5, [layer])[layer]
+    units = [int(u) for u in tasks["unit"]]
+    if unit not in units:
+        more = ", ..." if len(units) > 5 else ""
+        raise MisbenchError(f"{tasks_h5} has no tasks for {layer}:{unit} (scored units of {layer}: "
+                            f"{', '.join(map(str, units[:5]))}{more})")
+    g = {key: tasks[key][units.index(unit)] for key in TASK_ARRAYS}
     if (g["pos_query"] < 0).all():
         raise ConstantUnit(f"{layer}:{unit} is a constant unit: it has no tasks to show")
     n_tasks = min(n_tasks, len(g["delta"]))

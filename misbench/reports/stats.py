@@ -1,6 +1,6 @@
 """Correlation statistics with bootstrap intervals (scipy for the point estimates and p-values)."""
 
-__all__ = ["correlation", "moving_average"]
+__all__ = ["correlation", "format_correlation", "moving_average"]
 
 import numpy as np
 from scipy import stats
@@ -33,6 +33,16 @@ def correlation(x, y, seed: int = 0, n_boot: int = 2000, level: float = 0.95) ->
         out["pearson_ci"] = [float(np.percentile(boots_p, tail)), float(np.percentile(boots_p, 100 - tail))]
         out["spearman_ci"] = [float(np.nanpercentile(boots_s, tail)), float(np.nanpercentile(boots_s, 100 - tail))]
     return out
+
+
+def format_correlation(c: dict) -> str:
+    """A `correlation` as one line of text (report pages, `misbench report` and `misbench study`)."""
+    if c["pearson_r"] is None:
+        return f"undefined (n={c['n']}: too few points or constant values)"
+    ci = c.get("pearson_ci") or [None, None]
+    interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci[0] is not None else ""
+    return (f"Pearson r={c['pearson_r']:+.3f}{interval} (p={c['pearson_p']:.3g}), "
+            f"Spearman rho={c['spearman_rho']:+.3f} (p={c['spearman_p']:.3g}), n={c['n']}")
 
 
 def moving_average(values, window: int) -> np.ndarray:

@@ -6,26 +6,9 @@ __all__ = ["read_scores", "write_csv", "layer_summary", "read_csv_rows", "score_
 LAYER_COLUMNS = ["layer", "n_units", "n_constant", "mis", "mis_confidence", "mis_ci_low", "mis_ci_high",
                  "conf_ci_low", "conf_ci_high", "alpha", "alpha_source"]
 
-import csv
-
-import numpy as np
-
-from ..runtime.fileio import atomic_path, read_csv_rows
+from ..runtime.fileio import read_csv_rows, write_csv
 from ..scoring.results import read_scores, score_settings
 from ..scoring.summaries import score_summaries
-
-
-def write_csv(path, rows: list[dict], columns: list[str]) -> None:
-    def fmt(v):
-        if v is None or (isinstance(v, float) and not np.isfinite(v)):
-            return ""
-        return f"{v:.6g}" if isinstance(v, float) else v
-
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([fmt(row.get(c)) for c in columns])
 
 
 def alpha_of(scores: list[dict]) -> tuple[str, str]:

@@ -1,6 +1,6 @@
 """Hashing and atomic writes: an output either appears whole or not at all."""
 
-__all__ = ["read_csv_rows", "sha256_file", "atomic_path", "temp_dir_beside", "write_json", "write_text", "write_hdf5", "utc_now", "disk_full_error",
+__all__ = ["read_csv_rows", "write_csv", "sha256_file", "atomic_path", "temp_dir_beside", "write_json", "write_text", "write_hdf5", "utc_now", "disk_full_error",
            "refuse_same_paths", "DiskFullError", "json_plain", "refuse_existing", "cli_wording", "option_label",
            "overwrite_hint", "flag_hint"]
 
@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -221,3 +222,18 @@ def read_csv_rows(path) -> list[dict]:
             return list(csv.DictReader(handle))
     except FileNotFoundError:
         raise MisbenchError(f"{path} does not exist") from None
+
+
+def write_csv(path, rows: list[dict], columns: list[str]) -> None:
+    """`rows` under `columns`, atomically (every CSV misbench writes: mis.csv and the reports' tables): floats
+    to 6 significant digits, None and non-finite numbers as empty cells, a column a row lacks empty."""
+    def fmt(v):
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+            return ""
+        return f"{v:.6g}" if isinstance(v, float) else v
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([fmt(row.get(c)) for c in columns])

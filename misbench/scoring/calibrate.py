@@ -1,17 +1,17 @@
 """Fit the sigmoid slope alpha of mis_confidence to human 2-AFC responses by maximum likelihood."""
 
-__all__ = ["fit_alpha", "derive_alpha", "read_responses", "calibration_alpha", "IMI_COLUMNS", "SIMPLE_COLUMNS"]
+__all__ = ["fit_alpha", "derive_alpha", "tasks_deltas", "read_responses", "calibration_alpha", "IMI_COLUMNS", "SIMPLE_COLUMNS"]
 
 import csv
 import json
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 from scipy import optimize, stats
 
 from ..errors import MisbenchError
+from .results import read_tasks
 
 log = logging.getLogger(__name__)
 
@@ -117,19 +117,20 @@ def _lookup_deltas(path, keys, tasks_h5) -> np.ndarray:
     if not tasks_h5:
         raise MisbenchError(f"{path} names tasks by layer, unit and task: pass --tasks TASKS.h5 (score --tasks-out) "
                             "that scored those tasks")
-    with h5py.File(tasks_h5, "r") as h5:
-        lookup, delta = {}, []
-        for layer, unit, task in keys:
-            if layer not in lookup:
-                if layer not in h5:
-                    raise MisbenchError(f"{path}: layer {layer!r} is not in {tasks_h5} (layers: {', '.join(h5)})")
-                units = h5[layer]["unit"][...]
-                lookup[layer] = ({int(u): k for k, u in enumerate(units)}, h5[layer]["delta"][...])
-            pos, deltas = lookup[layer]
-            if unit not in pos or not 0 <= task < deltas.shape[1]:
-                raise MisbenchError(f"{path}: unit {unit} task {task} of layer {layer!r} is not in {tasks_h5}")
-            delta.append(deltas[pos[unit], task])
+    tasks = read_tasks(tasks_h5, dict.fromkeys(layer for layer, _, _ in keys))
+    lookup = {layer: {int(u): k for k, u in enumerate(t["unit"])} for layer, t in tasks.items()}
+    delta = []
+    for layer, unit, task in keys:
+        pos, deltas = lookup[layer], tasks[layer]["delta"]
+        if unit not in pos or not 0 <= task < deltas.shape[1]:
+            raise MisbenchError(f"{path}: unit {unit} task {task} of layer {layer!r} is not in {tasks_h5}")
+        delta.append(deltas[pos[unit], task])
     return np.array(delta, float)
+
+
+def tasks_deltas(tasks_h5) -> np.ndarray:
+    """Every task's delta in a tasks.h5 (constant units' NaN included), for `derive_alpha`."""
+    return np.concatenate([t["delta"].ravel() for t in read_tasks(tasks_h5).values()])
 
 
 def _int(path, row, column) -> int:

@@ -2,9 +2,9 @@
 
 __all__ = ["read_meta", "write_scores", "read_scores", "score_settings", "load_scores", "scores_frame",
            "SCORE_DTYPES", "REQUIRED_COLUMNS", "MIS_COLUMNS", "score_columns", "stored_value", "shard_path", "merge_scores",
-           "layer_summaries", "score_rows", "write_scores_csv", "write_tasks", "run_key", "refuse_foreign_outputs"]
+           "layer_summaries", "score_rows", "write_scores_csv", "write_tasks", "read_tasks", "TASK_ARRAYS", "run_key",
+           "refuse_foreign_outputs"]
 
-import csv
 import dataclasses
 import hashlib
 import json
@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import MisbenchError
-from ..runtime.fileio import (atomic_path, json_plain, option_label, overwrite_hint, read_csv_rows, refuse_existing,
-                              utc_now, write_hdf5, write_json)
+from ..runtime.fileio import (json_plain, option_label, overwrite_hint, read_csv_rows, refuse_existing, utc_now,
+                              write_csv, write_hdf5, write_json)
 from ..runtime.outputs import writing
 from .mis import UnitScore, stored_value
 from .settings import ScoreSettings
@@ -187,15 +187,22 @@ def score_rows(results: list[UnitScore], alpha: float | None, alpha_source: str,
 
 def write_scores_csv(out, results: list[UnitScore], alpha: float | None, alpha_source: str,
                      metrics=("mis",)) -> None:
-    def fmt(v):
-        return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
+    write_csv(out, score_rows(results, alpha, alpha_source, metrics), _columns(metrics))
 
-    with atomic_path(out) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        columns = _columns(metrics)
-        writer.writerow(columns)
-        for row in score_rows(results, alpha, alpha_source, metrics):
-            writer.writerow([fmt(row[c]) for c in columns])
+
+TASK_ARRAYS = ("pos_expl", "neg_expl", "pos_query", "neg_query", "delta")  # per layer in tasks.h5, beside "unit"
+
+
+def read_tasks(path, layers=None) -> dict[str, dict[str, np.ndarray]]:
+    """tasks.h5 (`score --tasks-out`, written by write_tasks) as {layer: {"unit": [U], "pos_expl", "neg_expl":
+    [U, T, K], "pos_query", "neg_query": [U, T], "delta": [U, T]}} for `layers` (default: every layer in it);
+    a constant unit's rows are -1 and its deltas NaN. The one reader of the format."""
+    with h5py.File(path, "r") as h5:
+        names = list(h5) if layers is None else list(layers)
+        missing = [name for name in names if name not in h5]
+        if missing:
+            raise MisbenchError(f"{path} has no tasks for layer {missing[0]!r} (layers in it: {', '.join(h5)})")
+        return {name: {key: h5[name][key][...] for key in ("unit", *TASK_ARRAYS)} for name in names}
 
 
 def write_tasks(path, results: list[UnitScore], names, settings: ScoreSettings, meta: dict) -> None:
