@@ -113,7 +113,7 @@ def test_torch_distances_on_device_equal_a_float64_reference(device, monkeypatch
     monkeypatch.setattr(index, "BLOCK_BYTES", 18 * 64 * 4 * 50)  # 14 blocks of 50 queries
     np.testing.assert_allclose(engine.distances(queries, targets), expected, rtol=1e-5)
     np.testing.assert_allclose(index.EmbeddingIndex(rows, emb).distances(queries, targets), expected, rtol=1e-5)
-    assert index.resolve_distances("auto", resolve_device(device)) == ("torch" if device == "cuda" else "faiss")
+    assert index.resolve_distances("auto", resolve_device(device)) == ("torch" if device == "cuda" else "gram")
 
 
 @pytest.mark.parametrize("device", DEVICES)

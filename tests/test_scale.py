@@ -126,7 +126,8 @@ def _reference(acts_path, tasks_path, n_expl, alpha):
 
 
 @pytest.mark.parametrize("distances,chunk_units,resident", [("faiss", 3, False), ("torch", 3, False),
-                                                             ("faiss", 3, True), ("faiss", 256, False)])
+                                                             ("faiss", 3, True), ("faiss", 256, False),
+                                                             ("gram", 3, False), ("gram", 3, True)])
 def test_scores_match_a_brute_force_reference(acts, tmp_path, monkeypatch, distances, chunk_units, resident):
     import misbench.scoring.run as scoring
 
@@ -147,13 +148,15 @@ def test_scores_match_a_brute_force_reference(acts, tmp_path, monkeypatch, dista
 
 def test_distance_engines_agree_to_float32_rounding(acts, tmp_path):
     """Same decisions; the confidences differ at most in float32 summation order (docs/performance.md)."""
-    for name in ("faiss", "torch"):
+    for name in ("faiss", "torch", "gram"):
         score(acts, ["a"], ScoreSettings(**BASE, distances=name), tmp_path / f"{name}.csv")
-    faiss_rows, torch_rows = read_csv(tmp_path / "faiss.csv"), read_csv(tmp_path / "torch.csv")
-    assert [r["mis"] for r in faiss_rows] == [r["mis"] for r in torch_rows]
-    for a, b in zip(faiss_rows, torch_rows):
-        for key in ("mis_confidence", "conf_ci_low", "conf_ci_high"):
-            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5)
+    faiss_rows = read_csv(tmp_path / "faiss.csv")
+    for other in ("torch", "gram"):
+        other_rows = read_csv(tmp_path / f"{other}.csv")
+        assert [r["mis"] for r in faiss_rows] == [r["mis"] for r in other_rows]
+        for a, b in zip(faiss_rows, other_rows):
+            for key in ("mis_confidence", "conf_ci_low", "conf_ci_high"):
+                assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5)
 
 
 def test_too_large_chunks_fail_before_embedding(acts, tmp_path, monkeypatch):
@@ -319,3 +322,41 @@ def test_score_refuses_images_regenerated_in_place_since_extraction(tmp_path):
                                    "--similarity", "pixel", "--image-size", "16", "--selection", "quantile",
                                    "--quantile", "0.3", "--tasks", "5", "--explanations", "3", "--device", "cpu"])
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1 and "re-extract" in res.output
+
+
+def test_gram_engine_scores_a_googlenet_shaped_file_as_faiss_did(tmp_path):
+    """The CPU default (float64 matrix products) against FAISS' float32 per-pair kernel, the engine before
+    it, on GoogLeNet's first three layers (320 units, fair selection, 420 images): the same tasks and
+    decisions, deltas within 1e-6 of the distances they are made of (pixel distances are <= 1), and
+    nearer a float64 brute force than FAISS' (16 units checked pair by pair)."""
+    folder = make_image_folder(tmp_path / "images", classes=4, per_class=105, size=20)
+    rng = np.random.default_rng(5)
+    acts = write_acts(tmp_path / "acts.h5", folder, {name: rng.normal(size=(420, units)) for name, units in
+                                                     (("conv1.bn", 64), ("conv2.bn", 64), ("conv3.bn", 192))})
+    settings = dict(similarity="pixel", image_size=16, device="cpu", n_boot=20)
+    deltas, rows = {}, {}
+    for name in ("faiss", "gram"):
+        score(acts, ["all"], ScoreSettings(**settings, distances=name), tmp_path / f"{name}.csv",
+              tasks_out=tmp_path / f"{name}.h5")
+        rows[name] = read_csv(tmp_path / f"{name}.csv")
+        with h5py.File(tmp_path / f"{name}.h5", "r") as h5:
+            deltas[name] = np.concatenate([h5[g]["delta"][...].ravel() for g in h5])
+            for g in h5:
+                for key in ("pos_expl", "neg_expl", "pos_query", "neg_query"):
+                    deltas[name, g, key] = h5[g][key][...]
+    assert len(rows["gram"]) == 320 and all(np.array_equal(deltas["faiss", *k[1:]], v) for k, v in deltas.items()
+                                            if isinstance(k, tuple) and k[0] == "gram")
+    assert np.array_equal(np.sign(deltas["faiss"]), np.sign(deltas["gram"]))
+    assert np.abs(deltas["faiss"] - deltas["gram"]).max() <= 1e-6
+    assert [r["mis"] for r in rows["faiss"]] == [r["mis"] for r in rows["gram"]]
+    for a, b in zip(rows["faiss"], rows["gram"]):
+        assert float(a["mis_confidence"]) == pytest.approx(float(b["mis_confidence"]), rel=1e-6, abs=1e-9)
+    base = dict(BASE, explanations=9)
+    errors = {}
+    for name in ("faiss", "gram"):
+        with h5py.File(tmp_path / f"{name}.h5", "r") as h5, h5py.File(tmp_path / "one.h5", "w") as one:
+            for key in ("unit", "delta", "pos_expl", "neg_expl", "pos_query", "neg_query"):
+                one[f"conv1.bn/{key}"] = h5["conv1.bn"][key][:16]
+        reference = _reference(acts, tmp_path / "one.h5", base["explanations"], 1.0)
+        errors[name] = max(np.abs(expected - stored).max() for expected, stored in reference.values())
+    assert errors["gram"] <= errors["faiss"] and errors["gram"] <= 1e-7

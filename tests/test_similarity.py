@@ -104,3 +104,35 @@ def test_score_settings_reach_only_the_backends_that_register_them(monkeypatch):
     base.backend_from_settings(ScoreSettings(similarity="dreamsim", dreamsim_weights="/w"))
     base.backend_from_settings(ScoreSettings(similarity="pixel", image_size=16, dreamsim_weights="/w"))
     assert seen == [("dreamsim", {"weights": "/w"}), ("pixel", {"image_size": 16})]
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_gram_distances_equal_a_float64_brute_force(dense, monkeypatch):
+    """The CPU engine's matrix products (per task, or all dot products at once), in one block and in
+    many, against a float64 sum of (a - b)^2 pair by pair: to float32 rounding, 0 exactly for the same
+    image, and equal rows for two copies of an image."""
+    from misbench.similarity import gram
+    from misbench.similarity.index import GramDistances
+
+    rng = np.random.default_rng(0)
+    emb = (rng.normal(size=(120, 300)) + 5).astype(np.float32)  # offset: ||a||^2 >> distances
+    emb[7] = emb[3]  # a duplicate image
+    rows = rng.permutation(1000)[:120]
+    queries = rows[rng.integers(0, 120, (90, 2))]
+    queries[:5] = rows[[3, 7]]
+    targets = rows[rng.integers(0, 120, (90, 18))]
+    targets[:5, 0] = rows[3]
+    at = {r: k for k, r in enumerate(rows)}
+    e64 = emb.astype(np.float64)
+    expected = np.array([[[((e64[at[q]] - e64[at[t]]) ** 2).sum() for t in ts] for q in qs]
+                         for qs, ts in zip(queries, targets)])
+    monkeypatch.setattr(GramDistances, "DENSE_SHARE", 10 ** 6 if dense else 0)
+    engine = GramDistances(rows, emb)
+    for block in (gram.BLOCK_BYTES, 300 * 8 * 20 * 7):  # one block; blocks of 7 tasks (gram: 20 rows)
+        monkeypatch.setattr(gram, "BLOCK_BYTES", block)
+        engine._dots = None
+        d = engine.task_distances(queries, targets)
+        assert (engine._dots is not None) == dense
+        np.testing.assert_allclose(d, expected, rtol=2e-7)
+        assert (d[:5, :, 0] == 0).all() and np.array_equal(d[:5, 0], d[:5, 1])
+        np.testing.assert_array_equal(engine.distances(queries[:, 0], targets), d[:, 0])

@@ -24,7 +24,7 @@ from ..runtime.fileio import sha256_file, temp_dir_beside, utc_now
 from ..runtime.outputs import writing
 from ..similarity import EmbeddingIndex, backend_from_settings
 from ..similarity.cache import EmbeddingCache
-from ..similarity.index import build_distances, resolve_distances
+from ..similarity.index import build_distances, distances_per_task, resolve_distances
 from ..version import __version__
 from .mis import (SELECTIONS, Tasks, UnitScore, is_constant, non_finite_rows, score_unit, stored_value, task_deltas,
                   tie_keys, unit_rng)
@@ -94,6 +94,9 @@ class _PairwiseDistances:
         self.forwarded = 0
         self.images = {int(images.rows[k]): images[k][0] for k in range(len(images))}
 
+    def task_distances(self, queries, targets):
+        return distances_per_task(self.distances, queries, targets)
+
     def distances(self, query_rows, target_rows):
         pairs = [(int(q), int(t)) for q, ts in zip(query_rows, target_rows) for t in ts]
         self.forwarded += 2 * len(pairs)  # images through the metric: no embedding is shared
@@ -108,18 +111,16 @@ class _PairwiseDistances:
 
 
 def _chunk_deltas(engine, chunk: list[Tasks], n_expl: int) -> list[np.ndarray]:
-    """Task deltas of every unit of a chunk from one distance call (the engine blocks it as it needs)."""
-    queries, targets = [], []
-    for t in chunk:
-        both = np.concatenate([t.pos_expl, t.neg_expl], axis=1)  # [T, 2K]
-        queries += [t.pos_query, t.neg_query]
-        targets += [both, both]
-    d = engine.distances(np.concatenate(queries), np.concatenate(targets))
+    """Task deltas of every unit of a chunk from one distance call (the engine blocks it as it needs):
+    each task's two queries against its targets [E+ | E-], which both share."""
+    queries = np.concatenate([np.stack([t.pos_query, t.neg_query], axis=1) for t in chunk])  # [T, 2]
+    targets = np.concatenate([np.concatenate([t.pos_expl, t.neg_expl], axis=1) for t in chunk])  # [T, 2K]
+    d = engine.task_distances(queries, targets)
     out, start = [], 0
     for t in chunk:
         T = len(t.pos_query)
-        out.append(task_deltas(d[start:start + T], d[start + T:start + 2 * T], n_expl))
-        start += 2 * T
+        out.append(task_deltas(d[start:start + T, 0], d[start:start + T, 1], n_expl))
+        start += T
     return out
 
 
@@ -130,7 +131,8 @@ def _needed_rows(chunk: list[Tasks]) -> np.ndarray:
 
 def chunk_memory(settings: ScoreSettings, largest: int, dim: int, device) -> tuple[int, int, str]:
     """(bytes the largest chunk needs, bytes available, where) -- embeddings held twice: the array
-    read back from the store and the distance engine's copy (FAISS index or device tensor)."""
+    read back from the store and the distance engine's copy (FAISS index, device tensor, or the gram
+    engine's dot products, which it computes only when they take no more memory than the embeddings)."""
     need = 2 * largest * dim * 4 + settings.batch_size * dim * 4
     where = device if settings.engine == "embed" and resolve_distances(settings.distances, device) == "torch" \
         else torch.device("cpu")
@@ -360,7 +362,10 @@ def _score_tasks(acts, units: list[tuple], backend, fingerprint: str, settings: 
                                            progress=(lambda d, n: progress("embed", d, n)) if progress else None,
                                            amp=settings.amp)
                 embedded += n_new
-                engine = build_distances(settings.distances, rows, emb, device)
+                # the pairs it will be asked for: every chunk's when resident, else this chunk's
+                tasks = sum(len(t.pos_query) for c in (chunks if resident else [chunk]) for _, _, t in c)
+                engine = build_distances(settings.distances, rows, emb, device,
+                                         pairs=tasks * 4 * settings.explanations)
                 del emb
             else:
                 engine = _PairwiseDistances(backend, images, device, settings.batch_size)

@@ -1,7 +1,10 @@
-"""Exact squared-L2 distances between embeddings of the images in use: FAISS or torch (DESIGN §7).
+"""Exact squared-L2 distances between embeddings of the images in use: float64 products, FAISS or torch (DESIGN §7).
 
-Both engines answer `distances(query_rows [n], target_rows [n, m]) -> [n, m]` for a whole chunk of
-tasks at once. Which one runs where (docs/performance.md has the measurements):
+Every engine answers `distances(query_rows [n], target_rows [n, m]) -> [n, m]` and
+`task_distances(queries [n, a], targets [n, m]) -> [n, a, m]` for a whole chunk of tasks at once.
+Which one runs where (docs/performance.md has the measurements):
+- "gram": float64 matrix products ||a||^2 + ||b||^2 - 2ab (similarity/gram.py) on CPU, the default
+  there: each vector read once per task, or all dot products of a few thousand images at once;
 - "faiss": FAISS `IndexFlatL2.compute_distance_subset` on CPU, the same per-pair kernel as always,
   one call per block of queries (BLOCK_BYTES of query vectors);
 - "torch": the embeddings as one tensor on the scoring device, distances from gathered blocks.
@@ -9,12 +12,15 @@ FAISS' GPU indexes have no subset-distance call (only k-NN search and all-pairs)
 torch engine is the GPU path; `EmbeddingIndex.search` still uses a GPU copy when faiss-gpu has one.
 """
 
-__all__ = ["EmbeddingIndex", "TorchDistances", "DISTANCE_ENGINES", "resolve_distances", "build_distances"]
+__all__ = ["EmbeddingIndex", "TorchDistances", "GramDistances", "DISTANCE_ENGINES", "resolve_distances",
+           "build_distances", "distances_per_task"]
 
 import logging
 
 import numpy as np
 import torch
+
+from . import gram
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +34,15 @@ def _faiss():
     return faiss
 
 
+def distances_per_task(distances, queries: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Each task's queries [n, a] against its targets [n, m] -> [n, a, m], from an engine's
+    `distances(query_rows [N], target_rows [N, m])` (the targets repeated for every query)."""
+    queries, targets = np.asarray(queries), np.asarray(targets)
+    n, a = queries.shape
+    d = distances(queries.ravel(), np.repeat(targets, a, axis=0))
+    return np.asarray(d).reshape(n, a, targets.shape[1])
+
+
 class _RowPositions:
     def __init__(self, rows: np.ndarray):
         self.rows = np.asarray(rows, dtype=np.int64)
@@ -35,6 +50,10 @@ class _RowPositions:
 
     def __len__(self):
         return len(self.rows)
+
+    def task_distances(self, queries: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Dataset rows: each task's queries [n, a] against its own targets [n, m] -> [n, a, m]."""
+        return distances_per_task(self.distances, queries, targets)
 
     def positions(self, rows) -> np.ndarray:
         """Positions of dataset rows in the embedding matrix (every row must be present)."""
@@ -119,16 +138,56 @@ class TorchDistances(_RowPositions):
         return torch.cat(out).cpu().numpy() if out else np.empty((0, m), np.float32)
 
 
-DISTANCE_ENGINES = {"faiss": lambda rows, emb, device: EmbeddingIndex(rows, emb),
-                    "torch": lambda rows, emb, device: TorchDistances(rows, emb, device)}
+class GramDistances(_RowPositions):
+    """float64 matrix products over the float32 embeddings (similarity/gram.py), the CPU engine: each
+    task's vectors read once per task, or, where the pairs the engine will be asked for (`pairs`) are
+    at least 1/DENSE_SHARE of all pairs of its images and their dot products take no more memory than
+    the embeddings, all dot products at once (read once per block of images) and looked up."""
+
+    DENSE_SHARE = 8  # a dot product in one large product costs about 1/8 of a gathered one (performance.md)
+
+    def __init__(self, rows: np.ndarray, embeddings: np.ndarray, pairs: int | None = None):
+        super().__init__(rows)
+        self.emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        self.dim = self.emb.shape[1]
+        self.norms = gram.squared_norms(self.emb)
+        self.pairs = pairs
+        self._dots = None
+
+    def vectors(self, rows) -> np.ndarray:
+        return self.emb[self.positions(np.asarray(rows).ravel())].reshape(*np.shape(rows), self.dim)
+
+    def _dense(self, pairs: int) -> bool:
+        n = len(self.rows)
+        return n * n <= self.emb.size // 2 and n * (n + 1) / 2 <= self.DENSE_SHARE * max(pairs, self.pairs or 0)
+
+    def task_distances(self, queries: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        q, t = self.positions(queries), self.positions(targets)
+        if self._dots is None and self._dense(q.size * t.shape[1]):
+            self._dots = gram.gram_matrix(self.emb)
+            log.info("distances from all %d x %d dot products of the engine's images", len(self.rows), len(self.rows))
+        if self._dots is None:
+            return gram.task_distances(self.emb, self.norms, q, t)
+        return gram.from_products(self.norms[q][:, :, None], self.norms[t][:, None, :],
+                                  self._dots[q[:, :, None], t[:, None, :]])
+
+    def distances(self, query_rows: np.ndarray, target_rows: np.ndarray) -> np.ndarray:
+        return self.task_distances(np.asarray(query_rows)[:, None], target_rows)[:, 0]
+
+
+DISTANCE_ENGINES = {"gram": lambda rows, emb, device, pairs=None: GramDistances(rows, emb, pairs),
+                    "faiss": lambda rows, emb, device, pairs=None: EmbeddingIndex(rows, emb),
+                    "torch": lambda rows, emb, device, pairs=None: TorchDistances(rows, emb, device)}
 
 
 def resolve_distances(name: str, device) -> str:
-    """`auto`: torch on CUDA (the GPU path), FAISS on CPU (the faster there, docs/performance.md)."""
+    """`auto`: torch on CUDA (the GPU path), the float64 matrix products on CPU (docs/performance.md)."""
     if name != "auto":
         return name
-    return "torch" if torch.device(device).type == "cuda" else "faiss"
+    return "torch" if torch.device(device).type == "cuda" else "gram"
 
 
-def build_distances(name: str, rows: np.ndarray, embeddings: np.ndarray, device):
-    return DISTANCE_ENGINES[resolve_distances(name, device)](rows, embeddings, device)
+def build_distances(name: str, rows: np.ndarray, embeddings: np.ndarray, device, pairs: int | None = None):
+    """The engine `name` over `embeddings` of dataset `rows`; `pairs`: about how many distances it will be
+    asked for in all (lets the gram engine compute all dot products at once where that is cheaper)."""
+    return DISTANCE_ENGINES[resolve_distances(name, device)](rows, embeddings, device, pairs)
