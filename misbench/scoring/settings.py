@@ -41,7 +41,7 @@ class ScoreSettings:
     n_boot: int = 1000
     amp: bool = False  # autocast the embedding network (LPIPS is exact only in float32)
     chunk_units: int = 256  # units whose distances are computed together (bounds memory)
-    distances: str = "auto"  # faiss | torch | auto (torch on CUDA, FAISS on CPU): docs/performance.md
+    distances: str = "auto"  # gram | faiss | torch | auto (torch on CUDA, gram on CPU): docs/performance.md
     metrics: tuple = ("mis",)  # METRICS: ("mis",) or ("mis", "ms")
     # how, not what
     device: str = "auto"
