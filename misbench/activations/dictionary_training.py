@@ -12,7 +12,7 @@ with the file's own inference activation. `untrained_out` also writes the contro
 with its initial weights.
 """
 
-__all__ = ["DictionarySettings", "train_dictionary", "train_on_vectors", "dictionary_stats"]
+__all__ = ["DictionarySettings", "train_dictionary", "train_on_vectors", "train_on_positions", "dictionary_stats"]
 
 import dataclasses
 import logging
@@ -21,10 +21,12 @@ import numpy as np
 import torch
 
 from ..errors import MisbenchError
+from ..models.loading import model_input_file
 from ..runtime.fileio import atomic_path, sha256_file
 from ..runtime.outputs import writing
 from .dictionary import Dictionary, encode
 from .dictionary_kinds import KINDS
+from .positions import sample_positions
 from .store import open_activations
 
 log = logging.getLogger(__name__)
@@ -181,3 +183,17 @@ def _train_from_file(acts_path, layer: str, out, settings: DictionarySettings, u
     source = {"layer": layer, "acts": str(acts_path), "acts_sha256": sha256_file(acts_path), "vectors": "images",
               "n_rows": int(len(x))}
     return train_on_vectors(x, out, settings, source, untrained_out)
+
+
+def train_on_positions(loaded, data, layer: str, out, settings: DictionarySettings, positions: int,
+                       untrained_out=None, limit: int | None = None, batch_size: int = 64, workers=None,
+                       device: str = "auto") -> dict:
+    """Train on per-position vectors of module `layer` (conv positions, tokens), a uniform reservoir sample of
+    at most `positions` of them drawn while `data` streams through `loaded` (positions.py)."""
+    with writing({"--out": out, "--untrained-out": untrained_out}, {"MODEL": model_input_file(loaded.spec)},
+                 "misbench train-dictionary"):
+        x, sampled = sample_positions(loaded, data, layer, positions, settings.seed, limit, batch_size, workers,
+                                      device)
+        source = {"layer": layer, "model": str(loaded.spec), "data": str(data), "vectors": "positions",
+                  "reservoir": positions, **sampled}
+        return train_on_vectors(x, out, settings, source, untrained_out)
