@@ -1,7 +1,7 @@
 """Architectures by name: every torchvision classifier plus misbench's own small ones."""
 
 __all__ = ["MiniInception", "TinyCNN", "build_arch", "arch_names", "own_archs", "check_arch", "register_arch",
-           "default_preprocess"]
+           "default_preprocess", "load_state"]
 
 from typing import Callable
 
@@ -161,3 +161,28 @@ def build_arch(name: str, num_classes: int, arch_kwargs: dict | None = None) -> 
         kwargs.setdefault("init_weights", False)
         kwargs.setdefault("aux_logits", False)
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+
+
+def load_state(model: nn.Module, state: dict, source: str) -> None:
+    """`state` into `model`, refused with every missing, unexpected and mis-shaped key named (of `source`)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def cut(items):
+            return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {cut(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {cut(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches (file vs model): {cut(shapes)}")
+        raise MisbenchError(
+            f"{source} does not fit the architecture {type(model).__name__}: " + "; ".join(parts)
+            + ". Check --arch and --num-classes."
+        )
+    model.load_state_dict(state)

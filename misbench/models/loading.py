@@ -19,13 +19,13 @@ from torch.hub import HASH_REGEX, download_url_to_file
 
 from ..errors import MisbenchError
 from ..runtime.fileio import atomic_path, sha256_file
-from .archs import build_arch, check_arch, default_preprocess, own_archs
-from .preprocess import IMAGENET_PREPROCESS, Preprocess
+from .archs import build_arch, check_arch, default_preprocess, load_state, own_archs
+from .checkpoint import is_checkpoint, read_checkpoint
 from .families import family_of
+from .preprocess import IMAGENET_PREPROCESS, Preprocess
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "misbench-checkpoint"
 RANDOM = "random"  # MODEL `name:random`: a randomly initialised network
 
 
@@ -270,30 +270,6 @@ def _from_torchvision(spec: str, num_classes: int | None, arch_kwargs: dict | No
                        sha256=hub_file_sha256(hub_checkpoint_path(weights.url), weights.url), categories=categories)
 
 
-def _load_state(model: nn.Module, state: dict, source: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        def cut(items):
-            return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {cut(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {cut(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches (file vs model): {cut(shapes)}")
-        raise MisbenchError(
-            f"{source} does not fit the architecture {type(model).__name__}: " + "; ".join(parts)
-            + ". Check --arch and --num-classes."
-        )
-    model.load_state_dict(state)
-
-
 def load_torch_file(path, trust_pickle: bool = False):
     """torch.load with weights_only=True; whole pickles only when the user trusts the file."""
     try:
@@ -349,15 +325,10 @@ def load_model(spec: str, arch: str | None = None, num_classes: int | None = Non
         name = arch or type(obj).__name__.lower()
         n = num_classes or _infer_classes(obj)
         return LoadedModel(obj, spec, name, {}, n, IMAGENET_PREPROCESS, sha)
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        _check_checkpoint(obj, spec)
-        model = build_arch(obj["arch"], obj["num_classes"], obj.get("arch_kwargs"))
-        _load_state(model, obj["state_dict"], spec)
-        _check_masks(model, obj.get("masks") or {}, spec)
-        record = {k: v for k, v in obj.items() if k != "state_dict"}
-        pre = Preprocess.from_dict(obj["preprocess"]) if obj.get("preprocess") else IMAGENET_PREPROCESS
-        return LoadedModel(model.eval(), spec, obj["arch"], dict(obj.get("arch_kwargs") or {}),
-                           obj["num_classes"], pre, sha, record)
+    if is_checkpoint(obj):
+        model, record, pre = read_checkpoint(obj, spec)
+        return LoadedModel(model, spec, record["arch"], dict(record.get("arch_kwargs") or {}), record["num_classes"],
+                           pre, sha, record)
     state = _unwrap_state(obj)
     if state is None:
         raise MisbenchError(f"{spec} holds neither a misbench checkpoint nor a state_dict of tensors")
@@ -367,33 +338,9 @@ def load_model(spec: str, arch: str | None = None, num_classes: int | None = Non
         num_classes = _infer_classes_from_state(state) or 1000
     kwargs = _inception_kwargs(arch, state, arch_kwargs or {}) if arch in AUX_PREFIXES else dict(arch_kwargs or {})
     model = build_arch(arch, num_classes, kwargs)
-    _load_state(model, state, spec)
+    load_state(model, state, spec)
     _log_transform_input(arch, kwargs, spec)
     return LoadedModel(model.eval(), spec, arch, kwargs, num_classes, default_preprocess(arch), sha)
-
-
-def _check_checkpoint(obj: dict, spec: str) -> None:
-    """A misbench checkpoint that can be built: finished (not an OUT.partial of an interrupted run), with
-    its arch, classes and tensors."""
-    if "resume" in obj or spec.endswith(".partial"):
-        raise MisbenchError(f"{spec} is the checkpoint of an unfinished run (its .partial): finish it with the same "
-                            "`misbench prune`/`retrain` command and --resume, and use the checkpoint it writes")
-    missing = [k for k in ("arch", "num_classes", "state_dict") if k not in obj]
-    if missing:
-        raise MisbenchError(f"{spec} is a damaged misbench checkpoint: it has no {', '.join(missing)}")
-    if not isinstance(obj["state_dict"], dict):
-        raise MisbenchError(f"{spec} is a damaged misbench checkpoint: its state_dict is a "
-                            f"{type(obj['state_dict']).__name__}, not a dict of tensors")
-
-
-def _check_masks(model: nn.Module, masks: dict, spec: str) -> None:
-    params = dict(model.named_parameters())
-    for name, mask in masks.items():
-        if name not in params:
-            raise MisbenchError(f"{spec} has a mask for {name!r}, which its {type(model).__name__} does not have")
-        if tuple(mask.shape) != tuple(params[name].shape):
-            raise MisbenchError(f"{spec}: the mask of {name} has shape {tuple(mask.shape)}, the weight "
-                                f"{tuple(params[name].shape)}; the checkpoint is damaged")
 
 
 def _infer_classes(model: nn.Module) -> int:
