@@ -13,7 +13,7 @@ in its own process. Reported per run:
   process right after the score. Target (issue 25): at most 2x for lpips-alex, deepfeat and pixel.
 
     python benchmarks/decide_bound.py [--backends lpips-alex@64/450,pixel@64/2000,deepfeat:mobilenet_v2@32/2000]
-        [--units 100,1000,8280] [--n-boot 1000] [--quick]
+        [--units 100,1000,8280] [--n-boot 1000] [--distances faiss,gram] [--quick]
 
 A backend is written NAME@IMAGE_SIZE/IMAGES. lpips-alex and deepfeat use random trunks (no weights
 are downloaded): the distances cost the same whatever the weights.
@@ -92,7 +92,7 @@ def child(args) -> None:
 
     run.build_distances = capture
     settings = run.ScoreSettings(similarity=args.similarity, image_size=args.image_size, device="cpu",
-                                 n_boot=args.n_boot, workers=0)
+                                 n_boot=args.n_boot, workers=0, distances=args.distances)
     out = Path(args.out)
     meta = run.score(args.acts, args.layers.split(","), settings, out, tasks_out=out.with_suffix(".h5"),
                      backend=backend, overwrite=True)
@@ -110,6 +110,8 @@ def main():
                         help="NAME@IMAGE_SIZE/IMAGES,...")
     parser.add_argument("--units", default="100,1000,8280", help="about how many units per run (a prefix of layers)")
     parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--distances", default="auto", help="engines to compare, e.g. faiss,gram (the one before "
+                        "issue 25, and the CPU default since)")
     parser.add_argument("--quick", action="store_true", help="a dry run: lpips-alex over 450 images, ~100 units")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--acts"), parser.add_argument("--layers"), parser.add_argument("--similarity")
@@ -130,7 +132,7 @@ def main():
             images = int(images)
             if images not in files:
                 files[images] = make_acts(tmp / f"n{images}", images, units, 1.0)
-            print(f"\n{name} at {size} px over {images} images (GoogLeNet-shaped activations, random)")
+            print(f"\n{name} at {size} px over {images} images (GoogLeNet-shaped activations, random)", flush=True)
             for target in map(int, args.units.split(",")):
                 layers, count = [], 0
                 for layer in names:
@@ -138,23 +140,25 @@ def main():
                         break
                     layers.append(layer)
                     count += units[layer]
-                cmd = [sys.executable, __file__, "--child", "--acts", str(files[images]), "--layers", ",".join(layers),
-                       "--similarity", name, "--out", str(tmp / "mis.csv"), "--image-size", size,
-                       "--n-boot", str(args.n_boot)]
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode:
-                    raise SystemExit(f"score run failed:\n{done.stderr[-3000:]}")
-                r = json.loads(done.stdout.strip().splitlines()[-1])
-                t, n = r["timing"], r["units"]
-                per_unit = (t["total_s"] - t["embed_s"]) / n
-                bound = r["touched_bytes"] / r["bandwidth"]
-                print(f"  {n:>5} units, {r['dim']} dims: total {t['total_s']:.1f} s = fixed (embed) {t['embed_s']:.1f} s"
-                      f" + {per_unit * 1000:.2f} ms/unit (select {t['select_s']:.1f} + decide {t['decide_s']:.1f} s + "
-                      f"writing); decision stage {t['decide_s']:.2f} s vs reading the touched embeddings "
-                      f"({r['touched_bytes'] / 2**30:.2f} GiB at {r['bandwidth'] / 1e9:.1f} GB/s, store "
-                      f"{r['store_rows']} x {r['dim']}) {bound:.2f} s: {t['decide_s'] / bound:.2f}x the bound "
-                      f"(target <= 2x)")
+                for engine in args.distances.split(","):
+                    cmd = [sys.executable, __file__, "--child", "--acts", str(files[images]), "--layers",
+                           ",".join(layers), "--similarity", name, "--out", str(tmp / "mis.csv"), "--image-size", size,
+                           "--n-boot", str(args.n_boot), "--distances", engine]
+                    done = subprocess.run(cmd, capture_output=True, text=True)
+                    if done.returncode:
+                        raise SystemExit(f"score run failed:\n{done.stderr[-3000:]}")
+                    report(json.loads(done.stdout.strip().splitlines()[-1]), engine)
 
+
+def report(r: dict, engine: str) -> None:
+    t, n = r["timing"], r["units"]
+    per_unit = (t["total_s"] - t["embed_s"]) / n
+    bound = r["touched_bytes"] / r["bandwidth"]
+    print(f"  {n:>5} units, {r['dim']} dims, --distances {engine}: total {t['total_s']:.1f} s = fixed (embed) "
+          f"{t['embed_s']:.1f} s + {per_unit * 1000:.2f} ms/unit (select {t['select_s']:.1f} + decide "
+          f"{t['decide_s']:.1f} s + writing); decision stage {t['decide_s']:.2f} s vs reading the touched embeddings "
+          f"({r['touched_bytes'] / 2**30:.2f} GiB at {r['bandwidth'] / 1e9:.1f} GB/s, store {r['store_rows']} x "
+          f"{r['dim']}) {bound:.2f} s: {t['decide_s'] / bound:.2f}x the bound (target <= 2x)", flush=True)
 
 if __name__ == "__main__":
     main()

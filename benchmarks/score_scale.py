@@ -103,18 +103,21 @@ def engines(n_rows: int, dim: int, units: int, device: str, repeats: int = 3) ->
     """Seconds for the distances of one chunk of `units` units (20 tasks, 9 explanations)."""
     import torch
 
-    from misbench.similarity.index import EmbeddingIndex, TorchDistances
+    from misbench.similarity.index import EmbeddingIndex, GramDistances, TorchDistances
 
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((n_rows, dim), dtype=np.float32)
     rows = np.arange(n_rows)
     queries = [rng.integers(0, n_rows, 40) for _ in range(units)]
     targets = [np.tile(rng.integers(0, n_rows, (20, 18)), (2, 1)) for _ in range(units)]
-    index, torch_cpu = EmbeddingIndex(rows, emb), TorchDistances(rows, emb, "cpu")
+    index, torch_cpu, gram = EmbeddingIndex(rows, emb), TorchDistances(rows, emb, "cpu"), GramDistances(rows, emb)
+    tasks_q = np.concatenate([q.reshape(2, -1).T for q in queries])  # each task's q+ and q- share its targets
+    tasks_t = np.concatenate([t[:len(t) // 2] for t in targets])
     cases = {"FAISS CPU, one call per unit (before)": lambda: [index.distances(q, t) for q, t in zip(queries, targets)],
              "FAISS CPU, one call per chunk": lambda: index.distances(np.concatenate(queries), np.concatenate(targets)),
              "torch CPU, one call per chunk": lambda: torch_cpu.distances(np.concatenate(queries),
-                                                                          np.concatenate(targets))}
+                                                                          np.concatenate(targets)),
+             "gram CPU (the default), one call per chunk": lambda: gram.task_distances(tasks_q, tasks_t)}
     if device.startswith("cuda") and torch.cuda.is_available():
         torch_gpu = TorchDistances(rows, emb, device)
 
