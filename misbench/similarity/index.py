@@ -3,8 +3,9 @@
 Every engine answers `distances(query_rows [n], target_rows [n, m]) -> [n, m]` and
 `task_distances(queries [n, a], targets [n, m]) -> [n, a, m]` for a whole chunk of tasks at once.
 Which one runs where (docs/performance.md has the measurements):
-- "gram": float64 matrix products ||a||^2 + ||b||^2 - 2ab (similarity/gram.py) on CPU, the default
-  there: each vector read once per task, or all dot products of a few thousand images at once;
+- "gram", the CPU default: where the run needs a good share of all pairs of its images (a few
+  thousand images, many units), all their dot products at once in float64 (similarity/gram.py:
+  ||a||^2 + ||b||^2 - 2ab, every vector read once), else the FAISS kernel below;
 - "faiss": FAISS `IndexFlatL2.compute_distance_subset` on CPU, the same per-pair kernel as always,
   one call per block of queries (BLOCK_BYTES of query vectors);
 - "torch": the embeddings as one tensor on the scoring device, distances from gathered blocks.
@@ -139,20 +140,19 @@ class TorchDistances(_RowPositions):
 
 
 class GramDistances(_RowPositions):
-    """float64 matrix products over the float32 embeddings (similarity/gram.py), the CPU engine: each
-    task's vectors read once per task, or, where the pairs the engine will be asked for (`pairs`) are
-    at least 1/DENSE_SHARE of all pairs of its images and their dot products take no more memory than
-    the embeddings, all dot products at once (read once per block of images) and looked up."""
+    """The CPU engine: where the pairs it will be asked for (`pairs`, else each call's) are at least
+    1/DENSE_SHARE of all pairs of its images, and their dot products take no more memory than the
+    embeddings, all dot products at once in float64 (similarity/gram.py: every vector read once) and
+    distances looked up; otherwise FAISS' per-pair kernel (the faster for a few pairs of many images)."""
 
-    DENSE_SHARE = 8  # a dot product in one large product costs about 1/8 of a gathered one (performance.md)
+    DENSE_SHARE = 3  # one dot product of E E^T costs about 1/3 of one FAISS pair (docs/performance.md)
 
     def __init__(self, rows: np.ndarray, embeddings: np.ndarray, pairs: int | None = None):
         super().__init__(rows)
         self.emb = np.ascontiguousarray(embeddings, dtype=np.float32)
         self.dim = self.emb.shape[1]
-        self.norms = gram.squared_norms(self.emb)
         self.pairs = pairs
-        self._dots = None
+        self._dots, self._norms, self._faiss = None, None, None
 
     def vectors(self, rows) -> np.ndarray:
         return self.emb[self.positions(np.asarray(rows).ravel())].reshape(*np.shape(rows), self.dim)
@@ -162,13 +162,17 @@ class GramDistances(_RowPositions):
         return n * n <= self.emb.size // 2 and n * (n + 1) / 2 <= self.DENSE_SHARE * max(pairs, self.pairs or 0)
 
     def task_distances(self, queries: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        queries, targets = np.asarray(queries), np.asarray(targets)
+        if self._dots is None and self._faiss is None:
+            if self._dense(queries.size * targets.shape[1]):
+                self._dots, self._norms = gram.gram_matrix(self.emb), gram.squared_norms(self.emb)
+                log.info("distances from all dot products of %d images", len(self.rows))
+            else:
+                self._faiss = EmbeddingIndex(self.rows, self.emb)
+        if self._faiss is not None:
+            return self._faiss.task_distances(queries, targets)
         q, t = self.positions(queries), self.positions(targets)
-        if self._dots is None and self._dense(q.size * t.shape[1]):
-            self._dots = gram.gram_matrix(self.emb)
-            log.info("distances from all %d x %d dot products of the engine's images", len(self.rows), len(self.rows))
-        if self._dots is None:
-            return gram.task_distances(self.emb, self.norms, q, t)
-        return gram.from_products(self.norms[q][:, :, None], self.norms[t][:, None, :],
+        return gram.from_products(self._norms[q][:, :, None], self._norms[t][:, None, :],
                                   self._dots[q[:, :, None], t[:, None, :]])
 
     def distances(self, query_rows: np.ndarray, target_rows: np.ndarray) -> np.ndarray:
