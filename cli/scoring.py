@@ -8,8 +8,7 @@ from misbench import api
 from misbench.datasets.images import VIEWS
 from misbench.errors import MisbenchError
 from misbench.runtime.distributed import is_main
-from misbench.runtime.fileio import refuse_existing, sha256_file, write_json
-from misbench.scoring.calibrate import derive_alpha, fit_alpha, read_responses, tasks_deltas
+from misbench.scoring.calibrate import calibrate_responses, derive_alpha, tasks_deltas
 from misbench.scoring.mis import SELECTIONS
 from misbench.scoring.run import merge_scores as run_merge
 from misbench.scoring.settings import ENGINES
@@ -122,12 +121,7 @@ def calibrate(responses, derive_from, tasks_h5, level, model, out, as_json, over
         return
     if not responses:
         raise MisbenchError("calibrate needs RESPONSES (human 2-AFC answers) or --derive TASKS.h5")
-    refuse_existing({"out": out}, overwrite)
-
-    delta, correct = read_responses(responses, tasks_h5, model)
-    fit = {**fit_alpha(delta, correct, level), "responses": str(responses), "responses_sha256": sha256_file(responses)}
-    if out:
-        write_json(out, fit)
+    fit = calibrate_responses(responses, tasks_h5, model, level, out, overwrite)
     if as_json:
         click.echo(json.dumps(fit, indent=2))
         return

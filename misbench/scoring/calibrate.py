@@ -1,6 +1,6 @@
 """Fit the sigmoid slope alpha of mis_confidence to human 2-AFC responses by maximum likelihood."""
 
-__all__ = ["fit_alpha", "derive_alpha", "tasks_deltas", "read_responses", "calibration_alpha", "IMI_COLUMNS", "SIMPLE_COLUMNS"]
+__all__ = ["fit_alpha", "calibrate_responses", "derive_alpha", "tasks_deltas", "read_responses", "calibration_alpha", "IMI_COLUMNS", "SIMPLE_COLUMNS"]
 
 import csv
 import json
@@ -11,6 +11,7 @@ import numpy as np
 from scipy import optimize, stats
 
 from ..errors import MisbenchError
+from ..runtime.fileio import refuse_existing, sha256_file, write_json
 from .results import read_tasks
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,18 @@ def fit_alpha(delta, correct, level: float = 0.95) -> dict:
 
 
 REFERENCE_CONFIDENCE = 0.75
+
+
+def calibrate_responses(responses, tasks_h5=None, model: str | None = None, level: float = 0.95, out=None,
+                        overwrite: bool = False) -> dict:
+    """`misbench calibrate RESPONSES`: the fit of alpha to human 2-AFC responses (`fit_alpha`) with the
+    responses' path and sha256, written to `out` when given (the file `score --alpha-from` reads)."""
+    refuse_existing({"out": out}, overwrite)
+    delta, correct = read_responses(responses, tasks_h5, model)
+    fit = {**fit_alpha(delta, correct, level), "responses": str(responses), "responses_sha256": sha256_file(responses)}
+    if out:
+        write_json(out, fit)
+    return fit
 
 
 def derive_alpha(deltas, confidence: float = REFERENCE_CONFIDENCE) -> dict:
