@@ -319,3 +319,124 @@ def test_non_finite_embeddings_stop_the_score(tmp_path):
                              explanations=2, n_boot=10)
     with pytest.raises(MisbenchError, match="pixel gave a non-finite embedding"):
         score(acts, ["l"], settings, backend=Broken(image_size=16))
+
+
+# -- orphaned torchrun ranks ------------------------------------------------------------------------------------
+
+WATCHDOG = """
+import signal, sys, threading, time
+from misbench.runtime.distributed import Watchdog
+
+class Store(dict):  # torchrun's store, as the watchdog uses it
+    def set(self, key, value): self[key] = value.encode()
+    def get(self, key): return self[key]
+    def check(self, keys): return all(k in self for k in keys)
+
+store, mode = Store(), sys.argv[1]
+def peer():  # rank 0 beats until 'dead'
+    n = 0
+    while mode != "dead" or n < 3:
+        n += 1; store.set("misbench/beat/0", str(n)); time.sleep(0.2)
+threading.Thread(target=peer, daemon=True).start()
+signal.signal(signal.SIGTERM, lambda *a: None)  # a handler that only sets a flag, as inside a commit
+Watchdog(store, 1, 2, peer_timeout=1.5, grace=1.0).start()
+print("ready", flush=True)
+time.sleep(60)  # the main thread 'blocked in a collective'
+"""
+
+
+@pytest.mark.parametrize("mode,signals,code,words", [
+    ("dead", 0, 1, "rank 0 has not answered"), ("alive", 1, 143, "SIGTERM not acted on within 1 s"),
+    ("alive", 2, 143, "second SIGTERM")])
+def test_watchdog_ends_an_orphaned_or_terminated_rank_promptly(mode, signals, code, words):
+    proc = subprocess.Popen([sys.executable, "-c", WATCHDOG, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        start = time.monotonic()
+        for _ in range(signals):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    took = time.monotonic() - start
+    assert proc.returncode == code and words in err, (proc.returncode, err)
+    assert took < {1: 8, 143: 6}[code], took  # not the 60 s the main thread would sleep
+
+
+TORCHRUN_SCRIPT = """
+import os, signal, sys, time
+import torch.distributed as dist
+from misbench.runtime import distributed
+distributed.ensure_initialized()
+rank = distributed.world()[0]
+open(f"ready{rank}", "w").write(str(os.getpid()))
+if rank == 0:
+    if sys.argv[1] == "hung":
+        os.kill(os.getpid(), signal.SIGSTOP)  # alive but silent: no collective, no beat
+    time.sleep(600)
+else:
+    dist.barrier()  # blocked in gloo, waiting for rank 0
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["hung", "term"])
+def test_torchrun_rank_whose_peer_hangs_or_that_is_terminated_ends_promptly(tmp_path, case):
+    import shutil
+
+    (tmp_path / "run.py").write_text(TORCHRUN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MISBENCH_DIST_PEER_TIMEOUT_S": "3", "MISBENCH_TERM_GRACE_S": "2"}
+    runner = subprocess.Popen([shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun",
+                               "--standalone", "--nproc-per-node", "2", "run.py", case], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "ready1").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        pid = int((tmp_path / "ready1").read_text())
+        start = time.monotonic()
+        if case == "term":
+            os.kill(pid, signal.SIGTERM)
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() - start < 60:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[1].split()[0] == "Z":
+                    break
+            time.sleep(0.2)
+        took = time.monotonic() - start
+    finally:
+        os.killpg(runner.pid, signal.SIGKILL)
+        out = runner.communicate()[0]
+    assert took < 15, (took, out[-2000:])  # not the 120-minute collective timeout
+    assert ("rank 0 has not answered" if case == "hung" else "SIGTERM not acted on") in out, out[-2000:]
+
+
+# -- a newcomer's first hour --------------------------------------------------------------------------------------
+
+def test_files_that_are_no_model_are_named_for_what_they_are(tmp_path):
+    import json as _json
+
+    from misbench.errors import MisbenchError
+    from misbench.models.loading import load_model
+
+    folder = make_image_folder(tmp_path / "images", classes=1, per_class=1, size=8)
+    acts = write_acts(tmp_path / "acts.h5", folder, {"l": np.zeros((1, 2))})
+    (tmp_path / "eval.json").write_text(_json.dumps({"top1": 0.5}))
+    (tmp_path / "mis.csv").write_text("layer,unit,status\na,0,ok\n")
+    header = _json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (tmp_path / "m.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    (tmp_path / "notes.txt").write_text("hello, this is not a model\n")
+    cases = {acts: ("an HDF5 file", "misbench score"), tmp_path / "eval.json": ("a JSON file", "--eval"),
+             tmp_path / "mis.csv": ("a mis.csv", "report"), tmp_path / "m.safetensors": ("safetensors", "--arch"),
+             tmp_path / "notes.txt": ("a text file", "torchvision name"),
+             folder / "class_00" / "img_000.png": ("a PNG image", "--data")}
+    for path, (what, reader) in cases.items():
+        with pytest.raises(MisbenchError) as err:
+            load_model(str(path))
+        assert what in str(err.value) and reader in str(err.value), str(err.value)
+        assert "pickle" not in str(err.value)
+    res = CliRunner().invoke(cli, ["audit", str(acts)])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and "an HDF5 file" in lines[0], res.output

@@ -270,8 +270,48 @@ def _from_torchvision(spec: str, num_classes: int | None, arch_kwargs: dict | No
                        sha256=hub_file_sha256(hub_checkpoint_path(weights.url), weights.url), categories=categories)
 
 
+# files that are no model, by their first bytes: what each is and which command reads it
+_NOT_MODELS = (
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (an activation file of `misbench extract`, or score's --tasks-out)",
+     "`misbench score`, `eval --acts` or `report classwise --acts` read activation files"),
+    (b"PK\x03\x04", None, None),  # a zip: torch.save's own format, loaded below
+    (b"{", "a JSON file (eval.json, mis.json, a calibration or a manifest)",
+     "`report classwise --eval` reads eval.json; `score --alpha-from` a calibration"),
+    (b"[", "a JSON file", "no command takes it as a MODEL"),
+    (b"layer,unit", "a mis.csv of `misbench score`", "`misbench report` and `merge-scores` read it"),
+    (b"\x89PNG", "a PNG image", "images go into --data DATA (a folder of images)"),
+    (b"\xff\xd8\xff", "a JPEG image", "images go into --data DATA (a folder of images)"),
+)
+
+
+def _not_a_model(path) -> MisbenchError | None:
+    """A one-line error for a MODEL file that is recognisably something else (by content, not by name)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64)
+    except OSError:
+        return None
+    for magic, what, reader in _NOT_MODELS:
+        if head.startswith(magic) and what:
+            return MisbenchError(f"{path} is {what}, not a model: MODEL is a misbench checkpoint (.pt), a state_dict "
+                                 f"file (with --arch) or a torchvision name such as resnet18:DEFAULT; {reader}")
+    if len(head) >= 8 and int.from_bytes(head[:8], "little") < 1 << 24 and head[8:9] == b"{":
+        return MisbenchError(f"{path} is a safetensors file: misbench reads torch files; convert it with "
+                             "safetensors.torch.load_file and torch.save of the state_dict, then pass --arch")
+    text = head.lstrip()
+    if head and not head.startswith(b"\x80") and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return MisbenchError(f"{path} is a text file ({text[:30].decode(errors='replace')!r}...), not a model: MODEL "
+                             "is a misbench checkpoint (.pt), a state_dict file (with --arch) or a torchvision name "
+                             "such as resnet18:DEFAULT")
+    return None
+
+
 def load_torch_file(path, trust_pickle: bool = False):
-    """torch.load with weights_only=True; whole pickles only when the user trusts the file."""
+    """torch.load with weights_only=True; whole pickles only when the user trusts the file. Files that are
+    recognisably no model (HDF5, JSON, CSV, safetensors, images, text) are named for what they are."""
+    other = _not_a_model(path)
+    if other is not None:
+        raise other
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

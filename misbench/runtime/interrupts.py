@@ -2,7 +2,7 @@
 delivered when the block ends, so a resumable file is never left half-committed (a batch written but
 not counted, a checkpoint renamed but its .partial still there)."""
 
-__all__ = ["uninterruptible", "terminate_as_interrupt"]
+__all__ = ["uninterruptible", "terminate_as_interrupt", "committing"]
 
 import contextlib
 import signal
@@ -35,6 +35,11 @@ def uninterruptible():
             pending, _state["pending"] = _state["pending"], []
             if pending:  # the handler the process had before the block decides what the stop does
                 signal.raise_signal(pending[0])
+
+
+def committing() -> bool:
+    """Whether the main thread is inside an uninterruptible() block (a commit that a stop waits for)."""
+    return _state["depth"] > 0
 
 
 def _terminate(_signum, _frame):
