@@ -31,6 +31,7 @@ from .pruning.run import produce_checkpoint
 from .pruning.training import TrainSettings
 from .runtime.fileio import option_label, refuse_existing
 from .runtime.outputs import writing
+from .runtime.progress import AUTO, resolve_progress
 from .scoring.calibrate import calibration_alpha
 from .scoring.results import load_scores, scores_frame
 from .scoring.run import ScoreSettings, parse_shard, score as _score
@@ -109,7 +110,7 @@ def layers(model, **model_options) -> list[LayerInfo]:
     return list_layers(loaded.model, torch.zeros(1, 3, crop, crop, device=device), loaded.categories or ())
 
 
-def extract(model, data, layers, out, *, resume: bool = False, overwrite: bool = False, progress=None,
+def extract(model, data, layers, out, *, resume: bool = False, overwrite: bool = False, progress=AUTO,
             arch: str | None = None, num_classes: int | None = None, trust_pickle: bool = False,
             arch_kwargs: dict | None = None, **options) -> Path:
     """Activations of MODEL on DATA for `layers` ('conv,softmax' or a list) into the HDF5 file `out`.
@@ -119,11 +120,11 @@ def extract(model, data, layers, out, *, resume: bool = False, overwrite: bool =
     _check_types(options, ExtractSettings, "extract")
     settings = ExtractSettings(layers=_names(layers), **options)
     loaded = load_model(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs)
-    return _extract(loaded, data, out, settings, resume=resume, overwrite=overwrite, progress=progress,
-                    trust_pickle=trust_pickle)
+    return _extract(loaded, data, out, settings, resume=resume, overwrite=overwrite,
+                    progress=resolve_progress(progress), trust_pickle=trust_pickle)
 
 
-def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=None, progress=None, backend=None,
+def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=None, progress=AUTO, backend=None,
           alpha_from=None, overwrite: bool = False, **options) -> pd.DataFrame:
     """MIS of every unit of `layers` (names, 'a,b', or 'all') in the activation file `acts`.
 
@@ -144,7 +145,7 @@ def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=Non
     settings = ScoreSettings(**options)
     shard = parse_shard(shard) if isinstance(shard, str) or shard is None else tuple(shard)
     meta = _score(acts, list(_names(layers)), settings, out, tasks_out=tasks_out, cache_dir=cache, shard=shard,
-                  backend=backend, progress=progress, overwrite=overwrite)
+                  backend=backend, progress=resolve_progress(progress), overwrite=overwrite)
     if meta is None:  # another rank under torchrun: rank 0 holds the result
         return None
     if "rows" not in meta:  # merged from the ranks' files
@@ -160,11 +161,11 @@ def _produce(model, prune_settings, out, data, val_data, resume, overwrite, prog
     loaded = load_model(model, **model_options)
     loaded.preprocess = loaded.preprocess.override(resize, crop)
     return produce_checkpoint(loaded, prune_settings, TrainSettings(**train_options), out, data, val_data,
-                              resume=resume, overwrite=overwrite, progress=progress)
+                              resume=resume, overwrite=overwrite, progress=resolve_progress(progress))
 
 
 def prune(model, method: str, rate: float, out, *, steps: int | None = None, exclude=None, data=None, val_data=None,
-          resume: bool = False, overwrite: bool = False, progress=None, resize: int | None = None,
+          resume: bool = False, overwrite: bool = False, progress=AUTO, resize: int | None = None,
           crop: int | None = None, arch: str | None = None, num_classes: int | None = None,
           trust_pickle: bool = False, arch_kwargs: dict | None = None, **options) -> Path:
     """Prune MODEL by `method` to `rate`, retrain `epochs` after each step, write a misbench checkpoint.
@@ -182,12 +183,12 @@ def prune(model, method: str, rate: float, out, *, steps: int | None = None, exc
     schedule = prune_options.get("schedule", "oneshot")
     settings = PruneSettings(method=method, rate=rate, steps=steps if steps is not None else (4 if schedule == "iterative" else 1),
                              exclude=None if exclude is None else _names(exclude), **prune_options)
-    return _produce(model, settings, out, data, val_data, resume, overwrite, progress, resize, crop,
+    return _produce(model, settings, out, data, val_data, resume, overwrite, resolve_progress(progress), resize, crop,
                     dict(arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs),
                     train_options)
 
 
-def retrain(model, out, *, data=None, val_data=None, resume: bool = False, overwrite: bool = False, progress=None,
+def retrain(model, out, *, data=None, val_data=None, resume: bool = False, overwrite: bool = False, progress=AUTO,
             resize: int | None = None, crop: int | None = None, arch: str | None = None,
             num_classes: int | None = None, trust_pickle: bool = False, arch_kwargs: dict | None = None,
             **options) -> Path:
@@ -195,7 +196,7 @@ def retrain(model, out, *, data=None, val_data=None, resume: bool = False, overw
     `options` are TrainSettings fields; `epochs` must be at least 1."""
     if options.get("epochs", 0) < 1:
         raise MisbenchError("retrain needs --epochs >= 1 (API: epochs=1 or more)")
-    return _produce(model, None, out, data, val_data, resume, overwrite, progress, resize, crop,
+    return _produce(model, None, out, data, val_data, resume, overwrite, resolve_progress(progress), resize, crop,
                     dict(arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs),
                     options)
 
@@ -207,7 +208,7 @@ def audit(model, **model_options) -> dict:
     return _audit(load_model(model, **model_options))
 
 
-def evaluate(model=None, data=None, *, acts=None, out=None, classwise=None, progress=None, arch: str | None = None,
+def evaluate(model=None, data=None, *, acts=None, out=None, classwise=None, progress=AUTO, arch: str | None = None,
              num_classes: int | None = None, trust_pickle: bool = False, arch_kwargs: dict | None = None,
              overwrite: bool = False, **options) -> dict:
     """Top-1, top-5 and class-wise accuracy of MODEL on DATA, or from the logits stored in `acts`.
@@ -220,7 +221,7 @@ def evaluate(model=None, data=None, *, acts=None, out=None, classwise=None, prog
     with writing({"--out": out, "--classwise": classwise}, {"--acts": acts, "MODEL": spec and model_input_file(spec)},
                  "misbench eval"):
         refuse_existing({"out": out, "classwise": classwise}, overwrite)
-        return _evaluate(model, data, acts, out, classwise, progress, arch, num_classes, trust_pickle, arch_kwargs,
+        return _evaluate(model, data, acts, out, classwise, resolve_progress(progress), arch, num_classes, trust_pickle, arch_kwargs,
                          options)
 
 
@@ -269,7 +270,7 @@ def report(kind: str, out, *, overwrite: bool = False, **inputs) -> Path:
         return build(out=out, **inputs)
 
 
-def study(config, out, *, quick: bool = False, dry_run: bool = False, on_step=None, progress=None,
+def study(config, out, *, quick: bool = False, dry_run: bool = False, on_step=None, progress=AUTO,
           overwrite: bool = False) -> dict:
     """Run the study of `config` (a TOML path, a dict of its sections, or a StudyConfig) into the folder `out`,
     redoing only what changed. Returns manifest.json's content (with dry_run: {"plan": [(step, status)]}).
@@ -281,7 +282,7 @@ def study(config, out, *, quick: bool = False, dry_run: bool = False, on_step=No
         config = parse_config(config, quick=quick)
     elif not isinstance(config, StudyConfig):
         config = load_config(config, quick=quick)
-    result = run_study(config, out, dry_run=dry_run, on_step=on_step, progress=progress)
+    result = run_study(config, out, dry_run=dry_run, on_step=on_step, progress=resolve_progress(progress))
     if dry_run:
         return result
     return json.loads(Path(result["manifest"]).read_text())

@@ -377,18 +377,20 @@ if rank == 0:
         os.kill(os.getpid(), signal.SIGSTOP)  # alive but silent: no collective, no beat
     time.sleep(600)
 else:
-    dist.barrier()  # blocked in gloo, waiting for rank 0
+    from misbench.runtime.interrupts import terminate_as_interrupt
+
+    with terminate_as_interrupt():  # SIGTERM handled in Python, as every misbench command does
+        dist.barrier()  # blocked in gloo, waiting for rank 0
 """
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["hung", "term"])
 def test_torchrun_rank_whose_peer_hangs_or_that_is_terminated_ends_promptly(tmp_path, case):
-    import shutil
-
     (tmp_path / "run.py").write_text(TORCHRUN_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MISBENCH_DIST_PEER_TIMEOUT_S": "3", "MISBENCH_TERM_GRACE_S": "2"}
-    runner = subprocess.Popen([shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun",
+    # torchrun as a module of this interpreter (the torchrun script's shebang may name another environment)
+    runner = subprocess.Popen([sys.executable, "-m", "torch.distributed.run",
                                "--standalone", "--nproc-per-node", "2", "run.py", case], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -407,6 +409,12 @@ def test_torchrun_rank_whose_peer_hangs_or_that_is_terminated_ends_promptly(tmp_
             time.sleep(0.2)
         took = time.monotonic() - start
     finally:
+        for rank in (0, 1):  # the workers run in sessions of their own
+            if (tmp_path / f"ready{rank}").exists():
+                try:
+                    os.kill(int((tmp_path / f"ready{rank}").read_text()), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
         os.killpg(runner.pid, signal.SIGKILL)
         out = runner.communicate()[0]
     assert took < 15, (took, out[-2000:])  # not the 120-minute collective timeout
@@ -440,3 +448,49 @@ def test_files_that_are_no_model_are_named_for_what_they_are(tmp_path):
     res = CliRunner().invoke(cli, ["audit", str(acts)])
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert res.exit_code == 1 and len(lines) == 1 and "an HDF5 file" in lines[0], res.output
+
+
+NOTEBOOK = """
+import logging, sys, types
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s: %(message)s")
+
+class ZMQInteractiveShell:  # what a Jupyter kernel's get_ipython() returns
+    pass
+
+sys.modules["IPython"] = types.SimpleNamespace(get_ipython=lambda: ZMQInteractiveShell())
+import misbench
+from misbench.runtime.progress import NotebookProgress, resolve_progress
+assert isinstance(resolve_progress("auto"), NotebookProgress)
+misbench.score(sys.argv[1], "all", similarity="pixel", image_size=16, selection="quantile", quantile=0.5, tasks=2,
+               explanations=2, n_boot=10, distances="faiss")
+"""
+
+
+def test_notebooks_get_progress_bars_by_default_and_no_faiss_loader_lines(tmp_path):
+    from misbench.runtime.progress import resolve_progress
+
+    folder = make_image_folder(tmp_path / "images", classes=2, per_class=6, size=16)
+    acts = write_acts(tmp_path / "acts.h5", folder, {"l": np.random.default_rng(0).normal(size=(12, 2))})
+    assert resolve_progress("auto") is None  # not a notebook: silent
+    run = subprocess.run([sys.executable, "-c", NOTEBOOK, str(acts)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "embed" in run.stderr and "12/12" in run.stderr, run.stderr  # tqdm.auto's bars (text without ipywidgets)
+    assert "faiss" not in run.stdout.lower().replace("distances", ""), run.stdout  # INFO logs on, FAISS's loader off
+
+
+def test_limits_say_how_many_classes_they_cover(tmp_path, caplog):
+    from misbench.datasets.sources import first_images, load_data
+
+    root = make_image_folder(tmp_path / "images", classes=4, per_class=5, size=8)
+    source = load_data(str(root))
+    labels = [source.label(i) for i in range(len(source))]
+    for limit in (3, 7, 12, 20, None):
+        caplog.clear()
+        n = first_images(source, limit, "--train-limit")
+        assert n == min(limit or 20, 20)
+        covered = len(set(labels[:n]))  # the reference: the classes among the first n rows
+        if covered < 4:
+            assert f"--train-limit {limit} takes the first {n} images" in caplog.text
+            assert f"cover {covered} of the 4 classes" in caplog.text
+        else:
+            assert "cover" not in caplog.text

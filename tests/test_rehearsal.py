@@ -101,6 +101,7 @@ def staged_home(tmp_path_factory):
 @pytest.fixture
 def torch_home(staged_home, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(staged_home))
+    monkeypatch.setenv("MISBENCH_STANDIN_WEIGHTS", "1")  # random stand-ins under torchvision's file names
     return staged_home
 
 
@@ -265,6 +266,7 @@ def _run_seed_study(tmp_path, monkeypatch, staged_home, overrides, per_class=134
     from misbench.studies.config import parse_config
 
     monkeypatch.setenv("TORCH_HOME", str(staged_home))
+    monkeypatch.setenv("MISBENCH_STANDIN_WEIGHTS", "1")
     wnids = WNIDS[:3]
     train, val = make_imagenet_tree(tmp_path / "imagenet", wnids, 4, per_class)
     config = parse_config(seed_config(train, val, overrides), "googlenet_imagenet.toml+overrides")

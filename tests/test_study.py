@@ -97,9 +97,11 @@ def test_tiny_study_caches_and_reruns_only_what_changed(tmp_path, study_data):
 
     old = os.environ.get("TORCH_HOME")
     os.environ["TORCH_HOME"] = str(tmp_path / "torch")
+    os.environ["MISBENCH_STANDIN_WEIGHTS"] = "1"  # the stand-in is not the file its name promises
     try:
         r = runner.invoke(cli, ["study", str(config), "--out", str(out)])
     finally:
+        os.environ.pop("MISBENCH_STANDIN_WEIGHTS")
         if old is None:
             os.environ.pop("TORCH_HOME")
         else:

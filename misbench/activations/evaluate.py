@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..datasets.folders import UNLABELLED
-from ..datasets.sources import TransformedDataset, load_data
+from ..datasets.sources import TransformedDataset, first_images, load_data
 from ..errors import MisbenchError
 from ..models.loading import LoadedModel
 from ..models.preprocess import build_transform
@@ -50,7 +50,7 @@ def evaluate_model(loaded: LoadedModel, data: str, batch_size: int = 64, workers
     dev = resolve_device(device)
     model = prepare_model(loaded.model, dev).eval()
     pre = loaded.preprocess
-    total = len(source) if limit is None else min(limit, len(source))
+    total = first_images(source, limit)
     dataset = TransformedDataset(source, build_transform(pre), (3, pre.crop, pre.crop), 0, total)
     logits, labels, done = [], [], 0
     with torch.inference_mode(), precision(dev, amp=False):

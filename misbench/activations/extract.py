@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..datasets.labels import LABEL_MODES
-from ..datasets.sources import DIGEST_CHARS, ImageSource, TransformedDataset, load_data
+from ..datasets.sources import DIGEST_CHARS, ImageSource, TransformedDataset, first_images, load_data
 from ..errors import MisbenchError
 from ..models.loading import LoadedModel, model_input_file
 from ..models.preprocess import build_transform
@@ -180,7 +180,7 @@ def _extract(loaded, data, out: Path, settings: ExtractSettings, resume: bool, o
     if resume and not own.exists():
         log.info("nothing to resume at %s; starting from the beginning", own)
         resume = False
-    total = len(source) if settings.limit is None else min(settings.limit, len(source))
+    total = first_images(source, settings.limit)
     # whole batches per rank: every image is computed in the same batch as in one process (bit-identical)
     first, last = distributed.block(-(-total // settings.batch_size), rank, size)
     start, stop = min(first * settings.batch_size, total), min(last * settings.batch_size, total)

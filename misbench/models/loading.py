@@ -106,8 +106,7 @@ def read_hub_weights(url: str) -> dict:
     target = hub_checkpoint_path(url)
     if not target.exists():
         _download(url, target)
-    hub_file_sha256(target, url)
-    try:
+    try:  # weights_only: safe to read before the hash check, and a pickle gets its own error
         state = torch.load(target, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise MisbenchError(
@@ -118,10 +117,13 @@ def read_hub_weights(url: str) -> dict:
     except (RuntimeError, EOFError, OSError) as err:
         raise MisbenchError(f"cannot read the weights file {target} ({str(err).splitlines()[0]}): delete it "
                             f"and download {url} again") from None
+    hub_file_sha256(target, url)
     check_finite(state, target, f"delete it and download {url} again")
     return state
 
 
+# tests and rehearsals put random stand-ins under torchvision's file names: they set this to 1 (logged)
+STANDIN_ENV = "MISBENCH_STANDIN_WEIGHTS"
 _VERIFIED: dict = {}  # (path, size, mtime) -> sha256 of hub files already checked by this process
 
 
@@ -134,7 +136,9 @@ def hub_file_sha256(target: Path, url: str = "") -> str:
     if key not in _VERIFIED:
         digest = sha256_file(target)
         match = HASH_REGEX.search(target.name)
-        if match and not digest.startswith(match.group(1)):
+        if match and not digest.startswith(match.group(1)) and os.environ.get(STANDIN_ENV) == "1":
+            log.warning("%s does not match the sha256 in its name: used as a stand-in (%s=1)", target, STANDIN_ENV)
+        elif match and not digest.startswith(match.group(1)):
             fetch = f"download {url} again" if url else "fetch the official file again"
             raise MisbenchError(
                 f"{target} is damaged or not the file its name promises: its sha256 starts {digest[:len(match.group(1))]}"

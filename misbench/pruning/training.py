@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..datasets.labels import LABEL_MODES
-from ..datasets.sources import ImageSource, TransformedDataset, derived_seed
+from ..datasets.sources import ImageSource, TransformedDataset, derived_seed, first_images
 from ..errors import MisbenchError
 from ..models.preprocess import Preprocess, build_transform
 from ..runtime import distributed
@@ -152,12 +152,12 @@ class Trainer:
                      f", DDP over {self.size} processes" if self.size > 1 else "")
         self.train_set = None
         if train_source is not None:
-            n_train = len(train_source) if settings.train_limit is None else min(settings.train_limit, len(train_source))
+            n_train = first_images(train_source, settings.train_limit, "--train-limit")
             self.train_set = TransformedDataset(train_source, train_transform(pre, settings.augment),
                                                 (3, pre.crop, pre.crop), 0, n_train, seed=(settings.seed, stream))
         self.val_set = None
         if val_source is not None:
-            n_val = len(val_source) if settings.val_limit is None else min(settings.val_limit, len(val_source))
+            n_val = first_images(val_source, settings.val_limit, "--val-limit")
             self.val_set = TransformedDataset(val_source, build_transform(pre), (3, pre.crop, pre.crop), 0, n_val)
 
     def state_dict(self) -> dict:

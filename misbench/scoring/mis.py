@@ -62,8 +62,9 @@ def rank_rows(acts: np.ndarray, keys: np.ndarray, descending: bool, first: int |
 
 def _check_rows(n_rows: int, needed: int, what: str):
     if n_rows < needed:
+        hint = ", or use --selection quantile (any number of rows)" if "fair" in what else ""
         raise MisbenchError(f"{what} needs at least {needed} rows in the activation file, found {n_rows}: "
-                            "extract more images, or lower --tasks/--explanations")
+                            f"extract more images, or lower --tasks/--explanations{hint}")
 
 
 def select_fair(acts: np.ndarray, rows: np.ndarray, keys: np.ndarray, n_rows: int, rng: np.random.Generator,

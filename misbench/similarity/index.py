@@ -29,7 +29,12 @@ BLOCK_BYTES = 64 << 20  # gathered vectors per call (FAISS queries, torch target
 
 
 def _faiss():
-    # FAISS loads on first search: its import is slow and logs its loader
+    """FAISS, imported quietly: its loader announces at INFO which CPU build it loaded, which is not the user's
+    business (the CLI hides it too; `-vv` there, or the logger "faiss" at DEBUG, shows it)."""
+    loader = logging.getLogger("faiss")
+    if loader.level == logging.NOTSET:  # a level the caller set is theirs
+        loader.setLevel(logging.WARNING)
+    # FAISS loads on first search: its import is slow
     import faiss
 
     return faiss
