@@ -16,7 +16,9 @@ from ..models.preprocess import check_preprocess
 from ..pruning.masks import CRITERIA, METHODS, SCHEDULES
 from ..runtime.device import parse_workers
 from ..scoring.mis import SELECTIONS
+from ..scoring.settings import parse_metrics
 from ..similarity import BACKENDS, backend_names
+from .dictionaries import dictionary_grid, dictionary_layers
 
 SECTIONS = {
     "study": {"name": "study", "seed": 0},
@@ -32,11 +34,15 @@ SECTIONS = {
     "extract": {"layers": ["conv", "softmax"], "data": None, "limit": None, "batch_size": 64, "dtype": "float32",
                 "reduction": "mean", "token_reduction": "mean", "features": [], "resize": None, "crop": None},
     "score": {"similarity": "lpips-alex", "image_size": None, "view": "model", "selection": "fair", "quantile": 0.2,
-              "tasks": 20, "explanations": 9, "alpha": None, "alpha_from": None, "layers": ["all"], "n_boot": 1000, "batch_size": 64},
+              "tasks": 20, "explanations": 9, "alpha": None, "alpha_from": None, "layers": ["all"], "n_boot": 1000, "batch_size": 64,
+              "metrics": ["mis"]},
     # one top-k sparse autoencoder trained during the study on `layer` of the base network (off while layer is
     # unset): its features are extracted and scored, and the report compares them with the layer's neurons
     "dictionary": {"layer": None, "name": "dictionary", "n_features": 64, "k": 4, "steps": 300, "lr": 1e-3,
-                   "batch_size": 256, "train_limit": None},
+                   "batch_size": 256, "train_limit": None,
+                   # the grid (issue 24): more layers, kinds, widths as multiples of the layer's units, several k;
+                   # controls: each dictionary's untrained twin and its features permuted across images
+                   "layers": [], "kinds": ["topk"], "expansions": [], "ks": [], "l1": 1e-3, "controls": False},
     "report": {"units": [], "classwise_layer": "softmax", "baseline": None},
     "runtime": {"device": "auto", "workers": "auto"},
     "quick": {},
@@ -50,7 +56,8 @@ NONE_TYPES = {"spec": str, "arch": str, "num_classes": int, "preprocess": dict, 
               "image_size": int, "alpha_from": str, "baseline": str, "layer": str}
 # the type of each element of list keys
 ITEM_TYPES = {"methods": str, "criteria": str, "rates": float, "schedules": str, "layers": str, "units": str,
-              "iterative_methods": str, "exclude": str, "optimizers": str, "features": str}
+              "iterative_methods": str, "exclude": str, "optimizers": str, "features": str, "kinds": str,
+              "expansions": float, "ks": int, "metrics": str}
 # integer keys with a lower bound (checked before any training runs)
 MINIMUM = {"epochs": 0, "batch_size": 1, "train_limit": 1, "val_limit": 1, "steps": 1, "limit": 1, "tasks": 1,
            "resize": 1, "crop": 1,
@@ -175,18 +182,30 @@ def _check_dictionaries(raw: dict) -> None:
             names.append(parse_features(text).name)
         except MisbenchError as err:
             raise MisbenchError(f"config [extract] features: {err}") from None
+    try:
+        parse_metrics(raw["score"]["metrics"])
+    except MisbenchError as err:
+        raise MisbenchError(f"config [score] metrics: {err}") from None
     d = raw["dictionary"]
-    if d["layer"] is None:
+    layers = dictionary_layers(d)
+    if not layers:
         return
-    if not d["layer"].strip() or "," in d["layer"]:
-        raise MisbenchError(f"config [dictionary] layer: expected one module name of the network (as "
-                            f"`misbench layers` lists them), got {d['layer']!r}")
-    if d["k"] > d["n_features"]:
-        raise MisbenchError(f"config [dictionary] k: {d['k']} exceeds n_features {d['n_features']} (a top-k "
-                            "dictionary keeps k of its features per input)")
+    for layer in layers:
+        if not layer.strip() or "," in layer:
+            raise MisbenchError(f"config [dictionary] layer: expected one module name of the network (as "
+                                f"`misbench layers` lists them), got {layer!r}")
+    if not d["expansions"] and any(k > d["n_features"] for k in (d["ks"] or [d["k"]])):
+        raise MisbenchError(f"config [dictionary] k: {max(d['ks'] or [d['k']])} exceeds n_features {d['n_features']} "
+                            "(a top-k dictionary keeps k of its features per input)")
     if not (math.isfinite(d["lr"]) and d["lr"] > 0):
         raise MisbenchError(f"config [dictionary] lr: must be a positive finite number, got {d['lr']!r}")
-    if d["name"] in names or d["name"] == d["layer"] or not d["name"].strip():
+    try:
+        plans = dictionary_grid(d, 0)
+    except MisbenchError as err:
+        raise MisbenchError(f"config [dictionary]: {err}") from None
+    made = [p.name for p in plans] + [p.untrained for p in plans if p.untrained]
+    if d["name"] in names or d["name"] in layers or not d["name"].strip() or len(set(made)) != len(made) \
+            or set(made) & set(names):
         raise MisbenchError(f"config [dictionary] name: {d['name']!r} must be a new, non-empty layer name (not the "
                             f"dictionary's layer nor an [extract] features name)")
 

@@ -14,10 +14,10 @@ from typing import Callable
 import torch
 
 from ..activations.dictionary import parse_features
-from ..activations.dictionary_training import DictionarySettings, train_dictionary
+from ..activations.dictionary_training import train_dictionary
 from ..activations.evaluate import evaluate_model, write_eval
 from ..activations.extract import ExtractSettings, extract
-from ..activations.store import open_activations, partial_path
+from ..activations.store import add_permuted_layers, open_activations, partial_path
 from ..errors import MisbenchError
 from ..models.archs import build_arch
 from ..models.checkpoint import load_checkpoint_dict
@@ -34,6 +34,7 @@ from ..runtime.lock import DirectoryLock
 from ..scoring.calibrate import calibration_alpha
 from ..scoring.run import ScoreSettings, score
 from .config import RunSpec, StudyConfig
+from .dictionaries import dictionary_grid, dictionary_layers, permuted_name
 from .manifest import Manifest, folder_fingerprint, step_key
 
 log = logging.getLogger(__name__)
@@ -152,17 +153,19 @@ class Study:
                               lambda resume, a=acts, out=scores: self._score(a, out), data=(images,)))
         steps += self._dictionary_steps(base_ckpt)
         report_inputs = {}
-        if cfg["dictionary"]["layer"]:
+        has_dictionary = bool(dictionary_layers(cfg["dictionary"]))
+        if has_dictionary:
             report_inputs["dictionary:scores"] = self.out / "dictionary" / "mis.csv"
         for run in self.runs:
             d = self.run_dir(run)
             report_inputs.update({f"{run.name}:scores": d / "mis.csv", f"{run.name}:eval": d / "eval.json"})
         report_outputs = {"html": self.out / "report" / "report.html", "sweep": self.out / "report" / "sweep.csv",
                           "summary": self.out / "report" / "summary.json"}
-        if cfg["dictionary"]["layer"]:
+        if has_dictionary:
             report_outputs["compare"] = self.out / "report" / "compare" / "compare.csv"
+            report_outputs["dictionaries"] = self.out / "report" / "dictionaries" / "dictionaries.csv"
         report_settings = {"report": cfg["report"], "runs": [dataclasses.asdict(r) for r in self.runs]}
-        if cfg["dictionary"]["layer"]:
+        if has_dictionary:
             report_settings["dictionary"] = cfg["dictionary"]
         steps.append(Step("report", "report", report_settings, report_inputs, report_outputs, lambda resume: self._report()))
         return steps
@@ -173,34 +176,64 @@ class Study:
                 "scores": d / "mis.csv", "meta": d / "mis.json", "tasks": d / "tasks.h5"}
 
     def _dictionary_steps(self, base_ckpt) -> list[Step]:
-        """[dictionary]: activations of the training images at `layer` of the base network -> a top-k SAE ->
-        the layer's neurons and the dictionary's features on the extraction images -> their scores (the
-        report compares the two populations)."""
+        """[dictionary]: activations of the training images at its layers of the base network -> the grid's
+        dictionaries (each with its untrained control when `controls`) -> the layers' neurons and every
+        dictionary's features on the extraction images (with `controls`, plus each trained dictionary's features
+        permuted across images) -> their scores (the report compares neurons and features layer by layer)."""
         cfg, d = self.config, self.config["dictionary"]
-        if not d["layer"]:
+        layers = dictionary_layers(d)
+        if not layers:
             return []
         p = self.dictionary_paths()
+        plans = dictionary_grid(d, cfg["study"]["seed"])
+        folder = self.out / "dictionary"
+        files = {plan.name: folder / plan.file for plan in plans}
+        files.update({plan.untrained: folder / plan.untrained_file for plan in plans if plan.untrained})
         e = {k: cfg["extract"][k] for k in ("reduction", "token_reduction", "dtype", "resize", "crop", "batch_size")}
         labels = cfg["data"]["labels"]
-        # the training images feed the dictionary's own layer only (no [extract] features on the whole train split)
-        train = {**e, "layers": [d["layer"]], "features": [], "data": cfg["data"]["train"], "limit": d["train_limit"],
+        # the training images feed the dictionaries' own layers only (no [extract] features on the whole train split)
+        train = {**e, "layers": layers, "features": [], "data": cfg["data"]["train"], "limit": d["train_limit"],
                  "labels": labels, "dtype": "float32"}
-        val = {**e, "layers": [d["layer"]], "features": [f"{d['name']}={d['layer']}:dictionary.pt"],
-               "data": cfg["extract"]["data"] or cfg["data"]["val"], "limit": cfg["extract"]["limit"], "labels": labels}
-        spec = f"{d['name']}={d['layer']}:{p['dictionary']}"
-        return [
+        specs = [f"{plan.name}={plan.layer}:{plan.file}" for plan in plans] + \
+            [f"{plan.untrained}={plan.layer}:{plan.untrained_file}" for plan in plans if plan.untrained]
+        val = {**e, "layers": layers, "features": specs, "data": cfg["extract"]["data"] or cfg["data"]["val"],
+               "limit": cfg["extract"]["limit"], "labels": labels}
+        full = [f"{spec.partition('=')[0]}={spec.partition('=')[2].partition(':')[0]}:{folder / spec.rpartition(':')[2]}"
+                for spec in specs]
+        scored = folder / "acts_controls.h5" if d["controls"] else p["acts"]
+        steps = [
             Step("extract:dictionary-train", "extract", train, {"model": base_ckpt}, {"acts": p["train_acts"]},
                  lambda resume: self._extract(base_ckpt, p["train_acts"], resume, **train), partial_path(p["train_acts"]),
                  (train["data"],)),
             Step("dictionary", "dictionary", {**d, "seed": cfg["study"]["seed"]}, {"acts": p["train_acts"]},
-                 {"dictionary": p["dictionary"]}, lambda resume: self._train_dictionary()),
-            Step("extract:dictionary", "extract", val, {"model": base_ckpt, "dictionary": p["dictionary"]},
-                 {"acts": p["acts"]}, lambda resume: self._extract(base_ckpt, p["acts"], resume, **{**val, "features": [spec]}),
+                 {f"dictionary:{name}": path for name, path in files.items()},
+                 lambda resume: self._train_dictionaries(plans)),
+            Step("extract:dictionary", "extract", val, {"model": base_ckpt, **{f"dictionary:{n}": f for n, f in files.items()}},
+                 {"acts": p["acts"]}, lambda resume: self._extract(base_ckpt, p["acts"], resume, **{**val, "features": full}),
                  partial_path(p["acts"]), (val["data"],)),
-            Step("score:dictionary", "score", {**cfg["score"], "layers": ["all"], "seed": cfg["study"]["seed"]},
-                 {"acts": p["acts"]}, {k: p[k] for k in ("scores", "meta", "tasks")},
-                 lambda resume: self._score(p["acts"], p["scores"], layers=["all"]), data=(val["data"],)),
         ]
+        if d["controls"]:
+            steps.append(Step("controls:dictionary", "controls", {"seed": cfg["study"]["seed"],
+                                                                  "layers": [plan.name for plan in plans]},
+                              {"acts": p["acts"]}, {"acts": scored},
+                              lambda resume: add_permuted_layers(p["acts"], scored, [plan.name for plan in plans],
+                                                                 cfg["study"]["seed"])))
+        steps.append(Step("score:dictionary", "score", {**cfg["score"], "layers": ["all"], "seed": cfg["study"]["seed"]},
+                          {"acts": scored}, {k: p[k] for k in ("scores", "meta", "tasks")},
+                          lambda resume: self._score(scored, p["scores"], layers=["all"]), data=(val["data"],)))
+        return steps
+
+    def dictionary_pairs(self) -> list[str]:
+        """`report dictionaries` pairs: each layer against each dictionary, its untrained twin and its permuted
+        features (with controls)."""
+        d = self.config["dictionary"]
+        pairs = []
+        for plan in dictionary_grid(d, self.config["study"]["seed"]):
+            pairs.append(f"{plan.label}:{plan.layer}={plan.name}")
+            if plan.untrained:
+                pairs += [f"{plan.label} untrained:{plan.layer}={plan.untrained}",
+                          f"{plan.label} permuted:{plan.layer}={permuted_name(plan.name)}"]
+        return pairs
 
     # -- actions --------------------------------------------------------------------------------------------------
     def _load(self, ckpt) -> LoadedModel:
@@ -232,11 +265,11 @@ class Study:
         extract(self._load(ckpt), e["data"] or self.config["data"]["val"], out, settings, resume=resume,
                 overwrite=True, progress=self._bar(f"extract {Path(out).parent.name}"))
 
-    def _train_dictionary(self):
-        d, p = self.config["dictionary"], self.dictionary_paths()
-        settings = DictionarySettings(n_features=d["n_features"], k=d["k"], steps=d["steps"], lr=d["lr"],
-                                      batch_size=d["batch_size"], seed=self.config["study"]["seed"])
-        train_dictionary(p["train_acts"], d["layer"], p["dictionary"], settings)
+    def _train_dictionaries(self, plans):
+        p, folder = self.dictionary_paths(), self.out / "dictionary"
+        for plan in plans:
+            train_dictionary(p["train_acts"], plan.layer, folder / plan.file, plan.settings,
+                             untrained_out=folder / plan.untrained_file if plan.untrained else None)
 
     def _score(self, acts, out, layers=None):
         s = self.config["score"]
@@ -248,7 +281,8 @@ class Study:
                                  quantile=s["quantile"], tasks=s["tasks"], explanations=s["explanations"], alpha=alpha,
                                  alpha_source=alpha_source,
                                  seed=self.config["study"]["seed"], n_boot=s["n_boot"], batch_size=s["batch_size"],
-                                 device=self._runtime()["device"], workers=self._runtime()["workers"])
+                                 device=self._runtime()["device"], workers=self._runtime()["workers"],
+                                 metrics=tuple(s["metrics"]))
         score(acts, layers or s["layers"], settings, out, tasks_out=Path(out).with_name("tasks.h5"),
               cache_dir=self.out / "cache" / "embeddings",
               progress=(lambda stage, d, n: self.progress(f"{stage} {Path(out).parent.name}", d, n)) if self.progress else None,
@@ -271,11 +305,17 @@ class Study:
     def _report(self):
         # reports load matplotlib: only when a study reports
         from ..reports.build import sweep
+        from ..reports.dictionaries import dictionary_report
 
         cfg, d = self.config["report"], self.config["dictionary"]
-        # the dictionary's layer: its neurons against its features, both scored in dictionary/mis.csv
+        # the dictionaries' layers: neurons against features, all scored in dictionary/mis.csv; the first
+        # dictionary in the sweep report's comparison, every one layer by layer in report/dictionaries/
         scores = self.dictionary_paths()["scores"]
-        compare = [f"neurons={scores}:{d['layer']}", f"features={scores}:{d['name']}"] if d["layer"] else None
+        plans = dictionary_grid(d, self.config["study"]["seed"]) if dictionary_layers(d) else []
+        compare = [f"neurons={scores}:{plans[0].layer}", f"features={scores}:{plans[0].name}"] if plans else None
+        if plans:
+            dictionary_report(scores, self.dictionary_pairs(), self.out / "report" / "dictionaries",
+                              seed=self.config["study"]["seed"], n_boot=self.config["score"]["n_boot"])
         sweep(self.write_runs_csv(), self.out / "report", self.config["study"]["seed"], baseline=cfg["baseline"],
               classwise_layer=cfg["classwise_layer"], units=cfg["units"],
               title=f"misbench study: {self.config['study']['name']}", compare_scores=compare,
