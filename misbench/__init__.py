@@ -5,9 +5,9 @@ live in subpackages named after the pipeline's stages (docs/contributing.md); no
 API function, so `misbench.extract` is always the function.
 """
 
-from .api import (LayerInfo, audit, evaluate, extract, layers, load_model, load_scores, open_activations, prune, report,
-                  retrain, score, study)
+from .api import (LayerInfo, audit, evaluate, extract, layers, load_model, load_scores, open_activations, plot_unit,
+                  prune, report, retrain, score, study, unit_images)
 from .version import __version__
 
 __all__ = ["__version__", "LayerInfo", "audit", "evaluate", "extract", "layers", "load_model", "load_scores",
-           "open_activations", "prune", "report", "retrain", "score", "study"]
+           "open_activations", "plot_unit", "prune", "report", "retrain", "score", "study", "unit_images"]

@@ -6,7 +6,7 @@ defaults exist once.
 """
 
 __all__ = ["LayerInfo", "layers", "load_model", "extract", "open_activations", "score", "load_scores", "prune",
-           "retrain", "audit", "evaluate", "report", "study"]
+           "retrain", "audit", "evaluate", "report", "study", "unit_images", "plot_unit"]
 
 import dataclasses
 import inspect
@@ -249,8 +249,8 @@ def _evaluate(model, data, acts, out, classwise, progress, arch, num_classes, tr
 def report(kind: str, out, *, overwrite: bool = False, **inputs) -> Path:
     """Write the report `kind` into the folder `out`; returns its main file (report.html, layers.csv, curves.csv).
 
-    classwise: scores, acts or eval_json, layer, tasks, units, seed. sweep: runs (runs.csv or a study
-    folder), seed, baseline, classwise_layer, units, title. compare: scores (two or more
+    classwise: scores, acts or eval_json, layer, tasks, units, seed. sweep: runs (runs.csv, a study
+    folder, or in memory: a pandas DataFrame or a list of dicts with runs.csv's columns), seed, baseline, classwise_layer, units, title. compare: scores (two or more
     `[LABEL=]mis.csv[:LAYER+LAYER]`), seed, n_boot. layers: scores. curves: checkpoints.
     The report's main files in `out` are not replaced unless `overwrite`."""
     # the reports import matplotlib (a second or more): loaded when a report is made, not by `import misbench`
@@ -268,6 +268,24 @@ def report(kind: str, out, *, overwrite: bool = False, **inputs) -> Path:
     with writing({"out": out}, read, f"misbench report {kind}"):
         refuse_existing({"out": [Path(out) / name for name in REPORT_FILES[kind]]}, overwrite)
         return build(out=out, **inputs)
+
+
+def unit_images(acts, layer: str, unit: int, k: int = 9, side: str = "top", size: int = 64) -> dict:
+    """A unit's k most (side="top") or least ("bottom") activating images from an activation file alone (no
+    tasks file): {"rows", "paths", "activations" [k], "images" uint8 [k, size, size, 3]}, in rank order."""
+    # reports.units reads images back (torchvision transforms): loaded when asked for
+    from .reports.units import unit_images as _unit_images
+
+    return _unit_images(acts, layer, unit, k=k, side=side, size=size)
+
+
+def plot_unit(acts, layer: str, unit: int, k: int = 9, tasks=None, n_tasks: int = 2, size: int = 64):
+    """A matplotlib Figure (no pyplot: a notebook shows it, `fig.savefig` saves it) of a unit's top and bottom
+    k images with their activations and, with `tasks` (the score run's tasks.h5), its first n_tasks tasks."""
+    # matplotlib loads when a figure is drawn, not with `import misbench`
+    from .reports.units import plot_unit as _plot_unit
+
+    return _plot_unit(acts, layer, unit, k=k, tasks=tasks, n_tasks=n_tasks, size=size)
 
 
 def study(config, out, *, quick: bool = False, dry_run: bool = False, on_step=None, progress=AUTO,

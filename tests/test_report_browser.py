@@ -1,8 +1,13 @@
-"""The report a researcher reads first, opened in a real headless browser (Debian's chromium via Playwright)."""
+"""The report a researcher reads first, opened in a real headless browser (Debian's chromium via Playwright):
+findings on the first screen with the tables' numbers, every table link resolves, every unit-page image
+loads, no console error, no horizontal scroll on a phone, page weight within the budget. It also makes the
+screenshots of docs/reports.md (MISBENCH_SCREENSHOTS=DIR)."""
 
 import json
+import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +19,7 @@ from misbench.cli.main import cli
 from misbench.activations.evaluate import evaluate_acts
 from misbench.runtime.fileio import write_json
 from misbench.reports.tables import read_csv_rows
+from misbench.reports.units import INDEX_BYTES_PER_UNIT, UNIT_PAGE_BYTES, page_weight
 
 
 def _chromium():
@@ -44,15 +50,21 @@ def _run(root, out, labels, rng, accuracy_boost, feat_noise):
 
 @pytest.fixture(scope="module")
 def study_report(property_folder, tmp_path_factory):
+    """A tiny generated study's report; MISBENCH_REPORT=DIR checks a built report instead (the demo's, for
+    docs/reports.md's screenshots)."""
+    if os.environ.get("MISBENCH_REPORT"):
+        return Path(os.environ["MISBENCH_REPORT"]).resolve()
     root, _ = property_folder
     base = tmp_path_factory.mktemp("browser")
     labels = np.array([int(p.parent.name.split("_")[1]) for p in sorted(root.rglob("*.png"))])
     rng = np.random.default_rng(0)
     _run(root, base / "runs" / "control", labels, rng, [3.0, 0.5, -1.0], 0.1)
     _run(root, base / "runs" / "pruned", labels, rng, [1.0, 0.0, -0.5], 2.0)
+    _run(root, base / "runs" / "pruned8", labels, rng, [0.5, 0.0, -0.5], 4.0)
     (base / "runs.csv").write_text("name,method,rate,scores,eval\n"
                                    "control,none,0,runs/control/mis.csv,runs/control/eval.json\n"
-                                   "pruned,structured,0.5,runs/pruned/mis.csv,runs/pruned/eval.json\n")
+                                   "pruned,structured,0.5,runs/pruned/mis.csv,runs/pruned/eval.json\n"
+                                   "pruned8,structured,0.8,runs/pruned8/mis.csv,runs/pruned8/eval.json\n")
     out = base / "report"
     r = CliRunner().invoke(cli, ["report", "sweep", "--runs", str(base / "runs.csv"), "--out", str(out),
                                  "--unit", "feat:3"])  # a constant unit asked for: reported, not fatal
@@ -60,53 +72,138 @@ def study_report(property_folder, tmp_path_factory):
     return out
 
 
-def test_report_opens_in_a_headless_browser_with_every_image_and_no_console_error(study_report):
-    exe = _chromium()
+def _browse(exe, pages: list, width: int, height: int, shots: dict = None):
+    """Open each page at width x height; per page: images (src, loaded), horizontal overflow, console errors,
+    and what `probe` (a JS expression) returns."""
     from playwright.sync_api import sync_playwright
 
-    out = study_report
-    errors = []
+    found = {}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
         try:
-            page = browser.new_page()
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("requestfailed", lambda req: errors.append(f"failed: {req.url}"))
-            page.goto((out / "report.html").as_uri(), wait_until="load")
-            images = page.eval_on_selector_all("img", "els => els.map(e => [e.getAttribute('src'), e.naturalWidth])")
-            header = page.inner_text("#header")
-            summary_rows = page.eval_on_selector_all("#summary table.csv tr", "rows => rows.map(r => r.innerText)")
-            scatters = page.eval_on_selector_all("img.scatter", "els => els.map(e => e.naturalWidth)")
-            toc = page.eval_on_selector_all("#toc a", "els => els.map(e => e.getAttribute('href'))")
-            ids = page.eval_on_selector_all("section[id]", "els => els.map(e => '#' + e.id)")
-            body = page.inner_text("body")
+            for path, probe in pages:
+                page = browser.new_page(viewport={"width": width, "height": height})
+                errors = []
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("requestfailed", lambda req: errors.append(f"failed: {req.url}"))
+                page.goto(Path(path).as_uri(), wait_until="load")
+                if shots and path in shots:
+                    page.screenshot(path=shots[path])
+                # lazy images: load them all, then read their sizes
+                page.evaluate("() => Promise.all([...document.images].map(i => {i.loading = 'eager'; "
+                              "return i.decode().catch(() => null)}))")
+                images = page.eval_on_selector_all("img", "els => els.map(e => [e.getAttribute('src'), e.naturalWidth, "
+                                                          "e.getAttribute('alt')])")
+                overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+                found[path] = {"images": images, "overflow": overflow, "errors": list(errors),
+                               "probe": page.evaluate(probe) if probe else None}
+                page.close()
         finally:
             browser.close()
-    assert errors == []
-    assert len(images) >= 8 and all(width > 0 for _, width in images), images
-    for label in ("model", "checkpoint sha256", "images (N)", "unit selection", "tasks per unit", "explanations per task",
-                  "similarity backend", "backend fingerprint", "alpha source", "misbench version"):
-        assert label in header
-    assert "pixel" in header and "450" in header and "warning: mis_confidence uses an uncalibrated alpha" in header
-    sweep = read_csv_rows(out / "sweep.csv")
-    assert len(summary_rows) == 1 + len(sweep) and summary_rows[1].split("\t")[0] == "control"
-    assert len(scatters) == 2 and all(w > 0 for w in scatters)
-    assert toc == ids  # the table of contents names every section
-    assert "feat:3" in body and "constant unit" in body
+    return found
+
+
+FINDINGS_PROBE = ("() => {const b = document.querySelector('#findings').getBoundingClientRect(); "
+                  "return {bottom: b.bottom, text: document.querySelector('#findings').innerText, "
+                  "links: [...document.querySelectorAll('table.csv a')].map(a => a.getAttribute('href')), "
+                  "figs: [...document.querySelectorAll('figure img')].filter(i => i.offsetParent !== null)"
+                  ".map(i => [i.naturalWidth, i.clientWidth])}}")
+
+
+def _num(x) -> str:
+    return f"{float(x):.3g}"
+
+
+def test_report_findings_links_images_and_layout_in_a_headless_browser(study_report):
+    exe = _chromium()
+    out = study_report
+    report = out / "report.html"
+    shots_dir = os.environ.get("MISBENCH_SCREENSHOTS")
+    shots = {str(report): str(Path(shots_dir) / "report-first-screen.png")} if shots_dir else None
+    wide = _browse(exe, [(str(report), FINDINGS_PROBE)], 1440, 900, shots)[str(report)]
+    assert wide["errors"] == [] and wide["overflow"] <= 0
+    probe = wide["probe"]
+    assert 0 < probe["bottom"] <= 900  # the findings box is on the first screen
+    assert all(n > 0 and n == c for n, c in probe["figs"]), probe["figs"]  # figures at 100 % (text >= 10 px)
+
+    # the findings' numbers are the tables': r of rate against sweep.csv's confidence (scipy on the table) ...
+    text = probe["text"]
+    sweep = [s for s in read_csv_rows(out / "sweep.csv") if s["method"] != "random" and s["mis_confidence"]]
+    r = stats.pearsonr([float(s["rate"]) for s in sweep], [float(s["mis_confidence"]) for s in sweep])
+    assert f"n = {len(sweep)} runs" in text and f"Pearson r = {_num(r.statistic)}" in text and f"p = {_num(r.pvalue)}" in text
+    # ... and the paired line is paired.csv's row of the run it names
+    m = re.search(r"the largest difference, ([^:]+): Δ MIS confidence = (\S+) \(95 % CI \[(\S+), (\S+)\]\), p = (\S+), "
+                  r"n = (\d+) units", text)
+    assert m, text
+    row = next(p for p in read_csv_rows(out / "paired.csv") if p["name"] == m[1] and p["layer"] == "features")
+    p_col = "p_confidence" if row.get("p_confidence") not in (None, "") else "wilcoxon_p_confidence"
+    assert m.groups()[1:] == (_num(row["diff_mis_confidence"]), _num(row["diff_conf_ci_low"]),
+                              _num(row["diff_conf_ci_high"]), _num(row[p_col]), row["n_pairs"])
+    others = [abs(float(p["diff_mis_confidence"])) for p in read_csv_rows(out / "paired.csv") if p["layer"] == "features"]
+    assert abs(float(row["diff_mis_confidence"])) == max(others)
+    cw = read_csv_rows(out / "classwise" / "control" / "classwise.csv")
+    rc = stats.pearsonr([float(c["accuracy"]) for c in cw], [float(c["mis_confidence"]) for c in cw])
+    assert f"in control, Pearson r = {_num(rc.statistic)}" in text
+
+    # every link from a table row resolves; the units it links have pages whose images all load
+    links = probe["links"]
+    unit_pages = [out / h for h in links if re.search(r"units/.+/\d+\.html$", h)]
+    assert links and all((out / h).is_file() for h in links) and unit_pages
+    layer_index = unit_pages[0].parent / "index.html"
+    constant = out / "units" / "control" / "feat" / "3.html"  # the generated study's constant unit
+    phone_pages = [report, layer_index, unit_pages[0]] + ([constant] if constant.exists() else [])
+    if shots_dir:
+        shots = {str(layer_index): str(Path(shots_dir) / "units-layer-index.png"),
+                 str(unit_pages[0]): str(Path(shots_dir) / "unit-page.png")}
+    seen = _browse(exe, [(str(p), None) for p in dict.fromkeys(unit_pages + phone_pages[1:])], 1440, 900, shots)
+    for path, got in seen.items():
+        assert got["errors"] == [] and got["images"], path
+        assert all(width > 0 for _, width, _ in got["images"]), (path, got["images"])
+        run_unit = re.search(r"units/([^/]+)/([^/]+)/(\d+|index)\.html", path)
+        assert all(run_unit[1] in alt and (run_unit[3] == "index" or f"{run_unit[2]}:{run_unit[3]}" in alt)
+                   for _, _, alt in got["images"]), got["images"]  # alt texts name run and unit
+    # on a phone: no horizontal scroll of the page itself
+    phone = _browse(exe, [(str(p), None) for p in phone_pages], 390, 844)
+    assert all(got["overflow"] <= 0 and got["errors"] == [] for got in phone.values()), phone
+
+    # page weight within the documented budget (docs/reports.md)
+    n_units = len(read_csv_rows(out / "sweep_layers.csv"))  # sanity: the study has layers
+    assert n_units
+    run_dir = layer_index.parent.parent
+    for index in run_dir.glob("*/index.html"):
+        tiles = index.read_text().count("class='tile'")
+        assert page_weight(index) <= INDEX_BYTES_PER_UNIT * tiles, index
+    assert max(page_weight(p) for p in run_dir.glob("*/[0-9]*.html")) <= UNIT_PAGE_BYTES
+
+
+def test_report_reads_first_and_prints(study_report):
+    out = study_report
+    html = (out / "report.html").read_text()
+    assert "<html lang='en'>" in html and "name='viewport'" in html and "@media print" in html
+    assert "<details id='settings'>" in html and html.count("<caption>") >= 3
+    # the findings come before the settings and the contents
+    assert html.index("id='findings'") < html.index("id='settings'") < html.index("id='toc'")
+    body = re.sub(r"<[^>]+>", " ", html)
+    if not os.environ.get("MISBENCH_REPORT"):  # the generated study asked for its constant unit
+        assert "feat:3" in body and "constant unit" in body
     assert not re.search(r"\{\s*\"", body)  # no dict dumps
 
 
 def test_report_figures_agree_with_its_tables(study_report):
     out = study_report
-    for run in ("control", "pruned"):
+    for run in sorted(p.name for p in (out / "classwise").iterdir()):
         table = read_csv_rows(out / "classwise" / run / "classwise.csv")
         acc = [float(r["accuracy"]) for r in table]
         conf = [float(r["mis_confidence"]) for r in table]
         svg = (out / "classwise" / run / "classwise_scatter.svg").read_text()
         assert f"r={stats.pearsonr(acc, conf).statistic:.3f}" in svg and f"n={len(table)}" in svg
-    for png in out.rglob("*.png"):  # every figure has its SVG twin
-        assert png.with_suffix(".svg").exists(), png
+        assert f"r={stats.pearsonr(acc, conf).statistic:.3f}" in (out / "classwise_runs.svg").read_text()
+    for png in out.rglob("*.png"):  # every figure has its SVG twin, and no text under 8 pt (11 px at 100 dpi)
+        svg = png.with_suffix(".svg")
+        assert svg.exists(), png
+        sizes = [float(s) for s in re.findall(r"font(?:-size)?:\s*(?:[a-z]+\s+)*([\d.]+)px", svg.read_text())]
+        assert sizes and min(sizes) >= 8, (svg, min(sizes))
     html = (out / "report.html").read_text()
     csvs = {p.relative_to(out).as_posix() for p in out.rglob("*.csv")}
     assert csvs and all(f"href='{c}'" in html for c in csvs)

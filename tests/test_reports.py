@@ -18,6 +18,7 @@ from misbench.reports.figures import sweep_figure
 from misbench.reports.importer import import_scores
 from misbench.reports.stats import correlation
 from misbench.reports.sweep import sweep_report
+from misbench.reports.figures import DPI
 from misbench.reports.tables import read_scores
 from misbench.activations.store import open_activations
 
@@ -99,8 +100,8 @@ def test_sweep_figure_has_the_expected_axes_and_lines(tmp_path):
     assert "unpruned" not in lines  # the control starts the retrained lines instead
     assert list(lines["structured, oneshot"].get_xdata()) == [0.0, 0.2, 0.4, 0.6]
     assert list(lines["structured, oneshot, not retrained"].get_xdata()) == [0.2, 0.4, 0.6]
-    with Image.open(tmp_path / "f.png") as img:
-        assert img.size == (770, 495)
+    with Image.open(tmp_path / "f.png") as img:  # the pixel size the page shows it at (100 %)
+        assert img.size == tuple(round(v * DPI) for v in fig.get_size_inches())
 
 
 def test_import_round_trip_and_options(tmp_path):

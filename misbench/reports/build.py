@@ -2,24 +2,30 @@
 misbench.api.report and the study's report step all call these), and the HTML sections of the pages."""
 
 __all__ = ["REPORTS", "REPORT_FILES", "register_report", "checkpoint_labels", "classwise", "sweep", "layers", "curves", "compare", "dictionaries", "sweep_sections", "classwise_sections",
-           "compare_sections", "unit_sections", "settings_header"]
+           "compare_sections", "unit_sections", "units_section", "classwise_runs_section", "settings_header"]
 
+import contextlib
+import html
 import logging
+import os
+import shutil
 from pathlib import Path
 
 from ..errors import MisbenchError
 from ..registry import register
-from ..runtime.fileio import option_label, write_json
+from ..runtime.fileio import option_label, temp_dir_beside, write_json
 from ..scoring.results import read_meta
 from ..version import __version__
 from .classwise import classwise_report
 from .compare import compare_report
-from .figures import layers_figure
-from .gallery import unit_galleries
-from .html import Figure, Section, write_html
+from .figures import classwise_runs_figure, layers_figure
+from .findings import classwise_finding, compare_finding, findings
+from .gallery import choose_units, unit_galleries
+from .html import Figure, Section, table_html, write_html
+from .sweep import runs_table, sweep_report, training_curves, write_curves
+from .units import unit_pages
 from .dictionaries import dictionary_report
 from .stats import format_correlation
-from .sweep import sweep_report, training_curves, write_curves
 from .tables import LAYER_COLUMNS, layer_summary, read_csv_rows, read_scores, score_settings, write_csv
 
 log = logging.getLogger(__name__)
@@ -79,9 +85,12 @@ def settings_header(scores_csv, n_runs: int | None = None) -> list:
     return rows
 
 
-def sweep_sections(summary: dict, out_dir) -> list[Section]:
+def sweep_sections(summary: dict, out_dir, run_links: dict | None = None) -> list[Section]:
+    """The summary table with the paired differences beside it, MIS and accuracy against rate, the per-layer
+    figure, the unit distributions, the paired table. `run_links`: run name -> its unit pages."""
     out_dir = Path(out_dir)
     figures = set(summary["figures"])
+    links = {"name": run_links} if run_links else {}
 
     def fig(name, caption, css=""):
         return [Figure(name, caption, css)] if name in figures else []
@@ -89,9 +98,11 @@ def sweep_sections(summary: dict, out_dir) -> list[Section]:
     sections = [Section("Summary of the runs", css_id="summary", tables=["sweep.csv"], columns=SUMMARY_COLUMNS,
                         text="mis and mis_confidence: layer-balanced means over feature layers (each layer's mean over "
                              "its non-constant units); class_mis_confidence: the same over the class units; "
-                             "conf_ci: bootstrap interval of the layer-balanced mean.",
-                        facts=_correlation_facts(summary))]
-    sections.append(Section("MIS and accuracy against pruning rate", figures=[
+                             "conf_ci: bootstrap interval of the layer-balanced mean.", links=links,
+                        facts=_correlation_facts(summary),
+                        figures=fig("paired.png", f"paired difference from {summary.get('paired_baseline')} "
+                                                  "with its 95% interval (paired.csv)"))]
+    sections.append(Section("MIS and accuracy against pruning rate", css_id="sweep", figures=[
         *fig("sweep_mis_confidence.png", "MIS confidence against pruning rate (bars: 5-95% of units)"),
         *fig("sweep_mis.png", "MIS against pruning rate"),
         *fig("sweep_class_mis_confidence.png", "class-unit MIS confidence against pruning rate"),
@@ -99,17 +110,40 @@ def sweep_sections(summary: dict, out_dir) -> list[Section]:
         *fig("curves.png", "validation top-1 over retraining epochs")]))
     if "layers.png" in figures:
         sections.append(Section("MIS per layer across runs", css_id="layers", figures=fig(
-            "layers.png", "mean MIS confidence per layer, one line per run (values in sweep_layers.csv)")))
+            "layers.png", "mean MIS confidence per layer, one line per run; the axis spans the values "
+                          "(values in sweep_layers.csv)")))
         sections.append(Section("Distribution of unit MIS per run", css_id="distribution", figures=fig(
             "unit_distribution.png", "unit MIS confidence of the non-constant units of each run (box: quartiles, "
                                      "triangle: mean)")))
     if summary.get("paired_baseline"):
         sections.append(Section(f"Paired differences against {summary['paired_baseline']}", css_id="paired",
                                 text="Per-unit differences (run - baseline) over units non-constant in both runs; "
-                                     "layer-balanced mean with its bootstrap interval and the Wilcoxon signed-rank p.",
+                                     "layer-balanced mean with its bootstrap interval and its p-value (figure: "
+                                     "beside the summary table).",
                                 tables=["paired.csv"] if (out_dir / "paired.csv").exists() else [],
-                                columns=PAIRED_SHOWN,
-                                figures=fig("paired.png", "mean paired difference with its 95% interval")))
+                                columns=PAIRED_SHOWN, links=links))
+    return sections
+
+
+def classwise_runs_section(by_run: dict, out_dir, layer: str) -> list[Section]:
+    """All runs' class-unit MIS against class-wise accuracy in one figure (small multiples); each run's
+    table and figures folded below it."""
+    if not by_run:
+        return []
+    out_dir = Path(out_dir)
+    panels = {name: (read_csv_rows(out_dir / "classwise" / name / "classwise.csv"),
+                     s["correlation_accuracy_mis_confidence"]) for name, s in by_run.items()}
+    classwise_runs_figure(panels, out_dir / "classwise_runs.png", layer)
+    facts = [(name, format_correlation(s["correlation_accuracy_mis_confidence"])) for name, s in by_run.items()]
+    sections = [Section("Class units against class-wise accuracy", css_id="classwise",
+                        text=f"One panel per run: each point a class ({layer} unit); line: least squares; title: "
+                             "Pearson r, p, n (the numbers of each run's classwise/<run>/summary.json).",
+                        facts=facts, figures=[Figure("classwise_runs.png", "class-unit MIS confidence against "
+                                                                           "class-wise accuracy, every run", "scatter")])]
+    for name, s in by_run.items():
+        for sec in classwise_sections(s, f"classwise/{name}", name):
+            sec.folded = True
+            sections.append(sec)
     return sections
 
 
@@ -148,17 +182,6 @@ def unit_sections(galleries: list[dict], run: str = "") -> list[Section]:
     return sections
 
 
-def _unit_sections_for(out_dir, scores_csv, units=(), prefix: str = "", run: str = "") -> list[Section]:
-    """Pictures when tasks.h5 and acts.h5 sit beside the scores (as a study writes them)."""
-    d = Path(scores_csv).parent
-    tasks, acts = d / "tasks.h5", d / "acts.h5"
-    if not (tasks.exists() and acts.exists()):
-        if units:  # asked for by name: say why they are not pictured
-            log.warning("units %s not pictured: %s needs tasks.h5 and acts.h5 beside it", ", ".join(units), scores_csv)
-        return []
-    return unit_sections(unit_galleries(out_dir, read_scores(scores_csv), tasks, acts, units, prefix=prefix), run)
-
-
 def compare_sections(summary: dict, rel_dir: str = ".") -> list[Section]:
     """The populations' layer-balanced means and the rank-sum tests as text, compare.csv, the distributions
     (written under `rel_dir` of the report folder)."""
@@ -186,21 +209,102 @@ def compare_sections(summary: dict, rel_dir: str = ".") -> list[Section]:
                                     "per-unit MIS confidence of each population (dashed: means)")])]
 
 
+@contextlib.contextmanager
+def _built_beside(out):
+    """Build a report in a fresh folder beside `out` and swap it in whole when the build succeeds: a failed
+    build leaves the old report as it was, never a mix of old and new files. A folder that holds no report
+    (no report.html) keeps its other files: the new ones are moved into it."""
+    out = Path(out)
+    with temp_dir_beside(out, ".build") as tmp:
+        yield tmp
+        if out.is_dir() and any(out.iterdir()) and not (out / "report.html").exists():
+            for entry in tmp.iterdir():
+                target = out / entry.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(entry, target)
+            return
+        old = out.with_name(f".{out.name}.old.tmp{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _rehome(path: Path, tmp: Path, out) -> Path:
+    return Path(out).resolve() / Path(path).resolve().relative_to(Path(tmp).resolve())
+
+
+def units_section(pages: dict, run: str, chosen: list, scores: list[dict]) -> Section:
+    """Links to a run's unit pages: its layers, and a table of the chosen units (highest, median, lowest
+    confidence and the requested ones) whose unit cells link to the units' pages."""
+    by_key = {(r["layer"], r["unit"]): r for r in scores}
+    rows = []
+    for layer, unit, why in chosen:
+        r = by_key.get((layer, unit), {})
+        rows.append({"layer": layer, "unit": f"{layer}:{unit}", "why": why, "status": r.get("status", "-"),
+                     "mis": r.get("mis", ""), "mis_confidence": r.get("mis_confidence", ""),
+                     "conf_ci_low": r.get("conf_ci_low", ""), "conf_ci_high": r.get("conf_ci_high", "")})
+    constant = [f"{layer}:{unit}" for layer, unit, _ in chosen if by_key.get((layer, unit), {}).get("status") == "constant"]
+    note = (f" {', '.join(constant)}: constant unit{'s' if len(constant) > 1 else ''}, no tasks to show (the page "
+            "shows its images)." if constant else "")
+    links = {"unit": {f"{layer}:{unit}": href for (layer, unit), href in pages["units"].items()},
+             "layer": dict(pages["layers"])}
+    layer_list = "".join(f"<li><a href='{html.escape(href)}'>{html.escape(layer)}</a></li>"
+                         for layer, href in pages["layers"].items())
+    cols = ["layer", "unit", "why", "status", "mis", "mis_confidence", "conf_ci_low", "conf_ci_high"]
+    return Section(f"Units of {run}", css_id="units",
+                   text="Every scored unit has a page (top and bottom images with activations, tasks, MIS, confidence, "
+                        "intervals, status); each layer an index of its units sorted by MIS confidence." + note,
+                   html=f"<p><a href='{html.escape(pages['index'])}'>All layers of {html.escape(run)}</a>: "
+                        f"<ul class='inline'>{layer_list}</ul></p>"
+                        + table_html([{k: ("" if v is None else str(v)) for k, v in r.items()} for r in rows], cols,
+                                     f"Chosen units of {run} (click a column to sort)", links))
+
+
+def _pages_for(out_dir, scores_csv, run: str, units=()) -> tuple[list[Section], dict | None]:
+    """Unit pages and the units section when tasks.h5 and acts.h5 sit beside the scores (as a study writes
+    them); the pictured requested units (with their task galleries, folded)."""
+    d = Path(scores_csv).parent
+    tasks, acts = d / "tasks.h5", d / "acts.h5"
+    if not (tasks.exists() and acts.exists()):
+        if units:  # asked for by name: say why they are not pictured
+            log.warning("units %s not pictured: %s needs tasks.h5 and acts.h5 beside it", ", ".join(units), scores_csv)
+        return [], None
+    return _unit_pages_sections(out_dir, read_scores(scores_csv), tasks, acts, run, units)
+
+
+def _unit_pages_sections(out_dir, scores, tasks, acts, run, units):
+    chosen = choose_units(scores, units)
+    known = {(r["layer"], r["unit"]) for r in scores}
+    for layer, unit, _ in chosen:
+        if (layer, unit) not in known:
+            have = sorted({r["layer"] for r in scores})
+            raise MisbenchError(f"unit {layer}:{unit} was not scored in {run or 'the scores'} "
+                                f"({'layer ' + repr(layer) + ' has no such unit' if layer in have else 'layers: ' + ', '.join(have)})")
+    pages = unit_pages(out_dir, run or "scores", scores, acts, tasks)
+    return [units_section(pages, run or "scores", chosen, scores)], pages
+
+
 @register_report("classwise", files=("classwise.csv", "summary.json", "report.html"))
 def classwise(scores, out, acts=None, eval_json=None, layer: str | None = None, tasks=None, units=(),
               seed: int = 0) -> Path:
-    """Softmax-unit MIS against class-wise accuracy: classwise.csv, summary.json, figures, unit pictures when
+    """Softmax-unit MIS against class-wise accuracy: classwise.csv, summary.json, figures, unit pages when
     tasks and acts are given, report.html."""
     if units and not (tasks and acts):
         raise MisbenchError(f"{option_label('units')} {', '.join(units)}: unit pictures are drawn from the tasks "
                             f"and images of a score run: give {option_label('tasks')} (its tasks.h5) and "
                             f"{option_label('acts')} too, or leave out {option_label('units')}")
-    summary = classwise_report(scores, out, acts=acts, eval_json=eval_json, layer=layer, seed=seed)
-    sections = classwise_sections(summary)
-    if tasks and acts:
-        sections += unit_sections(unit_galleries(out, read_scores(scores), tasks, acts, units))
-    return write_html(out, "misbench class-wise report", sections, settings_header(scores),
-                      [summary.get("alpha_warning")])
+    with _built_beside(out) as tmp:
+        summary = classwise_report(scores, tmp, acts=acts, eval_json=eval_json, layer=layer, seed=seed)
+        sections = classwise_sections(summary)
+        if tasks and acts:
+            sections += _unit_pages_sections(tmp, read_scores(scores), tasks, acts, "", units)[0]
+            sections += unit_sections(unit_galleries(tmp, read_scores(scores), tasks, acts, units))
+        found = [classwise_finding({"scores": summary}, "scores")]
+        write_html(tmp, "misbench class-wise report", sections, settings_header(scores),
+                   [summary.get("alpha_warning")], [f for f in found if f])
+    return Path(out).resolve() / "report.html"
 
 
 @register_report("sweep", files=("sweep.csv", "summary.json", "report.html"))
@@ -208,45 +312,56 @@ def sweep(runs, out, seed: int = 0, baseline: str | None = None, classwise_layer
           title: str = "misbench sweep report", compare_scores: list | None = None, n_boot: int = 1000) -> Path:
     """MIS and accuracy against pruning rate: sweep.csv, sweep_layers.csv, paired.csv (against the unpruned
     `baseline` run: default control, else base), summary.json, figures, the class-wise report of every run
-    with an eval.json and class units (under classwise/<run>/), unit pictures of the header run, report.html.
+    with an eval.json and class units (under classwise/<run>/), unit pages of the header run, report.html.
+    `runs`: runs.csv, a study folder, or the runs in memory (a pandas DataFrame or a list of dicts with
+    runs.csv's columns; relative paths are taken from the working directory).
     `compare_scores`: population specs as `report compare --scores` takes them, compared under compare/ (the
     study's dictionary: a layer's neurons against its features)."""
-    out = Path(out)
-    summary = sweep_report(runs, out, seed, baseline=baseline)
-    runs_path = Path(runs) / "runs.csv" if Path(runs).is_dir() else Path(runs)
-    sections = sweep_sections(summary, out)
-    by_run = {}
-    for row in read_csv_rows(runs_path):
-        if not (row.get("scores") and row.get("eval")):
-            continue
-        scores, eval_json = runs_path.parent / row["scores"], runs_path.parent / row["eval"]
-        if not eval_json.exists() or classwise_layer not in {r["layer"] for r in read_scores(scores)}:
-            continue
-        name = row["name"]
-        by_run[name] = classwise_report(scores, out / "classwise" / name, eval_json=eval_json,
-                                        layer=classwise_layer, seed=seed)
-        sections += classwise_sections(by_run[name], f"classwise/{name}", name)
-    write_json(out / "classwise_summary.json", by_run)
-    header_scores = summary.get("header_scores")
-    if header_scores:
-        run = next((r["name"] for r in read_csv_rows(runs_path)
-                    if r.get("scores") and (runs_path.parent / r["scores"]).resolve() == Path(header_scores).resolve()), "")
-        sections += _unit_sections_for(out, header_scores, units, prefix=f"{run}_" if run else "", run=run)
-    warnings = [summary.get("alpha_warning")]
-    if compare_scores:
-        compared = compare_report(list(compare_scores), out / "compare", seed=seed, n_boot=n_boot)
-        sections += compare_sections(compared, "compare")
-        warnings.append(compared.get("alpha_warning"))
-    return write_html(out, title, sections, settings_header(header_scores, summary["n_runs"]), warnings)
+    rows, base_dir, runs_label = runs_table(runs)
+    with _built_beside(out) as tmp:
+        summary = sweep_report(runs, tmp, seed, baseline=baseline)
+        by_run = {}
+        for row in rows:
+            if not (row.get("scores") and row.get("eval")):
+                continue
+            scores, eval_json = base_dir / row["scores"], base_dir / row["eval"]
+            if not eval_json.exists() or classwise_layer not in {r["layer"] for r in read_scores(scores)}:
+                continue
+            name = row["name"]
+            by_run[name] = classwise_report(scores, tmp / "classwise" / name, eval_json=eval_json,
+                                            layer=classwise_layer, seed=seed)
+        write_json(tmp / "classwise_summary.json", by_run)
+        header_scores = summary.get("header_scores")
+        unit_secs, pages, run = [], None, ""
+        if header_scores:
+            run = next((r["name"] for r in rows if r.get("scores") and
+                        (base_dir / r["scores"]).resolve() == Path(header_scores).resolve()), "")
+            unit_secs, pages = _pages_for(tmp, header_scores, run, units)
+        sections = sweep_sections(summary, tmp, {run: pages["index"]} if pages else None)
+        sections += classwise_runs_section(by_run, tmp, classwise_layer) + unit_secs
+        warnings = [summary.get("alpha_warning")]
+        compared = None
+        if compare_scores:
+            compared = compare_report(list(compare_scores), tmp / "compare", seed=seed, n_boot=n_boot)
+            sections += compare_sections(compared, "compare")
+            warnings.append(compared.get("alpha_warning"))
+        paired_rows = read_csv_rows(tmp / "paired.csv") if (tmp / "paired.csv").exists() else []
+        write_html(tmp, title, sections, settings_header(header_scores, summary["n_runs"]), warnings,
+                   findings(summary, paired_rows, by_run, compared))
+    return Path(out).resolve() / "report.html"
 
 
 @register_report("compare", files=("compare.csv", "compare.json", "report.html"))
 def compare(scores, out, seed: int = 0, n_boot: int = 1000) -> Path:
     """Two (or more) unit populations side by side (`[LABEL=]mis.csv[:LAYER+LAYER]` each; the first against
     each other): compare.csv, compare.json, compare.png, report.html."""
-    summary = compare_report(list(scores), out, seed=seed, n_boot=n_boot)
-    return write_html(out, "misbench comparison report", compare_sections(summary),
-                      settings_header(summary["populations"][0]["scores"]), [summary.get("alpha_warning")])
+    with _built_beside(out) as tmp:
+        summary = compare_report(list(scores), tmp, seed=seed, n_boot=n_boot)
+        found = compare_finding(summary)
+        write_html(tmp, "misbench comparison report", compare_sections(summary),
+                   settings_header(summary["populations"][0]["scores"]), [summary.get("alpha_warning")],
+                   [found] if found else [])
+    return Path(out).resolve() / "report.html"
 
 
 @register_report("dictionaries", files=("dictionaries.csv", "dictionaries.json", "dictionaries.png"))

@@ -1,11 +1,13 @@
 """Figures in the style of the seed paper; each function returns the saved Figure for inspection."""
 
 __all__ = ["subplots", "classwise_figure", "sweep_figure", "curves_figure", "layers_figure", "compare_figure", "depth_figure", "class_scatter_figure",
-           "layer_runs_figure", "unit_distribution_figure", "paired_figure", "METHOD_COLOURS"]
+           "layer_runs_figure", "unit_distribution_figure", "paired_figure", "classwise_runs_figure", "METHOD_COLOURS",
+           "MIN_FONT_PT", "DPI"]
 
 from pathlib import Path
 
 import matplotlib
+import matplotlib.text
 import numpy as np
 from matplotlib.figure import Figure
 from scipy import stats
@@ -24,10 +26,28 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, **kwargs):
     return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
+# the pages show figures at their natural size: text of MIN_FONT_PT points at DPI is >= 11 px at 100 % zoom
+DPI = 100
+MIN_FONT_PT = 8
+
+
+def readable(fig):
+    """Raise every text of the figure (titles, labels, tick labels, legends) to at least MIN_FONT_PT."""
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            size = axis.get_ticklabels()[0].get_fontsize() if axis.get_ticklabels() else MIN_FONT_PT
+            ax.tick_params(axis="x" if axis is ax.xaxis else "y", labelsize=max(MIN_FONT_PT, size))
+    for text in fig.findobj(matplotlib.text.Text):
+        if text.get_fontsize() < MIN_FONT_PT:
+            text.set_fontsize(MIN_FONT_PT)
+    return fig
+
+
 def _save(fig, path):
     """PNG for the page and an SVG twin beside it (vector copies for papers; text stays editable text)."""
+    readable(fig)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=DPI)
     with matplotlib.rc_context({"svg.fonttype": "none"}):
         fig.savefig(Path(path).with_suffix(".svg"))
     return fig
@@ -61,7 +81,7 @@ def sweep_figure(runs: list[dict], metric: str, path, ylabel: str, band: tuple |
     Every line starts at rate 0 from the unpruned run of its kind (retrained control, or the
     unretrained base), as in the seed's figures.
     """
-    fig, ax = subplots(figsize=(7, 4.5))
+    fig, ax = subplots(figsize=(6, 4))
     groups, anchors = {}, {}
     for r in runs:
         if r.get(metric) is None or not np.isfinite(r[metric]):
@@ -94,19 +114,19 @@ def sweep_figure(runs: list[dict], metric: str, path, ylabel: str, band: tuple |
     ax.set_xlabel("pruning rate")
     ax.set_ylabel(ylabel)
     ax.set_xlim(-0.02, 1.0)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=MIN_FONT_PT)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
 def curves_figure(curves: list[dict], path):
     """Figs. 2/3: validation top-1 over retraining epochs, one line per checkpoint."""
-    fig, ax = subplots(figsize=(7, 4.5))
+    fig, ax = subplots(figsize=(6, 4))
     for curve in curves:
         ax.plot(curve["x"], curve["val_top1"], marker=".", label=curve["name"])
     ax.set_xlabel("retraining epoch (cumulative over pruning steps)")
     ax.set_ylabel("validation top-1")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=MIN_FONT_PT)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -115,7 +135,7 @@ def layers_figure(table: list[dict], path, title: str = ""):
     fig, ax = subplots(figsize=(max(6, len(table) * 0.25), 4))
     x = np.arange(len(table))
     ax.bar(x, [r["mis_confidence"] if r["mis_confidence"] is not None else np.nan for r in table], color="tab:red")
-    ax.set_xticks(x, [r["layer"] for r in table], rotation=90, fontsize=6)
+    ax.set_xticks(x, [r["layer"] for r in table], rotation=90, fontsize=MIN_FONT_PT)
     ax.set_ylabel("mean MIS confidence")
     ax.set_ylim(0, 1)
     ax.set_title(title or "Mean MIS confidence per layer")
@@ -177,7 +197,7 @@ def class_scatter_figure(rows: list[dict], corr: dict, path, title: str = ""):
     ax.set_xlabel("class-wise accuracy")
     ax.set_ylabel("MIS confidence of the class unit")
     ax.set_title(title or "Class-unit MIS against class-wise accuracy", fontsize=9)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=MIN_FONT_PT, loc="best")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -195,10 +215,10 @@ def layer_runs_figure(layer_rows: list[dict], path):
         method = next(iter(by_layer.values()))["method"]
         ax.plot(x, y, marker="o", ms=3, color=METHOD_COLOURS.get(method, "tab:purple") if len(runs) > 1 else "tab:red",
                 alpha=0.8, label=name)
-    ax.set_xticks(x, layers, rotation=90, fontsize=6)
-    ax.set_ylabel("mean MIS confidence (non-constant units)")
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_xticks(x, layers, rotation=90, fontsize=MIN_FONT_PT)
+    ax.set_ylabel("mean MIS confidence\n(non-constant units)")
+    ax.margins(y=0.08)  # the axis spans the values, not 0-1: differences between runs stay visible
+    ax.legend(fontsize=MIN_FONT_PT, ncol=2 if len(runs) > 6 else 1, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -212,7 +232,7 @@ def unit_distribution_figure(runs: list[dict], path):
             names.append(run["name"]), values.append(v)
     fig, ax = subplots(figsize=(max(6, len(names) * 0.45), 4.5))
     ax.boxplot(values, showmeans=True)
-    ax.set_xticks(np.arange(1, len(names) + 1), names, rotation=90, fontsize=6)
+    ax.set_xticks(np.arange(1, len(names) + 1), names, rotation=90, fontsize=MIN_FONT_PT)
     ax.set_ylabel("unit MIS confidence")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3, axis="y")
@@ -224,14 +244,45 @@ def paired_figure(paired_rows: list[dict], baseline: str, path):
     rows = [r for r in paired_rows if r.get("diff_mis_confidence") is not None]
     labels = [f"{r['name']} ({r['layer']})" for r in rows]
     y = np.arange(len(rows))
-    fig, ax = subplots(figsize=(7, max(2.5, len(rows) * 0.3 + 1)))
+    fig, ax = subplots(figsize=(6, max(2.5, len(rows) * 0.25 + 1)))
     for k, r in enumerate(rows):
         colour = METHOD_COLOURS.get(r["method"], "tab:purple")
         ax.errorbar(r["diff_mis_confidence"], k, xerr=[[r["diff_mis_confidence"] - r["diff_conf_ci_low"]],
                                                        [r["diff_conf_ci_high"] - r["diff_mis_confidence"]]],
                     fmt="o", color=colour, capsize=3)
     ax.axvline(0, color="black", lw=1)
-    ax.set_yticks(y, labels, fontsize=6)
-    ax.set_xlabel(f"paired difference of unit MIS confidence vs {baseline} (95% interval)")
+    ax.set_yticks(y, labels, fontsize=MIN_FONT_PT)
+    ax.set_xlabel(f"paired difference of MIS confidence\nvs {baseline} (95% interval)")
     ax.grid(alpha=0.3, axis="x")
+    return _save(fig, path)
+
+
+def classwise_runs_figure(by_run: dict, path, layer: str = "softmax"):
+    """Class-unit MIS confidence against class-wise accuracy for every run as small multiples (shared axes),
+    each panel with its least-squares line and the report's own r, p, n (by_run: name -> (rows, correlation))."""
+    n = len(by_run)
+    cols = min(4, n)
+    rows_n = -(-n // cols)
+    fig, axes = subplots(rows_n, cols, figsize=(2.9 * cols + 0.4, 2.6 * rows_n + 0.5), squeeze=False,
+                         sharex=True, sharey=True)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, (name, (rows, corr)) in zip(axes.flat, by_run.items()):
+        acc = np.array([np.nan if r["accuracy"] in (None, "") else float(r["accuracy"]) for r in rows])
+        conf = np.array([np.nan if r["mis_confidence"] in (None, "") else float(r["mis_confidence"]) for r in rows])
+        keep = np.isfinite(acc) & np.isfinite(conf)
+        ax.plot(acc[keep], conf[keep], "o", ms=4, color="tab:red", alpha=0.6)
+        if corr.get("pearson_r") is not None:
+            fit = stats.linregress(acc[keep], conf[keep])
+            x = np.linspace(acc[keep].min(), acc[keep].max(), 2)
+            ax.plot(x, fit.intercept + fit.slope * x, "-", color="black", lw=1)
+            label = f"r={corr['pearson_r']:.3f}, p={corr['pearson_p']:.2g}, n={corr['n']}"
+        else:
+            label = f"r undefined, n={corr.get('n', 0)}"
+        ax.set_title(f"{name}\n{label}", fontsize=MIN_FONT_PT + 1)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("class-wise accuracy")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"{layer} unit\nMIS confidence")
     return _save(fig, path)

@@ -1,6 +1,6 @@
 """MIS and accuracy against pruning rate across runs (DESIGN §9; the seed's Figs. 1, 3, 4, 5)."""
 
-__all__ = ["sweep_report", "read_runs", "distinct_runs", "SWEEP_COLUMNS", "LAYER_TREND_COLUMNS", "training_curves",
+__all__ = ["sweep_report", "read_runs", "runs_table", "distinct_runs", "SWEEP_COLUMNS", "LAYER_TREND_COLUMNS", "training_curves",
            "write_curves"]
 
 import json
@@ -27,11 +27,55 @@ LAYER_TREND_COLUMNS = ["name", "method", "schedule", "rate", "layer", "kind", "n
                        "mis_confidence", "mis_ci_low", "mis_ci_high", "conf_ci_low", "conf_ci_high"]
 
 
-def _float(value, what, name):
+def _float(value, what, name, label="runs.csv"):
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise MisbenchError(f"runs.csv: run {name!r} has {what}={value!r}; expected a number") from None
+        raise MisbenchError(f"{label}: run {name!r} has {what}={value!r}; expected a number") from None
+
+
+def _int(value, what, name, label="runs.csv"):
+    """A whole number as pandas writes one too ('3', '3.0'); empty is None."""
+    if value in (None, ""):
+        return None
+    number = _float(value, what, name, label)
+    if not number.is_integer():
+        raise MisbenchError(f"{label}: run {name!r} has {what}={value!r}; expected a whole number")
+    return int(number)
+
+
+def _cell(value) -> str:
+    """An in-memory table's value as runs.csv would hold it: missing (None, NaN) is empty."""
+    if value is None:
+        return ""
+    if isinstance(value, float) or type(value).__name__.startswith("float"):
+        return "" if not np.isfinite(float(value)) else repr(float(value))
+    return str(value)
+
+
+def runs_table(runs) -> tuple[list[dict], Path, str]:
+    """(rows as runs.csv's strings, the folder relative paths start from, the name errors use) of runs.csv, a
+    study folder holding one, a pandas DataFrame or a list of dicts (relative paths from the working directory)."""
+    if isinstance(runs, (str, Path)):
+        path = Path(runs)
+        if path.is_dir():
+            path = path / "runs.csv"
+        if not path.exists():
+            raise MisbenchError(f"runs={str(runs)!r}: no such runs.csv or study folder")
+        return read_csv_rows(path), path.parent, str(path)
+    if hasattr(runs, "to_dict") and hasattr(runs, "columns"):  # a pandas DataFrame, not imported here
+        records, label = runs.to_dict("records"), "runs (DataFrame)"
+    elif isinstance(runs, (list, tuple)):
+        records, label = list(runs), "runs (list)"
+        for i, r in enumerate(records):
+            if not isinstance(r, dict):
+                raise MisbenchError(f"{label}: item {i} is a {type(r).__name__}; expected a dict of runs.csv's "
+                                    "columns (name, method, rate, scores or mis_confidence)")
+    else:
+        raise MisbenchError(f"runs: expected a runs.csv path, a study folder, a pandas DataFrame or a list of dicts, "
+                            f"got {type(runs).__name__}")
+    columns = list(dict.fromkeys(c for r in records for c in r))
+    return [{str(c): _cell(r.get(c)) for c in columns} for r in records], Path.cwd(), label
 
 
 def _scored_run(run: dict, scores_path: Path) -> dict:
@@ -62,35 +106,37 @@ def _scored_run(run: dict, scores_path: Path) -> dict:
             "alpha": alpha, "alpha_source": source}
 
 
-def read_runs(runs_csv) -> list[dict]:
-    """runs.csv (or a study folder holding one) -> one dict per run with its own rate and means."""
-    path = Path(runs_csv)
-    if path.is_dir():
-        path = path / "runs.csv"
-    rows = read_csv_rows(path)
+def read_runs(runs) -> list[dict]:
+    """runs.csv (or a study folder holding one, or the runs in memory: runs_table) -> one dict per run with
+    its own rate and means."""
+    rows, base, label = runs_table(runs)
     if not rows:
-        raise MisbenchError(f"{path} lists no runs")
+        raise MisbenchError(f"{label} lists no runs")
     cols = set(rows[0])
     missing = {"name", "method", "rate"} - cols
     if missing or not ({"scores", "mis_confidence"} & cols):
-        raise MisbenchError(f"{path}: needs columns name,method,rate and scores or mis_confidence; "
-                            f"missing {sorted(missing) or ['scores|mis_confidence']}")
-    base = path.parent
+        raise MisbenchError(f"{label}: needs columns name,method,rate and scores or mis_confidence; "
+                            f"missing {', '.join(sorted(missing)) or 'scores|mis_confidence'}")
     runs = []
-    for r in rows:
+    for i, r in enumerate(rows):
         name = r["name"]
+        if not name:
+            raise MisbenchError(f"{label}: row {i + 1} has an empty name; give every run a name")
         run = {"name": name, "method": r["method"] or "none", "schedule": r.get("schedule") or "oneshot",
-               "rate": _float(r["rate"], "rate", name), "optimizer": r.get("optimizer") or None,
-               "epochs": int(r["epochs"]) if r.get("epochs") not in (None, "") else None,
+               "rate": _float(r["rate"], "rate", name, label), "optimizer": r.get("optimizer") or None,
+               "epochs": _int(r.get("epochs"), "epochs", name, label),
                "checkpoint": str(base / r["checkpoint"]) if r.get("checkpoint") else None}
         if r.get("scores"):
+            if not (base / r["scores"]).exists():
+                raise MisbenchError(f"{label}: run {name!r} has scores={r['scores']!r}, which does not exist"
+                                    + ("" if base == Path.cwd() else f" (relative to {base})"))
             run = _scored_run(run, base / r["scores"])
         else:
-            run.update(n_units=None, mis_confidence=_float(r["mis_confidence"], "mis_confidence", name),
-                       mis=_float(r["mis"], "mis", name) if r.get("mis") else None,
+            run.update(n_units=None, mis_confidence=_float(r.get("mis_confidence"), "mis_confidence", name, label),
+                       mis=_float(r["mis"], "mis", name, label) if r.get("mis") else None,
                        alpha=r.get("alpha", ""), alpha_source=r.get("alpha_source", ""))
         if r.get("top1"):
-            run["top1"] = _float(r["top1"], "top1", name)
+            run["top1"] = _float(r["top1"], "top1", name, label)
         elif r.get("eval"):
             run["top1"] = json.loads((base / r["eval"]).read_text())["top1"]
         else:
@@ -160,7 +206,8 @@ def sweep_report(runs_csv, out_dir, seed: int = 0, baseline: str | None = None) 
     (default: the run named control, else base, when runs have scores)."""
     out_dir = Path(out_dir)
     runs = read_runs(runs_csv)
-    paired = paired_report(runs, baseline, seed, runs_csv)  # validates before anything is written
+    label = runs_table(runs_csv)[2] if not isinstance(runs_csv, (str, Path)) else runs_csv
+    paired = paired_report(runs, baseline, seed, label)  # validates before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "sweep.csv", runs, SWEEP_COLUMNS)
     # the random-weights reference is no point on the pruning axis: it stays out of the correlations
@@ -204,7 +251,7 @@ def sweep_report(runs_csv, out_dir, seed: int = 0, baseline: str | None = None) 
     if curves:
         write_curves(curves, out_dir)
         figures.append("curves.png")
-    summary = {"n_runs": len(distinct), "n_rows": len(runs), "duplicate_rows": dropped, "runs": str(runs_csv),
+    summary = {"n_runs": len(distinct), "n_rows": len(runs), "duplicate_rows": dropped, "runs": str(label),
                "means": "layer-balanced: mean over layers of each layer's mean over its non-constant units; "
                         "mis/mis_confidence over feature layers, class_* over softmax/logits",
                "correlation_rate_mis_confidence": correlation(rates, values("mis_confidence"), seed),
