@@ -224,11 +224,10 @@ def _built_beside(out):
                     shutil.rmtree(target)
                 os.replace(entry, target)
             return
-        old = out.with_name(f".{out.name}.old.tmp{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        with temp_dir_beside(out, ".old") as trash:  # the old report goes there, removed with it
+            if out.exists():
+                os.replace(out, trash / "old")
+            os.replace(tmp, out)
 
 
 def _rehome(path: Path, tmp: Path, out) -> Path:
