@@ -300,7 +300,7 @@ def classwise(scores, out, acts=None, eval_json=None, layer: str | None = None, 
         if tasks and acts:
             sections += _unit_pages_sections(tmp, read_scores(scores), tasks, acts, "", units)[0]
             sections += unit_sections(unit_galleries(tmp, read_scores(scores), tasks, acts, units))
-        found = [classwise_finding({"scores": summary}, "scores")]
+        found = [classwise_finding({f"layer {summary['layer']}": summary}, None)]
         write_html(tmp, "misbench class-wise report", sections, settings_header(scores),
                    [summary.get("alpha_warning")], [f for f in found if f])
     return Path(out).resolve() / "report.html"
