@@ -278,9 +278,12 @@ def _unit_pages_sections(out_dir, scores, tasks, acts, run, units):
     known = {(r["layer"], r["unit"]) for r in scores}
     for layer, unit, _ in chosen:
         if (layer, unit) not in known:
-            have = sorted({r["layer"] for r in scores})
-            raise MisbenchError(f"unit {layer}:{unit} was not scored in {run or 'the scores'} "
-                                f"({'layer ' + repr(layer) + ' has no such unit' if layer in have else 'layers: ' + ', '.join(have)})")
+            have = list(dict.fromkeys(r["layer"] for r in scores))
+            scored = [str(r["unit"]) for r in scores if r["layer"] == layer]
+            detail = (f"scored units of {layer}: {', '.join(scored[:5])}{', ...' if len(scored) > 5 else ''}" if scored
+                      else f"scored layers: {', '.join(have)}")
+            raise MisbenchError(f"unit {layer}:{unit} was not scored in {run or 'these scores'} ({detail}): "
+                                "give a scored unit as LAYER:INDEX")
     pages = unit_pages(out_dir, run or "scores", scores, acts, tasks)
     return [units_section(pages, run or "scores", chosen, scores)], pages
 
