@@ -45,7 +45,9 @@ def _f(value):
 
 def paired_finding(rows: list[dict], baseline: str) -> Finding | None:
     """paired.csv's feature rows: how many runs' intervals exclude 0, and the run that differs most."""
-    rows = [r for r in rows if r.get("layer") == "features" and _f(r.get("diff_mis_confidence")) is not None]
+    # the random-weights run is a reference level, not a pruned run (as in the correlations)
+    rows = [r for r in rows if r.get("layer") == "features" and r.get("method") != "random"
+            and _f(r.get("diff_mis_confidence")) is not None]
     if not rows:
         return None
     differ = [r for r in rows if not _f(r["diff_conf_ci_low"]) <= 0 <= _f(r["diff_conf_ci_high"])]
