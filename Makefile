@@ -21,15 +21,16 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 install: $(STAMP)
 
-# Offline assets: Debian's Fashion-MNIST, torchvision's MobileNetV2 weights (sha256-checked) and Debian's
-# chromium for the report's browser test.
+# Offline assets: Debian's Fashion-MNIST, torchvision's MobileNetV2 weights (sha256-checked), Debian's
+# chromium for the report's browser test and Debian's Slurm + munge for the Slurm executor's tests.
 assets: $(STAMP)
 	@bash scripts/ensure-fashion-mnist.sh
 	@bash scripts/ensure-chromium.sh
+	@bash scripts/ensure-slurm.sh
 	$(BIN)/misbench assets stage
 
 test: assets
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup tests
 
 test-slow: assets
 	$(BIN)/python -m pytest -q -m slow tests

@@ -6,7 +6,9 @@ from pathlib import Path
 import click
 
 from misbench import api
+from misbench.studies.launch import EXECUTORS
 from misbench.studies.run import demo_config_path, study_summary
+from misbench.studies.slurm import cancel_study, study_status
 
 from .common import StagedProgress, _clock, handle_errors
 
@@ -71,10 +73,29 @@ def print_summary(out_dir):
     click.echo(f"report: {s['report']}")
 
 
-def _run(config, out, dry_run, quick, overwrite=False):
+def _print_dry_run(result):
+    for name, status in result["plan"]:
+        resources = result["resources"].get(name)
+        click.echo(f"{'cached' if status == 'cached' else 'run   '}  {name}" + (f"  [{resources}]" if resources else ""))
+    e = result["estimate"]
+    click.echo(f"{e['networks']} networks, {e['steps']} steps ({e['to_run']} to run, {e['cached']} cached); about "
+               f"{e['gpu_hours']:,.1f} GPU hours for those to run at docs/reproducing.md's rates (one H100; "
+               f"{e['train_images']:,} training, {e['val_images']:,} validation images)")
+    for problem in result["problems"]:
+        click.echo(f"Error: {problem}", err=True)
+    if result["problems"]:
+        raise SystemExit(1)
+
+
+def _run(config, out, dry_run, quick, overwrite=False, executor="local"):
     if dry_run:
-        for name, status in api.study(config, out, quick=quick, dry_run=True, overwrite=overwrite)["plan"]:
-            click.echo(f"{'cached' if status == 'cached' else 'run   '}  {name}")
+        _print_dry_run(api.study(config, out, quick=quick, dry_run=True, overwrite=overwrite, executor=executor))
+        return
+    if executor != "local":
+        result = api.study(config, out, quick=quick, overwrite=overwrite, executor=executor)
+        for name, job in result["jobs"].items():
+            click.echo(f"submitted {name}: job {job}")
+        click.echo(f"{len(result['jobs'])} jobs submitted; follow them with `misbench study status {out}`", err=True)
         return
     ran, clock = [], StepClock()
 
@@ -93,15 +114,75 @@ def _run(config, out, dry_run, quick, overwrite=False):
 
 
 @click.command()
+@click.argument("out", metavar="DIR", type=click.Path(file_okay=False))
+@handle_errors
+def status(out):
+    """One line per step of the study in DIR (state, job id, node, elapsed, log); exit 0 when all are done, 1 when
+    any failed (or Slurm lost its job), 2 while steps are pending, running or cancelled."""
+    result = study_status(out)
+    for r in result["steps"]:
+        job = f"job {r['job_id']}" if r["job_id"] else "-"
+        line = f"{r['state']:<13} {r['step']:<40} {job:<12} {r['node'] or '-':<10} {r['elapsed']:>8}  {r['log'] or '-'}"
+        click.echo(line + (f"  ({r['reason']})" if r["reason"] else ""))
+    counts = result["counts"]
+    click.echo(f"{len(result['steps'])} steps: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    lost = [r for r in result["steps"] if r["state"] == "lost"]
+    if lost:
+        click.echo(f"Error: Slurm no longer knows job {lost[0]['job_id']} ({lost[0]['step']}) and it recorded no end"
+                   + (f", nor {len(lost) - 1} more" if len(lost) > 1 else "") + ": submit the study again "
+                   f"(`misbench study CONFIG --out {out} --executor slurm` reruns only what is not done)", err=True)
+    if lost or counts.get("failed"):
+        raise SystemExit(1)
+    if counts.get("done", 0) != len(result["steps"]):
+        raise SystemExit(2)
+
+
+@click.command()
+@click.argument("out", metavar="DIR", type=click.Path(file_okay=False))
+@handle_errors
+def cancel(out):
+    """Cancel the queued and running Slurm jobs of the study in DIR (finished steps stay done)."""
+    jobs = cancel_study(out)
+    click.echo(f"cancelled {len(jobs)} jobs" + (f": {', '.join(jobs)}" if jobs else ""))
+
+
+class CommandWithSubcommands(click.Command):
+    """`misbench study CONFIG ...`, whose first argument may also name a subcommand (`status DIR`, `cancel DIR`)."""
+
+    def __init__(self, *args, subcommands: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.subcommands = subcommands
+
+    def parse_args(self, ctx, args):
+        if args and args[0] in self.subcommands:
+            ctx.meta["misbench.subcommand"] = list(args)
+            return []
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        args = ctx.meta.pop("misbench.subcommand", None)
+        if args is None:
+            return super().invoke(ctx)
+        command = self.subcommands[args[0]]
+        # the parent is `misbench`'s context, so that usage lines read `misbench study status DIR`
+        with command.make_context(f"{ctx.info_name} {args[0]}", args[1:], parent=ctx.parent) as sub:
+            return command.invoke(sub)
+
+
+@click.command(cls=CommandWithSubcommands, subcommands={"status": status, "cancel": cancel},
+               epilog="Also: `misbench study status DIR` and `misbench study cancel DIR` (the Slurm executor's jobs).")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Study folder.")
-@click.option("--dry-run", is_flag=True, help="Print the plan: which steps would run and which are cached.")
+@click.option("--executor", default="local", show_default=True, type=click.Choice(list(EXECUTORS)),
+              help="local: every step here, in order; slurm: every pending step as one Slurm job ([executor]).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (with --executor slurm each step's resources), the "
+              "estimated GPU hours and every missing data folder or weight file.")
 @click.option("--quick", is_flag=True, help="Apply the config's [quick] overrides.")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty folder that is not a study folder.")
 @handle_errors
-def study(config_path, out, dry_run, quick, overwrite):
+def study(config_path, out, executor, dry_run, quick, overwrite):
     """Run the whole study of CONFIG (TOML) into OUT, redoing only what changed."""
-    _run(config_path, out, dry_run, quick, overwrite)
+    _run(config_path, out, dry_run, quick, overwrite, executor)
 
 
 @click.command()

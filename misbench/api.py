@@ -36,7 +36,8 @@ from .scoring.calibrate import calibration_alpha
 from .scoring.results import load_scores, scores_frame
 from .scoring.run import ScoreSettings, parse_shard, score as _score
 from .studies.config import StudyConfig, load_config, parse_config
-from .studies.run import check_study_folder, run_study
+from .studies.launch import dry_run as _dry_run, launch_study
+from .studies.run import check_study_folder
 
 log = logging.getLogger(__name__)
 
@@ -289,9 +290,11 @@ def plot_unit(acts, layer: str, unit: int, k: int = 9, tasks=None, n_tasks: int 
 
 
 def study(config, out, *, quick: bool = False, dry_run: bool = False, on_step=None, progress=AUTO,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, executor: str = "local") -> dict:
     """Run the study of `config` (a TOML path, a dict of its sections, or a StudyConfig) into the folder `out`,
-    redoing only what changed. Returns manifest.json's content (with dry_run: {"plan": [(step, status)]}).
+    redoing only what changed. Returns manifest.json's content; with executor="slurm" every pending step is
+    submitted as one Slurm job and {"jobs": {step: job id}, "manifest": path} returns at once. With dry_run:
+    {"plan": [(step, status)], "resources": {step: text} (slurm), "estimate": {...}, "problems": [lines]}.
     `quick` applies the config's [quick] overrides to a path or dict (a StudyConfig is used as it is).
     on_step(name, status, i, n) before each step (status cached, run or resume); progress(stage, done, total)
     inside long steps. A non-empty `out` that is not a study folder is refused unless `overwrite`."""
@@ -300,7 +303,9 @@ def study(config, out, *, quick: bool = False, dry_run: bool = False, on_step=No
         config = parse_config(config, quick=quick)
     elif not isinstance(config, StudyConfig):
         config = load_config(config, quick=quick)
-    result = run_study(config, out, dry_run=dry_run, on_step=on_step, progress=resolve_progress(progress))
     if dry_run:
+        return _dry_run(config, out, executor)
+    result = launch_study(config, out, executor, on_step=on_step, progress=resolve_progress(progress))
+    if executor != "local":
         return result
     return json.loads(Path(result["manifest"]).read_text())

@@ -47,6 +47,21 @@ def write_acts(path, folder, layers: dict, labels=None, logits=None):
     return path
 
 
+def make_checkpoint(path, seed=0):
+    """A misbench checkpoint of a small random mini_inception (16-pixel preprocessing)."""
+    from misbench.models.archs import build_arch
+    from misbench.models.checkpoint import build_checkpoint, save_checkpoint
+    from misbench.models.loading import LoadedModel
+    from misbench.models.preprocess import Preprocess
+
+    torch.manual_seed(seed)
+    model = build_arch("mini_inception", 3, {"width": 8})
+    loaded = LoadedModel(model, "mini_inception", "mini_inception", {"width": 8}, 3,
+                         Preprocess(resize=16, crop=16, mean=(0.5,) * 3, std=(0.25,) * 3))
+    save_checkpoint(build_checkpoint(loaded, model, {}, None, {"history": []}, {"model": "test", "sha256": ""}), path)
+    return path
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "images")
@@ -78,3 +93,26 @@ def property_folder(tmp_path_factory):
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node Slurm (tests/slurm_cluster.py) for the session; SLURM_CONF points the client commands
+    (and, through sbatch, the jobs) at it. Skips where scripts/ensure-slurm.sh could not install Slurm."""
+    from slurm_cluster import Cluster, missing_commands
+
+    missing = missing_commands()
+    if missing:
+        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing): run scripts/ensure-slurm.sh as root")
+    cluster = Cluster(tmp_path_factory.mktemp("slurm"))
+    old = os.environ.get("SLURM_CONF")
+    try:
+        cluster.start()
+        os.environ["SLURM_CONF"] = str(cluster.conf)
+        yield cluster
+    finally:
+        cluster.stop()
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old

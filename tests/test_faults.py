@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder, write_acts
+from conftest import make_checkpoint, make_image_folder, write_acts
 from test_extract import _same_contents
 from misbench.errors import MisbenchError
 
@@ -83,21 +83,6 @@ def cli_error(args, cwd, *words):
 def no_temp_files(folder):
     left = [p for p in Path(folder).rglob(".*.tmp*")]
     assert not left, left
-
-
-def make_checkpoint(path, seed=0):
-    """A misbench checkpoint of a small random mini_inception (16-pixel preprocessing)."""
-    from misbench.models.archs import build_arch
-    from misbench.models.checkpoint import build_checkpoint, save_checkpoint
-    from misbench.models.loading import LoadedModel
-    from misbench.models.preprocess import Preprocess
-
-    torch.manual_seed(seed)
-    model = build_arch("mini_inception", 3, {"width": 8})
-    loaded = LoadedModel(model, "mini_inception", "mini_inception", {"width": 8}, 3,
-                         Preprocess(resize=16, crop=16, mean=(0.5,) * 3, std=(0.25,) * 3))
-    save_checkpoint(build_checkpoint(loaded, model, {}, None, {"history": []}, {"model": "test", "sha256": ""}), path)
-    return path
 
 
 @pytest.fixture(scope="module")

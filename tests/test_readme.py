@@ -46,6 +46,15 @@ def test_readme_usage_block_runs(tmp_path, monkeypatch):
             line += " --resize 16 --crop 16"
         args = shlex.split(line)[1:]
         result = runner.invoke(cli, args)
+        if "--dry-run" in args:  # the full study's plan, its size, and what is missing here (ImageNet, GoogLeNet)
+            lines = result.stdout.splitlines()
+            assert result.exit_code == 1 and len(lines) == 249 and lines[-1].startswith(
+                "61 networks, 248 steps (248 to run, 0 cached); about "), result.output
+            errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+            assert [e.split(":")[1] for e in errors] == [" config [data] train", " config [data] val",
+                                                          " config [model] spec"], errors
+            assert "/data/imagenet/train is not a folder" in errors[0] and "googlenet-1378be20.pth" in errors[2]
+            continue
         assert result.exit_code == 0, f"{line}\n{result.output}"
     assert (tmp_path / "report" / "report.html").exists() and (tmp_path / "conn60.pt").exists()
     assert "audit: consistent" in runner.invoke(cli, ["audit", "conn60.pt"]).output

@@ -19,6 +19,7 @@ from ..scoring.mis import SELECTIONS
 from ..scoring.settings import parse_metrics
 from ..similarity import BACKENDS, backend_names
 from .dictionaries import dictionary_grid, dictionary_layers
+from .executor import EXECUTOR_SECTION, parse_executor
 
 SECTIONS = {
     "study": {"name": "study", "seed": 0},
@@ -45,6 +46,8 @@ SECTIONS = {
                    "layers": [], "kinds": ["topk"], "expansions": [], "ks": [], "l1": 1e-3, "controls": False},
     "report": {"units": [], "classwise_layer": "softmax", "baseline": None},
     "runtime": {"device": "auto", "workers": "auto"},
+    # the Slurm resources of `--executor slurm` (studies/executor.py): every step's, and a table per step kind
+    "executor": EXECUTOR_SECTION,
     "quick": {},
 }
 
@@ -53,7 +56,8 @@ SECTIONS = {
 NONE_TYPES = {"spec": str, "arch": str, "num_classes": int, "preprocess": dict, "lr": float, "train_limit": int,
               "val_limit": int, "train": str, "val": str, "iterative_methods": list, "exclude": list,
               "optimizers": list, "data": str, "limit": int, "alpha": float, "resize": int, "crop": int,
-              "image_size": int, "alpha_from": str, "baseline": str, "layer": str}
+              "image_size": int, "alpha_from": str, "baseline": str, "layer": str, "partition": str, "account": str,
+              "qos": str, "mem_gb": int, "max_jobs": int}
 # the type of each element of list keys
 ITEM_TYPES = {"methods": str, "criteria": str, "rates": float, "schedules": str, "layers": str, "units": str,
               "iterative_methods": str, "exclude": str, "optimizers": str, "features": str, "kinds": str,
@@ -128,6 +132,10 @@ class StudyConfig:
 
     def __getitem__(self, section):
         return self.raw[section]
+
+    def executor(self):
+        """The [executor] section as ExecutorSettings (checked when the config was parsed)."""
+        return parse_executor(self["executor"])
 
     def runs(self) -> list[RunSpec]:
         p = self["pruning"]
@@ -252,6 +260,7 @@ def parse_config(given: dict, source: str = "<config>", quick: bool = False) -> 
     _check_choice("[extract] reduction", raw["extract"]["reduction"], ["mean", "max"])
     _check_choice("[extract] token_reduction", raw["extract"]["token_reduction"], list(TOKEN_REDUCTIONS))
     _check_dictionaries(raw)
+    parse_executor(raw["executor"])
     sim = raw["score"]["similarity"]
     if sim.partition(":")[0] + ":" not in BACKENDS:  # a family (deepfeat:<model>) parses its own spec
         _check_choice("[score] similarity", sim, backend_names())

@@ -1,7 +1,14 @@
-"""The study manifest: every step's inputs, outputs (sha256), settings, timings and status."""
+"""The study manifest: every step's inputs, outputs (sha256), settings, timings and status.
 
-__all__ = ["Manifest", "step_key", "folder_fingerprint"]
+One file, the single truth for every executor. Many writers (the Slurm jobs of one study, finishing in the same
+second on different nodes) update it as read-modify-write under a POSIX lock on `manifest.json.lock` (fcntl
+locks work across the nodes of an NFS mount), with an atomic rename: each update re-reads what the others wrote,
+so none is lost and a reader never sees half a file."""
 
+__all__ = ["Manifest", "step_key", "folder_fingerprint", "manifest_path"]
+
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -30,11 +37,17 @@ def folder_fingerprint(root) -> str:
     return digest.hexdigest()
 
 
-class Manifest:
-    """manifest.json in the study folder, saved atomically after every step."""
+def manifest_path(out_dir) -> Path:
+    return Path(out_dir) / "manifest.json"
 
-    def __init__(self, path):
+
+class Manifest:
+    """manifest.json in the study folder, saved atomically after every update; `read_only` ones never write
+    (the ranks other than 0 of a distributed step)."""
+
+    def __init__(self, path, read_only: bool = False):
         self.path = Path(path)
+        self.read_only = read_only
         self.data = self._read() if self.path.exists() else {"steps": {}}
         self._hash_cache = {}
         for entry in self.data["steps"].values():
@@ -53,8 +66,38 @@ class Manifest:
                                 "(finished outputs are then recomputed)") from None
         return data
 
-    def save(self):
-        write_json(self.path, self.data)
+    @contextlib.contextmanager
+    def _locked(self):
+        """The lock every writer holds while it reads, changes and replaces the file."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def update(self, change) -> dict:
+        """change(data) on the file's current content, written back atomically under the lock; self.data becomes
+        the result (what the other writers recorded meanwhile included)."""
+        if self.read_only:
+            change(self.data)
+            return self.data
+        with self._locked():
+            data = self._read() if self.path.exists() else {"steps": {}}
+            change(data)
+            write_json(self.path, data)
+        self.data = data
+        return data
+
+    def save(self, **fields):
+        """Set top-level fields (the study's name, config) without touching any step's record."""
+        self.update(lambda data: data.update(fields))
+
+    def refresh(self) -> dict:
+        self.data = self._read() if self.path.exists() else {"steps": {}}
+        return self.data
 
     def file_record(self, path) -> dict:
         """sha256 of a file; reused from the manifest while its size and mtime are unchanged."""
@@ -83,5 +126,8 @@ class Manifest:
         return True
 
     def record(self, name: str, **fields):
-        self.data["steps"][name] = {**self.data["steps"].get(name, {}), **fields}
-        self.save()
+        """Merge `fields` into step `name`'s record (a field given as None is removed)."""
+        def change(data):
+            entry = {**data["steps"].get(name, {}), **fields}
+            data["steps"][name] = {k: v for k, v in entry.items() if v is not None}
+        self.update(change)

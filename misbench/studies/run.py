@@ -358,46 +358,72 @@ class Study:
 
     def run(self, on_step: Callable[[str, str, int, int], None] | None = None) -> dict:
         """Run the steps in order; on_step(name, status, i, n) before each (status cached, run or resume)."""
-        with DirectoryLock(self.out):
-            return self._run(on_step)
+        # the Slurm queries run only for a study that has jobs (studies/queue.py imports nothing heavy)
+        from .queue import refuse_active_jobs
 
-    def _run(self, on_step) -> dict:
-        manifest = Manifest(self.out / "manifest.json")
-        manifest.data.update(study=self.config["study"]["name"], config=self.config.raw, config_source=self.config.source)
-        manifest.save()
-        ran = []
-        self._fingerprints = {}
-        for i, step in enumerate(self.steps, 1):
-            hashes = self._input_hashes(manifest, step, pending=False)
-            key = step_key(step.kind, step.settings, hashes)
-            if manifest.is_current(step.name, key):
-                on_step and on_step(step.name, "cached", i, len(self.steps))
-                continue
-            previous = manifest.entry(step.name) or {}
-            resume = bool(step.partial and step.partial.exists() and previous.get("key") == key)
-            on_step and on_step(step.name, "resume" if resume else "run", i, len(self.steps))
-            t0 = time.time()
-            manifest.record(step.name, kind=step.kind, key=key, status="running", started_utc=utc_now(),
-                            settings=step.settings,
-                            inputs={k: (manifest.file_record(v) if isinstance(v, Path) else {"model": v})
-                                    for k, v in step.inputs.items()},
-                            data={k[5:]: v for k, v in hashes.items() if k.startswith("data:")})
-            try:
-                step.action(resume)
-            except BaseException as err:
-                manifest.record(step.name, status="failed", error=f"{type(err).__name__}: {err}",
-                                traceback=traceback.format_exc(limit=5), seconds=round(time.time() - t0, 2))
-                raise
-            try:
-                _verify_outputs(step)
-            except MisbenchError as err:
-                manifest.record(step.name, status="failed", error=str(err), seconds=round(time.time() - t0, 2))
-                raise
-            outputs = {k: manifest.file_record(v) for k, v in step.outputs.items()}
-            manifest.record(step.name, status="done", outputs=outputs, finished_utc=utc_now(),
-                            seconds=round(time.time() - t0, 2))
-            ran.append(step.name)
-        return {"ran": ran, "manifest": str(manifest.path), "report": str(self.out / "report" / "report.html")}
+        with DirectoryLock(self.out):
+            manifest = Manifest(self.out / "manifest.json")
+            refuse_active_jobs(manifest.data, self.out)
+            manifest.save(study=self.config["study"]["name"], config=self.config.raw, config_source=self.config.source)
+            ran = []
+            self._fingerprints = {}
+            for i, step in enumerate(self.steps, 1):
+                if self.run_step(manifest, step, lambda status: on_step and on_step(step.name, status, i, len(self.steps))):
+                    ran.append(step.name)
+            return {"ran": ran, "manifest": str(manifest.path), "report": str(self.out / "report" / "report.html")}
+
+    def step(self, name: str) -> Step:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise MisbenchError(f"the study has no step {name!r} (its steps: {', '.join(s.name for s in self.steps)})")
+
+    def prepare_step(self, manifest: Manifest, step: Step) -> tuple[str, bool] | None:
+        """(key, resume) of a step to run, None when the manifest holds its current outputs."""
+        hashes = self._input_hashes(manifest, step, pending=False)
+        key = step_key(step.kind, step.settings, hashes)
+        if manifest.is_current(step.name, key):
+            return None
+        previous = manifest.entry(step.name) or {}
+        return key, bool(step.partial and step.partial.exists() and previous.get("key") == key)
+
+    def run_step(self, manifest: Manifest, step: Step, announce: Callable[[str], None] | None = None,
+                 prepared: tuple[str, bool] | None = None, **record) -> bool:
+        """Run one step and record it in the manifest (running, then done or failed); False when it was cached.
+        Both executors run every step through here: the local one in a loop, a Slurm job for its own step.
+        `prepared`: prepare_step's (key, resume) when the caller made it; `record`: further fields of the step's
+        running record (the job's id, node and log)."""
+        prepared = prepared or self.prepare_step(manifest, step)
+        if prepared is None:
+            announce and announce("cached")
+            return False
+        key, resume = prepared
+        announce and announce("resume" if resume else "run")
+        hashes = self._input_hashes(manifest, step, pending=False)
+        t0 = time.time()
+        manifest.record(step.name, kind=step.kind, key=key, status="running", started_utc=utc_now(),
+                        settings=step.settings, error=None, traceback=None, finished_utc=None,
+                        inputs={k: (manifest.file_record(v) if isinstance(v, Path) else {"model": v})
+                                for k, v in step.inputs.items()},
+                        data={k[5:]: v for k, v in hashes.items() if k.startswith("data:")}, **record)
+        try:
+            step.action(resume)
+        except KeyboardInterrupt:
+            manifest.record(step.name, status="interrupted", seconds=round(time.time() - t0, 2))
+            raise
+        except BaseException as err:
+            manifest.record(step.name, status="failed", error=f"{type(err).__name__}: {err}",
+                            traceback=traceback.format_exc(limit=5), seconds=round(time.time() - t0, 2))
+            raise
+        try:
+            _verify_outputs(step)
+        except MisbenchError as err:
+            manifest.record(step.name, status="failed", error=str(err), seconds=round(time.time() - t0, 2))
+            raise
+        outputs = {k: manifest.file_record(v) for k, v in step.outputs.items()}
+        manifest.record(step.name, status="done", outputs=outputs, finished_utc=utc_now(),
+                        seconds=round(time.time() - t0, 2))
+        return True
 
 
 def _verify_outputs(step: Step) -> None:
