@@ -78,9 +78,10 @@ def _print_dry_run(result):
         resources = result["resources"].get(name)
         click.echo(f"{'cached' if status == 'cached' else 'run   '}  {name}" + (f"  [{resources}]" if resources else ""))
     e = result["estimate"]
-    click.echo(f"{e['networks']} networks, {e['steps']} steps ({e['to_run']} to run, {e['cached']} cached); about "
-               f"{e['gpu_hours']:,.1f} GPU hours for those to run at docs/reproducing.md's rates (one H100; "
-               f"{e['train_images']:,} training, {e['val_images']:,} validation images)")
+    hours = (f"about {e['gpu_hours']:,.1f} GPU hours for those to run at docs/reproducing.md's rates (one H100; "
+             f"{e['train_images']:,} training, {e['val_images']:,} validation images)") if e["gpu_hours"] is not None \
+        else "GPU hours: unknown until the data folders below exist"
+    click.echo(f"{e['networks']} networks, {e['steps']} steps ({e['to_run']} to run, {e['cached']} cached); {hours}")
     for problem in result["problems"]:
         click.echo(f"Error: {problem}", err=True)
     if result["problems"]:

@@ -49,7 +49,7 @@ def test_readme_usage_block_runs(tmp_path, monkeypatch):
         if "--dry-run" in args:  # the full study's plan, its size, and what is missing here (ImageNet, GoogLeNet)
             lines = result.stdout.splitlines()
             assert result.exit_code == 1 and len(lines) == 249 and lines[-1].startswith(
-                "61 networks, 248 steps (248 to run, 0 cached); about "), result.output
+                "62 networks, 248 steps (248 to run, 0 cached); GPU hours: unknown until the data folders"), result.output
             errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
             assert [e.split(":")[1] for e in errors] == [" config [data] train", " config [data] val",
                                                           " config [model] spec"], errors

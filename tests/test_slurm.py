@@ -355,3 +355,20 @@ def test_quick_demo_under_slurm_equals_the_local_run(slurm_cluster, tmp_path):
         (tmp_path / "slurm" / "report" / "sweep.csv").read_bytes()
     summary = [json.loads((tmp_path / o / "report" / "summary.json").read_text()) for o in ("local", "slurm")]
     assert summary[0] == summary[1]
+
+
+@pytest.mark.slow
+def test_a_step_given_two_tasks_runs_under_torch_distributed(slurm_cluster, world, tmp_path):
+    d = fresh(world, tmp_path)
+    cfg = config(d, methods='["structured"]', epochs=1, executor="[executor.prune]\ntasks_per_node = 2")
+    out = d / "out"
+    jobs = submit(cfg, out)
+    wait_for(slurm_cluster, jobs.values())
+    r, rows = status(out)
+    assert r.exit_code == 0, r.output
+    job = jobs["prune:structured-l1-0.5-oneshot"]
+    logs = [out / "slurm" / f"{job}_{rank}_log.err" for rank in (0, 1)]
+    assert all(log.exists() for log in logs)  # one rank per task, gloo on CPU
+    from misbench.models.loading import load_model
+
+    assert load_model(str(out / "runs" / "structured-l1-0.5-oneshot" / "model.pt")).masks

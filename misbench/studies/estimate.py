@@ -18,7 +18,8 @@ LPIPS_WEIGHTS = {"lpips-alex": "alexnet:IMAGENET1K_V1", "lpips-vgg": "vgg16:IMAG
                  "lpips-squeeze": "squeezenet1_1:IMAGENET1K_V1"}
 
 
-def _count_images(spec: str | None, limit: int | None, cache: dict) -> int:
+def _count_images(spec: str | None, limit: int | None, cache: dict) -> int | None:
+    """The images of DATA `spec` (None: it cannot be read here)."""
     if not spec:
         return 0
     if spec not in cache:
@@ -28,7 +29,9 @@ def _count_images(spec: str | None, limit: int | None, cache: dict) -> int:
             try:
                 cache[spec] = len(load_data(spec))
             except MisbenchError:
-                cache[spec] = 0
+                cache[spec] = None
+    if cache[spec] is None:
+        return None
     return min(cache[spec], limit) if limit else cache[spec]
 
 
@@ -54,11 +57,17 @@ def missing_inputs(config) -> list[str]:
 
 
 def study_estimate(study, plan: dict) -> dict:
-    """Networks, steps (to run, cached) and the GPU hours of the steps to run at RATES."""
+    """Networks, steps (to run, cached) and the GPU hours of the steps to run at RATES (None while a data folder
+    it needs is missing)."""
     cfg, cache = study.config, {}
     train = _count_images(cfg["data"]["train"], cfg["retrain"]["train_limit"], cache)
     val = _count_images(cfg["data"]["val"], cfg["retrain"]["val_limit"], cache)
     images = _count_images(cfg["extract"]["data"] or cfg["data"]["val"], cfg["extract"]["limit"], cache)
+    to_run = sum(1 for s in plan.values() if s == "run")
+    counts = {"networks": len(study.runs), "steps": len(study.steps), "to_run": to_run,
+              "cached": len(study.steps) - to_run, "train_images": train, "val_images": val}
+    if None in (train, val, images):
+        return {**counts, "gpu_hours": None}
     epoch = train / RATES["train_images_per_s"] + val / RATES["val_images_per_s"]
     seconds = 0.0
     for step in study.steps:
@@ -74,7 +83,4 @@ def study_estimate(study, plan: dict) -> dict:
             seconds += images / RATES["extract_images_per_s"]
         elif step.kind == "score":
             seconds += RATES["score_s_per_network"]
-    to_run = sum(1 for s in plan.values() if s == "run")
-    return {"networks": len(study.runs), "steps": len(study.steps), "to_run": to_run,
-            "cached": len(study.steps) - to_run, "gpu_hours": seconds / 3600, "train_images": train,
-            "val_images": val}
+    return {**counts, "gpu_hours": seconds / 3600}

@@ -35,13 +35,13 @@ from .run import Study
 JOB_FOLDER = "slurm"  # the study folder's subfolder for submitit's job files and the jobs' logs
 
 
-def _executor(folder: Path):
+def _submitit():
     try:
         # submitit is the optional `misbench[slurm]` extra: imported only to submit
         import submitit
     except ImportError:
         raise MisbenchError("--executor slurm needs submitit: pip install 'misbench[slurm]'") from None
-    return submitit.SlurmExecutor(folder=folder)
+    return submitit
 
 
 def _parameters(resources, name: str, dependency: str | None) -> dict:
@@ -90,10 +90,12 @@ def submit_study(study: Study) -> dict:
     """Submit every step the plan runs as one held job, then release them all: either every pending step is
     queued, or none is (the ones already submitted are cancelled and named). Returns {step: job id}."""
     out = study.out
-    executor = _executor(out / JOB_FOLDER)
+    submitit = _submitit()
     require_command("sbatch")
+    require_command("srun")
     settings = study.config.executor()
     _check_partitions(settings)
+    executor = submitit.SlurmExecutor(folder=out / JOB_FOLDER)
     with DirectoryLock(out, "misbench study submitter"):
         manifest = Manifest(manifest_path(out))
         refuse_active_jobs(manifest.data, out)
@@ -150,7 +152,6 @@ def _slurm_rank() -> tuple[int, int]:
         nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
                                capture_output=True, text=True, check=True).stdout.split()
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
-                          LOCAL_WORLD_SIZE=str(int(os.environ.get("SLURM_NTASKS_PER_NODE", world))),
                           MASTER_ADDR=nodes[0], MASTER_PORT=str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
     return rank, world
 
