@@ -59,3 +59,41 @@ def test_readme_usage_block_runs(tmp_path, monkeypatch):
     assert (tmp_path / "report" / "report.html").exists() and (tmp_path / "conn60.pt").exists()
     assert "audit: consistent" in runner.invoke(cli, ["audit", "conn60.pt"]).output
     assert os.path.getsize(tmp_path / "mis.csv") > 0
+
+
+def own_images_commands():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"### Your own images in three commands\n.*?```bash\n(.*?)```", text, re.S).group(1)
+    return [line for line in block.splitlines() if line.startswith("misbench ")]
+
+
+def test_readme_own_images_block_runs_offline_on_200_images(tmp_path, monkeypatch):
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from misbench.models.loading import hub_checkpoint_path, torchvision_weights
+
+    weights = hub_checkpoint_path(torchvision_weights("mobilenet_v2", "IMAGENET1K_V1").url)
+    if not weights.exists():
+        import pytest
+
+        pytest.skip(f"{weights.name} is not staged (make assets)")
+    commands = own_images_commands()
+    assert len(commands) == 3
+    folder = tmp_path / "my_images"  # a plain folder of a user's images: no class folders
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"photo_{i:03d}.jpg")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    runner = CliRunner()
+    for line in commands:
+        result = runner.invoke(cli, shlex.split(line)[1:])
+        assert result.exit_code == 0, f"{line}\n{result.output}"
+    with open(tmp_path / "mine.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["layer"] for r in rows} == {"features.14", "features.18.1"}
+    assert len(rows) == 160 + 1280 and (tmp_path / "mine_report" / "layers.csv").exists()
