@@ -5,6 +5,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
@@ -67,6 +68,7 @@ def own_images_commands():
     return [line for line in block.splitlines() if line.startswith("misbench ")]
 
 
+@pytest.mark.slow  # MobileNet-V2 at 224 pixels on 200 images; the usage block above is its fast counterpart
 def test_readme_own_images_block_runs_offline_on_200_images(tmp_path, monkeypatch):
     import csv
 
@@ -77,8 +79,6 @@ def test_readme_own_images_block_runs_offline_on_200_images(tmp_path, monkeypatc
 
     weights = hub_checkpoint_path(torchvision_weights("mobilenet_v2", "IMAGENET1K_V1").url)
     if not weights.exists():
-        import pytest
-
         pytest.skip(f"{weights.name} is not staged (make assets)")
     commands = own_images_commands()
     assert len(commands) == 3
