@@ -33,6 +33,9 @@ from .common import StagedProgress, handle_errors, list_option, refuses_overwrit
               help="Local DreamSim weights directory (else $MISBENCH_DREAMSIM_WEIGHTS).")
 @click.option("--selection", type=click.Choice(list(SELECTIONS)), default="fair", show_default=True)
 @click.option("--quantile", default=0.2, show_default=True, help="Fraction per side for --selection quantile.")
+@click.option("--class-quantile", type=float, default=None,
+              help="Fraction per side for the class units (softmax/logits) under --selection quantile, so that a "
+              "pool fits within a class (default: --quantile).")
 @click.option("--tasks", default=20, show_default=True)
 @click.option("--explanations", default=9, show_default=True)
 @click.option("--alpha", type=float, default=None, help="Sigmoid slope (default: per backend, see docs/mis.md).")
@@ -47,6 +50,8 @@ from .common import StagedProgress, handle_errors, list_option, refuses_overwrit
 @click.option("--batch-size", default=64, show_default=True)
 @workers_option
 @click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples for intervals.")
+@click.option("--keep-sparse", is_flag=True, help="Count sparse units (top pool reaching the unit's minimum, chosen "
+              "by tie keys) in means and comparisons; by default they are scored but left out (docs/mis.md).")
 @click.option("--amp", is_flag=True, help="Mixed-precision embeddings: float16 on CUDA, bfloat16 on CPU "
               "(faster; LPIPS is exact only without it).")
 @click.option("--chunk-units", default=256, show_default=True,
@@ -58,16 +63,16 @@ from .common import StagedProgress, handle_errors, list_option, refuses_overwrit
              help="mis (default), or mis,ms: also the MonoSemanticity score (an ms column; embeds every row).")
 @handle_errors
 @refuses_overwrite(passes=True)  # the library tells a killed run's tasks.h5 / mis.json (replaced) from another run's
-def score(acts, layers, out, similarity, image_size, view, dreamsim_weights, selection, quantile, tasks, explanations, alpha, alpha_from, seed,
-          device, engine, tasks_out, cache, shard, batch_size, workers, n_boot, amp, chunk_units, distances, metrics,
-          overwrite):
+def score(acts, layers, out, similarity, image_size, view, dreamsim_weights, selection, quantile, class_quantile, tasks, explanations, alpha, alpha_from, seed,
+          device, engine, tasks_out, cache, shard, batch_size, workers, n_boot, keep_sparse, amp, chunk_units, distances,
+          metrics, overwrite):
     """Score every unit of LAYERs in ACTS with the Mechanistic Interpretability Score."""
     bars = StagedProgress({"embed": "img", "score": "unit"})
     try:
         scores = api.score(acts, layers, out, tasks_out=tasks_out, cache=cache, shard=shard, overwrite=overwrite,
                            progress=bars if is_main() else None, alpha_from=alpha_from, similarity=similarity,
-                           image_size=image_size, view=view, dreamsim_weights=dreamsim_weights, selection=selection, quantile=quantile, tasks=tasks, explanations=explanations, alpha=alpha,
-                           seed=seed, engine=engine, n_boot=n_boot, amp=amp, chunk_units=chunk_units, device=device,
+                           image_size=image_size, view=view, dreamsim_weights=dreamsim_weights, selection=selection, quantile=quantile, class_quantile=class_quantile, tasks=tasks, explanations=explanations, alpha=alpha,
+                           seed=seed, engine=engine, n_boot=n_boot, keep_sparse=keep_sparse, amp=amp, chunk_units=chunk_units, device=device,
                            batch_size=batch_size, workers=workers, distances=distances, metrics=tuple(metrics))
     finally:
         bars.close()
@@ -75,20 +80,34 @@ def score(acts, layers, out, similarity, image_size, view, dreamsim_weights, sel
         return
     meta = scores.attrs
     with_ms = "ms" in metrics
-    click.echo(f"{'layer':<40} {'units':>6} {'const':>6} {'MIS':>7} {'conf':>7}" + (f" {'MS':>7}" if with_ms else ""))
+    click.echo(f"{'layer':<40} {'units':>6} {'const':>6} {'sparse':>6} {'MIS':>7} {'conf':>7}" + (f" {'MS':>7}" if with_ms else ""))
     for name, s in meta["layers"].items():
         mis = f"{s['mis']:.3f}" if s["mis"] is not None else "-"
         conf = f"{s['mis_confidence']:.3f}" if s["mis_confidence"] is not None else "-"
         ms = (f" {s['ms']:>7.3f}" if s.get("ms") is not None else f" {'-':>7}") if with_ms else ""
-        click.echo(f"{name:<40} {s['n_units']:>6} {s['n_constant']:>6} {mis:>7} {conf:>7}{ms}")
-    m = meta["model_mean"]
-    if m["mis"] is not None:
-        click.echo(f"model mean: MIS {m['mis']:.3f}  confidence {m['mis_confidence']:.3f}  "
-                   f"(n_rows {meta['n_rows']}, selection {selection}, alpha {meta['alpha']} {meta['alpha_source']})")
-        if not meta["alpha_source"].startswith("calibrated:"):
-            click.echo(f"note: alpha is {meta['alpha_source']}, not calibrated: mis_confidence depends on it "
-                       "(misbench calibrate; docs/mis.md)")
+        click.echo(f"{name:<40} {s['n_units']:>6} {s['n_constant']:>6} {s.get('n_sparse', 0):>6} {mis:>7} {conf:>7}{ms}")
+    click.echo(closing_line(meta, selection))
+    if meta["model_mean"]["mis"] is not None and not meta["alpha_source"].startswith("calibrated:"):
+        click.echo(f"note: alpha is {meta['alpha_source']}, not calibrated: mis_confidence depends on it "
+                   "(misbench calibrate; docs/mis.md)")
     click.echo(f"wrote {out}")
+
+
+def closing_line(meta: dict, selection: str) -> str:
+    """The layer-balanced means of mis.json (the mean over layers of each layer's mean, as reports and the README
+    use them), feature and class layers apart, with the units left out."""
+    parts = []
+    for key, label in (("feature_mean", "layer-balanced feature mean"), ("class_mean", "layer-balanced class mean")):
+        m = meta[key]
+        if m["mis"] is not None:
+            parts.append(f"{label}: MIS {m['mis']:.3f} confidence {m['mis_confidence']:.3f} "
+                         f"({m['n_layers']} layers, {m['n_units']} units)")
+    left = meta["model_mean"]
+    n_sparse = left.get("n_sparse", 0)
+    excluded = f"left out: {left.get('n_constant', 0)} constant" + (
+        f"; {n_sparse} sparse counted (--keep-sparse)" if left.get("sparse_included") else f", {n_sparse} sparse")
+    return ("; ".join(parts) or "no scored units") + (f"; {excluded} (n_rows {meta['n_rows']}, selection {selection}, "
+                                                      f"alpha {meta['alpha']} {meta['alpha_source']})")
 
 
 COMMANDS = [score]

@@ -1,6 +1,7 @@
 """misbench study / demo."""
 
 import time
+import tomllib
 from pathlib import Path
 
 import click
@@ -54,12 +55,12 @@ def print_summary(out_dir):
     for r in s["runs"]:
         p = r.get("paired")
         pair = (f"{f(p['diff_mis_confidence'], '+.3f')} [{f(p['diff_conf_ci_low'], '+.3f')}, "
-                f"{f(p['diff_conf_ci_high'], '+.3f')}] {f(p['wilcoxon_p_confidence'], '.2g')}") if p else ""
+                f"{f(p['diff_conf_ci_high'], '+.3f')}] {f(p['p_confidence'], '.2g')}") if p else ""
         click.echo(f"{r['name']:<34} {r['method']:<12} {f(r['rate'], '.1f'):>4} {f(r['top1'], '.2f'):>5} "
                    f"{f(r['mis'], '.3f'):>5} {f(r['mis_confidence'], '.3f'):>5} {f(r['class_mis_confidence'], '.3f'):>5} "
                    f"{f(r['r_acc_conf'], '+.3f'):>11}  {pair}")
     click.echo("MIS, conf: layer-balanced means over feature layers; class: softmax units' MIS confidence"
-               + (f"; paired: per-unit differences against {baseline} (Wilcoxon p)" if baseline else ""))
+               + (f"; paired: layer-balanced mean of per-unit differences against {baseline}, bootstrap 95% CI, sign-flip p" if baseline else ""))
     for key, label in (("correlation_rate_mis_confidence", "pruning rate vs MIS confidence"),
                        ("correlation_rate_mis", "pruning rate vs MIS"),
                        ("correlation_rate_class_mis_confidence", "pruning rate vs class-unit conf"),
@@ -191,12 +192,20 @@ def study(config_path, out, executor, dry_run, quick, overwrite):
 @click.option("--quick", is_flag=True, help="A smaller demo (under a minute on 2 cores once set up).")
 @click.option("--dry-run", is_flag=True)
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty folder that is not a study folder.")
+@click.option("--seed", type=int, default=None,
+              help="The study's seed in place of the config's 0 (training, pruning, tasks, intervals): how much the "
+                   "demo's numbers move (README). Default out: demo-out-seedN.")
 @handle_errors
-def demo(out, quick, dry_run, overwrite):
+def demo(out, quick, dry_run, overwrite, seed):
     """The bundled demo study: a miniature GoogLeNet on Fashion-MNIST, pruned, retrained, scored, reported."""
-    out = out or ("demo-out-quick" if quick else "demo-out")
-    click.echo(f"demo config: {demo_config_path()}", err=True)
-    _run(demo_config_path(), Path(out), dry_run, quick, overwrite)
+    out = out or ("demo-out-quick" if quick else "demo-out") + (f"-seed{seed}" if seed is not None else "")
+    click.echo(f"demo config: {demo_config_path()}" + (f", seed {seed}" if seed is not None else ""), err=True)
+    config = demo_config_path()
+    if seed is not None:
+        with open(config, "rb") as handle:
+            config = tomllib.load(handle)
+        config["study"]["seed"] = seed
+    _run(config, Path(out), dry_run, quick, overwrite)
 
 
 COMMANDS = [study, demo]

@@ -46,7 +46,7 @@ def register_report(kind: str, files: tuple):
 SUMMARY_COLUMNS = ("name", "method", "schedule", "rate", "top1", "n_units", "n_constant", "mis", "mis_confidence",
                    "conf_ci_low", "conf_ci_high", "class_mis_confidence")
 PAIRED_SHOWN = ("name", "layer", "n_pairs", "diff_mis_confidence", "diff_conf_ci_low", "diff_conf_ci_high",
-                "wilcoxon_p_confidence", "diff_mis", "diff_mis_ci_low", "diff_mis_ci_high")
+                "p_confidence", "diff_mis", "diff_mis_ci_low", "diff_mis_ci_high", "p_mis")
 CORRELATIONS = (("correlation_rate_mis_confidence", "pruning rate vs MIS confidence (feature layers)"),
                 ("correlation_rate_mis", "pruning rate vs MIS (feature layers)"),
                 ("correlation_rate_class_mis_confidence", "pruning rate vs class-unit MIS confidence"),
@@ -117,9 +117,11 @@ def sweep_sections(summary: dict, out_dir, run_links: dict | None = None) -> lis
                                      "triangle: mean)")))
     if summary.get("paired_baseline"):
         sections.append(Section(f"Paired differences against {summary['paired_baseline']}", css_id="paired",
-                                text="Per-unit differences (run - baseline) over units non-constant in both runs; "
-                                     "layer-balanced mean with its bootstrap interval and its p-value (figure: "
-                                     "beside the summary table).",
+                                text="Per-unit differences (run - baseline) over units counted in both runs; "
+                                     "the layer-balanced mean difference, its bootstrap interval (units resampled "
+                                     "within layers) and the sign-flip permutation p of the same mean "
+                                     "(p_confidence, p_mis). paired.csv also holds the Wilcoxon signed-rank p of "
+                                     "the pooled differences (wilcoxon_p_*), a test of another estimand.",
                                 tables=["paired.csv"] if (out_dir / "paired.csv").exists() else [],
                                 columns=PAIRED_SHOWN, links=links))
     return sections
@@ -305,7 +307,7 @@ def classwise(scores, out, acts=None, eval_json=None, layer: str | None = None, 
             sections += unit_sections(unit_galleries(tmp, read_scores(scores), tasks, acts, units))
         found = [classwise_finding({f"layer {summary['layer']}": summary}, None)]
         write_html(tmp, "misbench class-wise report", sections, settings_header(scores),
-                   [summary.get("alpha_warning")], [f for f in found if f])
+                   [summary.get("alpha_warning"), summary.get("pool_warning")], [f for f in found if f])
     return Path(out).resolve() / "report.html"
 
 
@@ -341,12 +343,13 @@ def sweep(runs, out, seed: int = 0, baseline: str | None = None, classwise_layer
             unit_secs, pages = _pages_for(tmp, header_scores, run, units)
         sections = sweep_sections(summary, tmp, {run: pages["index"]} if pages else None)
         sections += classwise_runs_section(by_run, tmp, classwise_layer) + unit_secs
-        warnings = [summary.get("alpha_warning")]
+        warnings = [summary.get("alpha_warning"), summary.get("sparse_warning")]
+        warnings += [f"{name}: {s['pool_warning']}" for name, s in by_run.items() if s.get("pool_warning")][:1]
         compared = None
         if compare_scores:
             compared = compare_report(list(compare_scores), tmp / "compare", seed=seed, n_boot=n_boot)
             sections += compare_sections(compared, "compare")
-            warnings.append(compared.get("alpha_warning"))
+            warnings += [compared.get("alpha_warning"), compared.get("sparse_warning")]
         paired_rows = read_csv_rows(tmp / "paired.csv") if (tmp / "paired.csv").exists() else []
         write_html(tmp, title, sections, settings_header(header_scores, summary["n_runs"]), warnings,
                    findings(summary, paired_rows, by_run, compared))
@@ -361,7 +364,7 @@ def compare(scores, out, seed: int = 0, n_boot: int = 1000) -> Path:
         summary = compare_report(list(scores), tmp, seed=seed, n_boot=n_boot)
         found = compare_finding(summary)
         write_html(tmp, "misbench comparison report", compare_sections(summary),
-                   settings_header(summary["populations"][0]["scores"]), [summary.get("alpha_warning")],
+                   settings_header(summary["populations"][0]["scores"]), [summary.get("alpha_warning"), summary.get("sparse_warning")],
                    [found] if found else [])
     return Path(out).resolve() / "report.html"
 

@@ -15,11 +15,11 @@ from scipy import stats
 
 from ..errors import MisbenchError
 from ..runtime.fileio import write_json
-from ..scoring.summaries import score_summaries
+from ..scoring.summaries import is_counted, score_summaries
 from .figures import compare_figure
-from .tables import alpha_of, read_scores, write_csv
+from .tables import alpha_of, read_scores, score_settings, write_csv
 
-COMPARE_COLUMNS = ["population", "layer", "n_units", "n_constant", "mis", "mis_ci_low", "mis_ci_high",
+COMPARE_COLUMNS = ["population", "layer", "n_units", "n_constant", "n_sparse", "mis", "mis_ci_low", "mis_ci_high",
                    "mis_confidence", "conf_ci_low", "conf_ci_high"]
 
 
@@ -64,9 +64,10 @@ def compare_report(populations: list, out, seed: int = 0, n_boot: int = 1000, fi
                                     f"{', '.join(have)})")
             rows = [r for r in rows if r["layer"] in layers]
         order = layers or have
-        summary = score_summaries(rows, order, seed, n_boot)
+        keep_sparse = score_settings(path)["keep_sparse"]
+        summary = score_summaries(rows, order, seed, n_boot, keep_sparse)
         pops.append({"label": label, "scores": path, "layers": order, "rows": rows, "summary": summary,
-                     "alpha": alpha_of(rows)})
+                     "alpha": alpha_of(rows), "keep_sparse": keep_sparse})
     labels = [p["label"] for p in pops]
     if len(set(labels)) != len(labels):
         raise MisbenchError(f"report compare: population labels {labels} repeat; write LABEL=PATH for each --scores")
@@ -74,13 +75,13 @@ def compare_report(populations: list, out, seed: int = 0, n_boot: int = 1000, fi
     for pop in pops:
         for layer, s in pop["summary"]["layers"].items():
             table.append({"population": pop["label"], "layer": layer, "n_units": s["n_units"],
-                          "n_constant": s["n_constant"], "mis": s["mis"], "mis_ci_low": s["mis_ci"][0],
+                          "n_constant": s["n_constant"], "n_sparse": s["n_sparse"], "mis": s["mis"], "mis_ci_low": s["mis_ci"][0],
                           "mis_ci_high": s["mis_ci"][1], "mis_confidence": s["mis_confidence"],
                           "conf_ci_low": s["mis_confidence_ci"][0], "conf_ci_high": s["mis_confidence_ci"][1]})
     write_csv(out / "compare.csv", table, COMPARE_COLUMNS)
 
     def values(pop, key):
-        return [r[key] for r in pop["rows"] if r["status"] == "ok"]
+        return [r[key] for r in pop["rows"] if is_counted(r["status"], pop["keep_sparse"])]
 
     first = pops[0]
     result = {"populations": [{"label": p["label"], "scores": str(p["scores"]), "layers": p["layers"],
@@ -95,6 +96,11 @@ def compare_report(populations: list, out, seed: int = 0, n_boot: int = 1000, fi
         alphas = ", ".join(f"{p['label']}: {p['alpha'][0]}" for p in pops)
         result["alpha_warning"] = (f"the populations were scored with different alphas ({alphas}); "
                                    "mis_confidence is not comparable across them (mis is)")
+    sparse = {p["label"]: p["summary"]["model_mean"]["n_sparse"] for p in pops
+              if p["summary"]["model_mean"]["n_sparse"] and not p["keep_sparse"]}
+    if sparse:
+        result["sparse_warning"] = ("sparse units (their top pool reaches their minimum: chosen by tie keys, not by "
+                                    "activation) are left out: " + ", ".join(f"{k}: {v}" for k, v in sparse.items()))
     write_json(out / "compare.json", result)
     if figure:
         compare_figure({p["label"]: values(p, "mis_confidence") for p in pops}, out / "compare.png")

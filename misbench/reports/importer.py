@@ -3,6 +3,7 @@
 __all__ = ["import_scores", "RestrictedUnpickler"]
 
 import io
+import logging
 import pickle
 from pathlib import Path
 
@@ -33,7 +34,11 @@ ALLOWED = {
 }
 
 
+log = logging.getLogger(__name__)
+
 PUBLISHED_TASKS = 20  # the published scores are fractions of 20 tasks
+# confidences this close to 1 are what the authors' deterministic tie-break gives a pruned (zeroed) filter
+SATURATED_CONFIDENCE = 0.999
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -98,10 +103,17 @@ def import_scores(path, out, drop_layer_types=(), constant=(), constant_above: f
                                  mis_ci=clopper_pearson(round(mis * PUBLISHED_TASKS * 2) / 2, PUBLISHED_TASKS)))
     write_scores_csv(out, results, None, "published")  # the authors' alpha is not in the file
     ok = [r for r in results if r.status == "ok"]
+    saturated = sum(1 for r in ok if r.mis_confidence >= SATURATED_CONFIDENCE)
+    warning = None
+    if saturated:
+        warning = (f"{saturated} of {len(ok)} scored units have mis_confidence >= {SATURATED_CONFIDENCE}, as pruned "
+                   f"(zeroed) filters scored by the authors' deterministic tie-break do; they count in every mean: "
+                   f"mark them constant with --constant-above {SATURATED_CONFIDENCE} (or list them with --constant)")
+        log.warning("%s: %s", path, warning)
     layers = {}
     for r in ok:
         layers.setdefault(r.layer, []).append(r.mis_confidence)
-    return {"n_units": len(results), "n_ok": len(ok),
+    return {"n_units": len(results), "n_ok": len(ok), "n_saturated": saturated, "warning": warning,
             "mean_mis": float(np.mean([r.mis for r in ok])) if ok else None,
             "mean_mis_confidence": float(np.mean([r.mis_confidence for r in ok])) if ok else None,
             "layers": {k: {"n": len(v), "mis_confidence": float(np.mean(v))} for k, v in layers.items()},

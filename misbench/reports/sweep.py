@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import MisbenchError
 from ..models.checkpoint import load_checkpoint_dict
 from ..runtime.fileio import write_json
-from ..scoring.summaries import is_class_layer, score_summaries
+from ..scoring.summaries import is_class_layer, is_counted, score_summaries
 from .figures import curves_figure, layer_runs_figure, paired_figure, sweep_figure, unit_distribution_figure
 from .paired import PAIRED_COLUMNS, paired_report
 from .stats import correlation
@@ -21,9 +21,9 @@ from .tables import alpha_of, read_csv_rows, read_scores, score_settings, write_
 log = logging.getLogger(__name__)
 
 SWEEP_COLUMNS = ["name", "method", "schedule", "rate", "n_units", "mis", "mis_confidence", "class_mis",
-                 "class_mis_confidence", "top1", "n_constant", "epochs", "optimizer", "conf_p05", "conf_p95", "mis_ci_low",
+                 "class_mis_confidence", "top1", "n_constant", "n_sparse", "epochs", "optimizer", "conf_p05", "conf_p95", "mis_ci_low",
                  "mis_ci_high", "conf_ci_low", "conf_ci_high", "alpha", "alpha_source"]
-LAYER_TREND_COLUMNS = ["name", "method", "schedule", "rate", "layer", "kind", "n_units", "n_constant", "mis",
+LAYER_TREND_COLUMNS = ["name", "method", "schedule", "rate", "layer", "kind", "n_units", "n_constant", "n_sparse", "mis",
                        "mis_confidence", "mis_ci_low", "mis_ci_high", "conf_ci_low", "conf_ci_high"]
 
 
@@ -85,18 +85,21 @@ def _scored_run(run: dict, scores_path: Path) -> dict:
     layers = list(dict.fromkeys(s["layer"] for s in scores))
     summary = score_summaries(scores, layers, **settings)
     feature, classes = summary["feature_mean"], summary["class_mean"]
-    conf = np.array([s["mis_confidence"] for s in scores if s["status"] == "ok" and not is_class_layer(s["layer"])])
+    conf = np.array([s["mis_confidence"] for s in scores
+                     if is_counted(s["status"], settings["keep_sparse"]) and not is_class_layer(s["layer"])])
     alpha, source = alpha_of(scores)
     sidecar = scores_path.with_suffix(".json")
     layer_rows = [{"layer": name, "kind": "class" if is_class_layer(name) else "feature", "n_units": ls["n_units"],
-                   "n_constant": ls["n_constant"], "mis": ls["mis"], "mis_confidence": ls["mis_confidence"],
+                   "n_constant": ls["n_constant"], "n_sparse": ls["n_sparse"], "mis": ls["mis"], "mis_confidence": ls["mis_confidence"],
                    "mis_ci_low": ls["mis_ci"][0], "mis_ci_high": ls["mis_ci"][1],
                    "conf_ci_low": ls["mis_confidence_ci"][0], "conf_ci_high": ls["mis_confidence_ci"][1]}
                   for name, ls in summary["layers"].items()]
     return {**run, "scores": str(scores_path), "unit_scores": scores, "layer_rows": layer_rows,
+            "keep_sparse": settings["keep_sparse"],
             "score_meta": json.loads(sidecar.read_text()) if sidecar.exists() else None,
-            "n_units": sum(1 for s in scores if s["status"] == "ok"),
-            "n_constant": sum(1 for s in scores if s["status"] != "ok"),
+            "n_units": sum(1 for s in scores if is_counted(s["status"], settings["keep_sparse"])),
+            "n_constant": sum(1 for s in scores if s["status"] == "constant"),
+            "n_sparse": sum(1 for s in scores if s["status"] == "sparse"),
             "mis": feature["mis"], "mis_confidence": feature["mis_confidence"],
             "mis_ci_low": feature["mis_ci"][0], "mis_ci_high": feature["mis_ci"][1],
             "conf_ci_low": feature["mis_confidence_ci"][0], "conf_ci_high": feature["mis_confidence_ci"][1],
@@ -104,6 +107,16 @@ def _scored_run(run: dict, scores_path: Path) -> dict:
             "conf_p05": float(np.percentile(conf, 5)) if len(conf) else None,
             "conf_p95": float(np.percentile(conf, 95)) if len(conf) else None,
             "alpha": alpha, "alpha_source": source}
+
+
+def _sparse_warning(runs) -> str | None:
+    """One line naming the runs whose sparse units are left out of the means, with the counts."""
+    left_out = [(r["name"], r["n_sparse"]) for r in runs if r.get("n_sparse") and not r.get("keep_sparse")]
+    if not left_out:
+        return None
+    return (f"sparse units (top pool reaching their minimum, filled by tie keys) are left out of the means of "
+            f"{len(left_out)} runs: " + ", ".join(f"{name} {n}" for name, n in left_out[:6])
+            + (" ..." if len(left_out) > 6 else "") + " (score --keep-sparse counts them)")
 
 
 def read_runs(runs) -> list[dict]:
@@ -263,6 +276,8 @@ def sweep_report(runs_csv, out_dir, seed: int = 0, baseline: str | None = None) 
                "alpha_source": sorted({str(r.get("alpha_source", "")) for r in runs}),
                "alpha_warning": _alpha_warning(runs),
                "paired_baseline": paired["baseline"] if paired else None,
+               "paired_test": paired["test"] if paired else None,
+               "sparse_warning": _sparse_warning(runs),
                # the settings the report's header shows: the paired baseline's mis.json, else the first run's
                "header_scores": next((r["scores"] for r in sorted(runs, key=lambda r: not (paired and r["name"] == paired["baseline"]))
                                       if r.get("scores")), None),

@@ -8,8 +8,8 @@ delta > 0 (ties count 1/2).
 
 __all__ = [
     "Tasks", "unit_rng", "tie_keys", "is_constant", "rank_rows", "select_fair", "select_quantile", "SELECTIONS",
-    "Selection", "register_selection", "task_deltas", "decisions", "confidences", "CONSTANT_RANGE", "non_finite_rows",
-    "UnitScore", "score_unit", "stored_value",
+    "Selection", "register_selection", "task_deltas", "decisions", "confidences", "CONSTANT_ULPS", "non_finite_rows",
+    "UnitScore", "score_unit", "stored_value", "density", "pool_ties", "is_sparse", "unit_facts",
 ]
 
 import dataclasses
@@ -21,9 +21,11 @@ import numpy as np
 from ..activations.order import non_finite_rows, tie_keys
 from ..errors import MisbenchError
 from ..registry import register
-from .summaries import bootstrap_mean_ci, clopper_pearson
+from .summaries import clopper_pearson, confidence_intervals
 
-CONSTANT_RANGE = 1e-8
+# a unit whose range is at most this many units of the stored dtype's resolution at its magnitude is constant:
+# such differences are rounding, not an ordering of the images (a pruned filter's output after BatchNorm)
+CONSTANT_ULPS = 4
 
 
 @dataclasses.dataclass
@@ -41,8 +43,54 @@ def unit_rng(seed: int, layer: str, unit: int, stream: int) -> np.random.Generat
     return np.random.default_rng([seed, zlib.crc32(layer.encode()), unit, stream])
 
 
-def is_constant(acts: np.ndarray) -> bool:
-    return bool(np.max(acts) - np.min(acts) < CONSTANT_RANGE)
+def is_constant(acts: np.ndarray, dtype=None) -> bool:
+    """True when the unit's range is negligible relative to its magnitude at the resolution of `dtype` (the
+    stored dtype; default: that of `acts`): max - min <= CONSTANT_ULPS * eps(dtype) * max|a|. Exactly equal
+    values are constant at any scale; a unit of magnitude 1e-9 with a real ordering is not."""
+    acts = np.asarray(acts)
+    dtype = np.dtype(dtype if dtype is not None else acts.dtype)
+    eps = float(np.finfo(dtype if np.issubdtype(dtype, np.floating) else np.float64).eps)
+    hi, lo = float(np.max(acts)), float(np.min(acts))
+    return bool(hi - lo <= CONSTANT_ULPS * eps * max(abs(hi), abs(lo)))
+
+
+def density(acts: np.ndarray, n_rows: int) -> float:
+    """The share of the `n_rows` rows above the unit's minimum. `acts` are all rows, or a top/bottom-k file's
+    kept rows: the rows it does not keep are counted as above the minimum (an upper bound when every kept
+    bottom row holds the minimum)."""
+    acts = np.asarray(acts)
+    return float((n_rows - np.count_nonzero(acts == acts.min())) / n_rows)
+
+
+def _side_ties(values: np.ndarray, pool: int) -> int:
+    """Rows of the top `pool` of `values` (descending) chosen among a tie group that straddles the pool's
+    boundary: pool - (rows strictly above the boundary value), or 0 when the group ends at the boundary."""
+    if pool <= 0 or pool >= len(values):
+        return 0
+    boundary = -np.partition(-values, pool - 1)[pool - 1]
+    above, at_least = np.count_nonzero(values > boundary), np.count_nonzero(values >= boundary)
+    return int(pool - above) if at_least > pool else 0
+
+
+def pool_ties(acts: np.ndarray, pool: int) -> tuple[int, int]:
+    """(top_random, bottom_random): how many rows of the top / bottom selection pool of `pool` rows were
+    chosen among tied values by the tie keys rather than by activation (DESIGN §8)."""
+    acts = np.asarray(acts, dtype=np.float64)
+    return _side_ties(acts, pool), _side_ties(-acts, pool)
+
+
+def is_sparse(acts: np.ndarray, pool: int) -> bool:
+    """True when the top pool reaches the unit's minimum: fewer rows lie above the minimum than the pool holds."""
+    acts = np.asarray(acts)
+    return bool(np.count_nonzero(acts > acts.min()) < pool)
+
+
+def unit_facts(acts: np.ndarray, n_rows: int, pool: int) -> dict:
+    """What mis.csv says about a unit's rows besides its scores: `density`, `top_random`, `bottom_random`,
+    and whether it is `sparse` (its top pool of `pool` rows reaches its minimum)."""
+    top, bottom = pool_ties(acts, pool)
+    return {"density": stored_value(density(acts, n_rows)), "top_random": top, "bottom_random": bottom,
+            "sparse": is_sparse(acts, pool)}
 
 
 def rank_rows(acts: np.ndarray, keys: np.ndarray, descending: bool, first: int | None = None) -> np.ndarray:
@@ -168,7 +216,7 @@ class UnitScore:
 
     layer: str
     unit: int
-    status: str  # ok | constant
+    status: str  # ok | constant | sparse (scored, left out of means unless --keep-sparse)
     mis: float | None = None
     mis_confidence: float | None = None
     mis_ci: tuple = (None, None)
@@ -176,15 +224,24 @@ class UnitScore:
     n_tasks: int = 0
     tasks: Tasks | None = None
     deltas: np.ndarray | None = None
+    density: float | None = None  # share of rows above the unit's minimum
+    top_random: int | None = None  # rows of the top / bottom pool chosen among ties by the tie keys
+    bottom_random: int | None = None
     ms: float | None = None  # the MonoSemanticity score (with metrics mis,ms)
 
 
-def score_unit(layer: str, unit: int, tasks: Tasks, deltas: np.ndarray, settings) -> UnitScore:
+def score_unit(layer: str, unit: int, tasks: Tasks, deltas: np.ndarray, settings, conf_ci=None,
+               facts: dict | None = None) -> UnitScore:
     """A unit's MIS, confidence and their intervals from its task deltas; `settings` is the run's resolved
-    ScoreSettings (alpha, seed, n_boot). The bootstrap's stream depends on the unit alone (shards agree)."""
+    ScoreSettings (alpha). `conf_ci`: the confidence interval when computed for many units at once
+    (summaries.confidence_intervals; by default computed here, the same numbers); `facts`: unit_facts (a
+    sparse unit gets the status `sparse`)."""
     correct, conf = decisions(deltas), confidences(deltas, settings.alpha)
-    rng = unit_rng(settings.seed, layer, unit, 1)
-    return UnitScore(layer, unit, "ok", mis=stored_value(correct.mean()), mis_confidence=stored_value(conf.mean()),
+    if conf_ci is None:
+        conf_ci = tuple(float(v[0]) for v in confidence_intervals(conf[None]))
+    facts = dict(facts or {})
+    status = "sparse" if facts.pop("sparse", False) else "ok"
+    return UnitScore(layer, unit, status, mis=stored_value(correct.mean()), mis_confidence=stored_value(conf.mean()),
                      mis_ci=tuple(map(stored_value, clopper_pearson(correct.sum(), len(correct)))),
-                     conf_ci=tuple(map(stored_value, bootstrap_mean_ci(conf, rng, settings.n_boot))),
-                     n_tasks=len(deltas), tasks=tasks, deltas=deltas)
+                     conf_ci=(None, None) if np.isnan(conf_ci[0]) else tuple(map(stored_value, conf_ci)),
+                     n_tasks=len(deltas), tasks=tasks, deltas=deltas, **facts)

@@ -3,7 +3,7 @@
 __all__ = ["read_meta", "write_scores", "read_scores", "score_settings", "load_scores", "scores_frame",
            "SCORE_DTYPES", "REQUIRED_COLUMNS", "MIS_COLUMNS", "score_columns", "stored_value", "shard_path", "merge_scores",
            "layer_summaries", "score_rows", "write_scores_csv", "write_tasks", "read_tasks", "TASK_ARRAYS", "run_key",
-           "refuse_foreign_outputs"]
+           "refuse_foreign_outputs", "SCORED_STATUSES", "STATUSES"]
 
 import dataclasses
 import hashlib
@@ -21,12 +21,14 @@ from ..runtime.fileio import (json_plain, option_label, overwrite_hint, read_csv
 from ..runtime.outputs import writing
 from .mis import UnitScore, stored_value
 from .settings import ScoreSettings
-from .summaries import score_summaries
+from .summaries import is_counted, score_summaries
 
 log = logging.getLogger(__name__)
 
 MIS_COLUMNS = ["layer", "unit", "status", "mis", "mis_confidence", "mis_ci_low", "mis_ci_high",
-               "conf_ci_low", "conf_ci_high", "n_tasks", "alpha", "alpha_source"]
+               "conf_ci_low", "conf_ci_high", "n_tasks", "density", "top_random", "bottom_random", "alpha", "alpha_source"]
+SCORED_STATUSES = ("ok", "sparse")  # statuses with scores (a sparse unit's are written, but left out of means)
+STATUSES = ("ok", "constant", "sparse")
 
 
 def score_columns(settings: ScoreSettings) -> list[str]:
@@ -45,12 +47,19 @@ def shard_path(out, shard: tuple[int, int]) -> Path:
 
 def _results_from_csv(path) -> list[UnitScore]:
     def num(v):
-        return float(v) if v != "" else None
+        return float(v) if v not in ("", None) else None
+
+    def count(v):
+        return int(v) if v not in ("", None) else None
+
+    def count(v):
+        return int(v) if v not in ("", None) else None
 
     return [UnitScore(row["layer"], int(row["unit"]), row["status"], mis=num(row["mis"]),
                       mis_confidence=num(row["mis_confidence"]), mis_ci=(num(row["mis_ci_low"]), num(row["mis_ci_high"])),
                       conf_ci=(num(row["conf_ci_low"]), num(row["conf_ci_high"])), n_tasks=int(row["n_tasks"]),
-                      ms=num(row.get("ms", "")))
+                      ms=num(row.get("ms", "")), density=num(row.get("density", "")),
+                      top_random=count(row.get("top_random")), bottom_random=count(row.get("bottom_random")))
             for row in read_csv_rows(path)]
 
 
@@ -159,27 +168,29 @@ def _merge_tasks(paths, target, names, run_key: str) -> None:
 
 def layer_summaries(results: list[UnitScore], names, settings: ScoreSettings) -> dict:
     summary = score_summaries(score_rows(results, settings.alpha, settings.alpha_source), names, settings.seed,
-                              settings.n_boot)
+                              settings.n_boot, settings.keep_sparse)
     if "ms" in settings.metrics:  # the mean MonoSemanticity score over the units the MIS means count
         for name, layer in summary["layers"].items():
-            values = [r.ms for r in results if r.layer == name and r.status == "ok" and r.ms is not None]
+            values = [r.ms for r in results if r.layer == name and is_counted(r.status, settings.keep_sparse)
+                      and r.ms is not None]
             layer["ms"] = float(np.mean(values)) if values else None
     return summary
 
 
 def score_rows(results: list[UnitScore], alpha: float | None, alpha_source: str, metrics=("mis",)) -> list[dict]:
     """mis.csv's rows (MIS_COLUMNS, then `ms` among `metrics`) of scored units, with the run's alpha (a score
-    run's resolved settings'; None for imported scores); constant units have None scores and 0 tasks."""
+    run's resolved settings'; None for imported scores); constant units have None scores and 0 tasks; density and
+    the tie counts are None where unknown (imported scores)."""
     alpha = None if alpha is None else float(alpha)
     rows = []
     for r in results:
-        ok = r.status == "ok"
+        ok = r.status in SCORED_STATUSES
         rows.append(dict(zip(MIS_COLUMNS, [
             r.layer, r.unit, r.status,
             r.mis if ok else None, r.mis_confidence if ok else None,
             r.mis_ci[0] if ok else None, r.mis_ci[1] if ok else None,
             r.conf_ci[0] if ok else None, r.conf_ci[1] if ok else None,
-            r.n_tasks if ok else 0, alpha, alpha_source])))
+            r.n_tasks if ok else 0, r.density, r.top_random, r.bottom_random, alpha, alpha_source])))
         if "ms" in metrics:
             rows[-1]["ms"] = r.ms
     return rows
@@ -298,16 +309,18 @@ def write_scores(out, tasks_out, results: list[UnitScore], names, settings: Scor
 
 
 def score_settings(path) -> dict:
-    """The seed and bootstrap count a mis.csv was summarised with (its mis.json), so that every report
-    recomputes the same intervals as mis.json; defaults for files without a sidecar."""
+    """The seed, bootstrap count and sparse policy a mis.csv was summarised with (its mis.json), so that every
+    report recomputes the same intervals and counts the same units as mis.json; defaults without a sidecar."""
     settings = (read_meta(path) or {}).get("settings", {})
-    return {"seed": int(settings.get("seed", 0)), "n_boot": int(settings.get("n_boot", 1000))}
+    return {"seed": int(settings.get("seed", 0)), "n_boot": int(settings.get("n_boot", 1000)),
+            "keep_sparse": bool(settings.get("keep_sparse", False))}
 
 
 # mis.csv's dtypes, whether the rows come from memory or from the file
 SCORE_DTYPES = {"layer": str, "unit": "int64", "status": str, "mis": "float64", "mis_confidence": "float64",
                 "mis_ci_low": "float64", "mis_ci_high": "float64", "conf_ci_low": "float64", "conf_ci_high": "float64",
-                "n_tasks": "int64", "alpha": "float64", "alpha_source": str, "ms": "float64"}
+                "n_tasks": "int64", "density": "float64", "top_random": "Int64", "bottom_random": "Int64",
+                "alpha": "float64", "alpha_source": str, "ms": "float64"}
 
 
 # the columns DESIGN §8 names; alpha and alpha_source came later (older files lack them)
@@ -343,8 +356,8 @@ def load_scores(path) -> pd.DataFrame:
 
 
 def _check_scores(df: pd.DataFrame, path) -> None:
-    """What a mis.csv can hold (DESIGN §8): one row per (layer, unit), unit a non-negative integer, status ok
-    (with a MIS) or constant (without), fractions in [0, 1]."""
+    """What a mis.csv can hold (DESIGN §8): one row per (layer, unit), unit a non-negative integer, status ok or
+    sparse (with a MIS) or constant (without), fractions in [0, 1]."""
     def bad(row: int, what: str):
         raise MisbenchError(f"{path} row {row + 2}: {what}; a mis.csv comes from misbench score, merge-scores or "
                             "import-scores (fix or regenerate the file)")
@@ -363,21 +376,32 @@ def _check_scores(df: pd.DataFrame, path) -> None:
     if wrong.any():
         i = int(wrong.nonzero()[0][0])
         bad(i, f"unit {unit[i]:g} is not a non-negative integer (a channel or class index)")
-    for column in ("mis", "mis_confidence", "mis_ci_low", "mis_ci_high", "conf_ci_low", "conf_ci_high"):
+    for column in ("density", "top_random", "bottom_random"):
+        if column in df.columns:
+            values = pd.to_numeric(df[column], errors="coerce")
+            wrong = (values.isna() & df[column].notna()) | (values < 0)
+            if wrong.any():
+                i = int(wrong.to_numpy().nonzero()[0][0])
+                bad(i, f"{column} {df[column].iloc[i]!r} is not a non-negative number")
+            numbers[column] = values.to_numpy(dtype=float)
+    for column in ("mis", "mis_confidence", "mis_ci_low", "mis_ci_high", "conf_ci_low", "conf_ci_high", "density"):
+        if column not in numbers:
+            continue
         wrong = (numbers[column] < 0) | (numbers[column] > 1)
         if wrong.any():
             i = int(wrong.nonzero()[0][0])
             bad(i, f"{column} {numbers[column][i]:g} is outside [0, 1] (MIS values are fractions of tasks)")
     status = df["status"].to_numpy()
-    wrong = ~np.isin(status, ["ok", "constant"])
+    wrong = ~np.isin(status, STATUSES)
     if wrong.any():
         i = int(wrong.nonzero()[0][0])
-        bad(i, f"status {status[i]!r} is not ok or constant")
+        bad(i, f"status {status[i]!r} is not one of {', '.join(STATUSES)}")
     has_mis = ~np.isnan(numbers["mis"])
-    wrong = (status == "ok") != has_mis
+    wrong = np.isin(status, SCORED_STATUSES) != has_mis
     if wrong.any():
         i = int(wrong.nonzero()[0][0])
-        bad(i, "status ok needs a mis value" if status[i] == "ok" else "a constant unit has no mis value")
+        bad(i, f"status {status[i]} needs a mis value" if status[i] in SCORED_STATUSES else
+            "a constant unit has no mis value")
     twice = df.duplicated(["layer", "unit"])
     if twice.any():
         i = int(twice.to_numpy().nonzero()[0][0])

@@ -26,12 +26,13 @@ from ..similarity import EmbeddingIndex, backend_from_settings
 from ..similarity.cache import EmbeddingCache
 from ..similarity.index import build_distances, distances_per_task, resolve_distances
 from ..version import __version__
-from .mis import (SELECTIONS, Tasks, UnitScore, is_constant, non_finite_rows, score_unit, stored_value, task_deltas,
-                  tie_keys, unit_rng)
+from .mis import (SELECTIONS, Tasks, UnitScore, confidences, is_constant, non_finite_rows, score_unit, stored_value,
+                  task_deltas, tie_keys, unit_facts, unit_rng)
 from .results import (MIS_COLUMNS, layer_summaries, merge_scores, refuse_foreign_outputs, run_key, score_rows,
                       shard_path, write_scores, write_scores_csv)
 from .ms import ms_scores
 from .settings import ScoreSettings, parse_shard
+from .summaries import NO_INTERVAL, confidence_intervals
 
 log = logging.getLogger(__name__)
 
@@ -221,10 +222,20 @@ def _score(acts_path, layers, settings: ScoreSettings, out, tasks_out, cache_dir
         if ms_work is not None:
             meta["ms"] = ms_work
     scored = iter(scored)
-    results = [UnitScore(layer, unit, "constant") if tasks is None else next(scored) for layer, unit, tasks in units]
+    results = [UnitScore(layer, unit, "constant", **{k: v for k, v in facts.items() if k != "sparse"})
+               if tasks is None else next(scored) for layer, unit, tasks, facts in units]
     if ms:
         results = [r if r.status == "constant" else dataclasses.replace(r, ms=ms[(r.layer, r.unit)]) for r in results]
-    meta.update(layer_summaries(results, names, settings),
+    summary = layer_summaries(results, names, settings)
+    n_sparse = summary["model_mean"]["n_sparse"]
+    if n_sparse:
+        log.warning("%d of %d units are sparse (their top pool reaches their minimum: rows chosen by the tie keys, "
+                    "not by activation): scored, but %s means and comparisons%s", n_sparse, len(results),
+                    "counted in" if settings.keep_sparse else "left out of",
+                    "" if settings.keep_sparse else " (--keep-sparse counts them)")
+    if settings.tasks < 2:
+        log.warning("conf_ci_low/high are left empty: %s", NO_INTERVAL)
+    meta.update(summary,
                 timing={"select_s": round(t_select, 3), "embed_s": round(work["embed_s"], 3),
                         "decide_s": round(work["decide_s"], 3), "total_s": round(time.time() - t0, 3)})
     write_scores(out, tasks_out, results, names, settings, meta)
@@ -286,14 +297,16 @@ def _score_ranks(acts_path, layers, settings: ScoreSettings, out, tasks_out, cac
 
 
 def _select_units(acts, acts_path, names: list[str], settings: ScoreSettings, shard) -> list[tuple]:
-    """(layer, unit, Tasks, or None for a constant unit) of this shard's units, in the file's order."""
+    """(layer, unit, Tasks or None for a constant unit, unit_facts) of this shard's units, in the file's order.
+    Each layer's units are selected with its own settings (ScoreSettings.for_layer: class units' quantile)."""
     selection, (shard_i, shard_n) = SELECTIONS[settings.selection], shard
     units, position, dataset_index = [], 0, acts.index
     for name in names:
+        layer_settings = settings.for_layer(name)
+        pool = selection.per_side(layer_settings, acts.n_rows)
         tie_seed = acts.tie_seed(name)
         if tie_seed is not None:
-            check_tie_order(*acts.kept_values(name), selection.per_side(settings, acts.n_rows), acts.n_rows, tie_seed,
-                            settings.seed, name, acts_path)
+            check_tie_order(*acts.kept_values(name), pool, acts.n_rows, tie_seed, settings.seed, name, acts_path)
         for unit, values, rows in acts.unit_candidates(name):
             mine = position % shard_n == shard_i
             position += 1
@@ -308,10 +321,10 @@ def _select_units(acts, acts_path, names: list[str], settings: ScoreSettings, sh
                     "so no MIS is given: re-extract from a model whose activations are finite (a float16 file "
                     "that overflowed: --dtype float32)")
             tasks = None
-            if not is_constant(values):
+            if not is_constant(values):  # values in the file's stored dtype: its resolution
                 tasks = selection.select(values, rows, tie_keys(settings.seed, name, unit, dataset_index[rows]),
-                                         acts.n_rows, unit_rng(settings.seed, name, unit, 0), settings)
-            units.append((name, unit, tasks))
+                                         acts.n_rows, unit_rng(settings.seed, name, unit, 0), layer_settings)
+            units.append((name, unit, tasks, unit_facts(values, acts.n_rows, pool)))
     return units
 
 
@@ -323,7 +336,7 @@ def _score_tasks(acts, units: list[tuple], backend, fingerprint: str, settings: 
     all_images = RowImages(acts, np.zeros(0, np.int64), settings.image_size, settings.view,
                            backend.resample)  # the dataset, opened once
     chunks = [units[first:first + settings.chunk_units] for first in range(0, len(units), settings.chunk_units)]
-    needed = [_needed_rows([tasks for _, _, tasks in chunk]) for chunk in chunks]
+    needed = [_needed_rows([tasks for _, _, tasks, _ in chunk]) for chunk in chunks]
     distinct = np.unique(np.concatenate(needed)) if needed else np.zeros(0, np.int64)
     # when the chunks need most of the images anyway (a few thousand images, or many units), all of
     # them stay resident in one distance engine instead of being read back chunk after chunk
@@ -371,9 +384,10 @@ def _score_tasks(acts, units: list[tuple], backend, fingerprint: str, settings: 
                 engine = _PairwiseDistances(backend, images, device, settings.batch_size)
             t2 = time.time()
             t_embed += t2 - t1
-            deltas = _chunk_deltas(engine, [tasks for _, _, tasks in chunk], settings.explanations)
-            for (layer, unit, tasks), unit_deltas in zip(chunk, deltas):
-                scored.append(score_unit(layer, unit, tasks, unit_deltas, settings))
+            deltas = _chunk_deltas(engine, [tasks for _, _, tasks, _ in chunk], settings.explanations)
+            conf_lo, conf_hi = confidence_intervals(confidences(np.stack(deltas), settings.alpha))  # the chunk at once
+            for (layer, unit, tasks, facts), unit_deltas, lo, hi in zip(chunk, deltas, conf_lo, conf_hi):
+                scored.append(score_unit(layer, unit, tasks, unit_deltas, settings, (lo, hi), facts))
                 if progress:
                     progress("score", len(scored), len(units))
             if not resident:

@@ -10,6 +10,7 @@ from ..datasets.images import VIEWS
 from ..errors import MisbenchError
 from ..similarity.index import DISTANCE_ENGINES
 from .mis import SELECTIONS
+from .summaries import is_class_layer
 
 ENGINES = ("embed", "pairwise")
 METRICS = ("mis", "ms")  # ms: the MonoSemanticity score (scoring/ms.py) from the same embeddings
@@ -32,6 +33,8 @@ class ScoreSettings:
     view: str = "model"  # what the similarity sees: the model's crop, or the raw image file (images.VIEWS)
     selection: str = "fair"
     quantile: float = 0.2
+    class_quantile: float | None = None  # --selection quantile: class units' (softmax/logits) own Q, so that a pool
+    # fits within a class (10 classes: Q < 0.1); None: `quantile`
     tasks: int = 20
     explanations: int = 9
     alpha: float | None = None  # None: the backend's documented default
@@ -39,6 +42,7 @@ class ScoreSettings:
     seed: int = 0
     engine: str = "embed"
     n_boot: int = 1000
+    keep_sparse: bool = False  # sparse units (top pool reaching the minimum) enter means and comparisons
     amp: bool = False  # autocast the embedding network (LPIPS is exact only in float32)
     chunk_units: int = 256  # units whose distances are computed together (bounds memory)
     distances: str = "auto"  # gram | faiss | torch | auto (torch on CUDA, gram on CPU): docs/performance.md
@@ -51,7 +55,15 @@ class ScoreSettings:
 
     RUNTIME = ("device", "batch_size", "workers", "chunk_units", "dreamsim_weights", "distances")
 
+    def for_layer(self, layer: str) -> "ScoreSettings":
+        """The settings a layer's units are selected with: `class_quantile` as the quantile of class units."""
+        if self.class_quantile is None or not is_class_layer(layer):
+            return self
+        return dataclasses.replace(self, quantile=self.class_quantile)
+
     def __post_init__(self):
+        if self.class_quantile is not None and not 0 < self.class_quantile <= 0.5:
+            raise MisbenchError(f"--class-quantile must be in (0, 0.5], got {self.class_quantile}")
         if self.selection not in SELECTIONS:
             raise MisbenchError(f"--selection {self.selection!r}: expected one of {list(SELECTIONS)}")
         if self.engine not in ENGINES:

@@ -35,8 +35,8 @@ SECTIONS = {
     "extract": {"layers": ["conv", "softmax"], "data": None, "limit": None, "batch_size": 64, "dtype": "float32",
                 "reduction": "mean", "token_reduction": "mean", "features": [], "resize": None, "crop": None},
     "score": {"similarity": "lpips-alex", "image_size": None, "view": "model", "selection": "fair", "quantile": 0.2,
-              "tasks": 20, "explanations": 9, "alpha": None, "alpha_from": None, "layers": ["all"], "n_boot": 1000, "batch_size": 64,
-              "metrics": ["mis"]},
+              "class_quantile": None, "tasks": 20, "explanations": 9, "alpha": None, "alpha_from": None,
+              "layers": ["all"], "n_boot": 1000, "batch_size": 64, "metrics": ["mis"], "keep_sparse": False},
     # one top-k sparse autoencoder trained during the study on `layer` of the base network (off while layer is
     # unset): its features are extracted and scored, and the report compares them with the layer's neurons
     "dictionary": {"layer": None, "name": "dictionary", "n_features": 64, "k": 4, "steps": 300, "lr": 1e-3,

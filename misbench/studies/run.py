@@ -278,11 +278,11 @@ class Study:
             alpha, alpha_source = calibration_alpha(s["alpha_from"])
         settings = ScoreSettings(similarity=s["similarity"], image_size=s["image_size"], view=s["view"],
                                  selection=s["selection"],
-                                 quantile=s["quantile"], tasks=s["tasks"], explanations=s["explanations"], alpha=alpha,
+                                 quantile=s["quantile"], class_quantile=s["class_quantile"], tasks=s["tasks"], explanations=s["explanations"], alpha=alpha,
                                  alpha_source=alpha_source,
                                  seed=self.config["study"]["seed"], n_boot=s["n_boot"], batch_size=s["batch_size"],
-                                 device=self._runtime()["device"], workers=self._runtime()["workers"],
-                                 metrics=tuple(s["metrics"]))
+                                 keep_sparse=s["keep_sparse"], device=self._runtime()["device"],
+                                 workers=self._runtime()["workers"], metrics=tuple(s["metrics"]))
         score(acts, layers or s["layers"], settings, out, tasks_out=Path(out).with_name("tasks.h5"),
               cache_dir=self.out / "cache" / "embeddings",
               progress=(lambda stage, d, n: self.progress(f"{stage} {Path(out).parent.name}", d, n)) if self.progress else None,
