@@ -113,6 +113,8 @@ def _run(config, out, dry_run, quick, overwrite=False, executor="local"):
         bars.close()
     click.echo(f"{len(ran)} steps ran; manifest {Path(out) / 'manifest.json'}", err=True)
     print_summary(out)
+    if quick:
+        click.echo("quick: a smoke test (one rate, fewer images and epochs); its numbers are not findings")
 
 
 @click.command()

@@ -97,3 +97,29 @@ def test_readme_own_images_block_runs_offline_on_200_images(tmp_path, monkeypatc
         rows = list(csv.DictReader(handle))
     assert {r["layer"] for r in rows} == {"features.14", "features.18.1"}
     assert len(rows) == 160 + 1280 and (tmp_path / "mine_report" / "layers.csv").exists()
+
+
+def test_readme_findings_are_the_sentences_their_numbers_give():
+    """The README's findings block is what scripts/demo_findings.py generates from docs/demo_findings.json (the
+    numbers of demo output folders): no sentence there was written by hand."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("demo_findings", ROOT / "scripts" / "demo_findings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = (ROOT / "README.md").read_text()
+    block = re.search(re.escape(module.START) + r"\n(.*?)\n" + re.escape(module.END), text, re.S).group(1)
+    data = json.loads((ROOT / "docs" / "demo_findings.json").read_text())
+    assert block == module.block(data)
+    # and the words follow the intervals: every paired difference called higher/lower has an interval on that
+    # side of 0 (checked here against the numbers, not by the generator's own rule)
+    runs = data["findings"]["runs"]
+    for name, run in runs.items():
+        if "paired" in run and name in block:
+            d, lo, hi, _ = run["paired"]
+            assert lo <= d <= hi
+    for name in ("random",):
+        d, lo, hi, _ = runs[name]["paired"]
+        word = "lower" if hi < 0 else "higher" if lo > 0 else "no detectable difference"
+        assert f"against the {data['findings']['baseline']}: {word}." in block

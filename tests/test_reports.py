@@ -174,7 +174,8 @@ def test_classwise_report_with_unit_pictures_stays_inside_its_folder(property_fo
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())
     table = (out / "classwise.csv").read_text().splitlines()
-    assert table[0] == "class,name,n,accuracy,mis,mis_confidence,alpha,alpha_source" and len(table) == 4
+    assert table[0] == "class,name,n,accuracy,mis,mis_confidence,purity,pool,class_images,alpha,alpha_source"
+    assert len(table) == 4
     assert all(line.endswith(",default") for line in table[1:]) and summary["alpha_warning"]
     acc = [float(line.split(",")[3]) for line in table[1:]]
     conf = [float(line.split(",")[5]) for line in table[1:]]

@@ -191,7 +191,7 @@ def class_scatter_figure(rows: list[dict], corr: dict, path, title: str = ""):
         fit = stats.linregress(acc[keep], conf[keep])
         x = np.linspace(acc[keep].min(), acc[keep].max(), 2)
         ax.plot(x, fit.intercept + fit.slope * x, "-", color="black",
-                label=f"least squares: r={corr['pearson_r']:.3f}, p={corr['pearson_p']:.3g}, n={corr['n']}")
+                label=f"least squares: r={corr['pearson_r']:.3f}, p={'-' if corr['pearson_p'] is None else format(corr['pearson_p'], '.3g')}, n={corr['n']}")
     else:
         ax.plot([], [], " ", label=f"r undefined (n={corr.get('n', 0)}, or constant values)")
     ax.set_xlabel("class-wise accuracy")

@@ -29,13 +29,14 @@ def correlation(x, y, seed: int = 0, n_boot: int = 2000, level: float = 0.95) ->
     n = int(len(x))
     out = {"pearson_r": None, "pearson_p": None, "spearman_rho": None, "spearman_p": None, "n": n,
            "pearson_ci": [None, None], "spearman_ci": [None, None], "method": CORRELATION_METHOD}
-    if n < 4 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return out
     r = float(stats.pearsonr(x, y).statistic)
     rho = float(stats.spearmanr(x, y).statistic)
-    out["pearson_ci"], out["pearson_p"] = _fisher(r, 1 / np.sqrt(n - 3), level)
-    out["spearman_ci"], out["spearman_p"] = _fisher(rho, np.sqrt(1.06 / (n - 3)), level)
     out.update(pearson_r=r, spearman_rho=rho)
+    if n >= 4:  # Fisher's z needs n - 3 > 0: with 3 points the coefficients stand without interval or p
+        out["pearson_ci"], out["pearson_p"] = _fisher(r, 1 / np.sqrt(n - 3), level)
+        out["spearman_ci"], out["spearman_p"] = _fisher(rho, np.sqrt(1.06 / (n - 3)), level)
     return out
 
 
