@@ -261,7 +261,7 @@ def test_cli_score_and_calibrate(planted, tmp_path):
                                  "--similarity", "pixel", "--image-size", "32", "--tasks-out", str(tmp_path / "t.h5"),
                                  "--bootstrap", "50"])
     assert r.exit_code == 0, r.output
-    assert "visible" in r.output and "model mean" in r.output
+    assert "visible" in r.output and "layer-balanced feature mean" in r.output
     rng = np.random.default_rng(1)
     lines = ["layer,unit,task,correct"] + [f"visible,{u},{t},{int(rng.random() < 0.8)}" for u in range(3) for t in range(20)]
     (tmp_path / "resp.csv").write_text("\n".join(lines) + "\n")
