@@ -376,7 +376,7 @@ def _score_tasks(acts, units: list[tuple], backend, fingerprint: str, settings: 
                                            amp=settings.amp)
                 embedded += n_new
                 # the pairs it will be asked for: every chunk's when resident, else this chunk's
-                tasks = sum(len(t.pos_query) for c in (chunks if resident else [chunk]) for _, _, t in c)
+                tasks = sum(len(t.pos_query) for c in (chunks if resident else [chunk]) for _, _, t, _ in c)
                 engine = build_distances(settings.distances, rows, emb, device,
                                          pairs=tasks * 4 * settings.explanations)
                 del emb
