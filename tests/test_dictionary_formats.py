@@ -133,3 +133,28 @@ def test_bad_dictionary_files(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a torch file at all")
     with pytest.raises(MisbenchError, match="cannot read .*junk.pt"):
         load_dictionary(tmp_path / "junk.pt")
+
+
+def test_non_finite_jumprelu_thresholds_are_refused_and_a_native_threshold_is_read(tmp_path):
+    # a NaN/inf threshold makes `pre > theta` false everywhere: every feature 0, silently, unless refused
+    w, b = torch.randn(6, 4), torch.zeros(6)
+    for theta in ("nan", "inf"):
+        torch.save({"W_enc": w, "b_enc": b, "activation": f"jumprelu:{theta}"}, tmp_path / "j.pt")
+        with pytest.raises(MisbenchError, match="finite"):
+            load_dictionary(tmp_path / "j.pt")
+    # dictionary_learning BatchTopKSAE whose learned threshold diverged
+    torch.save({"encoder.weight": w, "encoder.bias": b, "decoder.weight": w.T.clone(), "b_dec": torch.zeros(4),
+                "k": torch.tensor(2), "threshold": torch.tensor(float("nan"))}, tmp_path / "ae.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "BatchTopKSAE"}}))
+    with pytest.raises(MisbenchError, match="finite"):
+        load_dictionary(tmp_path / "ae.pt")
+    # a native file's per-feature threshold [K] is used (the 'jumprelu' error asks for exactly this)
+    theta = torch.linspace(-1, 1, 6)
+    torch.save({"W_enc": w, "b_enc": b, "activation": "jumprelu", "threshold": theta}, tmp_path / "t.pt")
+    x = torch.randn(5, 4)
+    pre = x @ w.T
+    assert torch.equal(encode(x, load_dictionary(tmp_path / "t.pt")), pre * (pre > theta) * (pre > 0))
+    torch.save({"W_enc": w, "b_enc": b, "activation": "jumprelu", "threshold": torch.full((6,), float("nan"))},
+               tmp_path / "n.pt")
+    with pytest.raises(MisbenchError, match="non-finite"):
+        load_dictionary(tmp_path / "n.pt")

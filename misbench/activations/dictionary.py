@@ -8,6 +8,7 @@ __all__ = ["ACTIVATIONS", "Dictionary", "FeatureSpec", "parse_features", "load_d
            "check_activation"]
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -66,6 +67,9 @@ def check_activation(text: str, source: str = "activation") -> str:
             raise MisbenchError(f"{source}: activation {text!r}: expected {name}:<{'int' if parse is int else 'float'}>") from None
         if name in ("topk", "topkraw") and value < 1:
             raise MisbenchError(f"{source}: activation {text!r}: k must be at least 1")
+        if name == "jumprelu" and value is not None and not math.isfinite(value):
+            raise MisbenchError(f"{source}: activation {text!r}: the threshold must be a finite number (a NaN or "
+                                "inf threshold zeroes every feature); train or export the dictionary again")
     return str(text)
 
 

@@ -104,7 +104,7 @@ def _is(obj, *keys) -> bool:
 # misbench's own files (train-dictionary, or written by hand)
 def _native(obj, path):
     return {"W_enc": obj["W_enc"], "b_enc": obj["b_enc"], "b_dec": obj.get("b_dec"),
-            "activation": obj.get("activation", "relu"), "threshold": None}
+            "activation": obj.get("activation", "relu"), "threshold": obj.get("threshold")}
 
 
 # dictionary_learning: AutoEncoder (bias, encoder.*, decoder.weight) and AutoEncoderTopK / BatchTopKSAE
