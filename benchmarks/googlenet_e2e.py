@@ -86,7 +86,7 @@ def main():
                              "--overwrite", *small)
         t_score = misbench("score", work / "acts.h5", "--layer", "all", "--out", work / "mis.csv",
                            "--similarity", args.similarity, "--image-size", args.image_size, "--device", args.device,
-                           "--batch-size", args.batch_size, "--bootstrap", args.bootstrap)
+                           "--batch-size", args.batch_size, "--n-boot", args.bootstrap)
         meta = json.loads((work / "mis.json").read_text())
     t = meta["timing"]
     n_units = meta["model_mean"]["n_units"] + sum(layer["n_constant"] for layer in meta["layers"].values())

@@ -1,22 +1,22 @@
 """Shared CLI plumbing: errors to exit codes, progress bars, model options."""
 
+import dataclasses
 import functools
 import json
-import logging
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 
 import click
 from tqdm import tqdm
 
-from misbench.datasets.labels import LABEL_MODES
 from misbench.errors import MisbenchError
-from misbench.runtime.device import MAX_AUTO_WORKERS, parse_workers
 from misbench.runtime.fileio import DiskFullError, cli_wording, disk_full_error, option_label, refuse_existing
 from misbench.runtime.outputs import writing
 from misbench.runtime.interrupts import terminate_as_interrupt
+from misbench.runtime.schema import FIELD_DEFAULT, choice_list, kinds_of, settings_fields, spec
 
 
 def _exit_now(message: str) -> None:
@@ -140,7 +140,23 @@ def _split_list(values) -> tuple:
     return tuple(part.strip() for value in values for part in value.split(",") if part.strip())
 
 
-class ListOption(click.Option):
+class AliasOption(click.Option):
+    """An option with older names (`aliases`) that still work but --help does not show."""
+
+    def __init__(self, *args, aliases=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.aliases = tuple(aliases)
+
+    def get_help_record(self, ctx):
+        opts = self.opts
+        self.opts = [o for o in opts if o not in self.aliases]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = opts
+
+
+class ListOption(AliasOption):
     """A repeatable option whose values are also comma-separated lists (tests find them by this class)."""
 
 
@@ -155,6 +171,62 @@ def list_option(*names, absent=(), **kwargs):
             raise click.BadParameter("expected at least one name")
         return items
     return click.option(*names, cls=ListOption, multiple=True, callback=callback, **kwargs)
+
+
+def _parsed(parse):
+    def callback(_ctx, _param, value):
+        try:
+            return parse(value)
+        except MisbenchError as err:
+            raise click.BadParameter(str(err)) from None
+    return callback
+
+
+def setting_option(field, default=FIELD_DEFAULT, help=None):
+    """The click option of one settings field (misbench/runtime/schema.py): its flag, type, default, choices and
+    help text come from the field."""
+    s = spec(field)
+    names = [s.flag or f"--{field.name.replace('_', '-')}", *s.aliases]
+    default = default if default is not FIELD_DEFAULT else (
+        s.cli_default if s.cli_default is not FIELD_DEFAULT else field.default)
+    required = default is dataclasses.MISSING
+    text = help if help is not None else (s.help() if callable(s.help) else s.help)
+    kw = dict(help=text or None, metavar=s.metavar, aliases=s.aliases)
+    kind = kinds_of(field.type)[0][0]
+    kind = typing.get_origin(kind) or kind
+    if kind is tuple:
+        return list_option(*names, field.name, absent=default, **kw)
+    if kind is bool:  # a default-True setting is switched off by its --no-... flag
+        return click.option(*names, field.name, cls=AliasOption, is_flag=True, flag_value=not default,
+                            default=default, **kw)
+    choices = choice_list(s)
+    if choices is not None:
+        kw["type"] = click.Choice(choices)
+    elif s.parse is not None:
+        kw["callback"] = _parsed(s.parse)
+    elif kind in (int, float):
+        kw["type"] = kind
+    if required:
+        return click.option(*names, field.name, cls=AliasOption, required=True, **kw)
+    return click.option(*names, field.name, cls=AliasOption, default=default,
+                        show_default=default is not None and default != "", **kw)
+
+
+def settings_options(*classes, skip=(), defaults=None, helps=None):
+    """Every command-line field of the settings dataclasses `classes` (a field of two, once) as click options,
+    less `skip`; `defaults`/`helps`: a command's own default or help text of a field."""
+    defaults, helps = defaults or {}, helps or {}
+    fields = {}
+    for cls in classes:
+        for field in settings_fields(cls, "cli"):
+            if field.name not in skip:
+                fields.setdefault(field.name, field)
+
+    def decorate(func):
+        for field in reversed(list(fields.values())):
+            func = setting_option(field, defaults.get(field.name, FIELD_DEFAULT), helps.get(field.name))(func)
+        return func
+    return decorate
 
 
 class StagedProgress:
@@ -174,26 +246,6 @@ class StagedProgress:
         self.bars = {}
 
 
-def _workers(_ctx, _param, value):
-    try:
-        return parse_workers(value)
-    except MisbenchError as err:
-        raise click.BadParameter(str(err)) from None
-
-
-workers_option = click.option(
-    "--workers", default="auto", show_default=True, callback=_workers, metavar="auto|N",
-    help=f"DataLoader worker processes; auto: on CUDA this rank's share of the cores less one (at most "
-         f"{MAX_AUTO_WORKERS}), on CPU 0.")
-
-
-labels_option = click.option(
-    "--labels", type=click.Choice(LABEL_MODES), default="auto", show_default=True,
-    help="How ImageFolder class folders map to the model's classes. auto: WNID folders (n01440764, ...) to a "
-         "1000-class model's ImageNet indices, else sorted folder k = class k (an error for a 1000-class model); "
-         "folder-order: sorted folder k = class k.")
-
-
 def model_options(func):
     """MODEL argument plus the options that resolve it (DESIGN §3)."""
     func = click.option("--trust-pickle", is_flag=True, help="Allow whole-model pickles (runs code from the file).")(func)
@@ -210,10 +262,3 @@ def model_kwargs(arch, num_classes, arch_kwargs, trust_pickle) -> dict:
     except json.JSONDecodeError as err:
         raise MisbenchError(f"--arch-kwargs is not valid JSON: {err}") from None
     return {"arch": arch, "num_classes": num_classes, "trust_pickle": trust_pickle, "arch_kwargs": kwargs}
-
-
-def setup_logging(verbose: int, quiet: bool):
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # FAISS's loader announces which CPU build it loaded at INFO: not the user's business (it stays under -vv)
-    logging.getLogger("faiss").setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)

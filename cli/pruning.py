@@ -6,48 +6,29 @@ import click
 
 from misbench import api
 from misbench.models.checkpoint import load_checkpoint_dict
-from misbench.pruning.masks import CRITERIA, METHODS, SCHEDULES
+from misbench.pruning.masks import PruneSettings
+from misbench.pruning.training import TrainSettings
 from misbench.runtime.distributed import is_main
 
-from .common import Progress, handle_errors, labels_option, list_option, model_kwargs, model_options, workers_option
+from .common import Progress, handle_errors, model_kwargs, model_options, settings_options
 
 
 def training_options(func):
+    """TrainSettings' options and what a training run reads and writes."""
     options = [
-        click.option("--epochs", default=0, show_default=True, help="Retraining epochs after each pruning step."),
         click.option("--data", default=None, help="Training DATA."),
         click.option("--val-data", default=None, help="Validation DATA (top-1 after each epoch)."),
-        click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True),
-        click.option("--lr", type=float, default=None, help="Default 0.01 (SGD) or 0.001 (Adam)."),
-        click.option("--momentum", default=0.9, show_default=True),
-        click.option("--weight-decay", default=1e-4, show_default=True),
-        click.option("--gamma", default=0.9, show_default=True, help="ExponentialLR factor per epoch."),
-        click.option("--batch-size", default=64, show_default=True),
-        click.option("--train-limit", type=int, default=None, help="Only the first N training images."),
-        click.option("--val-limit", type=int, default=None, help="Only the first N validation images."),
-        workers_option,
-        click.option("--device", default="auto", show_default=True),
-        click.option("--no-amp", is_flag=True, help="Train in float32 on CUDA too (CPU training is always float32)."),
-        click.option("--no-augment", is_flag=True, help="No random flips/crops in training."),
         click.option("--resize", type=int, default=None,
                      help="Override the model's preprocessing resize (stored in the checkpoint)."),
         click.option("--crop", type=int, default=None, help="Override the model's preprocessing centre crop."),
-        click.option("--seed", default=0, show_default=True),
         click.option("--resume", is_flag=True, help="Continue from the last epoch checkpoint (OUT.partial)."),
-        click.option("--overwrite", is_flag=True),
         click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output checkpoint (.pt)."),
-        labels_option,
+        click.option("--overwrite", is_flag=True,
+                     help="Replace an existing OUT (kept until the new checkpoint is complete)."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
-
-
-def _train_options(kw) -> dict:
-    return dict(epochs=kw["epochs"], optimizer=kw["optimizer"], lr=kw["lr"], momentum=kw["momentum"],
-                weight_decay=kw["weight_decay"], gamma=kw["gamma"], batch_size=kw["batch_size"], seed=kw["seed"],
-                train_limit=kw["train_limit"], val_limit=kw["val_limit"], workers=kw["workers"], device=kw["device"],
-                amp=not kw["no_amp"], augment=not kw["no_augment"], labels=kw["labels"])
 
 
 class _EpochBar:
@@ -66,10 +47,9 @@ class _EpochBar:
 
 
 def _run(model, model_kw, prune, kw):
-    """`prune` holds api.prune's pruning arguments; None: retrain."""
+    """`prune` holds api.prune's pruning arguments; None: retrain. `kw`: the command's other options."""
     bar = _EpochBar() if is_main() else None
-    common = dict(data=kw["data"], val_data=kw["val_data"], resume=kw["resume"], overwrite=kw["overwrite"],
-                  progress=bar, resize=kw["resize"], crop=kw["crop"], **model_kwargs(*model_kw), **_train_options(kw))
+    common = dict(progress=bar, **model_kwargs(*model_kw), **kw)
     try:
         if prune is None:
             path = api.retrain(model, kw["out"], **common)
@@ -91,15 +71,7 @@ def _run(model, model_kw, prune, kw):
 @click.command()
 @click.argument("model")
 @model_options
-@click.option("--method", required=True, type=click.Choice(list(METHODS)))
-@click.option("--rate", required=True, type=float, help="Fraction of prunable weights removed, in (0, 1).")
-@click.option("--scope", type=click.Choice(["global", "local"]), default=None,
-              help="Default: global for unstructured, local for structured/connection.")
-@click.option("--criterion", type=click.Choice(list(CRITERIA)), default="l1", show_default=True)
-@click.option("--schedule", type=click.Choice(SCHEDULES), default="oneshot", show_default=True)
-@click.option("--steps", default=None, type=int, help="Pruning steps of the iterative schedule (default 4).")
-@list_option("--exclude", absent=None, help="Module names left unpruned, repeatable or comma-separated (GoogLeNet default: "
-              "conv1,conv2,conv3,aux1,aux2; '' for none).")
+@settings_options(PruneSettings, TrainSettings)
 @training_options
 @handle_errors
 def prune(model, arch, num_classes, arch_kwargs, trust_pickle, method, rate, scope, criterion, schedule, steps,
@@ -113,6 +85,7 @@ def prune(model, arch, num_classes, arch_kwargs, trust_pickle, method, rate, sco
 @click.command()
 @click.argument("model")
 @model_options
+@settings_options(TrainSettings, defaults={"epochs": 1}, helps={"epochs": "Retraining epochs (at least 1)."})
 @training_options
 @handle_errors
 def retrain(model, arch, num_classes, arch_kwargs, trust_pickle, **kw):

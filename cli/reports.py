@@ -35,8 +35,8 @@ def _summary(out, name: str = "summary.json") -> dict:
 @click.option("--layer", default=None, help="Layer of class units in mis.csv (default softmax).")
 @click.option("--tasks", type=click.Path(exists=True, dir_okay=False), default=None, help="tasks.h5, for unit pictures.")
 @list_option("--unit", "--units", "units", help="LAYER:INDEX to picture (repeatable or comma-separated).")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The report's folder.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap intervals and of unit picks.")
 @handle_errors
 @refuses_overwrite(passes=True)
 def classwise(scores, acts, eval_json, layer, tasks, units, out, seed, overwrite):
@@ -77,8 +77,8 @@ def dictionaries(scores, pairs, out, seed, n_boot, overwrite):
 @list_option("--scores", "scores", required=True, metavar="[LABEL=]MIS.CSV[:LAYER+LAYER]",
              help="A unit population (repeatable or comma-separated; the first is compared with each other); "
              "optionally only some layers.")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The report's folder.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap intervals and of unit picks.")
 @click.option("--n-boot", default=1000, show_default=True, help="Bootstrap resamples of the intervals.")
 @handle_errors
 @refuses_overwrite(passes=True)
@@ -103,8 +103,8 @@ def compare(scores, out, seed, n_boot, overwrite):
 
 @report.command()
 @click.option("--runs", required=True, type=click.Path(exists=True), help="runs.csv, or a study folder.")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The report's folder.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap intervals and of unit picks.")
 @click.option("--baseline", default=None,
               help="The unpruned run that pruned runs are paired with (default: the run named control, else base).")
 @click.option("--classwise-layer", default="softmax", show_default=True,
@@ -132,7 +132,7 @@ def sweep(runs, out, seed, baseline, classwise_layer, units, overwrite):
 
 @report.command()
 @click.option("--scores", required=True, type=click.Path(exists=True, dir_okay=False), help="mis.csv")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The report's folder.")
 @handle_errors
 @refuses_overwrite(passes=True)
 def layers(scores, out, overwrite):
@@ -144,7 +144,7 @@ def layers(scores, out, overwrite):
 
 @report.command()
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The report's folder.")
 @handle_errors
 @refuses_overwrite(passes=True)
 def curves(checkpoints, out, overwrite):

@@ -5,17 +5,13 @@ import json
 import click
 
 from misbench import api
-from misbench.datasets.images import VIEWS
 from misbench.errors import MisbenchError
 from misbench.runtime.distributed import is_main
 from misbench.scoring.calibrate import calibrate_responses, derive_alpha, tasks_deltas
-from misbench.scoring.mis import SELECTIONS
 from misbench.scoring.run import merge_scores as run_merge
-from misbench.scoring.settings import ENGINES
-from misbench.similarity import backend_names
-from misbench.similarity.index import DISTANCE_ENGINES
+from misbench.scoring.settings import ScoreSettings
 
-from .common import StagedProgress, handle_errors, list_option, refuses_overwrite, workers_option
+from .common import AliasOption, StagedProgress, handle_errors, list_option, refuses_overwrite, settings_options
 
 
 @click.command()
@@ -23,70 +19,33 @@ from .common import StagedProgress, handle_errors, list_option, refuses_overwrit
 @list_option("--layer", "--layers", "layers", required=True,
              help="Layer names (repeatable or comma-separated), or 'all'.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="mis.csv (mis.json is written beside it).")
-@click.option("--similarity", default="lpips-alex", show_default=True,
-              help="|".join(backend_names()))
-@click.option("--image-size", type=int, default=None,
-              help="Pixels the similarity sees (default: the backend's: 64; dreamsim 224 as the MIS paper).")
-@click.option("--view", type=click.Choice(VIEWS), default="model", show_default=True,
-              help="Explanation images as the model saw them (its resize and crop), or the raw files.")
-@click.option("--dreamsim-weights", type=click.Path(file_okay=False), default=None,
-              help="Local DreamSim weights directory (else $MISBENCH_DREAMSIM_WEIGHTS).")
-@click.option("--selection", type=click.Choice(list(SELECTIONS)), default="fair", show_default=True)
-@click.option("--quantile", default=0.2, show_default=True, help="Fraction per side for --selection quantile.")
-@click.option("--class-quantile", type=float, default=None,
-              help="Fraction per side for the class units (softmax/logits) under --selection quantile, so that a "
-              "pool fits within a class (default: --quantile).")
-@click.option("--tasks", default=20, show_default=True)
-@click.option("--explanations", default=9, show_default=True)
-@click.option("--alpha", type=float, default=None, help="Sigmoid slope (default: per backend, see docs/mis.md).")
 @click.option("--alpha-from", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The JSON of `misbench calibrate --out`: its alpha, recorded as calibrated:<responses sha256>.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--engine", type=click.Choice(ENGINES), default="embed", show_default=True)
 @click.option("--tasks-out", type=click.Path(dir_okay=False), default=None, help="Write the tasks to this HDF5 file.")
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="Embedding cache directory.")
 @click.option("--shard", default=None, help="I/N: score every N-th unit starting at I.")
-@click.option("--batch-size", default=64, show_default=True)
-@workers_option
-@click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples for intervals.")
-@click.option("--keep-sparse", is_flag=True, help="Count sparse units (top pool reaching the unit's minimum, chosen "
-              "by tie keys) in means and comparisons; by default they are scored but left out (docs/mis.md).")
-@click.option("--amp", is_flag=True, help="Mixed-precision embeddings: float16 on CUDA, bfloat16 on CPU "
-              "(faster; LPIPS is exact only without it).")
-@click.option("--chunk-units", default=256, show_default=True,
-              help="Units whose distances are computed together: bounds memory. Each image is embedded once "
-              "per run whatever the chunks (--cache: once across runs).")
-@click.option("--distances", type=click.Choice(["auto", *DISTANCE_ENGINES]), default="auto", show_default=True,
-              help="Distance engine: auto = torch on the GPU, FAISS on CPU (docs/performance.md).")
-@list_option("--metrics", absent=("mis",),
-             help="mis (default), or mis,ms: also the MonoSemanticity score (an ms column; embeds every row).")
+@settings_options(ScoreSettings)
 @handle_errors
 @refuses_overwrite(passes=True)  # the library tells a killed run's tasks.h5 / mis.json (replaced) from another run's
-def score(acts, layers, out, similarity, image_size, view, dreamsim_weights, selection, quantile, class_quantile, tasks, explanations, alpha, alpha_from, seed,
-          device, engine, tasks_out, cache, shard, batch_size, workers, n_boot, keep_sparse, amp, chunk_units, distances,
-          metrics, overwrite):
+def score(acts, layers, out, alpha_from, tasks_out, cache, shard, overwrite, **options):
     """Score every unit of LAYERs in ACTS with the Mechanistic Interpretability Score."""
     bars = StagedProgress({"embed": "img", "score": "unit"})
     try:
         scores = api.score(acts, layers, out, tasks_out=tasks_out, cache=cache, shard=shard, overwrite=overwrite,
-                           progress=bars if is_main() else None, alpha_from=alpha_from, similarity=similarity,
-                           image_size=image_size, view=view, dreamsim_weights=dreamsim_weights, selection=selection, quantile=quantile, class_quantile=class_quantile, tasks=tasks, explanations=explanations, alpha=alpha,
-                           seed=seed, engine=engine, n_boot=n_boot, keep_sparse=keep_sparse, amp=amp, chunk_units=chunk_units, device=device,
-                           batch_size=batch_size, workers=workers, distances=distances, metrics=tuple(metrics))
+                           progress=bars if is_main() else None, alpha_from=alpha_from, **options)
     finally:
         bars.close()
     if scores is None:  # another rank's process under torchrun: rank 0 reports
         return
     meta = scores.attrs
-    with_ms = "ms" in metrics
+    with_ms = "ms" in options["metrics"]
     click.echo(f"{'layer':<40} {'units':>6} {'const':>6} {'sparse':>6} {'MIS':>7} {'conf':>7}" + (f" {'MS':>7}" if with_ms else ""))
     for name, s in meta["layers"].items():
         mis = f"{s['mis']:.3f}" if s["mis"] is not None else "-"
         conf = f"{s['mis_confidence']:.3f}" if s["mis_confidence"] is not None else "-"
         ms = (f" {s['ms']:>7.3f}" if s.get("ms") is not None else f" {'-':>7}") if with_ms else ""
         click.echo(f"{name:<40} {s['n_units']:>6} {s['n_constant']:>6} {s.get('n_sparse', 0):>6} {mis:>7} {conf:>7}{ms}")
-    click.echo(closing_line(meta, selection))
+    click.echo(closing_line(meta, options['selection']))
     if meta["model_mean"]["mis"] is not None and not meta["alpha_source"].startswith("calibrated:"):
         click.echo(f"note: alpha is {meta['alpha_source']}, not calibrated: mis_confidence depends on it "
                    "(misbench calibrate; docs/mis.md)")
@@ -117,8 +76,9 @@ COMMANDS = [score]
 @click.argument("responses", type=click.Path(exists=True, dir_okay=False), required=False)
 @click.option("--derive", "derive_from", type=click.Path(exists=True, dir_okay=False), default=None,
               help="No human data: derive alpha from a reference tasks.h5 by the documented median rule.")
-@click.option("--tasks", "tasks_h5", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="tasks.h5 to look deltas up by layer,unit,task.")
+@click.option("--tasks-file", "--tasks", "tasks_h5", cls=AliasOption, aliases=("--tasks",),
+              type=click.Path(exists=True, dir_okay=False), default=None,
+              help="tasks.h5 (score --tasks-out) to look deltas up by layer,unit,task.")
 @click.option("--level", default=0.95, show_default=True, help="Confidence level of the interval.")
 @click.option("--model", default=None, help="IMI trial tables: the model whose trials to use.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,

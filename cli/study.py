@@ -192,7 +192,7 @@ def study(config_path, out, executor, dry_run, quick, overwrite):
 @click.command()
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Default: demo-out (demo-out-quick).")
 @click.option("--quick", is_flag=True, help="A smaller demo (under a minute on 2 cores once set up).")
-@click.option("--dry-run", is_flag=True)
+@click.option("--dry-run", is_flag=True, help="Print the plan: which steps would run and which are cached.")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty folder that is not a study folder.")
 @click.option("--seed", type=int, default=None,
               help="The study's seed in place of the config's 0 (training, pruning, tasks, intervals): how much the "

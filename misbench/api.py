@@ -12,13 +12,13 @@ import dataclasses
 import inspect
 import json
 import logging
-import typing
+import os
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from .activations.evaluate import evaluate_acts, evaluate_model, write_eval
+from .activations.evaluate import EvalSettings, evaluate_acts, evaluate_model, write_eval
 from .activations.extract import ExtractSettings, extract as _extract
 from .activations.layers import LayerInfo, list_layers
 # a reader of a complete file: layer_names, activations(layer) (numpy [N, U]), labels, paths, logits, class_names
@@ -32,6 +32,7 @@ from .pruning.training import TrainSettings
 from .runtime.fileio import option_label, refuse_existing
 from .runtime.outputs import writing
 from .runtime.progress import AUTO, resolve_progress
+from .runtime.schema import check_options, setting
 from .scoring.calibrate import calibration_alpha
 from .scoring.results import load_scores, scores_frame
 from .scoring.run import ScoreSettings, parse_shard, score as _score
@@ -53,30 +54,24 @@ def _check_options(options: dict, allowed: list[str], what: str) -> None:
         raise MisbenchError(f"unknown {what} option {unknown[0]!r}: expected one of {', '.join(allowed)}.{hint}")
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "True or False", tuple: "a list",
-               dict: "a dict"}
+# the keyword arguments that are not settings fields: a flag is True or False (overwrite="no" is not False),
+# a path is a str or os.PathLike (None where it is optional)
+_FLAGS = ("resume", "overwrite", "trust_pickle", "quick", "dry_run")
+_PATHS = ("out", "tasks_out", "cache", "alpha_from", "acts", "classwise", "data", "val_data")
 
 
-def _check_types(options: dict, cls, what: str) -> None:
-    """Options against the settings dataclass's annotations (as the config file's types are checked):
-    a wrong type is one MisbenchError here, not a TypeError deep inside."""
-    annotations = {f.name: f.type for f in dataclasses.fields(cls)}
-    for key, value in options.items():
-        allowed = typing.get_args(annotations.get(key)) or (annotations.get(key),)
-        if value is None and type(None) in allowed:
-            continue
-        plain = [t for t in allowed if isinstance(t, type) and t is not type(None)]
-        if not plain or len(plain) != len([t for t in allowed if t is not type(None)]):
-            continue  # an annotation this check does not understand
-        ok = any(isinstance(value, (list, tuple)) if t is tuple else
-                 isinstance(value, (int, float)) if t is float else isinstance(value, t) for t in plain)
-        if isinstance(value, bool) and bool not in plain:
-            ok = False
-        if not ok:
-            expected = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in plain)
-            none = " (or None)" if type(None) in allowed else ""
-            raise MisbenchError(f"{what} option {key}={value!r}: expected {expected}{none}, got "
-                                f"{type(value).__name__}")
+def _check_arguments(what: str, optional=(), **arguments) -> None:
+    """`optional`: paths that may be None (out is required except where listed)."""
+    for key, value in arguments.items():
+        if key in _FLAGS and not isinstance(value, bool):
+            raise MisbenchError(f"{what} {key}={value!r}: expected True or False, got {type(value).__name__}")
+        if key in _PATHS:
+            required = key == "out" and key not in optional
+            if value is None and not required:
+                continue
+            if not isinstance(value, (str, os.PathLike)) or not str(value):
+                expected = "a path" if required else "a path (or None)"
+                raise MisbenchError(f"{what} {key}={value!r}: expected {expected}, got {type(value).__name__}")
 
 
 def _names(value, what: str = "layers") -> tuple:
@@ -88,7 +83,14 @@ def _names(value, what: str = "layers") -> tuple:
     return tuple(part.strip() for item in items for part in str(item).split(",") if part.strip())
 
 
-_MODEL_OPTIONS = ["arch", "num_classes", "trust_pickle", "arch_kwargs"]
+@dataclasses.dataclass(frozen=True)
+class _ModelOptions:
+    """The options that resolve MODEL (DESIGN §3), checked as the settings are."""
+
+    arch: str | None = None
+    num_classes: int | None = setting(None, low=1)
+    trust_pickle: bool = False
+    arch_kwargs: dict | None = None
 
 
 def load_model(model, arch: str | None = None, num_classes: int | None = None, trust_pickle: bool = False,
@@ -98,13 +100,17 @@ def load_model(model, arch: str | None = None, num_classes: int | None = None, t
     A LoadedModel passes through unchanged, so every function here takes either."""
     if isinstance(model, LoadedModel):
         return model
+    check_options(_ModelOptions, dict(arch=arch, num_classes=num_classes, trust_pickle=trust_pickle,
+                                      arch_kwargs=arch_kwargs), "model")
+    if not isinstance(model, (str, os.PathLike)):
+        raise MisbenchError(f"model={model!r}: expected a MODEL string, a path or a LoadedModel")
     return _load_model(str(model), arch=arch, num_classes=num_classes, trust_pickle=trust_pickle,
                        arch_kwargs=arch_kwargs)
 
 
 def layers(model, **model_options) -> list[LayerInfo]:
     """Every module `extract` can record, as (name, kind, n_units, module, in_conv, classes, in_mlp) rows."""
-    _check_options(model_options, _MODEL_OPTIONS, "model")
+    check_options(_ModelOptions, model_options, "model")
     loaded = load_model(model, **model_options)
     crop = loaded.preprocess.crop
     device = next(loaded.model.parameters()).device
@@ -117,8 +123,8 @@ def extract(model, data, layers, out, *, resume: bool = False, overwrite: bool =
     """Activations of MODEL on DATA for `layers` ('conv,softmax' or a list) into the HDF5 file `out`.
 
     `options` are ExtractSettings fields (reduction, dtype, limit, keep, batch_size, device, ...)."""
-    _check_options(options, [f for f in _fields(ExtractSettings) if f != "layers"], "extract")
-    _check_types(options, ExtractSettings, "extract")
+    check_options(ExtractSettings, options, "extract", skip=("layers",))
+    _check_arguments("extract", out=out, resume=resume, overwrite=overwrite, trust_pickle=trust_pickle)
     settings = ExtractSettings(layers=_names(layers), **options)
     loaded = load_model(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs)
     return _extract(loaded, data, out, settings, resume=resume, overwrite=overwrite,
@@ -135,8 +141,9 @@ def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=Non
     `alpha_from`: the JSON of `misbench calibrate --out`, whose alpha is used and recorded as calibrated.
     Existing outputs are refused unless `overwrite` (a killed run's leftovers of the same call are replaced)."""
     # alpha_source is not an option: it records where alpha came from (alpha_from, alpha or the default)
-    _check_options(options, [f for f in _fields(ScoreSettings) if f != "alpha_source"], "score")
-    _check_types(options, ScoreSettings, "score")
+    check_options(ScoreSettings, options, "score", skip=("alpha_source",))
+    _check_arguments("score", ("out",), out=out, tasks_out=tasks_out, cache=cache, alpha_from=alpha_from,
+                     overwrite=overwrite)
     if not _names(layers):
         raise MisbenchError("layers='': expected layer names or 'all'")
     if alpha_from:
@@ -157,8 +164,9 @@ def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=Non
 
 def _produce(model, prune_settings, out, data, val_data, resume, overwrite, progress, resize, crop, model_options,
              train_options) -> Path:
-    _check_options(train_options, _fields(TrainSettings), "training")
-    _check_types(train_options, TrainSettings, "training")
+    check_options(TrainSettings, train_options, "training")
+    _check_arguments("training", out=out, data=data, val_data=val_data, resume=resume, overwrite=overwrite,
+                     trust_pickle=model_options["trust_pickle"])
     loaded = load_model(model, **model_options)
     loaded.preprocess = loaded.preprocess.override(resize, crop)
     return produce_checkpoint(loaded, prune_settings, TrainSettings(**train_options), out, data, val_data,
@@ -179,8 +187,8 @@ def prune(model, method: str, rate: float, out, *, steps: int | None = None, exc
     _check_options(options, sorted(set(prune_fields) | set(_fields(TrainSettings))), "prune")
     prune_options = {k: v for k, v in options.items() if k in prune_fields}
     train_options = {k: v for k, v in options.items() if k in _fields(TrainSettings)}
-    _check_types({"method": method, "rate": rate, **({} if steps is None else {"steps": steps}), **prune_options},
-                 PruneSettings, "prune")
+    check_options(PruneSettings, {"method": method, "rate": rate, **({} if steps is None else {"steps": steps}),
+                                  **prune_options}, "prune")
     schedule = prune_options.get("schedule", "oneshot")
     settings = PruneSettings(method=method, rate=rate, steps=steps if steps is not None else (4 if schedule == "iterative" else 1),
                              exclude=None if exclude is None else _names(exclude), **prune_options)
@@ -194,9 +202,10 @@ def retrain(model, out, *, data=None, val_data=None, resume: bool = False, overw
             num_classes: int | None = None, trust_pickle: bool = False, arch_kwargs: dict | None = None,
             **options) -> Path:
     """Retrain MODEL without pruning (the unpruned control); a pruned checkpoint's masks stay enforced.
-    `options` are TrainSettings fields; `epochs` must be at least 1."""
-    if options.get("epochs", 0) < 1:
-        raise MisbenchError("retrain needs --epochs >= 1 (API: epochs=1 or more)")
+    `options` are TrainSettings fields; `epochs` (default 1) must be at least 1."""
+    options.setdefault("epochs", 1)
+    if isinstance(options["epochs"], int) and options["epochs"] < 1:
+        raise MisbenchError(f"retrain needs {option_label('epochs')} >= 1, got {options['epochs']}")
     return _produce(model, None, out, data, val_data, resume, overwrite, resolve_progress(progress), resize, crop,
                     dict(arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs),
                     options)
@@ -205,7 +214,7 @@ def retrain(model, out, *, data=None, val_data=None, resume: bool = False, overw
 def audit(model, **model_options) -> dict:
     """Per prunable layer weights, zeros, sparsity, zero channels; totals; the pruning record and whether
     the zeros still match it (`consistent`). DESIGN §6's `audit --json` object plus `problems`."""
-    _check_options(model_options, _MODEL_OPTIONS, "model")
+    check_options(_ModelOptions, model_options, "model")
     return _audit(load_model(model, **model_options))
 
 
@@ -217,7 +226,9 @@ def evaluate(model=None, data=None, *, acts=None, out=None, classwise=None, prog
     Writes eval.json to `out` (and the class-wise CSV to `classwise`) only when given. `options`:
     batch_size, workers, device, limit, labels (the forward pass's; evaluate_model's defaults). Existing
     outputs are refused unless `overwrite`."""
-    _check_options(options, ["batch_size", "workers", "device", "limit", "labels"], "evaluate")
+    check_options(EvalSettings, options, "evaluate")
+    _check_arguments("evaluate", ("out",), acts=acts, out=out, classwise=classwise, overwrite=overwrite,
+                     trust_pickle=trust_pickle)
     spec = getattr(model, "spec", model)
     with writing({"--out": out, "--classwise": classwise}, {"--acts": acts, "MODEL": spec and model_input_file(spec)},
                  "misbench eval"):
@@ -254,6 +265,7 @@ def report(kind: str, out, *, overwrite: bool = False, **inputs) -> Path:
     folder, or in memory: a pandas DataFrame or a list of dicts with runs.csv's columns), seed, baseline, classwise_layer, units, title. compare: scores (two or more
     `[LABEL=]mis.csv[:LAYER+LAYER]`), seed, n_boot. layers: scores. curves: checkpoints.
     The report's main files in `out` are not replaced unless `overwrite`."""
+    _check_arguments("report", out=out, overwrite=overwrite)
     # the reports import matplotlib (a second or more): loaded when a report is made, not by `import misbench`
     from .reports.build import REPORT_FILES, REPORTS
 
@@ -298,6 +310,7 @@ def study(config, out, *, quick: bool = False, dry_run: bool = False, on_step=No
     `quick` applies the config's [quick] overrides to a path or dict (a StudyConfig is used as it is).
     on_step(name, status, i, n) before each step (status cached, run or resume); progress(stage, done, total)
     inside long steps. A non-empty `out` that is not a study folder is refused unless `overwrite`."""
+    _check_arguments("study", out=out, quick=quick, dry_run=dry_run, overwrite=overwrite)
     check_study_folder(out, overwrite)
     if isinstance(config, dict):
         config = parse_config(config, quick=quick)

@@ -263,6 +263,21 @@ def test_writing_functions_refuse_existing_outputs_unless_overwrite(tmp_path):
     (lambda: misbench.prune("m.pt", "structured", "0.5", "p.pt"), "prune option rate='0.5': expected a number"),
     (lambda: misbench.prune("m.pt", "structured", 0.5, "p.pt", epochs=1.5), "training option epochs=1.5"),
     (lambda: misbench.layers("mini_inception", num_class=3), "unknown model option 'num_class'"),
+    # overwrite="no" is not False: flags are True or False (it replaced an existing output by truthiness)
+    (lambda: misbench.extract("m.pt", "d", "conv", "a.h5", overwrite="no"), "extract overwrite='no': expected True or False"),
+    (lambda: misbench.score("a.h5", "all", "m.csv", overwrite="no"), "score overwrite='no': expected True or False"),
+    (lambda: misbench.prune("m.pt", "structured", 0.5, "p.pt", resume=1), "training resume=1: expected True or False"),
+    (lambda: misbench.study({}, "s", dry_run="yes"), "study dry_run='yes': expected True or False"),
+    (lambda: misbench.extract("m.pt", "d", "conv", None), "extract out=None: expected a path"),
+    (lambda: misbench.report("layers", None, scores="m.csv"), "report out=None: expected a path"),
+    (lambda: misbench.score("a.h5", "all", cache=123), "score cache=123: expected a path (or None), got int"),
+    (lambda: misbench.score("a.h5", "all", seed=-1), "score option seed: must be at least 0, got -1"),
+    (lambda: misbench.score("a.h5", "all", image_size=100000), "score option image_size: must be at most 1024"),
+    (lambda: misbench.score("a.h5", "all", selection="fiar"), "'fiar' is not allowed; expected one of fair, quantile"),
+    (lambda: misbench.extract("m.pt", "d", "conv", "a.h5", limit=0), "extract option limit: must be at least 1"),
+    (lambda: misbench.evaluate("m.pt", "d", batch_size="64"), "evaluate option batch_size='64': expected an integer"),
+    (lambda: misbench.layers("mini_inception", num_classes=0), "model option num_classes: must be at least 1"),
+    (lambda: misbench.layers(3), "model=3: expected a MODEL string"),
 ])
 def test_wrong_api_argument_types_are_one_line_errors(call, expected):
     """Checked before any file is read: a MisbenchError naming the option, not a TypeError from deep inside."""
@@ -293,6 +308,14 @@ def test_load_scores_refuses_what_no_mis_csv_holds(tmp_path, old, new, expected)
     with pytest.raises(MisbenchError) as err:
         misbench.load_scores(path)
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_load_scores_of_a_folder_names_the_file_to_give(tmp_path):
+    (tmp_path / "mis.csv").write_text(GOOD_SCORES)
+    with pytest.raises(MisbenchError) as err:
+        misbench.load_scores(tmp_path)
+    assert "is a folder; it holds mis.csv: give the mis.csv file" in str(err.value) and "\n" not in str(err.value)
+    assert len(misbench.load_scores(tmp_path / "mis.csv")) == 3
 
 
 def test_load_scores_of_a_binary_file_is_a_clear_error(tmp_path):

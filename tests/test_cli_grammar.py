@@ -125,3 +125,47 @@ def test_study_refuses_a_foreign_non_empty_folder(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "data"
     r = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(tmp_path), "--dry-run", "--overwrite"])
     assert r.exit_code == 0, r.output
+
+
+def test_every_listed_option_has_help_text():
+    missing = [f"{name} {p.opts[0]}" for name, command in all_commands() for p in command.params
+               if isinstance(p, click.Option) and not p.hidden and not p.help]
+    assert missing == []
+
+
+def test_one_name_per_concept_and_old_names_still_work():
+    """score --n-boot as report compare's (--bootstrap still works, unlisted); calibrate --tasks-file for the file
+    (--tasks is score's count; calibrate --tasks FILE still works, unlisted)."""
+    score = cli.commands["score"]
+    n_boot = next(p for p in score.params if p.name == "n_boot")
+    assert "--n-boot" in n_boot.opts and "--bootstrap" in n_boot.opts
+    assert "--n-boot" in next(p.opts for p in cli.commands["report"].commands["compare"].params if p.name == "n_boot")
+    help_text = CliRunner().invoke(cli, ["score", "--help"]).output
+    assert "--n-boot" in help_text and "--bootstrap" not in help_text
+    for flag in ("--n-boot", "--bootstrap"):
+        assert score.make_context("score", ["a.h5", "--layer", "l", "--out", "o.csv", flag, "7"]).params["n_boot"] == 7
+    calibrate = cli.commands["calibrate"]
+    help_text = CliRunner().invoke(cli, ["calibrate", "--help"]).output
+    assert "--tasks-file" in help_text and "--tasks " not in help_text
+    with CliRunner().isolated_filesystem():
+        open("t.h5", "w").close()
+        for flag in ("--tasks-file", "--tasks"):
+            assert calibrate.make_context("calibrate", ["r.csv", flag, "t.h5"]).params["tasks_h5"] == "t.h5"
+
+
+def test_retrain_epochs_default_is_valid_and_zero_is_a_one_line_error(tmp_path):
+    epochs = next(p for p in cli.commands["retrain"].params if p.name == "epochs")
+    assert epochs.default == 1 and "after each pruning step" not in epochs.help
+    result = CliRunner().invoke(cli, ["retrain", "mini_inception:random", "--epochs", "0", "--out", str(tmp_path / "r.pt")])
+    assert result.exit_code == 1 and "retrain needs --epochs >= 1, got 0" in result.output
+
+
+def test_usage_errors_exit_2_and_other_errors_exit_1_as_documented(tmp_path):
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    assert "exit with status 1" in docs and "exit with status 2" in docs
+    usage = CliRunner().invoke(cli, ["score", "a.h5", "--layer", "l", "--out", "o.csv", "--selection", "best"])
+    assert usage.exit_code == 2 and "Usage:" in usage.output
+    error = CliRunner().invoke(cli, ["score", str(tmp_path / "none.h5"), "--layer", "l", "--out", "o.csv"])
+    assert error.exit_code == 1 and error.output.startswith("Error:")

@@ -3,6 +3,7 @@ study config and docs/cli.md."""
 
 import dataclasses
 import re
+import typing
 from pathlib import Path
 
 import click
@@ -13,7 +14,7 @@ from misbench.errors import MisbenchError
 from misbench.activations.extract import ExtractSettings
 from misbench.pruning import PruneSettings
 from misbench.scoring.run import ScoreSettings
-from misbench.studies.config import ITEM_TYPES, NONE_TYPES, SECTIONS, parse_config
+from misbench.studies.config import SCHEMAS, SECTIONS, RetrainSection, parse_config
 from misbench.pruning.training import TrainSettings
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
@@ -21,7 +22,7 @@ BASE = {"model": {"spec": "m.pt"}, "data": {"val": "val", "train": "train"}}
 
 # (command, settings dataclass, study config section)
 PAIRS = [("extract", ExtractSettings, "extract"), ("score", ScoreSettings, "score"), ("prune", PruneSettings, "pruning"),
-         ("prune", TrainSettings, "retrain"), ("retrain", TrainSettings, "retrain")]
+         ("prune", TrainSettings, "retrain"), ("retrain", RetrainSection, "retrain")]
 # defaults that differ on purpose, and why
 ON_PURPOSE = {
     ("retrain", "epochs"): "a study retrains (1 epoch); `prune` alone prunes without retraining (0)",
@@ -55,9 +56,33 @@ def test_click_defaults_equal_the_settings_dataclasses_and_the_study_config():
                 compared += 1
             config = SECTIONS[section].get(param.name)
             if config is not None and (section, param.name) not in ON_PURPOSE and param.name != "layers":
-                assert param.default == config, (command, section, param.name)
+                assert (list(param.default) if isinstance(param.default, tuple) else param.default) == config, \
+                    (command, section, param.name)
                 compared += 1
     assert compared >= 30
+
+
+def test_a_new_setting_is_one_field():
+    """What docs/contributing.md promises: one field makes a command-line option, a config key with its checks
+    and an API keyword with its checks."""
+    from misbench.cli.common import settings_options
+    from misbench.runtime.schema import check_options, section_defaults, setting
+
+    @dataclasses.dataclass(frozen=True)
+    class Extended(ScoreSettings):
+        rounds: int = setting(3, low=1, high=9, help="Rounds of something.")
+
+    command = click.command()(settings_options(Extended)(lambda **kw: kw))
+    option = {p.name: p for p in command.params}["rounds"]
+    assert option.opts == ["--rounds"] and option.default == 3 and option.help == "Rounds of something."
+    assert command.main(["--rounds", "5"], standalone_mode=False)["rounds"] == 5
+    assert section_defaults(Extended)["rounds"] == 3 and "rounds" not in SECTIONS["score"]
+    check_options(Extended, {"rounds": 9}, "score")
+    for value, expected in ((0, "must be at least 1, got 0"), (10, "must be at most 9"), ("2", "expected an integer")):
+        with pytest.raises(MisbenchError, match=expected):
+            check_options(Extended, {"rounds": value}, "score")
+    with pytest.raises(MisbenchError, match="rounds: must be at least 1"):
+        Extended(rounds=0)
 
 
 def _doc_row(command: str) -> str:
@@ -84,11 +109,13 @@ def test_docs_cli_md_states_the_click_defaults(command):
     assert checked >= 5
 
 
-def test_every_config_key_has_a_declared_type():
-    undeclared = [(s, k) for s, keys in SECTIONS.items() for k, v in keys.items() if v is None and k not in NONE_TYPES]
-    assert undeclared == []
-    lists = {k for keys in SECTIONS.values() for k, v in keys.items() if isinstance(v, list) or NONE_TYPES.get(k) is list}
-    assert lists <= set(ITEM_TYPES)
+def test_every_config_key_is_a_field_with_a_type():
+    """The config's sections are the schema's dataclasses: every key has an annotation the checks understand."""
+    for section, cls in SCHEMAS.items():
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        assert set(SECTIONS[section]) <= set(fields), section
+        for key in SECTIONS[section]:
+            assert isinstance(fields[key].type, type) or typing.get_args(fields[key].type), (section, key)
 
 
 @pytest.mark.parametrize("section,key,value,expected", [

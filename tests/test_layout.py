@@ -359,3 +359,31 @@ def test_a_report_is_one_registration(monkeypatch, tmp_path):
     with pytest.raises(MisbenchError, match="count.txt"):
         misbench.report("count", tmp_path / "r", words=["a"])
     assert misbench.report("count", tmp_path / "r", overwrite=True, words=["a"]).read_text() == "1"
+
+
+def test_import_misbench_and_help_load_no_heavy_library():
+    """`import misbench` and `misbench --help` stay light (PEP 562 face, lazily loaded commands): neither
+    loads torch, scipy, pandas or matplotlib; the first use of an API name does."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "scipy", "pandas", "matplotlib", "torchvision", "h5py")
+    code = ("import sys, misbench\nfrom misbench.cli.main import cli\n"
+            "try:\n    cli.main(['--help'], prog_name='misbench')\nexcept SystemExit:\n    pass\n"
+            f"print('LOADED', [m for m in {heavy!r} if m in sys.modules])\n"
+            "misbench.score\nprint('AFTER', 'torch' in sys.modules and 'pandas' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "LOADED []" in run.stdout and "AFTER True" in run.stdout, run.stdout[-2000:]
+    assert "score" in run.stdout and "Commands" in run.stdout  # the help did list the commands
+
+
+def test_every_command_is_listed_and_loads():
+    from misbench.cli.main import COMMANDS, cli, load_command
+
+    for name in COMMANDS:
+        command = load_command(name)
+        assert command.name == name and cli.get_command(None, name) is command
+    loaded = {c.name for module in {m for m, _ in COMMANDS.values()}
+              for c in __import__(f"misbench.cli.{module}", fromlist=["COMMANDS"]).COMMANDS}
+    assert loaded == set(COMMANDS)  # no command module holds a command the table misses

@@ -69,7 +69,7 @@ def test_step_clock_says_step_i_of_n_with_elapsed_and_estimate():
 
 
 def test_faiss_loader_messages_do_not_reach_the_user():
-    code = "from misbench.cli.common import setup_logging; setup_logging({v}, False); import faiss, logging; " \
+    code = "from misbench.cli.main import setup_logging; setup_logging({v}, False); import faiss, logging; " \
            "logging.getLogger('misbench').info('library info still shows')"
     quiet = subprocess.run([sys.executable, "-c", code.format(v=0)], capture_output=True, text=True, check=True)
     assert "faiss" not in quiet.stderr.lower() and "library info still shows" in quiet.stderr

@@ -1,23 +1,41 @@
 """Top-1/top-5 and class-wise accuracy (DESIGN §5), from a model or from stored logits."""
 
-__all__ = ["accuracy_from_logits", "evaluate_model", "evaluate_acts", "write_eval"]
+__all__ = ["EvalSettings", "accuracy_from_logits", "evaluate_model", "evaluate_acts", "write_eval"]
 
 import csv
+import dataclasses
 import logging
 
 import numpy as np
 import torch
 
 from ..datasets.folders import UNLABELLED
+from ..datasets.labels import labels_setting
 from ..datasets.sources import TransformedDataset, first_images, load_data
 from ..errors import MisbenchError
 from ..models.loading import LoadedModel
 from ..models.preprocess import build_transform
-from ..runtime.device import make_loader, precision, prepare_model, resolve_device, to_device
+from ..runtime.device import (batch_size_setting, device_setting, make_loader, precision, prepare_model,
+                              resolve_device, to_device, workers_setting)
 from ..runtime.fileio import atomic_path, write_json
+from ..runtime.schema import setting, validate
 from .store import open_activations
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """The forward pass of `eval` (evaluate_model's keywords)."""
+
+    batch_size: int = batch_size_setting()
+    workers: int | None = workers_setting()
+    device: str = device_setting()
+    limit: int | None = setting(None, low=1, help="Only the first N images (a forward pass over DATA only).")
+    labels: str = labels_setting()
+
+    def __post_init__(self):
+        validate(self)
 
 
 def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray, class_names=None) -> dict:

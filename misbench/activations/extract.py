@@ -13,15 +13,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..datasets.labels import LABEL_MODES
+from ..datasets.labels import labels_setting
 from ..datasets.sources import DIGEST_CHARS, ImageSource, TransformedDataset, first_images, load_data
 from ..errors import MisbenchError
 from ..models.loading import LoadedModel, model_input_file
 from ..models.preprocess import build_transform
 from ..runtime import distributed
-from ..runtime.device import describe, make_loader, precision, prepare_model, resolve_device, to_device
+from ..runtime.device import (batch_size_setting, describe, device_setting, make_loader, precision, prepare_model,
+                              resolve_device, to_device, workers_setting)
 from ..runtime.fileio import disk_full_error, flag_hint, refuse_existing, utc_now
 from ..runtime.outputs import writing
+from ..runtime.schema import setting, validate
 from ..version import __version__
 from .dictionary import encode, parse_features, resolve_features
 from .hooks import FeatureHooks, LayerRequest, resolve_layers
@@ -46,41 +48,39 @@ def storage_dtypes(requests, dtype: str) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class ExtractSettings:
-    layers: tuple = ("conv", "softmax")
-    reduction: str = "mean"
-    dtype: str = "float32"
-    limit: int | None = None
-    on_bad_image: str = "fail"
-    resize: int | None = None
-    crop: int | None = None
-    amp: bool = False
-    keep: str | None = None  # "topk:K": only the K highest and lowest activations per unit
-    labels: str = "auto"  # how class folders map to the model's classes (labels.py)
-    token_reduction: str = "mean"  # over the tokens of token layers (tokens.py)
-    features: tuple = ()  # "NAME=LAYER:FILE" dictionary feature layers (dictionary.py)
+    # the API's and the command line's LAYERS argument; the study config's [extract] layers
+    layers: tuple[str, ...] = setting(("conv", "softmax"), cli=False)
+    reduction: str = setting("mean", choices=("mean", "max"), help="Conv feature maps to one value per channel.")
+    dtype: str = setting("float32", choices=DTYPES, help="Storage type of module layers (class units: float32).")
+    limit: int | None = setting(None, low=1, help="Only the first N images.")
+    on_bad_image: str = setting("fail", choices=("fail", "skip"), config=False,
+                                help="An unreadable image stops the run (fail) or is left out (skip).")
+    resize: int | None = setting(None, low=1, help="Override the resize of the model's preprocessing.")
+    crop: int | None = setting(None, low=1, help="Override the centre crop of the model's preprocessing.")
+    amp: bool = setting(False, config=False,
+                        help="Mixed precision: float16 on CUDA, bfloat16 on CPU (off by default: exact activations).")
+    # "topk:K": only the K highest and lowest activations per unit
+    keep: str | None = setting(None, check=parse_keep, config=False, metavar="topk:K",
+                               help="topk:K: store only the K highest and lowest activations per unit (exact MIS for "
+                                    "K >= (explanations+1) x tasks; bounded memory on huge datasets).")
+    labels: str = labels_setting()  # how class folders map to the model's classes (labels.py)
+    token_reduction: str = setting("mean", choices=TOKEN_REDUCTIONS,  # over the tokens of token layers (tokens.py)
+                                   help="How token layers ([N, tokens, D]) reduce over tokens; cls = the class token.")
+    # "NAME=LAYER:FILE" dictionary feature layers (dictionary.py)
+    features: tuple[str, ...] = setting((), check=lambda specs: [parse_features(s) for s in specs],
+                                        metavar="NAME=LAYER:FILE",
+                                        help="Add a layer NAME of dictionary features of module LAYER (FILE: W_enc "
+                                             "[K, D], b_enc [K], optional b_dec [D], activation); repeatable or "
+                                             "comma-separated.")
     # how, not what: these do not change the file's content and may differ on --resume
-    batch_size: int = 64
-    workers: int | None = None  # None: auto (see loader_workers)
-    device: str = "auto"
+    batch_size: int = batch_size_setting()
+    workers: int | None = workers_setting()
+    device: str = device_setting()
 
     RUNTIME = ("batch_size", "workers", "device")
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise MisbenchError(f"--dtype {self.dtype!r}: expected one of {list(DTYPES)}")
-        if self.on_bad_image not in ("fail", "skip"):
-            raise MisbenchError(f"--on-bad-image {self.on_bad_image!r}: expected fail or skip")
-        if self.limit is not None and self.limit < 1:
-            raise MisbenchError(f"--limit must be a positive number of images, got {self.limit}")
-        if self.batch_size < 1:
-            raise MisbenchError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.labels not in LABEL_MODES:
-            raise MisbenchError(f"--labels {self.labels!r}: expected one of {', '.join(LABEL_MODES)}")
-        parse_keep(self.keep)
-        if self.token_reduction not in TOKEN_REDUCTIONS:
-            raise MisbenchError(f"--token-reduction {self.token_reduction!r}: expected one of {', '.join(TOKEN_REDUCTIONS)}")
-        for spec in self.features:
-            parse_features(spec)
+        validate(self)
 
     def content_dict(self) -> dict:
         d = dataclasses.asdict(self)

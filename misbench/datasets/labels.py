@@ -7,7 +7,7 @@ are; any other folder names cannot be matched to ImageNet's classes and need the
 (`--labels folder-order`: sorted folder k is class k, torchvision ImageFolder's convention).
 """
 
-__all__ = ["LABEL_MODES", "IMAGENET_CLASSES", "LabelMap", "imagenet_wnids", "imagenet_categories", "folder_labels"]
+__all__ = ["LABEL_MODES", "labels_setting", "IMAGENET_CLASSES", "LabelMap", "imagenet_wnids", "imagenet_categories", "folder_labels"]
 
 import dataclasses
 import functools
@@ -16,12 +16,21 @@ import re
 from importlib import resources
 
 from ..errors import MisbenchError
+from ..runtime.schema import setting
 
 log = logging.getLogger(__name__)
 
 LABEL_MODES = ("auto", "folder-order")
 IMAGENET_CLASSES = 1000
 WNID = re.compile(r"n\d{8}")
+
+
+def labels_setting():
+    """The `labels` field of every settings dataclass that reads class folders (the study's [data] labels)."""
+    return setting("auto", choices=LABEL_MODES, config=False,
+                   help="How ImageFolder class folders map to the model's classes. auto: WNID folders (n01440764, "
+                        "...) to a 1000-class model's ImageNet indices, else sorted folder k = class k (an error for "
+                        "a 1000-class model); folder-order: sorted folder k = class k.")
 
 
 @dataclasses.dataclass(frozen=True)

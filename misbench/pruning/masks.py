@@ -19,6 +19,8 @@ from torch import nn
 
 from ..errors import MisbenchError, close_matches
 from ..registry import register
+from ..runtime.fileio import option_label
+from ..runtime.schema import setting, validate
 
 SCHEDULES = ("oneshot", "iterative")
 GOOGLENET_EXCLUDE = ("conv1", "conv2", "conv3", "aux1", "aux2")
@@ -26,31 +28,28 @@ GOOGLENET_EXCLUDE = ("conv1", "conv2", "conv3", "aux1", "aux2")
 
 @dataclasses.dataclass(frozen=True)
 class PruneSettings:
-    method: str
-    rate: float
-    scope: str | None = None  # default: global for unstructured, local otherwise
-    criterion: str = "l1"
-    schedule: str = "oneshot"
-    steps: int = 1
-    exclude: tuple | None = None  # None: the architecture's default
-    seed: int = 0
+    method: str = setting(choices=lambda: METHODS, help="What is removed (docs/cli.md).")
+    rate: float = setting(help="Fraction of prunable weights removed, in (0, 1).")
+    # default: global for unstructured, local otherwise
+    scope: str | None = setting(None, choices=("global", "local"),
+                                help="Default: global for unstructured, local for structured/connection.")
+    criterion: str = setting("l1", choices=lambda: CRITERIA, help="How weights are ranked.")
+    schedule: str = setting("oneshot", choices=SCHEDULES, help="Prune once, or in --steps steps.")
+    steps: int = setting(1, low=1, cli_default=None, help="Pruning steps of the iterative schedule (default 4).")
+    exclude: tuple[str, ...] | None = setting(  # None: the architecture's default
+        None, help="Module names left unpruned, repeatable or comma-separated (GoogLeNet default: "
+                   "conv1,conv2,conv3,aux1,aux2; '' for none).")
+    seed: int = setting(0, low=0, help="Seed of random criteria (and of training).")
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise MisbenchError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
+        validate(self)
         if not 0 < self.rate < 1:
-            raise MisbenchError(f"--rate must be a fraction in (0, 1), got {self.rate}")
-        if self.criterion not in CRITERIA:
-            raise MisbenchError(f"--criterion {self.criterion!r}: expected one of {', '.join(CRITERIA)}")
-        if self.schedule not in SCHEDULES:
-            raise MisbenchError(f"--schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
-        if self.scope not in (None, "global", "local"):
-            raise MisbenchError(f"--scope {self.scope!r}: expected global or local")
+            raise MisbenchError(f"{option_label('rate')} must be a fraction in (0, 1), got {self.rate}")
         if self.scope is not None and self.scope not in METHODS[self.method].scopes:
-            raise MisbenchError(f"--method {self.method} {METHODS[self.method].why_scope}: "
-                                f"--scope must be {' or '.join(METHODS[self.method].scopes)}")
+            raise MisbenchError(f"{option_label('method')} {self.method} {METHODS[self.method].why_scope}: "
+                                f"{option_label('scope')} must be {' or '.join(METHODS[self.method].scopes)}")
         if self.steps < 1 or (self.schedule == "oneshot" and self.steps != 1):
-            raise MisbenchError("--steps must be 1 for oneshot and >= 1 for iterative")
+            raise MisbenchError(f"{option_label('steps')} must be 1 for oneshot and >= 1 for iterative")
 
     @property
     def resolved_scope(self) -> str:

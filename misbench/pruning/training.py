@@ -11,12 +11,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..datasets.labels import LABEL_MODES
+from ..datasets.labels import labels_setting
 from ..datasets.sources import ImageSource, TransformedDataset, derived_seed, first_images
 from ..errors import MisbenchError
 from ..models.preprocess import Preprocess, build_transform
 from ..runtime import distributed
-from ..runtime.device import describe, make_loader, precision, prepare_model, resolve_device, to_device
+from ..runtime.device import (batch_size_setting, describe, device_setting, make_loader, precision, prepare_model,
+                              resolve_device, to_device, workers_setting)
+from ..runtime.fileio import option_label
+from ..runtime.schema import setting, validate
 
 log = logging.getLogger(__name__)
 
@@ -25,35 +28,31 @@ OPTIMIZERS = ("sgd", "adam")
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    epochs: int = 0
-    optimizer: str = "sgd"
-    lr: float | None = None  # None: 0.01 for SGD, 0.001 for Adam (the seed's)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    gamma: float = 0.9  # ExponentialLR, stepped per epoch
-    aux_weight: float = 0.3
-    batch_size: int = 64
-    seed: int = 0
-    train_limit: int | None = None
-    val_limit: int | None = None
-    augment: bool = True  # random flips (and resized crops at ImageNet size)
-    labels: str = "auto"  # how class folders map to the model's classes (labels.py)
+    epochs: int = setting(0, low=0, help="Retraining epochs after each pruning step (0: no retraining).")
+    optimizer: str = setting("sgd", choices=OPTIMIZERS, help="sgd or adam (the seed's recipe: sgd).")
+    # None: 0.01 for SGD, 0.001 for Adam (the seed's)
+    lr: float | None = setting(None, low=0, help="Default 0.01 (SGD) or 0.001 (Adam).")
+    momentum: float = setting(0.9, low=0, help="SGD momentum.")
+    weight_decay: float = setting(1e-4, low=0, help="L2 weight decay.")
+    gamma: float = setting(0.9, low=0, help="ExponentialLR factor per epoch.")  # stepped per epoch
+    aux_weight: float = setting(0.3, low=0, cli=False, config=False)
+    batch_size: int = batch_size_setting()
+    seed: int = setting(0, low=0, config=False, help="Seed of masks, shuffling and augmentation.")
+    train_limit: int | None = setting(None, low=1, help="Only the first N training images.")
+    val_limit: int | None = setting(None, low=1, help="Only the first N validation images.")
+    # random flips (and resized crops at ImageNet size)
+    augment: bool = setting(True, flag="--no-augment", config=False, help="No random flips/crops in training.")
+    labels: str = labels_setting()  # how class folders map to the model's classes (labels.py)
     # how, not what
-    workers: int | None = None  # None: auto (see loader_workers)
-    device: str = "auto"
-    amp: bool = True  # used on CUDA only
+    workers: int | None = workers_setting()
+    device: str = device_setting()
+    amp: bool = setting(True, flag="--no-amp", config=False,  # used on CUDA only
+                        help="Train in float32 on CUDA too (CPU training is always float32).")
 
     def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise MisbenchError(f"--optimizer {self.optimizer!r}: expected sgd or adam")
-        if self.epochs < 0:
-            raise MisbenchError(f"--epochs must be >= 0, got {self.epochs}")
+        validate(self)
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise MisbenchError(f"--lr must be a positive finite number, got {self.lr}")
-        if self.batch_size < 1:
-            raise MisbenchError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.labels not in LABEL_MODES:
-            raise MisbenchError(f"--labels {self.labels!r}: expected one of {', '.join(LABEL_MODES)}")
+            raise MisbenchError(f"{option_label('lr')} must be a positive finite number, got {self.lr}")
 
     @property
     def resolved_lr(self) -> float:

@@ -5,7 +5,8 @@ convolutions on CPUs as well, and autocast uses bfloat16 on CPU where CUDA uses 
 """
 
 __all__ = ["resolve_device", "prepare_model", "to_device", "precision", "loader_workers", "parse_workers", "make_loader",
-           "describe", "available_memory", "AMP_DTYPES", "MAX_AUTO_WORKERS"]
+           "workers_setting", "device_setting", "batch_size_setting", "describe", "available_memory", "AMP_DTYPES",
+           "MAX_AUTO_WORKERS"]
 
 import contextlib
 import os
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import MisbenchError
+from .schema import setting
 
 AMP_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}
 MAX_AUTO_WORKERS = 16  # ImageNet JPEG decoding needs about this many to feed one current GPU
@@ -99,6 +101,22 @@ def parse_workers(value) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     raise MisbenchError(f"workers {value!r}: expected auto or a number of loader processes >= 0")
+
+
+def workers_setting():
+    """The `workers` field of every settings dataclass that loads images (None: auto)."""
+    return setting(None, cli_default="auto", parse=parse_workers, metavar="auto|N", config=False,
+                   help=f"DataLoader worker processes; auto: on CUDA this rank's share of the cores less one (at most "
+                        f"{MAX_AUTO_WORKERS}), on CPU 0.")
+
+
+def device_setting():
+    """The `device` field of every settings dataclass that runs a network."""
+    return setting("auto", help="auto, cpu or cuda[:N].", config=False)
+
+
+def batch_size_setting(default: int = 64):
+    return setting(default, low=1, help="Images per batch.")
 
 
 def make_loader(dataset, batch_size: int, workers: int | None, device: torch.device, shuffle=False, sampler=None,

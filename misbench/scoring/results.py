@@ -332,6 +332,9 @@ def load_scores(path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise MisbenchError(f"scores file {path} does not exist")
+    if path.is_dir():
+        found = "; it holds mis.csv" if (path / "mis.csv").is_file() else ""
+        raise MisbenchError(f"scores file {path} is a folder{found}: give the mis.csv file (score --out)")
     # an empty cell is a missing number (constant units), but an empty string stays one
     text = [c for c, t in SCORE_DTYPES.items() if t is str]
     try:

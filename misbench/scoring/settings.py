@@ -7,7 +7,11 @@ import dataclasses
 import numpy as np
 
 from ..datasets.images import VIEWS
-from ..errors import MisbenchError
+from ..errors import MisbenchError, close_matches
+from ..runtime.device import batch_size_setting, device_setting, workers_setting
+from ..runtime.fileio import option_label
+from ..runtime.schema import setting, validate
+from ..similarity import BACKENDS, backend_names
 from ..similarity.index import DISTANCE_ENGINES
 from .mis import SELECTIONS
 from .summaries import is_class_layer
@@ -26,32 +30,58 @@ def parse_metrics(value) -> tuple[str, ...]:
     return tuple(m for m in METRICS if m in names)
 
 
+def _check_similarity(name: str) -> None:
+    if name.partition(":")[0] + ":" in BACKENDS:  # a family (deepfeat:<model>) parses its own spec
+        return
+    if name not in BACKENDS:
+        raise MisbenchError(f"{name!r} is not allowed; expected one of {', '.join(backend_names())}."
+                            f"{close_matches(name, list(BACKENDS))}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ScoreSettings:
-    similarity: str = "lpips-alex"
-    image_size: int | None = None  # None: the backend's own size (64; DreamSim 224)
-    view: str = "model"  # what the similarity sees: the model's crop, or the raw image file (images.VIEWS)
-    selection: str = "fair"
-    quantile: float = 0.2
-    class_quantile: float | None = None  # --selection quantile: class units' (softmax/logits) own Q, so that a pool
-    # fits within a class (10 classes: Q < 0.1); None: `quantile`
-    tasks: int = 20
-    explanations: int = 9
-    alpha: float | None = None  # None: the backend's documented default
-    alpha_source: str = ""  # "" -> "default" (alpha None) or "user"; "calibrated:<sha256>" from a calibration file
-    seed: int = 0
-    engine: str = "embed"
-    n_boot: int = 1000
-    keep_sparse: bool = False  # sparse units (top pool reaching the minimum) enter means and comparisons
-    amp: bool = False  # autocast the embedding network (LPIPS is exact only in float32)
-    chunk_units: int = 256  # units whose distances are computed together (bounds memory)
-    distances: str = "auto"  # gram | faiss | torch | auto (torch on CUDA, gram on CPU): docs/performance.md
-    metrics: tuple = ("mis",)  # METRICS: ("mis",) or ("mis", "ms")
+    similarity: str = setting("lpips-alex", check=_check_similarity, help=lambda: "|".join(backend_names()))
+    image_size: int | None = setting(None, low=16, high=1024,  # 1024: 12 GB of float32 pixels per 1000 images
+                                     help="Pixels the similarity sees (default: the backend's: 64; dreamsim 224 as "
+                                          "the MIS paper).")
+    view: str = setting("model", choices=VIEWS,
+                        help="Explanation images as the model saw them (its resize and crop), or the raw files.")
+    selection: str = setting("fair", choices=SELECTIONS, help="Which rows make a unit's tasks (docs/mis.md).")
+    quantile: float = setting(0.2, low=0, help="Fraction per side for --selection quantile.")
+    # --selection quantile: class units' (softmax/logits) own Q, so that a pool fits within a class (10 classes:
+    # Q < 0.1); None: `quantile`
+    class_quantile: float | None = setting(None, help="Fraction per side for the class units (softmax/logits) under "
+                                           "--selection quantile, so that a pool fits within a class (default: "
+                                           "--quantile).")
+    tasks: int = setting(20, low=1, help="Tasks (2-AFC trials) per unit.")
+    explanations: int = setting(9, low=1, help="Explanation images per side of a task.")
+    alpha: float | None = setting(None, help="Sigmoid slope (default: per backend, see docs/mis.md).")
+    # "" -> "default" (alpha None) or "user"; "calibrated:<sha256>" from a calibration file (api: alpha_from)
+    alpha_source: str = setting("", cli=False, config=False)
+    seed: int = setting(0, low=0, config=False, help="Seed of the task sampling and the bootstrap.")
+    engine: str = setting("embed", choices=ENGINES, config=False,
+                          help="embed: distances of embeddings; pairwise: the backend's own pair distance.")
+    n_boot: int = setting(1000, low=0, aliases=("--bootstrap",), help="Bootstrap resamples for intervals.")
+    # sparse units (top pool reaching the minimum) enter means and comparisons
+    keep_sparse: bool = setting(False, help="Count sparse units (top pool reaching the unit's minimum, chosen by tie "
+                                "keys) in means and comparisons; by default they are scored but left out (docs/mis.md).")
+    amp: bool = setting(False, config=False, help="Mixed-precision embeddings: float16 on CUDA, bfloat16 on CPU "
+                        "(faster; LPIPS is exact only without it).")
+    chunk_units: int = setting(256, low=1, config=False,
+                               help="Units whose distances are computed together: bounds memory. Each image is "
+                                    "embedded once per run whatever the chunks (--cache: once across runs).")
+    distances: str = setting("auto", choices=lambda: ["auto", *DISTANCE_ENGINES], config=False,
+                             help="Distance engine: auto = torch on the GPU, gram on CPU (docs/performance.md).")
+    metrics: tuple[str, ...] | str = setting(("mis",), check=parse_metrics,  # METRICS
+                                             help="mis (default), or mis,ms: also the MonoSemanticity score (an ms "
+                                                  "column; embeds every row).")
     # how, not what
-    device: str = "auto"
-    batch_size: int = 64
-    workers: int | None = None  # None: auto (see loader_workers)
-    dreamsim_weights: str | None = None  # a local directory; the weights' identity is in the backend fingerprint
+    device: str = device_setting()
+    batch_size: int = batch_size_setting()
+    workers: int | None = workers_setting()
+    # a local directory; the weights' identity is in the backend fingerprint
+    dreamsim_weights: str | None = setting(None, config=False, metavar="DIRECTORY",
+                                           help="Local DreamSim weights directory (else $MISBENCH_DREAMSIM_WEIGHTS).")
 
     RUNTIME = ("device", "batch_size", "workers", "chunk_units", "dreamsim_weights", "distances")
 
@@ -62,31 +92,14 @@ class ScoreSettings:
         return dataclasses.replace(self, quantile=self.class_quantile)
 
     def __post_init__(self):
+        validate(self)
         if self.class_quantile is not None and not 0 < self.class_quantile <= 0.5:
-            raise MisbenchError(f"--class-quantile must be in (0, 0.5], got {self.class_quantile}")
-        if self.selection not in SELECTIONS:
-            raise MisbenchError(f"--selection {self.selection!r}: expected one of {list(SELECTIONS)}")
-        if self.engine not in ENGINES:
-            raise MisbenchError(f"--engine {self.engine!r}: expected one of {ENGINES}")
-        if self.tasks < 1 or self.explanations < 1:
-            raise MisbenchError("--tasks and --explanations must be positive")
-        if self.distances not in ("auto", *DISTANCE_ENGINES):
-            raise MisbenchError(f"--distances {self.distances!r}: expected one of {['auto', *DISTANCE_ENGINES]}")
-        if self.chunk_units < 1:
-            raise MisbenchError(f"--chunk-units must be positive, got {self.chunk_units}")
+            raise MisbenchError(f"{option_label('class_quantile')} must be in (0, 0.5], got {self.class_quantile}")
         if self.alpha is not None and not (np.isfinite(self.alpha) and self.alpha > 0):
-            raise MisbenchError(f"--alpha {self.alpha}: expected a finite positive sigmoid slope "
+            raise MisbenchError(f"{option_label('alpha')} {self.alpha}: expected a finite positive sigmoid slope "
                                 "(leave it out for the backend's default, or fit one with misbench calibrate)")
         if self.alpha_source not in ("", "default", "user") and not self.alpha_source.startswith("calibrated:"):
             raise MisbenchError(f"alpha_source {self.alpha_source!r}: expected default, user or calibrated:<sha256>")
-        if self.view not in VIEWS:
-            raise MisbenchError(f"--view {self.view!r}: expected one of {VIEWS}")
-        if self.image_size is not None and self.image_size < 16:
-            raise MisbenchError(f"--image-size must be at least 16 pixels, got {self.image_size}")
-        if self.n_boot < 0:
-            raise MisbenchError(f"--bootstrap must be >= 0 resamples, got {self.n_boot}")
-        if self.batch_size < 1:
-            raise MisbenchError(f"--batch-size must be positive, got {self.batch_size}")
         object.__setattr__(self, "metrics", parse_metrics(self.metrics))
 
     def resolved(self, image_size: int, default_alpha: float) -> "ScoreSettings":

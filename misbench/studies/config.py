@@ -9,101 +9,129 @@ import tomllib
 from pathlib import Path
 
 from ..activations.dictionary import parse_features
-from ..activations.tokens import TOKEN_REDUCTIONS
+from ..activations.extract import ExtractSettings
 from ..datasets.labels import LABEL_MODES
 from ..errors import MisbenchError
 from ..models.preprocess import check_preprocess
 from ..pruning.masks import CRITERIA, METHODS, SCHEDULES
+from ..pruning.training import OPTIMIZERS, TrainSettings
 from ..runtime.device import parse_workers
-from ..scoring.mis import SELECTIONS
-from ..scoring.settings import parse_metrics
-from ..similarity import BACKENDS, backend_names
+from ..runtime.schema import check_value, section_defaults, setting, settings_fields
+from ..scoring.settings import ScoreSettings, parse_metrics
 from .dictionaries import dictionary_grid, dictionary_layers
 from .executor import EXECUTOR_SECTION, parse_executor
 
-SECTIONS = {
-    "study": {"name": "study", "seed": 0},
-    "model": {"spec": None, "arch": None, "num_classes": None, "arch_kwargs": {}, "preprocess": None},
-    "train": {"epochs": 0, "optimizer": "sgd", "lr": None, "momentum": 0.9, "weight_decay": 1e-4, "gamma": 0.9,
-              "batch_size": 64, "train_limit": None, "val_limit": None},
-    "data": {"train": None, "val": None, "labels": "auto"},
-    "pruning": {"methods": ["unstructured", "structured", "connection"], "criteria": ["l1"], "rates": [0.2, 0.4, 0.6, 0.8],
-                "schedules": ["oneshot"], "iterative_methods": None, "steps": 4, "control": True, "not_retrained": False,
-                "exclude": None, "optimizers": None, "random_baseline": False},
-    "retrain": {"epochs": 1, "optimizer": "sgd", "lr": None, "momentum": 0.9, "weight_decay": 1e-4, "gamma": 0.9,
-                "batch_size": 64, "train_limit": None, "val_limit": None},
-    "extract": {"layers": ["conv", "softmax"], "data": None, "limit": None, "batch_size": 64, "dtype": "float32",
-                "reduction": "mean", "token_reduction": "mean", "features": [], "resize": None, "crop": None},
-    "score": {"similarity": "lpips-alex", "image_size": None, "view": "model", "selection": "fair", "quantile": 0.2,
-              "class_quantile": None, "tasks": 20, "explanations": 9, "alpha": None, "alpha_from": None,
-              "layers": ["all"], "n_boot": 1000, "batch_size": 64, "metrics": ["mis"], "keep_sparse": False},
-    # one top-k sparse autoencoder trained during the study on `layer` of the base network (off while layer is
-    # unset): its features are extracted and scored, and the report compares them with the layer's neurons
-    "dictionary": {"layer": None, "name": "dictionary", "n_features": 64, "k": 4, "steps": 300, "lr": 1e-3,
-                   "batch_size": 256, "train_limit": None,
-                   # the grid (issue 24): more layers, kinds, widths as multiples of the layer's units, several k;
-                   # controls: each dictionary's untrained twin and its features permuted across images
-                   "layers": [], "kinds": ["topk"], "expansions": [], "ks": [], "l1": 1e-3, "controls": False},
-    "report": {"units": [], "classwise_layer": "softmax", "baseline": None},
-    "runtime": {"device": "auto", "workers": "auto"},
-    # the Slurm resources of `--executor slurm` (studies/executor.py): every step's, and a table per step kind
-    "executor": EXECUTOR_SECTION,
-    "quick": {},
-}
+# The study config's sections: each is a dataclass whose fields are its keys (misbench/runtime/schema.py), so
+# a key's type, default, bounds and choices are declared once; the settings dataclasses' config fields are
+# their sections' keys, a few keys that are not settings added by subclasses.
 
 
-# the type of keys whose default is None (the others take their default's type)
-NONE_TYPES = {"spec": str, "arch": str, "num_classes": int, "preprocess": dict, "lr": float, "train_limit": int,
-              "val_limit": int, "train": str, "val": str, "iterative_methods": list, "exclude": list,
-              "optimizers": list, "data": str, "limit": int, "alpha": float, "resize": int, "crop": int,
-              "image_size": int, "alpha_from": str, "baseline": str, "layer": str, "partition": str, "account": str,
-              "qos": str, "mem_gb": int, "max_jobs": int}
-# the type of each element of list keys
-ITEM_TYPES = {"methods": str, "criteria": str, "rates": float, "schedules": str, "layers": str, "units": str,
-              "iterative_methods": str, "exclude": str, "optimizers": str, "features": str, "kinds": str,
-              "expansions": float, "ks": int, "metrics": str}
-# integer keys with a lower bound (checked before any training runs)
-MINIMUM = {"epochs": 0, "batch_size": 1, "train_limit": 1, "val_limit": 1, "steps": 1, "limit": 1, "tasks": 1,
-           "resize": 1, "crop": 1,
-           "explanations": 1, "image_size": 16, "n_boot": 0, "num_classes": 1,
-           "n_features": 1, "k": 1}
-TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table", bool: "true or false"}
+@dataclasses.dataclass(frozen=True)
+class StudySection:
+    name: str = "study"
+    seed: int = setting(0, low=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    spec: str | None = None
+    arch: str | None = None
+    num_classes: int | None = setting(None, low=1)
+    arch_kwargs: dict = dataclasses.field(default_factory=dict)
+    preprocess: dict | None = None  # checked by check_preprocess
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    train: str | None = None
+    val: str | None = None
+    labels: str = setting("auto", choices=LABEL_MODES)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningSection:
+    methods: tuple[str, ...] = setting(("unstructured", "structured", "connection"), choices=lambda: METHODS)
+    criteria: tuple[str, ...] = setting(("l1",), choices=lambda: CRITERIA)
+    rates: tuple[float, ...] = setting((0.2, 0.4, 0.6, 0.8), check=lambda rates: _check_rates(rates))
+    schedules: tuple[str, ...] = setting(("oneshot",), choices=SCHEDULES)
+    iterative_methods: tuple[str, ...] | None = None
+    steps: int = setting(4, low=1)
+    control: bool = True
+    not_retrained: bool = False
+    exclude: tuple[str, ...] | None = None
+    optimizers: tuple[str, ...] | None = setting(None, choices=OPTIMIZERS)
+    random_baseline: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrainSection(TrainSettings):
+    # a study retrains its pruned networks; `misbench prune` alone does not (TrainSettings' 0)
+    epochs: int = setting(1, low=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractSection(ExtractSettings):
+    data: str | None = None  # default: [data] val
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSection(ScoreSettings):
+    alpha_from: str | None = None
+    layers: tuple[str, ...] = ("all",)
+
+
+# one top-k sparse autoencoder trained during the study on `layer` of the base network (off while layer is
+# unset): its features are extracted and scored, and the report compares them with the layer's neurons
+@dataclasses.dataclass(frozen=True)
+class DictionarySection:
+    layer: str | None = None
+    name: str = "dictionary"
+    n_features: int = setting(64, low=1)
+    k: int = setting(4, low=1)
+    steps: int = setting(300, low=1)
+    lr: float = 1e-3
+    batch_size: int = setting(256, low=1)
+    train_limit: int | None = setting(None, low=1)
+    # the grid (issue 24): more layers, kinds, widths as multiples of the layer's units, several k;
+    # controls: each dictionary's untrained twin and its features permuted across images
+    layers: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ("topk",)
+    expansions: tuple[float, ...] = ()
+    ks: tuple[int, ...] = ()
+    l1: float = 1e-3
+    controls: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportSection:
+    units: tuple[str, ...] = ()
+    classwise_layer: str = "softmax"
+    baseline: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeSection:
+    device: str = "auto"
+    workers: int | str = setting("auto", check=parse_workers, expected='"auto" or an integer')
+
+
+SCHEMAS = {"study": StudySection, "model": ModelSection, "train": TrainSettings, "data": DataSection,
+           "pruning": PruningSection, "retrain": RetrainSection, "extract": ExtractSection, "score": ScoreSection,
+           "dictionary": DictionarySection, "report": ReportSection, "runtime": RuntimeSection}
+# [executor] (the Slurm resources of `--executor slurm`, a table per step kind) is checked by its own parser
+SECTIONS = {**{name: section_defaults(cls) for name, cls in SCHEMAS.items()}, "executor": EXECUTOR_SECTION, "quick": {}}
+
+
+def _check_rates(rates) -> None:
+    for rate in rates:
+        if not 0 < rate < 1:
+            raise MisbenchError(f"{rate!r} is not a fraction in (0, 1)")
 
 
 def _check_types(raw: dict) -> None:
-    for section, defaults in SECTIONS.items():
-        if section == "quick":
-            continue
-        for key, default in defaults.items():
-            value = raw[section][key]
-            if value is None:
-                continue
-            expected = NONE_TYPES.get(key) if default is None else type(default)
-            if expected is None:  # tests/test_config_types.py keeps every key declared
-                continue
-            ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
-            if expected is float:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if key == "workers":
-                ok = isinstance(value, (int, str)) and not isinstance(value, bool)
-            if not ok:
-                wanted = '"auto" or an integer' if key == "workers" else TYPE_NAMES[expected]
-                raise MisbenchError(f"config [{section}] {key}: expected {wanted}, got {value!r} "
-                                    f"({type(value).__name__})")
-            if expected is list and key in ITEM_TYPES:
-                item_type = ITEM_TYPES[key]
-                for item in value:
-                    good = (isinstance(item, (int, float)) if item_type is float else isinstance(item, item_type)) \
-                        and not isinstance(item, bool)
-                    if not good:
-                        raise MisbenchError(f"config [{section}] {key}: every element must be {TYPE_NAMES[item_type]}, "
-                                            f"got {item!r} ({type(item).__name__}) in {value!r}")
-            if key in MINIMUM and value < MINIMUM[key]:
-                raise MisbenchError(f"config [{section}] {key}: must be at least {MINIMUM[key]}, got {value!r}")
-            if expected is list and len(set(map(repr, value))) < len(value):
-                twice = next(v for i, v in enumerate(value) if v in value[:i])
-                raise MisbenchError(f"config [{section}] {key}: {twice!r} is listed twice in {value!r}; "
-                                    "give each value once")
+    for section, cls in SCHEMAS.items():
+        for field in settings_fields(cls, "config"):
+            check_value(field, raw[section][field.name], f"config [{section}]", toml=True)
     if raw["model"]["preprocess"] is not None:
         check_preprocess(raw["model"]["preprocess"], "config [model] preprocess")
     alpha = raw["score"]["alpha"]
@@ -166,12 +194,6 @@ def _check_keys(section: str, given: dict, allowed: dict):
     unknown = sorted(set(given) - set(allowed))
     if unknown:
         raise MisbenchError(f"config [{section}]: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(allowed))}")
-
-
-def _check_choice(key: str, values, allowed):
-    for v in values if isinstance(values, list) else [values]:
-        if v not in allowed:
-            raise MisbenchError(f"config {key}: {v!r} is not allowed; expected one of {', '.join(map(str, allowed))}")
 
 
 def _apply_override(raw: dict, dotted: str, value):
@@ -240,30 +262,8 @@ def parse_config(given: dict, source: str = "<config>", quick: bool = False) -> 
         raise MisbenchError("config [data]: train is required when [train] or [retrain] has epochs > 0")
     if raw["model"]["arch"] and not raw["model"]["spec"] and raw["train"]["epochs"] < 1:
         raise MisbenchError("config [model]: a model built from arch needs [train] epochs >= 1 (or give spec)")
-    p = raw["pruning"]
-    _check_choice("[pruning] methods", p["methods"], list(METHODS))
-    _check_choice("[pruning] criteria", p["criteria"], list(CRITERIA))
-    _check_choice("[pruning] schedules", p["schedules"], SCHEDULES)
-    _check_choice("[pruning] optimizers", p["optimizers"] or [], ["sgd", "adam"])
-    for rate in p["rates"]:
-        if not isinstance(rate, (int, float)) or not 0 < rate < 1:
-            raise MisbenchError(f"config [pruning] rates: {rate!r} is not a fraction in (0, 1)")
-    for section in ("train", "retrain"):
-        _check_choice(f"[{section}] optimizer", raw[section]["optimizer"], ["sgd", "adam"])
-    try:
-        parse_workers(raw["runtime"]["workers"])
-    except MisbenchError as err:
-        raise MisbenchError(f"config [runtime] {err}") from None
-    _check_choice("[score] selection", raw["score"]["selection"], list(SELECTIONS))
-    _check_choice("[extract] dtype", raw["extract"]["dtype"], ["float16", "float32"])
-    _check_choice("[data] labels", raw["data"]["labels"], list(LABEL_MODES))
-    _check_choice("[extract] reduction", raw["extract"]["reduction"], ["mean", "max"])
-    _check_choice("[extract] token_reduction", raw["extract"]["token_reduction"], list(TOKEN_REDUCTIONS))
     _check_dictionaries(raw)
     parse_executor(raw["executor"])
-    sim = raw["score"]["similarity"]
-    if sim.partition(":")[0] + ":" not in BACKENDS:  # a family (deepfeat:<model>) parses its own spec
-        _check_choice("[score] similarity", sim, backend_names())
     return StudyConfig(raw, source)
 
 

@@ -31,6 +31,7 @@ from ..runtime import distributed
 from ..runtime.device import parse_workers
 from ..runtime.fileio import option_label, overwrite_hint, read_csv_rows, utc_now, write_json
 from ..runtime.lock import DirectoryLock
+from ..runtime.schema import settings_from
 from ..scoring.calibrate import calibration_alpha
 from ..scoring.run import ScoreSettings, score
 from .config import RunSpec, StudyConfig
@@ -77,12 +78,8 @@ class Study:
 
     def _train_settings(self, section: str, epochs: int | None = None, optimizer: str | None = None):
         s = self.config[section]
-        return TrainSettings(epochs=s["epochs"] if epochs is None else epochs, optimizer=optimizer or s["optimizer"],
-                             lr=s["lr"],
-                             momentum=s["momentum"], weight_decay=s["weight_decay"], gamma=s["gamma"],
-                             batch_size=s["batch_size"], seed=self.config["study"]["seed"],
-                             train_limit=s["train_limit"], val_limit=s["val_limit"],
-                             workers=self._runtime()["workers"], device=self._runtime()["device"],
+        return settings_from(TrainSettings, {**s, **self._runtime()}, epochs=s["epochs"] if epochs is None else epochs,
+                             optimizer=optimizer or s["optimizer"], seed=self.config["study"]["seed"],
                              labels=self.config["data"]["labels"])
 
     def _fresh_model(self) -> LoadedModel:
@@ -257,11 +254,7 @@ class Study:
     def _extract(self, ckpt, out, resume, **override):
         """Extract with the [extract] settings; `override` replaces some (the dictionary's steps)."""
         e = {**self.config["extract"], **override}
-        settings = ExtractSettings(layers=tuple(e["layers"]), reduction=e["reduction"], dtype=e["dtype"], limit=e["limit"],
-                                   labels=self.config["data"]["labels"], resize=e["resize"], crop=e["crop"],
-                                   token_reduction=e["token_reduction"], features=tuple(e["features"]),
-                                   batch_size=e["batch_size"], workers=self._runtime()["workers"],
-                                   device=self._runtime()["device"])
+        settings = settings_from(ExtractSettings, {**e, **self._runtime()}, labels=self.config["data"]["labels"])
         extract(self._load(ckpt), e["data"] or self.config["data"]["val"], out, settings, resume=resume,
                 overwrite=True, progress=self._bar(f"extract {Path(out).parent.name}"))
 
@@ -276,13 +269,8 @@ class Study:
         alpha, alpha_source = s["alpha"], ""
         if s["alpha_from"]:  # a `misbench calibrate --out` file: alpha with its provenance
             alpha, alpha_source = calibration_alpha(s["alpha_from"])
-        settings = ScoreSettings(similarity=s["similarity"], image_size=s["image_size"], view=s["view"],
-                                 selection=s["selection"],
-                                 quantile=s["quantile"], class_quantile=s["class_quantile"], tasks=s["tasks"], explanations=s["explanations"], alpha=alpha,
-                                 alpha_source=alpha_source,
-                                 seed=self.config["study"]["seed"], n_boot=s["n_boot"], batch_size=s["batch_size"],
-                                 keep_sparse=s["keep_sparse"], device=self._runtime()["device"],
-                                 workers=self._runtime()["workers"], metrics=tuple(s["metrics"]))
+        settings = settings_from(ScoreSettings, {**s, **self._runtime()}, alpha=alpha, alpha_source=alpha_source,
+                                 seed=self.config["study"]["seed"])
         score(acts, layers or s["layers"], settings, out, tasks_out=Path(out).with_name("tasks.h5"),
               cache_dir=self.out / "cache" / "embeddings",
               progress=(lambda stage, d, n: self.progress(f"{stage} {Path(out).parent.name}", d, n)) if self.progress else None,
