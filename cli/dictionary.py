@@ -16,10 +16,10 @@ from .common import handle_errors, refuses_overwrite
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Dictionary file for extract --features.")
 @click.option("--n-features", default=64, show_default=True, help="Dictionary size K.")
 @click.option("--k", default=4, show_default=True, help="Active features per input (topk; batchtopk: on average).")
-@click.option("--steps", default=300, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--batch-size", default=256, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", default=300, show_default=True, help="Adam steps, one seeded minibatch each.")
+@click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--batch-size", default=256, show_default=True, help="Rows per minibatch.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the initial weights and the minibatches.")
 @click.option("--kind", type=click.Choice(list(KINDS)), default="topk", show_default=True,
               help="topk, batchtopk (k per input on average) or relu (ReLU with an L1 penalty --l1).")
 @click.option("--expansion", type=float, default=None,

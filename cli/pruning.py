@@ -52,9 +52,9 @@ def _run(model, model_kw, prune, kw):
     common = dict(progress=bar, **model_kwargs(*model_kw), **kw)
     try:
         if prune is None:
-            path = api.retrain(model, kw["out"], **common)
+            path = api.retrain(model, **common)
         else:
-            path = api.prune(model, out=kw["out"], **prune, **common)
+            path = api.prune(model, **prune, **common)
     finally:
         if bar:
             bar.close()

@@ -13,6 +13,45 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+EXPECTED_ROWS = ["forward loop GoogLeNet", "extract GoogLeNet conv+softmax,", "extract GoogLeNet conv+softmax AMP",
+                 "embed lpips-alex", "embed lpips-vgg", "embed lpips-squeeze", "embed deepfeat:mobilenet_v2",
+                 "embed pixel", "MIS lpips-alex", "train step GoogLeNet AMP", "train step MiniInception AMP",
+                 "DDP train step GoogLeNet"]
+
+
+def _check_rows(rows):
+    for prefix in EXPECTED_ROWS:
+        values = [v for name, v in rows.items() if name.startswith(prefix)]
+        assert values and all(isinstance(v, float) and v > 0 for v in values), prefix
+
+
+def test_gpu_suite_parts_run_on_cpu_in_process(tmp_path, monkeypatch):
+    """The default suite's share of the test below: every part of benchmarks/gpu_suite.py at toy sizes, in this
+    process (no interpreter start-up, no torchrun); the shell wrapper and its two-process DDP epoch: -m slow."""
+    import dataclasses
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_suite
+
+    # smaller still than --quick: one timed step, two units, a handful of images (every code path, no figure)
+    monkeypatch.setattr(gpu_suite, "QUICK", dataclasses.replace(
+        gpu_suite.QUICK, extract_images=16, extract_batch=8, embed_images=8, embed_batch=8, mis_units=2,
+        train_steps=1, train_batch=(2, 4)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        table = tmp_path / "suite.json"
+        assert gpu_suite.main(["--device", "cpu", "--quick", "--json", str(table)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = {name: value for name, value, _unit in json.loads(table.read_text())}
+    assert not [name for name in rows if "FAILED" in name]
+    _check_rows(rows)
+
+
+@pytest.mark.slow
 def test_gpu_suite_runs_every_part_on_cpu(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "MISBENCH_DDP": "1", "MISBENCH_DDP_PROCS": "2",
            "MISBENCH_DDP_IMAGES": "32", "MISBENCH_DDP_DEVICE": "cpu", "MISBENCH_DDP_WORKERS": "0",
@@ -24,13 +63,7 @@ def test_gpu_suite_runs_every_part_on_cpu(tmp_path):
     assert run.returncode == 0, log[-3000:]
     assert "FAILED" not in log
     assert "Grad strides do not match" not in log  # masked gradients keep the layout DDP expects
-    rows = {name: value for name, value, _unit in json.loads(table.read_text())}
-    expected = ["forward loop GoogLeNet", "extract GoogLeNet conv+softmax,", "extract GoogLeNet conv+softmax AMP",
-                "embed lpips-alex", "embed lpips-vgg", "embed lpips-squeeze", "embed deepfeat:mobilenet_v2", "embed pixel",
-                "MIS lpips-alex", "train step GoogLeNet AMP", "train step MiniInception AMP", "DDP train step GoogLeNet"]
-    for prefix in expected:
-        values = [v for name, v in rows.items() if name.startswith(prefix)]
-        assert values and all(isinstance(v, float) and v > 0 for v in values), prefix
+    _check_rows({name: value for name, value, _unit in json.loads(table.read_text())})
     assert re.search(r"DDP retraining epoch, GoogLeNet, 32 images, 2 processes on cpu: \d+ s", log)
 
 

@@ -133,7 +133,7 @@ def test_every_listed_option_has_help_text():
     assert missing == []
 
 
-def test_one_name_per_concept_and_old_names_still_work():
+def test_one_name_per_concept_and_old_names_still_work(tmp_path):
     """score --n-boot as report compare's (--bootstrap still works, unlisted); calibrate --tasks-file for the file
     (--tasks is score's count; calibrate --tasks FILE still works, unlisted)."""
     score = cli.commands["score"]
@@ -147,10 +147,11 @@ def test_one_name_per_concept_and_old_names_still_work():
     calibrate = cli.commands["calibrate"]
     help_text = CliRunner().invoke(cli, ["calibrate", "--help"]).output
     assert "--tasks-file" in help_text and "--tasks " not in help_text
-    with CliRunner().isolated_filesystem():
-        open("t.h5", "w").close()
-        for flag in ("--tasks-file", "--tasks"):
-            assert calibrate.make_context("calibrate", ["r.csv", flag, "t.h5"]).params["tasks_h5"] == "t.h5"
+    tasks, responses = tmp_path / "t.h5", tmp_path / "r.csv"
+    tasks.touch()
+    responses.touch()
+    for flag in ("--tasks-file", "--tasks"):
+        assert calibrate.make_context("calibrate", [str(responses), flag, str(tasks)]).params["tasks_h5"] == str(tasks)
 
 
 def test_retrain_epochs_default_is_valid_and_zero_is_a_one_line_error(tmp_path):

@@ -65,26 +65,61 @@ def datasets(path):
     return out
 
 
-def test_distributed_extraction_and_scoring_equal_one_process(setup):
-    root, folder = setup
-    common = ["model.pt", "--arch", "mini_inception", "--num-classes", "3", "--arch-kwargs", '{"width": 8}',
-              "--data", str(folder), "--layers", "conv,softmax", "--resize", "16", "--crop", "16", "--batch-size", "40"]
+def _single(root, folder):
     loaded = load_model(str(root / "model.pt"), arch="mini_inception", num_classes=3, arch_kwargs={"width": 8})
-    single = extract(loaded, str(folder), root / "single.h5",
-                     ExtractSettings(layers=("conv", "softmax"), resize=16, crop=16, batch_size=40))
-    torchrun("extract", *common, "--out", "dist.h5", cwd=root)
+    out = root / "single.h5"
+    if not out.exists():
+        extract(loaded, str(folder), out, ExtractSettings(layers=("conv", "softmax"), resize=16, crop=16, batch_size=40))
+    return out
+
+
+DIST_COMMON = ["model.pt", "--arch", "mini_inception", "--num-classes", "3", "--arch-kwargs", '{"width": 8}',
+               "--layers", "conv,softmax", "--resize", "16", "--crop", "16", "--batch-size", "40"]
+SCORE_SETTINGS = dict(similarity="pixel", image_size=16, device="cpu", n_boot=50, tasks=10)
+
+
+def test_distributed_extraction_equals_one_process(setup):
+    root, folder = setup
+    single = _single(root, folder)
+    torchrun("extract", *DIST_COMMON, "--data", str(folder), "--out", "dist.h5", cwd=root)
     a, b = datasets(single), datasets(root / "dist.h5")
     assert a.keys() == b.keys()
     for key in a:
         assert np.array_equal(a[key], b[key]), key
     assert not list(root.glob("dist.h5.partial*"))
-    # scoring under torchrun: units sharded over ranks, merged by rank 0
-    settings = ScoreSettings(similarity="pixel", image_size=16, device="cpu", n_boot=50, tasks=10)
+
+
+def test_sharded_scoring_merges_to_one_process(setup):
+    """What torchrun scoring does (rank i scores shard i/N, rank 0 merges), in one process: the fast part of
+    the suite; test_torchrun_scoring_equals_one_process (-m slow) runs it under torchrun."""
+    root, folder = setup
+    single = _single(root, folder)
+    settings = ScoreSettings(**SCORE_SETTINGS)
     score(single, ["all"], settings, root / "one.csv", tasks_out=root / "one_tasks.h5")
+    parts, tasks = [], []
+    for i in range(3):
+        score(single, ["all"], settings, root / f"s{i}.csv", tasks_out=root / f"s{i}_tasks.h5", shard=(i, 3))
+        parts.append(root / f"s{i}.csv")
+        tasks.append(root / f"s{i}_tasks.h5")
+    merge_scores(parts, root / "merged.csv", root / "merged_tasks.h5")
+    assert (root / "merged.csv").read_text() == (root / "one.csv").read_text()
+    ta, tb = datasets(root / "one_tasks.h5"), datasets(root / "merged_tasks.h5")
+    assert all(np.array_equal(ta[k], tb[k], equal_nan=True) for k in ta) and ta.keys() == tb.keys()
+
+
+@pytest.mark.slow
+def test_torchrun_scoring_equals_one_process(setup):
+    root, folder = setup
+    single = _single(root, folder)
+    settings = ScoreSettings(**SCORE_SETTINGS)
+    if not (root / "one.csv").exists():
+        score(single, ["all"], settings, root / "one.csv", tasks_out=root / "one_tasks.h5")
+    # scoring under torchrun: units sharded over ranks, merged by rank 0
     # both ranks embed into one --cache directory at the same time (a rank that starts late may find
     # all its images cached by the other)
-    torchrun("score", "dist.h5", "--layer", "all", "--similarity", "pixel", "--image-size", "16", "--tasks", "10",
-             "--bootstrap", "50", "--out", "two.csv", "--tasks-out", "two_tasks.h5", "--cache", "cache", cwd=root)
+    shutil.copy(single, root / "dist_score.h5")
+    torchrun("score", "dist_score.h5", "--layer", "all", "--similarity", "pixel", "--image-size", "16", "--tasks", "10",
+             "--n-boot", "50", "--out", "two.csv", "--tasks-out", "two_tasks.h5", "--cache", "cache", cwd=root)
     assert list((root / "cache").glob("emb-*.h5"))
     assert (root / "one.csv").read_text() == (root / "two.csv").read_text()
     one, two = (json.loads((root / f).read_text()) for f in ("one.json", "two.json"))
@@ -93,8 +128,8 @@ def test_distributed_extraction_and_scoring_equal_one_process(setup):
     assert all(np.array_equal(ta[k], tb[k], equal_nan=True) for k in ta) and ta.keys() == tb.keys()
     # what a killed torchrun score leaves: the ranks' parts (killed before the merge), or tasks.h5 and mis.json
     # without mis.csv (killed during the merge); the same command replaces both and gives the same result
-    torchrun_score = ["score", "dist.h5", "--layer", "all", "--similarity", "pixel", "--image-size", "16", "--tasks",
-                      "10", "--bootstrap", "50", "--out", "three.csv", "--tasks-out", "three_tasks.h5"]
+    torchrun_score = ["score", "dist_score.h5", "--layer", "all", "--similarity", "pixel", "--image-size", "16",
+                      "--tasks", "10", "--bootstrap", "50", "--out", "three.csv", "--tasks-out", "three_tasks.h5"]
     for i in range(2):
         score(single, ["all"], settings, root / f"three.part{i}of2.csv", root / f"three_tasks.part{i}of2.h5",
               shard=(i, 2))
@@ -103,13 +138,6 @@ def test_distributed_extraction_and_scoring_equal_one_process(setup):
     torchrun(*torchrun_score, cwd=root)
     assert (root / "three.csv").read_text() == (root / "one.csv").read_text()
     assert not list(root.glob("three*.part*"))
-    # --shard I/N by hand, merged: the same result again
-    parts = []
-    for i in range(3):
-        score(single, ["all"], settings, root / f"s{i}.csv", shard=(i, 3))
-        parts.append(root / f"s{i}.csv")
-    merge_scores(parts, root / "merged.csv")
-    assert (root / "merged.csv").read_text() == (root / "one.csv").read_text()
 
 
 def test_topk_extraction_equals_full_and_gives_identical_mis(setup, tmp_path):
