@@ -33,7 +33,7 @@ from .common import handle_errors, refuses_overwrite
 @click.option("--model", "model_spec", default=None, help="With --positions: the MODEL whose LAYER is read.")
 @click.option("--data", default=None, help="With --positions: the images (DATA).")
 @click.option("--limit", type=int, default=None, help="With --positions: the first N images only.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="With --positions: auto, cpu or cuda[:N].")
 @handle_errors
 @refuses_overwrite("out", "untrained_out")
 def train_dictionary(acts, layer, out, n_features, k, steps, lr, batch_size, seed, kind, expansion, l1, untrained_out,

@@ -56,8 +56,8 @@ def classwise(scores, acts, eval_json, layer, tasks, units, out, seed, overwrite
               help="One mis.csv holding the layers' neurons and their dictionaries' feature layers.")
 @list_option("--pair", "pairs", required=True, metavar="[LABEL:]LAYER=FEATURES",
              help="A layer and one of its dictionaries' feature layers (repeatable; in depth order).")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The report's folder.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap intervals and of unit picks.")
 @click.option("--n-boot", default=1000, show_default=True, help="Bootstrap resamples of the intervals.")
 @handle_errors
 @refuses_overwrite(passes=True)
