@@ -102,7 +102,9 @@ def check_value(field: dataclasses.Field, value, where: str = "", toml: bool = F
     elif not any(_is(value, k) for k in kinds):
         expected = s.expected or " or ".join(names.get(typing.get_origin(k) or k, getattr(k, "__name__", str(k)))
                                              for k in kinds)
-        none = " (or None)" if optional and not toml else ""
+        if toml:  # the config's wording: `config [score] tasks: expected an integer, got 20.0 (float)`
+            raise MisbenchError(f"{_label(where, key)}: expected {expected}, got {value!r} ({type(value).__name__})")
+        none = " (or None)" if optional else ""
         raise MisbenchError(f"{_label(where, key)}={value!r}: expected {expected}{none}, got {type(value).__name__}")
     if value is None:
         raise MisbenchError(f"{_label(where, key)}: expected a value, got None")
