@@ -108,3 +108,25 @@ def test_score_metrics_ms_column_matches_pairs_over_the_backends_images(property
     res = CliRunner().invoke(cli, ["score", str(acts), "--layer", "l", "--out", str(tmp_path / "b.csv"),
                                    "--similarity", "pixel", "--image-size", "16", "--metrics", "mis,msx"])
     assert res.exit_code != 0 and "--metrics mis,msx: expected mis or mis,ms" in res.output
+
+
+def test_score_metrics_ms_refuses_a_topk_file_before_any_scoring(tmp_path, image_folder, monkeypatch):
+    """MS weighs every image: a --keep topk file is refused up front, not after the (long) MIS scoring."""
+    import misbench.scoring.run
+    from misbench.activations.extract import ExtractSettings, extract
+    from misbench.errors import MisbenchError
+    from misbench.models.loading import load_model
+    from misbench.scoring.settings import ScoreSettings
+
+    loaded = load_model("mini_inception", num_classes=3)
+    acts = extract(loaded, str(image_folder), tmp_path / "k.h5", ExtractSettings(layers=("conv1.bn",), keep="topk:6"))
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("MIS scoring ran before the topk file was refused")
+
+    monkeypatch.setattr(misbench.scoring.run, "_score_tasks", no_scoring)
+    monkeypatch.setattr(misbench.scoring.run, "prepare_model", no_scoring)
+    with pytest.raises(MisbenchError, match="keeps only its top/bottom-k rows"):
+        misbench.scoring.run.score(acts, ["conv1.bn"], ScoreSettings(similarity="pixel", metrics=("mis", "ms")),
+                                   tmp_path / "mis.csv")
+    assert not (tmp_path / "mis.csv").exists()

@@ -193,6 +193,9 @@ def _score(acts_path, layers, settings: ScoreSettings, out, tasks_out, cache_dir
         names = acts.layer_names if list(layers) in (["all"], []) else list(dict.fromkeys(layers))
         for name in names:
             acts.layer(name)  # validates before any work
+            if "ms" in settings.metrics and acts.tie_seed(name) is not None:
+                raise MisbenchError(f"--metrics ms: layer {name!r} of {acts_path} keeps only its top/bottom-k rows; "
+                                    "the MonoSemanticity score weighs every image: extract without --keep")
         device = resolve_device(settings.device)
         backend = prepare_model(backend_from_settings(settings) if backend is None else backend, device).eval()
         settings = settings.resolved(backend.image_size, backend.default_alpha)
@@ -246,10 +249,6 @@ def _ms_by_unit(acts, acts_path, names, backend, fingerprint: str, settings: Sco
                 progress) -> tuple[dict, dict]:
     """(layer, unit) -> MonoSemanticity score (None where undefined) over every row of the file, from the
     backend's embeddings of all rows (each embedded once; with a cache, read back from it)."""
-    for name in names:
-        if acts.tie_seed(name) is not None:
-            raise MisbenchError(f"--metrics ms: layer {name!r} of {acts_path} keeps only its top/bottom-k rows; the "
-                                "MonoSemanticity score weighs every image: extract without --keep")
     t0 = time.time()
     rows = np.arange(acts.n_rows)
     images = RowImages(acts, rows, settings.image_size, settings.view, backend.resample)
