@@ -134,8 +134,9 @@ def check_value(field: dataclasses.Field, value, where: str = "", toml: bool = F
     if s.check is not None:
         try:
             s.check(value)
-        except MisbenchError as err:
-            raise MisbenchError(f"{_label(where, key)}: {err}") from None
+        except MisbenchError as err:  # a message that names the key already keeps its own wording
+            named = where and str(err).startswith(f"{key} ")
+            raise MisbenchError(f"{where} {err}" if named else f"{_label(where, key)}: {err}") from None
 
 
 def check_options(cls, options: dict, what: str, skip=()) -> None:
