@@ -6,6 +6,7 @@ import torchvision
 from click.testing import CliRunner
 
 from misbench.cli.main import cli
+from misbench.models.loading import model_input_file
 from misbench.studies.config import load_config
 from misbench.studies.dictionaries import dictionary_grid
 from misbench.studies.run import Study
@@ -13,12 +14,37 @@ from misbench.studies.run import Study
 RECIPE = Path(__file__).resolve().parents[1] / "data" / "dictionaries_resnet50.toml"
 
 
-def test_resnet50_recipe_dry_run_covers_every_block(tmp_path):
+def test_resnet50_recipe_dry_run_covers_every_block(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no staged weights here, whatever the machine has
     res = CliRunner().invoke(cli, ["study", str(RECIPE), "--out", str(tmp_path / "out"), "--dry-run"])
-    assert res.exit_code == 0, res.output
+    # as shipped (no ImageNet, no weights): the whole plan, then one error per missing input, exit 1
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error: ")]
+    assert res.exit_code == 1 and [e.split(":")[1] for e in errors] == [
+        " config [data] train", " config [data] val", " config [model] spec", " config [score] similarity"], res.output
+    weights = [Path(model_input_file(m)) for m in ("resnet50:IMAGENET1K_V2", "alexnet:IMAGENET1K_V1")]
+    assert all(tmp_path in w.parents for w in weights), weights
+    assert "/data/imagenet/train is not a folder" in errors[0] and weights[0].name in errors[2] \
+        and weights[1].name in errors[3] and "GPU hours: unknown" in res.stdout
+    # with the ImageNet folders and the weight files in place (stand-ins: a dry run only checks they are there),
+    # it exits 0 with the same plan and an estimate at reproducing.md's rates
+    text = RECIPE.read_text()
+    for split, n in (("train", 6), ("val", 4)):
+        for i in range(n):
+            image = tmp_path / "imagenet" / split / f"n0{i % 2}" / f"{i}.JPEG"
+            image.parent.mkdir(parents=True, exist_ok=True)
+            image.write_bytes(b"")
+        text = text.replace(f'"/data/imagenet/{split}"', f'"{tmp_path / "imagenet" / split}"')
+    for file in weights:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_bytes(b"")
+    (tmp_path / "recipe.toml").write_text(text)
+    ok = CliRunner().invoke(cli, ["study", str(tmp_path / "recipe.toml"), "--out", str(tmp_path / "out"), "--dry-run"])
+    assert ok.exit_code == 0 and "Error" not in ok.output, ok.output
+    assert ok.stdout.splitlines()[:-1] == res.stdout.splitlines()[:-1]
+    assert "1 networks, 9 steps (9 to run, 0 cached); about " in ok.stdout and "6 training, 4 validation images" in ok.stdout
     for step in ("extract:dictionary-train", "dictionary", "extract:dictionary", "controls:dictionary",
                  "score:dictionary", "report"):
-        assert f"run     {step}" in res.output
+        assert f"run     {step}" in ok.output
     config = load_config(RECIPE)
     modules = dict(torchvision.models.resnet50(weights=None).named_modules())
     blocks = [n for n, m in modules.items() if isinstance(m, torchvision.models.resnet.Bottleneck)]
