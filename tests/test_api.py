@@ -60,7 +60,7 @@ def test_docs_example_runs_and_equals_the_cli(mini, tmp_path, monkeypatch):
     assert ns["scores"].attrs["settings"] == by_cli.attrs["settings"]
     assert ns["scores"].attrs["layers"] == by_cli.attrs["layers"]
     assert list(by_cli.columns) == ("layer,unit,status,mis,mis_confidence,mis_ci_low,mis_ci_high,conf_ci_low,"
-                                    "conf_ci_high,n_tasks,alpha,alpha_source").split(",")
+                                    "conf_ci_high,n_tasks,density,top_random,bottom_random,alpha,alpha_source").split(",")
     assert by_cli.alpha_source.eq("default").all() and by_cli.alpha.eq(by_cli.attrs["alpha"]).all()
     units = {r.name: r.n_units for r in ns["rows"]}
     assert by_cli.layer.value_counts().to_dict() == {"inception3a": units["inception3a"], "softmax": 3}
@@ -293,7 +293,7 @@ GOOD_SCORES = ("layer,unit,status,mis,mis_confidence,mis_ci_low,mis_ci_high,conf
 @pytest.mark.parametrize("old,new,expected", [
     ("a,0,ok,1,", "a,0,ok,1.7,", "row 2: mis 1.7 is outside [0, 1]"),
     ("b,0,", "a,0,", "row 4: unit a:0 appears twice"),
-    ("b,0,ok", "b,0,weird", "row 4: status 'weird' is not ok or constant"),
+    ("b,0,ok", "b,0,weird", "row 4: status 'weird' is not one of ok, constant, sparse"),
     ("a,1,constant,,", "a,1,constant,0.5,", "row 3: a constant unit has no mis value"),
     ("b,0,ok,0.75,", "b,0,ok,,", "row 4: status ok needs a mis value"),
     ("b,0,", "b,1.5,", "row 4: unit 1.5 is not a non-negative integer"),
