@@ -67,7 +67,8 @@ def test_retrain_keeps_masks_and_reports_curves_and_layers(tmp_path):
     r = runner.invoke(cli, ["report", "layers", "--scores", str(mis), "--out", str(tmp_path / "layers")])
     assert r.exit_code == 0, r.output
     table = (tmp_path / "layers" / "layers.csv").read_text().splitlines()
-    assert table[1].startswith("a,2,1,0.75,0.7,") and table[2].startswith("b,1,0,0.75,0.7,")
+    assert table[0].startswith("layer,n_units,n_constant,n_sparse,mis,mis_confidence,")
+    assert table[1].startswith("a,2,1,0,0.75,0.7,") and table[2].startswith("b,1,0,0,0.75,0.7,")
 
 
 def test_assets_list_reports_status(tmp_path, monkeypatch):
