@@ -63,7 +63,7 @@ def test_compare_means_rank_sum_and_balanced_means(tmp_path):
     assert (out / "compare.png").stat().st_size > 1000 and "compare.png" in (out / "report.html").read_text()
     # the same page as the other reports: header, contents, figure with its SVG, CSV links, no dict dumps
     page = (out / "report.html").read_text()
-    assert "<header id='header'>" in page and "<nav id='toc'>" in page and "href='#compare'" in page
+    assert "<header id='header'>" in page and "<nav id='toc' " in page and "href='#compare'" in page
     assert (out / "compare.svg").exists() and 'href="compare.svg"' in page
     assert "href='compare.csv'" in page and "<pre>" not in page and "{'" not in page and '{"' not in page
     # the rank-sum test the page states is the one compare.json holds
