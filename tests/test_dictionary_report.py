@@ -17,14 +17,14 @@ from misbench.scoring.results import MIS_COLUMNS
 
 def _write_scores(path, layers: dict, ms: dict):
     with open(path, "w", newline="") as handle:
-        w = csv.writer(handle)
-        w.writerow(MIS_COLUMNS + ["ms"])
+        w = csv.DictWriter(handle, MIS_COLUMNS + ["ms"], restval="")  # columns by name, whatever mis.csv adds
+        w.writeheader()
         for layer, values in layers.items():
             for unit, v in enumerate(values):
-                status = "constant" if np.isnan(v) else "ok"
                 cell = "" if np.isnan(v) else f"{v:.6g}"
-                w.writerow([layer, unit, status, cell, cell, "", "", "", "", 0 if np.isnan(v) else 20, 1.0, "user",
-                            "" if np.isnan(v) else f"{ms[layer]:.6g}"])
+                w.writerow({"layer": layer, "unit": unit, "status": "constant" if np.isnan(v) else "ok", "mis": cell,
+                            "mis_confidence": cell, "n_tasks": 0 if np.isnan(v) else 20, "alpha": 1.0,
+                            "alpha_source": "user", "ms": "" if np.isnan(v) else f"{ms[layer]:.6g}"})
 
 
 def test_neurons_against_features_per_layer(tmp_path):
