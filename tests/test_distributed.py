@@ -211,14 +211,25 @@ def test_process_group_waits_long_enough_for_rank_zero_merges(monkeypatch):
 
     from misbench.runtime import distributed
 
-    seen = []
+    seen, watched, store = [], [], object()
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.append(kw))
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_store", lambda: store)  # the group's store, once joined
+
+    class Watchdog:  # records that each joined rank starts its watchdog on the group's store (no thread here)
+        def __init__(self, *args):
+            self.args = args
+
+        def start(self):
+            watched.append(self.args)
+
+    monkeypatch.setattr(distributed, "Watchdog", Watchdog)
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
     distributed.ensure_initialized(torch.device("cpu"))
     monkeypatch.setenv("MISBENCH_DIST_TIMEOUT_MIN", "5")
     distributed.ensure_initialized(torch.device("cpu"))
-    assert [s["backend"] for s in seen] == ["gloo", "gloo"]
+    assert [s["backend"] for s in seen] == ["gloo", "gloo"] and watched == [(store, 1, 2), (store, 1, 2)]
     assert seen[0]["timeout"] == datetime.timedelta(hours=2) and seen[1]["timeout"] == datetime.timedelta(minutes=5)
 
 
