@@ -276,7 +276,8 @@ def classwise_runs_figure(by_run: dict, path, layer: str = "softmax"):
             fit = stats.linregress(acc[keep], conf[keep])
             x = np.linspace(acc[keep].min(), acc[keep].max(), 2)
             ax.plot(x, fit.intercept + fit.slope * x, "-", color="black", lw=1)
-            label = f"r={corr['pearson_r']:.3f}, p={corr['pearson_p']:.2g}, n={corr['n']}"
+            p = "-" if corr["pearson_p"] is None else f"{corr['pearson_p']:.2g}"  # no p with 3 points (Fisher's z)
+            label = f"r={corr['pearson_r']:.3f}, p={p}, n={corr['n']}"
         else:
             label = f"r undefined, n={corr.get('n', 0)}"
         ax.set_title(f"{name}\n{label}", fontsize=MIN_FONT_PT + 1)
