@@ -301,13 +301,13 @@ class Study:
         scores = self.dictionary_paths()["scores"]
         plans = dictionary_grid(d, self.config["study"]["seed"]) if dictionary_layers(d) else []
         compare = [f"neurons={scores}:{plans[0].layer}", f"features={scores}:{plans[0].name}"] if plans else None
-        if plans:
-            dictionary_report(scores, self.dictionary_pairs(), self.out / "report" / "dictionaries",
-                              seed=self.config["study"]["seed"], n_boot=self.config["score"]["n_boot"])
         sweep(self.write_runs_csv(), self.out / "report", self.config["study"]["seed"], baseline=cfg["baseline"],
               classwise_layer=cfg["classwise_layer"], units=cfg["units"],
               title=f"misbench study: {self.config['study']['name']}", compare_scores=compare,
               n_boot=self.config["score"]["n_boot"])
+        if plans:  # after the sweep: it replaces the whole report folder with the one it built beside it
+            dictionary_report(scores, self.dictionary_pairs(), self.out / "report" / "dictionaries",
+                              seed=self.config["study"]["seed"], n_boot=self.config["score"]["n_boot"])
 
     # -- execution ------------------------------------------------------------------------------------------------
     def _input_hashes(self, manifest: Manifest, step: Step, pending: bool) -> dict | None:
