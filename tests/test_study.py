@@ -256,6 +256,23 @@ def test_study_trains_a_dictionary_and_reports_neurons_against_features(tmp_path
     config.write_text(config.read_text().replace("steps = 40", "steps = 41"))
     plan = dict(Study(load_config(config), out).plan())
     assert {n for n, s in plan.items() if s == "run"} == {"dictionary", "extract:dictionary", "score:dictionary", "report"}
+    # [dictionary] as a grid with controls: two widths, each with its untrained twin and permuted features
+    config.write_text(config.read_text().replace('name = "sae"', 'name = "sae"\nexpansions = [1, 2]\nks = [2]\n'
+                                                 'controls = true'))
+    r = runner.invoke(cli, ["study", str(config), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    for width in (1, 2):
+        name = f"conv1_bn_topk_x{width}_k2"
+        saved = torch.load(d / f"{name}.pt", weights_only=True)
+        untrained = torch.load(d / f"untrained_{name}.pt", weights_only=True)
+        assert saved["W_enc"].shape == untrained["W_enc"].shape == (8 * width, 8)
+        assert untrained["training"]["control"] == "untrained" and saved["training"]["kind"] == "topk"
+    with h5py.File(d / "acts_controls.h5") as f:
+        assert {"conv1_bn_topk_x1_k2_permuted", "conv1_bn_topk_x2_k2_untrained"} <= set(f["layers"])
+    rows = list(csv.DictReader((out / "report" / "dictionaries" / "dictionaries.csv").open()))
+    assert [row["label"] for row in rows] == ["neurons", "topk x1 k2", "topk x1 k2 untrained", "topk x1 k2 permuted",
+                                              "topk x2 k2", "topk x2 k2 untrained", "topk x2 k2 permuted"]
+    assert rows[1]["fvu"] != "" and rows[1]["diff_mis"] != ""
     # [extract] token_reduction and features reach every run's extraction; the feature file is a step input
     config.write_text(config.read_text().replace('layers = ["conv1.bn", "softmax"]', 'layers = ["conv1.bn", "softmax"]\n'
                       f'token_reduction = "max"\nfeatures = ["f=conv1.bn:{(d / "dictionary.pt").as_posix()}"]'))
@@ -316,20 +333,3 @@ def test_a_changed_image_folder_reruns_the_steps_that_read_it(tmp_path, study_da
     assert {"extract:base", "score:base"} <= set(ran) and "train:base" not in ran and "eval:base" not in ran
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["steps"]["extract:base"]["data"] == {str(probe): manifest["steps"]["score:base"]["data"][str(probe)]}
-    # [dictionary] as a grid with controls: two widths, each with its untrained twin and permuted features
-    config.write_text(config.read_text().replace('name = "sae"', 'name = "sae"\nexpansions = [1, 2]\nks = [2]\n'
-                                                 'controls = true'))
-    r = runner.invoke(cli, ["study", str(config), "--out", str(out)])
-    assert r.exit_code == 0, r.output
-    for width in (1, 2):
-        name = f"conv1_bn_topk_x{width}_k2"
-        saved = torch.load(d / f"{name}.pt", weights_only=True)
-        untrained = torch.load(d / f"untrained_{name}.pt", weights_only=True)
-        assert saved["W_enc"].shape == untrained["W_enc"].shape == (8 * width, 8)
-        assert untrained["training"]["control"] == "untrained" and saved["training"]["kind"] == "topk"
-    with h5py.File(d / "acts_controls.h5") as f:
-        assert {"conv1_bn_topk_x1_k2_permuted", "conv1_bn_topk_x2_k2_untrained"} <= set(f["layers"])
-    rows = list(csv.DictReader((out / "report" / "dictionaries" / "dictionaries.csv").open()))
-    assert [row["label"] for row in rows] == ["neurons", "topk x1 k2", "topk x1 k2 untrained", "topk x1 k2 permuted",
-                                              "topk x2 k2", "topk x2 k2 untrained", "topk x2 k2 permuted"]
-    assert rows[1]["fvu"] != "" and rows[1]["diff_mis"] != ""
