@@ -23,44 +23,8 @@ from _common import Timer, generated_folder
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from conftest import write_study  # noqa: E402
 from slurm_cluster import Cluster, missing_commands  # noqa: E402
-
-CONFIG = """
-[study]
-name = "parallel"
-[model]
-arch = "mini_inception"
-num_classes = 4
-arch_kwargs = {{ width = 16 }}
-preprocess = {{ resize = 32, crop = 32, mean = [0.5, 0.5, 0.5], std = [0.25, 0.25, 0.25] }}
-[data]
-train = "{data}"
-val = "{val}"
-[train]
-epochs = 1
-batch_size = 32
-[pruning]
-methods = ["unstructured"]
-rates = {rates}
-control = false
-[retrain]
-epochs = {epochs}
-batch_size = 32
-[extract]
-layers = ["softmax"]
-data = "{val}"
-[score]
-similarity = "pixel"
-image_size = 16
-n_boot = 20
-tasks = 3
-explanations = 2
-[runtime]
-workers = 0
-[executor]
-cpus_per_task = 1
-time_min = 60
-"""
 
 
 def misbench(*args, env) -> subprocess.CompletedProcess:
@@ -78,8 +42,15 @@ def main(runs: int, epochs: int) -> None:
         train = generated_folder(root / "train", 512, size=32)
         val = generated_folder(root / "val", 48, size=32, seed=1)
         rates = [round(0.1 + 0.8 * i / max(runs - 1, 1), 3) for i in range(runs)]
-        config = root / "study.toml"
-        config.write_text(CONFIG.format(data=train, val=val, rates=rates, epochs=epochs))
+        # the tests' tiny study, unstructured at `runs` rates, on a wider network built from its architecture
+        config = write_study(root / "study.toml", study={"name": "parallel"},
+                             model={"arch": "mini_inception", "num_classes": 4, "arch_kwargs": {"width": 16},
+                                    "preprocess": {"resize": 32, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3}},
+                             data={"train": train, "val": val}, train={"epochs": 1, "batch_size": 32},
+                             pruning={"methods": ["unstructured"], "rates": rates},
+                             retrain={"epochs": epochs, "batch_size": 32},
+                             extract={"layers": ["softmax"], "data": val, "batch_size": None},
+                             runtime={"workers": 0}, executor={"cpus_per_task": 1, "time_min": 60})
         # one thread per step in both executors (the jobs get SLURM_CPUS_PER_TASK=1)
         env = {**os.environ, "SLURM_CONF": str(cluster.conf), "OMP_NUM_THREADS": "1"}
         with Timer() as local:

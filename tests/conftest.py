@@ -62,6 +62,53 @@ def make_checkpoint(path, seed=0):
     return path
 
 
+# The tiny study the study tests start from: a checkpoint pruned once, retrained, two layers scored by pixels at
+# 16 pixels with few tasks. Tests change it with write_study's sections.
+TINY_STUDY = {
+    "study": {"name": "tiny"},
+    "pruning": {"methods": ["structured"], "rates": [0.5], "control": False},
+    "retrain": {"epochs": 1, "batch_size": 8},
+    "extract": {"layers": ["conv1.bn", "softmax"], "batch_size": 4},
+    "score": {"similarity": "pixel", "image_size": 16, "n_boot": 20, "tasks": 3, "explanations": 2},
+}
+# mini_inception built from its architecture (3 classes, width 8, 16-pixel preprocessing) instead of a checkpoint
+TINY_ARCH = {"arch": "mini_inception", "num_classes": 3, "arch_kwargs": {"width": 8},
+             "preprocess": {"resize": 16, "crop": 16, "mean": [0.5] * 3, "std": [0.25] * 3}}
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_toml, value)) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a TOML basic string (paths too)
+
+
+def study_config(sections: dict, base=None) -> dict:
+    """TINY_STUDY (or `base`) with `sections` merged in: a section's keys replace the base's, a key or a whole
+    section given as None is removed."""
+    merged = {name: dict(keys) for name, keys in (TINY_STUDY if base is None else base).items()}
+    for name, keys in sections.items():
+        if keys is None:
+            merged.pop(name, None)
+            continue
+        merged[name] = {k: v for k, v in {**merged.get(name, {}), **keys}.items() if v is not None}
+    return merged
+
+
+def write_study(path, base=None, **sections):
+    """The study config `study_config(sections, base)` written as TOML to `path`; returns `path`."""
+    lines = []
+    for name, keys in study_config(sections, base).items():
+        lines += [f"[{name}]", *(f"{k} = {_toml(v)}" for k, v in keys.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "images")

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_checkpoint, make_image_folder, write_acts
+from conftest import make_checkpoint, make_image_folder, write_acts, write_study
 from test_extract import _same_contents
 from misbench.errors import MisbenchError
 
@@ -360,37 +360,9 @@ def test_partial_checkpoint_is_never_accepted_as_a_model(world, tmp_path):
 
 # -- study ---------------------------------------------------------------------------------------------------------
 
-STUDY = """
-[study]
-name = "faults"
-[model]
-spec = "{spec}"
-[data]
-train = "{data}"
-val = "{data}"
-[pruning]
-methods = ["structured"]
-rates = [0.5]
-control = false
-[retrain]
-epochs = {epochs}
-batch_size = 8
-[extract]
-layers = ["conv1.bn", "softmax"]
-batch_size = 4
-[score]
-similarity = "pixel"
-image_size = 16
-n_boot = 20
-tasks = 3
-explanations = 2
-"""
-
-
 def study_config(d, epochs=1):
-    path = d / "study.toml"
-    path.write_text(STUDY.format(spec=d / "m.pt", data=d / "images", epochs=epochs))
-    return path
+    return write_study(d / "study.toml", study={"name": "faults"}, model={"spec": d / "m.pt"},
+                       data={"train": d / "images", "val": d / "images"}, retrain={"epochs": epochs})
 
 
 def done_steps(out):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_checkpoint, make_image_folder
+from conftest import make_checkpoint, make_image_folder, write_study
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
 from misbench.studies.manifest import Manifest
@@ -27,37 +27,6 @@ pytestmark = pytest.mark.xdist_group("slurm")
 ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT = 600  # seconds for a whole tiny study: eight engineers share two cores
 
-STUDY = """
-[study]
-name = "slurm"
-[model]
-spec = "{spec}"
-[data]
-train = "{data}"
-val = "{data}"
-[pruning]
-methods = {methods}
-rates = [0.5]
-control = false
-[retrain]
-epochs = {epochs}
-batch_size = 8
-[extract]
-layers = ["conv1.bn", "softmax"]
-batch_size = 4
-data = "{extract}"
-[score]
-similarity = "pixel"
-image_size = 16
-n_boot = 20
-tasks = 3
-explanations = 2
-[executor]
-time_min = 30
-{executor}
-"""
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm-study")
@@ -67,11 +36,13 @@ def world(tmp_path_factory):
     return root
 
 
-def config(d: Path, methods='[]', epochs=0, executor="") -> Path:
-    path = d / "study.toml"
-    path.write_text(STUDY.format(spec=d / "m.pt", data=d / "images", extract=d / "extract", methods=methods,
-                                 epochs=epochs, executor=executor))
-    return path
+def config(d: Path, methods=(), epochs=0, executor=None) -> Path:
+    """The tiny study on d's checkpoint and images; `executor`: [executor] keys besides time_min (a step kind's
+    resources as a table), or False for no [executor] section."""
+    return write_study(d / "study.toml", study={"name": "slurm"}, model={"spec": d / "m.pt"},
+                       data={"train": d / "images", "val": d / "images"}, pruning={"methods": list(methods)},
+                       retrain={"epochs": epochs}, extract={"data": d / "extract"},
+                       executor=None if executor is False else {"time_min": 30, **(executor or {})})
 
 
 def fresh(world, tmp_path) -> Path:
@@ -177,7 +148,7 @@ def test_second_submitter_is_refused_and_cancel_empties_the_queue(slurm_cluster,
 
 def test_sigterm_requeues_a_retraining_job_that_resumes_to_the_same_checkpoint(slurm_cluster, world, tmp_path):
     d = fresh(world, tmp_path)
-    cfg, out = config(d, methods='["structured"]', epochs=8), d / "out"
+    cfg, out = config(d, methods=["structured"], epochs=8), d / "out"
     jobs = submit(cfg, out)
     prune = jobs["prune:structured-l1-0.5-oneshot"]
     partial = out / "runs" / "structured-l1-0.5-oneshot" / "model.pt.partial"
@@ -238,7 +209,7 @@ def assert_same_checkpoint(a, b):
 def test_slurm_bad_input_is_one_line_and_submits_nothing(slurm_cluster, world, tmp_path):
     d = fresh(world, tmp_path)
     out = d / "out"
-    r = misbench("study", config(d, executor='partition = "gpu-nosuch"'), "--out", out, "--executor", "slurm")
+    r = misbench("study", config(d, executor={"partition": "gpu-nosuch"}), "--out", out, "--executor", "slurm")
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
     assert "'gpu-nosuch' is not a partition of this cluster" in r.output and "debug" in r.output
     assert slurm_cluster.queue() == [] and not (out / "slurm").exists()
@@ -284,16 +255,16 @@ def test_executor_section_is_checked(world, tmp_path, section, match):
     from misbench.studies.config import load_config
 
     d = fresh(world, tmp_path)
-    path = config(d)
-    path.write_text(path.read_text().replace("[executor]\ntime_min = 30\n", "") + section + "\n")
+    path = config(d, executor=False)
+    path.write_text(path.read_text() + section + "\n")
     with pytest.raises(MisbenchError, match=match):
         load_config(path)
 
 
 def test_dry_run_shows_each_steps_resources_and_the_estimate(world, tmp_path):
     d = fresh(world, tmp_path)
-    cfg = config(d, methods='["structured"]', epochs=2,
-                 executor='partition = "cpu"\n[executor.prune]\npartition = "gpu"\ngpus_per_node = 8\ntasks_per_node = 8')
+    cfg = config(d, methods=["structured"], epochs=2,
+                 executor={"partition": "cpu", "prune": {"partition": "gpu", "gpus_per_node": 8, "tasks_per_node": 8}})
     r = misbench("study", cfg, "--out", d / "out", "--dry-run", "--executor", "slurm")
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
@@ -368,7 +339,7 @@ def test_quick_demo_under_slurm_equals_the_local_run(slurm_cluster, tmp_path):
 @pytest.mark.slow
 def test_a_step_given_two_tasks_runs_under_torch_distributed(slurm_cluster, world, tmp_path):
     d = fresh(world, tmp_path)
-    cfg = config(d, methods='["structured"]', epochs=1, executor="[executor.prune]\ntasks_per_node = 2")
+    cfg = config(d, methods=["structured"], epochs=1, executor={"prune": {"tasks_per_node": 2}})
     out = d / "out"
     jobs = submit(cfg, out)
     wait_for(slurm_cluster, jobs.values())

@@ -4,43 +4,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_image_folder
+from conftest import TINY_ARCH, make_image_folder, write_study
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
 from misbench.runtime.fileio import sha256_file
 from misbench.studies.run import Study, demo_config_path
 from misbench.studies.config import load_config, parse_config
-
-TINY = """
-[study]
-name = "tiny"
-seed = 0
-[model]
-arch = "mini_inception"
-num_classes = 3
-arch_kwargs = {{ width = 8 }}
-preprocess = {{ resize = 16, crop = 16, mean = [0.5, 0.5, 0.5], std = [0.25, 0.25, 0.25] }}
-[data]
-train = "{data}"
-val = "{data}"
-[train]
-epochs = 1
-batch_size = 64
-[pruning]
-methods = ["structured"]
-rates = [0.5]
-control = false
-[retrain]
-epochs = 1
-batch_size = 64
-[extract]
-layers = ["conv1.bn", "softmax"]
-[score]
-similarity = "{similarity}"
-image_size = 16
-n_boot = 50
-tasks = 10
-"""
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +18,11 @@ def study_data(tmp_path_factory):
 
 
 def write_config(path, data, similarity="pixel"):
-    path.write_text(TINY.format(data=data, similarity=similarity))
-    return path
+    """The tiny study with its network built from mini_inception and trained one epoch on `data`."""
+    return write_study(path, study={"name": "tiny", "seed": 0}, model=TINY_ARCH, data={"train": data, "val": data},
+                       train={"epochs": 1, "batch_size": 64}, retrain={"batch_size": 64},
+                       extract={"batch_size": None}, score={"similarity": similarity, "n_boot": 50, "tasks": 10,
+                                                            "explanations": None})
 
 
 def test_tiny_study_caches_and_reruns_only_what_changed(tmp_path, study_data):
