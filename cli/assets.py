@@ -2,7 +2,7 @@
 
 import click
 
-from misbench.models.assets import ASSETS, asset_status, stage_asset
+from misbench import api
 
 from .common import handle_errors
 
@@ -16,10 +16,9 @@ def assets():
 @handle_errors
 def list_assets():
     """Show each known asset and whether it is staged."""
-    for asset in ASSETS.values():
-        status = asset_status(asset)
-        mark = "staged " if status["staged"] else "missing"
-        click.echo(f"{mark}  {asset.name:<14} {status['where']}\n         {asset.description}")
+    for asset in api.list_assets():
+        mark = "staged " if asset["staged"] else "missing"
+        click.echo(f"{mark}  {asset['name']:<14} {asset['where']}\n         {asset['description']}")
 
 
 @assets.command("stage")
@@ -29,8 +28,8 @@ def list_assets():
 @handle_errors
 def stage(names, from_dir):
     """Stage NAMES (default: all known assets) into the torch hub cache / misbench's data folder."""
-    for name in names or list(ASSETS):
-        click.echo(f"{name}: {stage_asset(name, from_dir)}")
+    for name in names or [asset["name"] for asset in api.list_assets()]:
+        click.echo(f"{name}: {api.stage_assets([name], from_dir)[name]}")
 
 
 COMMANDS = [assets]

@@ -6,7 +6,6 @@ from pathlib import Path
 import click
 
 from misbench import api
-from misbench.reports.importer import import_scores as run_import
 from misbench.runtime.fileio import read_csv_rows
 
 from .common import handle_errors, list_option, refuses_overwrite
@@ -162,10 +161,11 @@ def curves(checkpoints, out, overwrite):
 @click.option("--constant-above", type=float, default=None,
               help="Mark units with mis_confidence >= this constant (pruned filters score ~1.0; e.g. 0.999).")
 @handle_errors
-@refuses_overwrite("out")
-def import_scores(pickle_file, out, drop_types, constant, constant_above):
+@refuses_overwrite(passes=True)
+def import_scores(pickle_file, out, drop_types, constant, constant_above, overwrite):
     """Convert a published per-unit MIS pickle to mis.csv (restricted unpickler: data only)."""
-    summary = run_import(pickle_file, out, drop_types, constant, constant_above)
+    summary = api.import_scores(pickle_file, out, drop_types=drop_types, constant=constant,
+                                constant_above=constant_above, overwrite=overwrite)
     click.echo(f"{summary['n_units']} units ({summary['n_ok']} scored): mean MIS {summary['mean_mis']:.4f}, "
                f"mean MIS confidence {summary['mean_mis_confidence']:.4f}")
     click.echo(f"wrote {out}")

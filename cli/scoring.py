@@ -8,7 +8,6 @@ from misbench import api
 from misbench.errors import MisbenchError
 from misbench.runtime.distributed import is_main
 from misbench.scoring.calibrate import calibrate_responses, derive_alpha, tasks_deltas
-from misbench.scoring.run import merge_scores as run_merge
 from misbench.scoring.settings import ScoreSettings
 
 from .common import AliasOption, StagedProgress, handle_errors, list_option, refuses_overwrite, settings_options
@@ -124,7 +123,7 @@ COMMANDS.append(calibrate)
 @refuses_overwrite(passes=True)
 def merge_scores(parts, out, tasks_out, overwrite):
     """Merge the mis.csv files of `score --shard I/N` runs into the result of one unsharded run."""
-    meta = run_merge(parts, out, tasks_out, overwrite)
+    meta = api.merge_scores(parts, out, tasks_out=tasks_out, overwrite=overwrite).attrs
     click.echo(f"merged {len(parts)} shards, {sum(s['n_units'] for s in meta['layers'].values())} scored units -> {out}")
 
 

@@ -10,8 +10,9 @@ The names are resolved on first use (PEP 562): misbench.api loads torch, scipy a
 
 from .version import __version__
 
-__all__ = ["__version__", "LayerInfo", "audit", "evaluate", "extract", "layers", "load_model", "load_scores",
-           "open_activations", "plot_unit", "prune", "report", "retrain", "score", "study", "unit_images"]
+__all__ = ["__version__", "LayerInfo", "audit", "evaluate", "extract", "import_scores", "layers", "list_assets",
+           "load_model", "load_scores", "merge_scores", "open_activations", "plot_unit", "prune", "report", "retrain",
+           "score", "stage_assets", "study", "train_dictionary", "unit_images"]
 
 
 def __getattr__(name: str):

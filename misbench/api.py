@@ -6,7 +6,8 @@ defaults exist once.
 """
 
 __all__ = ["LayerInfo", "layers", "load_model", "extract", "open_activations", "score", "load_scores", "prune",
-           "retrain", "audit", "evaluate", "report", "study", "unit_images", "plot_unit"]
+           "retrain", "audit", "evaluate", "report", "study", "unit_images", "plot_unit", "train_dictionary",
+           "merge_scores", "import_scores", "list_assets", "stage_assets"]
 
 import dataclasses
 import inspect
@@ -18,12 +19,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .activations.dictionary_training import DictionarySettings, train_dictionary as _train_dictionary, \
+    train_on_positions
 from .activations.evaluate import EvalSettings, evaluate_acts, evaluate_model, write_eval
 from .activations.extract import ExtractSettings, extract as _extract
 from .activations.layers import LayerInfo, list_layers
 # a reader of a complete file: layer_names, activations(layer) (numpy [N, U]), labels, paths, logits, class_names
 from .activations.store import open_activations
 from .errors import MisbenchError, close_matches
+from .models.assets import ASSETS, asset_status, stage_asset
 from .models.loading import LoadedModel, load_model as _load_model, model_input_file
 from .pruning import PruneSettings
 from .pruning.audit import audit as _audit
@@ -34,7 +38,7 @@ from .runtime.outputs import writing
 from .runtime.progress import AUTO, resolve_progress
 from .runtime.schema import check_options, setting
 from .scoring.calibrate import calibration_alpha
-from .scoring.results import load_scores, scores_frame
+from .scoring.results import load_scores, merge_scores as _merge_scores, scores_frame
 from .scoring.run import ScoreSettings, parse_shard, score as _score
 from .studies.config import StudyConfig, load_config, parse_config
 from .studies.launch import dry_run as _dry_run, launch_study
@@ -57,7 +61,8 @@ def _check_options(options: dict, allowed: list[str], what: str) -> None:
 # the keyword arguments that are not settings fields: a flag is True or False (overwrite="no" is not False),
 # a path is a str or os.PathLike (None where it is optional)
 _FLAGS = ("resume", "overwrite", "trust_pickle", "quick", "dry_run")
-_PATHS = ("out", "tasks_out", "cache", "alpha_from", "acts", "classwise", "data", "val_data")
+_PATHS = ("out", "tasks_out", "cache", "alpha_from", "acts", "classwise", "data", "val_data", "untrained_out",
+          "from_dir")
 
 
 def _check_arguments(what: str, optional=(), **arguments) -> None:
@@ -162,6 +167,17 @@ def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=Non
     return scores_frame(rows, meta)  # as load_scores reads it from mis.csv and mis.json
 
 
+def merge_scores(parts, out, *, tasks_out=None, overwrite: bool = False) -> pd.DataFrame:
+    """Merge the mis.csv files (with their mis.json and tasks files) of `score(shard="I/N")` runs into the result of
+    one unsharded run, written to `out` (and `tasks_out`); returns it as `load_scores(out)` reads it."""
+    _check_arguments("merge-scores", out=out, tasks_out=tasks_out, overwrite=overwrite)
+    parts = [parts] if isinstance(parts, (str, os.PathLike)) else list(parts)
+    if not parts or not all(isinstance(p, (str, os.PathLike)) for p in parts):
+        raise MisbenchError(f"parts={parts!r}: expected the mis.csv paths of the shards")
+    _merge_scores(parts, out, tasks_out, overwrite)
+    return load_scores(out)
+
+
 def _produce(model, prune_settings, out, data, val_data, resume, overwrite, progress, resize, crop, model_options,
              train_options) -> Path:
     check_options(TrainSettings, train_options, "training")
@@ -256,6 +272,72 @@ def _evaluate(model, data, acts, out, classwise, progress, arch, num_classes, tr
     if out is not None:
         write_eval(result, out, classwise)
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _PositionOptions:
+    """train_dictionary's options of the per-position recipe, checked as the settings are."""
+
+    positions: int | None = setting(None, low=1)
+    limit: int | None = setting(None, low=1)
+    device: str = "auto"
+
+
+def train_dictionary(acts, layer: str, out, *, untrained_out=None, positions: int | None = None, model=None,
+                     data=None, limit: int | None = None, device: str = "auto", overwrite: bool = False,
+                     **options) -> dict:
+    """A sparse autoencoder on `layer`'s rows in the activation file `acts` (one vector per image), or with
+    `positions` on a uniform sample of at most that many of `layer`'s per-position vectors, drawn while `data`
+    streams through `model` (acts=None). Writes the dictionary file `out` (and its untrained control to
+    `untrained_out`); returns its training record (n_features, k, fvu, l0, dead_share, ...). `options` are
+    DictionarySettings fields (n_features, k, steps, lr, batch_size, seed, kind, expansion, l1)."""
+    check_options(DictionarySettings, options, "train-dictionary")
+    check_options(_PositionOptions, dict(positions=positions, limit=limit, device=device), "train-dictionary")
+    _check_arguments("train-dictionary", out=out, acts=acts, untrained_out=untrained_out, overwrite=overwrite)
+    settings = DictionarySettings(**options)
+    spec = getattr(model, "spec", model)
+    inputs = [acts, model_input_file(str(spec)) if spec else None]
+    refuse_existing({"out": out, "untrained_out": untrained_out}, overwrite, inputs)
+    if positions is None:
+        if not acts or model is not None or data is not None:
+            raise MisbenchError(f"train-dictionary: give ACTS (image-level vectors), or {option_label('positions')} N "
+                                f"with {option_label('model')} and {option_label('data')} (per-position vectors), "
+                                "not both")
+        return _train_dictionary(acts, layer, out, settings, untrained_out=untrained_out)
+    if acts or model is None or data is None:
+        raise MisbenchError(f"train-dictionary {option_label('positions')}: give {option_label('model')} and "
+                            f"{option_label('data')} (the images stream through the model) and no ACTS")
+    return train_on_positions(load_model(model), data, layer, out, settings, positions, untrained_out=untrained_out,
+                              limit=limit, device=device)
+
+
+def import_scores(pickle_file, out, *, drop_types=(), constant=(), constant_above: float | None = None,
+                  overwrite: bool = False) -> dict:
+    """A published per-unit MIS pickle (restricted unpickler: data only) as mis.csv `out`. `drop_types`: layer
+    types to leave out; `constant`: "LAYER:I,J,..." units to mark constant; `constant_above`: mark units with
+    mis_confidence >= this constant. Returns the counts and means (n_units, n_ok, mean_mis, ...)."""
+    _check_arguments("import-scores", out=out, overwrite=overwrite)
+    if constant_above is not None and (isinstance(constant_above, bool) or not isinstance(constant_above, (int, float))):
+        raise MisbenchError(f"constant_above={constant_above!r}: expected a number (or None)")
+    # the reports package is loaded with its first use, not by `import misbench`
+    from .reports.importer import import_scores as _import_scores
+
+    with writing({"--out": out}, {"PICKLE_FILE": pickle_file}, "misbench import-scores"):
+        refuse_existing({"out": out}, overwrite, [pickle_file])
+        return _import_scores(pickle_file, out, _names(drop_types, "drop_types") if drop_types else (),
+                              (constant,) if isinstance(constant, str) else tuple(constant), constant_above)
+
+
+def list_assets() -> list[dict]:
+    """The offline assets misbench knows (weights, datasets): name, kind, description, staged, where."""
+    return [asset_status(asset) for asset in ASSETS.values()]
+
+
+def stage_assets(names=None, from_dir=None) -> dict:
+    """Stage `names` (default: every known asset) into the torch hub cache / misbench's data folder, from
+    `from_dir` on air-gapped machines; returns {name: staged path}."""
+    _check_arguments("assets", from_dir=from_dir)
+    return {name: stage_asset(name, from_dir) for name in (_names(names, "names") if names else list(ASSETS))}
 
 
 def report(kind: str, out, *, overwrite: bool = False, **inputs) -> Path:

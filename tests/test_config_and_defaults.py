@@ -11,6 +11,7 @@ import pytest
 
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
+from misbench.activations.dictionary_training import DictionarySettings
 from misbench.activations.extract import ExtractSettings
 from misbench.pruning import PruneSettings
 from misbench.scoring.run import ScoreSettings
@@ -22,7 +23,8 @@ BASE = {"model": {"spec": "m.pt"}, "data": {"val": "val", "train": "train"}}
 
 # (command, settings dataclass, study config section)
 PAIRS = [("extract", ExtractSettings, "extract"), ("score", ScoreSettings, "score"), ("prune", PruneSettings, "pruning"),
-         ("prune", TrainSettings, "retrain"), ("retrain", RetrainSection, "retrain")]
+         ("prune", TrainSettings, "retrain"), ("retrain", RetrainSection, "retrain"),
+         ("train-dictionary", DictionarySettings, "dictionary")]
 # defaults that differ on purpose, and why
 ON_PURPOSE = {
     ("retrain", "epochs"): "a study retrains (1 epoch); `prune` alone prunes without retraining (0)",

@@ -1,12 +1,15 @@
 """train-dictionary: a top-k SAE recovers planted sparse structure, deterministically (issue 16)."""
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
+import misbench
 from conftest import make_image_folder, write_acts
 from misbench.cli.main import cli
 from misbench.activations.dictionary import encode, load_dictionary
+from misbench.errors import MisbenchError
 
 
 def test_topk_sae_reconstructs_planted_sparse_codes_and_is_deterministic(tmp_path):
@@ -21,9 +24,14 @@ def test_topk_sae_reconstructs_planted_sparse_codes_and_is_deterministic(tmp_pat
     acts = write_acts(tmp_path / "acts.h5", folder, {"layer3": x})
     args = ["train-dictionary", str(acts), "--layer", "layer3", "--n-features", "24", "--k", "3", "--steps", "300",
             "--lr", "0.02", "--batch-size", "64"]
-    for name in ("a.pt", "b.pt"):
-        res = CliRunner().invoke(cli, args + ["--out", str(tmp_path / name)])
-        assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "a.pt")])
+    assert res.exit_code == 0, res.output
+    # the API's function is the command's: same options, same file
+    misbench.train_dictionary(acts, "layer3", tmp_path / "b.pt", n_features=24, k=3, steps=300, lr=0.02, batch_size=64)
+    with pytest.raises(MisbenchError, match="unknown train-dictionary option 'n_feature'.*n_features"):
+        misbench.train_dictionary(acts, "layer3", tmp_path / "e.pt", n_feature=24)
+    with pytest.raises(MisbenchError, match="n_features: must be at least 1"):
+        misbench.train_dictionary(acts, "layer3", tmp_path / "e.pt", n_features=0)
     a = torch.load(tmp_path / "a.pt", weights_only=True)
     b = torch.load(tmp_path / "b.pt", weights_only=True)
     for key in ("W_enc", "b_enc", "b_dec", "W_dec"):

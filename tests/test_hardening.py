@@ -99,6 +99,19 @@ def shards(tmp_path):
     return tmp_path
 
 
+def test_merge_scores_of_the_api_equals_the_command(shards):
+    import misbench
+
+    parts = [str(shards / "s0.csv"), str(shards / "s1.csv")]
+    res = CliRunner().invoke(cli, ["merge-scores", *parts, "--out", str(shards / "cli.csv")])
+    assert res.exit_code == 0, res.output
+    merged = misbench.merge_scores(parts, shards / "api.csv")
+    assert (shards / "api.csv").read_bytes() == (shards / "cli.csv").read_bytes()
+    assert merged.equals(misbench.load_scores(shards / "cli.csv")) and len(merged) == 9
+    with pytest.raises(misbench.errors.MisbenchError, match="out: .* already exists"):
+        misbench.merge_scores(parts, shards / "api.csv")
+
+
 def test_merge_scores_refuses_a_parts_tasks_file_as_tasks_out(shards):
     before = sha256_file(shards / "s0_t.h5")
     res = CliRunner().invoke(cli, ["merge-scores", str(shards / "s0.csv"), str(shards / "s1.csv"), "--out",

@@ -12,6 +12,7 @@ from PIL import Image
 from scipy import stats
 
 from conftest import write_acts
+import misbench
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
 from misbench.reports.figures import sweep_figure
@@ -129,7 +130,7 @@ def test_import_round_trip_and_options(tmp_path):
     assert [(r["layer"], r["unit"], r["mis"], r["mis_confidence"]) for r in rows] == list(
         zip(frame.layer, frame.unit, frame.mis, frame.mis_confidence))
     assert summary["mean_mis_confidence"] == pytest.approx(frame.mis_confidence.mean())
-    import_scores(path, tmp_path / "nobn.csv", drop_layer_types=["BatchNorm2d"], constant=["conv1_conv:2"])
+    misbench.import_scores(path, tmp_path / "nobn.csv", drop_types="BatchNorm2d", constant="conv1_conv:2")  # the API
     rows = read_scores(tmp_path / "nobn.csv")
     assert len(rows) == 5 and {r["layer"] for r in rows} == {"conv1_conv", "fc"}
     assert rows[2]["status"] == "constant" and np.isnan(rows[2]["mis"])

@@ -24,6 +24,7 @@ from ..errors import MisbenchError
 from ..models.loading import model_input_file
 from ..runtime.fileio import atomic_path, sha256_file
 from ..runtime.outputs import writing
+from ..runtime.schema import setting, validate
 from .dictionary import Dictionary, encode
 from .dictionary_kinds import KINDS
 from .positions import sample_positions
@@ -36,24 +37,26 @@ STATS_ROWS = 4096  # rows encoded at once when measuring FVU, L0 and dead featur
 
 @dataclasses.dataclass(frozen=True)
 class DictionarySettings:
-    n_features: int = 64
-    k: int = 4
-    steps: int = 300
-    lr: float = 1e-3
-    batch_size: int = 256
-    seed: int = 0
-    kind: str = "topk"
-    expansion: float | None = None  # width as a multiple of the layer's units (replaces n_features when given)
-    l1: float = 1e-3  # relu's sparsity penalty
+    """`train-dictionary`'s options, a study's [dictionary] keys (less seed, kind and expansion, which the study
+    gives as its seed and the grid's lists) and the API's keywords (misbench/runtime/schema.py)."""
+
+    n_features: int = setting(64, low=1, help="Dictionary size K.")
+    k: int = setting(4, low=1, help="Active features per input (topk; batchtopk: on average).")
+    steps: int = setting(300, low=1, help="Adam steps, one seeded minibatch each.")
+    lr: float = setting(1e-3, help="Adam learning rate.")  # positive and finite: checked below
+    batch_size: int = setting(256, low=1, help="Rows per minibatch.")
+    seed: int = setting(0, config=False, help="Seed of the initial weights and the minibatches.")
+    kind: str = setting("topk", choices=lambda: KINDS, config=False,
+                        help="topk, batchtopk (k per input on average) or relu (ReLU with an L1 penalty --l1).")
+    # width as a multiple of the layer's units (replaces n_features when given)
+    expansion: float | None = setting(None, config=False,
+                                      help="Width as a multiple of the layer's units (replaces --n-features), e.g. 4.")
+    l1: float = setting(1e-3, help="L1 penalty of --kind relu.")  # relu's sparsity penalty
 
     def __post_init__(self):
-        for name in ("n_features", "k", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise MisbenchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        validate(self)
         if not (np.isfinite(self.lr) and self.lr > 0):
             raise MisbenchError(f"--lr must be a positive finite number, got {self.lr}")
-        if self.kind not in KINDS:
-            raise MisbenchError(f"--kind {self.kind!r}: expected one of {', '.join(KINDS)}")
         if self.expansion is not None and not (np.isfinite(self.expansion) and self.expansion > 0):
             raise MisbenchError(f"--expansion {self.expansion!r}: expected a positive multiple of the layer's units")
         if not (np.isfinite(self.l1) and self.l1 >= 0):

@@ -10,8 +10,8 @@ a registry (a dict, a tuple, or a function returning one, read when checked, so 
 `low`/`high` the bounds; `check` a parser for values with a grammar of their own (`topk:K`, `auto|N`).
 """
 
-__all__ = ["Setting", "setting", "spec", "settings_fields", "check_options", "check_value", "validate",
-           "section_defaults", "settings_from", "choice_list", "kinds_of", "FIELD_DEFAULT"]
+__all__ = ["Setting", "setting", "spec", "settings_fields", "check_options", "check_value", "check_keys", "check_table",
+           "validate", "section_defaults", "settings_from", "choice_list", "kinds_of", "FIELD_DEFAULT"]
 
 import dataclasses
 import math
@@ -43,9 +43,9 @@ class Setting:
     metavar: str | None = None
 
 
-def setting(default=dataclasses.MISSING, **metadata) -> Any:
+def setting(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, **metadata) -> Any:
     """A dataclass field with its schema (Setting's fields as keywords)."""
-    return dataclasses.field(default=default, metadata={"misbench": Setting(**metadata)})
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"misbench": Setting(**metadata)})
 
 
 def spec(field: dataclasses.Field) -> Setting:
@@ -148,6 +148,22 @@ def check_options(cls, options: dict, what: str, skip=()) -> None:
             raise MisbenchError(f"unknown {what} option {key!r}: expected one of {', '.join(fields)}."
                                 f"{close_matches(key, list(fields))}")
         check_value(fields[key], value, f"{what} option")
+
+
+def check_keys(where: str, given: dict, allowed, hint: str = "") -> None:
+    """The keys of a config table (`where`: `[score]`, `[executor.prune]`) against the allowed ones."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise MisbenchError(f"config {where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(allowed))}"
+                            f"{hint}")
+
+
+def check_table(cls, given: dict, where: str, hint: str = "") -> None:
+    """A config table against the config fields of `cls`: unknown keys, then each given value (TOML wording)."""
+    fields = {f.name: f for f in settings_fields(cls, "config")}
+    check_keys(where, given, fields, hint)
+    for key, value in given.items():
+        check_value(fields[key], value, f"config {where}", toml=True)
 
 
 def validate(settings) -> None:

@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 from ..activations.dictionary import parse_features
+from ..activations.dictionary_training import DictionarySettings
 from ..activations.extract import ExtractSettings
 from ..datasets.labels import LABEL_MODES
 from ..errors import MisbenchError
@@ -16,10 +17,10 @@ from ..models.preprocess import check_preprocess
 from ..pruning.masks import CRITERIA, METHODS, SCHEDULES
 from ..pruning.training import OPTIMIZERS, TrainSettings
 from ..runtime.device import parse_workers
-from ..runtime.schema import check_value, section_defaults, setting, settings_fields
+from ..runtime.schema import check_keys, check_value, section_defaults, setting, settings_fields
 from ..scoring.settings import ScoreSettings, parse_metrics
 from .dictionaries import dictionary_grid, dictionary_layers
-from .executor import EXECUTOR_SECTION, parse_executor
+from .executor import ExecutorSection, parse_executor
 
 # The study config's sections: each is a dataclass whose fields are its keys (misbench/runtime/schema.py), so
 # a key's type, default, bounds and choices are declared once; the settings dataclasses' config fields are
@@ -81,16 +82,12 @@ class ScoreSection(ScoreSettings):
 
 
 # one top-k sparse autoencoder trained during the study on `layer` of the base network (off while layer is
-# unset): its features are extracted and scored, and the report compares them with the layer's neurons
+# unset): its features are extracted and scored, and the report compares them with the layer's neurons.
+# The recipe's keys are DictionarySettings' (n_features, k, steps, lr, batch_size, l1); the seed is the study's.
 @dataclasses.dataclass(frozen=True)
-class DictionarySection:
+class DictionarySection(DictionarySettings):
     layer: str | None = None
     name: str = "dictionary"
-    n_features: int = setting(64, low=1)
-    k: int = setting(4, low=1)
-    steps: int = setting(300, low=1)
-    lr: float = 1e-3
-    batch_size: int = setting(256, low=1)
     train_limit: int | None = setting(None, low=1)
     # the grid (issue 24): more layers, kinds, widths as multiples of the layer's units, several k;
     # controls: each dictionary's untrained twin and its features permuted across images
@@ -98,7 +95,6 @@ class DictionarySection:
     kinds: tuple[str, ...] = ("topk",)
     expansions: tuple[float, ...] = ()
     ks: tuple[int, ...] = ()
-    l1: float = 1e-3
     controls: bool = False
 
 
@@ -115,11 +111,12 @@ class RuntimeSection:
     workers: int | str = setting("auto", check=parse_workers, expected='"auto" or an integer')
 
 
+# [executor]: the Slurm resources of `--executor slurm`, with a table of them per step kind (checked by parse_executor)
 SCHEMAS = {"study": StudySection, "model": ModelSection, "train": TrainSettings, "data": DataSection,
            "pruning": PruningSection, "retrain": RetrainSection, "extract": ExtractSection, "score": ScoreSection,
-           "dictionary": DictionarySection, "report": ReportSection, "runtime": RuntimeSection}
-# [executor] (the Slurm resources of `--executor slurm`, a table per step kind) is checked by its own parser
-SECTIONS = {**{name: section_defaults(cls) for name, cls in SCHEMAS.items()}, "executor": EXECUTOR_SECTION, "quick": {}}
+           "dictionary": DictionarySection, "report": ReportSection, "runtime": RuntimeSection,
+           "executor": ExecutorSection}
+SECTIONS = {**{name: section_defaults(cls) for name, cls in SCHEMAS.items()}, "quick": {}}
 
 
 def _check_rates(rates) -> None:
@@ -190,17 +187,11 @@ class StudyConfig:
         return runs
 
 
-def _check_keys(section: str, given: dict, allowed: dict):
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        raise MisbenchError(f"config [{section}]: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(allowed))}")
-
-
 def _apply_override(raw: dict, dotted: str, value):
     section, _, key = dotted.partition(".")
     if section not in raw or not key:
         raise MisbenchError(f"config [quick]: override {dotted!r} must be SECTION.KEY with a known section")
-    _check_keys(section, {key: value}, SECTIONS[section])
+    check_keys(f"[{section}]", {key: value}, SECTIONS[section])
     raw[section][key] = value
 
 
@@ -241,14 +232,14 @@ def _check_dictionaries(raw: dict) -> None:
 
 
 def parse_config(given: dict, source: str = "<config>", quick: bool = False) -> StudyConfig:
-    _check_keys("top level", given, SECTIONS)
+    check_keys("[top level]", given, SECTIONS)
     raw = {}
     for section, defaults in SECTIONS.items():
         values = given.get(section, {})
         if not isinstance(values, dict):
             raise MisbenchError(f"config [{section}] must be a table")
         if section != "quick":
-            _check_keys(section, values, defaults)
+            check_keys(f"[{section}]", values, defaults)
         raw[section] = {**copy.deepcopy(defaults), **values}
     if quick:
         for dotted, value in raw["quick"].items():

@@ -3,15 +3,35 @@
 Top-level resource keys apply to every step; a table named after a step kind (`[executor.prune]`) overrides
 them for that kind. Resources never change a step's outputs, so they are not part of any step's key."""
 
-__all__ = ["JobResources", "ExecutorSettings", "parse_executor", "EXECUTOR_SECTION", "STEP_KINDS"]
+__all__ = ["JobResources", "ExecutorSettings", "ExecutorSection", "parse_executor", "EXECUTOR_SECTION", "STEP_KINDS"]
 
 import dataclasses
 
 from ..errors import MisbenchError
+from ..runtime.schema import check_table, section_defaults, setting
 
 STEP_KINDS = ("train", "init", "prune", "eval", "extract", "dictionary", "score", "report")
 
 
+# sbatch options that have their own key, and those misbench sets itself (dependencies, logs, requeue, signals)
+OWN_KEYS = {"time": "time_min", "mem": "mem_gb", "partition": "partition", "account": "account", "qos": "qos",
+            "nodes": "nodes", "ntasks-per-node": "tasks_per_node", "gpus-per-node": "gpus_per_node",
+            "cpus-per-task": "cpus_per_task"}
+OWN_OPTIONS = {"dependency", "kill-on-invalid-dep", "job-name", "output", "error", "open-mode", "signal", "requeue",
+               "no-requeue", "array", "wrap", *OWN_KEYS}
+
+
+def _check_sbatch(options: dict) -> None:
+    for option, value in options.items():
+        name = option.lstrip("-")
+        if name in OWN_OPTIONS:
+            fix = f"use the key {OWN_KEYS[name]}" if name in OWN_KEYS else "misbench sets it itself"
+            raise MisbenchError(f"{option!r} cannot be given here ({fix})")
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise MisbenchError(f"sbatch {option}: expected a string or an integer, got {value!r}")
+
+
+# The resource keys of [executor] and of each step kind's table (misbench/runtime/schema.py: types, bounds, checks)
 @dataclasses.dataclass(frozen=True)
 class JobResources:
     """One Slurm job's request (sbatch's options of the same names)."""
@@ -19,13 +39,14 @@ class JobResources:
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time_min: int = 1440          # --time, minutes
-    nodes: int = 1
-    tasks_per_node: int = 1       # > 1 (or nodes > 1): the step runs under torch.distributed, one rank per task
-    gpus_per_node: int = 0
-    cpus_per_task: int = 1
-    mem_gb: int | None = None     # None: the partition's default
-    sbatch: dict = dataclasses.field(default_factory=dict)  # further sbatch options, {"constraint": "a100"}
+    time_min: int = setting(1440, low=1)          # --time, minutes
+    nodes: int = setting(1, low=1)
+    tasks_per_node: int = setting(1, low=1)       # > 1 (or nodes > 1): the step runs under torch.distributed
+    gpus_per_node: int = setting(0, low=0)
+    cpus_per_task: int = setting(1, low=1)
+    mem_gb: int | None = setting(None, low=1)     # None: the partition's default
+    # further sbatch options, {"constraint": "a100"}
+    sbatch: dict = setting(default_factory=dict, check=_check_sbatch)
 
     @property
     def distributed(self) -> bool:
@@ -53,67 +74,31 @@ class ExecutorSettings:
         return {r.partition for r in [self.default, *self.kinds.values()] if r.partition}
 
 
-RESOURCE_TYPES = {"partition": str, "account": str, "qos": str, "time_min": int, "nodes": int, "tasks_per_node": int,
-                  "gpus_per_node": int, "cpus_per_task": int, "mem_gb": int, "sbatch": dict}
-MINIMUM = {"time_min": 1, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 1,
-           "max_jobs": 1}
-# sbatch options that have their own key, and those misbench sets itself (dependencies, logs, requeue, signals)
-OWN_KEYS = {"time": "time_min", "mem": "mem_gb", "partition": "partition", "account": "account", "qos": "qos",
-            "nodes": "nodes", "ntasks-per-node": "tasks_per_node", "gpus-per-node": "gpus_per_node",
-            "cpus-per-task": "cpus_per_task"}
-OWN_OPTIONS = {"dependency", "kill-on-invalid-dep", "job-name", "output", "error", "open-mode", "signal", "requeue",
-               "no-requeue", "array", "wrap", *OWN_KEYS}
-# the section's keys and defaults, in config.SECTIONS' style (a kind's table takes the resource keys)
-EXECUTOR_SECTION = {**{f.name: f.default if f.default is not dataclasses.MISSING else {}
-                       for f in dataclasses.fields(JobResources)}, "max_jobs": None, **{k: {} for k in STEP_KINDS}}
+RESOURCE_KEYS = [f.name for f in dataclasses.fields(JobResources)]
+# the section: the resource keys for every step, max_jobs, and a table of resource keys per step kind
+ExecutorSection = dataclasses.make_dataclass(
+    "ExecutorSection", [("max_jobs", int | None, setting(None, low=1)),
+                        *[(kind, dict, setting(default_factory=dict, expected=f"a table of resources ([executor.{kind}])"))
+                          for kind in STEP_KINDS]],
+    bases=(JobResources,), frozen=True)
+EXECUTOR_SECTION = section_defaults(ExecutorSection)
 
 
-def _check_value(where: str, key: str, value, expected: type):
-    ok = isinstance(value, expected) and not isinstance(value, bool)
-    if not ok:
-        names = {int: "an integer", str: "a string", dict: "a table"}
-        raise MisbenchError(f"config {where} {key}: expected {names[expected]}, got {value!r} ({type(value).__name__})")
-    if key in MINIMUM and value < MINIMUM[key]:
-        raise MisbenchError(f"config {where} {key}: must be at least {MINIMUM[key]}, got {value!r}")
-    if key == "sbatch":
-        for option, v in value.items():
-            name = option.lstrip("-")
-            if name in OWN_OPTIONS:
-                fix = f"use the key {OWN_KEYS[name]}" if name in OWN_KEYS else "misbench sets it itself"
-                raise MisbenchError(f"config {where} sbatch: {option!r} cannot be given here ({fix})")
-            if not isinstance(v, (str, int)) or isinstance(v, bool):
-                raise MisbenchError(f"config {where} sbatch {option}: expected a string or an integer, got {v!r}")
-
-
-def _resources(where: str, given: dict, base: JobResources) -> JobResources:
-    unknown = sorted(set(given) - set(RESOURCE_TYPES))
-    if unknown:
-        raise MisbenchError(f"config {where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(RESOURCE_TYPES))}")
-    for key, value in given.items():
-        _check_value(where, key, value, RESOURCE_TYPES[key])
+def _resources(base: JobResources, given: dict) -> JobResources:
     sbatch = {**base.sbatch, **{k.lstrip("-"): v for k, v in given.get("sbatch", {}).items()}}
     return dataclasses.replace(base, **{**given, "sbatch": sbatch})
 
 
 def parse_executor(section: dict) -> ExecutorSettings:
-    """The checked [executor] section (its keys already merged with EXECUTOR_SECTION's defaults or not)."""
-    allowed = set(EXECUTOR_SECTION)
-    unknown = sorted(set(section) - allowed)
-    if unknown:
-        raise MisbenchError(f"config [executor]: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(allowed))} "
-                            f"(a step kind's table overrides the resources for that kind)")
-    defaults = {k: section[k] for k in RESOURCE_TYPES if k in section and section[k] is not None
-                and section[k] != EXECUTOR_SECTION[k]}
-    default = _resources("[executor]", defaults, JobResources())
+    """The checked [executor] section (its keys already merged with EXECUTOR_SECTION's defaults or not; a key
+    given as None keeps its default)."""
+    given = {k: v for k, v in section.items() if v is not None}
+    check_table(ExecutorSection, given, "[executor]", " (a step kind's table overrides the resources for that kind)")
+    default = _resources(JobResources(), {k: v for k, v in given.items() if k in RESOURCE_KEYS})
     kinds = {}
     for kind in STEP_KINDS:
-        table = section.get(kind) or {}
-        if not isinstance(table, dict):
-            raise MisbenchError(f"config [executor] {kind}: expected a table of resources ([executor.{kind}]), "
-                                f"got {table!r}")
+        table = given.get(kind) or {}
         if table:
-            kinds[kind] = _resources(f"[executor.{kind}]", table, default)
-    max_jobs = section.get("max_jobs")
-    if max_jobs is not None:
-        _check_value("[executor]", "max_jobs", max_jobs, int)
-    return ExecutorSettings(default, kinds, max_jobs)
+            check_table(JobResources, table, f"[executor.{kind}]")
+            kinds[kind] = _resources(default, table)
+    return ExecutorSettings(default, kinds, given.get("max_jobs"))
