@@ -233,6 +233,10 @@ def test_process_group_waits_long_enough_for_rank_zero_merges(monkeypatch):
     assert seen[0]["timeout"] == datetime.timedelta(hours=2) and seen[1]["timeout"] == datetime.timedelta(minutes=5)
 
 
+# slow: two torchrun jobs and a resumed one (47 s); in the default suite a DDP retraining equals one process
+# (test_ddp_retraining_keeps_masks_and_matches_one_process) and a killed one-process retraining resumes to the same
+# checkpoint (test_faults' test_prune_killed_after_an_epoch_or_after_the_final_rename_resumes)
+@pytest.mark.slow
 def test_ddp_retraining_killed_after_an_epoch_resumes_to_the_same_checkpoint(setup, tmp_path):
     """The torchrun job is stopped as Slurm pre-empts one (SIGTERM to torchrun, which stops its ranks)
     once rank 0 has written the first epoch's checkpoint; the same command with --resume finishes
@@ -264,6 +268,10 @@ def test_ddp_retraining_killed_after_an_epoch_resumes_to_the_same_checkpoint(set
     assert resumed["training"]["history"] == full["training"]["history"]
 
 
+# slow: three torchrun jobs (21 s); in the default suite torchrun extraction equals one process
+# (test_distributed_extraction_equals_one_process) and a one-process extraction stopped by a bad image resumes
+# (test_faults' test_bad_image_advice_works)
+@pytest.mark.slow
 def test_distributed_extraction_stopped_by_a_bad_image_resumes_to_the_same_file(setup, tmp_path):
     """Rank 1 meets an unreadable image and the job stops; rank 0's part is complete, rank 1's is not.
     Once the image is fixed, the same command with --resume gives the file of an uninterrupted run."""

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import make_checkpoint, make_image_folder, write_study
+from manifest_writer import write_records
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
 from misbench.studies.manifest import Manifest
@@ -121,15 +122,35 @@ def test_a_failed_step_cancels_its_dependants_and_a_resubmission_runs_only_those
     assert all(starts(log, jobs[n]) == 0 for n in ("score:base", "report"))
 
 
-def test_second_submitter_is_refused_and_cancel_empties_the_queue(slurm_cluster, world, tmp_path):
-    d = fresh(world, tmp_path)
-    cfg, out = config(d), d / "out"
+def _second_submitter_is_refused(cfg, out) -> dict:
     jobs = submit(cfg, out)
     second = misbench("study", cfg, "--out", out, "--executor", "slurm")
     assert second.exit_code == 1 and len(second.output.strip().splitlines()) == 1, second.output
     assert all(job in second.output for job in jobs.values()) and "misbench study cancel" in second.output
     local = misbench("study", cfg, "--out", out)
     assert local.exit_code == 1 and jobs["report"] in local.output
+    return jobs
+
+
+def test_second_submitter_is_refused_and_cancel_leaves_no_job(slurm_cluster, world, tmp_path):
+    """The default suite's share of the next test: refused while queued, then cancelled before any job ends."""
+    d = fresh(world, tmp_path)
+    cfg, out = config(d), d / "out"
+    jobs = _second_submitter_is_refused(cfg, out)
+    r = misbench("study", "cancel", out)
+    assert r.exit_code == 0 and all(j in r.stdout for j in jobs.values() if steps(out)[
+        next(n for n, i in jobs.items() if i == j)]["status"] != "done"), r.output
+    assert slurm_cluster.wait_idle(60), slurm_cluster.run("squeue").stdout
+    r, rows = status(out)
+    assert r.exit_code == 2 and "cancelled" in rows.values() and "running" not in rows.values(), r.output
+
+
+# slow: waits for a running job and runs the study to its end (55 s); the test above refuses and cancels
+@pytest.mark.slow
+def test_second_submitter_is_refused_and_cancel_empties_the_queue(slurm_cluster, world, tmp_path):
+    d = fresh(world, tmp_path)
+    cfg, out = config(d), d / "out"
+    jobs = _second_submitter_is_refused(cfg, out)
     deadline = time.time() + JOB_TIMEOUT  # cancel while a job runs: it must end, not requeue itself
     while "RUNNING" not in slurm_cluster.run("squeue", "--noheader", "--format=%T").stdout and time.time() < deadline:
         time.sleep(0.5)
@@ -146,6 +167,9 @@ def test_second_submitter_is_refused_and_cancel_empties_the_queue(slurm_cluster,
     assert r.exit_code == 0 and set(rows.values()) == {"done"}, r.output
 
 
+# slow: 20 s of Slurm jobs; a retraining stopped by SIGTERM/SIGKILL resumes to the same checkpoint in
+# test_faults' test_prune_killed_after_an_epoch_or_after_the_final_rename_resumes (one process, no Slurm)
+@pytest.mark.slow
 def test_sigterm_requeues_a_retraining_job_that_resumes_to_the_same_checkpoint(slurm_cluster, world, tmp_path):
     d = fresh(world, tmp_path)
     cfg, out = config(d, methods=["structured"], epochs=8), d / "out"
@@ -283,20 +307,12 @@ def test_dry_run_shows_each_steps_resources_and_the_estimate(world, tmp_path):
     assert "[extract] data" in errors[0] and "[model] spec" in errors[1] and "m.pt" in errors[1]
 
 
-def _writer(path, worker, n, start):
-    while time.time() < start:
-        pass
-    manifest = Manifest(path)
-    for i in range(n):
-        manifest.record(f"step-{worker}-{i}", status="done", worker=worker)
-
-
 def test_manifest_keeps_every_record_of_concurrent_writers(tmp_path):
     path = tmp_path / "manifest.json"
     Manifest(path).save(study="s")
     start = time.time() + 1.5
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(path, w, 25, start)) for w in range(6)]
+    procs = [ctx.Process(target=write_records, args=(path, w, 25, start)) for w in range(6)]
     for p in procs:
         p.start()
     for p in procs:
