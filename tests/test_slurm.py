@@ -132,17 +132,21 @@ def _second_submitter_is_refused(cfg, out) -> dict:
     return jobs
 
 
-def test_second_submitter_is_refused_and_cancel_leaves_no_job(slurm_cluster, world, tmp_path):
-    """The default suite's share of the next test: refused while queued, then cancelled before any job ends."""
-    d = fresh(world, tmp_path)
-    cfg, out = config(d), d / "out"
-    jobs = _second_submitter_is_refused(cfg, out)
+def _cancel_leaves_no_job(slurm_cluster, out, jobs: dict) -> None:
     r = misbench("study", "cancel", out)
     assert r.exit_code == 0 and all(j in r.stdout for j in jobs.values() if steps(out)[
         next(n for n, i in jobs.items() if i == j)]["status"] != "done"), r.output
     assert slurm_cluster.wait_idle(60), slurm_cluster.run("squeue").stdout
     r, rows = status(out)
     assert r.exit_code == 2 and "cancelled" in rows.values() and "running" not in rows.values(), r.output
+
+
+def test_second_submitter_is_refused_and_cancel_leaves_no_job(slurm_cluster, world, tmp_path):
+    """The default suite's share of the next test: refused while queued, then cancelled before any job ends."""
+    d = fresh(world, tmp_path)
+    cfg, out = config(d), d / "out"
+    jobs = _second_submitter_is_refused(cfg, out)
+    _cancel_leaves_no_job(slurm_cluster, out, jobs)
 
 
 # slow: waits for a running job and runs the study to its end (55 s); the test above refuses and cancels
@@ -154,12 +158,7 @@ def test_second_submitter_is_refused_and_cancel_empties_the_queue(slurm_cluster,
     deadline = time.time() + JOB_TIMEOUT  # cancel while a job runs: it must end, not requeue itself
     while "RUNNING" not in slurm_cluster.run("squeue", "--noheader", "--format=%T").stdout and time.time() < deadline:
         time.sleep(0.5)
-    r = misbench("study", "cancel", out)
-    assert r.exit_code == 0 and all(j in r.stdout for j in jobs.values() if steps(out)[
-        next(n for n, i in jobs.items() if i == j)]["status"] != "done"), r.output
-    assert slurm_cluster.wait_idle(60), slurm_cluster.run("squeue").stdout
-    r, rows = status(out)
-    assert r.exit_code == 2 and "cancelled" in rows.values() and "running" not in rows.values(), r.output
+    _cancel_leaves_no_job(slurm_cluster, out, jobs)
     again = submit(cfg, out)
     assert set(again) == {n for n, e in steps(out).items() if e["status"] != "done"} | set(again)
     wait_for(slurm_cluster, again.values())
