@@ -448,6 +448,10 @@ class ActivationFile:
                                 f"Layers there: {', '.join(self.layer_names[:12])}{' ...' if len(self.layer_names) > 12 else ''}")
         return self.h5["layers"][name]
 
+    def layer_attrs(self, name: str) -> dict:
+        """A layer's attributes (module, kind, n_units, reduction; a features layer's dictionary_file, ...)."""
+        return dict(self.layer(name).attrs)
+
     def activations(self, name: str) -> np.ndarray:
         group = self.layer(name)
         if "activations" not in group:

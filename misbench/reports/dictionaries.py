@@ -16,10 +16,10 @@ import json
 import zlib
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
+from ..activations.store import open_activations
 from ..errors import MisbenchError
 from ..runtime.fileio import write_json
 from .compare import rank_sum
@@ -51,16 +51,16 @@ def _training_records(scores: Path) -> dict:
     if not acts.is_file():
         return {}
     out = {}
-    with h5py.File(acts, "r") as h5:
-        for name, group in h5["layers"].items():
-            file = group.attrs.get("dictionary_file")
-            if file and Path(str(file)).is_file():
-                try:
-                    obj = torch.load(str(file), map_location="cpu", weights_only=True)
-                except Exception:  # noqa: BLE001 - another library's file: no record, the columns stay empty
-                    continue
-                if isinstance(obj, dict) and isinstance(obj.get("training"), dict):
-                    out[name] = obj["training"]
+    with open_activations(acts) as a:
+        files = {name: a.layer_attrs(name).get("dictionary_file") for name in a.layer_names}
+    for name, file in files.items():
+        if file and Path(str(file)).is_file():
+            try:
+                obj = torch.load(str(file), map_location="cpu", weights_only=True)
+            except Exception:  # noqa: BLE001 - another library's file: no record, the columns stay empty
+                continue
+            if isinstance(obj, dict) and isinstance(obj.get("training"), dict):
+                out[name] = obj["training"]
     return out
 
 

@@ -18,13 +18,13 @@ import logging
 import re
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from ..activations.store import ActivationFile, open_activations
 from ..datasets.images import RowImages
 from ..errors import MisbenchError
 from ..runtime.fileio import write_text
+from ..scoring.results import TASK_ARRAYS, read_tasks
 from .figures import MIN_FONT_PT, subplots
 from .html import STYLE, page
 
@@ -105,14 +105,11 @@ def unit_images(acts, layer: str, unit: int, k: int = 9, side: str = "top", size
 
 def _tasks_of(tasks_h5, layer: str, unit: int) -> dict | None:
     """The unit's tasks (row indices and deltas), None for a unit without tasks (constant)."""
-    with h5py.File(tasks_h5, "r") as t:
-        if layer not in t:
-            raise MisbenchError(f"{tasks_h5} has no tasks for layer {layer!r} (it has {', '.join(t.keys())})")
-        units = [int(u) for u in t[layer]["unit"][...]]
-        if unit not in units:
-            raise MisbenchError(f"{tasks_h5} has no tasks for {layer}:{unit}: that unit was not scored")
-        i = units.index(unit)
-        g = {key: t[layer][key][i] for key in ("pos_expl", "neg_expl", "pos_query", "neg_query", "delta")}
+    tasks = read_tasks(tasks_h5, [layer])[layer]
+    units = [int(u) for u in tasks["unit"]]
+    if unit not in units:
+        raise MisbenchError(f"{tasks_h5} has no tasks for {layer}:{unit}: that unit was not scored")
+    g = {key: tasks[key][units.index(unit)] for key in TASK_ARRAYS}
     return None if (g["pos_query"] < 0).all() else g
 
 
@@ -293,6 +290,7 @@ def unit_pages(out_dir, run: str, scores: list[dict], acts_path, tasks_h5=None, 
     units_dir.mkdir(parents=True, exist_ok=True)
     write_text(units_dir / "units.css", STYLE)
     made, links = 0, {}
+    tasks = read_tasks(tasks_h5) if tasks_h5 is not None else {}
     with open_activations(acts_path) as acts:
         if thumbs is None:
             def thumbs(a, rows):
@@ -317,14 +315,11 @@ def unit_pages(out_dir, run: str, scores: list[dict], acts_path, tasks_h5=None, 
                 def value_of(u, rws, layer=layer):
                     return _row_values(acts, layer, u, rws)
             task_data = {}
-            if tasks_h5 is not None:
-                with h5py.File(tasks_h5, "r") as t:
-                    if layer in t:
-                        units = [int(u) for u in t[layer]["unit"][...]]
-                        g = {key: t[layer][key][...] for key in ("pos_expl", "neg_expl", "pos_query", "neg_query", "delta")}
-                        for i, u in enumerate(units):
-                            if (g["pos_query"][i] >= 0).any():
-                                task_data[u] = {key: g[key][i][:n_tasks] for key in g}
+            if layer in tasks:
+                g = tasks[layer]
+                for i, u in enumerate(int(u) for u in g["unit"]):
+                    if (g["pos_query"][i] >= 0).any():
+                        task_data[u] = {key: g[key][i][:n_tasks] for key in TASK_ARRAYS}
             # every row any page of this layer shows, each thumbnail made once
             need = [ranked[s][0][[r["unit"] for r in rows]].ravel() for s in SIDES]
             for tk in task_data.values():
