@@ -5,7 +5,8 @@
 The first folder gives the findings; all folders together give the spread across seeds (make them with
 `misbench demo --seed N`). Without --write the block is printed. With --write, README.md's text between
 the findings markers and docs/demo_findings.json (the numbers behind it) are replaced;
-tests/test_readme.py regenerates the text from that JSON and compares.
+tests/test_readme.py regenerates the text from that JSON and compares. After a change to the sentences,
+`--from-json --write` rewrites the block from docs/demo_findings.json's numbers (no demo folders needed).
 """
 
 import argparse
@@ -29,14 +30,20 @@ def block(data: dict) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("folders", nargs="*", type=Path)
     parser.add_argument("--write", action="store_true", help="Replace README.md's block and docs/demo_findings.json.")
+    parser.add_argument("--from-json", action="store_true", help="The numbers of docs/demo_findings.json, not folders.")
     args = parser.parse_args()
-    seeds = {}
-    for folder in args.folders:
-        seed = json.loads((folder / "manifest.json").read_text())["config"]["study"]["seed"]
-        seeds[str(seed)] = demo_facts(folder)
-    data = {"findings": seeds[next(iter(seeds))], "seeds": seeds}
+    if args.from_json == bool(args.folders):
+        parser.error("give demo output folders or --from-json")
+    if args.from_json:
+        data = json.loads((ROOT / "docs" / "demo_findings.json").read_text())
+    else:
+        seeds = {}
+        for folder in args.folders:
+            seed = json.loads((folder / "manifest.json").read_text())["config"]["study"]["seed"]
+            seeds[str(seed)] = demo_facts(folder)
+        data = {"findings": seeds[next(iter(seeds))], "seeds": seeds}
     text = block(data)
     if not args.write:
         print(text)
@@ -47,8 +54,10 @@ def main():
     if not pattern.search(body):
         raise SystemExit(f"README.md has no findings markers ({START} ... {END})")
     readme.write_text(pattern.sub(lambda _: f"{START}\n{text}\n{END}", body))
-    (ROOT / "docs" / "demo_findings.json").write_text(json.dumps(data, indent=1) + "\n")
-    print(f"wrote README.md's findings and docs/demo_findings.json from {', '.join(map(str, args.folders))}")
+    if not args.from_json:
+        (ROOT / "docs" / "demo_findings.json").write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote README.md's findings and docs/demo_findings.json from "
+          f"{', '.join(map(str, args.folders)) or 'docs/demo_findings.json'}")
 
 
 if __name__ == "__main__":

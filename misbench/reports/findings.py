@@ -2,7 +2,8 @@
 written from the same numbers as the report's tables (summary.json, paired.csv, classwise summaries,
 compare.json)."""
 
-__all__ = ["findings", "rate_finding", "paired_finding", "classwise_finding", "compare_finding", "num"]
+__all__ = ["findings", "rate_finding", "paired_finding", "classwise_finding", "compare_finding", "num",
+           "RATE_CORRELATIONS"]
 
 import math
 
@@ -20,15 +21,23 @@ def _interval(lo, hi) -> str:
     return f"95 % CI [{num(lo)}, {num(hi)}]"
 
 
-def rate_finding(summary: dict) -> Finding | None:
-    c = summary.get("correlation_rate_mis_confidence")
+# the correlations with the pruning rate a study's summary.json holds: its key -> (question, what correlates)
+RATE_CORRELATIONS = {
+    "correlation_rate_mis_confidence": ("MIS against pruning rate:",
+                                        "the layer-balanced MIS confidence of feature units"),
+    "correlation_rate_top1": ("Top-1 against pruning rate:", "the top-1 accuracy"),
+}
+
+
+def rate_finding(summary: dict, key: str = "correlation_rate_mis_confidence") -> Finding | None:
+    c = summary.get(key)
     if not c:
         return None
-    q = "MIS against pruning rate:"
+    q, what = RATE_CORRELATIONS[key]
     if c.get("pearson_r") is None:
         return Finding(q, f"undefined over n = {c['n']} runs (too few runs, or constant values).", "sweep")
     lo, hi = c.get("pearson_ci") or (None, None)
-    return Finding(q, f"across n = {c['n']} runs, the layer-balanced MIS confidence of feature units correlates with "
+    return Finding(q, f"across n = {c['n']} runs, {what} correlates with "
                       f"the pruning rate at Pearson r = {num(c['pearson_r'])} ({_interval(lo, hi)}), "
                       f"p = {num(c['pearson_p'])}.", "sweep")
 
@@ -56,7 +65,7 @@ def paired_finding(rows: list[dict], baseline: str) -> Finding | None:
                    f"{len(differ)} of {len(rows)} runs differ (95 % interval excludes 0); the largest difference, "
                    f"{top['name']}: Δ MIS confidence = {num(top['diff_mis_confidence'])} "
                    f"({_interval(top['diff_conf_ci_low'], top['diff_conf_ci_high'])}), "
-                   f"p = {num(_p(top, 'confidence'))}, n = {top['n_pairs']} units.", "paired")
+                   f"p = {num(_p(top, 'confidence'))}, n = {top.get('n_pairs') or 'n/a'} units.", "paired")
 
 
 def classwise_finding(by_run: dict, baseline: str | None) -> Finding | None:

@@ -3,8 +3,10 @@
 `demo_facts` reads the numbers of a finished demo folder (report/sweep.csv, paired.csv, summary.json,
 classwise_summary.json, compare/compare.json); `findings_text` turns one folder's facts, and `spread_text`
 several seeds' facts, into sentences that say only what the intervals support: a difference is "higher" or
-"lower" only when its 95 % interval excludes 0, a correlation is reported as one only when its interval
-(Fisher z, whose p agrees) excludes 0. `scripts/demo_findings.py` writes them into the README, with the
+"lower" only when its 95 % interval excludes 0. The questions the report's findings box answers too (the
+paired runs, the rate correlations, the class units, the populations compared) are the box's own sentences
+(misbench/reports/findings.py), made from the same numbers; the README adds the control, the untrained
+network, the runs at chance accuracy and the spread across seeds. `scripts/demo_findings.py` writes them into the README, with the
 facts beside them, and tests/test_readme.py regenerates the sentences from those facts.
 """
 
@@ -13,6 +15,7 @@ __all__ = ["demo_facts", "findings_text", "spread_text", "direction"]
 import json
 from pathlib import Path
 
+from ..reports.findings import classwise_finding, compare_finding, paired_finding, rate_finding
 from ..runtime.fileio import read_csv_rows
 
 
@@ -43,6 +46,7 @@ def demo_facts(out_dir) -> dict:
             if r["layer"] == "features" and r["name"] in runs:
                 runs[r["name"]]["paired"] = [_num(r["diff_mis_confidence"]), _num(r["diff_conf_ci_low"]),
                                              _num(r["diff_conf_ci_high"]), _num(r.get("p_confidence"))]
+                runs[r["name"]]["n_pairs"] = int(_num(r.get("n_pairs")) or 0) or None
 
     def corr(c):
         return {"r": c["pearson_r"], "ci": c.get("pearson_ci"), "p": c["pearson_p"], "n": c["n"]}
@@ -75,13 +79,30 @@ def _p(p) -> str:
     return "-" if p is None else f"{p:.2g}"
 
 
-def _corr_sentence(c: dict, what: str) -> str:
-    if c["r"] is None:
-        return f"{what}: undefined (n = {c['n']})"
-    lo, hi = c["ci"]
-    verdict = "no detectable correlation (the interval includes 0)" if lo <= 0 <= hi else \
-        ("a positive correlation" if lo > 0 else "a negative correlation")
-    return f"{what}: r = {c['r']:+.3f} {_ci(lo, hi)}, p = {_p(c['p'])}, n = {c['n']}: {verdict}"
+def _said(finding) -> list[str]:
+    """A report finding as the README's sentence (none where the report has none)."""
+    return [f"{finding.question} {finding.sentence}"] if finding is not None else []
+
+
+def _correlation(c: dict) -> dict:
+    """A fact's correlation in the report's (summary.json's) keys."""
+    return {"pearson_r": c["r"], "pearson_ci": c.get("ci"), "pearson_p": c.get("p"), "n": c["n"]}
+
+
+def _paired_rows(runs: dict) -> list[dict]:
+    """The facts' paired differences as paired.csv's feature rows."""
+    return [{"layer": "features", "name": name, "method": r["method"], "diff_mis_confidence": r["paired"][0],
+             "diff_conf_ci_low": r["paired"][1], "diff_conf_ci_high": r["paired"][2], "p_confidence": r["paired"][3],
+             "n_pairs": r.get("n_pairs")} for name, r in runs.items() if r.get("paired")]
+
+
+def _compared(comp: dict) -> dict:
+    """The facts' populations compared as compare.json's first comparison."""
+    a, b = comp["populations"][:2]
+    return {"populations": [{"label": p["label"], "feature_mean": {"mis_confidence": p["conf"],
+                                                                   "mis_confidence_ci": p["ci"]}} for p in (a, b)],
+            "comparisons": [{"a": a["label"], "b": b["label"], "rank_sum_mis_confidence": {
+                "p": comp["p"], "prob_a_greater": comp["prob_a_greater"], "n_a": a["n"], "n_b": b["n"]}}]}
 
 
 def findings_text(facts: dict) -> str:
@@ -98,42 +119,27 @@ def findings_text(facts: dict) -> str:
         out.append(f"The untrained network (top-1 {random['top1']:.2f}) scores MIS {random['mis']:.3f} / confidence "
                    f"{random['conf']:.3f}; paired over the same units its confidence is {d:+.3f} {_ci(lo, hi)} "
                    f"(sign-flip p = {_p(p)}) against the {base}: {direction(lo, hi)}.")
+    out += _said(paired_finding(_paired_rows(runs), base or "the baseline"))
     pruned = {n: r for n, r in runs.items() if r["rate"] and r.get("paired")}
-    for retrained, label in ((True, "retrained pruned networks"), (False, "networks pruned without retraining")):
-        group = {n: r for n, r in pruned.items() if r["retrained"] == retrained}
-        if not group:
-            continue
-        verdicts = [direction(r["paired"][1], r["paired"][2]) for r in group.values()]
-        diffs = [r["paired"][0] for r in group.values()]
-        out.append(f"Of the {len(group)} {label}, {verdicts.count('higher')} have a higher paired confidence than the "
-                   f"{base}, {verdicts.count('lower')} a lower one and {verdicts.count('no detectable difference')} no "
-                   f"detectable difference (differences from {min(diffs):+.3f} to {max(diffs):+.3f}).")
     chance = {n: r for n, r in pruned.items() if r["top1"] is not None and r["top1"] <= 0.2}
     if chance:
         items = ", ".join(f"{n} {r['paired'][0]:+.3f} {_ci(*r['paired'][1:3])}" for n, r in chance.items())
         out.append(f"Pruned networks at chance accuracy (top-1 at most 0.2), paired confidence against the {base}: "
                    f"{items}.")
-    out.append(_corr_sentence(facts["rate_conf"], "Pruning rate against layer-balanced MIS confidence") + "; " +
-               _corr_sentence(facts["rate_top1"], "against top-1") + ".")
-    cw = [c for c in facts.get("classwise", {}).values() if c["r"] is not None]
-    if cw:
-        excl = sum(1 for c in cw if not c["ci"][0] <= 0 <= c["ci"][1])
-        purity = [c["purity"] for c in cw if c.get("purity") is not None]
-        out.append(f"Softmax-unit MIS confidence against class-wise accuracy: r from {min(c['r'] for c in cw):+.2f} to "
-                   f"{max(c['r'] for c in cw):+.2f} over {len(cw)} runs; the interval excludes 0 in {excl} of them"
-                   + (f" (mean purity of the class units' top pools {min(purity):.2f}-{max(purity):.2f})"
-                      if purity else "") + ".")
+    for key, fact in (("correlation_rate_mis_confidence", "rate_conf"), ("correlation_rate_top1", "rate_top1")):
+        out += _said(rate_finding({key: _correlation(facts[fact])}, key))
+    classwise = facts.get("classwise", {})
+    out += _said(classwise_finding({name: {"correlation_accuracy_mis_confidence": _correlation(c)}
+                                    for name, c in classwise.items()}, base))
+    purity = [c["purity"] for c in classwise.values() if c.get("purity") is not None]
+    if purity:
+        out.append(f"The class units' top pools have a mean purity of {min(purity):.2f}-{max(purity):.2f}.")
     comp = facts.get("compare")
     if comp:
-        a, b = comp["populations"][:2]
-        p = comp["p"]
-        verdict = ("no detectable difference" if p is None or p >= 0.05 else
-                   f"{b['label']} score {'below' if b['conf'] < a['conf'] else 'above'} {a['label']}")
-        sparse = f", {b['n_sparse']} sparse {b['label']} left out" if b.get("n_sparse") else ""
-        out.append(f"Dictionary: {b['label']} confidence {b['conf']:.3f} [{b['ci'][0]:.3f}, {b['ci'][1]:.3f}] "
-                   f"({b['n']} units{sparse}) against {a['label']} {a['conf']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] "
-                   f"({a['n']} units); rank-sum p = {_p(p)}, P({a['label']} > {b['label']}) = "
-                   f"{comp['prob_a_greater']:.2f}: {verdict}.")
+        out += _said(compare_finding(_compared(comp)))
+        b = comp["populations"][1]
+        if b.get("n_sparse"):
+            out.append(f"{b['n_sparse']} sparse {b['label']} are left out.")
     return " ".join(out)
 
 
