@@ -27,11 +27,12 @@ from .activations.layers import LayerInfo, list_layers
 # a reader of a complete file: layer_names, activations(layer) (numpy [N, U]), labels, paths, logits, class_names
 from .activations.store import open_activations
 from .errors import MisbenchError, close_matches
+from .datasets.sources import load_data
 from .models.assets import ASSETS, asset_status, stage_asset
-from .models.loading import LoadedModel, load_model as _load_model, model_input_file
+from .models.loading import LoadedModel, classes_before_loading, load_model as _load_model, model_input_file
 from .pruning import PruneSettings
 from .pruning.audit import audit as _audit
-from .pruning.run import produce_checkpoint
+from .pruning.run import check_training_data, produce_checkpoint, training_source
 from .pruning.training import TrainSettings
 from .runtime.fileio import option_label, refuse_existing
 from .runtime.outputs import writing
@@ -113,6 +114,19 @@ def load_model(model, arch: str | None = None, num_classes: int | None = None, t
                        arch_kwargs=arch_kwargs)
 
 
+def _data_before_model(model, data, labels: str, model_options: dict, read=load_data):
+    """DATA read (its folders matched to the model's classes, `read`) before MODEL loads, where the model's classes
+    are known from its name: a folder the labels cannot map, or no images, is refused in seconds instead of after
+    a load of a minute or more. Returns the ImageSource, or `data` itself where only the loaded model can say."""
+    if not isinstance(data, str) or isinstance(model, LoadedModel) or not isinstance(model, (str, os.PathLike)):
+        return data
+    known = classes_before_loading(str(model), model_options.get("arch"), model_options.get("num_classes"))
+    if known is None:
+        return data
+    num_classes, categories = known
+    return read(data, num_classes, labels, categories)
+
+
 def layers(model, **model_options) -> list[LayerInfo]:
     """Every module `extract` can record, as (name, kind, n_units, module, in_conv, classes, in_mlp) rows."""
     check_options(_ModelOptions, model_options, "model")
@@ -131,7 +145,9 @@ def extract(model, data, layers, out, *, resume: bool = False, overwrite: bool =
     check_options(ExtractSettings, options, "extract", skip=("layers",))
     _check_arguments("extract", out=out, resume=resume, overwrite=overwrite, trust_pickle=trust_pickle)
     settings = ExtractSettings(layers=_names(layers), **options)
-    loaded = load_model(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs)
+    model_options = dict(arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs)
+    data = _data_before_model(model, data, settings.labels, model_options)
+    loaded = load_model(model, **model_options)
     return _extract(loaded, data, out, settings, resume=resume, overwrite=overwrite,
                     progress=resolve_progress(progress), trust_pickle=trust_pickle)
 
@@ -183,9 +199,13 @@ def _produce(model, prune_settings, out, data, val_data, resume, overwrite, prog
     check_options(TrainSettings, train_options, "training")
     _check_arguments("training", out=out, data=data, val_data=val_data, resume=resume, overwrite=overwrite,
                      trust_pickle=model_options["trust_pickle"])
+    settings = TrainSettings(**train_options)
+    check_training_data(settings, data)
+    data, val_data = (_data_before_model(model, spec, settings.labels, model_options, training_source)
+                      for spec in (data, val_data))
     loaded = load_model(model, **model_options)
     loaded.preprocess = loaded.preprocess.override(resize, crop)
-    return produce_checkpoint(loaded, prune_settings, TrainSettings(**train_options), out, data, val_data,
+    return produce_checkpoint(loaded, prune_settings, settings, out, data, val_data,
                               resume=resume, overwrite=overwrite, progress=resolve_progress(progress))
 
 
@@ -264,8 +284,9 @@ def _evaluate(model, data, acts, out, classwise, progress, arch, num_classes, tr
     else:
         if model is None or data is None:
             raise MisbenchError("eval needs MODEL and --data DATA (or --acts FILE)")
-        loaded = load_model(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle,
-                            arch_kwargs=arch_kwargs)
+        model_options = dict(arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs)
+        data = _data_before_model(model, data, EvalSettings(**options).labels, model_options)
+        loaded = load_model(model, **model_options)
         result = evaluate_model(loaded, data, progress=progress, **options)
     if classwise is not None and out is None:
         raise MisbenchError("the class-wise CSV (--classwise) is written beside eval.json: give out (--out) too")

@@ -491,19 +491,197 @@ def test_notebooks_get_progress_bars_by_default_and_no_faiss_loader_lines(tmp_pa
     assert "faiss" not in run.stdout.lower().replace("distances", ""), run.stdout  # INFO logs on, FAISS's loader off
 
 
+def _first_classes(root, n) -> int:
+    """The reference: class folders among the first n images of a folder listed in sorted order, by hand."""
+    order = [c for c in sorted(os.listdir(root)) for _ in sorted(os.listdir(root / c))]
+    return len(set(order[:n]))
+
+
 def test_limits_say_how_many_classes_they_cover(tmp_path, caplog):
-    from misbench.datasets.sources import first_images, load_data
+    from misbench.datasets.sources import load_data
+    from misbench.datasets.subset import first_images
 
     root = make_image_folder(tmp_path / "images", classes=4, per_class=5, size=8)
     source = load_data(str(root))
-    labels = [source.label(i) for i in range(len(source))]
-    for limit in (3, 7, 12, 20, None):
+    for limit in (3, 7, 12, 20, 25, None):
         caplog.clear()
-        n = first_images(source, limit, "--train-limit")
-        assert n == min(limit or 20, 20)
-        covered = len(set(labels[:n]))  # the reference: the classes among the first n rows
+        subset = first_images(source, limit, "train_limit")
+        n = min(limit or 20, 20)
+        assert subset.images == n and subset.of == 20
+        covered = _first_classes(root, n)
+        if limit is None:
+            assert subset.record() is None and "cover" not in caplog.text
+            continue
+        assert subset.record() == {"option": "train_limit", "limit": limit, "images": n, "of": 20,
+                                   "classes_covered": covered, "classes": 4}
         if covered < 4:
-            assert f"--train-limit {limit} takes the first {n} images" in caplog.text
+            assert f"train_limit {limit} takes the first {n} of 20 images" in caplog.text
             assert f"cover {covered} of the 4 classes" in caplog.text
         else:
             assert "cover" not in caplog.text
+
+
+@pytest.fixture
+def limited(tmp_path):
+    from conftest import make_checkpoint
+
+    make_image_folder(tmp_path / "images", classes=3, per_class=4, size=16)
+    make_checkpoint(tmp_path / "m.pt")
+    return tmp_path
+
+
+def _subset(option, limit, root, of=12, classes=3):
+    return {"option": option, "limit": limit, "images": min(limit, of), "of": of,
+            "classes_covered": _first_classes(root, limit), "classes": classes}
+
+
+@pytest.mark.parametrize("command", ["extract", "eval", "retrain", "prune"])
+def test_every_limit_warns_with_its_classes_and_is_recorded_in_the_output(limited, command, caplog, monkeypatch):
+    """--limit (extract, eval), --train-limit and --val-limit (retrain, prune): a warning names the classes the
+    subset covers of the total, and the output records the subset."""
+    import h5py
+    import json
+
+    from misbench.models.checkpoint import load_checkpoint_dict
+
+    images = limited / "images"
+    args = {"extract": ["extract", "m.pt", "--data", "images", "--layers", "softmax", "--limit", "5", "--out", "a.h5"],
+            "eval": ["eval", "m.pt", "--data", "images", "--limit", "5", "--out", "eval.json"],
+            "retrain": ["retrain", "m.pt", "--data", "images", "--val-data", "images", "--epochs", "1",
+                        "--train-limit", "3", "--val-limit", "6", "--batch-size", "4", "--out", "r.pt"],
+            "prune": ["prune", "m.pt", "--method", "structured", "--rate", "0.5", "--data", "images", "--val-data",
+                      "images", "--epochs", "1", "--train-limit", "3", "--val-limit", "6", "--batch-size", "4",
+                      "--out", "p.pt"]}[command]
+    monkeypatch.chdir(limited)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    if command == "extract":
+        with h5py.File(limited / "a.h5") as h5:
+            assert json.loads(h5.attrs["subset"]) == _subset("limit", 5, images)
+    elif command == "eval":
+        assert json.loads((limited / "eval.json").read_text())["subset"] == _subset("limit", 5, images)
+    else:
+        training = load_checkpoint_dict(limited / ("r.pt" if command == "retrain" else "p.pt"))["training"]
+        assert training["subsets"] == {"train": _subset("train_limit", 3, images),
+                                       "val": _subset("val_limit", 6, images)}
+    warned = {(o, n): _first_classes(images, n) for o, n in
+              ([("--limit", 5)] if command in ("extract", "eval") else [("--train-limit", 3), ("--val-limit", 6)])}
+    for (option, n), covered in warned.items():
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{option} {n} ")]
+        assert len(lines) == 1 and f"cover {covered} of the 3 classes" in lines[0], caplog.text
+
+
+def test_unlimited_outputs_record_no_subset(limited, monkeypatch):
+    import h5py
+    import json
+
+    monkeypatch.chdir(limited)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["extract", "m.pt", "--data", "images", "--layers", "softmax", "--out", "a.h5"]).exit_code == 0
+    assert runner.invoke(cli, ["eval", "m.pt", "--data", "images", "--out", "e.json"]).exit_code == 0
+    with h5py.File(limited / "a.h5") as h5:
+        assert "subset" not in h5.attrs
+    assert "subset" not in json.loads((limited / "e.json").read_text())
+
+
+def test_study_limits_warn_with_their_classes_and_are_recorded(limited, caplog):
+    """The config's [train]/[retrain] train_limit, val_limit and [extract] limit: the same warning and record."""
+    import h5py
+    import json
+
+    from misbench.models.checkpoint import load_checkpoint_dict
+    from misbench.studies.config import load_config
+    from misbench.studies.run import Study
+    from conftest import TINY_ARCH, write_study
+
+    images = limited / "images"
+    config = write_study(limited / "study.toml", model=TINY_ARCH, data={"train": images, "val": images},
+                         train={"epochs": 1, "batch_size": 4, "train_limit": 7},
+                         retrain={"batch_size": 4, "train_limit": 3, "val_limit": 6}, extract={"limit": 5})
+    study = Study(load_config(config), limited / "out")
+    run = "structured-l1-0.5-oneshot"
+    for name in ("train:base", f"prune:{run}", f"eval:{run}", f"extract:{run}"):
+        step = study.step(name)
+        for path in step.outputs.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        caplog.clear()
+        step.action(False)
+        messages = [r.getMessage() for r in caplog.records if " takes the first " in r.getMessage()]
+        expected = {"train:base": [("train_limit", 7), ("val_limit", None)], f"prune:{run}": [("train_limit", 3),
+                    ("val_limit", 6)], f"eval:{run}": [("val_limit", 6)], f"extract:{run}": [("limit", 5)]}[name]
+        said = [(o, n) for o, n in expected if n is not None]
+        assert len(messages) == len(said), (name, messages)
+        for (option, n), line in zip(said, messages):
+            assert line.startswith(f"{option} {n} ") and f"cover {_first_classes(images, n)} of the 3" in line
+        out = step.outputs
+        if name.startswith("prune") or name.startswith("train"):
+            subsets = load_checkpoint_dict(out["checkpoint"])["training"]["subsets"]
+            assert subsets == {o.split("_")[0]: _subset(o, n, images) for o, n in said}
+        elif name.startswith("eval"):
+            assert json.loads(out["eval"].read_text())["subset"] == _subset("val_limit", 6, images)
+        else:
+            with h5py.File(out["acts"]) as h5:
+                assert json.loads(h5.attrs["subset"]) == _subset("limit", 5, images)
+
+
+def test_train_dictionary_positions_limit_warns_and_is_recorded(limited, caplog):
+    from torch import nn
+
+    from misbench.activations.positions import sample_positions
+    from misbench.models.loading import load_model
+
+    loaded = load_model(str(limited / "m.pt"))
+    layer = next(name for name, m in loaded.model.named_modules() if isinstance(m, nn.Conv2d))
+    _, record = sample_positions(loaded, str(limited / "images"), layer, 50, limit=5, batch_size=4, device="cpu")
+    assert record["images"] == 5 and record["subset"] == _subset("limit", 5, limited / "images")
+    assert f"cover {_first_classes(limited / 'images', 5)} of the 3 classes" in caplog.text
+
+
+# -- item 11: counts, labels and data checked before any model or backend loads ------------------------------------
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Every model and similarity-backend loader raises if called: an error that comes through these was found
+    before any load."""
+    import misbench.api
+    import misbench.models.loading
+    import misbench.scoring.run
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model or backend was loaded before the check")
+
+    monkeypatch.setattr(misbench.models.loading, "load_model", loaded)
+    monkeypatch.setattr(misbench.api, "_load_model", loaded)
+    monkeypatch.setattr(misbench.scoring.run, "backend_from_settings", loaded)
+
+
+@pytest.mark.parametrize("selection,words", [([], ["--selection fair needs at least 400 rows", "found 200",
+                                                   "--selection quantile"]),
+                                              (["--selection", "quantile", "--quantile", "0.02"],
+                                               ["--quantile 0.02 of 200 rows leaves 4 images per side"])])
+def test_score_refuses_too_few_rows_before_its_backend_loads(tmp_path, no_loading, selection, words):
+    folder = make_image_folder(tmp_path / "images", classes=2, per_class=100, size=8)
+    write_acts(tmp_path / "acts.h5", folder, {"l": np.random.default_rng(0).normal(size=(200, 3))})
+    cli_error(["score", "acts.h5", "--layer", "all", "--out", "s.csv", *selection], tmp_path, *words)
+    assert not (tmp_path / "s.csv").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["extract", "mobilenet_v2:IMAGENET1K_V1", "--layers", "features.14", "--out", "a.h5"],
+    ["eval", "mobilenet_v2:IMAGENET1K_V1", "--out", "e.json"],
+    ["retrain", "mobilenet_v2:IMAGENET1K_V1", "--epochs", "1", "--out", "r.pt"],
+    ["prune", "resnet18:random", "--method", "structured", "--rate", "0.5", "--epochs", "1", "--out", "p.pt"]])
+def test_class_folders_the_labels_cannot_map_are_refused_before_the_model_loads(tmp_path, no_loading, command):
+    make_image_folder(tmp_path / "images", classes=2, per_class=2, size=8)  # class_00, class_01: no WNIDs
+    cli_error([*command, "--data", "images"], tmp_path, "class folders class_00, class_01 are not ImageNet WNIDs",
+              "--labels folder-order")
+
+
+def test_unlabelled_training_data_is_refused_before_the_model_loads(tmp_path, no_loading):
+    (tmp_path / "flat").mkdir()
+    for i in range(3):
+        from PIL import Image
+        Image.new("RGB", (8, 8)).save(tmp_path / "flat" / f"{i}.png")
+    cli_error(["retrain", "resnet18:IMAGENET1K_V1", "--data", "flat", "--out", "r.pt"], tmp_path,
+              "flat is a folder of images without class folders (unlabelled)")
+    cli_error(["retrain", "resnet18:IMAGENET1K_V1", "--out", "r.pt"], tmp_path, "retraining needs training data")

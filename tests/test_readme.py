@@ -10,7 +10,7 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-from conftest import make_image_folder
+from conftest import make_image_folder, trust_standins
 from misbench.models.archs import build_arch
 from misbench.cli.main import cli
 
@@ -34,8 +34,7 @@ def test_readme_usage_block_runs(tmp_path, monkeypatch):
     hub = tmp_path / "torch" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), hub / "alexnet-owt-7be5be79.pth")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("MISBENCH_STANDIN_WEIGHTS", "1")  # the stand-in is not the file its name promises
+    trust_standins(monkeypatch, tmp_path / "torch")  # the stand-in is not the file its name promises
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").symlink_to(ROOT / "data")
     variables = {"M": f"{model} --arch mini_inception --num-classes 3 --arch-kwargs '{{\"width\": 8}}'",

@@ -18,6 +18,8 @@ import torchvision
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import trust_standins
+
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
 from misbench.models.loading import load_model
@@ -100,8 +102,7 @@ def staged_home(tmp_path_factory):
 
 @pytest.fixture
 def torch_home(staged_home, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(staged_home))
-    monkeypatch.setenv("MISBENCH_STANDIN_WEIGHTS", "1")  # random stand-ins under torchvision's file names
+    trust_standins(monkeypatch, staged_home)  # random stand-ins under torchvision's file names
     return staged_home
 
 
@@ -198,8 +199,9 @@ def test_poisoned_file_cli_extract_is_one_line(tmp_path, monkeypatch, image_fold
     monkeypatch.setenv("TORCH_HOME", str(home))
     marker = tmp_path / "code-ran"
     write_poisoned(hub_file(home, imagenet_weights("googlenet")), marker)
+    # folder-order: the class folders pass the labels check (made before the model loads), so the weights are read
     r = CliRunner().invoke(cli, ["extract", "googlenet:IMAGENET1K_V1", "--data", str(image_folder), "--layers",
-                                 "softmax", "--out", str(tmp_path / "a.h5")])
+                                 "softmax", "--labels", "folder-order", "--out", str(tmp_path / "a.h5")])
     assert r.exit_code == 1 and r.output.startswith("Error: ") and "googlenet-1378be20.pth" in r.output
     assert len(r.output.strip().splitlines()) == 1 and not marker.exists() and not (tmp_path / "a.h5").exists()
 
@@ -265,8 +267,7 @@ def _run_seed_study(tmp_path, monkeypatch, staged_home, overrides, per_class=134
     from misbench.studies.run import run_study
     from misbench.studies.config import parse_config
 
-    monkeypatch.setenv("TORCH_HOME", str(staged_home))
-    monkeypatch.setenv("MISBENCH_STANDIN_WEIGHTS", "1")
+    trust_standins(monkeypatch, staged_home)  # random stand-ins under torchvision's file names
     wnids = WNIDS[:3]
     train, val = make_imagenet_tree(tmp_path / "imagenet", wnids, 4, per_class)
     config = parse_config(seed_config(train, val, overrides), "googlenet_imagenet.toml+overrides")

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import TINY_ARCH, make_image_folder, write_study
+from conftest import TINY_ARCH, make_image_folder, trust_standins, write_study
 from misbench.cli.main import cli
 from misbench.errors import MisbenchError
 from misbench.runtime.fileio import sha256_file
@@ -25,7 +25,7 @@ def write_config(path, data, similarity="pixel"):
                                                             "explanations": None})
 
 
-def test_tiny_study_caches_and_reruns_only_what_changed(tmp_path, study_data):
+def test_tiny_study_caches_and_reruns_only_what_changed(tmp_path, study_data, monkeypatch):
     config = write_config(tmp_path / "study.toml", study_data)
     out = tmp_path / "out"
     runner = CliRunner()
@@ -67,19 +67,9 @@ def test_tiny_study_caches_and_reruns_only_what_changed(tmp_path, study_data):
     hub = tmp_path / "torch" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
     torch.save(state, hub / "resnet18-f37072fd.pth")
-    import os
-
-    old = os.environ.get("TORCH_HOME")
-    os.environ["TORCH_HOME"] = str(tmp_path / "torch")
-    os.environ["MISBENCH_STANDIN_WEIGHTS"] = "1"  # the stand-in is not the file its name promises
-    try:
+    with monkeypatch.context() as patch:
+        trust_standins(patch, tmp_path / "torch")  # the stand-in is not the file its name promises
         r = runner.invoke(cli, ["study", str(config), "--out", str(out)])
-    finally:
-        os.environ.pop("MISBENCH_STANDIN_WEIGHTS")
-        if old is None:
-            os.environ.pop("TORCH_HOME")
-        else:
-            os.environ["TORCH_HOME"] = old
     assert r.exit_code == 0, r.output
     after = json.loads((out / "manifest.json").read_text())["steps"]
     rerun = {n for n in after if after[n]["finished_utc"] != before[n]}

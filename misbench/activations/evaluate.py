@@ -11,7 +11,8 @@ import torch
 
 from ..datasets.folders import UNLABELLED
 from ..datasets.labels import labels_setting
-from ..datasets.sources import TransformedDataset, first_images, load_data
+from ..datasets.sources import TransformedDataset, load_data
+from ..datasets.subset import first_images
 from ..errors import MisbenchError
 from ..models.loading import LoadedModel
 from ..models.preprocess import build_transform
@@ -63,12 +64,15 @@ def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray, class_names=Non
 
 
 def evaluate_model(loaded: LoadedModel, data: str, batch_size: int = 64, workers: int | None = None,
-                   device: str = "auto", limit: int | None = None, progress=None, labels: str = "auto") -> dict:
-    source = load_data(data, loaded.num_classes, labels, loaded.categories)
+                   device: str = "auto", limit: int | None = None, progress=None, labels: str = "auto",
+                   limit_name: str = "limit") -> dict:
+    """`limit_name`: the setting the limit came from (a study's eval: val_limit), as warned and recorded."""
+    source = load_data(data, loaded.num_classes, labels, loaded.categories) if isinstance(data, str) else data
     dev = resolve_device(device)
     model = prepare_model(loaded.model, dev).eval()
     pre = loaded.preprocess
-    total = first_images(source, limit)
+    subset = first_images(source, limit, limit_name)
+    total = subset.images
     dataset = TransformedDataset(source, build_transform(pre), (3, pre.crop, pre.crop), 0, total)
     logits, labels, done = [], [], 0
     with torch.inference_mode(), precision(dev, amp=False):
@@ -83,8 +87,10 @@ def evaluate_model(loaded: LoadedModel, data: str, batch_size: int = 64, workers
             if progress:
                 progress(done, total)
     result = accuracy_from_logits(np.concatenate(logits), np.concatenate(labels), source.classes)
-    result.update(model=loaded.spec, data=data, checkpoint_sha256=loaded.sha256,
+    result.update(model=loaded.spec, data=source.spec, checkpoint_sha256=loaded.sha256,
                   label_warning=getattr(getattr(source, "label_map", None), "warning", ""))
+    if subset.record():  # the images a limit took and the classes they cover
+        result["subset"] = subset.record()
     return result
 
 

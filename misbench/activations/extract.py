@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..datasets.labels import labels_setting
-from ..datasets.sources import DIGEST_CHARS, ImageSource, TransformedDataset, first_images, load_data
+from ..datasets.sources import DIGEST_CHARS, ImageSource, TransformedDataset, load_data
+from ..datasets.subset import first_images
 from ..errors import MisbenchError
 from ..models.loading import LoadedModel, model_input_file
 from ..models.preprocess import build_transform
@@ -180,11 +181,14 @@ def _extract(loaded, data, out: Path, settings: ExtractSettings, resume: bool, o
     if resume and not own.exists():
         log.info("nothing to resume at %s; starting from the beginning", own)
         resume = False
-    total = first_images(source, settings.limit)
+    subset = first_images(source, settings.limit)
+    total = subset.images
     # whole batches per rank: every image is computed in the same batch as in one process (bit-identical)
     first, last = distributed.block(-(-total // settings.batch_size), rank, size)
     start, stop = min(first * settings.batch_size, total), min(last * settings.batch_size, total)
     attrs = _file_attrs(loaded, source, settings, pre, [r.name for r in requests])
+    if subset.record():  # the images a limit took and the classes they cover
+        attrs["subset"] = json.dumps(subset.record())
     device = resolve_device(settings.device)
     distributed.ensure_initialized(device)
     writer = _open_writer(own, attrs, resume, start)

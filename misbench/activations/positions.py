@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..datasets.sources import TransformedDataset, load_data
+from ..datasets.subset import first_images
 from ..errors import MisbenchError
 from ..models.preprocess import build_transform
 from ..runtime.device import make_loader, prepare_model, resolve_device, to_device
@@ -63,7 +64,8 @@ def sample_positions(loaded, data, layer: str, size: int, seed: int = 0, limit: 
     if layer not in modules or not layer:
         raise MisbenchError(f"--layer {layer!r}: not a module of the model; `misbench layers MODEL` lists them")
     source = load_data(data, loaded.num_classes, labels, loaded.categories) if isinstance(data, str) else data
-    total = len(source) if limit is None else min(limit, len(source))
+    subset = first_images(source, limit)
+    total = subset.images
     dev = resolve_device(device)
     model = prepare_model(model, dev).eval()
     pre = loaded.preprocess
@@ -93,5 +95,7 @@ def sample_positions(loaded, data, layer: str, size: int, seed: int = 0, limit: 
                             "inference path")
     record = {"images": images, "positions_seen": int(reservoir.seen), "n_vectors": min(reservoir.seen, size),
               "positions_per_image": reservoir.seen // max(images, 1)}
+    if subset.record():  # the images a limit took and the classes they cover
+        record["subset"] = subset.record()
     log.info("%s: %d of %d positions sampled over %d images", layer, record["n_vectors"], reservoir.seen, images)
     return reservoir.sample(), record

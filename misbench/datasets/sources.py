@@ -2,7 +2,7 @@
 
 __all__ = [
     "ImageSource", "FolderSource", "ArraySource", "TransformedDataset", "BadImageError",
-    "load_data", "fashion_mnist_dirs", "FASHION_MNIST_CLASSES", "to_rgb", "FLOAT_RANGE", "DIGEST_CHARS", "first_images",
+    "load_data", "fashion_mnist_dirs", "FASHION_MNIST_CLASSES", "to_rgb", "FLOAT_RANGE", "DIGEST_CHARS",
 ]
 
 import gzip
@@ -81,20 +81,6 @@ class ImageSource:
         """Every image's label, in dataset order."""
         held = getattr(self, "_labels", None)
         return np.asarray(held) if held is not None else np.array([self.label(i) for i in range(len(self))])
-
-
-def first_images(source: ImageSource, limit: int | None, option: str = "--limit") -> int:
-    """How many images a `limit` takes: the first ones in dataset order (rows stay in dataset order). A folder is
-    sorted by class, so a limit can cover few classes: that is said in a warning with the count covered."""
-    n = len(source) if limit is None else min(int(limit), len(source))
-    if n < len(source):
-        labels = source.labels()
-        known = labels[labels >= 0]
-        covered, total = len(np.unique(labels[:n][labels[:n] >= 0])), len(np.unique(known))
-        if covered < total:
-            log.warning("%s %d takes the first %d images in dataset order (sorted by class): they cover %d of the %d "
-                        "classes; class-wise accuracy and class units see only those", option, n, n, covered, total)
-    return n
 
 
 class FolderSource(ImageSource):

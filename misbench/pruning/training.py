@@ -1,6 +1,6 @@
 """Retraining with the seed paper's recipe, masks enforced after every optimizer step."""
 
-__all__ = ["TrainSettings", "MaskEnforcer", "Trainer", "train_transform"]
+__all__ = ["TrainSettings", "MaskEnforcer", "Trainer", "train_transform", "data_subsets", "subsets_record"]
 
 import contextlib
 import dataclasses
@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..datasets.labels import labels_setting
-from ..datasets.sources import ImageSource, TransformedDataset, derived_seed, first_images
+from ..datasets.sources import ImageSource, TransformedDataset, derived_seed
+from ..datasets.subset import first_images
 from ..errors import MisbenchError
 from ..models.preprocess import Preprocess, build_transform
 from ..runtime import distributed
@@ -64,6 +65,18 @@ class TrainSettings:
                 "epochs": self.epochs, "batch_size": self.batch_size, "aux_weight": self.aux_weight, "seed": self.seed,
                 "train_limit": self.train_limit, "val_limit": self.val_limit, "augment": self.augment,
                 "labels": self.labels}
+
+
+def data_subsets(settings: TrainSettings, train_source, val_source) -> dict:
+    """{"train", "val"}: the Subset (first_images) each limit takes of its source (None without a source)."""
+    return {"train": None if train_source is None else first_images(train_source, settings.train_limit, "train_limit"),
+            "val": None if val_source is None else first_images(val_source, settings.val_limit, "val_limit")}
+
+
+def subsets_record(subsets: dict) -> dict:
+    """The training record's `subsets` entry: each limited split's Subset.record() (empty without limits)."""
+    found = {split: subset.record() for split, subset in subsets.items() if subset is not None and subset.record()}
+    return {"subsets": found} if found else {}
 
 
 def train_transform(pre: Preprocess, augment: bool = True):
@@ -120,8 +133,10 @@ class Trainer:
     """One model, its optimizer, scheduler and data order; state_dict()/load_state_dict() for exact resume."""
 
     def __init__(self, model: nn.Module, masks: dict, settings: TrainSettings, pre: Preprocess,
-                 train_source: ImageSource | None, val_source: ImageSource | None, stream: int = 0):
-        """`stream` (the pruning step) gives each retraining its own data order and augmentations."""
+                 train_source: ImageSource | None, val_source: ImageSource | None, stream: int = 0,
+                 subsets: dict | None = None):
+        """`stream` (the pruning step) gives each retraining its own data order and augmentations. `subsets`:
+        data_subsets(...) of the sources, taken once for all steps (default: taken here)."""
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.rank, self.size = distributed.world()
@@ -149,14 +164,15 @@ class Trainer:
         if self.rank == 0:
             log.info("training on %s%s", describe(self.device, settings.workers, self.use_amp),
                      f", DDP over {self.size} processes" if self.size > 1 else "")
+        subsets = data_subsets(settings, train_source, val_source) if subsets is None else subsets
         self.train_set = None
         if train_source is not None:
-            n_train = first_images(train_source, settings.train_limit, "--train-limit")
+            n_train = subsets["train"].images
             self.train_set = TransformedDataset(train_source, train_transform(pre, settings.augment),
                                                 (3, pre.crop, pre.crop), 0, n_train, seed=(settings.seed, stream))
         self.val_set = None
         if val_source is not None:
-            n_val = first_images(val_source, settings.val_limit, "--val-limit")
+            n_val = subsets["val"].images
             self.val_set = TransformedDataset(val_source, build_transform(pre), (3, pre.crop, pre.crop), 0, n_val)
 
     def state_dict(self) -> dict:

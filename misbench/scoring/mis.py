@@ -115,6 +115,16 @@ def _check_rows(n_rows: int, needed: int, what: str):
                             f"extract more images, or lower --tasks/--explanations{hint}")
 
 
+def _quantile_pool(n_rows: int, quantile: float, n_expl: int) -> int:
+    if not 0 < quantile <= 0.5:
+        raise MisbenchError(f"--quantile must be in (0, 0.5], got {quantile}")
+    pool = int(np.ceil(quantile * n_rows))
+    if pool < n_expl + 1:
+        raise MisbenchError(f"--quantile {quantile} of {n_rows} rows leaves {pool} images per side; "
+                            f"a task needs {n_expl + 1}")
+    return pool
+
+
 def select_fair(acts: np.ndarray, rows: np.ndarray, keys: np.ndarray, n_rows: int, rng: np.random.Generator,
                 n_tasks: int = 20, n_expl: int = 9) -> Tasks:
     """IMI's selection: the top (K+1)*T ranks form K+1 bins of T; each bin shuffled; task t takes
@@ -138,12 +148,7 @@ def select_fair(acts: np.ndarray, rows: np.ndarray, keys: np.ndarray, n_rows: in
 def select_quantile(acts: np.ndarray, rows: np.ndarray, keys: np.ndarray, n_rows: int, rng: np.random.Generator,
                     n_tasks: int = 20, n_expl: int = 9, quantile: float = 0.2) -> Tasks:
     """Each task samples K+1 rows of the top (bottom) `quantile` fraction; the least extreme is the query."""
-    if not 0 < quantile <= 0.5:
-        raise MisbenchError(f"--quantile must be in (0, 0.5], got {quantile}")
-    pool = int(np.ceil(quantile * n_rows))
-    if pool < n_expl + 1:
-        raise MisbenchError(f"--quantile {quantile} of {n_rows} rows leaves {pool} images per side; "
-                            f"a task needs {n_expl + 1}")
+    pool = _quantile_pool(n_rows, quantile, n_expl)
     if pool > len(acts):
         raise MisbenchError(f"--quantile {quantile} needs the top {pool} rows per unit; this file keeps {len(acts)}")
     sides = []
@@ -160,29 +165,33 @@ def select_quantile(acts: np.ndarray, rows: np.ndarray, keys: np.ndarray, n_rows
 class Selection:
     """A way to choose a unit's tasks. Both functions take the run's settings (ScoreSettings: tasks,
     explanations, quantile, ...): `select(acts, rows, keys, n_rows, rng, settings) -> Tasks` over the candidate
-    rows, and `per_side(settings, n_rows)`, how many ranks per side it reads (a top/bottom-k file must keep them)."""
+    rows, and `per_side(settings, n_rows)`, how many ranks per side it reads (a top/bottom-k file must keep them).
+    `check(settings, n_rows)` refuses a file with too few rows for it: called before any backend loads."""
 
     select: Callable[..., Tasks]
     per_side: Callable[..., int]
+    check: Callable[..., None] = lambda settings, n_rows: None
 
 
 SELECTIONS: dict[str, Selection] = {}  # --selection, in registration order
 
 
-def register_selection(name: str, per_side: Callable[..., int]):
+def register_selection(name: str, per_side: Callable[..., int], check: Callable[..., None] | None = None):
     """Decorator: `select(acts, rows, keys, n_rows, rng, settings) -> Tasks` is `--selection name`."""
     def decorate(select):
-        register(SELECTIONS, name, Selection(select, per_side), "selection")
+        register(SELECTIONS, name, Selection(select, per_side, *([check] if check else [])), "selection")
         return select
     return decorate
 
 
-@register_selection("fair", per_side=lambda s, n_rows: (s.explanations + 1) * s.tasks)
+@register_selection("fair", per_side=lambda s, n_rows: (s.explanations + 1) * s.tasks,
+                    check=lambda s, n_rows: _check_rows(n_rows, 2 * (s.explanations + 1) * s.tasks, "--selection fair"))
 def _fair(acts, rows, keys, n_rows, rng, s) -> Tasks:
     return select_fair(acts, rows, keys, n_rows, rng, s.tasks, s.explanations)
 
 
-@register_selection("quantile", per_side=lambda s, n_rows: int(np.ceil(s.quantile * n_rows)))
+@register_selection("quantile", per_side=lambda s, n_rows: int(np.ceil(s.quantile * n_rows)),
+                    check=lambda s, n_rows: _quantile_pool(n_rows, s.quantile, s.explanations) and None)
 def _quantile(acts, rows, keys, n_rows, rng, s) -> Tasks:
     return select_quantile(acts, rows, keys, n_rows, rng, s.tasks, s.explanations, s.quantile)
 

@@ -193,6 +193,8 @@ def _score(acts_path, layers, settings: ScoreSettings, out, tasks_out, cache_dir
         names = acts.layer_names if list(layers) in (["all"], []) else list(dict.fromkeys(layers))
         for name in names:
             acts.layer(name)  # validates before any work
+            # enough rows for the selection: refused here, before the backend's load (a minute or more)
+            SELECTIONS[settings.selection].check(settings.for_layer(name), acts.n_rows)
             if "ms" in settings.metrics and acts.tie_seed(name) is not None:
                 raise MisbenchError(f"--metrics ms: layer {name!r} of {acts_path} keeps only its top/bottom-k rows; "
                                     "the MonoSemanticity score weighs every image: extract without --keep")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..datasets.sources import NAMED_DATASETS, load_data
 from ..errors import MisbenchError
+from ..models.asset_table import stage_hint
 from ..models.loading import model_input_file
 
 # docs/reproducing.md's "Expected GPU hours" (GoogLeNet on one H100): images per second and seconds per network
@@ -52,7 +53,7 @@ def missing_inputs(config) -> list[str]:
         file = model_input_file(model)
         if (file != model or ":" not in model) and not Path(file).is_file():
             problems.append(f"config {where}: {model} needs the weight file {file}, which is missing: put it there "
-                            "(docs/installation.md, `misbench assets stage`)")
+                            f"(docs/installation.md; {stage_hint(Path(file).name)})")
     return problems
 
 

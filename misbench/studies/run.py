@@ -248,6 +248,7 @@ class Study:
         result = evaluate_model(self._load(ckpt), self.config["data"]["val"], batch_size=256,
                                 workers=self._runtime()["workers"], device=self._runtime()["device"],
                                 limit=self.config["retrain"]["val_limit"], labels=self.config["data"]["labels"],
+                                limit_name="val_limit",
                                 progress=self._bar(f"eval {Path(out).parent.name}"))
         write_eval(result, out, Path(out).with_name("classwise_accuracy.csv"))
 
