@@ -147,6 +147,16 @@ def test_report_findings_links_images_and_layout_in_a_headless_browser(study_rep
     cw = read_csv_rows(out / "classwise" / "control" / "classwise.csv")
     rc = stats.pearsonr([float(c["accuracy"]) for c in cw], [float(c["mis_confidence"]) for c in cw])
     assert f"in control, Pearson r = {_num(rc.statistic)}" in text
+    # ... and it says when the class units' top pools hold other classes' images (classwise.csv's purity)
+    purity = {run.name: np.mean([float(c["purity"]) for c in read_csv_rows(run / "classwise.csv")])
+              for run in (out / "classwise").iterdir()}
+    impure = {name: p for name, p in purity.items() if p < 0.9}
+    if impure:
+        worst = min(impure, key=impure.get)
+        assert (f"the class pools are impure in {len(impure)} of {len(purity)} runs (mean purity below 0.9; "
+                f"lowest: {worst}, {_num(impure[worst])})") in text, text
+    else:
+        assert "impure" not in text
 
     # every link from a table row resolves; the units it links have pages whose images all load
     links = probe["links"]
@@ -168,16 +178,6 @@ def test_report_findings_links_images_and_layout_in_a_headless_browser(study_rep
     # on a phone: no horizontal scroll of the page itself
     phone = _browse(exe, [(str(p), None) for p in phone_pages], 390, 844)
     assert all(got["overflow"] <= 0 and got["errors"] == [] for got in phone.values()), phone
-
-    # page weight within the documented budget (docs/reports.md)
-    n_units = len(read_csv_rows(out / "sweep_layers.csv"))  # sanity: the study has layers
-    assert n_units
-    run_dir = layer_index.parent.parent
-    for index in run_dir.glob("*/index.html"):
-        tiles = index.read_text().count("class='tile'")
-        assert page_weight(index) <= INDEX_BYTES_PER_UNIT * tiles, index
-    assert max(page_weight(p) for p in run_dir.glob("*/[0-9]*.html")) <= UNIT_PAGE_BYTES
-
 
 def test_report_reads_first_and_prints(study_report):
     out = study_report
@@ -211,3 +211,30 @@ def test_report_figures_agree_with_its_tables(study_report):
     assert csvs and all(f"href='{c}'" in html for c in csvs)
     paired = read_csv_rows(out / "paired.csv")
     assert paired and "paired.png" in json.loads((out / "summary.json").read_text())["figures"]
+
+
+def test_every_run_has_unit_pages_linked_from_its_rows_sharing_thumbnails(study_report):
+    out = study_report
+    report = out / "report.html"
+    html = report.read_text()
+    links = set(re.findall(r"href='([^']+)'", html))
+    # every run with scores has its pages, linked from its rows of the summary table and of the table of layers
+    layer_rows = read_csv_rows(out / "sweep_layers.csv")
+    runs = {r["name"] for r in layer_rows}
+    assert runs and all(f"units/{run}/index.html" in links for run in runs), links
+    assert all(f"units/{r['name']}/{r['layer']}/index.html" in links for r in layer_rows), links
+    for run in runs:  # the summary table's row of the run
+        assert re.search(rf"<tr><td><a href='units/{re.escape(run)}/index.html'>{re.escape(run)}</a></td><td>", html), run
+    # thumbnails are made once per image, shared by every run's pages (the runs score the same images)
+    shown = {run: {m for page in (out / "units" / run).rglob("*.html")
+                   for m in re.findall(r"src='../../img/([^']+)'", page.read_text())} for run in runs}
+    thumbs = {p.name for p in (out / "units" / "img").glob("*.jpg")}
+    assert thumbs == set().union(*shown.values()) and len(thumbs) < sum(len(v) for v in shown.values())
+
+    # page weight within the documented budget (docs/reports.md), for every run
+    for run in runs:
+        run_dir = out / "units" / run
+        for index in run_dir.glob("*/index.html"):
+            tiles = index.read_text().count("class='tile'")
+            assert page_weight(index) <= INDEX_BYTES_PER_UNIT * tiles, index
+        assert max(page_weight(p) for p in run_dir.glob("*/[0-9]*.html")) <= UNIT_PAGE_BYTES

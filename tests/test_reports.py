@@ -187,8 +187,14 @@ def test_classwise_report_with_unit_pictures_stays_inside_its_folder(property_fo
     links = [link for link in re.findall(r"(?:src|href)=['\"]([^'\"]+)['\"]", html) if not link.startswith(("#", "data:"))]
     assert links and all((out / link).resolve().is_relative_to(out.resolve()) and (out / link).exists() for link in links)
     assert "units/softmax_1.png" in links and not re.search(r"https?://", html)
+    # the task gallery as the rest of the report: about 900 px wide, text >= 8 pt (11 px at 100 dpi), its alt text
+    # naming the run (a classwise report's unit pages are those of "scores") and the unit
     with Image.open(out / "units/softmax_1.png") as img:
-        assert img.size[0] > 2 * img.size[1]  # 20 pictures per task row
+        assert 700 <= img.size[0] <= 1000, img.size
+    svg = (out / "units/softmax_1.svg").read_text()
+    sizes = [float(v) for v in re.findall(r"font(?:-size)?:\s*(?:[a-z]+\s+)*([\d.]+)px", svg)]
+    assert sizes and min(sizes) >= 8, min(sizes)
+    assert re.search(r"<img[^>]*src='units/softmax_1.png'[^>]*alt='scores softmax:1: ", html)
     # a requested unit without tasks is refused, not silently dropped; an unscored unit is named plainly
     r = runner.invoke(cli, ["report", "classwise", "--scores", str(tmp_path / "mis.csv"), "--acts", str(acts),
                             "--unit", "softmax:1", "--out", str(tmp_path / "r2")])

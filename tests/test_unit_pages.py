@@ -138,3 +138,37 @@ def test_a_failed_build_leaves_the_old_report_as_it_was(scored, tmp_path, monkey
         misbench.report("sweep", out, runs=_runs(d, 0), overwrite=True)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before and [p.name for p in tmp_path.iterdir()] == ["report"]  # no leftovers beside it
+
+
+def test_bad_input_is_one_line_that_names_it(scored, tmp_path):
+    """A unit that was not scored, a layer that is not in the file, a runs table with a missing column: one line
+    naming the unit, layer, file or argument and column; nothing is written."""
+    import h5py
+
+    d, acts, feat = scored
+    with h5py.File(d / "tasks.h5", "r") as src, h5py.File(tmp_path / "few.h5", "w") as t:
+        keep = np.isin(src["feat"]["unit"][...], [0, 1])  # tasks for feat:0 and feat:1 only
+        group = t.create_group("feat")
+        for key in src["feat"]:
+            group[key] = src["feat"][key][...][keep]
+    with h5py.File(tmp_path / "other.h5", "w") as t:
+        t.create_group("other")["unit"] = np.array([0])
+    (tmp_path / "runs.csv").write_text(f"name,rate,scores\ncontrol,0,{d / 'mis.csv'}\n")  # no method
+    cases = [
+        (lambda: misbench.plot_unit(acts, "feat", 2, tasks=tmp_path / "few.h5"), ["feat:2", "not scored", "few.h5"]),
+        (lambda: misbench.plot_unit(acts, "feat", 2, tasks=tmp_path / "other.h5"), ["layer 'feat'", "other.h5"]),
+        (lambda: misbench.unit_images(acts, "conv9", 0), ["'conv9'", str(acts)]),
+        (lambda: misbench.report("sweep", tmp_path / "r", runs=_runs(d, 3), units=["conv9:1"]),
+         ["unit conv9:1 was not scored in control", "scored layers: feat"]),
+        (lambda: misbench.report("sweep", tmp_path / "r", runs=tmp_path / "runs.csv"), ["runs.csv", "missing method"]),
+        (lambda: misbench.report("sweep", tmp_path / "r", runs=[{"name": "a", "method": "none", "rate": 0}]),
+         ["runs (list)", "missing scores|mis_confidence"]),
+    ]
+    for call, words in cases:
+        with pytest.raises(MisbenchError) as err:
+            call()
+        message = str(err.value)
+        assert "\n" not in message and all(w in message for w in words), (message, words)
+    assert not (tmp_path / "r").exists()
+    r = CliRunner().invoke(cli, ["report", "sweep", "--runs", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "r")])
+    assert r.exit_code == 1 and "missing method" in r.output and "Traceback" not in r.output

@@ -2,7 +2,7 @@
 misbench.api.report and the study's report step all call these), and the HTML sections of the pages."""
 
 __all__ = ["REPORTS", "REPORT_FILES", "register_report", "checkpoint_labels", "classwise", "sweep", "layers", "curves", "compare", "dictionaries", "sweep_sections", "classwise_sections",
-           "compare_sections", "unit_sections", "units_section", "classwise_runs_section", "settings_header"]
+           "compare_sections", "unit_sections", "units_section", "run_unit_pages", "classwise_runs_section", "settings_header"]
 
 import contextlib
 import html
@@ -136,10 +136,13 @@ def classwise_runs_section(by_run: dict, out_dir, layer: str) -> list[Section]:
     panels = {name: (read_csv_rows(out_dir / "classwise" / name / "classwise.csv"),
                      s["correlation_accuracy_mis_confidence"]) for name, s in by_run.items()}
     classwise_runs_figure(panels, out_dir / "classwise_runs.png", layer)
-    facts = [(name, format_correlation(s["correlation_accuracy_mis_confidence"])) for name, s in by_run.items()]
+    facts = [(name, format_correlation(s["correlation_accuracy_mis_confidence"]) + _purity_text(panels[name][0]))
+             for name, s in by_run.items()]
     sections = [Section("Class units against class-wise accuracy", css_id="classwise",
                         text=f"One panel per run: each point a class ({layer} unit); line: least squares; title: "
-                             "Pearson r, p, n (the numbers of each run's classwise/<run>/summary.json).",
+                             "Pearson r, p, n (the numbers of each run's classwise/<run>/summary.json) and the mean "
+                             "purity of the class units' top pools (the share of a pool's images of the unit's own "
+                             "class; classwise.csv's purity and pool).",
                         facts=facts, figures=[Figure("classwise_runs.png", "class-unit MIS confidence against "
                                                                            "class-wise accuracy, every run", "scatter")])]
     for name, s in by_run.items():
@@ -149,13 +152,33 @@ def classwise_runs_section(by_run: dict, out_dir, layer: str) -> list[Section]:
     return sections
 
 
+def _purity_text(rows: list[dict]) -> str:
+    """'; mean purity P of top pools of N images (classes of A-B images)' from classwise.csv rows ('' without)."""
+    known = [r for r in rows if r.get("purity") not in (None, "")]
+    if not known:
+        return ""
+    pools = sorted({int(float(r["pool"])) for r in known})
+    sizes = [int(float(r["class_images"])) for r in known]
+    pool = f"{pools[0]}" if len(pools) == 1 else f"{pools[0]}-{pools[-1]}"
+    size = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
+    return (f"; mean purity {sum(float(r['purity']) for r in known) / len(known):.3g} of top pools of {pool} images "
+            f"(classes of {size} images)")
+
+
+CLASSWISE_SHOWN = ("class", "name", "n", "accuracy", "mis", "mis_confidence", "purity", "pool", "class_images")
+
+
 def classwise_sections(summary: dict, rel_dir: str = ".", name: str = "") -> list[Section]:
     rel = Path(rel_dir)
     of = f" ({name})" if name else ""
     return [Section(f"Class units against class-wise accuracy{of}", css_id=f"classwise-{name}" if name else "classwise",
                     text=f"Layer {summary['layer']} ({summary['class_units']}), {summary['n_classes']} classes, "
-                         f"top-1 {'-' if summary['top1'] is None else format(summary['top1'], '.4g')}.",
+                         f"top-1 {'-' if summary['top1'] is None else format(summary['top1'], '.4g')}"
+                         + ("" if summary.get("mean_purity") is None else
+                            f", mean purity of the class units' top pools {summary['mean_purity']:.3g} (purity: the "
+                            "share of a unit's top pool that is its own class; pool: the pool's images)") + ".",
                     facts=_correlation_facts(summary), tables=[(rel / "classwise.csv").as_posix()],
+                    columns=CLASSWISE_SHOWN,
                     figures=[Figure((rel / "classwise_scatter.png").as_posix(),
                                     "one point per class; line: least squares; legend: r, p, n", "scatter"),
                              Figure((rel / "classwise.png").as_posix(), "per unit, with moving averages")])]
@@ -179,8 +202,9 @@ def unit_sections(galleries: list[dict], run: str = "") -> list[Section]:
                       (f"task {k}: E+ activations", _values_text(g["pos_expl"][k])),
                       (f"task {k}: queries q+, q-", _values_text(g["queries"][k])),
                       (f"task {k}: E- activations", _values_text(g["neg_expl"][k]))]
-        sections.append(Section(title, facts=facts, figures=[Figure(g["path"], "explanations E+/E-, queries q+/q-; "
-                                                                    "activation under each image")]))
+        who = f"{run or 'scores'} {g['layer']}:{g['unit']}"  # the alt text names run and unit
+        sections.append(Section(title, facts=facts, figures=[Figure(g["path"], f"{who}: explanations E+/E-, queries "
+                                                                    "q+/q-; activation under each image")]))
     return sections
 
 
@@ -236,9 +260,25 @@ def _rehome(path: Path, tmp: Path, out) -> Path:
     return Path(out).resolve() / Path(path).resolve().relative_to(Path(tmp).resolve())
 
 
-def units_section(pages: dict, run: str, chosen: list, scores: list[dict]) -> Section:
-    """Links to a run's unit pages: its layers, and a table of the chosen units (highest, median, lowest
-    confidence and the requested ones) whose unit cells link to the units' pages."""
+def _runs_layers_table(every_run: dict, layer_rows) -> str:
+    """Every run's layers: one row per run (linking to its layers), one column per layer whose cell, the layer's
+    mean MIS confidence (sweep_layers.csv), links to that run's index of the layer's units."""
+    conf = {(r["name"], r["layer"]): r.get("mis_confidence", "") for r in layer_rows}
+    layers = list(dict.fromkeys(layer for pages in every_run.values() for layer in pages["layers"]))
+    rows = [{"run": name, **{layer: (conf.get((name, layer)) or "-") for layer in pages["layers"]}}
+            for name, pages in every_run.items()]
+    links = {"run": {name: pages["index"] for name, pages in every_run.items()},
+             **{layer: (lambda row, layer=layer: every_run[row["run"]]["layers"].get(layer)) for layer in layers}}
+    return table_html(rows, ["run", *layers], "Mean MIS confidence per layer of every run: a cell links to the "
+                                              "layer's units, a run to its layers (click a column to sort)", links)
+
+
+def units_section(pages: dict, run: str, chosen: list, scores: list[dict], every_run: dict | None = None,
+                  layer_rows=()) -> Section:
+    """Links to the unit pages: with `every_run` (run name -> its unit pages, as unit_pages returns them) a table
+    of every run's layers (see _runs_layers_table; `layer_rows`: sweep_layers.csv), else the layers of `run`;
+    then a table of `run`'s chosen units (highest, median, lowest confidence and the requested ones) whose unit
+    cells link to the units' pages."""
     by_key = {(r["layer"], r["unit"]): r for r in scores}
     rows = []
     for layer, unit, why in chosen:
@@ -251,32 +291,25 @@ def units_section(pages: dict, run: str, chosen: list, scores: list[dict]) -> Se
             "shows its images)." if constant else "")
     links = {"unit": {f"{layer}:{unit}": href for (layer, unit), href in pages["units"].items()},
              "layer": dict(pages["layers"])}
-    layer_list = "".join(f"<li><a href='{html.escape(href)}'>{html.escape(layer)}</a></li>"
-                         for layer, href in pages["layers"].items())
+    if every_run:
+        listing = _runs_layers_table(every_run, layer_rows)
+    else:
+        layer_list = "".join(f"<li><a href='{html.escape(href)}'>{html.escape(layer)}</a></li>"
+                             for layer, href in pages["layers"].items())
+        listing = (f"<p><a href='{html.escape(pages['index'])}'>All layers of {html.escape(run)}</a>: "
+                   f"<ul class='inline'>{layer_list}</ul></p>")
     cols = ["layer", "unit", "why", "status", "mis", "mis_confidence", "conf_ci_low", "conf_ci_high"]
-    return Section(f"Units of {run}", css_id="units",
+    every = every_run and len(every_run) > 1
+    return Section("Units of every run" if every else f"Units of {run}", css_id="units",
                    text="Every scored unit has a page (top and bottom images with activations, tasks, MIS, confidence, "
                         "intervals, status); each layer an index of its units sorted by MIS confidence." + note,
-                   html=f"<p><a href='{html.escape(pages['index'])}'>All layers of {html.escape(run)}</a>: "
-                        f"<ul class='inline'>{layer_list}</ul></p>"
-                        + table_html([{k: ("" if v is None else str(v)) for k, v in r.items()} for r in rows], cols,
-                                     f"Chosen units of {run} (click a column to sort)", links))
+                   html=listing + (table_html([{k: ("" if v is None else str(v)) for k, v in r.items()} for r in rows],
+                                              cols, f"Chosen units of {run} (click a column to sort)", links)
+                                   if rows else ""))
 
 
-def _pages_for(out_dir, scores_csv, run: str, units=()) -> tuple[list[Section], dict | None]:
-    """Unit pages and the units section when tasks.h5 and acts.h5 sit beside the scores (as a study writes
-    them); the pictured requested units (with their task galleries, folded)."""
-    d = Path(scores_csv).parent
-    tasks, acts = d / "tasks.h5", d / "acts.h5"
-    if not (tasks.exists() and acts.exists()):
-        if units:  # asked for by name: say why they are not pictured
-            log.warning("units %s not pictured: %s needs tasks.h5 and acts.h5 beside it", ", ".join(units), scores_csv)
-        return [], None
-    return _unit_pages_sections(out_dir, read_scores(scores_csv), tasks, acts, run, units)
-
-
-def _unit_pages_sections(out_dir, scores, tasks, acts, run, units):
-    chosen = choose_units(scores, units)
+def _check_chosen(scores: list[dict], chosen: list, run: str) -> None:
+    """One error naming a chosen unit that was not scored."""
     known = {(r["layer"], r["unit"]) for r in scores}
     for layer, unit, _ in chosen:
         if (layer, unit) not in known:
@@ -286,6 +319,34 @@ def _unit_pages_sections(out_dir, scores, tasks, acts, run, units):
                       else f"scored layers: {', '.join(have)}")
             raise MisbenchError(f"unit {layer}:{unit} was not scored in {run or 'these scores'} ({detail}): "
                                 "give a scored unit as LAYER:INDEX")
+
+
+def _beside(scores_csv) -> tuple[Path, Path] | None:
+    """(tasks.h5, acts.h5) beside a mis.csv (as a study writes them), else None."""
+    d = Path(scores_csv).parent
+    return (d / "tasks.h5", d / "acts.h5") if (d / "tasks.h5").exists() and (d / "acts.h5").exists() else None
+
+
+def run_unit_pages(out_dir, rows: list[dict], base_dir) -> dict:
+    """Unit pages of every run whose mis.csv has tasks.h5 and acts.h5 beside it: run name -> its pages (rows that
+    name the same mis.csv are one run: they share its pages). Thumbnails are shared by all runs (units/img/)."""
+    made, by_file = {}, {}
+    for row in rows:
+        if not row.get("scores"):
+            continue
+        scores = (Path(base_dir) / row["scores"]).resolve()
+        found = _beside(scores)
+        if found is None:
+            continue
+        if scores not in by_file:
+            by_file[scores] = unit_pages(out_dir, row["name"], read_scores(scores), found[1], found[0])
+        made[row["name"]] = by_file[scores]
+    return made
+
+
+def _unit_pages_sections(out_dir, scores, tasks, acts, run, units):
+    chosen = choose_units(scores, units)
+    _check_chosen(scores, chosen, run)
     pages = unit_pages(out_dir, run or "scores", scores, acts, tasks)
     return [units_section(pages, run or "scores", chosen, scores)], pages
 
@@ -316,7 +377,8 @@ def sweep(runs, out, seed: int = 0, baseline: str | None = None, classwise_layer
           title: str = "misbench sweep report", compare_scores: list | None = None, n_boot: int = 1000) -> Path:
     """MIS and accuracy against pruning rate: sweep.csv, sweep_layers.csv, paired.csv (against the unpruned
     `baseline` run: default control, else base), summary.json, figures, the class-wise report of every run
-    with an eval.json and class units (under classwise/<run>/), unit pages of the header run, report.html.
+    with an eval.json and class units (under classwise/<run>/), unit pages of every run with tasks.h5 and
+    acts.h5 beside its mis.csv (units/<run>/, thumbnails shared), report.html.
     `runs`: runs.csv, a study folder, or the runs in memory (a pandas DataFrame or a list of dicts with
     runs.csv's columns; relative paths are taken from the working directory).
     `compare_scores`: population specs as `report compare --scores` takes them, compared under compare/ (the
@@ -336,12 +398,23 @@ def sweep(runs, out, seed: int = 0, baseline: str | None = None, classwise_layer
                                             layer=classwise_layer, seed=seed)
         write_json(tmp / "classwise_summary.json", by_run)
         header_scores = summary.get("header_scores")
-        unit_secs, pages, run = [], None, ""
+        run, chosen, scores = "", [], []
         if header_scores:
             run = next((r["name"] for r in rows if r.get("scores") and
                         (base_dir / r["scores"]).resolve() == Path(header_scores).resolve()), "")
-            unit_secs, pages = _pages_for(tmp, header_scores, run, units)
-        sections = sweep_sections(summary, tmp, {run: pages["index"]} if pages else None)
+            scores = read_scores(header_scores)
+            chosen = choose_units(scores, units)
+            _check_chosen(scores, chosen, run)  # before any page is written
+            if units and _beside(header_scores) is None:
+                log.warning("units %s not pictured: %s needs tasks.h5 and acts.h5 beside it", ", ".join(units),
+                            header_scores)
+        every_run = run_unit_pages(tmp, rows, base_dir)
+        unit_secs = []
+        if every_run:
+            layer_rows = read_csv_rows(tmp / "sweep_layers.csv") if (tmp / "sweep_layers.csv").exists() else []
+            pages = every_run.get(run) or {"index": "", "layers": {}, "units": {}}
+            unit_secs = [units_section(pages, run, chosen if run in every_run else [], scores, every_run, layer_rows)]
+        sections = sweep_sections(summary, tmp, {name: p["index"] for name, p in every_run.items()} or None)
         sections += classwise_runs_section(by_run, tmp, classwise_layer) + unit_secs
         warnings = [summary.get("alpha_warning"), summary.get("sparse_warning")]
         warnings += [f"{name}: {s['pool_warning']}" for name, s in by_run.items() if s.get("pool_warning")][:1]

@@ -259,7 +259,8 @@ def paired_figure(paired_rows: list[dict], baseline: str, path):
 
 def classwise_runs_figure(by_run: dict, path, layer: str = "softmax"):
     """Class-unit MIS confidence against class-wise accuracy for every run as small multiples (shared axes),
-    each panel with its least-squares line and the report's own r, p, n (by_run: name -> (rows, correlation))."""
+    each panel with its least-squares line, the report's own r, p, n and the class units' mean top-pool purity
+    (by_run: name -> (classwise.csv rows, correlation))."""
     n = len(by_run)
     cols = min(4, n)
     rows_n = -(-n // cols)
@@ -280,7 +281,9 @@ def classwise_runs_figure(by_run: dict, path, layer: str = "softmax"):
             label = f"r={corr['pearson_r']:.3f}, p={p}, n={corr['n']}"
         else:
             label = f"r undefined, n={corr.get('n', 0)}"
-        ax.set_title(f"{name}\n{label}", fontsize=MIN_FONT_PT + 1)
+        purity = [float(r["purity"]) for r in rows if r.get("purity") not in (None, "")]
+        pools = f"\nmean purity of top pools {np.mean(purity):.2f}" if purity else ""  # classwise.csv's
+        ax.set_title(f"{name}\n{label}{pools}", fontsize=MIN_FONT_PT + 1)
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("class-wise accuracy")

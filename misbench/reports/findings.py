@@ -3,11 +3,15 @@ written from the same numbers as the report's tables (summary.json, paired.csv, 
 compare.json)."""
 
 __all__ = ["findings", "rate_finding", "paired_finding", "classwise_finding", "compare_finding", "num",
-           "RATE_CORRELATIONS"]
+           "RATE_CORRELATIONS", "IMPURE_BELOW"]
 
 import math
 
 from .html import Finding
+
+# a class unit's top pool is impure when, on average over the class units, more than 10 % of its images are
+# other classes' (classwise.csv's purity; docs/reports.md)
+IMPURE_BELOW = 0.9
 
 
 def num(value, digits: int = 3) -> str:
@@ -82,7 +86,27 @@ def classwise_finding(by_run: dict, baseline: str | None) -> Finding | None:
     rs = [r for r in rs if r is not None]
     spread = f"; over all {len(rs)} runs r lies in [{num(min(rs))}, {num(max(rs))}]" if len(rs) > 1 else ""
     return Finding(q, f"in {name}, Pearson r = {num(c['pearson_r'])} ({_interval(lo, hi)}), p = {num(c['pearson_p'])}, "
-                      f"n = {c['n']} classes{spread}.", "classwise")
+                      f"n = {c['n']} classes{spread}{_impure(by_run)}.", "classwise")
+
+
+def _impure(by_run: dict) -> str:
+    """A clause naming the runs whose class units' top pools hold other classes' images (mean purity below
+    IMPURE_BELOW, or a pool larger than its class): there class-unit MIS is not the class's alone."""
+    impure = {name: s["mean_purity"] for name, s in by_run.items()
+              if s.get("mean_purity") is not None and s["mean_purity"] < IMPURE_BELOW}
+    over = [name for name, s in by_run.items() if s.get("pool_warning")]
+    if not impure and not over:
+        return ""
+    parts = []
+    if impure:
+        worst = min(impure, key=impure.get)
+        parts.append(f"the class pools are impure in {len(impure)} of {len(by_run)} runs (mean purity below "
+                     f"{num(IMPURE_BELOW)}; lowest: {worst}, {num(impure[worst])})" if len(by_run) > 1 else
+                     f"the class pools are impure (mean purity {num(impure[worst])}, below {num(IMPURE_BELOW)})")
+    if over:
+        parts.append(f"in {len(over)} of {len(by_run)} runs top pools are larger than their classes" if len(by_run) > 1
+                     else "top pools are larger than their classes")
+    return "; " + ", ".join(parts) + ": there class-unit MIS also reflects other classes' images"
 
 
 def compare_finding(compared: dict | None) -> Finding | None:

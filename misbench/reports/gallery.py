@@ -12,7 +12,7 @@ from ..activations.store import open_activations
 from ..datasets.images import RowImages
 from ..errors import MisbenchError
 from ..scoring.results import TASK_ARRAYS, read_tasks
-from .figures import subplots
+from .figures import DPI, MIN_FONT_PT, subplots
 
 log = logging.getLogger(__name__)
 
@@ -64,29 +64,37 @@ def unit_gallery(tasks_h5, acts_path, layer: str, unit: int, out_png, n_tasks: i
         images = RowImages(acts, rows, size)
         pictures = [images[j][0].permute(1, 2, 0).numpy() for j in range(len(rows))]
         values = _unit_values(acts, layer, unit, rows)
-    cols = 2 * n_expl + 2
-    fig, axes = subplots(n_tasks, cols, figsize=(cols * 0.75, n_tasks * 1.05 + 0.4), squeeze=False)
-    labels = ["E+"] * n_expl + ["q+", "q-"] + ["E-"] * n_expl
+    per_task = values.reshape(n_tasks, 2 * n_expl + 2)
+    # per task two rows at the report's text size (>= 11 px at 100 %), about 900 px wide: the positive
+    # explanations then q+, the negative explanations then q-
+    cols = n_expl + 1
+    fig, axes = subplots(2 * n_tasks, cols, figsize=(cols * 0.8 + 1.0, 2 * n_tasks * 1.05 + 0.5), squeeze=False)
     for i in range(n_tasks):
-        for j in range(cols):
-            ax = axes[i, j]
-            ax.imshow(pictures[i * cols + j])
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_xlabel(f"{values[i * cols + j]:.3g}", fontsize=5, labelpad=1)
-            colour = {"E+": "tab:orange", "E-": "tab:blue"}.get(labels[j], "black")
-            for spine in ax.spines.values():
-                spine.set_edgecolor(colour)
-                spine.set_linewidth(2 if labels[j].startswith("q") else 1)
-            if i == 0:
-                ax.set_title(labels[j], fontsize=7)
+        first = i * (2 * n_expl + 2)
+        shown = [(list(range(n_expl)) + [n_expl], "E+", "q+"),
+                 (list(range(n_expl + 2, 2 * n_expl + 2)) + [n_expl + 1], "E-", "q-")]
+        for half, (positions, expl, query) in enumerate(shown):
+            row = 2 * i + half
+            for j, pos in enumerate(positions):
+                ax = axes[row, j]
+                ax.imshow(pictures[first + pos])
+                ax.set_xticks([]), ax.set_yticks([])
+                ax.set_xlabel(f"{values[first + pos]:.3g}", fontsize=MIN_FONT_PT, labelpad=1)
+                label = query if j == n_expl else expl
+                for spine in ax.spines.values():
+                    spine.set_edgecolor({"E+": "tab:orange", "E-": "tab:blue"}.get(label, "black"))
+                    spine.set_linewidth(3 if label.startswith("q") else 1.5)
+                if row == 0 or (half == 1 and i == 0):
+                    ax.set_title(label, fontsize=MIN_FONT_PT)
         delta = float(g["delta"][i])
-        axes[i, 0].set_ylabel(f"task {i}\n{'correct' if delta > 0 else 'wrong'}\nδ={delta:.3g}", fontsize=6)
-    fig.suptitle(f"{layer}:{unit} - explanations E+/E-, queries q+/q-; activation under each image", fontsize=8)
+        axes[2 * i, 0].set_ylabel(f"task {i}\n{'correct' if delta > 0 else 'wrong'}", fontsize=MIN_FONT_PT)
+        axes[2 * i + 1, 0].set_ylabel(f"δ={delta:.3g}", fontsize=MIN_FONT_PT)
+    fig.suptitle(f"{layer}:{unit}: explanations E+ (orange) and E- (blue), queries q+ and q-; activation under each",
+                 fontsize=MIN_FONT_PT + 1)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    fig.savefig(out_png, dpi=DPI)
     with matplotlib.rc_context({"svg.fonttype": "none"}):
         fig.savefig(Path(out_png).with_suffix(".svg"))
-    per_task = values.reshape(n_tasks, cols)
     return {"layer": layer, "unit": unit, "deltas": [float(d) for d in g["delta"][:n_tasks]],
             "pos_expl": per_task[:, :n_expl].tolist(), "queries": per_task[:, n_expl:n_expl + 2].tolist(),
             "neg_expl": per_task[:, n_expl + 2:].tolist()}

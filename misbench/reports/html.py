@@ -87,13 +87,15 @@ def _fmt_cell(value: str) -> str:
 
 
 def table_html(rows: list[dict], columns, caption: str, links: dict | None = None, max_rows: int | None = None) -> str:
-    """A sortable table with a caption; `links`: column -> {cell value: href} (cells become links)."""
+    """A sortable table with a caption; `links`: column -> {cell value: href}, or a function row -> href (None:
+    no link) where the same value links to different pages in different rows (cells become links)."""
     links = links or {}
     head = "".join(f"<th scope='col'>{html.escape(c)}</th>" for c in columns)
 
     def cell(row, c):
         text = _fmt_cell(row.get(c, ""))
-        href = links.get(c, {}).get(str(row.get(c, "")))
+        target = links.get(c, {})
+        href = target(row) if callable(target) else target.get(str(row.get(c, "")))
         return f"<td><a href='{html.escape(href)}'>{text}</a></td>" if href else f"<td>{text}</td>"
 
     body = "".join("<tr>" + "".join(cell(r, c) for c in columns) + "</tr>" for r in rows[:max_rows])
