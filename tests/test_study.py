@@ -14,15 +14,15 @@ from misbench.studies.config import load_config, parse_config
 
 @pytest.fixture(scope="module")
 def study_data(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("study") / "images", classes=3, per_class=140, size=16)
+    return make_image_folder(tmp_path_factory.mktemp("study") / "images", classes=3, per_class=50, size=16)
 
 
 def write_config(path, data, similarity="pixel"):
     """The tiny study with its network built from mini_inception and trained one epoch on `data`."""
     return write_study(path, study={"name": "tiny", "seed": 0}, model=TINY_ARCH, data={"train": data, "val": data},
                        train={"epochs": 1, "batch_size": 64}, retrain={"batch_size": 64},
-                       extract={"batch_size": None}, score={"similarity": similarity, "n_boot": 50, "tasks": 10,
-                                                            "explanations": None})
+                       extract={"batch_size": None}, score={"similarity": similarity, "n_boot": 50, "tasks": 5,
+                                                            "explanations": 4})
 
 
 def test_tiny_study_caches_and_reruns_only_what_changed(tmp_path, study_data, monkeypatch):
@@ -170,7 +170,7 @@ n_features = 16
 k = 2
 steps = {steps}
 batch_size = 64
-train_limit = 200
+train_limit = 100
 """
 
 
@@ -192,7 +192,7 @@ def test_study_trains_a_dictionary_and_reports_neurons_against_features(tmp_path
     d = out / "dictionary"
     saved = torch.load(d / "dictionary.pt", weights_only=True)
     assert tuple(saved["W_enc"].shape) == (16, 8) and saved["activation"] == "topk:2"
-    assert saved["training"]["steps"] == 40 and saved["training"]["n_rows"] == 200  # train_limit training images
+    assert saved["training"]["steps"] == 40 and saved["training"]["n_rows"] == 100  # train_limit training images (of 150)
     assert saved["training"]["acts_sha256"] == sha256_file(d / "train_acts.h5")
     with h5py.File(d / "acts.h5") as f:
         attrs = f["layers/sae"].attrs

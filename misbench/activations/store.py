@@ -404,8 +404,10 @@ def add_permuted_layers(src, out, layers, seed: int = 0) -> list[str]:
                 new = h5["layers"].create_group(name + PERMUTED_SUFFIX)
                 new.attrs.update({**dict(group.attrs), "control": "permuted", "permuted_from": name,
                                   "permutation_seed": seed})
+                # the source's chunks were sized for a growing dataset: no larger than this fixed one
+                chunks = values.chunks and tuple(max(1, min(c, n)) for c, n in zip(values.chunks, values.shape))
                 target = new.create_dataset("activations", shape=values.shape, dtype=values.dtype,
-                                            chunks=values.chunks, compression=values.compression)
+                                            chunks=chunks, compression=values.compression)
                 for u0 in range(0, values.shape[1], PERMUTE_UNITS):
                     block = values[:, u0:u0 + PERMUTE_UNITS]
                     order = np.argsort(rng.random(block.shape), axis=0)
