@@ -128,12 +128,9 @@ def findings_text(facts: dict) -> str:
                    f"{items}.")
     for key, fact in (("correlation_rate_mis_confidence", "rate_conf"), ("correlation_rate_top1", "rate_top1")):
         out += _said(rate_finding({key: _correlation(facts[fact])}, key))
-    classwise = facts.get("classwise", {})
-    out += _said(classwise_finding({name: {"correlation_accuracy_mis_confidence": _correlation(c)}
-                                    for name, c in classwise.items()}, base))
-    purity = [c["purity"] for c in classwise.values() if c.get("purity") is not None]
-    if purity:
-        out.append(f"The class units' top pools have a mean purity of {min(purity):.2f}-{max(purity):.2f}.")
+    out += _said(classwise_finding({name: {"correlation_accuracy_mis_confidence": _correlation(c),
+                                           "mean_purity": c.get("purity")}
+                                    for name, c in facts.get("classwise", {}).items()}, base))
     comp = facts.get("compare")
     if comp:
         out += _said(compare_finding(_compared(comp)))
