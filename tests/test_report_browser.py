@@ -72,6 +72,15 @@ def study_report(property_folder, tmp_path_factory):
     return out
 
 
+def _compact(png) -> None:
+    """A screenshot for the docs in 256 colours (about a third of the bytes; text stays sharp)."""
+    from PIL import Image
+
+    with Image.open(png) as img:
+        small = img.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
+    small.save(png, optimize=True)
+
+
 def _browse(exe, pages: list, width: int, height: int, shots: dict = None):
     """Open each page at width x height; per page: images (src, loaded), horizontal overflow, console errors,
     and what `probe` (a JS expression) returns."""
@@ -90,6 +99,7 @@ def _browse(exe, pages: list, width: int, height: int, shots: dict = None):
                 page.goto(Path(path).as_uri(), wait_until="load")
                 if shots and path in shots:
                     page.screenshot(path=shots[path])
+                    _compact(shots[path])
                 # lazy images: load them all, then read their sizes
                 page.evaluate("() => Promise.all([...document.images].map(i => {i.loading = 'eager'; "
                               "return i.decode().catch(() => null)}))")
@@ -132,7 +142,14 @@ def test_report_findings_links_images_and_layout_in_a_headless_browser(study_rep
     sweep = [s for s in read_csv_rows(out / "sweep.csv") if s["method"] != "random" and s["mis_confidence"]]
     r = stats.pearsonr([float(s["rate"]) for s in sweep], [float(s["mis_confidence"]) for s in sweep])
     # Fisher's z gives the interval and p from 4 runs on (reports/stats.py); below that both are n/a
-    p_text = f"p = {_num(r.pvalue)}" if len(sweep) >= 4 else "(95 % CI [n/a, n/a]), p = n/a"
+    # (atanh(r) normal with standard error 1/sqrt(n-3): scipy's interval, p from the normal distribution)
+    n = len(sweep)
+    if n >= 4:
+        ci = r.confidence_interval()
+        fisher_p = 2 * stats.norm.sf(abs(np.arctanh(r.statistic)) * np.sqrt(n - 3))
+        p_text = f"(95 % CI [{_num(ci.low)}, {_num(ci.high)}]), p = {_num(fisher_p)}"
+    else:
+        p_text = "(95 % CI [n/a, n/a]), p = n/a"
     assert f"n = {len(sweep)} runs" in text and f"Pearson r = {_num(r.statistic)}" in text and p_text in text, text
     # ... and the paired line is paired.csv's row of the run it names
     m = re.search(r"the largest difference, ([^:]+): Δ MIS confidence = (\S+) \(95 % CI \[(\S+), (\S+)\]\), p = (\S+), "
@@ -186,6 +203,12 @@ def test_report_reads_first_and_prints(study_report):
     assert "<details id='settings'>" in html and html.count("<caption>") >= 3
     # the findings come before the settings and the contents
     assert html.index("id='findings'") < html.index("id='settings'") < html.index("id='toc'")
+    # the contents list the sections, not the folded parts under them (each run's class-wise table)
+    toc = re.search(r"<nav id='toc'.*?</nav>", html, re.S)[0]
+    folded = re.findall(r"<section id='([^']+)'><h2>[^<]*</h2><details>", html)
+    assert folded and not any(f"href='#{anchor}'" in toc for anchor in folded), folded
+    assert all(f"href='#{anchor}'" in toc for anchor in re.findall(r"<section id='([^']+)'>", html)
+               if anchor not in folded and anchor != "findings")
     body = re.sub(r"<[^>]+>", " ", html)
     if not os.environ.get("MISBENCH_REPORT"):  # the generated study asked for its constant unit
         assert "feat:3" in body and "constant unit" in body
@@ -225,6 +248,10 @@ def test_every_run_has_unit_pages_linked_from_its_rows_sharing_thumbnails(study_
     assert all(f"units/{r['name']}/{r['layer']}/index.html" in links for r in layer_rows), links
     for run in runs:  # the summary table's row of the run
         assert re.search(rf"<tr><td><a href='units/{re.escape(run)}/index.html'>{re.escape(run)}</a></td><td>", html), run
+    # every unit with tasks shows them, in every layer (not only the first layer the pages are made for)
+    pages = [page for run in runs for page in (out / "units" / run).glob("*/[0-9]*.html")]
+    scored = [page for page in pages if "<th scope='row'>status</th><td>ok</td>" in page.read_text()]
+    assert len({page.parent for page in scored}) > 1 and all("<h2>Tasks</h2>" in page.read_text() for page in scored)
     # thumbnails are made once per image, shared by every run's pages (the runs score the same images)
     shown = {run: {m for page in (out / "units" / run).rglob("*.html")
                    for m in re.findall(r"src='../../img/([^']+)'", page.read_text())} for run in runs}

@@ -260,3 +260,16 @@ def test_sweep_says_why_requested_units_are_not_pictured(property_folder, tmp_pa
                                      "--out", str(tmp_path / "report")])
     assert r.exit_code == 0, r.output
     assert "feat:1 not pictured" in caplog.text and "tasks.h5" in caplog.text
+
+
+def test_a_warning_takes_one_line_cut_at_its_first_colon_outside_parentheses(tmp_path):
+    from misbench.reports.html import render_html
+
+    page = render_html(tmp_path, "t", [], None, [
+        "sparse units (top pool: filled by ties) are left out of the means of 2 runs: a 3, b 4",
+        "class units' top pools larger than their classes in 1 of 2 runs (base): in base, 1 of 10 class units ...",
+        "no colon here"])
+    assert re.findall(r"<summary>warning: ([^<]*)</summary>", page) == [
+        "sparse units (top pool: filled by ties) are left out of the means of 2 runs",
+        "class units&#x27; top pools larger than their classes in 1 of 2 runs (base)"]
+    assert "<p class='warning'>warning: no colon here</p>" in page

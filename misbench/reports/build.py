@@ -417,7 +417,10 @@ def sweep(runs, out, seed: int = 0, baseline: str | None = None, classwise_layer
         sections = sweep_sections(summary, tmp, {name: p["index"] for name, p in every_run.items()} or None)
         sections += classwise_runs_section(by_run, tmp, classwise_layer) + unit_secs
         warnings = [summary.get("alpha_warning"), summary.get("sparse_warning")]
-        warnings += [f"{name}: {s['pool_warning']}" for name, s in by_run.items() if s.get("pool_warning")][:1]
+        pooled = [name for name, s in by_run.items() if s.get("pool_warning")]
+        if pooled:  # one line: which runs, then the first one's numbers (folded)
+            warnings.append(f"class units' top pools larger than their classes in {len(pooled)} of {len(by_run)} runs "
+                            f"({', '.join(pooled)}): in {pooled[0]}, {by_run[pooled[0]]['pool_warning']}")
         compared = None
         if compare_scores:
             compared = compare_report(list(compare_scores), tmp / "compare", seed=seed, n_boot=n_boot)

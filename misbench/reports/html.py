@@ -22,7 +22,7 @@ table.sortable th{cursor:pointer}table.sortable th[aria-sort]::after{content:" \
 img{max-width:100%;height:auto}.note{color:#555;font-size:.9em}
 .warning{background:#fff3cd;border:1px solid #e0c060;padding:.2em .5em;margin:.4em 0}.warning summary{cursor:pointer}
 .facts td,.facts th{text-align:left;overflow-wrap:anywhere}figure{margin:.6em 0;max-width:100%}
-figcaption{color:#555;font-size:.9em;max-width:40em}nav ol{display:flex;flex-wrap:wrap;gap:.1em 1.6em;padding-left:1.2em}
+figcaption{color:#555;font-size:.9em;max-width:40em}nav ol{display:flex;flex-wrap:wrap;gap:.1em 1.6em;padding-left:0;list-style-position:inside}
 .figures{display:flex;flex-wrap:wrap;gap:0 1.5em;align-items:flex-start}details>summary{cursor:pointer}
 .tiles{display:grid;grid-template-columns:repeat(auto-fill,minmax(17em,1fr));gap:.6em}
 .tile{border:1px solid #ddd;padding:.3em;font-size:.85em}.strip{display:flex;gap:2px;flex-wrap:wrap}
@@ -147,10 +147,16 @@ def _anchor(k: int, section: Section) -> str:
 
 
 def _warning(text: str) -> str:
-    """One line: the warning's first clause, the rest folded."""
-    head, sep, rest = text.partition(": ")
-    if not sep:
+    """One line: the warning's first clause (up to the first ': ' outside parentheses), the rest folded."""
+    depth, cut = 0, -1
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0 and text.startswith(": ", i):
+            cut = i
+            break
+    if cut < 0:
         return f"<p class='warning'>warning: {html.escape(text)}</p>"
+    head, rest = text[:cut], text[cut + 2:]
     return (f"<details class='warning'><summary>warning: {html.escape(head)}</summary>"
             f"{html.escape(rest)}</details>")
 
@@ -179,8 +185,8 @@ def render_html(out_dir, title: str, sections: list[Section], header: list | Non
     out_dir = Path(out_dir).resolve()
     csvs = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*.csv"))
     files = Section("All tables (CSV)", css_id="files")
-    toc = "".join(f"<li><a href='#{_anchor(k, s)}'>{html.escape(s.title)}</a></li>"
-                  for k, s in enumerate([*sections, files]))
+    toc = "".join(f"<li><a href='#{_anchor(k, s)}'>{html.escape(s.title)}</a></li>"  # folded parts: under their
+                  for k, s in enumerate([*sections, files]) if not s.folded)                # section, not listed
     parts = [f"<header id='header'><h1>{html.escape(title)}</h1><p class='note'>misbench report, {utc_now()}</p>"]
     if findings:
         parts.append(findings_html(list(findings)))

@@ -335,7 +335,7 @@ def unit_pages(out_dir, run: str, scores: list[dict], acts_path, tasks_h5=None, 
             for r in rows:
                 u = r["unit"]
                 sides = {s: ([keys[int(x)] for x in ranked[s][0][u]], ranked[s][1][u]) for s in SIDES}
-                tasks = []
+                shown = []  # not `tasks`: that holds the tasks file's layers
                 if u in task_data:
                     tk = task_data[u]
                     for t in range(len(tk["delta"])):
@@ -345,8 +345,8 @@ def unit_pages(out_dir, run: str, scores: list[dict], acts_path, tasks_h5=None, 
                                                 ("E-", "neg", tk["neg_expl"][t])):
                             rws = np.asarray(rws, np.int64)
                             groups.append((label, css, [keys[int(x)] for x in rws], value_of(u, rws)))
-                        tasks.append((float(tk["delta"][t]), groups))
-                write_text(layer_dir / f"{u}.html", _unit_page(run, layer, r, sides, tasks, img, nav))
+                        shown.append((float(tk["delta"][t]), groups))
+                write_text(layer_dir / f"{u}.html", _unit_page(run, layer, r, sides, shown, img, nav))
                 links[(layer, u)] = page_href(run, layer, u)
             tiles = "".join(_tile(run, layer, r, [keys[int(x)] for x in ranked["top"][0][r["unit"]]], img) for r in rows)
             head = (f"<p class='note'><a href='../../../report.html'>report</a> / <a href='../index.html'>"
