@@ -685,3 +685,33 @@ def test_unlabelled_training_data_is_refused_before_the_model_loads(tmp_path, no
     cli_error(["retrain", "resnet18:IMAGENET1K_V1", "--data", "flat", "--out", "r.pt"], tmp_path,
               "flat is a folder of images without class folders (unlabelled)")
     cli_error(["retrain", "resnet18:IMAGENET1K_V1", "--out", "r.pt"], tmp_path, "retraining needs training data")
+
+
+# -- item 14: study --dry-run sums the plan up and names each missing input -----------------------------------------
+
+def test_study_dry_run_names_each_missing_input_and_estimates_gpu_hours(limited, monkeypatch):
+    from conftest import write_study
+
+    monkeypatch.setenv("TORCH_HOME", str(limited / "empty_torch_home"))
+    images = limited / "images"
+    runner = CliRunner()
+    config = write_study(limited / "bad.toml", model={"spec": str(limited / "missing.pt")},
+                         data={"train": limited / "no_such_folder", "val": images}, score={"similarity": "lpips-alex"})
+    r = runner.invoke(cli, ["study", str(config), "--out", str(limited / "out_bad"), "--dry-run"])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
+    assert r.exit_code == 1 and len(errors) == 3, r.output
+    assert "config [data] train" in errors[0] and "no_such_folder is not a folder" in errors[0]
+    assert "config [model] spec" in errors[1] and "missing.pt" in errors[1]
+    assert "config [score] similarity" in errors[2] and "alexnet-owt-7be5be79.pth" in errors[2]
+    assert "cannot stage" in errors[2]  # the hint names `misbench assets stage` only for what it can stage
+    assert r.stdout.splitlines()[-1].startswith("2 networks, 8 steps (8 to run, 0 cached); GPU hours: unknown")
+    # everything in place: exit 0 and the hours at docs/reproducing.md's rates, summed here by hand
+    config = write_study(limited / "good.toml", model={"spec": str(limited / "m.pt")},
+                         data={"train": images, "val": images})
+    r = runner.invoke(cli, ["study", str(config), "--out", str(limited / "out_good"), "--dry-run"])
+    assert r.exit_code == 0 and not r.stderr, r.output
+    n = 12  # images in the folder, train = val = extraction
+    seconds = (n / 2750 + n / 2500) + 2 * n / 2500 + 2 * n / (50000 / 60) + 2 * 5 * 60  # prune, 2 evals, extracts, scores
+    lines = r.stdout.splitlines()
+    assert len(lines) == 9 and all(line.startswith("run ") for line in lines[:-1])
+    assert lines[-1].startswith(f"2 networks, 8 steps (8 to run, 0 cached); about {seconds / 3600:,.1f} GPU hours")
