@@ -27,7 +27,7 @@ from .activations.layers import LayerInfo, list_layers
 # a reader of a complete file: layer_names, activations(layer) (numpy [N, U]), labels, paths, logits, class_names
 from .activations.store import open_activations
 from .errors import MisbenchError, close_matches
-from .datasets.sources import load_data
+from .datasets.sources import data_folders, load_data
 from .models.assets import ASSETS, asset_status, stage_asset
 from .models.loading import LoadedModel, classes_before_loading, load_model as _load_model, model_input_file
 from .pruning import PruneSettings
@@ -35,7 +35,7 @@ from .pruning.audit import audit as _audit
 from .pruning.run import check_training_data, produce_checkpoint, training_source
 from .pruning.training import TrainSettings
 from .runtime.fileio import option_label, refuse_existing
-from .runtime.outputs import writing
+from .runtime.outputs import refuse_inputs_within, writing
 from .runtime.progress import AUTO, resolve_progress
 from .runtime.schema import check_options, setting
 from .scoring.calibrate import calibration_alpha
@@ -267,7 +267,7 @@ def evaluate(model=None, data=None, *, acts=None, out=None, classwise=None, prog
                      trust_pickle=trust_pickle)
     spec = getattr(model, "spec", model)
     with writing({"--out": out, "--classwise": classwise}, {"--acts": acts, "MODEL": spec and model_input_file(spec)},
-                 "misbench eval"):
+                 "misbench eval", data_folders({"--data": data})):
         refuse_existing({"out": out, "classwise": classwise}, overwrite)
         return _evaluate(model, data, acts, out, classwise, resolve_progress(progress), arch, num_classes, trust_pickle, arch_kwargs,
                          options)
@@ -382,6 +382,7 @@ def report(kind: str, out, *, overwrite: bool = False, **inputs) -> Path:
         raise MisbenchError(f"report {kind}: {err}; it takes {', '.join(params)}") from None
     read = {name: value for name, value in inputs.items() if isinstance(value, (str, Path))}
     with writing({"out": out}, read, f"misbench report {kind}"):
+        refuse_inputs_within(option_label("out"), out, inputs)
         refuse_existing({"out": [Path(out) / name for name in REPORT_FILES[kind]]}, overwrite)
         return build(out=out, **inputs)
 

@@ -20,6 +20,7 @@ import logging
 import numpy as np
 import torch
 
+from ..datasets.sources import data_folders
 from ..errors import MisbenchError
 from ..models.loading import model_input_file
 from ..runtime.fileio import atomic_path, sha256_file
@@ -194,7 +195,7 @@ def train_on_positions(loaded, data, layer: str, out, settings: DictionarySettin
     """Train on per-position vectors of module `layer` (conv positions, tokens), a uniform reservoir sample of
     at most `positions` of them drawn while `data` streams through `loaded` (positions.py)."""
     with writing({"--out": out, "--untrained-out": untrained_out}, {"MODEL": model_input_file(loaded.spec)},
-                 "misbench train-dictionary"):
+                 "misbench train-dictionary", data_folders({"--data": data})):
         x, sampled = sample_positions(loaded, data, layer, positions, settings.seed, limit, batch_size, workers,
                                       device)
         source = {"layer": layer, "model": str(loaded.spec), "data": str(data), "vectors": "positions",

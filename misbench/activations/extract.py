@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..datasets.labels import labels_setting
-from ..datasets.sources import DIGEST_CHARS, ImageSource, TransformedDataset, load_data
+from ..datasets.sources import DIGEST_CHARS, ImageSource, TransformedDataset, data_folders, load_data
 from ..datasets.subset import first_images
 from ..errors import MisbenchError
 from ..models.loading import LoadedModel, model_input_file
@@ -156,7 +156,7 @@ def extract(loaded: LoadedModel, data: str | ImageSource, out, settings: Extract
     out = Path(out)
     inputs = {"MODEL": model_input_file(loaded.spec),
               **{f"--features {spec}": parse_features(spec).file for spec in settings.features}}
-    with writing({"--out": out}, inputs, "misbench extract"):
+    with writing({"--out": out}, inputs, "misbench extract", data_folders({"--data": data})):
         return _extract(loaded, data, out, settings, resume, overwrite, progress, trust_pickle)
 
 

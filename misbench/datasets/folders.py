@@ -28,14 +28,26 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _is_dir(entry, root: str) -> bool | None:
+    """Whether a folder entry is a directory (links followed); None for a link that resolves to nothing readable
+    (a link to itself, a loop of links: ELOOP), left out with a warning instead of failing the whole listing."""
+    try:
+        return entry.is_dir()
+    except OSError as err:
+        log.warning("%s: %s cannot be followed (%s): left out", root, os.path.relpath(entry.path, root),
+                    err.strerror or err)
+        return None
+
+
 def scan_folder(root) -> tuple[list[str], list[tuple[str, int]]]:
     """(class folder names, [(path relative to root, folder index or UNLABELLED)]) in torchvision's order."""
     root = os.fspath(root)
     root_real = os.path.realpath(root)
-    entries = sorted(os.scandir(root), key=lambda e: e.name)
-    folders = [e.name for e in entries if e.is_dir()]
+    kinds = {e.name: (e, _is_dir(e, root)) for e in sorted(os.scandir(root), key=lambda e: e.name)}
+    folders = [name for name, (_, is_dir) in kinds.items() if is_dir]
     if not folders:
-        return [], [(e.name, UNLABELLED) for e in entries if _is_image(e.name) and e.is_file()]
+        return [], [(name, UNLABELLED) for name, (e, is_dir) in kinds.items()
+                    if is_dir is False and _is_image(name) and e.is_file()]
     reals = [os.path.realpath(os.path.join(root, name)) for name in folders]
     samples, visited = [], set()
     for k, (name, real) in enumerate(zip(folders, reals)):
@@ -60,7 +72,9 @@ def scan_folder(root) -> tuple[list[str], list[tuple[str, int]]]:
             visited.add(real_dir)
             files, subdirs = [], []
             for entry in os.scandir(directory):
-                (subdirs if entry.is_dir() else files).append(entry.name)
+                is_dir = _is_dir(entry, root)
+                if is_dir is not None:
+                    (subdirs if is_dir else files).append(entry.name)
             listed.append((directory, sorted(f for f in files if _is_image(f))))
             stack.extend(os.path.join(directory, d) for d in sorted(subdirs, reverse=True))
         for directory, files in sorted(listed):  # torchvision: sorted(os.walk(...)), then each folder's files sorted

@@ -3,6 +3,7 @@
 __all__ = [
     "ImageSource", "FolderSource", "ArraySource", "TransformedDataset", "BadImageError",
     "load_data", "fashion_mnist_dirs", "FASHION_MNIST_CLASSES", "to_rgb", "FLOAT_RANGE", "DIGEST_CHARS",
+    "data_folders",
 ]
 
 import gzip
@@ -264,6 +265,13 @@ def _digits(spec: str) -> ArraySource:
 
 
 NAMED_DATASETS = ("fashion-mnist:train", "fashion-mnist:test", "digits")
+
+
+def data_folders(data: dict) -> dict:
+    """{option: (folder, image extensions)} of DATA specs or sources (runtime.outputs.writing's `folders`): no
+    output may replace or add an image inside a folder a command reads."""
+    return {name: (getattr(spec, "root", spec), IMAGE_EXTENSIONS) for name, spec in data.items()
+            if isinstance(spec, (str, ImageSource))}
 
 
 def load_data(spec: str, num_classes: int | None = None, labels: str = "auto",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..datasets.sources import ImageSource, load_data
+from ..datasets.sources import ImageSource, data_folders, load_data
 from ..errors import MisbenchError
 from ..models.checkpoint import build_checkpoint, load_checkpoint_dict, save_checkpoint
 from ..models.loading import LoadedModel, model_input_file
@@ -76,7 +76,7 @@ def produce_checkpoint(loaded: LoadedModel, prune: PruneSettings | None, train: 
     out = Path(out)
     partial = partial_checkpoint_path(out)
     with writing({"--out": out, "its .partial": partial}, {"MODEL": model_input_file(loaded.spec)},
-                 "misbench prune or retrain"):
+                 "misbench prune or retrain", data_folders({"--data": data, "--val-data": val_data})):
         return _produce(loaded, prune, train, out, partial, data, val_data, resume, overwrite, progress)
 
 

@@ -239,11 +239,14 @@ def compare_sections(summary: dict, rel_dir: str = ".") -> list[Section]:
 def _built_beside(out):
     """Build a report in a fresh folder beside `out` and swap it in whole when the build succeeds: a failed
     build leaves the old report as it was, never a mix of old and new files. A folder that holds no report
-    (no report.html) keeps its other files: the new ones are moved into it."""
-    out = Path(out)
+    (no report.html), or that holds the working directory (`--out .`: moved away, it would take the process's
+    working directory with it), keeps its other files: the new ones are moved into it."""
+    out = Path(out).resolve()  # `.` or `..` names no folder to build beside
     with temp_dir_beside(out, ".build") as tmp:
         yield tmp
-        if out.is_dir() and any(out.iterdir()) and not (out / "report.html").exists():
+        here = Path.cwd().resolve()
+        if out.is_dir() and (any(out.iterdir()) and not (out / "report.html").exists()
+                             or here == out or out in here.parents):
             for entry in tmp.iterdir():
                 target = out / entry.name
                 if target.is_dir() and not target.is_symlink():

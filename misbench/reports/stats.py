@@ -56,6 +56,8 @@ def format_correlation(c: dict) -> str:
 def moving_average(values, window: int) -> np.ndarray:
     """Centred moving average that ignores NaNs (edges use the points available)."""
     values = np.asarray(values, float)
+    if window > len(values):  # convolve's "same" output is as long as the longer input: at most the values, odd
+        window = max(1, len(values) - (1 - len(values) % 2))
     ok = np.isfinite(values)
     kernel = np.ones(window)
     sums = np.convolve(np.where(ok, values, 0.0), kernel, mode="same")

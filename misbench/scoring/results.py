@@ -82,10 +82,11 @@ def merge_scores(parts, out, tasks_out=None, overwrite: bool = False, key: str |
         return _merge(parts, metas, out, tasks_out, overwrite, key)
 
 
-def _check_shard_units(parts, rows: list, names: list, n: int) -> None:
+def _check_shard_units(parts, rows: list, names: list, n: int, metas: list) -> None:
     """Each part holds exactly its shard's units (unit position % N == I, positions counted over the layers in
     order, as score --shard assigns them) and the parts together every unit once: a part's mis.csv copied
-    over another's is refused, not merged twice."""
+    over another's is refused, not merged twice; a part's rows per layer are the units its mis.json counted (a
+    mis.csv cut short loses a layer's last units without a gap)."""
     units = {name: sorted(r.unit for part in rows for r in part if r.layer == name) for name in names}
     offsets, position = {}, 0
     for name in names:
@@ -95,6 +96,14 @@ def _check_shard_units(parts, rows: list, names: list, n: int) -> None:
             raise MisbenchError(f"the parts hold {what} of layer {name}: each unit must come from exactly one "
                                 "shard's mis.csv (a part copied over another?); rerun the shards' score commands")
         offsets[name], position = position, position + len(units[name])
+    for p, part, meta in zip(parts, rows, metas):
+        keep_sparse = bool(meta.get("settings", {}).get("keep_sparse", False))
+        for name, layer in (meta.get("layers") or {}).items():
+            counted = layer.get("n_units", 0) + layer.get("n_constant", 0) + (0 if keep_sparse else layer.get("n_sparse", 0))
+            found = sum(1 for r in part if r.layer == name)
+            if found != counted:
+                raise MisbenchError(f"{p} holds {found} unit(s) of layer {name}, its mis.json counted {counted}: the "
+                                    "part's mis.csv is damaged or cut short; rerun its score command")
     for p, part, i in zip(parts, rows, range(n)):
         for r in part:
             if (offsets[r.layer] + r.unit) % n != i:
@@ -126,7 +135,7 @@ def _merge(parts, metas, out, tasks_out, overwrite: bool, key) -> dict:
     unknown = [(parts[j], r.layer) for j, part in zip(order, per_part) for r in part if r.layer not in names]
     if unknown:
         raise MisbenchError(f"{unknown[0][0]} holds layer {unknown[0][1]}, which its mis.json does not list")
-    _check_shard_units([parts[j] for j in order], per_part, names, n)
+    _check_shard_units([parts[j] for j in order], per_part, names, n, [metas[j] for j in order])
     results = [r for part in per_part for r in part]
     results.sort(key=lambda r: (names.index(r.layer), r.unit))
     fields = {k: v for k, v in first["settings"].items() if k in {f.name for f in dataclasses.fields(ScoreSettings)}}
