@@ -71,7 +71,25 @@ def print_summary(out_dir):
     click.echo("r(acc,conf): Pearson correlation of softmax-unit MIS confidence with class-wise accuracy")
     if s["summary"].get("alpha_warning"):
         click.echo(f"warning: {s['summary']['alpha_warning']}")
+    if s["dictionaries"]:
+        print_dictionaries(s["dictionaries"], f)
     click.echo(f"report: {s['report']}")
+
+
+def print_dictionaries(rows, f):
+    """report/dictionaries/dictionaries.csv as a table: per layer its neurons, then each dictionary."""
+    click.echo(f"\n{'layer':<12} {'population':<24} {'units':>5} {'ok':>4} {'MIS':>5} {'MS':>5} {'FVU':>5} {'L0':>5} "
+               f"{'dead':>4} {'dens':>4} {'sprs':>4}  {'d(MIS) [95% CI], rank-sum p':<30}")
+    for r in rows:
+        diff = (f"{f(r['diff_mis'], '+.3f')} [{f(r['diff_ci_low'], '+.3f')}, {f(r['diff_ci_high'], '+.3f')}] "
+                f"{f(r['rank_sum_p'], '.2g')}") if r["diff_mis"] else ""
+        click.echo(f"{r['layer']:<12} {r['label']:<24} {r['n_units']:>5} {r['n_scored']:>4} {f(r['mis']):>5} "
+                   f"{f(r['ms']):>5} {f(r['fvu']):>5} {f(r['l0'], '.1f'):>5} {f(r['dead_share'], '.2f'):>4} "
+                   f"{f(r['density'], '.2f'):>4} {f(r['share_sparse'], '.2f'):>4}  {diff}")
+    click.echo("per layer: its neurons, then each dictionary's features (untrained: initial weights; permuted: "
+               "activations permuted across images); MIS, MS: means over scored units; ok: units scored (constant "
+               "and sparse left out); dens: mean density; sprs: share sparse; d(MIS): features - neurons, bootstrap "
+               "95% CI (report/dictionaries/)")
 
 
 def _print_dry_run(result):

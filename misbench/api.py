@@ -29,7 +29,8 @@ from .activations.store import open_activations
 from .errors import MisbenchError, close_matches
 from .datasets.sources import data_folders, load_data
 from .models.assets import ASSETS, asset_status, stage_asset
-from .models.loading import LoadedModel, classes_before_loading, load_model as _load_model, model_input_file
+from .models.loading import (LoadedModel, classes_before_loading, load_model as _load_model, load_seeded,
+                              model_input_file)
 from .pruning import PruneSettings
 from .pruning.audit import audit as _audit
 from .pruning.run import check_training_data, produce_checkpoint, training_source
@@ -328,7 +329,9 @@ def train_dictionary(acts, layer: str, out, *, untrained_out=None, positions: in
     if acts or model is None or data is None:
         raise MisbenchError(f"train-dictionary {option_label('positions')}: give {option_label('model')} and "
                             f"{option_label('data')} (the images stream through the model) and no ACTS")
-    return train_on_positions(load_model(model), data, layer, out, settings, positions, untrained_out=untrained_out,
+    # a MODEL string is built with torch seeded by the settings' seed: a `NAME:random` network is the same every call
+    loaded = model if isinstance(model, LoadedModel) else load_seeded(str(model), settings.seed)
+    return train_on_positions(loaded, data, layer, out, settings, positions, untrained_out=untrained_out,
                               limit=limit, device=device)
 
 

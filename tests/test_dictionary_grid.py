@@ -64,3 +64,74 @@ def test_resnet50_recipe_dry_run_covers_every_block(tmp_path, monkeypatch):
     assert len(extract.settings["features"]) == 2 * len(plans) and extract.settings["layers"] == blocks
     score = next(s for s in study.steps if s.name == "score:dictionary")
     assert score.inputs["acts"].name == "acts_controls.h5" and config["score"]["metrics"] == ["mis", "ms"]
+
+
+def _tiny_grid_config(tmp_path, **dictionary):
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images", classes=2, per_class=3, size=16)
+    d = {"layers": ["inception3a", "inception4a"], "expansions": [1.0], "k": 4, **dictionary}
+    return {"model": {"arch": "mini_inception", "num_classes": 2, "arch_kwargs": {"width": 8},
+                      "preprocess": {"resize": 16, "crop": 16, "mean": [0.5] * 3, "std": [0.5] * 3}},
+            "data": {"train": str(folder), "val": str(folder)}, "train": {"epochs": 1},
+            "pruning": {"methods": [], "control": False}, "score": {"similarity": "pixel"}, "dictionary": d}
+
+
+def test_dry_run_refuses_a_grid_the_network_cannot_take(tmp_path):
+    """study --dry-run names, per [dictionary] field, a grid layer that is no module, an expansion that gives less
+    than one feature and a k above a top-k dictionary's width, against the layers' widths of the network itself."""
+    from misbench import api
+    from misbench.models.archs import build_arch
+
+    net = build_arch("mini_inception", 2, {"width": 8})
+    units = {name: getattr(net, name).out_channels for name in ("inception3a", "inception4a")}
+    assert units == {"inception3a": 20, "inception4a": 32}  # the independent reference: the blocks' own widths
+    ok = api.study(_tiny_grid_config(tmp_path, ks=[4, 20]), tmp_path / "ok", dry_run=True)
+    assert ok["problems"] == []
+    bad = api.study(_tiny_grid_config(tmp_path, layers=["inception3a", "inception9z", "inception4a"],
+                                      expansions=[0.01, 1.0], ks=[4, 24]), tmp_path / "bad", dry_run=True)
+    assert bad["problems"][0].startswith("config [dictionary] layers: 'inception9z' is not a module of "
+                                         "mini_inception.") and "`misbench layers MODEL`" in bad["problems"][0]
+    expansion = [p for p in bad["problems"] if "expansions:" in p and "inception3a" in p]
+    assert expansion == ["config [dictionary] expansions: 0.01 x inception3a's 20 units gives 0.2 features (less "
+                         "than one): use expansions of at least 0.05 for this layer"]
+    ks = [p for p in bad["problems"] if " ks:" in p]
+    # k 24 exceeds 1 x 20 on inception3a only (inception4a has 32 units); 0.01 x 32 = 0.32 is the other expansion
+    assert len(ks) == 1 and ks[0].startswith("config [dictionary] ks: k 24 exceeds the 20 features of topk x1 k24 "
+                                             "on inception3a (1 x 20 units of inception3a)") and "lower ks" in ks[0]
+    assert len(bad["problems"]) == 4 and sum("0.32 features" in p for p in bad["problems"]) == 1
+    # train-dictionary itself: an expansion below one feature is refused (it was rounded up to one feature)
+    import pytest
+
+    from misbench.activations.dictionary_training import DictionarySettings
+    from misbench.errors import MisbenchError
+
+    with pytest.raises(MisbenchError, match=r"--expansion 0.01 x 20 units gives 0.2 features \(less than one\)"):
+        DictionarySettings(expansion=0.01, k=1).width(20)
+    assert DictionarySettings(expansion=0.05, k=1).width(20) == 1
+    # the CLI: the plan, then one line each, exit 1
+    folder = tmp_path / "images"
+    (tmp_path / "s.toml").write_text(f"""[model]
+arch = "mini_inception"
+num_classes = 2
+arch_kwargs = {{ width = 8 }}
+preprocess = {{ resize = 16, crop = 16, mean = [0.5, 0.5, 0.5], std = [0.5, 0.5, 0.5] }}
+[data]
+train = "{folder}"
+val = "{folder}"
+[train]
+epochs = 1
+[pruning]
+methods = []
+control = false
+[score]
+similarity = "pixel"
+[dictionary]
+layers = ["inception3a", "inception4a"]
+expansions = [2.0]
+ks = [48]
+""")
+    res = CliRunner().invoke(cli, ["study", str(tmp_path / "s.toml"), "--out", str(tmp_path / "o"), "--dry-run"])
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error: ")]
+    assert res.exit_code == 1 and len(errors) == 1 and "k 48 exceeds the 40 features of topk x2 k48 on inception3a" \
+        in errors[0], res.output

@@ -73,3 +73,33 @@ def test_positions_are_the_layers_vectors_and_train_a_dictionary(tmp_path):
     res = CliRunner().invoke(cli, ["train-dictionary", "--positions", "300", "--layer", "layer3",
                                    "--out", str(tmp_path / "b.pt")])
     assert res.exit_code != 0 and "give --model and --data" in res.output
+
+
+def test_positions_on_a_random_model_are_deterministic_for_a_seed(tmp_path):
+    """A `name:random` --model is built from --seed: the same command twice gives the same dictionary (and the
+    network it read is the one torch.manual_seed(seed) builds); another seed another one."""
+    folder = make_image_folder(tmp_path / "images", classes=2, per_class=4, size=16)
+
+    def run(name, seed):
+        res = CliRunner().invoke(cli, ["train-dictionary", "--positions", "200", "--model", "tiny_cnn:random",
+                                       "--data", str(folder), "--layer", "conv2", "--n-features", "8", "--k", "2",
+                                       "--steps", "5", "--seed", str(seed), "--out", str(tmp_path / name),
+                                       "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        return torch.load(tmp_path / name, weights_only=True)
+
+    a, b, c = run("a.pt", 3), run("b.pt", 3), run("c.pt", 4)
+    for key in ("W_enc", "b_enc", "b_dec", "W_dec"):
+        assert torch.equal(a[key], b[key])
+    assert not torch.equal(a["b_dec"], c["b_dec"])
+    # the network is the one torch.manual_seed(3) builds, and the global generator is left as it was
+    from misbench import api
+    from misbench.models.loading import load_seeded
+
+    torch.manual_seed(3)
+    direct = api.load_model("tiny_cnn:random")
+    state = torch.random.get_rng_state()
+    seeded = load_seeded("tiny_cnn:random", 3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(direct.model.state_dict().values(),
+                                                 seeded.model.state_dict().values()))

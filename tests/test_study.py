@@ -235,6 +235,38 @@ def test_study_trains_a_dictionary_and_reports_neurons_against_features(tmp_path
     assert [row["label"] for row in rows] == ["neurons", "topk x1 k2", "topk x1 k2 untrained", "topk x1 k2 permuted",
                                               "topk x2 k2", "topk x2 k2 untrained", "topk x2 k2 permuted"]
     assert rows[1]["fvu"] != "" and rows[1]["diff_mis"] != ""
+    # the report shows that table and the difference against depth; the study prints it row by row
+    html = (out / "report" / "report.html").read_text()
+    assert "Dictionary features against neurons" in html and "dictionaries/dictionaries.png" in html
+    assert "data-csv='dictionaries/dictionaries.csv'" in html and "topk x2 k2 permuted" in html
+    printed = [line.split() for line in r.output.splitlines() if line.startswith("conv1.bn ")]
+    for row, line in zip(rows, printed):
+        text = " ".join(line)
+        assert text.startswith(f"conv1.bn {row['label']} "), (row, text)
+        assert f" {row['n_units']} {row['n_scored']} {float(row['mis']):.3f} " in f" {text} ", (row, text)
+        if row["diff_mis"]:
+            assert f"{float(row['diff_mis']):+.3f} [{float(row['diff_ci_low']):+.3f}," in text
+    assert len(printed) == len(rows)
+    # positions = N: the grid trains on per-position vectors of the base network (no training-image extraction),
+    # each dictionary the one `train-dictionary --positions N` writes from the same checkpoint, images and seed
+    config.write_text(config.read_text().replace("controls = true", "controls = true\npositions = 300"))
+    study = Study(load_config(config), out)
+    assert "extract:dictionary-train" not in [s.name for s in study.steps]
+    step = next(s for s in study.steps if s.name == "dictionary")
+    assert step.inputs == {"model": out / "base" / "model.pt"} and step.settings["positions"] == 300
+    assert dict(study.plan())["dictionary"] == "run"
+    step.action(False)
+    r = runner.invoke(cli, ["train-dictionary", "--positions", "300", "--model", str(out / "base" / "model.pt"),
+                            "--data", str(study_data), "--limit", "200", "--layer", "conv1.bn", "--expansion", "2",
+                            "--k", "2", "--steps", "41", "--batch-size", "64", "--seed", "0", "--device", "cpu",
+                            "--out", str(tmp_path / "by_hand.pt")])
+    assert r.exit_code == 0, r.output
+    mine, by_hand = torch.load(d / "conv1_bn_topk_x2_k2.pt", weights_only=True), torch.load(tmp_path / "by_hand.pt",
+                                                                                          weights_only=True)
+    assert mine["training"]["vectors"] == "positions" and mine["training"]["n_vectors"] == 300
+    assert mine["training"]["positions_seen"] == 200 * 16 * 16  # 200 images x conv1's 16 x 16 positions
+    assert all(torch.equal(mine[k], by_hand[k]) for k in ("W_enc", "b_enc", "b_dec", "W_dec"))
+    config.write_text(config.read_text().replace("positions = 300\n", ""))
     # [extract] token_reduction and features reach every run's extraction; the feature file is a step input
     config.write_text(config.read_text().replace('layers = ["conv1.bn", "softmax"]', 'layers = ["conv1.bn", "softmax"]\n'
                       f'token_reduction = "max"\nfeatures = ["f=conv1.bn:{(d / "dictionary.pt").as_posix()}"]'))
@@ -253,6 +285,8 @@ def test_study_trains_a_dictionary_and_reports_neurons_against_features(tmp_path
     ("dictionary", {"layer": "conv1.bn", "steps": "300"}, "[dictionary] steps: expected an integer"),
     ("dictionary", {"layer": "conv1.bn,conv2"}, "[dictionary] layer: expected one module name"),
     ("dictionary", {"layer": "conv1.bn", "name": "conv1.bn"}, "[dictionary] name: 'conv1.bn' must be a new"),
+    ("dictionary", {"layer": "conv1.bn", "positions": 1}, "[dictionary] positions: must be at least 2, got 1"),
+    ("dictionary", {"layer": "conv1.bn", "positions": "1000"}, "[dictionary] positions: expected an integer"),
     ("extract", {"token_reduction": "first"}, "[extract] token_reduction: 'first' is not allowed; expected one of mean"),
     ("extract", {"features": ["sae.pt"]}, "[extract] features: --features 'sae.pt': expected NAME=LAYER:FILE"),
 ])

@@ -12,7 +12,8 @@ with the file's own inference activation. `untrained_out` also writes the contro
 with its initial weights.
 """
 
-__all__ = ["DictionarySettings", "train_dictionary", "train_on_vectors", "train_on_positions", "dictionary_stats"]
+__all__ = ["DictionarySettings", "train_dictionary", "train_on_vectors", "train_on_positions", "position_vectors",
+           "dictionary_stats"]
 
 import dataclasses
 import logging
@@ -46,7 +47,8 @@ class DictionarySettings:
     steps: int = setting(300, low=1, help="Adam steps, one seeded minibatch each.")
     lr: float = setting(1e-3, help="Adam learning rate.")  # positive and finite: checked below
     batch_size: int = setting(256, low=1, help="Rows per minibatch.")
-    seed: int = setting(0, config=False, help="Seed of the initial weights and the minibatches.")
+    seed: int = setting(0, config=False, help="Seed of the initial weights and the minibatches (and, with "
+                        "--positions, of a --model NAME:random).")
     kind: str = setting("topk", choices=lambda: KINDS, config=False,
                         help="topk, batchtopk (k per input on average) or relu (ReLU with an L1 penalty --l1).")
     # width as a multiple of the layer's units (replaces n_features when given)
@@ -68,7 +70,10 @@ class DictionarySettings:
 
     def width(self, units: int) -> int:
         """Features for a layer of `units` units per position."""
-        n = max(1, round(self.expansion * units)) if self.expansion is not None else self.n_features
+        n = round(self.expansion * units) if self.expansion is not None else self.n_features
+        if n < 1:
+            raise MisbenchError(f"--expansion {self.expansion:g} x {units} units gives {self.expansion * units:.3g} "
+                                f"features (less than one): use --expansion {1 / units:.3g} or more for this layer")
         if KINDS[self.kind].uses_k and self.k > n:
             raise MisbenchError(f"--k {self.k} exceeds the dictionary's {n} features ({self.expansion} x {units} "
                                 "units): a top-k SAE keeps k of its features per input")
@@ -196,8 +201,15 @@ def train_on_positions(loaded, data, layer: str, out, settings: DictionarySettin
     at most `positions` of them drawn while `data` streams through `loaded` (positions.py)."""
     with writing({"--out": out, "--untrained-out": untrained_out}, {"MODEL": model_input_file(loaded.spec)},
                  "misbench train-dictionary", data_folders({"--data": data})):
-        x, sampled = sample_positions(loaded, data, layer, positions, settings.seed, limit, batch_size, workers,
-                                      device)
-        source = {"layer": layer, "model": str(loaded.spec), "data": str(data), "vectors": "positions",
-                  "reservoir": positions, **sampled}
+        x, source = position_vectors(loaded, data, layer, positions, settings.seed, limit, batch_size, workers,
+                                     device)
         return train_on_vectors(x, out, settings, source, untrained_out)
+
+
+def position_vectors(loaded, data, layer: str, positions: int, seed: int, limit: int | None = None,
+                     batch_size: int = 64, workers=None, device: str = "auto") -> tuple[torch.Tensor, dict]:
+    """The reservoir sample of `layer`'s per-position vectors that train_on_positions trains on, and the record of
+    its source (train_on_vectors' `source`): one sample serves every dictionary of the layer with that seed."""
+    x, sampled = sample_positions(loaded, data, layer, positions, seed, limit, batch_size, workers, device)
+    return x, {"layer": layer, "model": str(loaded.spec), "data": str(data), "vectors": "positions",
+               "reservoir": positions, **sampled}

@@ -1,6 +1,6 @@
 """Load any MODEL string (DESIGN §3) into an nn.Module with its provenance."""
 
-__all__ = ["LoadedModel", "load_model", "torchvision_weights", "hub_checkpoint_path", "load_torch_file", "read_hub_weights",
+__all__ = ["LoadedModel", "load_model", "load_seeded", "torchvision_weights", "hub_checkpoint_path", "load_torch_file", "read_hub_weights",
            "hub_file_sha256", "check_finite",
            "pretrained_torchvision", "effective_kwargs", "model_input_file", "classes_before_loading", "RANDOM"]
 
@@ -364,6 +364,15 @@ def _unwrap_state(obj) -> dict | None:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             return _unwrap_state(obj[key])
     return None
+
+
+def load_seeded(spec: str, seed: int, **options) -> LoadedModel:
+    """load_model with torch's CPU generator seeded by `seed` while the network is built, so that a randomly
+    initialised one (`name:random`, or an own arch's bare name) is the same network for the same seed; torch's
+    global generator state is restored afterwards (weights read from files are unaffected)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return load_model(spec, **options)
 
 
 def load_model(spec: str, arch: str | None = None, num_classes: int | None = None,

@@ -2,7 +2,8 @@
 misbench.api.report and the study's report step all call these), and the HTML sections of the pages."""
 
 __all__ = ["REPORTS", "REPORT_FILES", "register_report", "checkpoint_labels", "classwise", "sweep", "layers", "curves", "compare", "dictionaries", "sweep_sections", "classwise_sections",
-           "compare_sections", "unit_sections", "units_section", "run_unit_pages", "classwise_runs_section", "settings_header"]
+           "compare_sections", "dictionary_sections", "unit_sections", "units_section", "run_unit_pages",
+           "classwise_runs_section", "settings_header"]
 
 import contextlib
 import html
@@ -235,6 +236,28 @@ def compare_sections(summary: dict, rel_dir: str = ".") -> list[Section]:
                                     "per-unit MIS confidence of each population (dashed: means)")])]
 
 
+DICTIONARY_TABLE = ("layer", "label", "population", "n_units", "n_scored", "mis", "ms", "fvu", "l0", "dead_share",
+                    "density", "share_sparse", "diff_mis", "diff_ci_low", "diff_ci_high", "rank_sum_p")
+
+
+def dictionary_sections(summary: dict, rel_dir: str = ".") -> list[Section]:
+    """`report dictionaries`' table (per layer: the neurons, then each dictionary) and the difference against
+    depth, as written under `rel_dir` of the report folder."""
+    rel = Path(rel_dir)
+    return [Section("Dictionary features against neurons", css_id="dictionaries",
+                    text="Per layer (input to output), the layer's neurons and each dictionary's features on the same "
+                         "images: mean MIS and MS over scored units (status ok; constant and sparse units left out "
+                         "and counted), the dictionary's FVU, L0 and dead share on its training vectors, mean "
+                         "density and the share of sparse units; diff_mis = features - neurons with a bootstrap "
+                         "95 % interval (units resampled within each population) and the two-sided rank-sum p. "
+                         "Controls: 'untrained' is the same kind and width with its initial weights, 'permuted' the "
+                         "trained features with each unit's activations permuted across images (chance: MIS 0.5).",
+                    tables=[(rel / "dictionaries.csv").as_posix()], columns=DICTIONARY_TABLE,
+                    figures=[Figure((rel / "dictionaries.png").as_posix(),
+                                    "MIS of each dictionary's features minus the layer's neurons against depth, "
+                                    "with bootstrap 95 % intervals (dashed: no difference)")])]
+
+
 @contextlib.contextmanager
 def _built_beside(out):
     """Build a report in a fresh folder beside `out` and swap it in whole when the build succeeds: a failed
@@ -377,7 +400,8 @@ def classwise(scores, out, acts=None, eval_json=None, layer: str | None = None, 
 
 @register_report("sweep", files=("sweep.csv", "summary.json", "report.html"))
 def sweep(runs, out, seed: int = 0, baseline: str | None = None, classwise_layer: str = "softmax", units=(),
-          title: str = "misbench sweep report", compare_scores: list | None = None, n_boot: int = 1000) -> Path:
+          title: str = "misbench sweep report", compare_scores: list | None = None, n_boot: int = 1000,
+          dictionary_scores=None, dictionary_pairs=()) -> Path:
     """MIS and accuracy against pruning rate: sweep.csv, sweep_layers.csv, paired.csv (against the unpruned
     `baseline` run: default control, else base), summary.json, figures, the class-wise report of every run
     with an eval.json and class units (under classwise/<run>/), unit pages of every run with tasks.h5 and
@@ -385,7 +409,8 @@ def sweep(runs, out, seed: int = 0, baseline: str | None = None, classwise_layer
     `runs`: runs.csv, a study folder, or the runs in memory (a pandas DataFrame or a list of dicts with
     runs.csv's columns; relative paths are taken from the working directory).
     `compare_scores`: population specs as `report compare --scores` takes them, compared under compare/ (the
-    study's dictionary: a layer's neurons against its features)."""
+    study's dictionary: a layer's neurons against its features). `dictionary_scores` and `dictionary_pairs`:
+    `report dictionaries`' inputs, written under dictionaries/ with its section (a study's dictionary grid)."""
     rows, base_dir, runs_label = runs_table(runs)
     with _built_beside(out) as tmp:
         summary = sweep_report(runs, tmp, seed, baseline=baseline)
@@ -429,6 +454,10 @@ def sweep(runs, out, seed: int = 0, baseline: str | None = None, classwise_layer
             compared = compare_report(list(compare_scores), tmp / "compare", seed=seed, n_boot=n_boot)
             sections += compare_sections(compared, "compare")
             warnings += [compared.get("alpha_warning"), compared.get("sparse_warning")]
+        if dictionary_pairs:
+            found = dictionary_report(dictionary_scores, list(dictionary_pairs), tmp / "dictionaries", seed=seed,
+                                      n_boot=n_boot)
+            sections += dictionary_sections(found, "dictionaries")
         paired_rows = read_csv_rows(tmp / "paired.csv") if (tmp / "paired.csv").exists() else []
         write_html(tmp, title, sections, settings_header(header_scores, summary["n_runs"]), warnings,
                    findings(summary, paired_rows, by_run, compared))

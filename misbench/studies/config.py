@@ -96,6 +96,10 @@ class DictionarySection(DictionarySettings):
     expansions: tuple[float, ...] = ()
     ks: tuple[int, ...] = ()
     controls: bool = False
+    # training vectors: unset, one reduced vector per training image (from their extraction); N, a uniform sample
+    # of at most N per-position vectors (conv positions, tokens) drawn while the training images stream through
+    # the base network (train-dictionary --positions)
+    positions: int | None = setting(None, low=2)
 
 
 @dataclasses.dataclass(frozen=True)

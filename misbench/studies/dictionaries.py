@@ -1,12 +1,20 @@
 """A study's `[dictionary]` section as a grid (issue 24 item 2): layers x kinds x widths x k, each dictionary
 with its untrained control and, with `controls`, its features permuted across images."""
 
-__all__ = ["DictionaryPlan", "dictionary_grid", "dictionary_layers", "permuted_name"]
+__all__ = ["DictionaryPlan", "dictionary_grid", "dictionary_layers", "dictionary_settings", "permuted_name",
+           "grid_problems"]
 
 import dataclasses
 
+import torch
+
+from ..activations.dictionary_kinds import KINDS
 from ..activations.dictionary_training import DictionarySettings
+from ..activations.hooks import probe_outputs
 from ..activations.store import PERMUTED_SUFFIX
+from ..activations.tokens import as_positions, channels_last_modules, output_layout
+from ..errors import MisbenchError, close_matches
+from .network import study_network
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +34,12 @@ class DictionaryPlan:
 def dictionary_layers(d: dict) -> list[str]:
     """The layers a [dictionary] section trains on: `layer` and `layers`, in order, once each."""
     return list(dict.fromkeys(([d["layer"]] if d["layer"] else []) + list(d["layers"])))
+
+
+def dictionary_settings(d: dict) -> dict:
+    """The section as the steps record it: `positions` only when set, so that a study from before the field
+    keeps its finished dictionary steps."""
+    return {k: v for k, v in d.items() if not (k == "positions" and v is None)}
 
 
 def _safe(name: str) -> str:
@@ -65,3 +79,60 @@ def dictionary_grid(d: dict, seed: int) -> list[DictionaryPlan]:
 
 def permuted_name(name: str) -> str:
     return name + PERMUTED_SUFFIX
+
+
+def _layer_units(config, layers: list[str]) -> tuple[dict, list[str]]:
+    """Units per position of each of `layers` in the study's network (its architecture, randomly initialised: no
+    weight file is read), from one forward pass; and a line for each layer that is no module or does not run."""
+    m = config["model"]
+    try:
+        loaded = study_network(m, skeleton=True)
+    except MisbenchError:  # a missing model file: the dry run names it among the missing inputs
+        return {}, []
+    model = loaded.model
+    modules = [name for name, _ in model.named_modules() if name]
+    key = "layer" if config["dictionary"]["layer"] and not config["dictionary"]["layers"] else "layers"
+    problems = [f"config [dictionary] {key}: {layer!r} is not a module of {m['spec'] or m['arch']}."
+                f"{close_matches(layer, modules)} `misbench layers MODEL` lists them"
+                for layer in layers if layer not in modules]
+    known = [layer for layer in layers if layer in modules]
+    crop = loaded.preprocess.crop
+    shapes = probe_outputs(model, known, torch.zeros(1, 3, crop, crop))
+    grids = channels_last_modules(model)
+    units = {}
+    for layer in known:
+        if layer not in shapes:
+            problems.append(f"config [dictionary] {key}: {layer!r} does not run in an inference forward pass of "
+                            f"{m['spec'] or m['arch']}; choose a module on the inference path")
+            continue
+        output = shapes[layer]
+        units[layer] = int(as_positions(output, output_layout(output, layer in grids)).shape[-1])
+    return units, problems
+
+
+def grid_problems(config) -> list[str]:
+    """One line per dictionary of the grid that cannot be trained on the study's network: a layer that is no
+    module of it, an expansion that gives less than one feature, a k above a top-k dictionary's width. Each
+    names the [dictionary] field and its fix (study --dry-run lists them before any step runs)."""
+    d = config["dictionary"]
+    layers = dictionary_layers(d)
+    if not layers:
+        return []
+    units, problems = _layer_units(config, layers)
+    for plan in dictionary_grid(d, 0):
+        s, n = plan.settings, units.get(plan.layer)
+        if n is None:
+            continue
+        if s.expansion is not None and round(s.expansion * n) < 1:
+            problems.append(f"config [dictionary] expansions: {s.expansion:g} x {plan.layer}'s {n} units gives "
+                            f"{s.expansion * n:.3g} features (less than one): use expansions of at least "
+                            f"{1 / n:.3g} for this layer")
+            continue
+        width = round(s.expansion * n) if s.expansion is not None else s.n_features
+        if KINDS[s.kind].uses_k and s.k > width:
+            key = "ks" if d["ks"] else "k"
+            size = f"{s.expansion:g} x {n} units of {plan.layer}" if s.expansion is not None else "n_features"
+            problems.append(f"config [dictionary] {key}: k {s.k} exceeds the {width} features of {plan.label} on "
+                            f"{plan.layer} ({size}): a top-k dictionary keeps k of its features per input; "
+                            f"lower {key} or raise {'expansions' if s.expansion is not None else 'n_features'}")
+    return list(dict.fromkeys(problems))  # an expansion's line once, whatever the kinds and k

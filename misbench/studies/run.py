@@ -14,15 +14,13 @@ from typing import Callable
 import torch
 
 from ..activations.dictionary import parse_features
-from ..activations.dictionary_training import train_dictionary
+from ..activations.dictionary_training import position_vectors, train_dictionary, train_on_vectors
 from ..activations.evaluate import evaluate_model, write_eval
 from ..activations.extract import ExtractSettings, extract
 from ..activations.store import add_permuted_layers, open_activations, partial_path
 from ..errors import MisbenchError
-from ..models.archs import build_arch
 from ..models.checkpoint import load_checkpoint_dict
-from ..models.loading import LoadedModel, load_model
-from ..models.preprocess import IMAGENET_PREPROCESS, Preprocess
+from ..models.loading import LoadedModel, load_seeded
 from ..pruning import PruneSettings
 from ..pruning.run import partial_checkpoint_path, produce_checkpoint
 from ..pruning.training import TrainSettings
@@ -35,8 +33,9 @@ from ..runtime.schema import settings_from
 from ..scoring.calibrate import calibration_alpha
 from ..scoring.run import ScoreSettings, score
 from .config import RunSpec, StudyConfig
-from .dictionaries import dictionary_grid, dictionary_layers, permuted_name
+from .dictionaries import dictionary_grid, dictionary_layers, dictionary_settings, permuted_name
 from .manifest import Manifest, folder_fingerprint, step_key
+from .network import study_network
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +82,8 @@ class Study:
                              labels=self.config["data"]["labels"])
 
     def _fresh_model(self) -> LoadedModel:
-        m = self.config["model"]
         torch.manual_seed(self.config["study"]["seed"])
-        if m["spec"]:
-            return load_model(m["spec"], num_classes=m["num_classes"])
-        model = build_arch(m["arch"], m["num_classes"], m["arch_kwargs"])
-        pre = Preprocess.from_dict(m["preprocess"]) if m["preprocess"] else IMAGENET_PREPROCESS
-        return LoadedModel(model, m["arch"], m["arch"], dict(m["arch_kwargs"]), m["num_classes"], pre)
+        return study_network(self.config["model"])
 
     # -- plan -----------------------------------------------------------------------------------------------------
     def run_dir(self, run: RunSpec) -> Path:
@@ -163,7 +157,7 @@ class Study:
             report_outputs["dictionaries"] = self.out / "report" / "dictionaries" / "dictionaries.csv"
         report_settings = {"report": cfg["report"], "runs": [dataclasses.asdict(r) for r in self.runs]}
         if has_dictionary:
-            report_settings["dictionary"] = cfg["dictionary"]
+            report_settings["dictionary"] = dictionary_settings(cfg["dictionary"])
         steps.append(Step("report", "report", report_settings, report_inputs, report_outputs, lambda resume: self._report()))
         return steps
 
@@ -198,13 +192,18 @@ class Study:
         full = [f"{spec.partition('=')[0]}={spec.partition('=')[2].partition(':')[0]}:{folder / spec.rpartition(':')[2]}"
                 for spec in specs]
         scored = folder / "acts_controls.h5" if d["controls"] else p["acts"]
-        steps = [
-            Step("extract:dictionary-train", "extract", train, {"model": base_ckpt}, {"acts": p["train_acts"]},
-                 lambda resume: self._extract(base_ckpt, p["train_acts"], resume, **train), partial_path(p["train_acts"]),
-                 (train["data"],)),
-            Step("dictionary", "dictionary", {**d, "seed": cfg["study"]["seed"]}, {"acts": p["train_acts"]},
+        steps = []
+        if d["positions"] is None:  # image-level vectors: the training images' extraction
+            steps.append(Step("extract:dictionary-train", "extract", train, {"model": base_ckpt},
+                              {"acts": p["train_acts"]},
+                              lambda resume: self._extract(base_ckpt, p["train_acts"], resume, **train),
+                              partial_path(p["train_acts"]), (train["data"],)))
+        steps += [
+            Step("dictionary", "dictionary", {**dictionary_settings(d), "seed": cfg["study"]["seed"]},
+                 {"acts": p["train_acts"]} if d["positions"] is None else {"model": base_ckpt},
                  {f"dictionary:{name}": path for name, path in files.items()},
-                 lambda resume: self._train_dictionaries(plans)),
+                 lambda resume: self._train_dictionaries(plans, base_ckpt),
+                 data=() if d["positions"] is None else (train["data"],)),
             Step("extract:dictionary", "extract", val, {"model": base_ckpt, **{f"dictionary:{n}": f for n, f in files.items()}},
                  {"acts": p["acts"]}, lambda resume: self._extract(base_ckpt, p["acts"], resume, **{**val, "features": full}),
                  partial_path(p["acts"]), (val["data"],)),
@@ -234,7 +233,9 @@ class Study:
 
     # -- actions --------------------------------------------------------------------------------------------------
     def _load(self, ckpt) -> LoadedModel:
-        return load_model(str(ckpt))
+        # a `name:random` [model] spec (the base when [train] has no epochs) is built from the study's seed, so
+        # that every step reads the same network
+        return load_seeded(str(ckpt), self.config["study"]["seed"])
 
     def _produce(self, loaded, prune, section, out, resume, epochs=None, optimizer=None):
         data = self.config["data"]
@@ -259,11 +260,22 @@ class Study:
         extract(self._load(ckpt), e["data"] or self.config["data"]["val"], out, settings, resume=resume,
                 overwrite=True, progress=self._bar(f"extract {Path(out).parent.name}"))
 
-    def _train_dictionaries(self, plans):
-        p, folder = self.dictionary_paths(), self.out / "dictionary"
-        for plan in plans:
-            train_dictionary(p["train_acts"], plan.layer, folder / plan.file, plan.settings,
-                             untrained_out=folder / plan.untrained_file if plan.untrained else None)
+    def _train_dictionaries(self, plans, base_ckpt):
+        p, folder, d = self.dictionary_paths(), self.out / "dictionary", self.config["dictionary"]
+        if d["positions"] is None:
+            for plan in plans:
+                train_dictionary(p["train_acts"], plan.layer, folder / plan.file, plan.settings,
+                                 untrained_out=folder / plan.untrained_file if plan.untrained else None)
+            return
+        # per-position vectors: one reservoir sample per layer (the study's seed) serves all its dictionaries
+        loaded, runtime = self._load(base_ckpt), self._runtime()
+        for layer in dictionary_layers(d):
+            x, source = position_vectors(loaded, self.config["data"]["train"], layer, d["positions"],
+                                         self.config["study"]["seed"], d["train_limit"],
+                                         self.config["extract"]["batch_size"], runtime["workers"], runtime["device"])
+            for plan in (plan for plan in plans if plan.layer == layer):
+                train_on_vectors(x, folder / plan.file, plan.settings, source,
+                                 untrained_out=folder / plan.untrained_file if plan.untrained else None)
 
     def _score(self, acts, out, layers=None):
         s = self.config["score"]
@@ -294,21 +306,21 @@ class Study:
     def _report(self):
         # reports load matplotlib: only when a study reports
         from ..reports.build import sweep
-        from ..reports.dictionaries import dictionary_report
 
         cfg, d = self.config["report"], self.config["dictionary"]
-        # the dictionaries' layers: neurons against features, all scored in dictionary/mis.csv; the first
-        # dictionary in the sweep report's comparison, every one layer by layer in report/dictionaries/
+        # the dictionaries' layers: neurons against features, all scored in dictionary/mis.csv
         scores = self.dictionary_paths()["scores"]
         plans = dictionary_grid(d, self.config["study"]["seed"]) if dictionary_layers(d) else []
-        compare = [f"neurons={scores}:{plans[0].layer}", f"features={scores}:{plans[0].name}"] if plans else None
+        # the last layer's first dictionary (layers go in depth order: the deepest) in the sweep report's
+        # comparison; a single dictionary: that one
+        first = next(p for p in plans if p.layer == plans[-1].layer) if plans else None
+        compare = [f"neurons={scores}:{first.layer}", f"features={scores}:{first.name}"] if plans else None
+        # every dictionary layer by layer in report/dictionaries/ (a section of the report)
         sweep(self.write_runs_csv(), self.out / "report", self.config["study"]["seed"], baseline=cfg["baseline"],
               classwise_layer=cfg["classwise_layer"], units=cfg["units"],
               title=f"misbench study: {self.config['study']['name']}", compare_scores=compare,
-              n_boot=self.config["score"]["n_boot"])
-        if plans:  # after the sweep: it replaces the whole report folder with the one it built beside it
-            dictionary_report(scores, self.dictionary_pairs(), self.out / "report" / "dictionaries",
-                              seed=self.config["study"]["seed"], n_boot=self.config["score"]["n_boot"])
+              n_boot=self.config["score"]["n_boot"], dictionary_scores=scores,
+              dictionary_pairs=self.dictionary_pairs() if plans else ())
 
     # -- execution ------------------------------------------------------------------------------------------------
     def _input_hashes(self, manifest: Manifest, step: Step, pending: bool) -> dict | None:
@@ -448,7 +460,8 @@ def run_study(config: StudyConfig, out_dir, dry_run: bool = False, on_step=None,
 
 
 def study_summary(out_dir) -> dict:
-    """Per-run accuracy and mean MIS, the rate correlations and softmax MIS vs class accuracy, from a finished study."""
+    """Per-run accuracy and mean MIS, the rate correlations and softmax MIS vs class accuracy, and the rows of
+    report/dictionaries/dictionaries.csv (none without a dictionary), from a finished study."""
     out_dir = Path(out_dir)
     report = out_dir / "report"
     summary = json.loads((report / "summary.json").read_text())
@@ -460,4 +473,6 @@ def study_summary(out_dir) -> dict:
     for row in read_csv_rows(report / "sweep.csv"):
         cw = classwise.get(row["name"], {}).get("correlation_accuracy_mis_confidence", {})
         runs.append({**row, "r_acc_conf": cw.get("pearson_r"), "paired": paired.get(row["name"])})
-    return {"runs": runs, "summary": summary, "report": str(report / "report.html")}
+    dictionaries = report / "dictionaries" / "dictionaries.csv"
+    return {"runs": runs, "summary": summary, "report": str(report / "report.html"),
+            "dictionaries": read_csv_rows(dictionaries) if dictionaries.exists() else []}
