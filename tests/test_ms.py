@@ -130,3 +130,82 @@ def test_score_metrics_ms_refuses_a_topk_file_before_any_scoring(tmp_path, image
         misbench.scoring.run.score(acts, ["conv1.bn"], ScoreSettings(similarity="pixel", metrics=("mis", "ms")),
                                    tmp_path / "mis.csv")
     assert not (tmp_path / "mis.csv").exists()
+
+
+class _RowBlocks:
+    """A 2-D array that counts the rows each read takes and refuses a read of more than `most` rows."""
+
+    def __init__(self, array, most):
+        self.array, self.most, self.reads = array, most, 0
+        self.shape, self.dtype = array.shape, array.dtype
+
+    def __getitem__(self, key):
+        rows = key[0] if isinstance(key, tuple) else key
+        assert isinstance(rows, slice) and len(range(*rows.indices(self.shape[0]))) <= self.most, key
+        self.reads += 1
+        return self.array[key]
+
+
+def test_ms_reads_activations_in_row_blocks():
+    rng = np.random.default_rng(1)
+    n, units, d = 50, 4, 3
+    acts = rng.normal(size=(n, units))
+    emb = rng.normal(size=(n, d))
+    block = 8 * 4 * 3  # 3 rows of 4 units in a block
+    wrapped = _RowBlocks(acts, most=3)
+    got = ms_scores(wrapped, emb, block_bytes=block)
+    assert wrapped.reads >= n // 3 and np.allclose(got, brute_ms(acts, emb), atol=1e-12, rtol=0)
+
+
+def test_score_ms_reuses_the_mis_pass_embeddings_and_never_loads_a_layer(property_folder, tmp_path, monkeypatch):
+    """With MIS and MS, every row is embedded once per run: MS reads back the MIS pass's embeddings (no cache
+    given: the run's own store) and embeds only the rows MIS did not need; a layer is read in row blocks, never
+    whole (ActivationFile.activations is not called); the ms column equals MS computed separately from every
+    row's embedding, and the MIS columns equal a MIS-only run's."""
+    import csv
+
+    import torch
+
+    from conftest import write_acts
+    from misbench.activations.store import ActivationFile, open_activations
+    from misbench.datasets.images import RowImages
+    from misbench.scoring.mis import stored_value
+    from misbench.scoring.run import embed_missing, score
+    from misbench.scoring.settings import ScoreSettings
+    from misbench.similarity import backend_from_settings
+
+    root, props = property_folder
+    n = len(props["hue"])
+    rng = np.random.default_rng(0)
+    layer = np.stack([props["brightness"], props["hue"], rng.normal(size=n)], 1).astype(np.float32)
+    acts = write_acts(tmp_path / "acts.h5", root, {"l": layer})
+    settings = ScoreSettings(similarity="pixel", image_size=16, device="cpu", n_boot=20, tasks=3,
+                             metrics=("mis", "ms"))
+    backend = backend_from_settings(settings)
+    embedded = []
+    plain = backend.embed
+    monkeypatch.setattr(backend, "embed", lambda x: embedded.append(len(x)) or plain(x))
+    monkeypatch.setattr(ActivationFile, "activations", lambda *a: (_ for _ in ()).throw(AssertionError("whole layer")))
+    meta = score(acts, ["l"], settings, tmp_path / "mis.csv", backend=backend)
+    monkeypatch.undo()
+    assert embedded[0] == 1 and sum(embedded[1:]) == n  # the width probe's blank image; each row once over both
+    assert meta["ms"]["embedded_images"] == n - meta["distinct_images"] and meta["embedded_images"] == \
+        meta["distinct_images"] < n
+    rows = list(csv.DictReader(open(tmp_path / "mis.csv")))
+    # the separate path: every row embedded in one pass, MS of the whole layer in memory
+    with open_activations(acts) as f:
+        images = RowImages(f, np.arange(n), 16, settings.view, backend.resample)
+        with torch.no_grad():
+            emb, _ = embed_missing(backend, images, None, None, torch.device("cpu"), settings.batch_size)
+        separate = ms_scores(f.layer("l")["activations"][...], emb)
+    assert [r["ms"] for r in rows] == [str(stored_value(v)) for v in separate]
+    alone = score(acts, ["l"], dataclass_replace(settings, metrics=("mis",)), tmp_path / "mis_only.csv")
+    only = list(csv.DictReader(open(tmp_path / "mis_only.csv")))
+    assert [{k: v for k, v in r.items() if k != "ms"} for r in rows] == only and alone["embedded_images"] == \
+        meta["embedded_images"]
+
+
+def dataclass_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)

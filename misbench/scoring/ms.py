@@ -26,15 +26,21 @@ MS_BLOCK_BYTES = 256 << 20  # the [units, dims] accumulator of one unit block st
 def ms_scores(acts, emb, device="cpu", block_bytes: int = MS_BLOCK_BYTES) -> np.ndarray:
     """MS of every unit: `acts` [N, U] raw activations (min-max scaled here), `emb` [N, d] embeddings of the
     same rows, in that order. Returns [U] float64, NaN where undefined. Float64 throughout, on `device`;
-    temporaries of about `block_bytes` each."""
-    acts = np.asarray(acts)
+    temporaries of about `block_bytes` each. `acts` may be any 2-D array that slices into numpy arrays (an h5py
+    dataset): it is read in blocks of rows and units, never whole."""
+    if not (hasattr(acts, "shape") and hasattr(acts, "__getitem__")):
+        acts = np.asarray(acts)
     emb = np.asarray(emb)
-    if acts.ndim != 2 or emb.ndim != 2 or len(acts) != len(emb):
+    if len(acts.shape) != 2 or emb.ndim != 2 or acts.shape[0] != len(emb):
         raise ValueError(f"ms_scores: acts [N, U] and emb [N, d] must share N, got {acts.shape} and {emb.shape}")
     n, units = acts.shape
     dim = emb.shape[1]
     device = torch.device(device)
-    low, high = acts.min(0).astype(np.float64), acts.max(0).astype(np.float64)
+    low, high = np.full(units, np.inf), np.full(units, -np.inf)
+    range_rows = max(1, int(block_bytes // (8 * max(units, 1))))
+    for r0 in range(0, n, range_rows):  # each unit's range, a block of rows at a time
+        block = np.asarray(acts[r0:r0 + range_rows], np.float64)
+        low, high = np.minimum(low, block.min(0)), np.maximum(high, block.max(0))
     span = np.where(high > low, high - low, np.inf)  # a constant unit scales to 0 everywhere, then NaN below
     unit_step = max(1, int(block_bytes // (8 * max(dim, 1))))
     row_step = max(1, int(block_bytes // (8 * max(min(units, unit_step), dim, 1))))  # one block of A, E

@@ -207,12 +207,13 @@ def _score(acts_path, layers, settings: ScoreSettings, out, tasks_out, cache_dir
         units = _select_units(acts, acts_path, names, settings, shard)
         t_select = time.time() - t_select
         acts_sha = sha256_file(acts_path)
-        scored, work = _score_tasks(acts, [u for u in units if u[2] is not None], backend, fingerprint, settings,
-                                    device, out, cache_dir, progress)
         ms, ms_work = {}, None
-        if "ms" in settings.metrics:
-            ms, ms_work = _ms_by_unit(acts, acts_path, names, backend, fingerprint, settings, device, cache_dir,
-                                      progress)
+        with contextlib.ExitStack() as stack:  # the run's embedding store lives until MS is computed too
+            scored, work, store = _score_tasks(acts, [u for u in units if u[2] is not None], backend, fingerprint,
+                                               settings, device, out, cache_dir, progress, stack,
+                                               all_rows="ms" in settings.metrics)
+            if "ms" in settings.metrics:
+                ms, ms_work = _ms_by_unit(acts, names, backend, settings, device, store, progress)
         meta = {"misbench_version": __version__, "created_utc": utc_now(), "acts": str(acts_path),
                 "acts_sha256": acts_sha, "model": str(acts.attrs.get("model", "")),
                 "checkpoint_sha256": str(acts.attrs.get("checkpoint_sha256", "")),
@@ -247,28 +248,47 @@ def _score(acts_path, layers, settings: ScoreSettings, out, tasks_out, cache_dir
     return {**meta, "rows": score_rows(results, settings.alpha, settings.alpha_source, settings.metrics)}
 
 
-def _ms_by_unit(acts, acts_path, names, backend, fingerprint: str, settings: ScoreSettings, device, cache_dir,
-                progress) -> tuple[dict, dict]:
+def _ms_by_unit(acts, names, backend, settings: ScoreSettings, device, store: "_RunStore", progress) -> tuple[dict, dict]:
     """(layer, unit) -> MonoSemanticity score (None where undefined) over every row of the file, from the
-    backend's embeddings of all rows (each embedded once; with a cache, read back from it)."""
+    backend's embeddings of all rows: those the MIS pass embedded are read back from the run's store (each image
+    embedded once per run), and each layer's activations are read in row blocks (ms_scores), never whole."""
     t0 = time.time()
     rows = np.arange(acts.n_rows)
-    images = RowImages(acts, rows, settings.image_size, settings.view, backend.resample)
-    store, keys = None, None
-    if cache_dir:
-        content = images.checked_content_keys(rows)
-        keys = content if content is not None else images.content_keys(rows)
-        store = EmbeddingCache(cache_dir, fingerprint, settings.image_size, images.identity)
-    emb, embedded = embed_missing(backend, images, keys, store, device, settings.batch_size, settings.workers,
-                                  progress=(lambda d, n: progress("embed", d, n)) if progress else None,
+    images = store.images.with_rows(rows)
+    emb, embedded = embed_missing(backend, images, store.keys_of(rows), store.store, device, settings.batch_size,
+                                  settings.workers, progress=(lambda d, n: progress("embed", d, n)) if progress else None,
                                   amp=settings.amp)
     out = {}
     for name in names:
-        values = acts.activations(name)
-        for unit, value in enumerate(ms_scores(values, emb, device)):
+        for unit, value in enumerate(ms_scores(acts.layer(name)["activations"], emb, device)):
             out[(name, unit)] = stored_value(value) if np.isfinite(value) else None
     return out, {"embedded_images": int(embedded), "rows": int(acts.n_rows), "dims": int(emb.shape[1]),
                  "seconds": round(time.time() - t0, 3)}
+
+
+class _RunStore:
+    """The run's embedding store and its rows' keys: the cache's content digests (checked against the file's), or
+    dataset indices in the run's own store beside the output. MIS chunks and MS read one another's embeddings."""
+
+    def __init__(self, stack, images: RowImages, rows: np.ndarray, fingerprint: str, settings: ScoreSettings, out,
+                 cache_dir):
+        self.images, self.rows = images, rows
+        # every image read back must be the one extraction saw (digests in the file): one hash per image
+        content = images.checked_content_keys(rows) if len(rows) else None
+        if cache_dir:
+            # content digests, computed once per image per run: a regenerated folder never hits stale entries
+            self.keys = content if content is not None else images.content_keys(rows)
+            self.store = EmbeddingCache(cache_dir, fingerprint, settings.image_size, images.identity)
+        else:
+            # the run's own store, beside the output (no output: the system's temp dir): each image is embedded
+            # once whatever the chunks (pid-named: the store a SIGKILLed run leaves is removed by the next run beside it)
+            own = stack.enter_context(temp_dir_beside(out, ".emb") if out is not None
+                                      else tempfile.TemporaryDirectory(prefix="misbench-emb-"))
+            self.keys = images.index_keys(rows)
+            self.store = EmbeddingCache(own, fingerprint, settings.image_size, images.identity)
+
+    def keys_of(self, rows) -> np.ndarray:
+        return self.keys[np.searchsorted(self.rows, rows)]
 
 
 def _score_ranks(acts_path, layers, settings: ScoreSettings, out, tasks_out, cache_dir, backend, progress,
@@ -330,10 +350,12 @@ def _select_units(acts, acts_path, names: list[str], settings: ScoreSettings, sh
 
 
 def _score_tasks(acts, units: list[tuple], backend, fingerprint: str, settings: ScoreSettings, device, out, cache_dir,
-                 progress) -> tuple[list[UnitScore], dict]:
-    """Each (layer, unit, Tasks)'s UnitScore, in order, and the work done: images embedded and distinct, seconds
-    embedding and deciding. Units go in chunks: memory holds the embeddings of one chunk's images, never the
-    dataset's; every image is embedded once per run whatever the chunks."""
+                 progress, stack, all_rows: bool = False) -> tuple[list[UnitScore], dict, "_RunStore | None"]:
+    """Each (layer, unit, Tasks)'s UnitScore, in order, the work done (images embedded and distinct, seconds
+    embedding and deciding) and the run's embedding store (open while `stack` is; None when nothing was stored).
+    Units go in chunks: memory holds the embeddings of one chunk's images, never the dataset's; every image is
+    embedded once per run whatever the chunks. `all_rows`: the store covers every row of the file (MS reads them
+    all), not only the rows the tasks need."""
     all_images = RowImages(acts, np.zeros(0, np.int64), settings.image_size, settings.view,
                            backend.resample)  # the dataset, opened once
     chunks = [units[first:first + settings.chunk_units] for first in range(0, len(units), settings.chunk_units)]
@@ -345,55 +367,45 @@ def _score_tasks(acts, units: list[tuple], backend, fingerprint: str, settings: 
         len(distinct) <= RESIDENT_FACTOR * max(len(rows) for rows in needed)
     _check_chunk_memory(settings, [distinct] if resident else needed, _probe_dim(backend, settings, device), device)
     t_embed, t_decide, embedded, scored = 0.0, 0.0, 0, []
-    # every image read back must be the one extraction saw (digests in the file): one hash per image
-    content = all_images.checked_content_keys(distinct) if len(distinct) else None
-    with contextlib.ExitStack() as stack:
-        store, keys = None, None
-        if settings.engine == "embed" and len(distinct):
-            if cache_dir:
-                # content digests, computed once per image per run: a regenerated folder never hits stale entries
-                keys = content if content is not None else all_images.content_keys(distinct)
-                store = EmbeddingCache(cache_dir, fingerprint, settings.image_size, all_images.identity)
-            else:
-                # the run's own store, beside the output (no output: the system's temp dir): each image
-                # is embedded once whatever the chunks
-                # (pid-named: the store a SIGKILLed run leaves is removed by the next run beside it)
-                own = stack.enter_context(temp_dir_beside(out, ".emb") if out is not None
-                                          else tempfile.TemporaryDirectory(prefix="misbench-emb-"))
-                keys = all_images.index_keys(distinct)
-                store = EmbeddingCache(own, fingerprint, settings.image_size, all_images.identity)
-        engine = None
-        for chunk, rows in zip(chunks, needed):
-            t1 = time.time()
-            if resident:
-                rows = distinct
-            images = all_images.with_rows(rows)
-            if engine is not None:  # resident: built for the first chunk
-                pass
-            elif settings.engine == "embed":
-                emb, n_new = embed_missing(backend, images, keys[np.searchsorted(distinct, rows)], store, device,
-                                           settings.batch_size, settings.workers,
-                                           progress=(lambda d, n: progress("embed", d, n)) if progress else None,
-                                           amp=settings.amp)
-                embedded += n_new
-                # the pairs it will be asked for: every chunk's when resident, else this chunk's
-                tasks = sum(len(t.pos_query) for c in (chunks if resident else [chunk]) for _, _, t, _ in c)
-                engine = build_distances(settings.distances, rows, emb, device,
-                                         pairs=tasks * 4 * settings.explanations)
-                del emb
-            else:
-                engine = _PairwiseDistances(backend, images, device, settings.batch_size)
-            t2 = time.time()
-            t_embed += t2 - t1
-            deltas = _chunk_deltas(engine, [tasks for _, _, tasks, _ in chunk], settings.explanations)
-            conf_lo, conf_hi = confidence_intervals(confidences(np.stack(deltas), settings.alpha))  # the chunk at once
-            for (layer, unit, tasks, facts), unit_deltas, lo, hi in zip(chunk, deltas, conf_lo, conf_hi):
-                scored.append(score_unit(layer, unit, tasks, unit_deltas, settings, (lo, hi), facts))
-                if progress:
-                    progress("score", len(scored), len(units))
-            if not resident:
-                embedded += getattr(engine, "forwarded", 0)
-                engine = None
-            t_decide += time.time() - t2
+    store = None
+    if all_rows:
+        store = _RunStore(stack, all_images, np.arange(acts.n_rows), fingerprint, settings, out, cache_dir)
+    elif settings.engine == "embed" and len(distinct):
+        store = _RunStore(stack, all_images, distinct, fingerprint, settings, out, cache_dir)
+    elif len(distinct):
+        all_images.checked_content_keys(distinct)  # the pairwise engine reads the images: the ones extraction saw
+    engine = None
+    for chunk, rows in zip(chunks, needed):
+        t1 = time.time()
+        if resident:
+            rows = distinct
+        images = all_images.with_rows(rows)
+        if engine is not None:  # resident: built for the first chunk
+            pass
+        elif settings.engine == "embed":
+            emb, n_new = embed_missing(backend, images, store.keys_of(rows), store.store, device,
+                                       settings.batch_size, settings.workers,
+                                       progress=(lambda d, n: progress("embed", d, n)) if progress else None,
+                                       amp=settings.amp)
+            embedded += n_new
+            # the pairs it will be asked for: every chunk's when resident, else this chunk's
+            tasks = sum(len(t.pos_query) for c in (chunks if resident else [chunk]) for _, _, t, _ in c)
+            engine = build_distances(settings.distances, rows, emb, device,
+                                     pairs=tasks * 4 * settings.explanations)
+            del emb
+        else:
+            engine = _PairwiseDistances(backend, images, device, settings.batch_size)
+        t2 = time.time()
+        t_embed += t2 - t1
+        deltas = _chunk_deltas(engine, [tasks for _, _, tasks, _ in chunk], settings.explanations)
+        conf_lo, conf_hi = confidence_intervals(confidences(np.stack(deltas), settings.alpha))  # the chunk at once
+        for (layer, unit, tasks, facts), unit_deltas, lo, hi in zip(chunk, deltas, conf_lo, conf_hi):
+            scored.append(score_unit(layer, unit, tasks, unit_deltas, settings, (lo, hi), facts))
+            if progress:
+                progress("score", len(scored), len(units))
+        if not resident:
+            embedded += getattr(engine, "forwarded", 0)
+            engine = None
+        t_decide += time.time() - t2
     return scored, {"embedded": int(embedded), "distinct": int(len(distinct)), "embed_s": t_embed,
-                    "decide_s": t_decide}
+                    "decide_s": t_decide}, store
