@@ -158,3 +158,62 @@ def test_non_finite_jumprelu_thresholds_are_refused_and_a_native_threshold_is_re
                tmp_path / "n.pt")
     with pytest.raises(MisbenchError, match="non-finite"):
         load_dictionary(tmp_path / "n.pt")
+
+
+def _overcomplete_state(p, jump=False, archetypal=False):
+    """An Overcomplete SAE's state_dict with the default 'linear' encoder, as its modules name and shape it
+    (overcomplete/sae/modules.py MLPEncoder(nb_blocks=0, norm_layer=Identity): final_block = Linear(D, K),
+    Identity; dictionary.py DictionaryLayer: _weights [K, D], multiplier buffer; archetypal_dictionary.py:
+    C, W, Relax, multiplier; jump_sae.py: thresholds [K], the log of the JumpReLU thresholds)."""
+    state = {"encoder.final_block.0.weight": p["W"].clone(), "encoder.final_block.0.bias": p["b"].clone()}
+    if archetypal:
+        state.update({"dictionary.C": torch.randn(30, D), "dictionary.W": torch.eye(K, 30),
+                      "dictionary.Relax": torch.zeros(K, D), "dictionary.multiplier": torch.tensor(0.0)})
+    else:
+        state.update({"dictionary._weights": torch.randn(K, D), "dictionary.multiplier": torch.tensor(0.0)})
+    if jump:
+        state["thresholds"] = torch.log(p["threshold"] + 0.05)
+    return state
+
+
+def _overcomplete_codes(p, x):
+    # MLPEncoder.forward with no hidden block: pre_z = final_block(x) (Linear, Identity); z = ReLU(pre_z)
+    return torch.relu(x @ p["W"].T + p["b"])
+
+
+def test_overcomplete_state_dicts(tmp_path, x):
+    p = _params(5)
+    codes = _overcomplete_codes(p, x)
+    # JumpSAE (and RAJumpSAE): JumpReLU.forward zeroes the ReLU codes below exp(thresholds); recognised by its key
+    for archetypal in (False, True):
+        torch.save(_overcomplete_state(p, jump=True, archetypal=archetypal), tmp_path / "jump.pt")
+        t = torch.exp(torch.log(p["threshold"] + 0.05))
+        ref = codes.clone()
+        ref[codes < t] = 0
+        _check(tmp_path / "jump.pt", x, ref, "overcomplete")
+    # TopKSAE.encode: torch.topk of the codes, scattered into zeros; k from the added `activation` entry
+    torch.save({**_overcomplete_state(p), "activation": "topk:6"}, tmp_path / "topk.pt")
+    top = torch.topk(codes, 6, dim=-1)
+    _check(tmp_path / "topk.pt", x, torch.zeros_like(codes).scatter(-1, top.indices, top.values), "overcomplete")
+    # BatchTopKSAE.encode at inference: codes * (codes >= running_threshold)
+    torch.save({**_overcomplete_state(p), "activation": "jumprelu:0.4"}, tmp_path / "batch.pt")
+    _check(tmp_path / "batch.pt", x, codes * (codes >= 0.4).float(), "overcomplete")
+    # SAE: the ReLU codes
+    torch.save({**_overcomplete_state(p, archetypal=True), "activation": "relu"}, tmp_path / "sae.pt")
+    _check(tmp_path / "sae.pt", x, codes, "overcomplete")
+    # a bare state_dict does not say its encode: refused, naming the classes that share its keys and the fix
+    torch.save(_overcomplete_state(p), tmp_path / "bare.pt")
+    with pytest.raises(MisbenchError, match=r"records neither its class nor top_k \(SAE, TopKSAE, BatchTopKSAE, "
+                                            r"MpSAE and OMPSAE save the same keys\): add the encode"):
+        load_dictionary(tmp_path / "bare.pt")
+    # other encoders and QSAE are named as not read
+    for extra, named in (({"encoder.final_block.1.weight": torch.ones(K)}, "encoder.final_block.1.weight"),
+                         ({"Q": torch.randn(8)}, "key Q")):
+        torch.save({**_overcomplete_state(p, jump=True), **extra}, tmp_path / "other.pt")
+        with pytest.raises(MisbenchError) as err:
+            load_dictionary(tmp_path / "other.pt")
+        assert named in str(err.value) and "QSAE" in str(err.value) and "MpSAE" in str(err.value)
+    # a whole pickled module never loads without --trust-pickle
+    torch.save(torch.nn.Linear(D, K), tmp_path / "module.pt")
+    with pytest.raises(MisbenchError, match="pickled Python object"):
+        load_dictionary(tmp_path / "module.pt")

@@ -22,8 +22,8 @@ import torch
 from ..errors import MisbenchError
 from ..registry import register
 
-EXPECTED = ("a misbench dictionary (W_enc [K, D], b_enc [K]), a dictionary_learning ae.pt, a saev checkpoint or "
-            "a SAELens sae_weights.safetensors")
+EXPECTED = ("a misbench dictionary (W_enc [K, D], b_enc [K]), a dictionary_learning ae.pt, a saev checkpoint, "
+            "a SAELens sae_weights.safetensors or an Overcomplete SAE state_dict")
 FORMATS: dict[str, tuple[Callable, Callable]] = {}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                       "I64": torch.int64, "I32": torch.int32}
@@ -174,12 +174,48 @@ def _saelens(obj, path):
             "threshold": threshold}
 
 
+# Overcomplete (KempnerInstitute/overcomplete): SAE and its subclasses with the default encoder ("linear":
+# MLPEncoder with no hidden block and no norm) save encoder.final_block.0.weight [K, D] and .bias [K] beside their
+# dictionary (dictionary._weights [K, D], or the archetypal dictionary's C, W, Relax) and encode
+# codes = relu(x W^T + b); then TopKSAE / RATopKSAE keep each input's top_k codes, BatchTopKSAE (at inference) the
+# codes >= its running_threshold, JumpSAE / RAJumpSAE the codes >= exp(thresholds) with `thresholds` [K] a key of
+# its own. top_k and running_threshold are plain attributes, not state: a state_dict without `thresholds` cannot
+# say which encode is its own, so it needs an `activation` entry added (relu, topk:K or jumprelu:T). Read from
+# overcomplete/sae/base.py, modules.py (MLPEncoder, TieableEncoder), factory.py, topk_sae.py, batchtopk_sae.py,
+# jump_sae.py, rasae.py, qsae.py, mp_sae.py, omp_sae.py (0.3.0).
+OVERCOMPLETE_ENCODER = ("encoder.final_block.0.weight", "encoder.final_block.0.bias")
+OVERCOMPLETE_OTHERS = ("QSAE (its quantised codes, key Q), MpSAE and OMPSAE (matching pursuit over the dictionary), "
+                       "and SAEs with an mlp_*, resnet_*, attention_* or tied encoder")
+
+
+def _overcomplete(obj, path):
+    encoder = sorted(str(k) for k in obj if str(k).startswith("encoder.") and k not in OVERCOMPLETE_ENCODER)
+    if encoder or "Q" in obj:
+        raise MisbenchError(f"--features: {path}: an Overcomplete SAE with {encoder[0] if encoder else 'key Q'}; "
+                            "misbench reads SAE, TopKSAE, BatchTopKSAE, JumpSAE and the RA variants with the default "
+                            f"'linear' encoder, not {OVERCOMPLETE_OTHERS}")
+    threshold = None
+    if "thresholds" in obj:  # JumpSAE: JumpReLU at exp(thresholds) of the ReLU codes
+        activation, threshold = "jumprelu", torch.exp(obj["thresholds"].detach().double()).float()
+    elif "activation" in obj:
+        activation = str(obj["activation"])
+    else:
+        raise MisbenchError(f"--features: {path}: an Overcomplete SAE state_dict records neither its class nor top_k "
+                            "(SAE, TopKSAE, BatchTopKSAE, MpSAE and OMPSAE save the same keys): add the encode as an "
+                            "entry, torch.save({**sae.state_dict(), 'activation': A}, FILE) with A = 'relu' (SAE), "
+                            "'topk:K' (TopKSAE, RATopKSAE: K = sae.top_k) or 'jumprelu:T' (BatchTopKSAE: "
+                            f"T = sae.running_threshold); {OVERCOMPLETE_OTHERS} are not read")
+    return {"W_enc": obj["encoder.final_block.0.weight"], "b_enc": obj["encoder.final_block.0.bias"], "b_dec": None,
+            "activation": activation, "threshold": threshold}
+
+
 register_format("misbench", lambda o: _is(o, "W_enc", "b_enc") and "__cfg__" not in o and "__header__" not in o,
                 _native)
 register_format("dictionary_learning", lambda o: _is(o, "encoder.weight", "encoder.bias", "bias"), _dl_standard)
 register_format("dictionary_learning-topk", lambda o: _is(o, "encoder.weight", "encoder.bias", "b_dec", "k"), _dl_topk)
 register_format("saev", lambda o: isinstance(o, dict) and "__header__" in o and _is(o, "W_enc", "b_enc", "b_dec"),
                 _saev)
+register_format("overcomplete", lambda o: _is(o, *OVERCOMPLETE_ENCODER), _overcomplete)
 register_format("saelens", lambda o: isinstance(o, dict) and "__cfg__" in o and _is(o, "W_enc", "b_enc", "b_dec"),
                 _saelens)
 
