@@ -127,7 +127,9 @@ def test_score_metrics_ms_refuses_a_topk_file_before_any_scoring(tmp_path, image
     monkeypatch.setattr(misbench.scoring.run, "_score_tasks", no_scoring)
     monkeypatch.setattr(misbench.scoring.run, "prepare_model", no_scoring)
     with pytest.raises(MisbenchError, match="keeps only its top/bottom-k rows"):
-        misbench.scoring.run.score(acts, ["conv1.bn"], ScoreSettings(similarity="pixel", metrics=("mis", "ms")),
+        # quantile 0.5: 12 of the folder's 24 rows per side, which the up-front selection check accepts
+        misbench.scoring.run.score(acts, ["conv1.bn"], ScoreSettings(similarity="pixel", metrics=("mis", "ms"),
+                                                                     selection="quantile", quantile=0.5),
                                    tmp_path / "mis.csv")
     assert not (tmp_path / "mis.csv").exists()
 
