@@ -257,14 +257,14 @@ def test_study_trains_a_dictionary_and_reports_neurons_against_features(tmp_path
     assert dict(study.plan())["dictionary"] == "run"
     step.action(False)
     r = runner.invoke(cli, ["train-dictionary", "--positions", "300", "--model", str(out / "base" / "model.pt"),
-                            "--data", str(study_data), "--limit", "200", "--layer", "conv1.bn", "--expansion", "2",
+                            "--data", str(study_data), "--limit", "100", "--layer", "conv1.bn", "--expansion", "2",
                             "--k", "2", "--steps", "41", "--batch-size", "64", "--seed", "0", "--device", "cpu",
                             "--out", str(tmp_path / "by_hand.pt")])
     assert r.exit_code == 0, r.output
     mine, by_hand = torch.load(d / "conv1_bn_topk_x2_k2.pt", weights_only=True), torch.load(tmp_path / "by_hand.pt",
                                                                                           weights_only=True)
     assert mine["training"]["vectors"] == "positions" and mine["training"]["n_vectors"] == 300
-    assert mine["training"]["positions_seen"] == 200 * 16 * 16  # 200 images x conv1's 16 x 16 positions
+    assert mine["training"]["positions_seen"] == 100 * 16 * 16  # train_limit 100 images x conv1's 16 x 16 positions
     assert all(torch.equal(mine[k], by_hand[k]) for k in ("W_enc", "b_enc", "b_dec", "W_dec"))
     config.write_text(config.read_text().replace("positions = 300\n", ""))
     # [extract] token_reduction and features reach every run's extraction; the feature file is a step input
