@@ -220,7 +220,7 @@ def test_study_trains_a_dictionary_and_reports_neurons_against_features(tmp_path
     assert {n for n, s in plan.items() if s == "run"} == {"dictionary", "extract:dictionary", "score:dictionary", "report"}
     # [dictionary] as a grid with controls: two widths, each with its untrained twin and permuted features
     config.write_text(config.read_text().replace('name = "sae"', 'name = "sae"\nexpansions = [1, 2]\nks = [2]\n'
-                                                 'controls = true'))
+                                                 'controls = true\nmetrics = ["mis", "ms"]'))
     r = runner.invoke(cli, ["study", str(config), "--out", str(out)])
     assert r.exit_code == 0, r.output
     for width in (1, 2):
@@ -235,6 +235,9 @@ def test_study_trains_a_dictionary_and_reports_neurons_against_features(tmp_path
     assert [row["label"] for row in rows] == ["neurons", "topk x1 k2", "topk x1 k2 untrained", "topk x1 k2 permuted",
                                               "topk x2 k2", "topk x2 k2 untrained", "topk x2 k2 permuted"]
     assert rows[1]["fvu"] != "" and rows[1]["diff_mis"] != ""
+    # [dictionary] metrics: MS for the dictionaries' scoring only; the runs keep [score] metrics (MIS)
+    assert all(row["ms"] != "" for row in rows) and "ms" in (d / "mis.csv").read_text().splitlines()[0].split(",")
+    assert "ms" not in (out / "runs" / "base" / "mis.csv").read_text().splitlines()[0].split(",")
     # the report shows that table and the difference against depth; the study prints it row by row
     html = (out / "report" / "report.html").read_text()
     assert "Dictionary features against neurons" in html and "dictionaries/dictionaries.png" in html
@@ -286,6 +289,7 @@ def test_study_trains_a_dictionary_and_reports_neurons_against_features(tmp_path
     ("dictionary", {"layer": "conv1.bn,conv2"}, "[dictionary] layer: expected one module name"),
     ("dictionary", {"layer": "conv1.bn", "name": "conv1.bn"}, "[dictionary] name: 'conv1.bn' must be a new"),
     ("dictionary", {"layer": "conv1.bn", "positions": 1}, "[dictionary] positions: must be at least 2, got 1"),
+    ("dictionary", {"layer": "conv1.bn", "metrics": ["ms"]}, "[dictionary] metrics: --metrics ms: expected mis"),
     ("dictionary", {"layer": "conv1.bn", "positions": "1000"}, "[dictionary] positions: expected an integer"),
     ("extract", {"token_reduction": "first"}, "[extract] token_reduction: 'first' is not allowed; expected one of mean"),
     ("extract", {"features": ["sae.pt"]}, "[extract] features: --features 'sae.pt': expected NAME=LAYER:FILE"),

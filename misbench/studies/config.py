@@ -100,6 +100,8 @@ class DictionarySection(DictionarySettings):
     # of at most N per-position vectors (conv positions, tokens) drawn while the training images stream through
     # the base network (train-dictionary --positions)
     positions: int | None = setting(None, low=2)
+    # the dictionaries' scoring metrics (e.g. ["mis", "ms"]); unset: [score] metrics
+    metrics: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +214,11 @@ def _check_dictionaries(raw: dict) -> None:
     except MisbenchError as err:
         raise MisbenchError(f"config [score] metrics: {err}") from None
     d = raw["dictionary"]
+    if d["metrics"] is not None:
+        try:
+            parse_metrics(d["metrics"])
+        except MisbenchError as err:
+            raise MisbenchError(f"config [dictionary] metrics: {err}") from None
     layers = dictionary_layers(d)
     if not layers:
         return

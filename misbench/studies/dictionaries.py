@@ -37,9 +37,9 @@ def dictionary_layers(d: dict) -> list[str]:
 
 
 def dictionary_settings(d: dict) -> dict:
-    """The section as the steps record it: `positions` only when set, so that a study from before the field
-    keeps its finished dictionary steps."""
-    return {k: v for k, v in d.items() if not (k == "positions" and v is None)}
+    """The section as the steps record it: `positions` and `metrics` only when set, so that a study from before
+    those fields keeps its finished dictionary steps."""
+    return {k: v for k, v in d.items() if not (k in ("positions", "metrics") and v is None)}
 
 
 def _safe(name: str) -> str:

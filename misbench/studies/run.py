@@ -214,9 +214,13 @@ class Study:
                               {"acts": p["acts"]}, {"acts": scored},
                               lambda resume: add_permuted_layers(p["acts"], scored, [plan.name for plan in plans],
                                                                  cfg["study"]["seed"])))
-        steps.append(Step("score:dictionary", "score", {**cfg["score"], "layers": ["all"], "seed": cfg["study"]["seed"]},
+        # [dictionary] metrics (when set) replaces [score] metrics for the dictionaries' scoring alone
+        metrics = {"metrics": list(d["metrics"])} if d["metrics"] is not None else {}
+        steps.append(Step("score:dictionary", "score", {**cfg["score"], "layers": ["all"], "seed": cfg["study"]["seed"],
+                                                        **metrics},
                           {"acts": scored}, {k: p[k] for k in ("scores", "meta", "tasks")},
-                          lambda resume: self._score(scored, p["scores"], layers=["all"]), data=(val["data"],)))
+                          lambda resume: self._score(scored, p["scores"], layers=["all"], **metrics),
+                          data=(val["data"],)))
         return steps
 
     def dictionary_pairs(self) -> list[str]:
@@ -277,8 +281,8 @@ class Study:
                 train_on_vectors(x, folder / plan.file, plan.settings, source,
                                  untrained_out=folder / plan.untrained_file if plan.untrained else None)
 
-    def _score(self, acts, out, layers=None):
-        s = self.config["score"]
+    def _score(self, acts, out, layers=None, **override):
+        s = {**self.config["score"], **override}
         alpha, alpha_source = s["alpha"], ""
         if s["alpha_from"]:  # a `misbench calibrate --out` file: alpha with its provenance
             alpha, alpha_source = calibration_alpha(s["alpha_from"])
