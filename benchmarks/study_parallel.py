@@ -12,6 +12,7 @@ Needs root or installed Slurm + munge (scripts/ensure-slurm.sh). The outputs of 
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,8 @@ def main(runs: int, epochs: int) -> None:
 
 
 if __name__ == "__main__":
+    # a SIGTERM ends the script through its `finally`, which stops the cluster it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=12)

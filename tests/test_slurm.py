@@ -374,3 +374,21 @@ def test_a_step_given_two_tasks_runs_under_torch_distributed(slurm_cluster, worl
     from misbench.models.loading import load_model
 
     assert load_model(str(out / "runs" / "structured-l1-0.5-oneshot" / "model.pt")).masks
+
+
+# slow: about a minute of jobs run one at a time (without max_jobs the same study overlaps its jobs: checked once)
+@pytest.mark.slow
+def test_max_jobs_runs_at_most_that_many_of_the_studys_jobs_at_once(slurm_cluster, world, tmp_path):
+    """Two independent prunes and their extractions could run side by side on the two CPUs; `max_jobs = 1` makes
+    the study's jobs run one after another (each step's recorded start is at or after every earlier end), and the
+    study still completes."""
+    d = fresh(world, tmp_path)
+    cfg, out = config(d, methods=["unstructured", "structured"], executor={"max_jobs": 1}), d / "out"
+    jobs = submit(cfg, out)
+    assert len(jobs) >= 4
+    wait_for(slurm_cluster, jobs.values())
+    r, rows = status(out)
+    assert r.exit_code == 0 and set(rows.values()) == {"done"}, r.output
+    spans = sorted((e["started_utc"], e["finished_utc"]) for e in steps(out).values())
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start >= end, spans
