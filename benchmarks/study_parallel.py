@@ -6,10 +6,11 @@ cluster runs two at a time. Prints the wall-time ratio (target: at least 1.6x on
 overhead per step (`misbench study --executor slurm` from start to return, divided by the jobs it submitted).
 Needs root or installed Slurm + munge (scripts/ensure-slurm.sh). The outputs of both runs are compared too.
 
-    python benchmarks/study_parallel.py [--runs 6] [--epochs 12]
+    python benchmarks/study_parallel.py [--runs 6] [--epochs 60]
 """
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -69,10 +70,15 @@ def main(runs: int, epochs: int) -> None:
         same = all((root / "local" / "runs" / d.name / "mis.csv").read_bytes() == (d / "mis.csv").read_bytes()
                    for d in (root / "slurm" / "runs").iterdir())
         slurm_total = submitted.seconds + ran.seconds
+        work = {o: sum(e.get("seconds") or 0 for e in json.loads((root / o / "manifest.json").read_text())["steps"].values())
+                for o in ("local", "slurm")}
         print(f"{runs} runs x {epochs} epochs, {len(jobs)} steps on {cluster.cpus} CPUs")
         print(f"local executor   {local.seconds:8.1f} s")
         print(f"slurm executor   {slurm_total:8.1f} s (submission {submitted.seconds:.1f} s, "
               f"{submitted.seconds / len(jobs):.2f} s per step)")
+        print(f"steps' own seconds: local {work['local']:.1f} s, in the jobs {work['slurm']:.1f} s; per job, the time "
+              f"a CPU spent outside its step (start-up, scheduling, idle on dependencies): "
+              f"{(cluster.cpus * ran.seconds - work['slurm']) / len(jobs):.1f} s")
         print(f"ratio local/slurm {local.seconds / slurm_total:.2f}x (target >= 1.6x on 2 CPUs); "
               f"mis.csv identical: {same}")
     finally:
@@ -85,6 +91,6 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=6)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=60)
     args = parser.parse_args()
     main(args.runs, args.epochs)
