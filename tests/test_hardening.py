@@ -449,7 +449,8 @@ def test_files_that_are_no_model_are_named_for_what_they_are(tmp_path):
     header = _json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
     (tmp_path / "m.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
     (tmp_path / "notes.txt").write_text("hello, this is not a model\n")
-    cases = {acts: ("an HDF5 file", "misbench score"), tmp_path / "eval.json": ("a JSON file", "--eval"),
+    (tmp_path / "empty.pt").touch()  # found by trying: "cannot read empty.pt as a torch file: " (no reason)
+    cases = {acts: ("an HDF5 file", "misbench score"), tmp_path / "empty.pt": ("is empty (0 bytes)", "fetch it again"), tmp_path / "eval.json": ("a JSON file", "--eval"),
              tmp_path / "mis.csv": ("a mis.csv", "report"), tmp_path / "m.safetensors": ("safetensors", "--arch"),
              tmp_path / "notes.txt": ("a text file", "torchvision name"),
              folder / "class_00" / "img_000.png": ("a PNG image", "--data")}

@@ -310,6 +310,9 @@ def _not_a_model(path) -> MisbenchError | None:
             head = handle.read(64)
     except OSError:
         return None
+    if not head:
+        return MisbenchError(f"{path} is empty (0 bytes), not a model: a copy or download that did not finish? "
+                             "Write or fetch it again")
     for magic, what, reader in _NOT_MODELS:
         if head.startswith(magic) and what:
             return MisbenchError(f"{path} is {what}, not a model: MODEL is a misbench checkpoint (.pt), a state_dict "
