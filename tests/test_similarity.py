@@ -85,6 +85,26 @@ def test_faiss_index_equals_brute_force():
     np.testing.assert_allclose(index.distances(q_rows, t_rows), expected, rtol=1e-5)
 
 
+def test_faiss_pair_distances_are_the_bits_of_index_flat_subset_distances():
+    """The faiss engine reads pairs in place (pairwise_indexed_L2sqr) instead of gathering queries for
+    IndexFlatL2.compute_distance_subset, which it used before: the same kernel, so the same float32 bits
+    (and mis.csv stays byte-identical), at dims that take FAISS' SIMD paths and their remainders."""
+    import faiss
+
+    rng = np.random.default_rng(3)
+    for dim in (7, 64, 1003):
+        emb = rng.normal(size=(120, dim)).astype(np.float32)
+        rows = rng.permutation(500)[:120]
+        q_pos, t_pos = rng.integers(0, 120, 300), rng.integers(0, 120, (300, 18))
+        flat = faiss.IndexFlatL2(dim)
+        flat.add(emb)
+        before = np.empty((300, 18), np.float32)
+        queries, labels = np.ascontiguousarray(emb[q_pos]), np.ascontiguousarray(t_pos.astype(np.int64))
+        flat.compute_distance_subset(300, faiss.swig_ptr(queries), 18, faiss.swig_ptr(before), faiss.swig_ptr(labels))
+        now = EmbeddingIndex(rows, emb).distances(rows[q_pos], rows[t_pos])
+        assert now.dtype == np.float32 and np.array_equal(now.view(np.uint32), before.view(np.uint32))
+
+
 def test_unknown_backend_is_a_clear_error():
     from misbench.errors import MisbenchError
 

@@ -6,8 +6,8 @@ Which one runs where (docs/performance.md has the measurements):
 - "gram", the CPU default: where the run needs a good share of all pairs of its images (a few
   thousand images, many units), all their dot products at once in float64 (similarity/gram.py:
   ||a||^2 + ||b||^2 - 2ab, every vector read once), else the FAISS kernel below;
-- "faiss": FAISS `IndexFlatL2.compute_distance_subset` on CPU, the same per-pair kernel as always,
-  one call per block of queries (BLOCK_BYTES of query vectors);
+- "faiss": FAISS' per-pair kernel on CPU (`pairwise_indexed_L2sqr`: the bits `IndexFlatL2.compute_distance_subset`
+  gives, read from the embeddings in place, one call per chunk);
 - "torch": the embeddings as one tensor on the scoring device, distances from gathered blocks.
 FAISS' GPU indexes have no subset-distance call (only k-NN search and all-pairs), so on CUDA the
 torch engine is the GPU path; `EmbeddingIndex.search` still uses a GPU copy when faiss-gpu has one.
@@ -25,7 +25,7 @@ from . import gram
 
 log = logging.getLogger(__name__)
 
-BLOCK_BYTES = 64 << 20  # gathered vectors per call (FAISS queries, torch targets): bounds working memory
+BLOCK_BYTES = 64 << 20  # gathered target vectors per call (torch): bounds working memory
 
 
 def _faiss():
@@ -77,17 +77,25 @@ class EmbeddingIndex(_RowPositions):
 
     def __init__(self, rows: np.ndarray, embeddings: np.ndarray, gpu: int | None = None):
         super().__init__(rows)
-        faiss = _faiss()
-        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-        self.dim = embeddings.shape[1]
-        self.cpu = faiss.IndexFlatL2(self.dim)
-        self.cpu.add(embeddings)
-        self._emb = embeddings  # query vectors by numpy indexing (reconstruct_batch copies slowly)
-        self.gpu = None
-        if gpu is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > gpu:
-            self._resources = faiss.StandardGpuResources()
-            self.gpu = faiss.index_cpu_to_gpu(self._resources, gpu, self.cpu)
-            log.info("FAISS index over %d embeddings on GPU %d", len(self.rows), gpu)
+        self._emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        self.dim = self._emb.shape[1]
+        self._gpu_id, self._cpu, self.gpu = gpu, None, None
+        if gpu is not None:  # a GPU copy is asked for searches: place it now
+            self.cpu
+
+    @property
+    def cpu(self):
+        """The FAISS index, built on first use: only searches need it (distances read the embeddings in place)."""
+        if self._cpu is None:
+            faiss = _faiss()
+            self._cpu = faiss.IndexFlatL2(self.dim)
+            self._cpu.add(self._emb)
+            gpu = self._gpu_id
+            if gpu is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > gpu:
+                self._resources = faiss.StandardGpuResources()
+                self.gpu = faiss.index_cpu_to_gpu(self._resources, gpu, self._cpu)
+                log.info("FAISS index over %d embeddings on GPU %d", len(self.rows), gpu)
+        return self._cpu
 
     def vectors(self, rows) -> np.ndarray:
         pos = self.positions(np.asarray(rows).ravel())
@@ -95,7 +103,8 @@ class EmbeddingIndex(_RowPositions):
 
     def search(self, queries: np.ndarray, k: int):
         """k nearest indexed rows for each query vector: (squared distances, rows)."""
-        index = self.cpu if self.gpu is None else self.gpu
+        cpu = self.cpu
+        index = cpu if self.gpu is None else self.gpu
         dist, pos = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return dist, np.where(pos >= 0, self.rows[np.clip(pos, 0, None)], -1)
 
@@ -104,16 +113,16 @@ class EmbeddingIndex(_RowPositions):
         faiss = _faiss()
         query_rows, target_rows = np.asarray(query_rows), np.asarray(target_rows)
         n, m = target_rows.shape
-        labels = np.ascontiguousarray(self.positions(target_rows.ravel()).reshape(n, m))
-        out = np.empty((n, m), dtype=np.float32)
-        step = max(1, BLOCK_BYTES // (4 * self.dim))  # query vectors gathered per call: bounded memory
-        for start in range(0, n, step):
-            stop = min(n, start + step)
-            q = np.ascontiguousarray(self.vectors(query_rows[start:stop]), dtype=np.float32)
-            block_labels, block_out = labels[start:stop], out[start:stop]  # contiguous row ranges: views
-            self.cpu.compute_distance_subset(stop - start, faiss.swig_ptr(q), m, faiss.swig_ptr(block_out),
-                                             faiss.swig_ptr(block_labels))
-        return out
+        # FAISS' per-pair kernel (fvec_L2sqr, as IndexFlatL2.compute_distance_subset runs it: the same bits) on
+        # pairs of positions in the embeddings themselves: no query vectors gathered, no index copy
+        first = np.ascontiguousarray(np.repeat(self.positions(query_rows), m), dtype=np.int64)
+        second = np.ascontiguousarray(self.positions(target_rows).ravel(), dtype=np.int64)
+        out = np.empty(n * m, dtype=np.float32)
+        if n * m:
+            emb = faiss.swig_ptr(self._emb)
+            faiss.pairwise_indexed_L2sqr(self.dim, n * m, emb, faiss.swig_ptr(first), emb, faiss.swig_ptr(second),
+                                         faiss.swig_ptr(out))
+        return out.reshape(n, m)
 
 
 class TorchDistances(_RowPositions):
@@ -150,7 +159,7 @@ class GramDistances(_RowPositions):
     embeddings, all dot products at once in float64 (similarity/gram.py: every vector read once) and
     distances looked up; otherwise FAISS' per-pair kernel (the faster for a few pairs of many images)."""
 
-    DENSE_SHARE = 3  # one dot product of E E^T costs about 1/3 of one FAISS pair (docs/performance.md)
+    DENSE_SHARE = 3  # a product of E E^T costs 1/3 of a FAISS pair at 2,000 rows, as much at 450 (performance.md)
 
     def __init__(self, rows: np.ndarray, embeddings: np.ndarray, pairs: int | None = None):
         super().__init__(rows)
