@@ -100,7 +100,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def _spawn(self, name: str, args: list[str]) -> None:
         out = open(self.log / f"{name}.stdout", "wb")
         self.procs.append(subprocess.Popen(args, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
+                                           start_new_session=True, preexec_fn=_end_with_parent))
         out.close()
 
     def _wait(self, ready, timeout: float, what: str) -> None:
@@ -145,3 +145,12 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                     p.kill()
                     p.wait()
         self.procs = []
+
+
+def _end_with_parent() -> None:
+    """In the daemon's child process before exec: SIGTERM it when the process that started it dies, so that a
+    killed test run (no fixture teardown) leaves no Slurm running (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
