@@ -10,6 +10,10 @@ import subprocess
 import time
 from pathlib import Path
 
+# a job step credential's lifetime, and so how long a requeued job waits before it starts again (Slurm's
+# default: 120 s). Starting it sooner fails with "Job credential revoked", so tests wait this long instead.
+CRED_EXPIRE = 15
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 
 
@@ -53,7 +57,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge}/socket
+AuthInfo=socket={munge}/socket,cred_expire={CRED_EXPIRE}
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
 SlurmctldPidFile={r}/slurmctld.pid
@@ -121,7 +125,12 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def queue(self) -> list[str]:
         """Job ids squeue lists as pending or running."""
-        return self.run("squeue", "--noheader", "--format=%i").stdout.split()
+        for _ in range(5):  # a busy slurmctld may time out an answer: an empty list must mean an empty queue
+            r = self.run("squeue", "--noheader", "--format=%i")
+            if r.returncode == 0:
+                return r.stdout.split()
+            time.sleep(1)
+        raise RuntimeError(f"squeue failed 5 times: {r.stderr.strip()}")
 
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.time() + timeout
