@@ -80,12 +80,12 @@ class EmbeddingIndex(_RowPositions):
         self._emb = np.ascontiguousarray(embeddings, dtype=np.float32)
         self.dim = self._emb.shape[1]
         self._gpu_id, self._cpu, self.gpu = gpu, None, None
-        if gpu is not None:  # a GPU copy is asked for searches: place it now
-            self.cpu
+        if gpu is not None:  # a GPU copy is asked for: place it now
+            self._searcher()
 
-    @property
-    def cpu(self):
-        """The FAISS index, built on first use: only searches need it (distances read the embeddings in place)."""
+    def _searcher(self):
+        """The FAISS index that serves searches, built on first use (distances read the embeddings in place):
+        the GPU copy where one was asked for and exists, else the CPU index."""
         if self._cpu is None:
             faiss = _faiss()
             self._cpu = faiss.IndexFlatL2(self.dim)
@@ -95,7 +95,7 @@ class EmbeddingIndex(_RowPositions):
                 self._resources = faiss.StandardGpuResources()
                 self.gpu = faiss.index_cpu_to_gpu(self._resources, gpu, self._cpu)
                 log.info("FAISS index over %d embeddings on GPU %d", len(self.rows), gpu)
-        return self._cpu
+        return self._cpu if self.gpu is None else self.gpu
 
     def vectors(self, rows) -> np.ndarray:
         pos = self.positions(np.asarray(rows).ravel())
@@ -103,9 +103,7 @@ class EmbeddingIndex(_RowPositions):
 
     def search(self, queries: np.ndarray, k: int):
         """k nearest indexed rows for each query vector: (squared distances, rows)."""
-        cpu = self.cpu
-        index = cpu if self.gpu is None else self.gpu
-        dist, pos = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        dist, pos = self._searcher().search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return dist, np.where(pos >= 0, self.rows[np.clip(pos, 0, None)], -1)
 
     def distances(self, query_rows: np.ndarray, target_rows: np.ndarray) -> np.ndarray:
