@@ -45,7 +45,8 @@ def refuse_inputs_within(name: str, folder, inputs: dict) -> None:
     for input_name, value in inputs.items():
         values = value if isinstance(value, (list, tuple)) else [value]
         for token in (t for v in values if isinstance(v, (str, Path)) for t in str(v).split(",")):
-            path = token.partition("=")[2] or token if "=" in token and not Path(token).exists() else token
+            _, sep, after = token.partition("=")  # LABEL=path[:layer], unless the whole token is a path
+            path = after if sep and after and not Path(token).exists() else token
             for candidate in (path, path.rpartition(":")[0]):
                 if candidate and Path(candidate).exists() and root in Path(candidate).resolve().parents:
                     raise MisbenchError(f"{name} {folder} holds the input {input_name} {candidate}: the report "
