@@ -1,10 +1,18 @@
 """Public dictionary files (issue 24 item 3): each format, recognised by content, encodes as its library does.
 
-None of the libraries installs from the registry without heavy dependencies (dictionary-learning: nnsight, wandb,
-umap; saev: marimo, open_clip, datasets; sae-lens: transformer-lens, transformers; overcomplete: opencv,
-scikit-image, timm), so each reference below is the library's encode written from its source (docs/formats.md
-names the files), applied to the tensors as the library names and shapes them."""
+Two kinds of reference. Where the library is installed (make install: overcomplete, dictionary_learning and saev;
+make test-interop: sae_lens), the tests at the end build the library's own SAE objects with random weights, save
+them the way the library does, and compare misbench's features with the library's own encode. The tests before
+them write each layout and encode from the library's source, which also covers what the registry's releases
+cannot: saev's later checkpoints (schema 1/2, TopK; PyPI has only saev 0.1.0) and every format where a library
+is absent. docs/formats.md says which is which."""
 
+import importlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import types
 import json
 import struct
 
@@ -217,3 +225,146 @@ def test_overcomplete_state_dicts(tmp_path, x):
     torch.save(torch.nn.Linear(D, K), tmp_path / "module.pt")
     with pytest.raises(MisbenchError, match="pickled Python object"):
         load_dictionary(tmp_path / "module.pt")
+
+
+# --- the libraries' own code --------------------------------------------------------------------------------------
+
+def _library(package: str, module: str):
+    """`package.module` as installed. Skipped where the library is absent, except that a name listed in
+    MISBENCH_REQUIRE_LIBRARIES (set by `make test` and `make test-interop`) fails instead, so an install step that
+    stops working cannot turn these tests into skips. overcomplete's and dictionary_learning's package __init__
+    imports what their SAE modules never use (overcomplete: cv2, scikit-image and matplotlib.cm.get_cmap, removed in
+    matplotlib 3.9; dictionary_learning: nnsight for its ActivationBuffer), so an empty package object stands in for
+    it: every module that runs is the library's own file, unchanged."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        if package in os.environ.get("MISBENCH_REQUIRE_LIBRARIES", "").split():
+            pytest.fail(f"{package} is not installed but MISBENCH_REQUIRE_LIBRARIES requires it (make install)")
+        pytest.skip(f"{package} is not installed (make install / make test-interop)")
+    if package not in sys.modules and package in ("overcomplete", "dictionary_learning"):
+        bare = types.ModuleType(package)
+        bare.__spec__ = importlib.machinery.ModuleSpec(package, None, is_package=True)
+        bare.__spec__.submodule_search_locations = bare.__path__ = list(spec.submodule_search_locations)
+        sys.modules[package] = bare
+    return importlib.import_module(f"{package}.{module}")
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """Every floating-point parameter random (the libraries initialise some to zero, e.g. biases)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def _same(path, x, theirs, fmt):
+    dic = load_dictionary(path)
+    assert dic.format == fmt, dic.format
+    ours = encode(x, dic)
+    theirs = theirs.detach().float()
+    assert (theirs != 0).any() and (theirs == 0).any()  # a sparse code, not all zero
+    assert (ours - theirs).abs().max() <= 1e-5, (ours - theirs).abs().max()
+    return ours
+
+
+@pytest.mark.parametrize("kind", ["sae", "topk", "batchtopk", "jump", "ratopk", "rajump"])
+def test_overcomplete_library(tmp_path, x, kind):
+    sae_mod = _library("overcomplete", "sae")
+    torch.manual_seed(0)
+    points = torch.randn(30, D)
+    make = {"sae": lambda: sae_mod.SAE(D, K), "topk": lambda: sae_mod.TopKSAE(D, K, top_k=6),
+            "batchtopk": lambda: sae_mod.BatchTopKSAE(D, K, top_k=6),
+            "jump": lambda: sae_mod.JumpSAE(D, K), "ratopk": lambda: sae_mod.RATopKSAE(D, K, points, top_k=6),
+            "rajump": lambda: sae_mod.RAJumpSAE(D, K, points)}
+    sae = make[kind]()
+    _randomize(sae, 7)
+    if kind in ("jump", "rajump"):
+        with torch.no_grad():  # thresholds exp(t) around the codes' scale, so the jump zeroes some codes
+            sae.thresholds.copy_(torch.log(torch.rand(K, generator=torch.Generator().manual_seed(1)) + 0.05))
+    if kind == "batchtopk":  # a training step on other inputs sets running_threshold; eval mode applies it (a code
+        sae.train()          # exactly at the threshold is kept by Overcomplete, >=, dropped by misbench: only ties)
+        sae.encode(torch.randn(64, D, generator=torch.Generator().manual_seed(4)) * 2)
+        sae.eval()
+    # the state_dict, plus the entry naming its encode where the state does not (docs/formats.md)
+    entry = {"sae": "relu", "topk": f"topk:{getattr(sae, 'top_k', 0)}", "ratopk": f"topk:{getattr(sae, 'top_k', 0)}",
+             "batchtopk": f"jumprelu:{float(getattr(sae, 'running_threshold', 0) or 0)!r}"}
+    state = sae.state_dict()
+    if kind in entry:
+        state = {**state, "activation": entry[kind]}
+    torch.save(state, tmp_path / "sae.pt")
+    _same(tmp_path / "sae.pt", x, sae.encode(x)[1], "overcomplete")
+
+
+def _dl_trained(kind: str):
+    """A dictionary_learning trainer's autoencoder and the config its training writes (trainers/*.py)."""
+    common = {"steps": 5000, "activation_dim": D, "dict_size": K, "layer": 0, "lm_name": "none", "device": "cpu"}
+    trainers = _library("dictionary_learning", "trainers")
+    if kind == "matryoshka":
+        mod = _library("dictionary_learning", "trainers.matryoshka_batch_top_k")
+        return mod.MatryoshkaBatchTopKSAE(D, K, 3, [10, 30]), {"dict_class": "MatryoshkaBatchTopKSAE"}
+    trainer = {"standard": lambda: trainers.StandardTrainer(**common),
+               "topk": lambda: trainers.TopKTrainer(k=3, **common),
+               "batchtopk": lambda: trainers.BatchTopKTrainer(k=3, **common),
+               "jumprelu": lambda: trainers.JumpReluTrainer(**common)}[kind]()
+    return trainer.ae, trainer.config
+
+
+@pytest.mark.parametrize("kind,fmt", [("standard", "dictionary_learning"), ("topk", "dictionary_learning-topk"),
+                                      ("batchtopk", "dictionary_learning-topk"),
+                                      ("jumprelu", "dictionary_learning-jumprelu"),
+                                      ("matryoshka", "dictionary_learning-matryoshka")])
+def test_dictionary_learning_library(tmp_path, x, kind, fmt):
+    ae, config = _dl_trained(kind)
+    _randomize(ae, 11)
+    with torch.no_grad():
+        if kind == "jumprelu":
+            ae.threshold.copy_(torch.rand(K, generator=torch.Generator().manual_seed(2)))
+        if kind in ("batchtopk", "matryoshka"):  # the threshold training learns (-1, unset, is plain ReLU)
+            ae.threshold.fill_(0.4)
+    # training.py's save: config.json with {"trainer": trainer.config}, then ae.pt with the state dict on the CPU
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": config}, indent=4))
+    torch.save({k: v.cpu() for k, v in ae.state_dict().items()}, tmp_path / "ae.pt")
+    _same(tmp_path / "ae.pt", x, ae.encode(x), fmt)
+    if kind == "batchtopk":  # before training sets it, the threshold is -1: the encode is ReLU alone
+        ae.threshold.fill_(-1.0)
+        torch.save({k: v.cpu() for k, v in ae.state_dict().items()}, tmp_path / "ae.pt")
+        _same(tmp_path / "ae.pt", x, ae.encode(x), fmt)
+
+
+def test_saev_library(tmp_path, x):
+    nn = _library("saev", "nn")
+    config = _library("saev", "config")
+    sae = nn.SparseAutoencoder(config.SparseAutoencoder(d_vit=D, exp_factor=3))
+    _randomize(sae, 13)
+    nn.dump(str(tmp_path / "ckpt" / "sae.pt"), sae)  # one JSON line (the config), then torch.save of the state
+    loaded = nn.load(str(tmp_path / "ckpt" / "sae.pt"))
+    _same(tmp_path / "ckpt" / "sae.pt", x, sae(x)[1], "saev")
+    assert torch.equal(loaded(x)[1], sae(x)[1])
+
+
+@pytest.mark.parametrize("kind", ["standard", "standard-no-b-dec", "topk", "topk-rescaled", "jumprelu",
+                                  "batchtopk"])
+def test_saelens_library(tmp_path, x, kind):
+    saes = _library("sae_lens", "saes")
+    if kind.startswith("standard"):
+        sae = saes.StandardSAE(saes.StandardSAEConfig(d_in=D, d_sae=K, apply_b_dec_to_input=kind == "standard"))
+    elif kind.startswith("topk"):
+        sae = saes.TopKSAE(saes.TopKSAEConfig(d_in=D, d_sae=K, k=5,
+                                              rescale_acts_by_decoder_norm=kind == "topk-rescaled"))
+    elif kind == "jumprelu":
+        sae = saes.JumpReLUSAE(saes.JumpReLUSAEConfig(d_in=D, d_sae=K))
+    else:  # trained as batch top-k, saved for inference as a JumpReLU SAE at its learned threshold
+        sae = saes.BatchTopKTrainingSAE(saes.BatchTopKTrainingSAEConfig(d_in=D, d_sae=K, k=5))
+    _randomize(sae, 17)
+    with torch.no_grad():
+        if kind == "jumprelu":
+            sae.threshold.copy_(torch.rand(K, generator=torch.Generator().manual_seed(3)))
+        if kind == "batchtopk":
+            sae.topk_threshold.fill_(0.6)
+    if kind == "batchtopk":
+        sae.save_inference_model(tmp_path)
+        sae = saes.SAE.load_from_disk(tmp_path)  # the library's own loader: a JumpReLUSAE
+        assert isinstance(sae, saes.JumpReLUSAE)
+    else:
+        sae.save_model(tmp_path)  # sae_weights.safetensors + cfg.json
+    _same(tmp_path / "sae_weights.safetensors", x, sae.encode(x), "saelens")

@@ -127,6 +127,30 @@ def _dl_topk(obj, path):
             "activation": activation, "threshold": None}
 
 
+# dictionary_learning's W_enc-style classes (W_enc [D, K] as a Parameter, not an nn.Linear): JumpReluAutoEncoder
+# (dictionary.py: W_enc, b_enc, W_dec, b_dec, threshold [K]; encode ReLU(pre * (pre > threshold)) with
+# pre = x W_enc + b_enc: its apply_b_dec_to_input is False and not saved) and MatryoshkaBatchTopKSAE
+# (trainers/matryoshka_batch_top_k.py: also k, threshold [] and group_sizes; encode at inference
+# ReLU((x - b_dec) W_enc + b_enc) where it exceeds the threshold, a threshold below 0 being unset).
+def _is_dl_jumprelu(obj) -> bool:
+    return (_is(obj, "W_enc", "b_enc", "W_dec", "b_dec", "threshold") and not {"activation", "k", "__cfg__"} & set(obj)
+            and isinstance(obj["threshold"], torch.Tensor) and obj["threshold"].dim() == 1)
+
+
+def _is_dl_matryoshka(obj) -> bool:
+    return _is(obj, "W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes")
+
+
+def _dl_jumprelu(obj, path):
+    return {"W_enc": obj["W_enc"].T, "b_enc": obj["b_enc"], "b_dec": None, "activation": "jumprelu",
+            "threshold": obj["threshold"]}
+
+
+def _dl_matryoshka(obj, path):
+    return {"W_enc": obj["W_enc"].T, "b_enc": obj["b_enc"], "b_dec": obj["b_dec"],
+            "activation": f"jumprelu:{max(float(obj['threshold']), 0.0)!r}", "threshold": None}
+
+
 # saev: W_enc [D, K], b_enc, W_dec [K, D], b_dec; files without "schema" (the first releases) subtract b_dec before
 # encoding and apply ReLU; schema 1 and 2 encode x W_enc + b_enc then Relu, TopK or BatchTopK (per input at
 # inference), both keeping the top-k values as they are (no ReLU). Read from saev/nn/modeling.py.
@@ -166,6 +190,10 @@ def _saelens(obj, path):
         activation = "relu"
     elif arch == "topk":
         activation = f"topk:{int(cfg.get('k', cfg.get('activation_fn_kwargs', {}).get('k', 0)))}"
+        if cfg.get("rescale_acts_by_decoder_norm"):  # TopKSAE.encode scales pre by |W_dec row|: folded in
+            norm = obj["W_dec"].detach().double().norm(dim=-1)
+            return {"W_enc": (obj["W_enc"].double() * norm).T.float(), "b_enc": (obj["b_enc"].double() * norm).float(),
+                    "b_dec": b_dec, "activation": activation, "threshold": None}
     elif arch == "jumprelu":
         activation, threshold = "jumprelu", obj["threshold"]
     else:
@@ -209,10 +237,12 @@ def _overcomplete(obj, path):
             "activation": activation, "threshold": threshold}
 
 
-register_format("misbench", lambda o: _is(o, "W_enc", "b_enc") and "__cfg__" not in o and "__header__" not in o,
-                _native)
+register_format("misbench", lambda o: _is(o, "W_enc", "b_enc") and "__cfg__" not in o and "__header__" not in o
+                and not _is_dl_jumprelu(o) and not _is_dl_matryoshka(o), _native)
 register_format("dictionary_learning", lambda o: _is(o, "encoder.weight", "encoder.bias", "bias"), _dl_standard)
 register_format("dictionary_learning-topk", lambda o: _is(o, "encoder.weight", "encoder.bias", "b_dec", "k"), _dl_topk)
+register_format("dictionary_learning-jumprelu", _is_dl_jumprelu, _dl_jumprelu)
+register_format("dictionary_learning-matryoshka", _is_dl_matryoshka, _dl_matryoshka)
 register_format("saev", lambda o: isinstance(o, dict) and "__header__" in o and _is(o, "W_enc", "b_enc", "b_dec"),
                 _saev)
 register_format("overcomplete", lambda o: _is(o, *OVERCOMPLETE_ENCODER), _overcomplete)
