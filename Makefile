@@ -40,6 +40,7 @@ test: assets
 
 # SAELens' own SAE classes against misbench's reading of its files. Not in `make test`: sae-lens imports
 # transformer-lens, transformers and datasets (84 packages, about 135 MB to download, 690 MB installed, a minute)
+# (pip's resolver then lists the --no-deps packages' undeclared dependencies as conflicts: expected, exit 0)
 $(INTEROP_STAMP): $(STAMP)
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt $(TORCH) -e '.[saelens]'
 	touch $@
