@@ -57,6 +57,10 @@ def test_dictionary_learning_standard_and_topk(tmp_path, x):
                tmp_path / "topk" / "ae.pt")
     post = F.relu(F.linear(x - p["b_dec"], p["W"], p["b"]))
     top = post.topk(3, dim=-1)
+    # AutoEncoderTopK and BatchTopKSAE save the same keys: without the training's config.json, refused, not guessed
+    with pytest.raises(MisbenchError, match=r"AutoEncoderTopK or BatchTopKSAE .* no config.json beside it"):
+        load_dictionary(tmp_path / "topk" / "ae.pt")
+    (tmp_path / "topk" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoderTopK"}}))
     _check(tmp_path / "topk" / "ae.pt", x, torch.zeros_like(post).scatter(-1, top.indices, top.values),
            "dictionary_learning-topk")
     # BatchTopKSAE (config.json says so): post_relu * (post_relu > threshold)
@@ -368,3 +372,109 @@ def test_saelens_library(tmp_path, x, kind):
     else:
         sae.save_model(tmp_path)  # sae_weights.safetensors + cfg.json
     _same(tmp_path / "sae_weights.safetensors", x, sae.encode(x), "saelens")
+
+
+# --- hostile files: each a one-line error naming the file and what was expected, or the library's own encode -------
+
+def _refused(path, pattern, **kwargs):
+    with pytest.raises(MisbenchError, match=pattern) as err:
+        load_dictionary(path, **kwargs)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_dictionary_learning_topk_needs_its_config_and_finds_it_above_checkpoints(tmp_path, x):
+    """training.py saves checkpoints as DIR/checkpoints/ae_STEP.pt with config.json in DIR; AutoEncoderTopK and
+    BatchTopKSAE save the same keys, so a file whose config is missing or names another class is refused, not
+    guessed (a BatchTopKSAE read as top-k gives other features, silently)."""
+    p = _params(6)
+    state = {"k": torch.tensor(3, dtype=torch.int), "threshold": torch.tensor(0.4), "b_dec": p["b_dec"],
+             "encoder.weight": p["W"], "encoder.bias": p["b"], "decoder.weight": p["W"].T.clone()}
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(state, tmp_path / "checkpoints" / "ae_100.pt")
+    _refused(tmp_path / "checkpoints" / "ae_100.pt", "no config.json beside it")
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "BatchTopKSAE", "k": 3}}))
+    post = F.relu(F.linear(x - p["b_dec"], p["W"], p["b"]))  # BatchTopKSAE.encode: ReLU where above threshold
+    _check(tmp_path / "checkpoints" / "ae_100.pt", x, post * (post > 0.4), "dictionary_learning-topk")
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "GatedAutoEncoder"}}))
+    _refused(tmp_path / "checkpoints" / "ae_100.pt", "whose trainer.dict_class is 'GatedAutoEncoder'")
+    for broken in ("{ not json", "[1, 2]"):
+        (tmp_path / "config.json").write_text(broken)
+        _refused(tmp_path / "checkpoints" / "ae_100.pt", r"config.json .*JSON")
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+def test_damaged_and_mistaken_files_are_one_line_errors(tmp_path):
+    p = _params(7)
+    saelens = {"W_enc": p["W"].T, "b_enc": p["b"], "W_dec": p["W"], "b_dec": p["b_dec"]}
+    _safetensors(tmp_path / "sae_weights.safetensors", saelens)
+    whole = (tmp_path / "sae_weights.safetensors").read_bytes()
+    (tmp_path / "cfg.json").write_text('{"architecture": "standard",')  # damaged cfg.json
+    _refused(tmp_path / "sae_weights.safetensors", r"cannot read .*cfg.json .*JSONDecodeError.*SAELens config")
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "jumprelu"}))  # no threshold in the weights
+    _refused(tmp_path / "sae_weights.safetensors", "a saelens file without its 'threshold' entry")
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "topk", "k": K + 1}))  # torch.topk refuses k > K
+    _refused(tmp_path / "sae_weights.safetensors", rf"keeps k = {K + 1} features per input but the dictionary has "
+                                                   rf"K = {K}; expected k <= K")
+    (tmp_path / "sae_weights.safetensors").write_bytes(whole[:len(whole) // 2])  # truncated in the data
+    _refused(tmp_path / "sae_weights.safetensors", "truncated")
+    (tmp_path / "sae_weights.safetensors").write_bytes(whole[:40])  # truncated in the header
+    _refused(tmp_path / "sae_weights.safetensors", "header runs past the end of the file")
+    # config.json given instead of the weights: starts with '{' like a saev checkpoint
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder"}}, indent=4))
+    _refused(tmp_path / "config.json", "a config file .* is not a dictionary: give the weights file beside it")
+    _refused(tmp_path, "is a directory")
+    # tensors without data (saved from the meta device) or sparse; float64 beyond float32's range
+    torch.save({"W_enc": torch.empty(K, D, device="meta"), "b_enc": torch.empty(K, device="meta")}, tmp_path / "m.pt")
+    _refused(tmp_path / "m.pt", "W_enc is a meta")
+    torch.save({"W_enc": p["W"].to_sparse(), "b_enc": p["b"]}, tmp_path / "s.pt")
+    _refused(tmp_path / "s.pt", "W_enc is a torch.sparse_coo tensor")
+    torch.save({"W_enc": p["W"].double() * 1e300, "b_enc": p["b"].double()}, tmp_path / "big.pt")
+    _refused(tmp_path / "big.pt", r"W_enc holds non-finite values \(NaN or inf: 480\)")
+    torch.save({"W_enc": p["W"], "b_enc": p["b"], "activation": f"topk:{K + 1}"}, tmp_path / "k.pt")
+    _refused(tmp_path / "k.pt", "expected k <= K")
+    # saev: a header whose activation is not {"cls", "params"} is refused, not read as ReLU
+    _saev_file(tmp_path / "saev.pt", {"schema": 2, "cfg": {"activation": "TopK"}}, p)
+    _refused(tmp_path / "saev.pt", "saev header cfg.activation is 'TopK'")
+    _saev_file(tmp_path / "saev.pt", {"schema": 2, "cfg": {"activation": {"cls": "TopK", "params": {"top_k": K + 1}}}},
+               p)
+    _refused(tmp_path / "saev.pt", "expected k <= K")
+
+
+def test_saelens_legacy_log_threshold_is_its_exp(tmp_path, x):
+    """SAELens' earlier JumpReLU files hold log_threshold; SAELens loads them as threshold = exp(log_threshold)."""
+    p = _params(8)
+    _safetensors(tmp_path / "sae_weights.safetensors", {"W_enc": p["W"].T, "b_enc": p["b"], "W_dec": p["W"],
+                                                       "b_dec": p["b_dec"], "log_threshold": torch.log(p["threshold"])})
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "jumprelu", "apply_b_dec_to_input": True}))
+    h = (x - p["b_dec"]) @ p["W"].T + p["b"]
+    _check(tmp_path / "sae_weights.safetensors", x, F.relu(h) * (h > p["threshold"]), "saelens")
+
+
+class _Payload:
+    """Unpickling it runs a shell command that writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_never_runs_without_trust_and_a_trusted_module_gives_its_weights(tmp_path, x):
+    p = _params(9)
+    marker = tmp_path / "ran"
+    torch.save({"W_enc": p["W"], "b_enc": p["b"], "extra": _Payload(marker)}, tmp_path / "evil.pt")
+    _refused(tmp_path / "evil.pt", "pickled Python object.*--trust-pickle")
+    with open(tmp_path / "evil_saev.pt", "wb") as handle:  # behind a saev JSON line
+        handle.write(b'{"d_vit": 12}\n')
+        torch.save({"W_enc": p["W"].T, "b_enc": p["b"], "W_dec": p["W"], "b_dec": p["b_dec"], "x": _Payload(marker)},
+                   handle)
+    _refused(tmp_path / "evil_saev.pt", "pickled Python object")
+    assert not marker.exists()
+    # a whole module saved with torch.save(module), trusted: read as its state_dict
+    module = torch.nn.Module()
+    module.W_enc, module.b_enc = torch.nn.Parameter(p["W"]), torch.nn.Parameter(p["b"])
+    torch.save(module, tmp_path / "module.pt")
+    _refused(tmp_path / "module.pt", "pickled Python object")
+    dic = load_dictionary(tmp_path / "module.pt", trust_pickle=True)
+    assert torch.equal(encode(x, dic), F.relu(x @ p["W"].T + p["b"]))

@@ -89,7 +89,8 @@ def parse_features(text: str) -> FeatureSpec:
     layer, colon, file = rest.partition(":")
     if not (eq and colon and name.strip() and layer.strip() and file.strip()):
         raise MisbenchError(f"--features {text!r}: expected NAME=LAYER:FILE, e.g. "
-                            "sae3=inception3a.branch1.bn:sae3.pt")
+                            "sae3=inception3a.branch1.bn:sae3.pt (a comma separates two of them: a FILE whose path "
+                            "holds a comma needs another name or a link)")
     return FeatureSpec(name.strip(), layer.strip(), file.strip())
 
 
@@ -123,9 +124,10 @@ def load_dictionary(path, trust_pickle: bool = False) -> Dictionary:
     for NaN."""
     path = Path(path)
     if not path.is_file():
-        raise MisbenchError(f"--features: dictionary file {path} does not exist; give a torch file holding "
-                            "W_enc [K, D], b_enc [K] (optional b_dec [D], activation) or another library's file "
-                            "(docs/formats.md)")
+        problem = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
+        raise MisbenchError(f"--features: dictionary file {path} {problem}; give a torch file holding "
+                            "W_enc [K, D], b_enc [K] (optional b_dec [D], activation) or another library's weights "
+                            "file (ae.pt, sae_weights.safetensors: docs/formats.md)")
     fmt, obj = convert_dictionary(read_dictionary_file(path, trust_pickle), path)
     w, b, b_dec, threshold = obj["W_enc"], obj["b_enc"], obj["b_dec"], obj["threshold"]
     if w.dim() != 2:
@@ -143,6 +145,10 @@ def load_dictionary(path, trust_pickle: bool = False) -> Dictionary:
         raise MisbenchError(f"--features: {path} ({fmt}): threshold must be [K] = [{w.shape[0]}], got "
                             f"{_shape(threshold)}")
     activation = check_activation(obj["activation"], f"--features {path}")
+    name, _, arg = activation.partition(":")
+    if name in ("topk", "topkraw") and int(arg) > w.shape[0]:  # the libraries' torch.topk refuses it too
+        raise MisbenchError(f"--features: {path} ({fmt}): activation {activation!r} keeps k = {int(arg)} features per "
+                            f"input but the dictionary has K = {w.shape[0]}; expected k <= K")
     if activation == "jumprelu" and threshold is None:
         raise MisbenchError(f"--features: {path}: activation 'jumprelu' without a number needs a per-feature "
                             "threshold [K] in the file; or write jumprelu:THETA")

@@ -33,29 +33,52 @@ def register_format(name: str, detect: Callable, convert: Callable) -> tuple:
     return register(FORMATS, name, (detect, convert), "dictionary format")
 
 
+def _read_json(path: Path, what: str, of: Path):
+    """A JSON object from `path` (cfg.json, config.json) that `of` needs: a damaged one is a one-line error."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise _unreadable(path, exc, f"{of}'s {what}: a JSON object") from None
+    if not isinstance(value, dict):
+        raise MisbenchError(f"--features: {path} holds a JSON {type(value).__name__}; {of} needs its {what} as a "
+                            "JSON object")
+    return value
+
+
+def _safetensors_tensor(data: bytes, start: int, key: str, info) -> torch.Tensor:
+    dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    begin, stop = (int(v) for v in info["data_offsets"])
+    shape = [int(n) for n in info["shape"]]
+    if not 0 <= begin <= stop <= len(data) - start:
+        raise ValueError(f"tensor {key} needs bytes {begin}-{stop} after the header, the file has "
+                         f"{len(data) - start}: truncated")
+    return torch.frombuffer(bytearray(data[start + begin:start + stop]), dtype=dtype).reshape(shape) \
+        if stop > begin else torch.zeros(shape, dtype=dtype)
+
+
 def _read_safetensors(path: Path) -> dict:
     data = path.read_bytes()
     (size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + size])
     out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise MisbenchError(f"--features: {path}: tensor {key} has dtype {info['dtype']}; expected one of "
-                                f"{', '.join(SAFETENSORS_DTYPES)}")
-        start, stop = info["data_offsets"]
-        raw = bytearray(data[8 + size + start:8 + size + stop])
-        out[key] = torch.frombuffer(raw, dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"]) \
-            if stop > start else torch.zeros(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+    try:
+        header = json.loads(data[8:8 + size])
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise MisbenchError(f"--features: {path}: tensor {key} has dtype {info['dtype']}; expected one of "
+                                    f"{', '.join(SAFETENSORS_DTYPES)}")
+            out[key] = _safetensors_tensor(data, 8 + size, key, info)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        raise _unreadable(path, exc, "a complete safetensors file") from None
     cfg = path.with_name("cfg.json")
-    out["__cfg__"] = json.loads(cfg.read_text()) if cfg.is_file() else None
+    out["__cfg__"] = _read_json(cfg, "SAELens config", path) if cfg.is_file() else None
     return out
 
 
-def _unreadable(path: Path, exc: Exception) -> MisbenchError:
+def _unreadable(path: Path, exc: Exception, expected: str = EXPECTED) -> MisbenchError:
     first = str(exc).splitlines()[0] if str(exc) else ""
-    return MisbenchError(f"--features: cannot read {path} ({type(exc).__name__}: {first[:200]}); expected {EXPECTED}")
+    return MisbenchError(f"--features: cannot read {path} ({type(exc).__name__}: {first[:200]}); expected {expected}")
 
 
 def _torch_load(source, path: Path, trust_pickle: bool, head: bytes):
@@ -73,9 +96,10 @@ def _torch_load(source, path: Path, trust_pickle: bool, head: bytes):
     if hasattr(source, "seek"):
         source.seek(0)
     try:
-        return torch.load(source, map_location="cpu", weights_only=False)
+        obj = torch.load(source, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001
         raise _unreadable(path, exc) from None
+    return obj.state_dict() if isinstance(obj, torch.nn.Module) else obj  # a whole SAE module: its weights
 
 
 def read_dictionary_file(path, trust_pickle: bool = False):
@@ -83,12 +107,23 @@ def read_dictionary_file(path, trust_pickle: bool = False):
     path = Path(path)
     with open(path, "rb") as handle:
         head = handle.read(16)
-    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < path.stat().st_size:
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: the header's length, then the header (JSON)
+        if struct.unpack("<Q", head[:8])[0] + 8 > path.stat().st_size:
+            raise MisbenchError(f"--features: {path} starts like a safetensors file but its header runs past the "
+                                f"end of the file ({path.stat().st_size} bytes): truncated; download or save it again")
         return _read_safetensors(path)
     if head[:1] == b"{":  # saev: one JSON line, then torch.save's bytes
         with open(path, "rb") as handle:
-            header = json.loads(handle.readline())
+            line = handle.readline()
             payload = io.BytesIO(handle.read())
+        try:
+            header = json.loads(line)
+        except ValueError as exc:
+            raise _unreadable(path, exc, "a saev checkpoint (one JSON line, then torch.save's bytes); a config "
+                              "file (cfg.json, config.json) is not a dictionary: give the weights file beside it") from None
+        if not isinstance(header, dict):
+            raise MisbenchError(f"--features: {path}: its first line is a JSON {type(header).__name__}; expected a "
+                                "saev checkpoint (one JSON object line, then torch.save's bytes)")
         obj = _torch_load(payload, path, trust_pickle, payload.getvalue()[:2])
         if not isinstance(obj, dict):
             raise MisbenchError(f"--features: {path}: a JSON header followed by {type(obj).__name__}; expected "
@@ -114,15 +149,32 @@ def _dl_standard(obj, path):
             "threshold": None}
 
 
+def _dl_config(path: Path) -> Path | None:
+    """training.py writes config.json beside ae.pt, and its checkpoints as checkpoints/ae_STEP.pt below it."""
+    for folder in (path.parent, path.parent.parent) if path.parent.name == "checkpoints" else (path.parent,):
+        if (folder / "config.json").is_file():
+            return folder / "config.json"
+    return None
+
+
 def _dl_topk(obj, path):
-    config = path.with_name("config.json")
-    dict_class = ""
-    if config.is_file():
-        dict_class = json.loads(config.read_text()).get("trainer", {}).get("dict_class", "")
-    k = int(obj["k"])
     # AutoEncoderTopK.encode keeps each input's top k; BatchTopKSAE.encode applies its learned threshold
-    # (a threshold below 0 is unset: ReLU alone)
-    activation = f"jumprelu:{max(float(obj['threshold']), 0.0)!r}" if dict_class == "BatchTopKSAE" else f"topk:{k}"
+    # (a threshold below 0 is unset: ReLU alone). Both save the same keys: the training's config.json says which
+    config = None if "activation" in obj else _dl_config(path)
+    trainer = _read_json(config, "training config", path).get("trainer") if config else None
+    dict_class = trainer.get("dict_class") if isinstance(trainer, dict) else None
+    if "activation" in obj:  # the encode given as an entry, as for Overcomplete
+        activation = str(obj["activation"])
+    elif dict_class == "BatchTopKSAE":
+        activation = f"jumprelu:{max(float(obj['threshold']), 0.0)!r}"
+    elif dict_class == "AutoEncoderTopK":
+        activation = f"topk:{int(obj['k'])}"
+    else:
+        found = f"{config}, whose trainer.dict_class is {dict_class!r}," if config else "no config.json beside " \
+            "it (or above its checkpoints/ folder)"
+        raise MisbenchError(f"--features: {path}: a dictionary_learning AutoEncoderTopK or BatchTopKSAE (the two save "
+                            f"the same keys, and encode differently) with {found}; expected the training's config.json "
+                            "({\"trainer\": {\"dict_class\": \"AutoEncoderTopK\" or \"BatchTopKSAE\"}}) beside ae.pt")
     return {"W_enc": obj["encoder.weight"], "b_enc": obj["encoder.bias"], "b_dec": obj["b_dec"],
             "activation": activation, "threshold": None}
 
@@ -160,7 +212,10 @@ def _saev(obj, path):
         return {"W_enc": obj["W_enc"].T, "b_enc": obj["b_enc"], "b_dec": obj["b_dec"], "activation": "relu",
                 "threshold": None}
     cfg = header.get("cfg", {})
-    act = cfg.get("activation", {})
+    act = cfg.get("activation", {}) if isinstance(cfg, dict) else None
+    if not isinstance(act, dict):
+        raise MisbenchError(f"--features: {path}: saev header cfg.activation is {act!r}; expected "
+                            '{"cls": "Relu" | "TopK" | "BatchTopK", "params": {...}}')
     name = act.get("cls") if isinstance(act, dict) else header.get("cls")
     params = act.get("params", {}) if isinstance(act, dict) else cfg
     if name in ("TopK", "BatchTopK"):
@@ -189,13 +244,15 @@ def _saelens(obj, path):
     if arch == "standard":
         activation = "relu"
     elif arch == "topk":
-        activation = f"topk:{int(cfg.get('k', cfg.get('activation_fn_kwargs', {}).get('k', 0)))}"
+        activation = f"topk:{int(cfg['k'] if 'k' in cfg else cfg['activation_fn_kwargs']['k'])}"
         if cfg.get("rescale_acts_by_decoder_norm"):  # TopKSAE.encode scales pre by |W_dec row|: folded in
             norm = obj["W_dec"].detach().double().norm(dim=-1)
             return {"W_enc": (obj["W_enc"].double() * norm).T.float(), "b_enc": (obj["b_enc"].double() * norm).float(),
                     "b_dec": b_dec, "activation": activation, "threshold": None}
-    elif arch == "jumprelu":
-        activation, threshold = "jumprelu", obj["threshold"]
+    elif arch == "jumprelu":  # SAELens' earlier files store log_threshold; it loads them as exp(log_threshold)
+        activation = "jumprelu"
+        threshold = obj["threshold"] if "threshold" in obj or "log_threshold" not in obj else \
+            torch.exp(obj["log_threshold"].detach().double()).float()
     else:
         raise MisbenchError(f"--features: {path}: SAELens architecture {arch!r}; expected standard, topk or jumprelu")
     return {"W_enc": obj["W_enc"].T, "b_enc": obj["b_enc"], "b_dec": b_dec, "activation": activation,
@@ -255,7 +312,15 @@ def convert_dictionary(obj, path) -> tuple[str, dict]:
     path = Path(path)
     for name, (detect, convert) in FORMATS.items():
         if detect(obj):
-            out = convert(obj, path)
+            try:
+                out = convert(obj, path)
+            except KeyError as exc:
+                raise MisbenchError(f"--features: {path}: a {name} file without its {exc.args[0]!r} entry; expected "
+                                    "the layout in docs/formats.md (save it again with the library)") from None
+            except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+                first = (str(exc).splitlines() or [""])[0][:200]
+                raise MisbenchError(f"--features: {path}: a {name} file with an entry of the wrong type or shape "
+                                    f"({type(exc).__name__}: {first}); expected the layout in docs/formats.md") from None
             for key in ("W_enc", "b_enc", "b_dec", "threshold"):
                 value = out[key]
                 if value is None:
@@ -263,15 +328,20 @@ def convert_dictionary(obj, path) -> tuple[str, dict]:
                 if not isinstance(value, torch.Tensor):
                     raise MisbenchError(f"--features: {path} ({name} format): {key} is {type(value).__name__}; "
                                         "expected a tensor")
+                if value.is_meta or value.layout != torch.strided:
+                    raise MisbenchError(f"--features: {path} ({name} format): {key} is a "
+                                        f"{'meta (data-less)' if value.is_meta else str(value.layout)} tensor; expected "
+                                        "a dense tensor holding its values (save the weights themselves)")
                 if not value.dtype.is_floating_point or value.is_complex():
                     raise MisbenchError(f"--features: {path}: {key} is {value.dtype}; a dictionary holds real "
                                         "floating-point tensors")
+                value = value.detach().float()  # checked after the cast: float64 beyond float32's range is inf
                 if not torch.isfinite(value).all():
                     bad = int((~torch.isfinite(value)).sum())
                     raise MisbenchError(f"--features: {path} ({name} format): {key} holds non-finite values (NaN or "
-                                        f"inf: {bad}): the dictionary's training diverged or the file is damaged; "
-                                        "train or export it again")
-                out[key] = value.detach().float()
+                                        f"inf: {bad}): the dictionary's training diverged or the file is "
+                                        "damaged; train or export it again")
+                out[key] = value
             return name, out
     keys = sorted(k for k in obj if not str(k).startswith("__")) if isinstance(obj, dict) else type(obj).__name__
     raise MisbenchError(f"--features: {path} holds {np.array(keys, dtype=object).tolist() if keys else '{}'}; "
