@@ -4,8 +4,9 @@ The public API (docs/api.md) is misbench.api's functions, re-exported here. The 
 live in subpackages named after the pipeline's stages (docs/contributing.md); none is named like an
 API function, so `misbench.extract` is always the function.
 
-The names are resolved on first use (PEP 562): misbench.api loads torch, scipy and pandas (seconds), which
-`import misbench` alone, the `misbench --help` of the CLI and a `from misbench.errors import ...` never need.
+The names are resolved on first use (PEP 562): misbench.api loads torch (seconds), which `import misbench` alone,
+the `misbench --help` of the CLI and a `from misbench.errors import ...` never need; scipy and pandas load with the
+first score or table.
 """
 
 from .version import __version__
@@ -17,7 +18,7 @@ __all__ = ["__version__", "LayerInfo", "audit", "evaluate", "extract", "import_s
 
 def __getattr__(name: str):
     if name in __all__:
-        # the API and what it imports (torch, scipy, pandas): loaded when one of its names is first used
+        # the API and what it imports (torch): loaded when one of its names is first used
         from . import api
 
         value = getattr(api, name)

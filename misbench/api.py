@@ -15,8 +15,8 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 
 from .activations.dictionary_training import DictionarySettings, train_dictionary as _train_dictionary, \
@@ -39,12 +39,11 @@ from .runtime.fileio import option_label, refuse_existing
 from .runtime.outputs import refuse_inputs_within, writing
 from .runtime.progress import AUTO, resolve_progress
 from .runtime.schema import check_options, setting
-from .scoring.calibrate import calibration_alpha
-from .scoring.results import load_scores, merge_scores as _merge_scores, scores_frame
-from .scoring.run import ScoreSettings, parse_shard, score as _score
+from .scoring.settings import ScoreSettings
 from .studies.config import StudyConfig, load_config, parse_config
-from .studies.launch import dry_run as _dry_run, launch_study
-from .studies.run import check_study_folder
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +99,10 @@ class _ModelOptions:
     arch_kwargs: dict | None = None
 
 
+def _model_options(arch, num_classes, trust_pickle, arch_kwargs) -> dict:
+    return dict(arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs)
+
+
 def load_model(model, arch: str | None = None, num_classes: int | None = None, trust_pickle: bool = False,
                arch_kwargs: dict | None = None) -> LoadedModel:
     """MODEL (DESIGN §3): a torchvision `name[:weights]`, a misbench checkpoint, or a state_dict file with `arch`.
@@ -107,8 +110,7 @@ def load_model(model, arch: str | None = None, num_classes: int | None = None, t
     A LoadedModel passes through unchanged, so every function here takes either."""
     if isinstance(model, LoadedModel):
         return model
-    check_options(_ModelOptions, dict(arch=arch, num_classes=num_classes, trust_pickle=trust_pickle,
-                                      arch_kwargs=arch_kwargs), "model")
+    check_options(_ModelOptions, _model_options(arch, num_classes, trust_pickle, arch_kwargs), "model")
     if not isinstance(model, (str, os.PathLike)):
         raise MisbenchError(f"model={model!r}: expected a MODEL string, a path or a LoadedModel")
     return _load_model(str(model), arch=arch, num_classes=num_classes, trust_pickle=trust_pickle,
@@ -126,6 +128,13 @@ def _data_before_model(model, data, labels: str, model_options: dict, read=load_
         return data
     num_classes, categories = known
     return read(data, num_classes, labels, categories)
+
+
+def _model_and_data(model, specs, labels: str, model_options: dict, read=load_data) -> tuple[LoadedModel, list]:
+    """MODEL loaded after each DATA of `specs` was read where it can be (`_data_before_model`): a bad folder is
+    refused before a long load. Returns the LoadedModel and the data, in the order of `specs`."""
+    data = [_data_before_model(model, spec, labels, model_options, read) for spec in specs]
+    return load_model(model, **model_options), data
 
 
 def layers(model, **model_options) -> list[LayerInfo]:
@@ -146,15 +155,14 @@ def extract(model, data, layers, out, *, resume: bool = False, overwrite: bool =
     check_options(ExtractSettings, options, "extract", skip=("layers",))
     _check_arguments("extract", out=out, resume=resume, overwrite=overwrite, trust_pickle=trust_pickle)
     settings = ExtractSettings(layers=_names(layers), **options)
-    model_options = dict(arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs)
-    data = _data_before_model(model, data, settings.labels, model_options)
-    loaded = load_model(model, **model_options)
+    loaded, (data,) = _model_and_data(model, [data], settings.labels,
+                                      _model_options(arch, num_classes, trust_pickle, arch_kwargs))
     return _extract(loaded, data, out, settings, resume=resume, overwrite=overwrite,
                     progress=resolve_progress(progress), trust_pickle=trust_pickle)
 
 
 def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=None, progress=AUTO, backend=None,
-          alpha_from=None, overwrite: bool = False, **options) -> pd.DataFrame:
+          alpha_from=None, overwrite: bool = False, **options) -> "pd.DataFrame":
     """MIS of every unit of `layers` (names, 'a,b', or 'all') in the activation file `acts`.
 
     Returns a DataFrame with mis.csv's columns and mis.json's content in `df.attrs`. Nothing is
@@ -162,6 +170,11 @@ def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=Non
     ScoreSettings fields (similarity, image_size, selection, tasks, explanations, alpha, seed, ...).
     `alpha_from`: the JSON of `misbench calibrate --out`, whose alpha is used and recorded as calibrated.
     Existing outputs are refused unless `overwrite` (a killed run's leftovers of the same call are replaced)."""
+    # scoring's scipy and pandas load with the first score, not with every command's `import misbench.api`
+    from .scoring.calibrate import calibration_alpha
+    from .scoring.results import scores_frame
+    from .scoring.run import parse_shard, score as _score
+
     # alpha_source is not an option: it records where alpha came from (alpha_from, alpha or the default)
     check_options(ScoreSettings, options, "score", skip=("alpha_source",))
     _check_arguments("score", ("out",), out=out, tasks_out=tasks_out, cache=cache, alpha_from=alpha_from,
@@ -184,9 +197,20 @@ def score(acts, layers="all", out=None, *, tasks_out=None, cache=None, shard=Non
     return scores_frame(rows, meta)  # as load_scores reads it from mis.csv and mis.json
 
 
-def merge_scores(parts, out, *, tasks_out=None, overwrite: bool = False) -> pd.DataFrame:
+def load_scores(path) -> "pd.DataFrame":
+    """mis.csv (and mis.json beside it, in `df.attrs`) as a DataFrame."""
+    # pandas loads with the first table read, not with every command's `import misbench.api`
+    from .scoring.results import load_scores as read_scores
+
+    return read_scores(path)
+
+
+def merge_scores(parts, out, *, tasks_out=None, overwrite: bool = False) -> "pd.DataFrame":
     """Merge the mis.csv files (with their mis.json and tasks files) of `score(shard="I/N")` runs into the result of
     one unsharded run, written to `out` (and `tasks_out`); returns it as `load_scores(out)` reads it."""
+    # the scores' pandas and scipy load with the first merge, not with every command's `import misbench.api`
+    from .scoring.results import merge_scores as _merge_scores
+
     _check_arguments("merge-scores", out=out, tasks_out=tasks_out, overwrite=overwrite)
     parts = [parts] if isinstance(parts, (str, os.PathLike)) else list(parts)
     if not parts or not all(isinstance(p, (str, os.PathLike)) for p in parts):
@@ -202,9 +226,8 @@ def _produce(model, prune_settings, out, data, val_data, resume, overwrite, prog
                      trust_pickle=model_options["trust_pickle"])
     settings = TrainSettings(**train_options)
     check_training_data(settings, data)
-    data, val_data = (_data_before_model(model, spec, settings.labels, model_options, training_source)
-                      for spec in (data, val_data))
-    loaded = load_model(model, **model_options)
+    loaded, (data, val_data) = _model_and_data(model, [data, val_data], settings.labels, model_options,
+                                               training_source)
     loaded.preprocess = loaded.preprocess.override(resize, crop)
     return produce_checkpoint(loaded, prune_settings, settings, out, data, val_data,
                               resume=resume, overwrite=overwrite, progress=resolve_progress(progress))
@@ -230,8 +253,7 @@ def prune(model, method: str, rate: float, out, *, steps: int | None = None, exc
     settings = PruneSettings(method=method, rate=rate, steps=steps if steps is not None else (4 if schedule == "iterative" else 1),
                              exclude=None if exclude is None else _names(exclude), **prune_options)
     return _produce(model, settings, out, data, val_data, resume, overwrite, resolve_progress(progress), resize, crop,
-                    dict(arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs),
-                    train_options)
+                    _model_options(arch, num_classes, trust_pickle, arch_kwargs), train_options)
 
 
 def retrain(model, out, *, data=None, val_data=None, resume: bool = False, overwrite: bool = False, progress=AUTO,
@@ -244,8 +266,7 @@ def retrain(model, out, *, data=None, val_data=None, resume: bool = False, overw
     if isinstance(options["epochs"], int) and options["epochs"] < 1:
         raise MisbenchError(f"retrain needs {option_label('epochs')} >= 1, got {options['epochs']}")
     return _produce(model, None, out, data, val_data, resume, overwrite, resolve_progress(progress), resize, crop,
-                    dict(arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs),
-                    options)
+                    _model_options(arch, num_classes, trust_pickle, arch_kwargs), options)
 
 
 def audit(model, **model_options) -> dict:
@@ -285,9 +306,8 @@ def _evaluate(model, data, acts, out, classwise, progress, arch, num_classes, tr
     else:
         if model is None or data is None:
             raise MisbenchError("eval needs MODEL and --data DATA (or --acts FILE)")
-        model_options = dict(arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs)
-        data = _data_before_model(model, data, EvalSettings(**options).labels, model_options)
-        loaded = load_model(model, **model_options)
+        loaded, (data,) = _model_and_data(model, [data], EvalSettings(**options).labels,
+                                          _model_options(arch, num_classes, trust_pickle, arch_kwargs))
         result = evaluate_model(loaded, data, progress=progress, **options)
     if classwise is not None and out is None:
         raise MisbenchError("the class-wise CSV (--classwise) is written beside eval.json: give out (--out) too")
@@ -417,6 +437,11 @@ def study(config, out, *, quick: bool = False, dry_run: bool = False, on_step=No
     `quick` applies the config's [quick] overrides to a path or dict (a StudyConfig is used as it is).
     on_step(name, status, i, n) before each step (status cached, run or resume); progress(stage, done, total)
     inside long steps. A non-empty `out` that is not a study folder is refused unless `overwrite`."""
+    # the study runs every stage (scoring's scipy and pandas too): loaded with the first study, not with `import
+    # misbench.api`
+    from .studies.launch import dry_run as _dry_run, launch_study
+    from .studies.run import check_study_folder
+
     _check_arguments("study", out=out, quick=quick, dry_run=dry_run, overwrite=overwrite)
     check_study_folder(out, overwrite)
     if isinstance(config, dict):

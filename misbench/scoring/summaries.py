@@ -19,10 +19,17 @@ __all__ = ["CLASS_LAYERS", "clopper_pearson", "bootstrap_mean_ci", "summary_rng"
 import zlib
 
 import numpy as np
-from scipy import stats
 
 CLASS_LAYERS = ("softmax", "logits")
 LEVEL = 0.95
+
+
+def _stats():
+    # scipy (about a second) loads with the first interval: this module's names are also read by the settings
+    # that every command checks, `misbench extract` and `prune` among them
+    from scipy import stats
+
+    return stats
 
 
 def is_class_layer(name: str) -> bool:
@@ -40,8 +47,8 @@ def clopper_pearson(successes: float, n: int, level: float = LEVEL) -> tuple[flo
     if n <= 0:
         return float("nan"), float("nan")
     a = (1 - level) / 2
-    lo = 0.0 if successes <= 0 else float(stats.beta.ppf(a, successes, n - successes + 1))
-    hi = 1.0 if successes >= n else float(stats.beta.ppf(1 - a, successes + 1, n - successes))
+    lo = 0.0 if successes <= 0 else float(_stats().beta.ppf(a, successes, n - successes + 1))
+    hi = 1.0 if successes >= n else float(_stats().beta.ppf(1 - a, successes + 1, n - successes))
     return lo, hi
 
 
@@ -54,7 +61,7 @@ NO_INTERVAL = "one task gives no interval for mis_confidence (its spread is unkn
 
 def _beta_ppf_or(q: float, a: np.ndarray, b: np.ndarray, where: np.ndarray, fill: float) -> np.ndarray:
     out = np.full(np.shape(a), fill, dtype=np.float64)
-    out[where] = stats.beta.ppf(q, a[where], b[where])
+    out[where] = _stats().beta.ppf(q, a[where], b[where])
     return out
 
 
@@ -75,7 +82,7 @@ def confidence_intervals(conf, level: float = LEVEL) -> tuple[np.ndarray, np.nda
     with np.errstate(divide="ignore", invalid="ignore"):
         n_eff = np.where(v > 0, p * (1 - p) / v, cap)
     a = (1 - level) / 2
-    n_eff = np.minimum(n_eff, cap) * (stats.norm.ppf(1 - a) / stats.t.ppf(1 - a, T - 1)) ** 2
+    n_eff = np.minimum(n_eff, cap) * (_stats().norm.ppf(1 - a) / _stats().t.ppf(1 - a, T - 1)) ** 2
     k = np.clip(p * n_eff, 0, n_eff)
     lo = _beta_ppf_or(a, k, n_eff - k + 1, k > 0, 0.0)
     hi = _beta_ppf_or(1 - a, k + 1, n_eff - k, k < n_eff, 1.0)
@@ -107,7 +114,7 @@ def bootstrap_mean_ci(samples, rng: np.random.Generator, n_boot: int = 1000, lev
     def statistic(*xs, axis=-1):
         return (np.sum([np.mean(x, axis=axis) for x in xs], axis=0) + sum(fixed)) / len(samples)
 
-    res = stats.bootstrap(varying, statistic, n_resamples=n_boot, confidence_level=level, method="percentile",
+    res = _stats().bootstrap(varying, statistic, n_resamples=n_boot, confidence_level=level, method="percentile",
                           vectorized=True, random_state=rng)
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
