@@ -379,22 +379,21 @@ def _score_tasks(acts, units: list[tuple], backend, fingerprint: str, settings: 
         t1 = time.time()
         if resident:
             rows = distinct
-        images = all_images.with_rows(rows)
-        if engine is not None:  # resident: built for the first chunk
-            pass
-        elif settings.engine == "embed":
-            emb, n_new = embed_missing(backend, images, store.keys_of(rows), store.store, device,
-                                       settings.batch_size, settings.workers,
-                                       progress=(lambda d, n: progress("embed", d, n)) if progress else None,
-                                       amp=settings.amp)
-            embedded += n_new
-            # the pairs it will be asked for: every chunk's when resident, else this chunk's
-            tasks = sum(len(t.pos_query) for c in (chunks if resident else [chunk]) for _, _, t, _ in c)
-            engine = build_distances(settings.distances, rows, emb, device,
-                                     pairs=tasks * 4 * settings.explanations)
-            del emb
-        else:
-            engine = _PairwiseDistances(backend, images, device, settings.batch_size)
+        if engine is None:  # resident: the first chunk's engine serves every chunk
+            images = all_images.with_rows(rows)
+            if settings.engine == "embed":
+                emb, n_new = embed_missing(backend, images, store.keys_of(rows), store.store, device,
+                                           settings.batch_size, settings.workers,
+                                           progress=(lambda d, n: progress("embed", d, n)) if progress else None,
+                                           amp=settings.amp)
+                embedded += n_new
+                # the pairs it will be asked for: every chunk's when resident, else this chunk's
+                tasks = sum(len(t.pos_query) for c in (chunks if resident else [chunk]) for _, _, t, _ in c)
+                engine = build_distances(settings.distances, rows, emb, device,
+                                         pairs=tasks * 4 * settings.explanations)
+                del emb
+            else:
+                engine = _PairwiseDistances(backend, images, device, settings.batch_size)
         t2 = time.time()
         t_embed += t2 - t1
         deltas = _chunk_deltas(engine, [tasks for _, _, tasks, _ in chunk], settings.explanations)
