@@ -175,7 +175,8 @@ def test_layers_lists_every_conv_and_linear_of_each_documented_architecture(arch
     import torchvision
 
     rows = {r.name: r for r in misbench.layers(f"{arch}:random")}
-    reference = torchvision.models.get_model(arch, weights=None).eval()
+    with torch.device("meta"):  # shapes only: no weights to initialise, no arithmetic in the forward
+        reference = torchvision.models.get_model(arch, weights=None).eval()
     expected = {}
     for name, m in reference.named_modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
@@ -183,7 +184,7 @@ def test_layers_lists_every_conv_and_linear_of_each_documented_architecture(arch
             m.register_forward_hook(lambda mod, i, out, name=name, axis=axis: expected.__setitem__(name, out.shape[axis]))
     with torch.no_grad():
         size = 299 if arch == "inception_v3" else 224
-        reference(torch.zeros(1, 3, size, size))
+        reference(torch.zeros(1, 3, size, size, device="meta"))
     assert len(expected) > 5
     assert {name: rows[name].n_units for name in expected if name in rows} == expected
     assert rows["softmax"].n_units == rows["logits"].n_units == 1000

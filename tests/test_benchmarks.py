@@ -86,6 +86,23 @@ def _bench(tmp_path, script, *args):
     return run.stdout
 
 
+def test_score_scale_benchmark_parts_in_process(monkeypatch):
+    """The default suite's share of the test below (whose three processes take most of its time): the unit counts
+    are GoogLeNet's, and every distance engine it times runs. That each image is embedded once: test_scale.py."""
+    import torchvision
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import score_scale
+
+    units = score_scale.googlenet_units()
+    model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False)
+    batchnorms = [m.num_features for m in model.modules() if type(m).__name__ == "BatchNorm2d"]
+    assert units.pop("softmax") == 1000 and sorted(units.values()) == sorted(batchnorms)
+    timings = score_scale.engines(n_rows=50, dim=8, units=2, device="cpu", repeats=1)
+    assert len(timings) == 4 and all(seconds > 0 for _name, seconds in timings)
+
+
+@pytest.mark.slow
 def test_score_scale_benchmark_at_reduced_size(tmp_path):
     """GoogLeNet-shaped scoring, multi-layer and multi-chunk: every needed image embedded exactly once."""
     out = _bench(tmp_path, "score_scale.py", "--quick")

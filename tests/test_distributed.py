@@ -17,6 +17,7 @@ from conftest import make_image_folder
 from misbench.models.archs import build_arch
 from misbench.activations.extract import ExtractSettings, extract
 from misbench.models.loading import load_model
+from misbench.runtime import distributed
 from misbench.scoring.run import ScoreSettings, merge_scores, score
 
 MISBENCH = shutil.which("misbench") or str(Path(sys.executable).with_name("misbench"))
@@ -78,14 +79,47 @@ DIST_COMMON = ["model.pt", "--arch", "mini_inception", "--num-classes", "3", "--
 SCORE_SETTINGS = dict(similarity="pixel", image_size=16, device="cpu", n_boot=50, tasks=10)
 
 
+def ranks_in_turn(monkeypatch, size: int, run) -> None:
+    """What torchrun does, in this process: `run()` as each rank of `size` in turn, the last rank first so that
+    rank 0 finds every part to merge. No process group: barriers are no-ops without one."""
+    monkeypatch.setattr(distributed, "ensure_initialized", lambda device=None: None)
+    monkeypatch.setenv("WORLD_SIZE", str(size))
+    for rank in reversed(range(size)):
+        monkeypatch.setenv("RANK", str(rank))
+        run()
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+
+
+def _same_datasets(a, b, exact_sums=True):
+    a, b = datasets(a), datasets(b)
+    assert a.keys() == b.keys()
+    for key in a:
+        if exact_sums or not key.endswith("sum"):
+            assert np.array_equal(a[key], b[key]), key
+        else:  # the parts' sums add in another order
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-12)
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_ranks_extraction_parts_merge_to_one_process(setup, tmp_path, monkeypatch, size):
+    """The default suite's share of the torchrun test below: each rank's block of whole batches into its part,
+    rank 0's merge, in one process."""
+    root, folder = setup
+    single = _single(root, folder)
+    loaded = load_model(str(root / "model.pt"), arch="mini_inception", num_classes=3, arch_kwargs={"width": 8})
+    settings = ExtractSettings(layers=("conv", "softmax"), resize=16, crop=16, batch_size=40)
+    ranks_in_turn(monkeypatch, size, lambda: extract(loaded, str(folder), tmp_path / "dist.h5", settings))
+    _same_datasets(single, tmp_path / "dist.h5")
+    assert [p.name for p in tmp_path.iterdir()] == ["dist.h5"]  # no part or partial left
+
+
+@pytest.mark.slow
 def test_distributed_extraction_equals_one_process(setup):
     root, folder = setup
     single = _single(root, folder)
     torchrun("extract", *DIST_COMMON, "--data", str(folder), "--out", "dist.h5", cwd=root)
-    a, b = datasets(single), datasets(root / "dist.h5")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert np.array_equal(a[key], b[key]), key
+    _same_datasets(single, root / "dist.h5")
     assert not list(root.glob("dist.h5.partial*"))
 
 
@@ -140,10 +174,13 @@ def test_torchrun_scoring_equals_one_process(setup):
     assert not list(root.glob("three*.part*"))
 
 
-def test_topk_extraction_equals_full_and_gives_identical_mis(setup, tmp_path):
+TOPK = dict(layers=("conv1.bn", "inception3a.branch1.bn", "softmax"), resize=16, crop=16, batch_size=32)
+
+
+def test_topk_extraction_equals_full_and_gives_identical_mis(setup, tmp_path, monkeypatch):
     root, folder = setup
     loaded = load_model(str(root / "model.pt"), arch="mini_inception", num_classes=3, arch_kwargs={"width": 8})
-    base = dict(layers=("conv1.bn", "inception3a.branch1.bn", "softmax"), resize=16, crop=16, batch_size=32)
+    base = TOPK
     full = extract(loaded, str(folder), tmp_path / "full.h5", ExtractSettings(**base))
     topk = extract(loaded, str(folder), tmp_path / "topk.h5", ExtractSettings(**base, keep="topk:200"))
     with h5py.File(full, "r") as f, h5py.File(topk, "r") as t:
@@ -161,13 +198,21 @@ def test_topk_extraction_equals_full_and_gives_identical_mis(setup, tmp_path):
     score(full, ["all"], settings, tmp_path / "f.csv")
     score(topk, ["all"], settings, tmp_path / "t.csv")
     assert (tmp_path / "f.csv").read_text() == (tmp_path / "t.csv").read_text()
-    # the same under torchrun: parts' top-k states merge exactly
+    # the ranks' top-k states merge exactly (in this process; under torchrun in the -m slow test below)
+    ranks_in_turn(monkeypatch, 2, lambda: extract(loaded, str(folder), tmp_path / "dtopk.h5",
+                                                  ExtractSettings(**base, keep="topk:200")))
+    _same_datasets(topk, tmp_path / "dtopk.h5", exact_sums=False)
+
+
+@pytest.mark.slow
+def test_torchrun_topk_extraction_equals_one_process(setup, tmp_path):
+    root, folder = setup
+    loaded = load_model(str(root / "model.pt"), arch="mini_inception", num_classes=3, arch_kwargs={"width": 8})
+    topk = extract(loaded, str(folder), tmp_path / "topk.h5", ExtractSettings(**TOPK, keep="topk:200"))
     torchrun("extract", str(root / "model.pt"), "--arch", "mini_inception", "--num-classes", "3", "--arch-kwargs",
-             '{"width": 8}', "--data", str(folder), "--layers", ",".join(base["layers"]), "--resize", "16", "--crop",
+             '{"width": 8}', "--data", str(folder), "--layers", ",".join(TOPK["layers"]), "--resize", "16", "--crop",
              "16", "--batch-size", "32", "--keep", "topk:200", "--out", "dtopk.h5", cwd=tmp_path)
-    a, b = datasets(topk), datasets(tmp_path / "dtopk.h5")
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a if not k.endswith("sum"))
-    np.testing.assert_allclose(a["layers/softmax/sum"], b["layers/softmax/sum"], rtol=1e-12)
+    _same_datasets(topk, tmp_path / "dtopk.h5", exact_sums=False)
 
 
 def test_ddp_retraining_keeps_masks_and_matches_one_process(setup, tmp_path):

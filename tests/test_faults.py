@@ -61,8 +61,11 @@ def one_line_error(run, *words):
     return lines[0]
 
 
-def cli_error(args, cwd, *words):
-    """Run the CLI in this process (no start-up cost) and check it ends with one 'Error:' line."""
+def misbench_here(args, cwd) -> subprocess.CompletedProcess:
+    """Run `misbench -q ARGS` in this process: the runs that are not themselves killed or limited need no
+    process of their own, and each process costs seconds of imports."""
+    import traceback
+
     from click.testing import CliRunner
 
     from misbench.cli.main import cli
@@ -70,14 +73,18 @@ def cli_error(args, cwd, *words):
     here = os.getcwd()
     os.chdir(cwd)
     try:
-        result = CliRunner().invoke(cli, [str(a) for a in args])
+        result = CliRunner().invoke(cli, ["-q", *map(str, args)])
     finally:
         os.chdir(here)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
+    stderr = result.stderr
+    if result.exc_info and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, stderr)
+
+
+def cli_error(args, cwd, *words):
+    """Run the CLI in this process (no start-up cost) and check it ends with one 'Error:' line."""
+    return one_line_error(misbench_here(args, cwd), *words)
 
 
 def no_temp_files(folder):
@@ -132,7 +139,7 @@ def test_extract_killed_resumes_to_the_uninterrupted_file(world, tmp_path, point
         rows = int(h5.attrs["rows_written"])
     if sig == "TERM":  # stopped at a batch boundary: the batch being written when the signal came is committed
         assert rows == 4 * count
-    run = misbench([*args, "--resume"], d)
+    run = misbench_here([*args, "--resume"], d)
     assert run.returncode == 0, run.stderr
     _same_contents(d / "ref.h5", d / "acts.h5")
     assert not (d / "acts.h5.partial").exists()
@@ -146,7 +153,7 @@ def test_extract_killed_near_the_end_resumes(world, tmp_path, point, sig):
     at, count, when = EXTRACT_POINTS[point]
     args = ["extract", "m.pt", "--data", "images", *EXTRACT, "--out", "acts.h5"]
     killed(misbench(args, d, fault(at, sig, count, when=when)), sig)
-    assert misbench([*args, "--resume"], d).returncode == 0
+    assert misbench_here([*args, "--resume"], d).returncode == 0
     _same_contents(d / "ref.h5", d / "acts.h5")
 
 
@@ -164,7 +171,7 @@ def test_partial_of_an_older_misbench_killed_with_sigkill_resumes(world, tmp_pat
     assert run.returncode == -signal.SIGKILL, run.stderr
     with pytest.raises(OSError, match="consistency flags"):  # what --resume died of
         h5py.File(d / "acts.h5.partial", "r+")
-    run = misbench(["extract", "m.pt", "--data", "images", *EXTRACT, "--out", "acts.h5", "--resume"], d)
+    run = misbench_here(["extract", "m.pt", "--data", "images", *EXTRACT, "--out", "acts.h5", "--resume"], d)
     assert run.returncode == 0, run.stderr
     _same_contents(d / "ref.h5", d / "acts.h5")
 
@@ -189,7 +196,7 @@ def test_extract_resume_refuses_a_folder_with_added_images(world, tmp_path):
     args = ["extract", "m.pt", "--data", "images", *EXTRACT, "--out", "acts.h5"]
     killed(misbench(args, d, fault("misbench.activations.store:ActivationWriter._commit", "TERM", 2)), "TERM")
     shutil.copy(d / "images" / "class_02" / "img_000.png", d / "images" / "class_02" / "img_100.png")
-    line = one_line_error(misbench([*args, "--resume"], d), "cannot resume", "n_dataset was 24, now 25",
+    line = one_line_error(misbench_here([*args, "--resume"], d), "cannot resume", "n_dataset was 24, now 25",
                           "data_fingerprint")
     assert "--overwrite" in line
 
@@ -201,8 +208,8 @@ def test_bad_image_advice_works(world, tmp_path):
     d = fresh(world, tmp_path)
     (d / "images" / "class_01" / "img_005.png").write_bytes(b"not a png")
     args = ["extract", "m.pt", "--data", "images", *EXTRACT, "--out", "acts.h5"]
-    line = one_line_error(misbench(args, d), "class_01/img_005.png", "--on-bad-image skip --resume")
-    assert misbench([*args, "--on-bad-image", "skip", "--resume"], d).returncode == 0
+    line = one_line_error(misbench_here(args, d), "class_01/img_005.png", "--on-bad-image skip --resume")
+    assert misbench_here([*args, "--on-bad-image", "skip", "--resume"], d).returncode == 0
     extract(load_model(str(d / "m.pt")), str(d / "images"), d / "skip.h5",
             ExtractSettings(layers=("conv", "softmax"), batch_size=4, on_bad_image="skip"))
     _same_contents(d / "skip.h5", d / "acts.h5")
@@ -219,7 +226,7 @@ def test_extract_disk_full_is_one_line_and_resumable(world, tmp_path):
     args = ["extract", "m.pt", "--data", "images", *EXTRACT, "--out", "acts.h5"]
     run = misbench(args, d, fsize=(d / "ref.h5").stat().st_size // 2)
     one_line_error(run, "acts.h5.partial", "--resume")
-    assert misbench([*args, "--resume"], d).returncode == 0
+    assert misbench_here([*args, "--resume"], d).returncode == 0
     _same_contents(d / "ref.h5", d / "acts.h5")
 
 
@@ -229,7 +236,7 @@ def test_score_disk_full_is_one_line_and_leaves_no_half_result(world, tmp_path):
     one_line_error(misbench(args, d, fsize=2048), "cannot write")
     assert not (d / "mis.csv").exists() and not (d / "mis.json").exists()
     no_temp_files(d)
-    assert misbench(args, d).returncode == 0
+    assert misbench_here(args, d).returncode == 0
     assert (d / "tasks.h5").exists()
 
 
@@ -269,7 +276,7 @@ def test_full_tmpfs_is_one_line(world, tmp_path, command):
 def test_score_killed_in_its_write_windows_then_rerun_is_identical(world, tmp_path, cache, sig):
     d = fresh(world, tmp_path)
     extra = ["--cache", "cache"] if cache else []
-    ref = misbench(["score", "ref.h5", *SCORE, "--out", "ref/mis.csv", "--tasks-out", "ref/tasks.h5",
+    ref = misbench_here(["score", "ref.h5", *SCORE, "--out", "ref/mis.csv", "--tasks-out", "ref/tasks.h5",
                     *(["--cache", "refcache"] if cache else [])], d)
     assert ref.returncode == 0, ref.stderr
     args = ["score", "ref.h5", *SCORE, "--out", "mis.csv", "--tasks-out", "tasks.h5", *extra]
@@ -278,7 +285,7 @@ def test_score_killed_in_its_write_windows_then_rerun_is_identical(world, tmp_pa
     for at, count, match in points:
         killed(misbench(args, d, fault(at, sig, count, match)), sig)
         assert not (d / "mis.csv").exists()  # mis.csv comes last: never without its tasks and mis.json
-    run = misbench(args, d)
+    run = misbench_here(args, d)
     assert run.returncode == 0, run.stderr
     assert (d / "mis.csv").read_text() == (d / "ref" / "mis.csv").read_text()
     with h5py.File(d / "tasks.h5", "r") as a, h5py.File(d / "ref" / "tasks.h5", "r") as b:
@@ -293,7 +300,7 @@ def test_temp_files_of_killed_runs_are_removed_by_the_next_run(world, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = d / f".mis.csv.tmp{int(dead.stdout)}"
     stale.write_text("half a file")
-    assert misbench(["score", "ref.h5", *SCORE, "--out", "mis.csv"], d).returncode == 0
+    assert misbench_here(["score", "ref.h5", *SCORE, "--out", "mis.csv"], d).returncode == 0
     assert not stale.exists()
 
 
@@ -319,7 +326,7 @@ PRUNE = ["prune", "m.pt", "--method", "structured", "--rate", "0.5", "--epochs",
 @pytest.mark.parametrize("sig", ["KILL", pytest.param("TERM", marks=pytest.mark.slow)])
 def test_prune_killed_after_an_epoch_or_after_the_final_rename_resumes(world, tmp_path, sig):
     d = fresh(world, tmp_path)
-    assert misbench([*PRUNE, "--out", "ref.pt"], d).returncode == 0
+    assert misbench_here([*PRUNE, "--out", "ref.pt"], d).returncode == 0
     # after the first epoch's checkpoint, then after the final rename (before the .partial is removed)
     killed(misbench([*PRUNE, "--out", "model.pt"], d, fault("os:replace", sig, 1, "model.pt.partial")), sig)
     assert (d / "model.pt.partial").exists() and not (d / "model.pt").exists()
@@ -327,7 +334,7 @@ def test_prune_killed_after_an_epoch_or_after_the_final_rename_resumes(world, tm
     assert (d / "model.pt").exists()
     if sig == "KILL":
         assert (d / "model.pt.partial").exists()  # the window: both files there
-        run = misbench([*PRUNE, "--out", "model.pt", "--resume"], d)
+        run = misbench_here([*PRUNE, "--out", "model.pt", "--resume"], d)
         assert run.returncode == 0, run.stderr
     # SIGTERM waits for the .partial's removal: the run is complete when it stops
     assert not (d / "model.pt.partial").exists()
@@ -340,7 +347,7 @@ def test_prune_resume_with_other_settings_lists_the_differences(world, tmp_path)
     changed = [a if a != "0.5" else "0.25" for a in PRUNE]
     changed[changed.index("--seed")] = "--lr"
     changed[changed.index("0")] = "0.05"
-    line = one_line_error(misbench([*changed, "--out", "model.pt", "--resume"], d), "cannot resume",
+    line = one_line_error(misbench_here([*changed, "--out", "model.pt", "--resume"], d), "cannot resume",
                           "pruning.rate was 0.5, now 0.25", "training.lr was 0.01, now 0.05")
     assert "--overwrite" in line
 
@@ -378,7 +385,7 @@ def test_killed_study_continues_from_what_is_complete(world, tmp_path, at, match
     count = 2 if match else 3
     killed(misbench(["study", config, "--out", "out"], d, fault(at, "KILL", count, match)), "KILL")
     before = done_steps(d / "out")
-    run = misbench(["study", config, "--out", "out"], d)
+    run = misbench_here(["study", config, "--out", "out"], d)
     assert run.returncode == 0, run.stderr
     steps = json.loads((d / "out" / "manifest.json").read_text())["steps"]
     assert all(e["status"] == "done" for e in steps.values())
@@ -404,7 +411,7 @@ def test_second_study_on_one_directory_names_the_holder(world, tmp_path):
                 if f.read().split(")")[1].split()[0] == "T":
                     break
             time.sleep(0.2)
-        second = misbench(["study", config, "--out", "out"], d)
+        second = misbench_here(["study", config, "--out", "out"], d)
         one_line_error(second, "in use by another misbench study", f"pid {first.pid}", "host")
     finally:
         first.send_signal(signal.SIGCONT)

@@ -115,9 +115,12 @@ def _sigmoid(z):
     return 1 / (1 + np.exp(-z))
 
 
+_HERMITE_NODES, _HERMITE_WEIGHTS = np.polynomial.hermite_e.hermegauss(120)
+
+
 def _true_mean(m, s):
     """E[sigmoid(m + s Z)], Z standard normal, by Gauss-Hermite quadrature (exact to ~1e-10 here)."""
-    x, w = np.polynomial.hermite_e.hermegauss(120)
+    x, w = _HERMITE_NODES, _HERMITE_WEIGHTS
     return float(np.sum(w * _sigmoid(m + s * x)) / np.sqrt(2 * np.pi))
 
 

@@ -75,14 +75,21 @@ def vit_folder(tmp_path_factory):
 
 VIT_LAYERS = ["encoder.layers.encoder_layer_0.mlp.1", "encoder.layers.encoder_layer_11.mlp.1",
               "encoder.layers.encoder_layer_5"]
+VIT_DICTIONARY_LAYER = "encoder.layers.encoder_layer_2.mlp.1"
+
+
+@pytest.fixture(scope="module")
+def vit_raw(vit, vit_folder):
+    """The reference outputs of the ViT's layers that the tests below read, from one forward pass."""
+    return raw_outputs(vit.model, vit_folder, vit.preprocess, VIT_LAYERS + [VIT_DICTIONARY_LAYER])
 
 
 @pytest.mark.parametrize("how", ["mean", pytest.param("max", marks=pytest.mark.slow), "cls"])
-def test_vit_token_reduction_equals_manual_hook_and_reduce(tmp_path, vit, vit_folder, how):
+def test_vit_token_reduction_equals_manual_hook_and_reduce(tmp_path, vit, vit_folder, vit_raw, how):
     settings = ExtractSettings(layers=("mlp", "encoder.layers.encoder_layer_5"), token_reduction=how,
                                labels="folder-order", batch_size=4)
     out = extract(vit, str(vit_folder), tmp_path / "acts.h5", settings)
-    ref = raw_outputs(vit.model, vit_folder, vit.preprocess, VIT_LAYERS)
+    ref = vit_raw
     reduce = {"mean": lambda o: o.mean(1), "max": lambda o: o.max(1), "cls": lambda o: o[:, 0]}[how]
     with open_activations(out) as acts:
         mlp = [n for n in acts.layer_names if n.endswith(".mlp.1")]
@@ -150,13 +157,13 @@ def test_conv_dictionary_features_equal_manual(tmp_path, resnet, image_folder, a
                                    else raw.max(axis=(2, 3)), rtol=1e-4, atol=1e-5)
 
 
-def test_token_dictionary_features_equal_manual(tmp_path, vit, vit_folder):
-    layer = "encoder.layers.encoder_layer_2.mlp.1"
+def test_token_dictionary_features_equal_manual(tmp_path, vit, vit_folder, vit_raw):
+    layer = VIT_DICTIONARY_LAYER
     dic = save_dictionary(tmp_path / "sae.pt", k=40, d=3072, b_dec=False, activation="topk:6")
     out = extract(vit, str(vit_folder), tmp_path / "acts.h5",
                   ExtractSettings(layers=("softmax",), features=(f"f2={layer}:{tmp_path / 'sae.pt'}",),
                                   token_reduction="mean", labels="folder-order"))
-    raw = raw_outputs(vit.model, vit_folder, vit.preprocess, [layer])[layer]  # [N, 197, 3072]
+    raw = vit_raw[layer]  # [N, 197, 3072]
     expected = manual_features(raw, dic["W_enc"], dic["b_enc"], None, "topk:6").mean(1)
     with open_activations(out) as acts:
         np.testing.assert_allclose(acts.activations("f2"), expected, rtol=1e-4, atol=1e-5)
