@@ -215,8 +215,8 @@ def test_overcomplete_state_dicts(tmp_path, x):
     _check(tmp_path / "sae.pt", x, codes, "overcomplete")
     # a bare state_dict does not say its encode: refused, naming the classes that share its keys and the fix
     torch.save(_overcomplete_state(p), tmp_path / "bare.pt")
-    with pytest.raises(MisbenchError, match=r"records neither its class nor top_k \(SAE, TopKSAE, BatchTopKSAE, "
-                                            r"MpSAE and OMPSAE save the same keys\): add the encode"):
+    with pytest.raises(MisbenchError, match=r"records neither its class nor top_k \(SAE, TopKSAE and BatchTopKSAE "
+                                            r"save the same keys\): add the encode"):
         load_dictionary(tmp_path / "bare.pt")
     # other encoders and QSAE are named as not read
     for extra, named in (({"encoder.final_block.1.weight": torch.ones(K)}, "encoder.final_block.1.weight"),
@@ -478,3 +478,40 @@ def test_a_pickle_never_runs_without_trust_and_a_trusted_module_gives_its_weight
     _refused(tmp_path / "module.pt", "pickled Python object")
     dic = load_dictionary(tmp_path / "module.pt", trust_pickle=True)
     assert torch.equal(encode(x, dic), F.relu(x @ p["W"].T + p["b"]))
+
+
+def test_saelens_topk_decoder_norm_rescaling_in_the_library_order(tmp_path):
+    """TopKSAE.encode (SAELens' training default rescale_acts_by_decoder_norm): hidden_pre = (x - b_dec) W_enc +
+    b_enc, then times |W_dec row|; folding the norm into W_enc instead rounds differently in float32."""
+    p = _params(10)
+    w_dec = p["W"] * torch.linspace(0.5, 3, K)[:, None]
+    _safetensors(tmp_path / "sae_weights.safetensors", {"W_enc": p["W"].T.contiguous(), "b_enc": p["b"], "W_dec": w_dec,
+                                                       "b_dec": p["b_dec"]})
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "topk", "k": 5, "apply_b_dec_to_input": True,
+                                                   "rescale_acts_by_decoder_norm": True}))
+    x = torch.randn(256, D, generator=torch.Generator().manual_seed(1)) * 20
+    h = ((x - p["b_dec"]) @ p["W"].T.contiguous() + p["b"]) * w_dec.norm(dim=-1)
+    top = h.topk(5, dim=-1)
+    ref = torch.zeros_like(h).scatter(-1, top.indices, F.relu(top.values))
+    ours = encode(x, load_dictionary(tmp_path / "sae_weights.safetensors"))
+    assert (ours - ref).abs().max() <= 1e-5, (ours - ref).abs().max()  # folded: 1e-4 apart (values up to 865)
+
+
+def test_known_layouts_of_another_form_are_refused_by_name(tmp_path):
+    p = _params(11)
+    torch.save({"decoder_bias": p["b_dec"], "encoder.weight": p["W"], "r_mag": p["b"], "gate_bias": p["b"],
+                "mag_bias": p["b"], "decoder.weight": p["W"].T.clone()}, tmp_path / "ae.pt")
+    _refused(tmp_path / "ae.pt", "dictionary_learning GatedAutoEncoder")
+    # Overcomplete MpSAE / OMPSAE (0.3.0) save their dictionary only: no encoder, not one act(x W^T + b)
+    torch.save({"dictionary._weights": p["W"], "dictionary.multiplier": torch.tensor(0.0), "activation": "relu"},
+               tmp_path / "mp.pt")
+    _refused(tmp_path / "mp.pt", "an Overcomplete SAE without an encoder")
+    _safetensors(tmp_path / "sae_weights.safetensors", {"W_enc": p["W"].T, "b_gate": p["b"], "b_mag": p["b"],
+                                                       "r_mag": p["b"], "W_dec": p["W"], "b_dec": p["b_dec"]})
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "gated"}))
+    _refused(tmp_path / "sae_weights.safetensors", "SAELens gated SAE")
+    # SAELens' batch top-k training file (save_model): its inference form is save_inference_model's jumprelu file
+    _safetensors(tmp_path / "sae_weights.safetensors", {"W_enc": p["W"].T, "b_enc": p["b"], "W_dec": p["W"],
+                                                       "b_dec": p["b_dec"], "topk_threshold": torch.tensor(0.5)})
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "batchtopk", "k": 5}))
+    _refused(tmp_path / "sae_weights.safetensors", "save it with save_inference_model")

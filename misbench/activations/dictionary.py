@@ -1,7 +1,8 @@
 """Dictionary features (sparse-autoencoder encoders) of a layer, read as units of their own.
 
 At every position x (a spatial location of a conv map, a token of a transformer layer) the K features are
-f = act((x - b_dec) W_enc^T + b_enc); the feature layer is then reduced over positions like its layer.
+f = act(((x - b_dec) W_enc^T + b_enc) * scale) (scale [K]: SAELens' decoder-norm rescaling, else 1); the
+feature layer is then reduced over positions like its layer.
 """
 
 __all__ = ["ACTIVATIONS", "Dictionary", "FeatureSpec", "parse_features", "load_dictionary", "encode", "resolve_features",
@@ -104,6 +105,7 @@ class Dictionary:
     path: str
     threshold: torch.Tensor | None = None  # [K]: a per-feature JumpReLU threshold (activation "jumprelu")
     format: str = "misbench"  # the file's format (dictionary_formats.FORMATS)
+    scale: torch.Tensor | None = None  # [K]: pre-activations times this, in the library's order (SAELens TopK)
 
     @property
     def width(self) -> int:
@@ -141,9 +143,10 @@ def load_dictionary(path, trust_pickle: bool = False) -> Dictionary:
     if b_dec is not None and tuple(b_dec.shape) != (w.shape[1],):
         raise MisbenchError(f"--features: {path} ({fmt}): b_dec must be [D] = [{w.shape[1]}] to match W_enc "
                             f"{tuple(w.shape)}, got {_shape(b_dec)}")
-    if threshold is not None and tuple(threshold.shape) != (w.shape[0],):
-        raise MisbenchError(f"--features: {path} ({fmt}): threshold must be [K] = [{w.shape[0]}], got "
-                            f"{_shape(threshold)}")
+    for key in ("threshold", "scale"):
+        if obj.get(key) is not None and tuple(obj[key].shape) != (w.shape[0],):
+            raise MisbenchError(f"--features: {path} ({fmt}): {key} must be [K] = [{w.shape[0]}], got "
+                                f"{_shape(obj[key])}")
     activation = check_activation(obj["activation"], f"--features {path}")
     name, _, arg = activation.partition(":")
     if name in ("topk", "topkraw") and int(arg) > w.shape[0]:  # the libraries' torch.topk refuses it too
@@ -152,7 +155,7 @@ def load_dictionary(path, trust_pickle: bool = False) -> Dictionary:
     if activation == "jumprelu" and threshold is None:
         raise MisbenchError(f"--features: {path}: activation 'jumprelu' without a number needs a per-feature "
                             "threshold [K] in the file; or write jumprelu:THETA")
-    return Dictionary(w, b, b_dec, activation, sha256_file(path), str(path), threshold, fmt)
+    return Dictionary(w, b, b_dec, activation, sha256_file(path), str(path), threshold, fmt, obj.get("scale"))
 
 
 def encode(x: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:
@@ -162,6 +165,8 @@ def encode(x: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:
     if dictionary.b_dec is not None:
         x = x - dictionary.b_dec.to(x.device)
     pre = x @ w.T + dictionary.b_enc.to(x.device)
+    if dictionary.scale is not None:
+        pre = pre * dictionary.scale.to(x.device)
     name, _, arg = dictionary.activation.partition(":")
     fn, parse = ACTIVATIONS[name]
     if name == "jumprelu" and not arg:

@@ -2,7 +2,9 @@
 f = act((x - b_dec) W_enc^T + b_enc) (docs/formats.md has each layout and where it was read from).
 
 Each format is a registry entry: `detect(obj) -> bool` on what the file holds, `convert(obj, path) -> dict` with
-W_enc [K, D], b_enc [K], b_dec [D] or None, activation, threshold [K] or None (per-feature JumpReLU).
+W_enc [K, D], b_enc [K], b_dec [D] or None, activation, threshold [K] or None (per-feature JumpReLU), and
+optionally scale [K] (the pre-activations times it). Known layouts whose encode has another form are entries
+whose convert refuses them by name.
 The file itself is read once, as a torch file (weights_only), a saev checkpoint (one JSON line, then a torch
 file) or a safetensors file (SAELens, with cfg.json beside it).
 """
@@ -245,16 +247,20 @@ def _saelens(obj, path):
         activation = "relu"
     elif arch == "topk":
         activation = f"topk:{int(cfg['k'] if 'k' in cfg else cfg['activation_fn_kwargs']['k'])}"
-        if cfg.get("rescale_acts_by_decoder_norm"):  # TopKSAE.encode scales pre by |W_dec row|: folded in
-            norm = obj["W_dec"].detach().double().norm(dim=-1)
-            return {"W_enc": (obj["W_enc"].double() * norm).T.float(), "b_enc": (obj["b_enc"].double() * norm).float(),
-                    "b_dec": b_dec, "activation": activation, "threshold": None}
+        if cfg.get("rescale_acts_by_decoder_norm"):  # TopKSAE.encode scales pre by |W_dec row| (its default in
+            # training): kept as a scale applied after b_enc, as SAELens does (folded into W_enc, float32 rounds
+            # differently: up to 1.5e-5 apart on unit-scale inputs)
+            return {"W_enc": obj["W_enc"].T, "b_enc": obj["b_enc"], "b_dec": b_dec, "activation": activation,
+                    "threshold": None, "scale": obj["W_dec"].detach().float().norm(dim=-1)}
     elif arch == "jumprelu":  # SAELens' earlier files store log_threshold; it loads them as exp(log_threshold)
         activation = "jumprelu"
         threshold = obj["threshold"] if "threshold" in obj or "log_threshold" not in obj else \
             torch.exp(obj["log_threshold"].detach().double()).float()
     else:
-        raise MisbenchError(f"--features: {path}: SAELens architecture {arch!r}; expected standard, topk or jumprelu")
+        hint = ": a training file, save it with save_inference_model (a jumprelu file)" if "batchtopk" in str(arch) \
+            else ""
+        raise MisbenchError(f"--features: {path}: SAELens architecture {arch!r}{hint}; expected standard, topk or "
+                            "jumprelu")
     return {"W_enc": obj["W_enc"].T, "b_enc": obj["b_enc"], "b_dec": b_dec, "activation": activation,
             "threshold": threshold}
 
@@ -286,7 +292,7 @@ def _overcomplete(obj, path):
         activation = str(obj["activation"])
     else:
         raise MisbenchError(f"--features: {path}: an Overcomplete SAE state_dict records neither its class nor top_k "
-                            "(SAE, TopKSAE, BatchTopKSAE, MpSAE and OMPSAE save the same keys): add the encode as an "
+                            "(SAE, TopKSAE and BatchTopKSAE save the same keys): add the encode as an "
                             "entry, torch.save({**sae.state_dict(), 'activation': A}, FILE) with A = 'relu' (SAE), "
                             "'topk:K' (TopKSAE, RATopKSAE: K = sae.top_k) or 'jumprelu:T' (BatchTopKSAE: "
                             f"T = sae.running_threshold); {OVERCOMPLETE_OTHERS} are not read")
@@ -306,6 +312,28 @@ register_format("overcomplete", lambda o: _is(o, *OVERCOMPLETE_ENCODER), _overco
 register_format("saelens", lambda o: isinstance(o, dict) and "__cfg__" in o and _is(o, "W_enc", "b_enc", "b_dec"),
                 _saelens)
 
+# Known layouts that are not one encoder act(x W^T + b), refused by name (read from the same sources as above)
+NOT_READ = {"dictionary_learning GatedAutoEncoder (a gate and a magnitude path)": ("gate_bias", "mag_bias", "r_mag"),
+            "SAELens gated SAE (a gate and a magnitude path)": ("b_gate", "b_mag", "r_mag")}
+
+
+def _overcomplete_without_encoder(obj) -> bool:
+    # MpSAE, OMPSAE (matching pursuit over the dictionary) and the 'identity' encoder save only the dictionary
+    return isinstance(obj, dict) and bool(obj) and any(k in obj for k in ("dictionary._weights", "dictionary.C")) \
+        and all(str(k).startswith("dictionary.") or k == "activation" for k in obj)
+
+
+def _not_read(obj, path):
+    name = next((n for n, keys in NOT_READ.items() if _is(obj, *keys)), None) or \
+        "an Overcomplete SAE without an encoder (MpSAE, OMPSAE or the 'identity' encoder: its codes come from " \
+        "matching pursuit or the input itself)"
+    raise MisbenchError(f"--features: {path}: {name}; misbench reads encoders of the form act(x W_enc^T + b_enc), "
+                        f"expected {EXPECTED}")
+
+
+register_format("not-read", lambda o: any(_is(o, *keys) for keys in NOT_READ.values())
+                or _overcomplete_without_encoder(o), _not_read)
+
 
 def convert_dictionary(obj, path) -> tuple[str, dict]:
     """(format name, the encoder in misbench's form) of a file's content; float32 tensors, checked finite."""
@@ -321,8 +349,8 @@ def convert_dictionary(obj, path) -> tuple[str, dict]:
                 first = (str(exc).splitlines() or [""])[0][:200]
                 raise MisbenchError(f"--features: {path}: a {name} file with an entry of the wrong type or shape "
                                     f"({type(exc).__name__}: {first}); expected the layout in docs/formats.md") from None
-            for key in ("W_enc", "b_enc", "b_dec", "threshold"):
-                value = out[key]
+            for key in ("W_enc", "b_enc", "b_dec", "threshold", "scale"):
+                value = out.get(key)
                 if value is None:
                     continue
                 if not isinstance(value, torch.Tensor):
