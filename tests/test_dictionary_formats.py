@@ -515,3 +515,33 @@ def test_known_layouts_of_another_form_are_refused_by_name(tmp_path):
                                                        "b_dec": p["b_dec"], "topk_threshold": torch.tensor(0.5)})
     (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "batchtopk", "k": 5}))
     _refused(tmp_path / "sae_weights.safetensors", "save it with save_inference_model")
+
+
+def test_resume_refuses_a_dictionary_file_changed_since_the_extraction_started(tmp_path):
+    """Rows written with the old dictionary and rows to come with the new one would mix silently (the layer's
+    recorded sha256 being the old one's)."""
+    from conftest import make_image_folder
+    from misbench.activations.extract import ExtractSettings, extract
+    from misbench.models.loading import load_model
+
+    folder = make_image_folder(tmp_path / "images", per_class=2, size=16)
+    torch.manual_seed(0)
+    loaded = load_model("mini_inception", num_classes=3, arch_kwargs={"width": 8})
+    g = torch.Generator().manual_seed(0)
+    torch.save({"W_enc": torch.randn(24, 8, generator=g), "b_enc": torch.zeros(24)}, tmp_path / "d.pt")
+    settings = ExtractSettings(layers=("conv1.bn",), features=(f"f=conv1.bn:{tmp_path / 'd.pt'}",), batch_size=3,
+                               resize=16, crop=16)
+
+    class Stop(Exception):
+        pass
+
+    def stop(done, total):
+        if done >= 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        extract(loaded, str(folder), tmp_path / "a.h5", settings, progress=stop)
+    torch.save({"W_enc": torch.randn(24, 8, generator=g), "b_enc": torch.zeros(24)}, tmp_path / "d.pt")
+    with pytest.raises(MisbenchError, match=r"cannot resume .*a.h5.partial: the dictionary file .*d.pt of feature "
+                                            r"layer 'f' changed since the extraction started"):
+        extract(loaded, str(folder), tmp_path / "a.h5", settings, resume=True)

@@ -191,7 +191,7 @@ def _extract(loaded, data, out: Path, settings: ExtractSettings, resume: bool, o
         attrs["subset"] = json.dumps(subset.record())
     device = resolve_device(settings.device)
     distributed.ensure_initialized(device)
-    writer = _open_writer(own, attrs, resume, start)
+    writer = _open_writer(own, attrs, resume, start, features)
     try:
         _run(model, source, requests, settings, pre, writer, stop, device, progress, features)
         if size == 1:
@@ -219,7 +219,20 @@ def _extract(loaded, data, out: Path, settings: ExtractSettings, resume: bool, o
     return out
 
 
-def _open_writer(own: Path, attrs: dict, resume: bool, start: int) -> ActivationWriter:
+def _check_dictionaries(writer: ActivationWriter, features: dict) -> None:
+    """A dictionary file changed in place since the interrupted run (retrained, re-exported) would give the rows
+    still to come other features than the rows written: refused, like a changed checkpoint."""
+    for name, (_, dictionary) in features.items():
+        group = writer.h5["layers"].get(name)
+        old = group.attrs.get("dictionary_sha256") if group is not None else None
+        if old is not None and old != dictionary.sha256:
+            raise MisbenchError(f"cannot resume {writer.path}: the dictionary file {dictionary.path} of feature layer "
+                                f"{name!r} changed since the extraction started (sha256 {old[:12]}..., now "
+                                f"{dictionary.sha256[:12]}...). Restore it and rerun with --resume, or start again "
+                                "with --overwrite.")
+
+
+def _open_writer(own: Path, attrs: dict, resume: bool, start: int, features: dict) -> ActivationWriter:
     """A new partial file, or the interrupted one when it can be continued exactly (else start again)."""
     if resume:
         try:
@@ -229,6 +242,7 @@ def _open_writer(own: Path, attrs: dict, resume: bool, start: int) -> Activation
         else:
             try:
                 _check_resumable(writer, attrs)
+                _check_dictionaries(writer, features)
             except BaseException:
                 writer.close()
                 raise
