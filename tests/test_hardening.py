@@ -572,6 +572,23 @@ def test_every_limit_warns_with_its_classes_and_is_recorded_in_the_output(limite
         assert len(lines) == 1 and f"cover {covered} of the 3 classes" in lines[0], caplog.text
 
 
+def test_a_studys_refused_setting_names_its_config_key(limited, caplog, monkeypatch):
+    """`misbench study`: a step's setting is named as the config spells it, not as the step's command's flag
+    (the limits' warnings: test_study_limits_warn_with_their_classes_and_are_recorded)."""
+    from conftest import write_study
+
+    monkeypatch.chdir(limited)
+    images = limited / "images"
+    config = write_study(limited / "study.toml", model={"spec": limited / "m.pt"}, data={"train": images, "val": images},
+                         extract={"limit": 5}, score={"selection": "fair"})  # 5 rows: too few for fair's tasks
+    result = CliRunner().invoke(cli, ["study", str(config), "--out", "out"])
+    assert result.exit_code == 1
+    error = result.output.split("Error: ")[1]
+    assert error.startswith("[score] selection fair needs at least 18 rows in the activation file, found 5"), error
+    assert "lower [score] tasks/[score] explanations, or use [score] selection quantile" in error and "--" not in error
+    assert [r.getMessage()[:18] for r in caplog.records if "takes the first" in r.getMessage()] == ["[extract] limit 5 "]
+
+
 def test_unlimited_outputs_record_no_subset(limited, monkeypatch):
     import h5py
     import json
@@ -586,7 +603,8 @@ def test_unlimited_outputs_record_no_subset(limited, monkeypatch):
 
 
 def test_study_limits_warn_with_their_classes_and_are_recorded(limited, caplog):
-    """The config's [train]/[retrain] train_limit, val_limit and [extract] limit: the same warning and record."""
+    """The config's [train]/[retrain] train_limit, val_limit and [extract] limit: the same warning, naming the config
+    key, and the same record."""
     import h5py
     import json
 
@@ -610,10 +628,11 @@ def test_study_limits_warn_with_their_classes_and_are_recorded(limited, caplog):
         messages = [r.getMessage() for r in caplog.records if " takes the first " in r.getMessage()]
         expected = {"train:base": [("train_limit", 7), ("val_limit", None)], f"prune:{run}": [("train_limit", 3),
                     ("val_limit", 6)], f"eval:{run}": [("val_limit", 6)], f"extract:{run}": [("limit", 5)]}[name]
+        section = {"train": "train", "prune": "retrain", "eval": "retrain", "extract": "extract"}[name.split(":")[0]]
         said = [(o, n) for o, n in expected if n is not None]
         assert len(messages) == len(said), (name, messages)
         for (option, n), line in zip(said, messages):
-            assert line.startswith(f"{option} {n} ") and f"cover {_first_classes(images, n)} of the 3" in line
+            assert line.startswith(f"[{section}] {option} {n} ") and f"cover {_first_classes(images, n)} of the 3" in line
         out = step.outputs
         if name.startswith("prune") or name.startswith("train"):
             subsets = load_checkpoint_dict(out["checkpoint"])["training"]["subsets"]

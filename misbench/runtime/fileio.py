@@ -1,7 +1,8 @@
 """Hashing and atomic writes: an output either appears whole or not at all."""
 
 __all__ = ["read_csv_rows", "write_csv", "sha256_file", "atomic_path", "temp_dir_beside", "write_json", "write_text", "write_hdf5", "utc_now", "disk_full_error",
-           "refuse_same_paths", "DiskFullError", "json_plain", "refuse_existing", "cli_wording", "option_label",
+           "refuse_same_paths", "DiskFullError", "json_plain", "refuse_existing", "cli_wording", "config_wording",
+           "option_label",
            "overwrite_hint", "flag_hint"]
 
 import contextlib
@@ -72,8 +73,10 @@ def refuse_same_paths(inputs: dict, outputs: dict) -> None:
 
 
 # who called: error messages name `--tasks-out` / `--overwrite` for the command line, `tasks_out` /
-# `overwrite=True` for Python callers (the check itself exists once, in the library)
+# `overwrite=True` for Python callers (the check itself exists once, in the library), and `[extract] limit` for
+# the config keys of a study's step
 _CLI = contextvars.ContextVar("misbench_cli_wording", default=False)
+_CONFIG_KEYS: contextvars.ContextVar[dict] = contextvars.ContextVar("misbench_config_keys", default={})
 
 
 @contextlib.contextmanager
@@ -85,8 +88,23 @@ def cli_wording():
         _CLI.reset(token)
 
 
+@contextlib.contextmanager
+def config_wording(keys: dict[str, str]):
+    """Inside a study's step: the parameters in `keys` are named as its config spells them (`limit` ->
+    `[extract] limit`); the others as around it."""
+    token = _CONFIG_KEYS.set({**_CONFIG_KEYS.get(), **keys})
+    try:
+        yield
+    finally:
+        _CONFIG_KEYS.reset(token)
+
+
 def option_label(name: str) -> str:
-    """A parameter's name as the caller spells it: `tasks_out` -> `--tasks-out` on the command line."""
+    """A parameter's name as the caller spells it: `tasks_out` -> `--tasks-out` on the command line, `limit` ->
+    `[extract] limit` in a study's extract step."""
+    key = _CONFIG_KEYS.get().get(name)
+    if key is not None:
+        return key
     return f"--{name.replace('_', '-')}" if _CLI.get() else name
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from ..activations.order import non_finite_rows, tie_keys
 from ..errors import MisbenchError
 from ..registry import register
+from ..runtime.fileio import option_label
 from .summaries import clopper_pearson, confidence_intervals
 
 # a unit whose range is at most this many units of the stored dtype's resolution at its magnitude is constant:
@@ -108,19 +109,20 @@ def rank_rows(acts: np.ndarray, keys: np.ndarray, descending: bool, first: int |
     return np.lexsort((keys, signed))[:first]
 
 
-def _check_rows(n_rows: int, needed: int, what: str):
+def _check_rows(n_rows: int, needed: int, selection: str):
     if n_rows < needed:
-        hint = ", or use --selection quantile (any number of rows)" if "fair" in what else ""
-        raise MisbenchError(f"{what} needs at least {needed} rows in the activation file, found {n_rows}: "
-                            f"extract more images, or lower --tasks/--explanations{hint}")
+        hint = f", or use {option_label('selection')} quantile (any number of rows)" if selection == "fair" else ""
+        raise MisbenchError(f"{option_label('selection')} {selection} needs at least {needed} rows in the activation "
+                            f"file, found {n_rows}: extract more images, or lower {option_label('tasks')}/"
+                            f"{option_label('explanations')}{hint}")
 
 
 def _quantile_pool(n_rows: int, quantile: float, n_expl: int) -> int:
     if not 0 < quantile <= 0.5:
-        raise MisbenchError(f"--quantile must be in (0, 0.5], got {quantile}")
+        raise MisbenchError(f"{option_label('quantile')} must be in (0, 0.5], got {quantile}")
     pool = int(np.ceil(quantile * n_rows))
     if pool < n_expl + 1:
-        raise MisbenchError(f"--quantile {quantile} of {n_rows} rows leaves {pool} images per side; "
+        raise MisbenchError(f"{option_label('quantile')} {quantile} of {n_rows} rows leaves {pool} images per side; "
                             f"a task needs {n_expl + 1}")
     return pool
 
@@ -132,7 +134,7 @@ def select_fair(acts: np.ndarray, rows: np.ndarray, keys: np.ndarray, n_rows: in
 
     `acts`/`rows`/`keys` are the candidate rows (all rows, or a top/bottom-k subset of `n_rows`)."""
     per_side = (n_expl + 1) * n_tasks
-    _check_rows(n_rows, 2 * per_side, "--selection fair")
+    _check_rows(n_rows, 2 * per_side, "fair")
     if len(acts) < per_side:
         raise MisbenchError(f"only {len(acts)} candidate rows per unit, fair selection needs {per_side} per side: "
                             f"extract with --keep topk:K, K >= {per_side}")
@@ -150,7 +152,8 @@ def select_quantile(acts: np.ndarray, rows: np.ndarray, keys: np.ndarray, n_rows
     """Each task samples K+1 rows of the top (bottom) `quantile` fraction; the least extreme is the query."""
     pool = _quantile_pool(n_rows, quantile, n_expl)
     if pool > len(acts):
-        raise MisbenchError(f"--quantile {quantile} needs the top {pool} rows per unit; this file keeps {len(acts)}")
+        raise MisbenchError(f"{option_label('quantile')} {quantile} needs the top {pool} rows per unit; this file keeps "
+                            f"{len(acts)}")
     sides = []
     for descending in (True, False):
         ranked = rows[rank_rows(acts, keys, descending, pool)]
@@ -185,7 +188,7 @@ def register_selection(name: str, per_side: Callable[..., int], check: Callable[
 
 
 @register_selection("fair", per_side=lambda s, n_rows: (s.explanations + 1) * s.tasks,
-                    check=lambda s, n_rows: _check_rows(n_rows, 2 * (s.explanations + 1) * s.tasks, "--selection fair"))
+                    check=lambda s, n_rows: _check_rows(n_rows, 2 * (s.explanations + 1) * s.tasks, "fair"))
 def _fair(acts, rows, keys, n_rows, rng, s) -> Tasks:
     return select_fair(acts, rows, keys, n_rows, rng, s.tasks, s.explanations)
 

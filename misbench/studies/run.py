@@ -27,7 +27,7 @@ from ..pruning.training import TrainSettings
 from ..reports.tables import write_csv
 from ..runtime import distributed
 from ..runtime.device import parse_workers
-from ..runtime.fileio import option_label, overwrite_hint, read_csv_rows, utc_now, write_json
+from ..runtime.fileio import config_wording, option_label, overwrite_hint, read_csv_rows, utc_now, write_json
 from ..runtime.lock import DirectoryLock
 from ..runtime.schema import settings_from
 from ..scoring.calibrate import calibration_alpha
@@ -74,6 +74,12 @@ class Study:
     def _runtime(self):
         runtime = self.config["runtime"]
         return {**runtime, "workers": parse_workers(runtime["workers"])}
+
+    def _config_keys(self, section: str, **renamed) -> dict:
+        """A step's parameters named as the config spells them in messages (a limit's class-coverage warning, a
+        refused setting): the keys of [section], and `renamed` ones read from elsewhere (the dictionary's training
+        extraction takes its `limit` from `[dictionary] train_limit`)."""
+        return {**{key: f"[{section}] {key}" for key in self.config[section]}, **renamed}
 
     def _train_settings(self, section: str, epochs: int | None = None, optimizer: str | None = None):
         s = self.config[section]
@@ -196,7 +202,8 @@ class Study:
         if d["positions"] is None:  # image-level vectors: the training images' extraction
             steps.append(Step("extract:dictionary-train", "extract", train, {"model": base_ckpt},
                               {"acts": p["train_acts"]},
-                              lambda resume: self._extract(base_ckpt, p["train_acts"], resume, **train),
+                              lambda resume: self._extract(base_ckpt, p["train_acts"], resume,
+                                                           limit_key="[dictionary] train_limit", **train),
                               partial_path(p["train_acts"]), (train["data"],)))
         steps += [
             Step("dictionary", "dictionary", {**dictionary_settings(d), "seed": cfg["study"]["seed"]},
@@ -246,25 +253,32 @@ class Study:
         train = self._train_settings(section, epochs, optimizer)
         progress = (lambda step, epoch, d, n: self.progress(f"{Path(out).parent.name} step {step} epoch {epoch}", d, n)
                     ) if self.progress else None
-        produce_checkpoint(loaded, prune, train, out, data["train"] if train.epochs else None, data["val"],
-                           resume=resume, overwrite=True, progress=progress)
+        with config_wording(self._config_keys(section)):
+            produce_checkpoint(loaded, prune, train, out, data["train"] if train.epochs else None, data["val"],
+                               resume=resume, overwrite=True, progress=progress)
 
     def _eval(self, ckpt, out):
-        result = evaluate_model(self._load(ckpt), self.config["data"]["val"], batch_size=256,
-                                workers=self._runtime()["workers"], device=self._runtime()["device"],
-                                limit=self.config["retrain"]["val_limit"], labels=self.config["data"]["labels"],
-                                limit_name="val_limit",
-                                progress=self._bar(f"eval {Path(out).parent.name}"))
+        with config_wording(self._config_keys("retrain")):
+            result = evaluate_model(self._load(ckpt), self.config["data"]["val"], batch_size=256,
+                                    workers=self._runtime()["workers"], device=self._runtime()["device"],
+                                    limit=self.config["retrain"]["val_limit"], labels=self.config["data"]["labels"],
+                                    limit_name="val_limit", progress=self._bar(f"eval {Path(out).parent.name}"))
         write_eval(result, out, Path(out).with_name("classwise_accuracy.csv"))
 
-    def _extract(self, ckpt, out, resume, **override):
-        """Extract with the [extract] settings; `override` replaces some (the dictionary's steps)."""
+    def _extract(self, ckpt, out, resume, limit_key="[extract] limit", **override):
+        """Extract with the [extract] settings; `override` replaces some (the dictionary's steps), `limit_key`
+        names the config key of the limit."""
         e = {**self.config["extract"], **override}
         settings = settings_from(ExtractSettings, {**e, **self._runtime()}, labels=self.config["data"]["labels"])
-        extract(self._load(ckpt), e["data"] or self.config["data"]["val"], out, settings, resume=resume,
-                overwrite=True, progress=self._bar(f"extract {Path(out).parent.name}"))
+        with config_wording(self._config_keys("extract", limit=limit_key)):
+            extract(self._load(ckpt), e["data"] or self.config["data"]["val"], out, settings, resume=resume,
+                    overwrite=True, progress=self._bar(f"extract {Path(out).parent.name}"))
 
     def _train_dictionaries(self, plans, base_ckpt):
+        with config_wording(self._config_keys("dictionary", limit="[dictionary] train_limit")):
+            self._train_grid(plans, base_ckpt)
+
+    def _train_grid(self, plans, base_ckpt):
         p, folder, d = self.dictionary_paths(), self.out / "dictionary", self.config["dictionary"]
         if d["positions"] is None:
             for plan in plans:
@@ -288,10 +302,13 @@ class Study:
             alpha, alpha_source = calibration_alpha(s["alpha_from"])
         settings = settings_from(ScoreSettings, {**s, **self._runtime()}, alpha=alpha, alpha_source=alpha_source,
                                  seed=self.config["study"]["seed"])
-        score(acts, layers or s["layers"], settings, out, tasks_out=Path(out).with_name("tasks.h5"),
-              cache_dir=self.out / "cache" / "embeddings",
-              progress=(lambda stage, d, n: self.progress(f"{stage} {Path(out).parent.name}", d, n)) if self.progress else None,
-              overwrite=True)  # the manifest decides when a step's outputs are stale
+        renamed = {"metrics": "[dictionary] metrics"} if "metrics" in override else {}
+        with config_wording(self._config_keys("score", **renamed)):
+            score(acts, layers or s["layers"], settings, out, tasks_out=Path(out).with_name("tasks.h5"),
+                  cache_dir=self.out / "cache" / "embeddings",
+                  progress=(lambda stage, d, n: self.progress(f"{stage} {Path(out).parent.name}", d, n))
+                  if self.progress else None,
+                  overwrite=True)  # the manifest decides when a step's outputs are stale
 
     def write_runs_csv(self) -> Path:
         rows = []
