@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import h5py
 import numpy as np
@@ -62,6 +63,12 @@ def test_neurons_against_features_per_layer(tmp_path):
     assert rows[1]["fvu"] == ""  # a dictionary without a training record at hand
     assert (tmp_path / "rep" / "dictionaries.png").stat().st_size > 0
     assert "block2 features (block2_sae): MIS features - neurons +" in res.output
+    # report.html: the table's rows are the CSV's, and the figure is on the page
+    page = (tmp_path / "rep" / "report.html").read_text()
+    table = page[page.index("data-csv='dictionaries.csv'"):]
+    cells = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table[:table.index("</table>")])]
+    assert [(c[0], c[2], c[3]) for c in cells if c] == [(r["layer"], r["population"], r["n_units"]) for r in rows]
+    assert "src='dictionaries.png'" in page and res.output.endswith(f"wrote {tmp_path / 'rep' / 'report.html'}\n")
     res = CliRunner().invoke(cli, ["report", "dictionaries", "--scores", str(scores), "--pair", "block1=nope",
                                    "--out", str(tmp_path / "rep2")])
     assert res.exit_code != 0 and "layer 'nope' is not in" in res.output

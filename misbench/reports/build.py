@@ -477,13 +477,16 @@ def compare(scores, out, seed: int = 0, n_boot: int = 1000) -> Path:
     return Path(out).resolve() / "report.html"
 
 
-@register_report("dictionaries", files=("dictionaries.csv", "dictionaries.json", "dictionaries.png"))
+@register_report("dictionaries", files=("dictionaries.csv", "dictionaries.json", "dictionaries.png", "report.html"))
 def dictionaries(scores, pairs, out, seed: int = 0, n_boot: int = 1000) -> Path:
     """Neurons against dictionary features per layer (`[LABEL:]LAYER=FEATURES` pairs in depth order, all in one
     mis.csv): dictionaries.csv (MIS, MS, FVU, L0, dead share, density, share sparse; the difference's bootstrap
-    interval and rank-sum p), dictionaries.json, dictionaries.png (the difference against depth)."""
-    dictionary_report(scores, list(pairs), out, seed=seed, n_boot=n_boot)
-    return Path(out) / "dictionaries.csv"
+    interval and rank-sum p), dictionaries.json, dictionaries.png (the difference against depth), report.html."""
+    with _built_beside(out) as tmp:
+        found = dictionary_report(scores, list(pairs), tmp, seed=seed, n_boot=n_boot)
+        write_html(tmp, "misbench dictionary features against neurons", dictionary_sections(found),
+                   settings_header(scores))
+    return Path(out).resolve() / "report.html"
 
 
 @register_report("layers", files=("layers.csv", "layers.png"))
