@@ -545,3 +545,30 @@ def test_resume_refuses_a_dictionary_file_changed_since_the_extraction_started(t
     with pytest.raises(MisbenchError, match=r"cannot resume .*a.h5.partial: the dictionary file .*d.pt of feature "
                                             r"layer 'f' changed since the extraction started"):
         extract(loaded, str(folder), tmp_path / "a.h5", settings, resume=True)
+
+
+def test_study_dry_run_checks_the_extract_features_files(tmp_path):
+    """A dictionary file that is missing, unreadable or of another width than its layer is named by the dry run,
+    before the training steps that a real run would finish first."""
+    from click.testing import CliRunner
+
+    from conftest import TINY_ARCH, write_study
+    from misbench.cli.main import cli
+
+    (tmp_path / "images").mkdir()
+    torch.save({"W_enc": torch.randn(24, 20), "b_enc": torch.zeros(24)}, tmp_path / "wide.pt")
+    torch.save({"W_enc": torch.randn(24, 8), "b_enc": torch.zeros(24)}, tmp_path / "good.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    specs = [f"a=conv1.bn:{tmp_path / 'wide.pt'}", f"b=conv1.bn:{tmp_path / 'good.pt'}",
+             f"c=conv1.bn:{tmp_path / 'junk.pt'}", f"d=conv1.bn:{tmp_path / 'nope.pt'}"]
+    config = write_study(tmp_path / "s.toml", model=TINY_ARCH, data={"train": str(tmp_path / "images"),
+                                                                      "val": str(tmp_path / "images")},
+                         train={"epochs": 1}, extract={"features": specs})
+    r = CliRunner().invoke(cli, ["study", str(config), "--out", str(tmp_path / "out"), "--dry-run"])
+    assert r.exit_code == 1
+    errors = [line for line in r.output.splitlines() if line.startswith("Error: config [extract] features")]
+    assert len(errors) == 3, r.output
+    assert any("a=conv1.bn" in e and "W_enc is [24, 20] ([K, D], D = 20) but layer 'conv1.bn' has D = 8" in e
+               for e in errors), errors
+    assert any("cannot read" in e and "junk.pt" in e for e in errors), errors
+    assert any("nope.pt does not exist" in e for e in errors), errors

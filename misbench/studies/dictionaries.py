@@ -2,12 +2,13 @@
 with its untrained control and, with `controls`, its features permuted across images."""
 
 __all__ = ["DictionaryPlan", "dictionary_grid", "dictionary_layers", "dictionary_settings", "permuted_name",
-           "grid_problems"]
+           "grid_problems", "feature_problems"]
 
 import dataclasses
 
 import torch
 
+from ..activations.dictionary import load_dictionary, parse_features
 from ..activations.dictionary_kinds import KINDS
 from ..activations.dictionary_training import DictionarySettings
 from ..activations.hooks import probe_outputs
@@ -81,9 +82,10 @@ def permuted_name(name: str) -> str:
     return name + PERMUTED_SUFFIX
 
 
-def _layer_units(config, layers: list[str]) -> tuple[dict, list[str]]:
+def _layer_units(config, layers: list[str], key: str) -> tuple[dict, list[str]]:
     """Units per position of each of `layers` in the study's network (its architecture, randomly initialised: no
-    weight file is read), from one forward pass; and a line for each layer that is no module or does not run."""
+    weight file is read), from one forward pass; and a line for each layer that is no module or does not run,
+    starting `config KEY:`."""
     m = config["model"]
     try:
         loaded = study_network(m, skeleton=True)
@@ -91,8 +93,7 @@ def _layer_units(config, layers: list[str]) -> tuple[dict, list[str]]:
         return {}, []
     model = loaded.model
     modules = [name for name, _ in model.named_modules() if name]
-    key = "layer" if config["dictionary"]["layer"] and not config["dictionary"]["layers"] else "layers"
-    problems = [f"config [dictionary] {key}: {layer!r} is not a module of {m['spec'] or m['arch']}."
+    problems = [f"config {key}: {layer!r} is not a module of {m['spec'] or m['arch']}."
                 f"{close_matches(layer, modules)} `misbench layers MODEL` lists them"
                 for layer in layers if layer not in modules]
     known = [layer for layer in layers if layer in modules]
@@ -102,7 +103,7 @@ def _layer_units(config, layers: list[str]) -> tuple[dict, list[str]]:
     units = {}
     for layer in known:
         if layer not in shapes:
-            problems.append(f"config [dictionary] {key}: {layer!r} does not run in an inference forward pass of "
+            problems.append(f"config {key}: {layer!r} does not run in an inference forward pass of "
                             f"{m['spec'] or m['arch']}; choose a module on the inference path")
             continue
         output = shapes[layer]
@@ -118,7 +119,8 @@ def grid_problems(config) -> list[str]:
     layers = dictionary_layers(d)
     if not layers:
         return []
-    units, problems = _layer_units(config, layers)
+    key = "layer" if d["layer"] and not d["layers"] else "layers"
+    units, problems = _layer_units(config, layers, f"[dictionary] {key}")
     for plan in dictionary_grid(d, 0):
         s, n = plan.settings, units.get(plan.layer)
         if n is None:
@@ -136,3 +138,24 @@ def grid_problems(config) -> list[str]:
                             f"{plan.layer} ({size}): a top-k dictionary keeps k of its features per input; "
                             f"lower {key} or raise {'expansions' if s.expansion is not None else 'n_features'}")
     return list(dict.fromkeys(problems))  # an expansion's line once, whatever the kinds and k
+
+
+def feature_problems(config) -> list[str]:
+    """One line per [extract] features dictionary file the study cannot use: missing, unreadable, of no known
+    format, or of another width than its layer's units in the study's network (study --dry-run, before any step
+    runs; the step itself would find it only after the training before it)."""
+    problems, read = [], []
+    for text in config["extract"]["features"]:
+        spec = parse_features(text)
+        try:
+            read.append((spec, load_dictionary(spec.file)))
+        except MisbenchError as err:
+            problems.append(f"config [extract] features {spec.text()}: {err}")
+    units, bad = _layer_units(config, list(dict.fromkeys(spec.layer for spec, _ in read)), "[extract] features")
+    for spec, dictionary in read:
+        n = units.get(spec.layer)
+        if n is not None and n != dictionary.width:
+            problems.append(f"config [extract] features {spec.text()}: W_enc is {list(dictionary.W_enc.shape)} ([K, D], "
+                            f"D = {dictionary.width}) but layer {spec.layer!r} has D = {n} units per position; use a "
+                            "dictionary trained on this layer")
+    return bad + problems

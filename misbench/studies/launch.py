@@ -5,7 +5,7 @@ __all__ = ["EXECUTORS", "launch_study", "dry_run"]
 
 from ..errors import MisbenchError, close_matches
 from .config import StudyConfig
-from .dictionaries import grid_problems
+from .dictionaries import feature_problems, grid_problems
 from .estimate import missing_inputs, study_estimate
 from .run import Study, run_study
 from .slurm import plan_jobs, submit_study
@@ -37,7 +37,7 @@ def dry_run(config: StudyConfig, out_dir, executor: str = "local") -> dict:
     plan = [(step.name, status) for step, status, _ in jobs]
     resources = {step.name: res.describe() for step, _, res in jobs} if executor == "slurm" else {}
     return {"plan": plan, "resources": resources, "estimate": study_estimate(study, dict(plan)),
-            "problems": missing_inputs(config) + grid_problems(config)}
+            "problems": missing_inputs(config) + grid_problems(config) + feature_problems(config)}
 
 
 def launch_study(config: StudyConfig, out_dir, executor: str = "local", on_step=None, progress=None) -> dict:
