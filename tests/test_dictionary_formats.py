@@ -572,3 +572,41 @@ def test_study_dry_run_checks_the_extract_features_files(tmp_path):
                for e in errors), errors
     assert any("cannot read" in e and "junk.pt" in e for e in errors), errors
     assert any("nope.pt does not exist" in e for e in errors), errors
+
+
+LEGACY_SAELENS_CFG = {"d_in": D, "d_sae": K, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 5},
+                      "normalize_activations": False, "apply_b_dec_to_input": True, "dtype": "float32",
+                      "device": "cpu", "hook_name": "blocks.0.hook_resid_post"}
+
+
+def test_saelens_cfg_from_before_6_is_read_as_saelens_6_reads_it(tmp_path, x):
+    """No sae_lens_version: activation_fn_str 'topk' with activation_fn_kwargs k is a top-k SAE (read as ReLU
+    before, silently), a boolean normalize_activations False is 'none' (refused before)."""
+    p = _params(12)
+    _safetensors(tmp_path / "sae_weights.safetensors", {"W_enc": p["W"].T, "b_enc": p["b"], "W_dec": p["W"],
+                                                       "b_dec": p["b_dec"]})
+    (tmp_path / "cfg.json").write_text(json.dumps(LEGACY_SAELENS_CFG))
+    h = (x - p["b_dec"]) @ p["W"].T + p["b"]
+    top = h.topk(5, dim=-1)
+    _check(tmp_path / "sae_weights.safetensors", x, torch.zeros_like(h).scatter(-1, top.indices, F.relu(top.values)),
+           "saelens")
+    for change, refused in (({"normalize_activations": True}, "normalize_activations='expected_average_only_in'"),
+                            ({"activation_fn_str": "tanh-relu"}, "activation_fn 'tanh-relu'")):
+        (tmp_path / "cfg.json").write_text(json.dumps({**LEGACY_SAELENS_CFG, **change}))
+        _refused(tmp_path / "sae_weights.safetensors", refused)
+    # the same cfg from SAELens 6 on (its version recorded) keeps its architecture: standard, ReLU
+    (tmp_path / "cfg.json").write_text(json.dumps({**LEGACY_SAELENS_CFG, "architecture": "standard",
+                                                   "normalize_activations": "none",
+                                                   "metadata": {"sae_lens_version": "6.54.12"}}))
+    _check(tmp_path / "sae_weights.safetensors", x, F.relu(h), "saelens")
+
+
+def test_saelens_library_reads_a_cfg_from_before_6(tmp_path, x):
+    saes = _library("sae_lens", "saes")
+    sae = saes.StandardSAE(saes.StandardSAEConfig(d_in=D, d_sae=K))
+    _randomize(sae, 19)
+    sae.save_model(tmp_path)
+    (tmp_path / "cfg.json").write_text(json.dumps(LEGACY_SAELENS_CFG))  # as an earlier release wrote it
+    sae = saes.SAE.load_from_disk(tmp_path)
+    assert isinstance(sae, saes.TopKSAE)
+    _same(tmp_path / "sae_weights.safetensors", x, sae.encode(x), "saelens")

@@ -232,11 +232,30 @@ def _saev(obj, path):
 
 # SAELens: sae_weights.safetensors (W_enc [D, K], b_enc, W_dec [K, D], b_dec, threshold [K] for jumprelu) with
 # cfg.json beside it (architecture standard | jumprelu | topk, apply_b_dec_to_input, k); read from sae_lens/saes/.
+def _saelens_pre6(cfg: dict, path) -> dict:
+    """A cfg.json written before SAELens 6 (no sae_lens_version, or below 6), read as SAELens 6 reads it
+    (loading/pretrained_sae_loaders.py handle_pre_6_0_config): activation_fn_str `topk` with activation_fn_kwargs k
+    is the topk architecture; a boolean normalize_activations is 'expected_average_only_in' or 'none'."""
+    version = cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version")
+    if version and str(version).split(".")[0].isdigit() and int(str(version).split(".")[0]) >= 6:
+        return cfg
+    cfg = {"activation_fn" if k == "activation_fn_str" else k: v for k, v in cfg.items()}
+    fn, k = cfg.get("activation_fn", "relu"), (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if fn == "topk" and k is not None:
+        cfg.update(architecture="topk", k=k)
+    elif fn not in ("relu", None):
+        raise MisbenchError(f"--features: {path}: a SAELens cfg.json from before 6.0 with activation_fn {fn!r}; "
+                            "expected relu or topk (with activation_fn_kwargs k)")
+    if isinstance(cfg.get("normalize_activations"), bool):
+        cfg["normalize_activations"] = "expected_average_only_in" if cfg["normalize_activations"] else "none"
+    return cfg
+
+
 def _saelens(obj, path):
-    cfg = obj["__cfg__"]
-    if cfg is None:
+    if obj["__cfg__"] is None:
         raise MisbenchError(f"--features: {path}: a SAELens weights file needs its cfg.json beside it "
                             "(architecture, apply_b_dec_to_input)")
+    cfg = _saelens_pre6(obj["__cfg__"], path)
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise MisbenchError(f"--features: {path}: cfg.json normalize_activations={cfg['normalize_activations']!r}; "
                             "only 'none' is supported (misbench applies the encoder to raw activations)")
