@@ -610,3 +610,18 @@ def test_saelens_library_reads_a_cfg_from_before_6(tmp_path, x):
     sae = saes.SAE.load_from_disk(tmp_path)
     assert isinstance(sae, saes.TopKSAE)
     _same(tmp_path / "sae_weights.safetensors", x, sae.encode(x), "saelens")
+
+
+def test_an_unreadable_file_and_a_tilde_path_are_one_line_errors(tmp_path, monkeypatch):
+    from misbench.activations import dictionary_formats
+
+    torch.save({"W_enc": torch.randn(K, D), "b_enc": torch.zeros(K)}, tmp_path / "d.pt")
+
+    def denied(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(dictionary_formats, "open", denied, raising=False)  # as for a file of another user
+    _refused(tmp_path / "d.pt", r"cannot read .*d.pt \(Permission denied\)")
+    monkeypatch.undo()
+    with pytest.raises(MisbenchError, match=r"~/no-such-sae.pt does not exist \(a ~ inside NAME=LAYER:FILE is not "):
+        load_dictionary("~/no-such-sae.pt")

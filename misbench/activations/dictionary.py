@@ -127,10 +127,17 @@ def load_dictionary(path, trust_pickle: bool = False) -> Dictionary:
     path = Path(path)
     if not path.is_file():
         problem = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
+        if not path.exists() and str(path).startswith("~"):
+            problem += " (a ~ inside NAME=LAYER:FILE is not expanded: write the full path)"
         raise MisbenchError(f"--features: dictionary file {path} {problem}; give a torch file holding "
                             "W_enc [K, D], b_enc [K] (optional b_dec [D], activation) or another library's weights "
                             "file (ae.pt, sae_weights.safetensors: docs/formats.md)")
-    fmt, obj = convert_dictionary(read_dictionary_file(path, trust_pickle), path)
+    try:
+        content = read_dictionary_file(path, trust_pickle)
+    except OSError as err:  # permissions, an I/O error (torch.load's own errors are caught there)
+        raise MisbenchError(f"--features: cannot read {path} ({err.strerror or err}); check that the file is "
+                            "readable and complete") from None
+    fmt, obj = convert_dictionary(content, path)
     w, b, b_dec, threshold = obj["W_enc"], obj["b_enc"], obj["b_dec"], obj["threshold"]
     if w.dim() != 2:
         raise MisbenchError(f"--features: {path} ({fmt}): W_enc must be a [K, D] matrix, got {_shape(w)}")
