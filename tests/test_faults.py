@@ -70,12 +70,14 @@ def misbench_here(args, cwd) -> subprocess.CompletedProcess:
 
     from misbench.cli.main import cli
 
-    here = os.getcwd()
+    here, threads = os.getcwd(), torch.get_num_threads()
     os.chdir(cwd)
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): CPU sums depend on the thread count
     try:
         result = CliRunner().invoke(cli, ["-q", *map(str, args)])
     finally:
         os.chdir(here)
+        torch.set_num_threads(threads)
     stderr = result.stderr
     if result.exc_info and not isinstance(result.exception, SystemExit):
         stderr += "".join(traceback.format_exception(*result.exc_info))
@@ -367,9 +369,10 @@ def test_partial_checkpoint_is_never_accepted_as_a_model(world, tmp_path):
 
 # -- study ---------------------------------------------------------------------------------------------------------
 
-def study_config(d, epochs=1):
+def study_config(d, epochs=1, methods=("structured",)):
     return write_study(d / "study.toml", study={"name": "faults"}, model={"spec": d / "m.pt"},
-                       data={"train": d / "images", "val": d / "images"}, retrain={"epochs": epochs})
+                       data={"train": d / "images", "val": d / "images"}, retrain={"epochs": epochs},
+                       pruning={"methods": list(methods)})
 
 
 def done_steps(out):
@@ -381,7 +384,8 @@ def done_steps(out):
                                       pytest.param("os:replace", "model.pt", marks=pytest.mark.slow)])  # a checkpoint renamed, its .partial not removed
 def test_killed_study_continues_from_what_is_complete(world, tmp_path, at, match):
     d = fresh(world, tmp_path)
-    config = study_config(d, epochs=1 if match else 0)  # only the checkpoint window needs an epoch (.partial)
+    # only the checkpoint window needs a pruned network and an epoch (its .partial)
+    config = study_config(d, epochs=1 if match else 0, methods=("structured",) if match else ())
     count = 2 if match else 3
     killed(misbench(["study", config, "--out", "out"], d, fault(at, "KILL", count, match)), "KILL")
     before = done_steps(d / "out")
@@ -399,7 +403,7 @@ def test_killed_study_continues_from_what_is_complete(world, tmp_path, at, match
 
 def test_second_study_on_one_directory_names_the_holder(world, tmp_path):
     d = fresh(world, tmp_path)
-    config = study_config(d, epochs=0)
+    config = study_config(d, epochs=0, methods=())  # the base network's four steps: the holder finishes sooner
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAULT_")}
     env.update(fault("misbench.studies.manifest:Manifest.save", "STOP", 1))
     first = subprocess.Popen([sys.executable, str(FAULTRUN), "-q", "study", str(config), "--out", "out"], cwd=d,
