@@ -625,3 +625,15 @@ def test_an_unreadable_file_and_a_tilde_path_are_one_line_errors(tmp_path, monke
     monkeypatch.undo()
     with pytest.raises(MisbenchError, match=r"~/no-such-sae.pt does not exist \(a ~ inside NAME=LAYER:FILE is not "):
         load_dictionary("~/no-such-sae.pt")
+
+
+def test_a_threshold_the_activation_would_ignore_and_nested_weights_are_named(tmp_path):
+    w, b = torch.randn(K, D), torch.zeros(K)
+    torch.save({"W_enc": w, "b_enc": b, "threshold": torch.rand(K)}, tmp_path / "t.pt")  # activation defaults to relu
+    _refused(tmp_path / "t.pt", "a per-feature threshold with activation 'relu'; only activation 'jumprelu' uses it")
+    torch.save({"W_enc": w, "b_enc": b, "threshold": torch.rand(K), "activation": "topk:3"}, tmp_path / "t.pt")
+    _refused(tmp_path / "t.pt", "with activation 'topk:3'")
+    torch.save({"state_dict": {"W_enc": w, "b_enc": b}, "epoch": 3}, tmp_path / "ckpt.pt")
+    _refused(tmp_path / "ckpt.pt", r"unknown dictionary format \(its weights look nested .*save the SAE's own state_dict")
+    torch.save({"module.W_enc": w, "module.b_enc": b}, tmp_path / "ddp.pt")
+    _refused(tmp_path / "ddp.pt", "prefixed by DDP")

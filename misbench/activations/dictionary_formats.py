@@ -140,8 +140,12 @@ def _is(obj, *keys) -> bool:
 
 # misbench's own files (train-dictionary, or written by hand)
 def _native(obj, path):
-    return {"W_enc": obj["W_enc"], "b_enc": obj["b_enc"], "b_dec": obj.get("b_dec"),
-            "activation": obj.get("activation", "relu"), "threshold": obj.get("threshold")}
+    activation = obj.get("activation", "relu")
+    if obj.get("threshold") is not None and activation != "jumprelu":  # it would be ignored, silently
+        raise MisbenchError(f"--features: {path}: a per-feature threshold with activation {activation!r}; only "
+                            "activation 'jumprelu' uses it: add activation='jumprelu' or remove threshold")
+    return {"W_enc": obj["W_enc"], "b_enc": obj["b_enc"], "b_dec": obj.get("b_dec"), "activation": activation,
+            "threshold": obj.get("threshold")}
 
 
 # dictionary_learning: AutoEncoder (bias, encoder.*, decoder.weight) and AutoEncoderTopK / BatchTopKSAE
@@ -391,5 +395,9 @@ def convert_dictionary(obj, path) -> tuple[str, dict]:
                 out[key] = value
             return name, out
     keys = sorted(k for k in obj if not str(k).startswith("__")) if isinstance(obj, dict) else type(obj).__name__
-    raise MisbenchError(f"--features: {path} holds {np.array(keys, dtype=object).tolist() if keys else '{}'}; "
-                        f"unknown dictionary format: expected {EXPECTED}")
+    nested = isinstance(obj, dict) and (any(isinstance(v, dict) for v in obj.values()) or
+                                        any(str(k).startswith(("module.", "_orig_mod.")) for k in obj))
+    hint = " (its weights look nested in a training checkpoint or prefixed by DDP/torch.compile: save the SAE's own " \
+        "state_dict())" if nested else ""
+    raise MisbenchError(f"--features: {path} holds {np.array(keys, dtype=object).tolist()[:20] if keys else '{}'}; "
+                        f"unknown dictionary format{hint}: expected {EXPECTED}")
