@@ -637,3 +637,29 @@ def test_a_threshold_the_activation_would_ignore_and_nested_weights_are_named(tm
     _refused(tmp_path / "ckpt.pt", r"unknown dictionary format \(its weights look nested .*save the SAE's own state_dict")
     torch.save({"module.W_enc": w, "module.b_enc": b}, tmp_path / "ddp.pt")
     _refused(tmp_path / "ddp.pt", "prefixed by DDP")
+
+
+@pytest.mark.parametrize("kind", ["overcomplete-topk", "overcomplete-batchtopk", "dl-batchtopk"])
+def test_a_trusted_pickled_module_is_read_with_its_class(tmp_path, x, kind):
+    """torch.save(sae) of the whole module, read only with trust_pickle: its class and attributes say the encode
+    that its state_dict alone does not (Overcomplete's top_k and running_threshold; dictionary_learning's
+    AutoEncoderTopK or BatchTopKSAE, with no config.json needed)."""
+    if kind.startswith("overcomplete"):
+        sae_mod = _library("overcomplete", "sae")
+        sae = sae_mod.TopKSAE(D, K, top_k=6) if kind.endswith("-topk") else sae_mod.BatchTopKSAE(D, K, top_k=6)
+        _randomize(sae, 21)
+        if kind.endswith("batchtopk"):
+            sae.train()
+            sae.encode(torch.randn(64, D, generator=torch.Generator().manual_seed(4)) * 2)
+            sae.eval()
+        theirs, fmt = sae.encode(x)[1], "overcomplete"
+    else:
+        ae, _ = _dl_trained("batchtopk")
+        _randomize(ae, 22)
+        with torch.no_grad():
+            ae.threshold.fill_(0.4)
+        sae, theirs, fmt = ae, ae.encode(x), "dictionary_learning-topk"
+    torch.save(sae, tmp_path / "sae.pt")
+    _refused(tmp_path / "sae.pt", "pickled Python object")
+    dic = load_dictionary(tmp_path / "sae.pt", trust_pickle=True)
+    assert dic.format == fmt and (encode(x, dic) - theirs.detach()).abs().max() <= 1e-5

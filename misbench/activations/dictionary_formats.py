@@ -101,7 +101,8 @@ def _torch_load(source, path: Path, trust_pickle: bool, head: bytes):
         obj = torch.load(source, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001
         raise _unreadable(path, exc) from None
-    return obj.state_dict() if isinstance(obj, torch.nn.Module) else obj  # a whole SAE module: its weights
+    # a whole SAE module: its weights, and the module for what its state does not hold (class, top_k, thresholds)
+    return {**obj.state_dict(), "__module__": obj} if isinstance(obj, torch.nn.Module) else obj
 
 
 def read_dictionary_file(path, trust_pickle: bool = False):
@@ -166,9 +167,11 @@ def _dl_config(path: Path) -> Path | None:
 def _dl_topk(obj, path):
     # AutoEncoderTopK.encode keeps each input's top k; BatchTopKSAE.encode applies its learned threshold
     # (a threshold below 0 is unset: ReLU alone). Both save the same keys: the training's config.json says which
-    config = None if "activation" in obj else _dl_config(path)
+    config = None if "activation" in obj or "__module__" in obj else _dl_config(path)
     trainer = _read_json(config, "training config", path).get("trainer") if config else None
     dict_class = trainer.get("dict_class") if isinstance(trainer, dict) else None
+    if "__module__" in obj:  # a trusted pickle of the module itself names its class
+        dict_class = type(obj["__module__"]).__name__
     if "activation" in obj:  # the encode given as an entry, as for Overcomplete
         activation = str(obj["activation"])
     elif dict_class == "BatchTopKSAE":
@@ -302,6 +305,18 @@ OVERCOMPLETE_OTHERS = ("QSAE (its quantised codes, key Q), MpSAE and OMPSAE (mat
                        "and SAEs with an mlp_*, resnet_*, attention_* or tied encoder")
 
 
+def _overcomplete_module_activation(module) -> str | None:
+    """The encode of a trusted pickled Overcomplete module, from its class and attributes (None: not known)."""
+    name = type(module).__name__
+    if name == "SAE":
+        return "relu"
+    if name in ("TopKSAE", "RATopKSAE"):
+        return f"topk:{int(module.top_k)}"
+    if name == "BatchTopKSAE" and getattr(module, "running_threshold", None) is not None:
+        return f"jumprelu:{float(module.running_threshold)!r}"  # its inference encode, after training steps
+    return None
+
+
 def _overcomplete(obj, path):
     encoder = sorted(str(k) for k in obj if str(k).startswith("encoder.") and k not in OVERCOMPLETE_ENCODER)
     if encoder or "Q" in obj:
@@ -313,6 +328,8 @@ def _overcomplete(obj, path):
         activation, threshold = "jumprelu", torch.exp(obj["thresholds"].detach().double()).float()
     elif "activation" in obj:
         activation = str(obj["activation"])
+    elif _overcomplete_module_activation(obj.get("__module__")):
+        activation = _overcomplete_module_activation(obj["__module__"])
     else:
         raise MisbenchError(f"--features: {path}: an Overcomplete SAE state_dict records neither its class nor top_k "
                             "(SAE, TopKSAE and BatchTopKSAE save the same keys): add the encode as an "
@@ -343,7 +360,7 @@ NOT_READ = {"dictionary_learning GatedAutoEncoder (a gate and a magnitude path)"
 def _overcomplete_without_encoder(obj) -> bool:
     # MpSAE, OMPSAE (matching pursuit over the dictionary) and the 'identity' encoder save only the dictionary
     return isinstance(obj, dict) and bool(obj) and any(k in obj for k in ("dictionary._weights", "dictionary.C")) \
-        and all(str(k).startswith("dictionary.") or k == "activation" for k in obj)
+        and all(str(k).startswith(("dictionary.", "__")) or k == "activation" for k in obj)
 
 
 def _not_read(obj, path):
