@@ -397,6 +397,11 @@ def test_dictionary_learning_topk_needs_its_config_and_finds_it_above_checkpoint
     _check(tmp_path / "checkpoints" / "ae_100.pt", x, post * (post > 0.4), "dictionary_learning-topk")
     (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "GatedAutoEncoder"}}))
     _refused(tmp_path / "checkpoints" / "ae_100.pt", "whose trainer.dict_class is 'GatedAutoEncoder'")
+    # the config.json of another run (another trainer_N's, copied beside it)
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "BatchTopKSAE", "k": 3,
+                                                                  "dict_size": 2 * K, "activation_dim": D}}))
+    _refused(tmp_path / "checkpoints" / "ae_100.pt", rf"describes another dictionary \(dict_size {2 * K} \(the file: "
+                                                     rf"{K}\)\)")
     for broken in ("{ not json", "[1, 2]"):
         (tmp_path / "config.json").write_text(broken)
         _refused(tmp_path / "checkpoints" / "ae_100.pt", r"config.json .*JSON")
@@ -663,3 +668,22 @@ def test_a_trusted_pickled_module_is_read_with_its_class(tmp_path, x, kind):
     _refused(tmp_path / "sae.pt", "pickled Python object")
     dic = load_dictionary(tmp_path / "sae.pt", trust_pickle=True)
     assert dic.format == fmt and (encode(x, dic) - theirs.detach()).abs().max() <= 1e-5
+
+
+def test_weights_saved_on_a_gpu_or_in_half_precision_are_read_as_float32_on_the_cpu(tmp_path, x, monkeypatch):
+    """A file written on a GPU records each storage's device ('cuda:0'), as faked here through torch's own
+    location tag; map_location puts it on the CPU. float16/bfloat16 weights encode as their float32 values."""
+    import torch.serialization
+
+    p = _params(13)
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save({"W_enc": p["W"], "b_enc": p["b"], "b_dec": p["b_dec"]}, tmp_path / "gpu.pt")
+    assert b"cuda:0" in (tmp_path / "gpu.pt").read_bytes()
+    _check(tmp_path / "gpu.pt", x, F.relu((x - p["b_dec"]) @ p["W"].T + p["b"]), "misbench")
+    for dtype in (torch.float16, torch.bfloat16):
+        half = {k: v.to(dtype) for k, v in {"W_enc": p["W"], "b_enc": p["b"]}.items()}
+        torch.save(half, tmp_path / "half.pt")
+        dic = load_dictionary(tmp_path / "half.pt")
+        assert dic.W_enc.dtype == torch.float32
+        assert torch.equal(encode(x, dic), F.relu(x @ half["W_enc"].float().T + half["b_enc"].float()))

@@ -172,6 +172,15 @@ def _dl_topk(obj, path):
     dict_class = trainer.get("dict_class") if isinstance(trainer, dict) else None
     if "__module__" in obj:  # a trusted pickle of the module itself names its class
         dict_class = type(obj["__module__"]).__name__
+    if isinstance(trainer, dict):  # a config.json of another run (copied, or another trainer_N): refused, like
+        # dictionary_learning's own from_pretrained refuses a k that is not the state's
+        state = {"dict_size": obj["encoder.weight"].shape[0], "activation_dim": obj["encoder.weight"].shape[1],
+                 "k": int(obj["k"])}
+        other = [f"{key} {trainer[key]!r} (the file: {value})" for key, value in state.items()
+                 if key in trainer and trainer[key] != value]
+        if other:
+            raise MisbenchError(f"--features: {path}: {config} describes another dictionary ({', '.join(other)}); "
+                                "expected the config.json its training wrote beside it")
     if "activation" in obj:  # the encode given as an entry, as for Overcomplete
         activation = str(obj["activation"])
     elif dict_class == "BatchTopKSAE":
