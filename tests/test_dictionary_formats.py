@@ -417,6 +417,9 @@ def test_damaged_and_mistaken_files_are_one_line_errors(tmp_path):
     _refused(tmp_path / "sae_weights.safetensors", r"cannot read .*cfg.json .*JSONDecodeError.*SAELens config")
     (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "jumprelu"}))  # no threshold in the weights
     _refused(tmp_path / "sae_weights.safetensors", "a saelens file without its 'threshold' entry")
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": D, "d_sae": 2 * K, "k": 5}))
+    _refused(tmp_path / "sae_weights.safetensors", rf"the cfg.json beside it describes another SAE \(d_sae {2 * K} "
+                                                   rf"\(the weights: {K}\)\)")
     (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "topk", "k": K + 1}))  # torch.topk refuses k > K
     _refused(tmp_path / "sae_weights.safetensors", rf"keeps k = {K + 1} features per input but the dictionary has "
                                                    rf"K = {K}; expected k <= K")

@@ -272,6 +272,12 @@ def _saelens(obj, path):
         raise MisbenchError(f"--features: {path}: a SAELens weights file needs its cfg.json beside it "
                             "(architecture, apply_b_dec_to_input)")
     cfg = _saelens_pre6(obj["__cfg__"], path)
+    shape = {"d_in": obj["W_enc"].shape[0], "d_sae": obj["W_enc"].shape[-1]}  # W_enc [D, K]
+    other = [f"{key} {cfg[key]!r} (the weights: {value})" for key, value in shape.items()
+             if key in cfg and cfg[key] != value]
+    if other:  # the cfg.json of another SAE beside these weights: its architecture and k are not theirs
+        raise MisbenchError(f"--features: {path}: the cfg.json beside it describes another SAE ({', '.join(other)}); "
+                            "expected the cfg.json saved with these weights")
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise MisbenchError(f"--features: {path}: cfg.json normalize_activations={cfg['normalize_activations']!r}; "
                             "only 'none' is supported (misbench applies the encoder to raw activations)")
