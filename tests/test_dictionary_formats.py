@@ -91,6 +91,10 @@ def test_saev_checkpoints(tmp_path, x):
     header["cfg"]["activation"] = {"cls": "Relu", "params": {}}
     _saev_file(tmp_path / "relu.pt", header, p)
     _check(tmp_path / "relu.pt", x, F.relu(x @ p["W"].T + p["b"]), "saev")
+    # a header whose first key is cfg: '{"cfg": {' has a '{' as its 9th byte, as a safetensors file has
+    _saev_file(tmp_path / "cfg_first.pt", {"cfg": header["cfg"], "schema": 2}, p)
+    assert (tmp_path / "cfg_first.pt").read_bytes()[8:9] == b"{"
+    _check(tmp_path / "cfg_first.pt", x, F.relu(x @ p["W"].T + p["b"]), "saev")
 
 
 def _safetensors(path, tensors):

@@ -111,10 +111,11 @@ def read_dictionary_file(path, trust_pickle: bool = False):
     with open(path, "rb") as handle:
         head = handle.read(16)
     if len(head) >= 9 and head[8:9] == b"{":  # safetensors: the header's length, then the header (JSON)
-        if struct.unpack("<Q", head[:8])[0] + 8 > path.stat().st_size:
+        if struct.unpack("<Q", head[:8])[0] + 8 <= path.stat().st_size:
+            return _read_safetensors(path)
+        if head[:1] != b"{":  # not a saev JSON line either ('{"cfg": {...' has its 9th byte '{' too)
             raise MisbenchError(f"--features: {path} starts like a safetensors file but its header runs past the "
                                 f"end of the file ({path.stat().st_size} bytes): truncated; download or save it again")
-        return _read_safetensors(path)
     if head[:1] == b"{":  # saev: one JSON line, then torch.save's bytes
         with open(path, "rb") as handle:
             line = handle.readline()
