@@ -107,11 +107,12 @@ def torch_home(staged_home, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", FAST_ARCHS + [pytest.param(a, marks=pytest.mark.slow) for a in SLOW_ARCHS])
-def test_misbench_forward_equals_torchvision(arch, torch_home):
+def test_misbench_forward_equals_torchvision(arch, torch_home, monkeypatch):
     weights = imagenet_weights(arch)
     path = hub_file(torch_home, weights)
     if not path.exists():
         write_random_weights(torch_home, arch)
+        trust_standins(monkeypatch, torch_home)  # the stand-in staged just now
     loaded = load_model(f"{arch}:IMAGENET1K_V1")
     reference = torchvision.models.get_model(arch, weights=weights).eval()  # torchvision's own loader
     size = weights.transforms().crop_size[0]
