@@ -694,3 +694,23 @@ def test_weights_saved_on_a_gpu_or_in_half_precision_are_read_as_float32_on_the_
         dic = load_dictionary(tmp_path / "half.pt")
         assert dic.W_enc.dtype == torch.float32
         assert torch.equal(encode(x, dic), F.relu(x @ half["W_enc"].float().T + half["b_enc"].float()))
+
+
+def test_a_dictionary_trained_on_another_layer_of_the_same_width_is_said(tmp_path, caplog):
+    """train-dictionary's record names the layer it learned from: applied to another layer of the same width
+    (nothing in the shapes tells), the extraction warns; on its own layer it does not."""
+    from misbench.activations.dictionary import resolve_features
+    from misbench.models.loading import load_model
+
+    torch.manual_seed(0)
+    model = load_model("mini_inception", num_classes=3, arch_kwargs={"width": 8}).model.eval()
+    g = torch.Generator().manual_seed(0)
+    torch.save({"W_enc": torch.randn(24, 8, generator=g), "b_enc": torch.zeros(24),
+                "training": {"layer": "conv1.bn", "steps": 10}}, tmp_path / "d.pt")
+    probe = torch.zeros(1, 3, 16, 16)
+    for layer, warned in (("conv1.bn", False), ("inception3a.branch2.1.bn", True)):
+        caplog.clear()
+        found = resolve_features(model, [f"f={layer}:{tmp_path / 'd.pt'}"], [], probe)
+        assert found["f"][0] == layer and found["f"][1].trained_layer == "conv1.bn"
+        said = [r.getMessage() for r in caplog.records if "was trained on layer" in r.getMessage()]
+        assert len(said) == warned and (not warned or f"'conv1.bn', not '{layer}'" in said[0]), caplog.text

@@ -9,6 +9,7 @@ __all__ = ["ACTIVATIONS", "Dictionary", "FeatureSpec", "parse_features", "load_d
            "check_activation"]
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from ..runtime.fileio import sha256_file
 from .dictionary_formats import convert_dictionary, read_dictionary_file
 from .hooks import SPECIAL_LAYERS, probe_outputs
 from .tokens import as_positions, channels_last_modules, output_layout
+
+log = logging.getLogger(__name__)
 
 
 def _relu(pre: torch.Tensor, _arg) -> torch.Tensor:
@@ -106,6 +109,7 @@ class Dictionary:
     threshold: torch.Tensor | None = None  # [K]: a per-feature JumpReLU threshold (activation "jumprelu")
     format: str = "misbench"  # the file's format (dictionary_formats.FORMATS)
     scale: torch.Tensor | None = None  # [K]: pre-activations times this, in the library's order (SAELens TopK)
+    trained_layer: str | None = None  # the module whose activations trained it, where the file says (misbench's)
 
     @property
     def width(self) -> int:
@@ -162,7 +166,8 @@ def load_dictionary(path, trust_pickle: bool = False) -> Dictionary:
     if activation == "jumprelu" and threshold is None:
         raise MisbenchError(f"--features: {path}: activation 'jumprelu' without a number needs a per-feature "
                             "threshold [K] in the file; or write jumprelu:THETA")
-    return Dictionary(w, b, b_dec, activation, sha256_file(path), str(path), threshold, fmt, obj.get("scale"))
+    return Dictionary(w, b, b_dec, activation, sha256_file(path), str(path), threshold, fmt, obj.get("scale"),
+                      obj.get("trained_layer"))
 
 
 def encode(x: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:
@@ -215,4 +220,8 @@ def resolve_features(model: torch.nn.Module, specs, taken, probe: torch.Tensor, 
                 f"--features {name}={module}:{dictionary.path}: W_enc is {list(dictionary.W_enc.shape)} ([K, D], "
                 f"D = {dictionary.width}) but layer {module!r} has D = {width} units per position (output shape "
                 f"{list(output.shape)}); use a dictionary trained on this layer")
+        if dictionary.trained_layer not in (None, module):  # same width, another layer: features of nothing
+            log.warning("--features %s=%s:%s: the dictionary was trained on layer %r, not %r (its record says so); "
+                        "its features of %r mean nothing unless the two layers share a basis", name, module,
+                        dictionary.path, dictionary.trained_layer, module, module)
     return out

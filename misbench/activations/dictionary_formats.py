@@ -146,8 +146,9 @@ def _native(obj, path):
     if obj.get("threshold") is not None and activation != "jumprelu":  # it would be ignored, silently
         raise MisbenchError(f"--features: {path}: a per-feature threshold with activation {activation!r}; only "
                             "activation 'jumprelu' uses it: add activation='jumprelu' or remove threshold")
+    layer = obj["training"].get("layer") if isinstance(obj.get("training"), dict) else None  # train-dictionary's record
     return {"W_enc": obj["W_enc"], "b_enc": obj["b_enc"], "b_dec": obj.get("b_dec"), "activation": activation,
-            "threshold": obj.get("threshold")}
+            "threshold": obj.get("threshold"), "trained_layer": layer if isinstance(layer, str) else None}
 
 
 # dictionary_learning: AutoEncoder (bias, encoder.*, decoder.weight) and AutoEncoderTopK / BatchTopKSAE
