@@ -5,7 +5,7 @@ f = act(((x - b_dec) W_enc^T + b_enc) * scale) (scale [K]: SAELens' decoder-norm
 feature layer is then reduced over positions like its layer.
 """
 
-__all__ = ["ACTIVATIONS", "Dictionary", "FeatureSpec", "parse_features", "load_dictionary", "encode", "resolve_features",
+__all__ = ["ACTIVATIONS", "Dictionary", "FeatureSpec", "parse_features", "load_dictionary", "encode", "resolve_features", "width_mismatch",
            "check_activation"]
 
 import dataclasses
@@ -186,6 +186,12 @@ def encode(x: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:
     return fn(pre, parse(arg) if parse else None)
 
 
+def width_mismatch(dictionary: Dictionary, layer: str, width: int) -> str:
+    """The words for a dictionary whose input width D is not the layer's units per position."""
+    return (f"W_enc is {list(dictionary.W_enc.shape)} ([K, D], D = {dictionary.width}) but layer {layer!r} has "
+            f"D = {width} units per position")
+
+
 def resolve_features(model: torch.nn.Module, specs, taken, probe: torch.Tensor, trust_pickle: bool = False) -> dict:
     """Feature layer name -> (module name, Dictionary), checked against the model before any image is read:
     the module exists, NAME is new, and W_enc's D equals the module's units per position (from one forward
@@ -216,10 +222,9 @@ def resolve_features(model: torch.nn.Module, specs, taken, probe: torch.Tensor, 
         output = shapes[module]
         width = as_positions(output, output_layout(output, module in grids)).shape[-1]
         if width != dictionary.width:
-            raise MisbenchError(
-                f"--features {name}={module}:{dictionary.path}: W_enc is {list(dictionary.W_enc.shape)} ([K, D], "
-                f"D = {dictionary.width}) but layer {module!r} has D = {width} units per position (output shape "
-                f"{list(output.shape)}); use a dictionary trained on this layer")
+            raise MisbenchError(f"--features {name}={module}:{dictionary.path}: "
+                                f"{width_mismatch(dictionary, module, width)} (output shape {list(output.shape)}); "
+                                "use a dictionary trained on this layer")
         if dictionary.trained_layer not in (None, module):  # same width, another layer: features of nothing
             log.warning("--features %s=%s:%s: the dictionary was trained on layer %r, not %r (its record says so); "
                         "its features of %r mean nothing unless the two layers share a basis", name, module,

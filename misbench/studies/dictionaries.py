@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 
-from ..activations.dictionary import load_dictionary, parse_features
+from ..activations.dictionary import load_dictionary, parse_features, width_mismatch
 from ..activations.dictionary_kinds import KINDS
 from ..activations.dictionary_training import DictionarySettings
 from ..activations.hooks import probe_outputs
@@ -155,7 +155,6 @@ def feature_problems(config) -> list[str]:
     for spec, dictionary in read:
         n = units.get(spec.layer)
         if n is not None and n != dictionary.width:
-            problems.append(f"config [extract] features {spec.text()}: W_enc is {list(dictionary.W_enc.shape)} ([K, D], "
-                            f"D = {dictionary.width}) but layer {spec.layer!r} has D = {n} units per position; use a "
-                            "dictionary trained on this layer")
+            problems.append(f"config [extract] features {spec.text()}: {width_mismatch(dictionary, spec.layer, n)}; "
+                            "use a dictionary trained on this layer")
     return bad + problems
